@@ -1,0 +1,137 @@
+//! OTLP/gRPC: the three export services on tonic.
+
+use std::future::Future;
+
+use meshscope_proto::otlp::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use meshscope_proto::otlp::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use meshscope_proto::otlp::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use meshscope_proto::otlp::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use meshscope_proto::otlp::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use meshscope_proto::otlp::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::Limits;
+use crate::ingest::{Ingest, IngestError};
+
+/// The gRPC services, sharing one [`Ingest`].
+#[derive(Debug, Clone)]
+pub struct Grpc {
+    ingest: Ingest,
+}
+
+fn status(e: IngestError) -> Status {
+    match e {
+        IngestError::Overloaded(m) | IngestError::Unavailable(m) => Status::unavailable(m),
+        IngestError::Internal(m) => Status::internal(m),
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let o = self
+            .ingest
+            .traces(request.get_ref())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: o.partial_success().map(|(rejected_spans, error_message)| {
+                ExportTracePartialSuccess {
+                    rejected_spans,
+                    error_message,
+                }
+            }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let o = self
+            .ingest
+            .metrics(request.get_ref())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ExportMetricsServiceResponse {
+            partial_success: o
+                .partial_success()
+                .map(
+                    |(rejected_data_points, error_message)| ExportMetricsPartialSuccess {
+                        rejected_data_points,
+                        error_message,
+                    },
+                ),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Grpc {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let o = self.ingest.logs(request.get_ref()).await.map_err(status)?;
+        Ok(Response::new(ExportLogsServiceResponse {
+            partial_success: o
+                .partial_success()
+                .map(
+                    |(rejected_log_records, error_message)| ExportLogsPartialSuccess {
+                        rejected_log_records,
+                        error_message,
+                    },
+                ),
+        }))
+    }
+}
+
+/// Serves OTLP/gRPC on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    ingest: Ingest,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let g = Grpc { ingest };
+    let max = limits.max_body_bytes;
+    let traces = TraceServiceServer::new(g.clone())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(max);
+    let metrics = MetricsServiceServer::new(g.clone())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(max);
+    let logs = LogsServiceServer::new(g)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(max);
+    tonic::transport::Server::builder()
+        .add_service(traces)
+        .add_service(metrics)
+        .add_service(logs)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
+}

@@ -1,0 +1,291 @@
+//! OTLP/HTTP: `POST /v1/traces`, `/v1/metrics`, `/v1/logs`.
+//!
+//! - `Content-Type: application/x-protobuf` or `application/json` (OTLP/JSON); anything
+//!   else is 415. The response uses the request's encoding.
+//! - `Content-Encoding: gzip` is accepted; other codings are 415.
+//! - Bodies over the limit are 413, before and after decompression (so a gzip bomb stops
+//!   at the limit). Undecodable bodies are 400 with a `google.rpc.Status` saying why.
+//! - Overload is 503 with `Retry-After`.
+
+use std::io::Read;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use meshscope_proto::Table;
+use meshscope_proto::otlp::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use meshscope_proto::otlp::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use meshscope_proto::otlp::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+
+use crate::Limits;
+use crate::ingest::{Ingest, IngestError};
+
+#[derive(Clone)]
+struct AppState {
+    ingest: Ingest,
+    limits: Limits,
+}
+
+/// The OTLP/HTTP routes.
+pub fn router(ingest: Ingest, limits: Limits) -> Router {
+    Router::new()
+        .route("/v1/traces", post(traces))
+        .route("/v1/metrics", post(metrics))
+        .route("/v1/logs", post(logs))
+        // The compressed body may not exceed the limit either.
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(AppState { ingest, limits })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+/// `google.rpc.Status`, the body OTLP/HTTP error responses carry.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// gRPC status codes used in error bodies.
+const INVALID_ARGUMENT: i32 = 3;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const INTERNAL: i32 = 13;
+const UNAVAILABLE: i32 = 14;
+
+fn error(enc: Encoding, status: StatusCode, code: i32, message: String) -> Response {
+    let mut resp = match enc {
+        Encoding::Json => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "code": code, "message": message }).to_string(),
+        )
+            .into_response(),
+        Encoding::Protobuf => (
+            status,
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            prost::Message::encode_to_vec(&RpcStatus { code, message }),
+        )
+            .into_response(),
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn encoding(headers: &HeaderMap) -> Result<Encoding, Response> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        _ => Err(error(
+            Encoding::Json,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            INVALID_ARGUMENT,
+            format!(
+                "unsupported content type {ct:?}: use application/x-protobuf or application/json"
+            ),
+        )),
+    }
+}
+
+/// The request body, decompressed, within the limit.
+fn body(enc: Encoding, headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<Bytes, Response> {
+    let coding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match coding.as_str() {
+        "" | "identity" => Ok(raw),
+        "gzip" | "x-gzip" => {
+            let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit));
+            let mut reader = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
+            if let Err(e) = reader.read_to_end(&mut out) {
+                return Err(error(
+                    enc,
+                    StatusCode::BAD_REQUEST,
+                    INVALID_ARGUMENT,
+                    format!("invalid gzip body: {e}"),
+                ));
+            }
+            if out.len() > limit {
+                return Err(error(
+                    enc,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    RESOURCE_EXHAUSTED,
+                    format!("decompressed body exceeds the limit of {limit} bytes"),
+                ));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(error(
+            enc,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            INVALID_ARGUMENT,
+            format!("unsupported content encoding {other:?}: use gzip or none"),
+        )),
+    }
+}
+
+fn decode<T>(enc: Encoding, bytes: &[u8]) -> Result<T, String>
+where
+    T: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    match enc {
+        Encoding::Protobuf => T::decode(bytes).map_err(|e| format!("invalid protobuf body: {e}")),
+        Encoding::Json => {
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid OTLP/JSON body: {e}"))
+        }
+    }
+}
+
+fn ok<T: prost::Message + serde::Serialize>(enc: Encoding, msg: &T) -> Response {
+    match enc {
+        Encoding::Protobuf => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            msg.encode_to_vec(),
+        )
+            .into_response(),
+        Encoding::Json => match serde_json::to_value(msg) {
+            Ok(mut body) => {
+                // Leave out absent fields (`"partialSuccess": null`) as protobuf JSON does.
+                if let Some(map) = body.as_object_mut() {
+                    map.retain(|_, v| !v.is_null());
+                }
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body.to_string(),
+                )
+                    .into_response()
+            }
+            Err(e) => error(
+                enc,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                INTERNAL,
+                e.to_string(),
+            ),
+        },
+    }
+}
+
+fn failed(enc: Encoding, e: IngestError) -> Response {
+    match e {
+        IngestError::Overloaded(m) | IngestError::Unavailable(m) => {
+            error(enc, StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE, m)
+        }
+        IngestError::Internal(m) => error(enc, StatusCode::INTERNAL_SERVER_ERROR, INTERNAL, m),
+    }
+}
+
+/// Decodes the request or answers the client's error.
+fn request<T>(
+    s: &AppState,
+    table: Table,
+    headers: &HeaderMap,
+    raw: Bytes,
+) -> Result<(Encoding, T), Response>
+where
+    T: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    let enc = encoding(headers).inspect_err(|_| s.ingest.bad_request(table))?;
+    let bytes = body(enc, headers, raw, s.limits.max_body_bytes)
+        .inspect_err(|_| s.ingest.bad_request(table))?;
+    let req = decode::<T>(enc, &bytes).map_err(|m| {
+        s.ingest.bad_request(table);
+        error(enc, StatusCode::BAD_REQUEST, INVALID_ARGUMENT, m)
+    })?;
+    Ok((enc, req))
+}
+
+async fn traces(State(s): State<AppState>, headers: HeaderMap, raw: Bytes) -> Response {
+    let (enc, req) = match request::<ExportTraceServiceRequest>(&s, Table::Spans, &headers, raw) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match s.ingest.traces(&req).await {
+        Ok(o) => ok(
+            enc,
+            &ExportTraceServiceResponse {
+                partial_success: o.partial_success().map(|(rejected_spans, error_message)| {
+                    ExportTracePartialSuccess {
+                        rejected_spans,
+                        error_message,
+                    }
+                }),
+            },
+        ),
+        Err(e) => failed(enc, e),
+    }
+}
+
+async fn metrics(State(s): State<AppState>, headers: HeaderMap, raw: Bytes) -> Response {
+    let (enc, req) = match request::<ExportMetricsServiceRequest>(&s, Table::Metrics, &headers, raw)
+    {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match s.ingest.metrics(&req).await {
+        Ok(o) => ok(
+            enc,
+            &ExportMetricsServiceResponse {
+                partial_success: o.partial_success().map(
+                    |(rejected_data_points, error_message)| ExportMetricsPartialSuccess {
+                        rejected_data_points,
+                        error_message,
+                    },
+                ),
+            },
+        ),
+        Err(e) => failed(enc, e),
+    }
+}
+
+async fn logs(State(s): State<AppState>, headers: HeaderMap, raw: Bytes) -> Response {
+    let (enc, req) = match request::<ExportLogsServiceRequest>(&s, Table::Logs, &headers, raw) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match s.ingest.logs(&req).await {
+        Ok(o) => ok(
+            enc,
+            &ExportLogsServiceResponse {
+                partial_success: o.partial_success().map(
+                    |(rejected_log_records, error_message)| ExportLogsPartialSuccess {
+                        rejected_log_records,
+                        error_message,
+                    },
+                ),
+            },
+        ),
+        Err(e) => failed(enc, e),
+    }
+}

@@ -1,0 +1,78 @@
+//! # meshscope
+//!
+//! The binary: parses the command line once and runs one role.
+//!
+//! ## Layout
+//! - [`config`]: clap flags, `MESHSCOPE_*` variables and the `--config` TOML file.
+//! - [`serve`]: the all-in-one server (storage, OTLP receivers, HTTP API, Postgres wire).
+//! - [`sql_client`]: `meshscope sql "…"` against a running server.
+//! - [`bench`]: `meshscope bench ingest`.
+
+mod bench;
+mod config;
+mod serve;
+mod sql_client;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use config::{BenchCommand, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("meshscope-io")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                let config = args.resolve().map_err(|e| e.to_string())?;
+                serve::run(config, stop_signal()).await
+            }
+            Command::Sql(args) => sql_client::run(args).await,
+            Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! # meshscope-query
+//!
+//! Read-only SQL over the stored traffic, three ways in.
+//!
+//! ## Layout
+//! - [`executor`]: a dedicated Tokio runtime for DataFusion's CPU-bound work, away from
+//!   the runtime that serves sockets (the InfluxDB IOx `DedicatedExecutor` pattern).
+//! - [`readonly`]: the one rule that decides which statements may run (SELECT, WITH,
+//!   EXPLAIN, SHOW and harmless Postgres session settings) on every entry point.
+//! - [`engine`]: the DataFusion `SessionContext` with the `spans`, `logs` and `metrics`
+//!   tables registered over `meshscope-storage`, and `sql()` that plans and collects.
+//! - [`api`]: `POST /api/v1/sql` (JSON rows, or Arrow IPC).
+//! - [`pg`]: the Postgres wire protocol (psql, Grafana, drivers) via `datafusion-postgres`.
+
+pub mod api;
+pub mod engine;
+pub mod executor;
+pub mod pg;
+pub mod readonly;
+
+pub use engine::{QueryEngine, QueryError};
+pub use executor::Executor;

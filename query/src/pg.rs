@@ -1,0 +1,132 @@
+//! The Postgres wire protocol: `psql -h 127.0.0.1 -p 5433 -U meshscope -d meshscope`.
+//!
+//! `datafusion-postgres` (pgwire underneath) does the protocol, the simple and extended
+//! query flows, the type mapping and the `pg_catalog` tables that psql and Grafana read.
+//! meshscope adds its read-only rule as the first query hook, and its own accept loop so
+//! that port 0 works and shutdown is clean. The loop runs on the query runtime.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::common::ParamValues;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
+use datafusion_postgres::hooks::HookClient;
+use datafusion_postgres::hooks::cursor::CursorStatementHook;
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::Response;
+use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::{DfSessionService, QueryHook};
+use tokio::net::TcpListener;
+
+use crate::engine::QueryEngine;
+use crate::readonly::{self, Surface};
+
+/// Refuses every statement that is not read-only, before any other hook sees it.
+#[derive(Debug)]
+struct ReadOnlyHook;
+
+fn refused(statement: &Statement) -> Option<PgWireError> {
+    readonly::check(statement, Surface::Postgres)
+        .err()
+        .map(|e| {
+            // SQLSTATE 25006: read_only_sql_transaction
+            PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                "25006".into(),
+                e.to_string(),
+            )))
+        })
+}
+
+#[async_trait]
+impl QueryHook for ReadOnlyHook {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        refused(statement).map(Err)
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        _ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        refused(statement).map(Err)
+    }
+
+    async fn handle_extended_query(
+        &self,
+        statement: &Statement,
+        _plan: &LogicalPlan,
+        _params: &ParamValues,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        refused(statement).map(Err)
+    }
+}
+
+struct Handlers {
+    service: Arc<DfSessionService>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::clone(&self.service)
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::clone(&self.service)
+    }
+}
+
+/// Serves the Postgres protocol on `listener` until `shutdown` completes. Call it on the
+/// query runtime (`engine.executor().spawn(…)`).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    engine: QueryEngine,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let ctx = Arc::clone(engine.context());
+    setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let hooks: Vec<Arc<dyn QueryHook>> = vec![
+        Arc::new(ReadOnlyHook),
+        Arc::new(CursorStatementHook),
+        Arc::new(SetShowHook),
+        Arc::new(TransactionStatementHook),
+    ];
+    let handlers = Arc::new(Handlers {
+        service: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+    });
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let handlers = Arc::clone(&handlers);
+                    tokio::spawn(async move {
+                        if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await {
+                            tracing::debug!(%peer, error = %e, "postgres connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "accepting a postgres connection failed"),
+            },
+            () = &mut shutdown => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The DataFusion table over one [`TableStore`]: its Parquet files and its buffered batches,
+//! read from one [`Snapshot`](crate::Snapshot) per query.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{DFSchema, Result, project_schema};
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+
+use crate::table_store::TableStore;
+
+/// A stored table as DataFusion sees it.
+#[derive(Debug)]
+pub struct StoredTable {
+    store: Arc<TableStore>,
+    schema: SchemaRef,
+}
+
+impl StoredTable {
+    pub fn new(store: Arc<TableStore>) -> Self {
+        let schema = store.table().schema();
+        StoredTable { store, schema }
+    }
+}
+
+/// Spreads items over at most `n` groups, balancing a weight.
+fn spread<T>(items: Vec<T>, n: usize, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let n = n.max(1).min(items.len().max(1));
+    let mut groups: Vec<(u64, Vec<T>)> = (0..n).map(|_| (0, Vec::new())).collect();
+    let mut items = items;
+    items.sort_by_key(|i| std::cmp::Reverse(weight(i)));
+    for item in items {
+        if let Some(g) = groups.iter_mut().min_by_key(|g| g.0) {
+            g.0 += weight(&item);
+            g.1.push(item);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| g.1)
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
+#[async_trait]
+impl TableProvider for StoredTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let snapshot = self.store.snapshot();
+        let partitions = state.config().target_partitions();
+        let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+
+        if !snapshot.files.is_empty() {
+            let mut source = ParquetSource::new(Arc::clone(&self.schema));
+            // Prune row groups and pages with the query's filters (statistics, bloom filters).
+            if let Some(expr) = conjunction(filters.iter().cloned()) {
+                let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;
+                let predicate = state.create_physical_expr(expr, &df_schema)?;
+                source = source.with_predicate(predicate);
+            }
+            let files = snapshot
+                .files
+                .into_iter()
+                .map(|f| PartitionedFile::new(f.path.to_string_lossy(), f.size))
+                .collect::<Vec<_>>();
+            let groups = spread(files, partitions, |f| f.object_meta.size)
+                .into_iter()
+                .map(FileGroup::new)
+                .collect();
+            let config =
+                FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+                    .with_file_groups(groups)
+                    .with_projection_indices(projection.cloned())?
+                    .with_limit(limit)
+                    .build();
+            plans.push(DataSourceExec::from_data_source(config));
+        }
+        if !snapshot.batches.is_empty() {
+            let parts = spread(snapshot.batches, partitions, |b| b.num_rows() as u64);
+            let mem =
+                MemorySourceConfig::try_new(&parts, Arc::clone(&self.schema), projection.cloned())?
+                    .with_limit(limit);
+            plans.push(DataSourceExec::from_data_source(mem));
+        }
+        if plans.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(project_schema(
+                &self.schema,
+                projection,
+            )?)));
+        }
+        UnionExec::try_new(plans)
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Files are pruned with the filters, but rows are still filtered above the scan.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn spread_balances_and_drops_empty_groups() {
+        let g = spread(vec![5u64, 1, 1, 1, 1, 1], 2, |x| *x);
+        assert_eq!(g.len(), 2);
+        let sums: Vec<u64> = g.iter().map(|g| g.iter().sum()).collect();
+        assert_eq!(sums, vec![5, 5]);
+        assert_eq!(spread(vec![1u64], 8, |x| *x).len(), 1);
+        assert!(spread(Vec::<u64>::new(), 4, |x| *x).is_empty());
+    }
+}

@@ -1,0 +1,596 @@
+//! One table's write path and its readable state.
+//!
+//! ```text
+//!  write(batch) ──queue──▶ WAL writer thread ──group commit (fdatasync)──▶ ack
+//!                              │ append to `active` (SQL sees it at once)
+//!                              │ when active is big or old: rotate the WAL, active → frozen
+//!                              ▼
+//!                        flusher thread ── sorted zstd Parquet (tmp + rename + fsync) ──▶ files
+//!                              └─ frozen dropped, WAL segments deleted
+//! ```
+//!
+//! Queries read a [`Snapshot`]: the Parquet files plus the frozen and active batches, taken
+//! under one lock, so each row is seen exactly once whatever the flusher is doing.
+//! Memory is bounded: a write that would take the buffered bytes over the limit, or find the
+//! queue full, is refused with [`Error::Overloaded`] instead of waiting.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use meshscope_proto::Table;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::parquet_file::{self, ParquetFile};
+use crate::wal::{self, Segment, Wal};
+
+/// Limits and thresholds of a table's write path.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The data directory; the table lives in `<data_dir>/<table>/`, its log in
+    /// `<data_dir>/wal/<table>/`.
+    pub data_dir: PathBuf,
+    /// Write a Parquet file once this many bytes of Arrow data are buffered.
+    pub flush_bytes: usize,
+    /// Write a Parquet file once the oldest buffered batch is this old.
+    pub flush_interval: Duration,
+    /// Refuse writes while this many bytes are buffered (queued, active and frozen).
+    pub max_buffered_bytes: usize,
+    /// How many write requests may wait for the log writer.
+    pub queue_depth: usize,
+}
+
+impl StoreConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            flush_bytes: 256 << 20,
+            flush_interval: Duration::from_secs(300),
+            max_buffered_bytes: 1 << 30,
+            queue_depth: 1024,
+        }
+    }
+}
+
+/// What a query reads: every durable file and every buffered batch, each once.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub files: Vec<ParquetFile>,
+    pub batches: Vec<RecordBatch>,
+}
+
+/// Counters of a table's write path, for `/metrics` and the benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Rows acknowledged (durable in the log).
+    pub rows_written: AtomicU64,
+    /// Write requests acknowledged.
+    pub requests: AtomicU64,
+    /// Group commits (fdatasync calls) of the log.
+    pub commits: AtomicU64,
+    /// Bytes appended to the log.
+    pub wal_bytes: AtomicU64,
+    /// Rows written into Parquet files.
+    pub rows_flushed: AtomicU64,
+    /// Parquet files written.
+    pub files_written: AtomicU64,
+    /// Bytes of Parquet written.
+    pub parquet_bytes: AtomicU64,
+    /// Writes refused because the queue or the buffers were full.
+    pub overloaded: AtomicU64,
+    /// Bytes of Arrow data buffered (queued, active, frozen).
+    pub buffered_bytes: AtomicUsize,
+}
+
+enum Command {
+    Write {
+        batch: RecordBatch,
+        payload: Vec<u8>,
+        bytes: usize,
+        ack: oneshot::Sender<Result<()>>,
+    },
+    Flush {
+        ack: oneshot::Sender<Result<()>>,
+    },
+}
+
+struct FlushJob {
+    batches: Vec<RecordBatch>,
+    bytes: usize,
+    first_seq: u64,
+    last_seq: u64,
+    segments: Vec<Segment>,
+    acks: Vec<oneshot::Sender<Result<()>>>,
+}
+
+#[derive(Default)]
+struct State {
+    files: Vec<ParquetFile>,
+    frozen: Vec<RecordBatch>,
+    active: Vec<RecordBatch>,
+    active_bytes: usize,
+    active_since: Option<Instant>,
+}
+
+struct Shared {
+    table: Table,
+    dir: PathBuf,
+    config: StoreConfig,
+    state: Mutex<State>,
+    /// Signalled when `frozen` empties (a flush finished).
+    flushed: Condvar,
+    stats: Stats,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is a push
+        // or a swap), so recover from poisoning rather than fail every later request.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One table: its log writer and flusher threads and its readable state.
+pub struct TableStore {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<SyncSender<Command>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for TableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableStore")
+            .field("table", &self.shared.table)
+            .finish()
+    }
+}
+
+impl TableStore {
+    /// Opens the table: lists its Parquet files, replays the log entries not yet in one,
+    /// and starts the writer and flusher threads.
+    pub fn open(table: Table, config: StoreConfig) -> Result<Arc<Self>> {
+        let dir = config.data_dir.join(table.name());
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let files = parquet_file::list(&dir)?;
+        let durable = files.iter().map(|f| f.last_seq).max().unwrap_or(0);
+        let wal_dir = config.data_dir.join("wal").join(table.name());
+        let (wal, entries) = Wal::replay(&wal_dir, |entries| {
+            entries
+                .iter()
+                .map(|e| e.seq)
+                .max()
+                .unwrap_or(0)
+                .max(durable)
+                + 1
+        })?;
+
+        let mut state = State {
+            files,
+            ..State::default()
+        };
+        let (mut replayed_rows, mut next_seq) = (0usize, durable + 1);
+        for entry in entries {
+            next_seq = next_seq.max(entry.seq + 1);
+            if entry.seq <= durable {
+                continue; // already in a Parquet file
+            }
+            match wal::decode(&entry.payload) {
+                Ok(batches) => {
+                    for b in batches {
+                        replayed_rows += b.num_rows();
+                        state.active_bytes += b.get_array_memory_size();
+                        state.active.push(b);
+                    }
+                }
+                Err(e) => tracing::error!(table = %table, seq = entry.seq, error = %e,
+                    "skipping an undecodable write-ahead-log entry"),
+            }
+        }
+        if !state.active.is_empty() {
+            state.active_since = Some(Instant::now());
+            tracing::info!(table = %table, rows = replayed_rows, "replayed the write-ahead log");
+        }
+
+        let stats = Stats::default();
+        stats
+            .buffered_bytes
+            .store(state.active_bytes, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            table,
+            dir,
+            config: config.clone(),
+            state: Mutex::new(state),
+            flushed: Condvar::new(),
+            stats,
+        });
+        let (tx, rx) = mpsc::sync_channel(config.queue_depth);
+        let (flush_tx, flush_rx) = mpsc::channel();
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            wal,
+            next_seq,
+            first_unfrozen: durable + 1,
+            flush_tx,
+        };
+        let w = std::thread::Builder::new()
+            .name(format!("wal-{}", table.name()))
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::io(Path::new("thread"), e))?;
+        let s = Arc::clone(&shared);
+        let f = std::thread::Builder::new()
+            .name(format!("flush-{}", table.name()))
+            .spawn(move || flusher(&s, flush_rx))
+            .map_err(|e| Error::io(Path::new("thread"), e))?;
+        Ok(Arc::new(TableStore {
+            shared,
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(vec![w, f]),
+        }))
+    }
+
+    pub fn table(&self) -> Table {
+        self.shared.table
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    fn sender(&self) -> Result<SyncSender<Command>> {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Closed {
+                table: self.shared.table.name(),
+                why: "shutting down".into(),
+            })
+    }
+
+    /// Appends a batch durably: returns once it is in the log (fsynced) and visible to
+    /// queries. Refuses at once, without waiting, when the table is overloaded.
+    pub async fn write(&self, batch: RecordBatch) -> Result<()> {
+        let table = self.shared.table;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if batch.schema() != table.schema() {
+            return Err(Error::SchemaMismatch {
+                table: table.name(),
+            });
+        }
+        let stats = &self.shared.stats;
+        let bytes = batch.get_array_memory_size();
+        let buffered = stats.buffered_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if buffered + bytes > self.shared.config.max_buffered_bytes {
+            stats.buffered_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Overloaded {
+                table: table.name(),
+                why: "ingest buffers are full",
+            });
+        }
+        let release = || {
+            stats.buffered_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        };
+        let payload = match wal::encode(&batch) {
+            Ok(p) => p,
+            Err(e) => {
+                release();
+                return Err(e);
+            }
+        };
+        let (ack, done) = oneshot::channel();
+        let sender = match self.sender() {
+            Ok(s) => s,
+            Err(e) => {
+                release();
+                return Err(e);
+            }
+        };
+        match sender.try_send(Command::Write {
+            batch,
+            payload,
+            bytes,
+            ack,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                release();
+                stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded {
+                    table: table.name(),
+                    why: "write-ahead-log queue is full",
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                release();
+                return Err(Error::Closed {
+                    table: table.name(),
+                    why: "writer stopped".into(),
+                });
+            }
+        }
+        done.await.unwrap_or_else(|_| {
+            Err(Error::Closed {
+                table: table.name(),
+                why: "writer stopped".into(),
+            })
+        })
+    }
+
+    /// Writes everything buffered into Parquet and waits until it is durable there.
+    pub async fn flush(&self) -> Result<()> {
+        let (ack, done) = oneshot::channel();
+        self.sender()?
+            .send(Command::Flush { ack })
+            .map_err(|_| Error::Closed {
+                table: self.shared.table.name(),
+                why: "writer stopped".into(),
+            })?;
+        done.await.unwrap_or_else(|_| {
+            Err(Error::Closed {
+                table: self.shared.table.name(),
+                why: "writer stopped".into(),
+            })
+        })
+    }
+
+    /// What a query reads now.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.shared.lock();
+        Snapshot {
+            files: st.files.clone(),
+            batches: st.frozen.iter().chain(st.active.iter()).cloned().collect(),
+        }
+    }
+
+    /// Stops accepting writes, writes everything buffered into Parquet, and stops the threads.
+    pub fn close(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(tx); // the writer flushes what it holds when its queue closes
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TableStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The log writer: owns the WAL, assigns sequence numbers, commits groups, freezes.
+struct Writer {
+    shared: Arc<Shared>,
+    wal: Wal,
+    next_seq: u64,
+    first_unfrozen: u64,
+    flush_tx: mpsc::Sender<FlushJob>,
+}
+
+/// The most requests one group commit takes.
+const MAX_GROUP: usize = 256;
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Command>) {
+        let tick = Duration::from_millis(250);
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(cmd) => Some(cmd),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut writes = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = first;
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Write {
+                        batch,
+                        payload,
+                        bytes,
+                        ack,
+                    } => writes.push((batch, payload, bytes, ack)),
+                    Command::Flush { ack } => flushes.push(ack),
+                }
+                if writes.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !writes.is_empty() {
+                self.commit_group(writes);
+            }
+            if !flushes.is_empty() {
+                self.freeze_and_wait(flushes);
+            } else if self.due() {
+                self.freeze(Vec::new(), false);
+            }
+        }
+        // Queue closed: make everything durable in Parquet before stopping.
+        let (ack, done) = oneshot::channel();
+        self.freeze_and_wait(vec![ack]);
+        drop(self.flush_tx); // lets the flusher finish its last job and stop
+        if let Ok(Err(e)) = done.blocking_recv() {
+            tracing::error!(table = %self.shared.table, error = %e, "final flush failed; the log keeps the data");
+        }
+    }
+
+    fn commit_group(
+        &mut self,
+        writes: Vec<(RecordBatch, Vec<u8>, usize, oneshot::Sender<Result<()>>)>,
+    ) {
+        let first_seq = self.next_seq;
+        let mut wal_bytes = 0u64;
+        for (_, payload, _, _) in &writes {
+            self.wal.append(self.next_seq, payload);
+            self.next_seq += 1;
+            wal_bytes += payload.len() as u64;
+        }
+        let stats = &self.shared.stats;
+        if let Err(e) = self.wal.commit() {
+            tracing::error!(table = %self.shared.table, error = %e, "write-ahead-log commit failed");
+            self.next_seq = first_seq;
+            let msg = e.to_string();
+            for (_, _, bytes, ack) in writes {
+                stats.buffered_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                let _ = ack.send(Err(Error::Closed {
+                    table: self.shared.table.name(),
+                    why: msg.clone(),
+                }));
+            }
+            return;
+        }
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.wal_bytes.fetch_add(wal_bytes, Ordering::Relaxed);
+        let mut acks = Vec::with_capacity(writes.len());
+        {
+            let mut st = self.shared.lock();
+            for (batch, _, bytes, ack) in writes {
+                stats
+                    .rows_written
+                    .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                st.active_bytes += bytes;
+                st.active.push(batch);
+                acks.push(ack);
+            }
+            st.active_since.get_or_insert_with(Instant::now);
+        }
+        stats
+            .requests
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        for ack in acks {
+            let _ = ack.send(Ok(()));
+        }
+    }
+
+    fn due(&self) -> bool {
+        let st = self.shared.lock();
+        st.frozen.is_empty()
+            && !st.active.is_empty()
+            && (st.active_bytes >= self.shared.config.flush_bytes
+                || st
+                    .active_since
+                    .is_some_and(|t| t.elapsed() >= self.shared.config.flush_interval))
+    }
+
+    /// Waits for a running flush to end, then freezes what is active and hands `acks` to
+    /// the flusher (they are answered once the file is durable).
+    fn freeze_and_wait(&mut self, acks: Vec<oneshot::Sender<Result<()>>>) {
+        {
+            let mut st = self.shared.lock();
+            while !st.frozen.is_empty() {
+                st = self
+                    .shared
+                    .flushed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        self.freeze(acks, true);
+    }
+
+    fn freeze(&mut self, acks: Vec<oneshot::Sender<Result<()>>>, forced: bool) {
+        let mut st = self.shared.lock();
+        if !st.frozen.is_empty() {
+            return;
+        }
+        if st.active.is_empty() {
+            drop(st);
+            for ack in acks {
+                let _ = ack.send(Ok(()));
+            }
+            return;
+        }
+        let segments = match self.wal.rotate(self.next_seq) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(table = %self.shared.table, error = %e, "cannot rotate the write-ahead log");
+                let msg = e.to_string();
+                for ack in acks {
+                    let _ = ack.send(Err(Error::Closed {
+                        table: self.shared.table.name(),
+                        why: msg.clone(),
+                    }));
+                }
+                return;
+            }
+        };
+        let batches = std::mem::take(&mut st.active);
+        st.frozen = batches.clone();
+        let bytes = std::mem::take(&mut st.active_bytes);
+        st.active_since = None;
+        drop(st);
+        let job = FlushJob {
+            batches,
+            bytes,
+            first_seq: self.first_unfrozen,
+            last_seq: self.next_seq - 1,
+            segments,
+            acks,
+        };
+        self.first_unfrozen = self.next_seq;
+        tracing::debug!(table = %self.shared.table, forced, first = job.first_seq, last = job.last_seq, "freezing");
+        if let Err(mpsc::SendError(job)) = self.flush_tx.send(job) {
+            for ack in job.acks {
+                let _ = ack.send(Err(Error::Closed {
+                    table: self.shared.table.name(),
+                    why: "flusher stopped".into(),
+                }));
+            }
+        }
+    }
+}
+
+/// Writes frozen batches into Parquet, one job at a time; retries until it succeeds (the
+/// data stays readable from memory and safe in the log meanwhile).
+fn flusher(shared: &Shared, jobs: Receiver<FlushJob>) {
+    while let Ok(job) = jobs.recv() {
+        let rows: usize = job.batches.iter().map(|b| b.num_rows()).sum();
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let file = loop {
+            match parquet_file::write(
+                shared.table,
+                &shared.dir,
+                &job.batches,
+                job.first_seq,
+                job.last_seq,
+            ) {
+                Ok(f) => break f,
+                Err(e) => {
+                    tracing::error!(table = %shared.table, error = %e, retry_in = ?delay, "writing a Parquet file failed");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        let stats = &shared.stats;
+        stats.rows_flushed.fetch_add(rows as u64, Ordering::Relaxed);
+        stats.files_written.fetch_add(1, Ordering::Relaxed);
+        stats.parquet_bytes.fetch_add(file.size, Ordering::Relaxed);
+        tracing::info!(table = %shared.table, rows, bytes = file.size, file = %file.path.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64, "wrote Parquet file");
+        {
+            let mut st = shared.lock();
+            st.frozen.clear();
+            st.files.push(file);
+        }
+        stats.buffered_bytes.fetch_sub(job.bytes, Ordering::AcqRel);
+        shared.flushed.notify_all();
+        let res = wal::remove_segments(&job.segments);
+        if let Err(e) = &res {
+            tracing::warn!(table = %shared.table, error = %e, "could not remove flushed log segments");
+        }
+        for ack in job.acks {
+            let _ = ack.send(Ok(()));
+        }
+    }
+}
