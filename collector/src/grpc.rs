@@ -129,9 +129,36 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(max);
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            decode_errors_are_invalid_argument,
+        ))
         .add_service(traces)
         .add_service(metrics)
         .add_service(logs)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
+}
+
+/// tonic answers an undecodable protobuf message with INTERNAL and an over-limit one with
+/// OUT_OF_RANGE (its reading of the gRPC status-code guide). The contract, like the OTLP
+/// specification, says INVALID_ARGUMENT (do not retry) and RESOURCE_EXHAUSTED. Both
+/// answers are produced by tonic before our handler runs and are recognised by their message.
+fn decode_errors_are_invalid_argument<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers();
+    // grpc-message is percent-encoded; spaces are all we need to read it.
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
+    let rewritten = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some("13") if message.starts_with("failed to decode Protobuf message") => Some("3"),
+        Some("11") if message.contains("message length too large") => Some("8"),
+        _ => None,
+    };
+    if let Some(code) = rewritten {
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static(code));
+    }
+    resp
 }

@@ -1,0 +1,205 @@
+//! Starting and stopping the real `meshscope` binary for end-to-end tests.
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test: `MESHSCOPE_BIN`, or the workspace's debug build (built once).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("MESHSCOPE_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "meshscope", "--bin", "meshscope"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building meshscope failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        target.join("debug").join("meshscope")
+    })
+    .clone()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running `meshscope serve` child process on free loopback ports.
+pub struct Server {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub grpc: u16,
+    pub otlp_http: u16,
+    pub http: u16,
+    pub pg: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Server {
+        let (grpc, otlp_http, http, pg) = (free_port(), free_port(), free_port(), free_port());
+        let log = data_dir.with_extension(format!("{}.log", std::process::id()));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--otlp-grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--otlp-http-addr", &format!("127.0.0.1:{otlp_http}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http}")])
+            .args(["--pg-addr", &format!("127.0.0.1:{pg}")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start meshscope");
+        let server = Server {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            grpc,
+            otlp_http,
+            http,
+            pg,
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_status(self.http, "/readyz").is_ok_and(|s| s == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "meshscope did not become ready; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    pub fn otlp_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.otlp_http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    /// Runs SQL through `POST /api/v1/sql`; panics unless it answers 200.
+    pub async fn sql(&self, sql: &str) -> Value {
+        let (status, body) = self.sql_status(sql).await;
+        assert_eq!(status, 200, "{sql}: {body}");
+        body
+    }
+
+    pub async fn sql_status(&self, sql: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url("/api/v1/sql"))
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await
+            .expect("POST /api/v1/sql");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON answer"))
+    }
+
+    /// The single number a `SELECT count(*) …` style query returns.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let v = self.sql(sql).await;
+        v["rows"][0][0]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{sql}: no integer in {v}"))
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn terminate(mut self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let status = self.child.wait().expect("wait");
+        assert!(
+            status.success(),
+            "meshscope exited with {status}; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of a plain `GET` (readiness polling, no client library needed).
+pub fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad answer"))
+}
+
+/// The shared OTLP/JSON examples (`shared/testdata/otlp-json`).
+pub fn testdata(name: &str) -> Vec<u8> {
+    let root = std::env::var("MESHSCOPE_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/otlp-json")
+        });
+    std::fs::read(root.join(name)).unwrap_or_else(|e| panic!("testdata {name}: {e}"))
+}
