@@ -74,11 +74,13 @@ pub struct IngestStats {
 }
 
 impl IngestStats {
-    pub fn for_table(&self, table: Table) -> &SignalStats {
+    /// The counters of an OTLP signal's table (`None` for tables OTLP does not fill).
+    pub fn for_table(&self, table: Table) -> Option<&SignalStats> {
         match table {
-            Table::Spans => &self.spans,
-            Table::Metrics => &self.metrics,
-            Table::Logs => &self.logs,
+            Table::Spans => Some(&self.spans),
+            Table::Metrics => Some(&self.metrics),
+            Table::Logs => Some(&self.logs),
+            Table::Rollups => None,
         }
     }
 }
@@ -125,9 +127,10 @@ impl Ingest {
 
     /// Counts a request the receiver could not decode.
     pub fn bad_request(&self, table: Table) {
-        let s = self.stats.for_table(table);
-        s.requests.fetch_add(1, Ordering::Relaxed);
-        s.bad_requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.stats.for_table(table) {
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            s.bad_requests.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     async fn store(
@@ -135,7 +138,8 @@ impl Ingest {
         table: Table,
         converted: Result<Converted, arrow::error::ArrowError>,
     ) -> Result<Outcome, IngestError> {
-        let s = self.stats.for_table(table);
+        let fallback = SignalStats::default();
+        let s = self.stats.for_table(table).unwrap_or(&fallback);
         s.requests.fetch_add(1, Ordering::Relaxed);
         let c =
             converted.map_err(|e| IngestError::Internal(format!("converting to Arrow: {e}")))?;

@@ -392,3 +392,207 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `meshscope bench graph`: the service graph, golden signals and trace lookups over spans
+/// stored by meshscope (`bench ingest --data-dir D` first), against DuckDB over the same
+/// Parquet files.
+pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
+    use meshscope_query::analysis::graph::ServiceGraph;
+    use meshscope_query::analysis::range::TimeRange;
+    use meshscope_query::analysis::rollup::Rollups;
+    use meshscope_query::analysis::traces;
+    use meshscope_query::engine::EngineConfig;
+    use meshscope_query::{Executor, QueryEngine};
+    use meshscope_storage::{Storage, StoreConfig};
+
+    let storage = Storage::open(StoreConfig::new(&args.data_dir)).map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let executor = Executor::new(cores).map_err(|e| e.to_string())?;
+    let engine = QueryEngine::new(&storage, executor.clone(), EngineConfig::default())
+        .map_err(|e| e.to_string())?;
+    let scalar = |v: &arrow::array::ArrayRef| {
+        arrow::util::display::array_value_to_string(v, 0).unwrap_or_default()
+    };
+    let r = engine
+        .sql("SELECT count(*), CAST(min(start_time) AS VARCHAR), CAST(max(start_time) AS VARCHAR) FROM spans")
+        .await
+        .map_err(|e| e.to_string())?;
+    let b = r.batches.first().ok_or("no spans stored")?;
+    let (count, min, max) = (
+        scalar(b.column(0)),
+        scalar(b.column(1)),
+        scalar(b.column(2)),
+    );
+    let parse = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .or_else(|_| chrono::DateTime::parse_from_rfc3339(&format!("{s}Z")))
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .map_err(|e| format!("{s}: {e}"))
+    };
+    let range = TimeRange {
+        start: parse(&min)?,
+        end: parse(&max)? + chrono::Duration::seconds(1),
+    };
+    eprintln!(
+        "bench graph: {count} spans from {min} to {max} in {}",
+        args.data_dir.display()
+    );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let time = |label: &'static str| {
+        move |d: Duration| eprintln!("  {label}: {:.1} ms", d.as_secs_f64() * 1e3)
+    };
+
+    let mut raw = Vec::new();
+    let mut edges = 0;
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        let g = ServiceGraph::compute(&engine, &range)
+            .await
+            .map_err(|e| e.to_string())?;
+        edges = g.graph.edge_count();
+        raw.push(t.elapsed().as_secs_f64() * 1e3);
+        time("graph from raw spans")(t.elapsed());
+    }
+    let t = Instant::now();
+    let minutes = Rollups::new(engine.clone(), storage.clone(), chrono::Duration::zero())
+        .run_once(range.end + chrono::Duration::hours(1))
+        .await
+        .map_err(|e| e.to_string())?;
+    let rollup_build = t.elapsed();
+    eprintln!(
+        "  rolled up {minutes} minute(s) in {:.1} s",
+        rollup_build.as_secs_f64()
+    );
+    let mut rolled = Vec::new();
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        ServiceGraph::compute_from_rollups(&engine, &range)
+            .await
+            .map_err(|e| e.to_string())?;
+        rolled.push(t.elapsed().as_secs_f64() * 1e3);
+        time("graph from rollups")(t.elapsed());
+    }
+
+    // Trace by id: ids spread over the files.
+    let ids = engine
+        .sql(&format!("SELECT trace_id FROM spans WHERE span_kind = 'SERVER' AND parent_span_id IS NULL LIMIT {}", args.lookups * 50))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut all_ids = Vec::new();
+    for b in &ids.batches {
+        for i in 0..b.num_rows() {
+            all_ids.push(
+                arrow::util::display::array_value_to_string(b.column(0), i).unwrap_or_default(),
+            );
+        }
+    }
+    let step = (all_ids.len() / args.lookups.max(1)).max(1);
+    let mut lookups = Vec::new();
+    for id in all_ids.iter().step_by(step).take(args.lookups) {
+        let t = Instant::now();
+        let found = traces::get(&engine, id).await.map_err(|e| e.to_string())?;
+        lookups.push(t.elapsed().as_secs_f64() * 1e3);
+        if found.is_none() {
+            return Err(format!("trace {id} not found"));
+        }
+    }
+    lookups.sort_by(f64::total_cmp);
+    let pct = |p: f64| lookups[((lookups.len() - 1) as f64 * p).round() as usize];
+
+    // DuckDB over the same files, the same aggregates.
+    let glob = format!("{}/spans/*.parquet", storage.data_dir().display());
+    let script = DUCKDB_GRAPH
+        .replace("{glob}", &glob)
+        .replace("{runs}", &args.runs.to_string());
+    let duck = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let duck_ms: Option<f64> = if duck.status.success() {
+        String::from_utf8_lossy(&duck.stdout)
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+    } else {
+        eprintln!(
+            "  DuckDB comparison skipped: {}",
+            String::from_utf8_lossy(&duck.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        None
+    };
+
+    let raw_ms = median(raw);
+    let rolled_ms = median(rolled);
+    println!("spans                         {count}");
+    println!("edges                         {edges}");
+    println!(
+        "graph from raw spans          {raw_ms:.1} ms (median of {})",
+        args.runs
+    );
+    println!(
+        "graph from rollups            {rolled_ms:.1} ms (median of {})",
+        args.runs
+    );
+    println!(
+        "rollup build                  {:.1} s for {minutes} minute(s)",
+        rollup_build.as_secs_f64()
+    );
+    println!(
+        "trace by id (no time range)   p50 {:.1} ms, p99 {:.1} ms over {} lookups",
+        pct(0.5),
+        pct(0.99),
+        lookups.len()
+    );
+    if let Some(d) = duck_ms {
+        println!(
+            "DuckDB, same graph, same files {d:.1} ms (median of {})",
+            args.runs
+        );
+        println!("meshscope raw / DuckDB        {:.2}x the time", raw_ms / d);
+    }
+    storage.close();
+    executor.shutdown();
+    Ok(())
+}
+
+/// The service graph's edge aggregates in DuckDB SQL, timed in-process; prints the median ms.
+const DUCKDB_GRAPH: &str = r#"
+import duckdb, time, statistics
+con = duckdb.connect()
+sql = """
+WITH s AS (SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
+                  coalesce(peer_service, span_attributes['db.namespace'], span_attributes['db.name'],
+                           span_attributes['db.system.name'], span_attributes['db.system'], server_address,
+                           span_attributes['net.peer.name'], span_attributes['messaging.destination.name']) AS peer
+           FROM read_parquet('{glob}')),
+callers AS (SELECT * FROM s WHERE span_kind IN ('CLIENT', 'PRODUCER')),
+callees AS (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')),
+paired AS (SELECT c.service_name AS source, p.service_name AS target, c.duration_ns AS latency_ns,
+                  (c.status_code = 'ERROR' OR p.status_code = 'ERROR') AS error, c.span_id AS caller_id, c.trace_id AS caller_trace
+           FROM callers c JOIN callees p ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id
+            AND ((c.span_kind = 'CLIENT' AND p.span_kind = 'SERVER') OR (c.span_kind = 'PRODUCER' AND p.span_kind = 'CONSUMER'))),
+unpaired AS (SELECT c.service_name AS source, c.peer AS target, c.duration_ns AS latency_ns, c.status_code = 'ERROR' AS error
+             FROM callers c ANTI JOIN paired p ON p.caller_trace = c.trace_id AND p.caller_id = c.span_id WHERE c.peer IS NOT NULL),
+entries AS (SELECT 'user' AS source, e.service_name AS target, e.duration_ns AS latency_ns, e.status_code = 'ERROR' AS error
+            FROM (SELECT * FROM s WHERE span_kind = 'SERVER') e ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id),
+r AS (SELECT source, target, latency_ns, error FROM paired UNION ALL SELECT source, target, latency_ns, error FROM unpaired
+      UNION ALL SELECT source, target, latency_ns, error FROM entries)
+SELECT source, target, count(*), sum(CASE WHEN error THEN 1 ELSE 0 END),
+       quantile_cont(latency_ns, 0.5), quantile_cont(latency_ns, 0.95), quantile_cont(latency_ns, 0.99)
+FROM r GROUP BY source, target
+"""
+times = []
+for _ in range({runs}):
+    t = time.perf_counter()
+    con.execute(sql).fetchall()
+    times.append((time.perf_counter() - t) * 1000)
+print(statistics.median(times))
+"#;

@@ -68,6 +68,18 @@ pub struct ServeArgs {
     /// Memory all running queries may use together, in bytes [4294967296].
     #[arg(long, env = "MESHSCOPE_QUERY_MEMORY_BYTES")]
     pub query_memory_bytes: Option<usize>,
+    /// How often the golden-signal counters of `/metrics` advance, in seconds [10].
+    #[arg(long, env = "MESHSCOPE_SIGNALS_INTERVAL_SECS")]
+    pub signals_interval_secs: Option<u64>,
+    /// How far behind now those counters stay, so both halves of a pair arrive [30].
+    #[arg(long, env = "MESHSCOPE_SIGNALS_DELAY_SECS")]
+    pub signals_delay_secs: Option<u64>,
+    /// How often complete minutes are rolled up, in seconds [15].
+    #[arg(long, env = "MESHSCOPE_ROLLUP_INTERVAL_SECS")]
+    pub rollup_interval_secs: Option<u64>,
+    /// How old a minute must be before it is rolled up, in seconds [120].
+    #[arg(long, env = "MESHSCOPE_ROLLUP_DELAY_SECS")]
+    pub rollup_delay_secs: Option<u64>,
 }
 
 /// The same settings in the `--config` TOML file.
@@ -84,6 +96,10 @@ struct FileConfig {
     flush_interval_secs: Option<u64>,
     max_buffered_bytes: Option<usize>,
     query_memory_bytes: Option<usize>,
+    signals_interval_secs: Option<u64>,
+    signals_delay_secs: Option<u64>,
+    rollup_interval_secs: Option<u64>,
+    rollup_delay_secs: Option<u64>,
 }
 
 /// Resolved server settings.
@@ -99,6 +115,10 @@ pub struct ServeConfig {
     pub flush_interval: Duration,
     pub max_buffered_bytes: usize,
     pub query_memory_bytes: usize,
+    pub signals_interval: Duration,
+    pub signals_delay: Duration,
+    pub rollup_interval: Duration,
+    pub rollup_delay: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,8 +187,21 @@ impl ServeArgs {
                 .query_memory_bytes
                 .or(file.query_memory_bytes)
                 .unwrap_or(4 << 30),
+            signals_interval: secs(
+                self.signals_interval_secs.or(file.signals_interval_secs),
+                10,
+            )
+            .max(Duration::from_secs(1)),
+            signals_delay: secs(self.signals_delay_secs.or(file.signals_delay_secs), 30),
+            rollup_interval: secs(self.rollup_interval_secs.or(file.rollup_interval_secs), 15)
+                .max(Duration::from_secs(1)),
+            rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
         })
     }
+}
+
+fn secs(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_secs(v.unwrap_or(default))
 }
 
 fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -209,6 +242,21 @@ pub struct SqlArgs {
 pub enum BenchCommand {
     /// OTLP/gRPC span ingest into a real `meshscope serve` child process, durability on.
     Ingest(BenchIngestArgs),
+    /// Service graph, golden signals and trace lookups over stored spans, against DuckDB.
+    Graph(BenchGraphArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGraphArgs {
+    /// A data directory filled by `bench ingest --data-dir` (the server must be stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Runs of each query (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Trace-by-id lookups.
+    #[arg(long, default_value_t = 200)]
+    pub lookups: usize,
 }
 
 #[derive(Debug, Args)]

@@ -5,11 +5,13 @@
 //! ## Layout
 //! - [`config`]: clap flags, `MESHSCOPE_*` variables and the `--config` TOML file.
 //! - [`serve`]: the all-in-one server (storage, OTLP receivers, HTTP API, Postgres wire).
+//! - [`metrics`]: `GET /metrics` (own health and golden signals, Prometheus text).
 //! - [`sql_client`]: `meshscope sql "…"` against a running server.
 //! - [`bench`]: `meshscope bench ingest`.
 
 mod bench;
 mod config;
+mod metrics;
 mod serve;
 mod sql_client;
 
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
             }
             Command::Sql(args) => sql_client::run(args).await,
             Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
+            Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
         }
     });
     match result {

@@ -15,6 +15,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use meshscope_collector::{Ingest, Limits};
+use meshscope_query::analysis::prometheus::SpanCounters;
+use meshscope_query::analysis::rollup::Rollups;
 use meshscope_query::engine::EngineConfig;
 use meshscope_query::{Executor, QueryEngine};
 use meshscope_storage::{Storage, StoreConfig};
@@ -64,6 +66,23 @@ fn health_routes(ready: Arc<AtomicBool>) -> Router {
             }),
         )
         .with_state(ready)
+}
+
+/// Rolls up complete minutes every `every` until shutdown.
+async fn roll_up(rollups: Rollups, every: Duration, shutdown: Shutdown) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match rollups.run_once(chrono::Utc::now()).await {
+                Ok(0) => {}
+                Ok(minutes) => tracing::info!(minutes, "rolled up golden signals"),
+                Err(e) => tracing::warn!(error = %e, "rolling up golden signals failed"),
+            },
+            () = &mut stop => return,
+        }
+    }
 }
 
 /// Runs the all-in-one server until `stop` resolves (SIGTERM / Ctrl-C in `main`).
@@ -122,19 +141,42 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         .with_graceful_shutdown(shutdown.wait())
         .into_future(),
     );
+    let exposition = crate::metrics::Exposition {
+        storage: storage.clone(),
+        ingest: Arc::clone(ingest.stats()),
+        engine: engine.clone(),
+        counters: Arc::new(SpanCounters::new(
+            chrono::Duration::from_std(config.signals_delay)
+                .unwrap_or(chrono::Duration::seconds(30)),
+        )),
+    };
+    let counters = tokio::spawn(
+        exposition
+            .clone()
+            .run_counters(config.signals_interval, shutdown.clone()),
+    );
+    let rollups = Rollups::new(
+        engine.clone(),
+        storage.clone(),
+        chrono::Duration::from_std(config.rollup_delay).unwrap_or(chrono::Duration::minutes(2)),
+    );
+    let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
-        .merge(meshscope_query::api::router(engine.clone()));
+        .merge(exposition.router())
+        .merge(meshscope_query::api::router(engine.clone()))
+        .merge(meshscope_query::analysis::routes::router(engine.clone()));
     let http = tokio::spawn(
         axum::serve(http_l, api)
             .with_graceful_shutdown(shutdown.wait())
             .into_future(),
     );
-    let pg = executor.spawn(meshscope_query::pg::serve(
-        pg_l,
-        engine.clone(),
-        shutdown.wait(),
-    ));
+    let pg_serve = meshscope_query::pg::serve(pg_l, engine.clone(), shutdown.wait());
+    let pg = executor.spawn(async move {
+        if let Err(e) = pg_serve.await {
+            tracing::error!(error = %e, "the Postgres wire protocol server stopped");
+        }
+    });
 
     ready.store(true, Ordering::Release);
     tracing::info!(
@@ -151,6 +193,8 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         let _ = otlp_http.await;
         let _ = http.await;
         let _ = pg.await;
+        let _ = counters.await;
+        let _ = roller.await;
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await

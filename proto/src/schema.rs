@@ -15,10 +15,14 @@ pub enum Table {
     Spans,
     Logs,
     Metrics,
+    /// Per-minute mergeable aggregates of the golden signals (written by the query side).
+    Rollups,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Spans, Table::Logs, Table::Metrics];
+    pub const ALL: [Table; 4] = [Table::Spans, Table::Logs, Table::Metrics, Table::Rollups];
+    /// The tables OTLP fills.
+    pub const SIGNALS: [Table; 3] = [Table::Spans, Table::Logs, Table::Metrics];
 
     /// The table's name in SQL and its folder under the data directory.
     pub fn name(self) -> &'static str {
@@ -26,6 +30,7 @@ impl Table {
             Table::Spans => "spans",
             Table::Logs => "logs",
             Table::Metrics => "metrics",
+            Table::Rollups => "rollups",
         }
     }
 
@@ -34,6 +39,7 @@ impl Table {
             Table::Spans => SPANS.clone(),
             Table::Logs => LOGS.clone(),
             Table::Metrics => METRICS.clone(),
+            Table::Rollups => ROLLUPS.clone(),
         }
     }
 
@@ -42,6 +48,7 @@ impl Table {
         match self {
             Table::Spans => "start_time",
             Table::Logs | Table::Metrics => "time",
+            Table::Rollups => "minute",
         }
     }
 }
@@ -192,6 +199,27 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         // summaries
         f64_list("quantiles"),
         f64_list("quantile_values"),
+    ]))
+});
+
+static ROLLUPS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        ts("minute", false),
+        // `service` (a service's own requests), `endpoint` (a service's route) or `edge`.
+        utf8("kind", false),
+        // The service, or the edge's source node.
+        utf8("source", false),
+        // The endpoint, or the edge's target node.
+        utf8("target", true),
+        // For edges: `service` or `virtual`.
+        utf8("target_kind", true),
+        utf8("namespace", true),
+        Field::new("requests", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("latency_sum_ns", DataType::Float64, false),
+        // The latency sketch: bucket keys and their counts (see query::analysis::sketch).
+        list_of("sketch_keys", DataType::Int32),
+        list_of("sketch_counts", DataType::Int64),
     ]))
 });
 

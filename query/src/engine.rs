@@ -1,6 +1,8 @@
 //! The DataFusion session over meshscope's tables.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -58,6 +60,18 @@ pub struct QueryResult {
 pub struct QueryEngine {
     ctx: Arc<SessionContext>,
     executor: Executor,
+    stats: Arc<QueryStats>,
+}
+
+/// Counters of the query side, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct QueryStats {
+    /// Statements run (API, CLI and the analysis endpoints; not the Postgres wire).
+    pub queries: AtomicU64,
+    /// Statements that failed (user errors included).
+    pub failed: AtomicU64,
+    /// Wall-clock time spent in them, in nanoseconds.
+    pub nanos: AtomicU64,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -111,6 +125,7 @@ impl QueryEngine {
         Ok(QueryEngine {
             ctx: Arc::new(ctx),
             executor,
+            stats: Arc::default(),
         })
     }
 
@@ -123,8 +138,25 @@ impl QueryEngine {
         &self.executor
     }
 
+    pub fn stats(&self) -> &QueryStats {
+        &self.stats
+    }
+
     /// Runs one read-only statement and collects its result.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        let started = Instant::now();
+        let result = self.run(sql).await;
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+
+    async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
         let statements = DFParser::parse_sql(sql).map_err(QueryError::from)?;
         match statements.len() {
             0 => return Err(QueryError::Invalid("no SQL statement given".into())),

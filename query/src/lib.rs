@@ -10,8 +10,10 @@
 //! - [`engine`]: the DataFusion `SessionContext` with the `spans`, `logs` and `metrics`
 //!   tables registered over `meshscope-storage`, and `sql()` that plans and collects.
 //! - [`api`]: `POST /api/v1/sql` (JSON rows, or Arrow IPC).
+//! - [`analysis`]: the service graph, golden signals and traces, and their HTTP API.
 //! - [`pg`]: the Postgres wire protocol (psql, Grafana, drivers) via `datafusion-postgres`.
 
+pub mod analysis;
 pub mod api;
 pub mod engine;
 pub mod executor;

@@ -51,6 +51,7 @@ fn sort_columns(table: Table) -> &'static [&'static str] {
         Table::Spans => &["trace_id", "start_time"],
         Table::Logs => &["service_name", "time"],
         Table::Metrics => &["metric_name", "service_name", "time"],
+        Table::Rollups => &["kind", "source", "minute"],
     }
 }
 
@@ -73,7 +74,7 @@ fn writer_properties(table: Table, rows: usize) -> WriterProperties {
     match table {
         Table::Spans => props = bloom(props, "trace_id", per_group / 2),
         Table::Logs => props = bloom(props, "trace_id", per_group),
-        Table::Metrics => {}
+        Table::Metrics | Table::Rollups => {}
     }
     props.build()
 }

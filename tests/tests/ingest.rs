@@ -243,16 +243,6 @@ async fn sdk_exporters_over_grpc_and_http_land_in_sql() {
     assert_eq!(v["rows"][0], serde_json::json!([3, 43.0, "histogram"]));
 }
 
-/// The SDK gives no public way to clone a live span's context; read it from the span.
-trait SpanContextForTest {
-    fn clone_span_context_for_test(&self) -> opentelemetry::trace::SpanContext;
-}
-impl<S: opentelemetry::trace::Span> SpanContextForTest for S {
-    fn clone_span_context_for_test(&self) -> opentelemetry::trace::SpanContext {
-        self.span_context().clone()
-    }
-}
-
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(bytes).expect("gzip");

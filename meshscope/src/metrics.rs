@@ -1,0 +1,210 @@
+//! `GET /metrics`: Prometheus text exposition of meshscope's own health and of the golden
+//! signals per service and edge.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use meshscope_collector::IngestStats;
+use meshscope_proto::Table;
+use meshscope_query::QueryEngine;
+use meshscope_query::analysis::prometheus::SpanCounters;
+use meshscope_storage::Storage;
+
+use crate::serve::Shutdown;
+
+#[derive(Clone)]
+pub struct Exposition {
+    pub storage: Storage,
+    pub ingest: Arc<IngestStats>,
+    pub engine: QueryEngine,
+    pub counters: Arc<SpanCounters>,
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+impl Exposition {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let per = |tables: &[Table], f: &dyn Fn(Table) -> f64| -> Vec<(String, f64)> {
+            tables
+                .iter()
+                .map(|t| (format!("table=\"{}\"", t.name()), f(*t)))
+                .collect()
+        };
+        let per_signal =
+            |f: &dyn Fn(&meshscope_collector::ingest::SignalStats) -> f64| -> Vec<(String, f64)> {
+                per(&Table::SIGNALS, &|t| {
+                    self.ingest.for_table(t).map(f).unwrap_or(0.0)
+                })
+            };
+        let per_table = |f: &dyn Fn(Table) -> f64| per(&Table::ALL, f);
+        let store = |t: Table| self.storage.table(t).stats();
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        family(
+            &mut out,
+            "meshscope_ingest_requests_total",
+            "counter",
+            "OTLP export requests received.",
+            &per_signal(&|s| ld(&s.requests)),
+        );
+        family(
+            &mut out,
+            "meshscope_ingest_accepted_records_total",
+            "counter",
+            "Records (spans, data points, log records) acknowledged.",
+            &per_signal(&|s| ld(&s.accepted)),
+        );
+        family(
+            &mut out,
+            "meshscope_ingest_rejected_records_total",
+            "counter",
+            "Invalid records answered with partial_success.",
+            &per_signal(&|s| ld(&s.rejected)),
+        );
+        family(
+            &mut out,
+            "meshscope_ingest_refused_requests_total",
+            "counter",
+            "Requests refused as overloaded or shutting down (retryable).",
+            &per_signal(&|s| ld(&s.refused_requests)),
+        );
+        family(
+            &mut out,
+            "meshscope_ingest_bad_requests_total",
+            "counter",
+            "Requests that could not be decoded.",
+            &per_signal(&|s| ld(&s.bad_requests)),
+        );
+        family(
+            &mut out,
+            "meshscope_wal_commits_total",
+            "counter",
+            "Group commits (fdatasync) of the write-ahead log.",
+            &per_table(&|t| ld(&store(t).commits)),
+        );
+        family(
+            &mut out,
+            "meshscope_wal_bytes_total",
+            "counter",
+            "Bytes appended to the write-ahead log.",
+            &per_table(&|t| ld(&store(t).wal_bytes)),
+        );
+        family(
+            &mut out,
+            "meshscope_buffered_bytes",
+            "gauge",
+            "Arrow bytes acknowledged or queued but not yet in Parquet (the WAL lag).",
+            &per_table(&|t| store(t).buffered_bytes.load(Ordering::Relaxed) as f64),
+        );
+        family(
+            &mut out,
+            "meshscope_unflushed_rows",
+            "gauge",
+            "Rows acknowledged but not yet in Parquet.",
+            &per_table(&|t| {
+                (store(t)
+                    .rows_written
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(store(t).rows_flushed.load(Ordering::Relaxed)))
+                    as f64
+            }),
+        );
+        family(
+            &mut out,
+            "meshscope_parquet_files_written_total",
+            "counter",
+            "Parquet files written.",
+            &per_table(&|t| ld(&store(t).files_written)),
+        );
+        family(
+            &mut out,
+            "meshscope_parquet_bytes_written_total",
+            "counter",
+            "Bytes of Parquet written.",
+            &per_table(&|t| ld(&store(t).parquet_bytes)),
+        );
+        family(
+            &mut out,
+            "meshscope_parquet_rows_written_total",
+            "counter",
+            "Rows written into Parquet files.",
+            &per_table(&|t| ld(&store(t).rows_flushed)),
+        );
+        let q = self.engine.stats();
+        family(
+            &mut out,
+            "meshscope_queries_total",
+            "counter",
+            "SQL statements run through the HTTP API and analysis endpoints.",
+            &[(String::new(), ld(&q.queries))],
+        );
+        family(
+            &mut out,
+            "meshscope_queries_failed_total",
+            "counter",
+            "SQL statements that failed.",
+            &[(String::new(), ld(&q.failed))],
+        );
+        family(
+            &mut out,
+            "meshscope_query_seconds_total",
+            "counter",
+            "Time spent running SQL statements.",
+            &[(String::new(), q.nanos.load(Ordering::Relaxed) as f64 / 1e9)],
+        );
+        self.counters.render(&mut out);
+        out
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route(
+                "/metrics",
+                get(|State(e): State<Exposition>| async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        e.render(),
+                    )
+                        .into_response()
+                }),
+            )
+            .with_state(self)
+    }
+
+    /// Advances the golden-signal counters every `every` until shutdown.
+    pub async fn run_counters(self, every: Duration, shutdown: Shutdown) {
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.counters.advance(&self.engine, chrono::Utc::now()).await {
+                        tracing::warn!(error = %e, "computing golden-signal counters failed");
+                    }
+                }
+                () = &mut stop => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The service-dependency graph.
+//!
+//! Semantics (the contract, `interfaces.md`, "Service graph semantics"):
+//! - a CLIENT span of A whose child (same trace, `parent_span_id` = its `span_id`) is a
+//!   SERVER span of B is one request on edge A→B; likewise PRODUCER→CONSUMER;
+//! - a CLIENT or PRODUCER span with no such child is a request to a `virtual` node named by
+//!   the first present of `peer.service`, `db.namespace`/`db.name`,
+//!   `db.system.name`/`db.system`, `server.address`/`net.peer.name`,
+//!   `messaging.destination.name`;
+//! - a SERVER span with no parent in the trace is a request from the `user` node;
+//! - a request is an error when either side has status ERROR; its latency is the client
+//!   span's duration (the server span's for `user` edges);
+//! - percentiles are exact (linear interpolation, DataFusion's `percentile_cont`).
+//!
+//! The pairing and aggregation run as one DataFusion query over the spans of the range;
+//! children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
+//! straddles the range's edge, or clock skew between services, does not break it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use chrono::Duration;
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use serde::Serialize;
+
+use super::range::{TimeRange, sql_str};
+use super::{f64_of, round3, rows, str_of, u64_of};
+use crate::engine::{QueryEngine, QueryError};
+
+/// How far outside the range the other half of a pair may start.
+pub const PAIR_WINDOW: i64 = 5; // minutes
+
+/// Where a range's signals are computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputedFrom {
+    /// Raw spans: exact percentiles; the default for ranges up to an hour.
+    Spans,
+    /// Per-minute rollups (and raw spans for the minutes not rolled up yet): percentiles
+    /// within 1%; the default for longer ranges.
+    Rollups,
+}
+
+impl ComputedFrom {
+    /// From the `source` query parameter (`spans`, `rollups` or `auto`).
+    pub fn choose(param: Option<&str>, range: &TimeRange) -> Result<ComputedFrom, QueryError> {
+        match param {
+            Some("spans") | Some("raw") => Ok(ComputedFrom::Spans),
+            Some("rollups") => Ok(ComputedFrom::Rollups),
+            None | Some("") | Some("auto") => Ok(if range.seconds() > 3600.0 {
+                ComputedFrom::Rollups
+            } else {
+                ComputedFrom::Spans
+            }),
+            Some(other) => Err(QueryError::Invalid(format!(
+                "source must be spans, rollups or auto, got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputedFrom::Spans => "spans",
+            ComputedFrom::Rollups => "rollups",
+        }
+    }
+}
+
+/// The node kinds of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    Service,
+    Virtual,
+    User,
+}
+
+/// Request-level golden signals of a node or an edge.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Signals {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Signals {
+    pub(crate) fn from_row(
+        row: &serde_json::Map<String, serde_json::Value>,
+        seconds: f64,
+    ) -> Signals {
+        let requests = u64_of(row, "requests");
+        let errors = u64_of(row, "errors");
+        Signals {
+            requests,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            rate: round3(requests as f64 / seconds),
+            p50_ms: round3(f64_of(row, "p50_ns") / 1e6),
+            p95_ms: round3(f64_of(row, "p95_ns") / 1e6),
+            p99_ms: round3(f64_of(row, "p99_ns") / 1e6),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    pub id: String,
+    pub kind: NodeKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Edge {
+    pub source: String,
+    pub target: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+    /// Where the edge was seen: `spans` (and, with the mesh's own telemetry, more).
+    pub sources: Vec<&'static str>,
+}
+
+/// The graph as petgraph holds it.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceGraph {
+    pub graph: DiGraph<Node, Edge>,
+    index: HashMap<(NodeKind, String), NodeIndex>,
+}
+
+/// The SQL of one request per row: `(source, target, target_kind, latency_ns, error,
+/// start_time)` (the caller's start; the server's for `user` requests).
+pub(crate) fn requests_sql(range: &TimeRange) -> String {
+    let wide = range.widened(Duration::minutes(PAIR_WINDOW));
+    format!(
+        "WITH s AS (
+            SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
+                   coalesce(peer_service, span_attributes['db.namespace'], span_attributes['db.name'],
+                            span_attributes['db.system.name'], span_attributes['db.system'],
+                            server_address, span_attributes['net.peer.name'],
+                            span_attributes['messaging.destination.name']) AS peer
+            FROM spans WHERE {wide}),
+        r AS (SELECT * FROM s WHERE {inrange}),
+        callers AS (SELECT * FROM r WHERE span_kind IN ('CLIENT', 'PRODUCER')),
+        callees AS (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')),
+        paired AS (
+            SELECT c.service_name AS source, p.service_name AS target, 'service' AS target_kind,
+                   c.duration_ns AS latency_ns,
+                   (c.status_code = 'ERROR' OR p.status_code = 'ERROR') AS error, c.start_time,
+                   c.span_id AS caller_id, c.trace_id AS caller_trace
+            FROM callers c JOIN callees p
+              ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id
+             AND ((c.span_kind = 'CLIENT' AND p.span_kind = 'SERVER') OR (c.span_kind = 'PRODUCER' AND p.span_kind = 'CONSUMER'))),
+        unpaired AS (
+            SELECT c.service_name AS source, c.peer AS target, 'virtual' AS target_kind, c.duration_ns AS latency_ns,
+                   c.status_code = 'ERROR' AS error, c.start_time
+            FROM callers c LEFT ANTI JOIN paired p ON p.caller_trace = c.trace_id AND p.caller_id = c.span_id
+            WHERE c.peer IS NOT NULL),
+        entries AS (
+            SELECT 'user' AS source, e.service_name AS target, 'service' AS target_kind, e.duration_ns AS latency_ns,
+                   e.status_code = 'ERROR' AS error, e.start_time
+            FROM (SELECT * FROM r WHERE span_kind = 'SERVER') e
+            LEFT ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id)
+        SELECT source, target, target_kind, latency_ns, error, start_time FROM paired
+        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM unpaired
+        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM entries",
+        wide = wide.sql("start_time"),
+        inrange = range.sql("start_time"),
+    )
+}
+
+/// Aggregates requests into `(source, target, target_kind, requests, errors, p50_ns, p95_ns, p99_ns)`.
+pub(crate) fn edges_sql(range: &TimeRange) -> String {
+    format!(
+        "SELECT source, target, target_kind, count(*) AS requests,
+                sum(CASE WHEN error THEN 1 ELSE 0 END) AS errors,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ns) AS p50_ns,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ns) AS p95_ns,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ns) AS p99_ns
+         FROM ({}) GROUP BY source, target, target_kind",
+        requests_sql(range)
+    )
+}
+
+/// A service's own requests (its SERVER and CONSUMER spans), per service.
+pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
+    let only = service
+        .map(|s| format!(" AND service_name = {}", sql_str(s)))
+        .unwrap_or_default();
+    format!(
+        "SELECT service_name AS name, max(service_namespace) AS namespace, count(*) AS requests,
+                sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
+         FROM spans WHERE {} AND span_kind IN ('SERVER', 'CONSUMER'){only}
+         GROUP BY service_name",
+        range.sql("start_time")
+    )
+}
+
+impl ServiceGraph {
+    fn node(&mut self, kind: NodeKind, id: &str) -> NodeIndex {
+        if let Some(i) = self.index.get(&(kind, id.to_string())) {
+            return *i;
+        }
+        let i = self.graph.add_node(Node {
+            id: id.to_string(),
+            kind,
+            namespace: None,
+            signals: Signals::default(),
+        });
+        self.index.insert((kind, id.to_string()), i);
+        i
+    }
+
+    /// Computes the graph of a time range from the raw spans (exact percentiles).
+    pub async fn compute(
+        engine: &QueryEngine,
+        range: &TimeRange,
+    ) -> Result<ServiceGraph, QueryError> {
+        let seconds = range.seconds();
+        let edges = rows(engine, &edges_sql(range))
+            .await?
+            .iter()
+            .map(|r| {
+                let kind = if str_of(r, "target_kind") == "virtual" {
+                    NodeKind::Virtual
+                } else {
+                    NodeKind::Service
+                };
+                (
+                    str_of(r, "source"),
+                    str_of(r, "target"),
+                    kind,
+                    Signals::from_row(r, seconds),
+                )
+            })
+            .collect();
+        let services = rows(engine, &services_sql(range, None))
+            .await?
+            .iter()
+            .map(|r| {
+                (
+                    str_of(r, "name"),
+                    r.get("namespace")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string),
+                    Signals::from_row(r, seconds),
+                )
+            })
+            .collect();
+        Ok(ServiceGraph::assemble(services, edges, seconds))
+    }
+
+    /// Computes the graph from per-minute rollups (sketch percentiles, within 1%).
+    pub async fn compute_from_rollups(
+        engine: &QueryEngine,
+        range: &TimeRange,
+    ) -> Result<ServiceGraph, QueryError> {
+        let seconds = range.seconds();
+        let mut services = Vec::new();
+        let mut edges = Vec::new();
+        for ((kind, source, target, target_kind, ns), agg) in
+            super::rollup::aggregates(engine, range).await?
+        {
+            match kind.as_str() {
+                "service" => services.push((source, ns, agg.signals(seconds))),
+                "edge" => {
+                    let tk = if target_kind.as_deref() == Some("virtual") {
+                        NodeKind::Virtual
+                    } else {
+                        NodeKind::Service
+                    };
+                    edges.push((source, target.unwrap_or_default(), tk, agg.signals(seconds)));
+                }
+                _ => {}
+            }
+        }
+        Ok(ServiceGraph::assemble(services, edges, seconds))
+    }
+
+    /// Computes the graph by the path the range calls for.
+    pub async fn compute_by(
+        engine: &QueryEngine,
+        range: &TimeRange,
+        path: ComputedFrom,
+    ) -> Result<ServiceGraph, QueryError> {
+        match path {
+            ComputedFrom::Spans => ServiceGraph::compute(engine, range).await,
+            ComputedFrom::Rollups => ServiceGraph::compute_from_rollups(engine, range).await,
+        }
+    }
+
+    fn assemble(
+        services: Vec<(String, Option<String>, Signals)>,
+        edges: Vec<(String, String, NodeKind, Signals)>,
+        seconds: f64,
+    ) -> ServiceGraph {
+        let mut g = ServiceGraph::default();
+        for (name, namespace, signals) in services {
+            let i = g.node(NodeKind::Service, &name);
+            g.graph[i].signals = signals;
+            g.graph[i].namespace = namespace;
+        }
+        // Virtual and user nodes carry the sum of their edges' traffic.
+        let mut derived: BTreeMap<(NodeKind, String), (u64, u64)> = BTreeMap::new();
+        for (source, target, target_kind, signals) in edges {
+            let source_kind = if source == "user" {
+                NodeKind::User
+            } else {
+                NodeKind::Service
+            };
+            for (kind, id) in [(source_kind, &source), (target_kind, &target)] {
+                if kind != NodeKind::Service {
+                    let e = derived.entry((kind, id.clone())).or_default();
+                    e.0 += signals.requests;
+                    e.1 += signals.errors;
+                }
+            }
+            let s = g.node(source_kind, &source);
+            let t = g.node(target_kind, &target);
+            g.graph.add_edge(
+                s,
+                t,
+                Edge {
+                    source,
+                    target,
+                    signals,
+                    sources: vec!["spans"],
+                },
+            );
+        }
+        for ((kind, id), (requests, errors)) in derived {
+            let i = g.node(kind, &id);
+            let n = &mut g.graph[i].signals;
+            n.requests = requests;
+            n.errors = errors;
+            n.error_rate = if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            };
+            n.rate = round3(requests as f64 / seconds);
+        }
+        g
+    }
+
+    /// Keeps the services of `namespace` (and the virtual and user nodes they touch).
+    pub fn in_namespace(&self, namespace: &str) -> ServiceGraph {
+        let keep: HashSet<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|i| self.graph[*i].namespace.as_deref() == Some(namespace))
+            .collect();
+        let mut with_neighbours = keep.clone();
+        for e in self.graph.edge_references() {
+            let (s, t) = (e.source(), e.target());
+            if keep.contains(&s) && self.graph[t].kind != NodeKind::Service {
+                with_neighbours.insert(t);
+            }
+            if keep.contains(&t) && self.graph[s].kind != NodeKind::Service {
+                with_neighbours.insert(s);
+            }
+        }
+        self.subgraph(&with_neighbours)
+    }
+
+    /// Keeps `service` and every node within `depth` hops of it, in either direction.
+    pub fn around(&self, service: &str, depth: usize) -> ServiceGraph {
+        let Some(start) = self
+            .graph
+            .node_indices()
+            .find(|i| self.graph[*i].id == service)
+        else {
+            return ServiceGraph::default();
+        };
+        let mut seen = HashSet::from([start]);
+        let mut queue = VecDeque::from([(start, 0usize)]);
+        while let Some((n, d)) = queue.pop_front() {
+            if d == depth {
+                continue;
+            }
+            for m in self.graph.neighbors_undirected(n) {
+                if seen.insert(m) {
+                    queue.push_back((m, d + 1));
+                }
+            }
+        }
+        self.subgraph(&seen)
+    }
+
+    fn subgraph(&self, keep: &HashSet<NodeIndex>) -> ServiceGraph {
+        let graph = self.graph.filter_map(
+            |i, n| keep.contains(&i).then(|| n.clone()),
+            |_, e| Some(e.clone()),
+        );
+        let index = graph
+            .node_indices()
+            .map(|i| ((graph[i].kind, graph[i].id.clone()), i))
+            .collect();
+        ServiceGraph { graph, index }
+    }
+
+    /// `{"nodes": […], "edges": […]}`, sorted for stable output.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut nodes: Vec<&Node> = self.graph.node_weights().collect();
+        nodes.sort_by(|a, b| (a.kind, &a.id).cmp(&(b.kind, &b.id)));
+        let mut edges: Vec<&Edge> = self.graph.edge_weights().collect();
+        edges.sort_by(|a, b| (&a.source, &a.target).cmp(&(&b.source, &b.target)));
+        serde_json::json!({ "nodes": nodes, "edges": edges })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(edges: &[(&str, &str)]) -> ServiceGraph {
+        let mut g = ServiceGraph::default();
+        for (s, t) in edges {
+            let sk = if *s == "user" {
+                NodeKind::User
+            } else {
+                NodeKind::Service
+            };
+            let a = g.node(sk, s);
+            let b = g.node(NodeKind::Service, t);
+            g.graph.add_edge(
+                a,
+                b,
+                Edge {
+                    source: s.to_string(),
+                    target: t.to_string(),
+                    signals: Signals::default(),
+                    sources: vec!["spans"],
+                },
+            );
+        }
+        g
+    }
+
+    #[test]
+    fn neighbourhood_by_hops() {
+        let g = graph(&[
+            ("user", "a"),
+            ("a", "b"),
+            ("b", "c"),
+            ("c", "d"),
+            ("x", "y"),
+        ]);
+        let ids = |g: &ServiceGraph| {
+            let mut v: Vec<String> = g.graph.node_weights().map(|n| n.id.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&g.around("b", 1)), vec!["a", "b", "c"]);
+        assert_eq!(ids(&g.around("b", 2)), vec!["a", "b", "c", "d", "user"]);
+        assert_eq!(g.around("b", 1).graph.edge_count(), 2);
+        assert!(g.around("nope", 3).graph.node_count() == 0);
+    }
+}

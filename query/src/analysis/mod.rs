@@ -1,0 +1,74 @@
+//! What engineers come for: the service graph, golden signals and traces, computed with
+//! DataFusion over the stored spans and shaped in plain Rust.
+//!
+//! - [`range`]: the `start` / `end` time range of every request (RFC 3339; last 15 minutes
+//!   by default) and safe SQL literals.
+//! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
+//!   namespace and neighbourhood filters.
+//! - [`signals`]: golden signals per service, endpoint and edge, with per-minute series.
+//! - [`sketch`] and [`rollup`]: per-minute mergeable aggregates for long ranges.
+//! - [`traces`]: trace search and a trace's spans in tree order with its critical path.
+//! - [`prometheus`]: golden signals as servicegraph / spanmetrics style counters.
+//! - [`routes`]: the HTTP API over all of them.
+
+pub mod graph;
+pub mod prometheus;
+pub mod range;
+pub mod rollup;
+pub mod routes;
+pub mod signals;
+pub mod sketch;
+pub mod traces;
+
+use serde_json::Value;
+
+use crate::api::to_json;
+use crate::engine::{QueryEngine, QueryError};
+
+/// Runs internal SQL and returns its rows as JSON objects keyed by column name.
+pub(crate) async fn rows(
+    engine: &QueryEngine,
+    sql: &str,
+) -> Result<Vec<serde_json::Map<String, Value>>, QueryError> {
+    let result = engine.sql(sql).await?;
+    let json = to_json(&result).map_err(|e| QueryError::Internal(e.to_string()))?;
+    let names: Vec<String> = result
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mut out = Vec::new();
+    if let Some(rows) = json["rows"].as_array() {
+        for row in rows {
+            let mut obj = serde_json::Map::new();
+            if let Some(cells) = row.as_array() {
+                for (name, cell) in names.iter().zip(cells) {
+                    obj.insert(name.clone(), cell.clone());
+                }
+            }
+            out.push(obj);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn f64_of(row: &serde_json::Map<String, Value>, key: &str) -> f64 {
+    row.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+pub(crate) fn u64_of(row: &serde_json::Map<String, Value>, key: &str) -> u64 {
+    row.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+pub(crate) fn str_of(row: &serde_json::Map<String, Value>, key: &str) -> String {
+    row.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Rounds to microsecond precision for readable JSON.
+pub(crate) fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,378 @@
+//! Per-minute rollups: the golden signals of every service, endpoint and edge, kept as
+//! mergeable aggregates (counts and a [`Sketch`]) in their own table, `rollups`.
+//!
+//! A background task rolls up each complete minute once it is [`Rollups::delay`] old (so
+//! both halves of a pair have usually arrived): one DataFusion query per chunk of minutes
+//! buckets the latencies by sketch key (vectorised), the rows are assembled into sketches
+//! here and written through the same durable path as spans (log, then Parquet). Where it
+//! stands is derived from the table itself (`max(minute)`), so a restart neither skips nor
+//! repeats a minute. Spans arriving later than the delay are not in the rollups (they are
+//! in the raw path, which short ranges use).
+//!
+//! Long ranges read the rollups and merge the sketches ([`from_rollups`]); both paths agree
+//! within the sketch's 1%.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    TimestampNanosecondBuilder,
+};
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use meshscope_proto::Table;
+use meshscope_storage::Storage;
+use serde_json::Value;
+
+use super::graph::{Signals, requests_sql};
+use super::range::{TimeRange, ts_literal};
+use super::sketch::{Sketch, key_sql};
+use super::{f64_of, round3, rows, str_of, u64_of};
+use crate::engine::{QueryEngine, QueryError};
+
+/// Minutes rolled up by one query at most.
+const CHUNK_MINUTES: i64 = 60;
+
+/// One group of one minute.
+#[derive(Debug, Clone, Default)]
+pub struct Agg {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_sum_ns: f64,
+    pub sketch: Sketch,
+}
+
+impl Agg {
+    pub fn merge(&mut self, other: &Agg) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency_sum_ns += other.latency_sum_ns;
+        self.sketch.merge(&other.sketch);
+    }
+
+    pub fn signals(&self, seconds: f64) -> Signals {
+        Signals {
+            requests: self.requests,
+            errors: self.errors,
+            error_rate: if self.requests == 0 {
+                0.0
+            } else {
+                self.errors as f64 / self.requests as f64
+            },
+            rate: round3(self.requests as f64 / seconds),
+            p50_ms: round3(self.sketch.quantile(0.5) / 1e6),
+            p95_ms: round3(self.sketch.quantile(0.95) / 1e6),
+            p99_ms: round3(self.sketch.quantile(0.99) / 1e6),
+        }
+    }
+}
+
+/// `(kind, source, target, target_kind, namespace)`.
+pub type Key = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The background roller.
+#[derive(Debug, Clone)]
+pub struct Rollups {
+    engine: QueryEngine,
+    storage: Storage,
+    pub delay: Duration,
+}
+
+fn minute_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
+}
+
+fn parse_minute(v: Option<&Value>) -> Option<DateTime<Utc>> {
+    let s = v?.as_str()?;
+    DateTime::parse_from_rfc3339(s)
+        .or_else(|_| DateTime::parse_from_rfc3339(&format!("{s}Z")))
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+impl Rollups {
+    pub fn new(engine: QueryEngine, storage: Storage, delay: Duration) -> Self {
+        Rollups {
+            engine,
+            storage,
+            delay,
+        }
+    }
+
+    /// Rolls up every complete minute older than the delay that is not rolled up yet.
+    /// Returns how many minutes with data it wrote.
+    pub async fn run_once(&self, now: DateTime<Utc>) -> Result<usize, QueryError> {
+        let limit = minute_floor(now - self.delay);
+        let mut cursor = Rollups::covered_until(&self.engine)
+            .await?
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut written = 0;
+        while cursor < limit {
+            // Jump over minutes without spans.
+            let next = rows(
+                &self.engine,
+                &format!(
+                    "SELECT min(start_time) AS t FROM spans WHERE start_time >= {} AND start_time < {}",
+                    ts_literal(cursor.max(DateTime::from_timestamp_nanos(0))),
+                    ts_literal(limit)
+                ),
+            )
+            .await?;
+            let Some(first) = next.first().and_then(|r| parse_minute(r.get("t"))) else {
+                break;
+            };
+            let start = minute_floor(first);
+            let end = (start + Duration::minutes(CHUNK_MINUTES)).min(limit);
+            let range = TimeRange { start, end };
+            let batch = self.chunk(&range).await?;
+            written += batch.as_ref().map(|(_, minutes)| *minutes).unwrap_or(0);
+            if let Some((batch, _)) = batch {
+                self.storage
+                    .write(Table::Rollups, batch)
+                    .await
+                    .map_err(|e| QueryError::Internal(format!("writing rollups: {e}")))?;
+            }
+            cursor = end;
+        }
+        Ok(written)
+    }
+
+    /// The rollup rows of `range` (whole minutes), and how many minutes had data.
+    async fn chunk(&self, range: &TimeRange) -> Result<Option<(RecordBatch, usize)>, QueryError> {
+        let groups = groups_from_spans(&self.engine, range).await?;
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        let minutes = groups
+            .keys()
+            .map(|(m, _)| m.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let batch = to_batch(&groups).map_err(|e| QueryError::Internal(e.to_string()))?;
+        Ok(Some((batch, minutes)))
+    }
+
+    /// The minute up to which rollups exist (exclusive), if any.
+    pub async fn covered_until(engine: &QueryEngine) -> Result<Option<DateTime<Utc>>, QueryError> {
+        let last = rows(engine, "SELECT max(minute) AS m FROM rollups").await?;
+        Ok(last
+            .first()
+            .and_then(|r| parse_minute(r.get("m")))
+            .map(|m| m + Duration::minutes(1)))
+    }
+}
+
+/// Per minute and group, the aggregates of the spans in `range`, computed from raw spans
+/// with the latencies bucketed by sketch key inside DataFusion.
+pub async fn groups_from_spans(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<(String, Key), Agg>, QueryError> {
+    let minute = "date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z')";
+    let edge_rows = rows(
+        engine,
+        &format!(
+            "SELECT {minute} AS minute, source, target, target_kind, {k} AS k, count(*) AS n,
+                    sum(CASE WHEN error THEN 1 ELSE 0 END) AS errors, sum(CAST(latency_ns AS DOUBLE)) AS sum_ns
+             FROM ({req}) GROUP BY 1, 2, 3, 4, 5",
+            k = key_sql("latency_ns"),
+            req = requests_sql(range)
+        ),
+    )
+    .await?;
+    let endpoint_rows = rows(
+        engine,
+        &format!(
+            "SELECT {minute} AS minute, service_name, coalesce(http_route, span_name) AS endpoint,
+                    max(service_namespace) AS namespace, {k} AS k, count(*) AS n,
+                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
+                    sum(CAST(duration_ns AS DOUBLE)) AS sum_ns
+             FROM spans WHERE {r} AND span_kind IN ('SERVER', 'CONSUMER') GROUP BY 1, 2, 3, 5",
+            k = key_sql("duration_ns"),
+            r = range.sql("start_time")
+        ),
+    )
+    .await?;
+    let mut groups: BTreeMap<(String, Key), Agg> = BTreeMap::new();
+    let mut add = |minute: String, key: Key, r: &serde_json::Map<String, Value>| {
+        let a = groups.entry((minute, key)).or_default();
+        let n = u64_of(r, "n");
+        a.requests += n;
+        a.errors += u64_of(r, "errors");
+        a.latency_sum_ns += f64_of(r, "sum_ns");
+        a.sketch
+            .add_bucket(r.get("k").and_then(Value::as_i64).unwrap_or(0) as i32, n);
+    };
+    for r in &edge_rows {
+        let key = (
+            "edge".to_string(),
+            str_of(r, "source"),
+            Some(str_of(r, "target")),
+            Some(str_of(r, "target_kind")),
+            None,
+        );
+        add(str_of(r, "minute"), key, r);
+    }
+    for r in &endpoint_rows {
+        let ns = r
+            .get("namespace")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let svc = str_of(r, "service_name");
+        add(
+            str_of(r, "minute"),
+            (
+                "endpoint".into(),
+                svc.clone(),
+                Some(str_of(r, "endpoint")),
+                None,
+                ns.clone(),
+            ),
+            r,
+        );
+        add(
+            str_of(r, "minute"),
+            ("service".into(), svc, None, None, ns),
+            r,
+        );
+    }
+    Ok(groups)
+}
+
+fn to_batch(
+    groups: &BTreeMap<(String, Key), Agg>,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let mut minute = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let (mut kind, mut source, mut target, mut tkind, mut ns) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut requests, mut errors, mut sum) = (
+        Int64Builder::new(),
+        Int64Builder::new(),
+        Float64Builder::new(),
+    );
+    let mut keys = ListBuilder::new(Int32Builder::new());
+    let mut counts = ListBuilder::new(Int64Builder::new());
+    for ((m, (k, s, t, tk, n)), agg) in groups {
+        let Some(m) = parse_minute(Some(&Value::String(m.clone()))) else {
+            continue;
+        };
+        minute.append_value(m.timestamp_nanos_opt().unwrap_or(0));
+        kind.append_value(k);
+        source.append_value(s);
+        target.append_option(t.as_deref());
+        tkind.append_option(tk.as_deref());
+        ns.append_option(n.as_deref());
+        requests.append_value(i64::try_from(agg.requests).unwrap_or(i64::MAX));
+        errors.append_value(i64::try_from(agg.errors).unwrap_or(i64::MAX));
+        sum.append_value(agg.latency_sum_ns);
+        let (ks, cs) = agg.sketch.parts();
+        keys.append_value(ks.into_iter().map(Some));
+        counts.append_value(cs.into_iter().map(Some));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(minute.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(source.finish()),
+        Arc::new(target.finish()),
+        Arc::new(tkind.finish()),
+        Arc::new(ns.finish()),
+        Arc::new(requests.finish()),
+        Arc::new(errors.finish()),
+        Arc::new(sum.finish()),
+        Arc::new(keys.finish()),
+        Arc::new(counts.finish()),
+    ];
+    RecordBatch::try_new(Table::Rollups.schema(), columns)
+}
+
+/// The aggregates of `range` at minute granularity, per `(kind, source, target,
+/// target_kind, namespace)`: the stored rollups of every whole minute they cover, merged,
+/// plus the minutes after them computed from raw spans into the same sketches.
+pub async fn aggregates(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<Key, Agg>, QueryError> {
+    let start = minute_floor(range.start);
+    let covered = Rollups::covered_until(engine)
+        .await?
+        .unwrap_or(start)
+        .clamp(start, range.end);
+    let mut out = if covered > start {
+        from_rollups(
+            engine,
+            &TimeRange {
+                start,
+                end: covered,
+            },
+        )
+        .await?
+    } else {
+        BTreeMap::new()
+    };
+    if covered < range.end {
+        for ((_, key), agg) in groups_from_spans(
+            engine,
+            &TimeRange {
+                start: covered,
+                end: range.end,
+            },
+        )
+        .await?
+        {
+            out.entry(key).or_default().merge(&agg);
+        }
+    }
+    Ok(out)
+}
+
+/// Merges the stored rollups of every whole minute in `range`.
+pub async fn from_rollups(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<Key, Agg>, QueryError> {
+    let rs = rows(
+        engine,
+        &format!(
+            "SELECT kind, source, target, target_kind, namespace, requests, errors, latency_sum_ns, sketch_keys, sketch_counts
+             FROM rollups WHERE {}",
+            range.sql("minute")
+        ),
+    )
+    .await?;
+    let mut out: BTreeMap<Key, Agg> = BTreeMap::new();
+    for r in rs {
+        let opt = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+        let key = (
+            str_of(&r, "kind"),
+            str_of(&r, "source"),
+            opt("target"),
+            opt("target_kind"),
+            opt("namespace"),
+        );
+        let ints = |k: &str| -> Vec<i64> {
+            r.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default()
+        };
+        let agg = Agg {
+            requests: u64_of(&r, "requests"),
+            errors: u64_of(&r, "errors"),
+            latency_sum_ns: f64_of(&r, "latency_sum_ns"),
+            sketch: Sketch::from_parts(&ints("sketch_keys"), &ints("sketch_counts")),
+        };
+        out.entry(key).or_default().merge(&agg);
+    }
+    Ok(out)
+}
