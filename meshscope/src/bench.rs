@@ -299,7 +299,9 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
                 if i >= batches as u64 {
                     return Ok::<_, String>(());
                 }
-                let req = mesh_request(&mut rng, batch, now_ns);
+                // Spans end around the moment they are sent, as a proxy's would.
+                let sent_ns = now_ns + start.elapsed().as_nanos() as u64;
+                let req = mesh_request(&mut rng, batch, sent_ns);
                 loop {
                     match client.export(req.clone()).await {
                         Ok(_) => break,

@@ -112,6 +112,11 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_target_partitions(config.target_partitions)
             .with_default_catalog_and_schema("datafusion", "public");
+        // Late materialisation: decode the filter columns first (a trace id, a service),
+        // then the rest of the columns only for the rows that pass.
+        let mut session = session;
+        session.options_mut().execution.parquet.pushdown_filters = true;
+        session.options_mut().execution.parquet.reorder_filters = true;
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(config.memory_limit, 1.0)
             .build_arc()?;

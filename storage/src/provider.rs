@@ -11,6 +11,7 @@ use datafusion::common::{DFSchema, Result, project_schema};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -77,7 +78,13 @@ impl TableProvider for StoredTable {
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
 
         if !snapshot.files.is_empty() {
-            let mut source = ParquetSource::new(Arc::clone(&self.schema));
+            // The session's Parquet options (bloom filters, filter pushdown), and footers
+            // cached across queries: a trace lookup touches every file's footer.
+            let store = state.runtime_env().object_store(ObjectStoreUrl::local_filesystem())?;
+            let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+            let mut source = ParquetSource::new(Arc::clone(&self.schema))
+                .with_table_parquet_options(state.table_options().parquet.clone())
+                .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(store, metadata_cache)));
             // Prune row groups and pages with the query's filters (statistics, bloom filters).
             if let Some(expr) = conjunction(filters.iter().cloned()) {
                 let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;

@@ -9,12 +9,14 @@ use serde_json::Value as Json;
 
 pub(crate) type AttrBuilder = MapBuilder<StringBuilder, StringBuilder>;
 
-pub(crate) fn attr_builder(capacity: usize) -> AttrBuilder {
+/// A map builder for `rows` maps of about `per_row` attributes (keys and values of ~16 bytes).
+pub(crate) fn attr_builder(rows: usize, per_row: usize) -> AttrBuilder {
+    let entries = rows * per_row;
     MapBuilder::with_capacity(
         None,
-        StringBuilder::with_capacity(capacity * 4, capacity * 64),
-        StringBuilder::with_capacity(capacity * 4, capacity * 64),
-        capacity,
+        StringBuilder::with_capacity(entries, entries * 16),
+        StringBuilder::with_capacity(entries, entries * 16),
+        rows,
     )
 }
 

@@ -46,8 +46,8 @@ pub fn logs(req: &ExportLogsServiceRequest, now_ns: i64) -> Result<Converted, Ar
     let mut service = StringBuilder::new();
     let mut body = StringBuilder::new();
     let mut event_name = StringBuilder::new();
-    let mut attrs = attr_builder(n * 8);
-    let mut res_attrs = attr_builder(n * 4);
+    let mut attrs = attr_builder(n, 8);
+    let mut res_attrs = attr_builder(n, 4);
     let mut scope_name = StringBuilder::new();
     let mut rejections = Rejections::default();
     let mut buf = [0u8; 64];

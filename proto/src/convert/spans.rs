@@ -108,20 +108,20 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
     let mut server_address = StringBuilder::new();
     let mut scope_name = StringBuilder::new();
     let mut scope_version = StringBuilder::new();
-    let mut span_attrs = attr_builder(n * 12);
-    let mut res_attrs = attr_builder(n * 4);
+    let mut span_attrs = attr_builder(n, 12);
+    let mut res_attrs = attr_builder(n, 4);
     let mut events = Events {
         offsets: vec![0],
         time: TimestampNanosecondBuilder::new().with_timezone(tz),
         name: StringBuilder::new(),
-        attrs: attr_builder(0),
+        attrs: attr_builder(0, 0),
     };
     let mut links = Links {
         offsets: vec![0],
         trace_id: StringBuilder::new(),
         span_id: StringBuilder::new(),
         trace_state: StringBuilder::new(),
-        attrs: attr_builder(0),
+        attrs: attr_builder(0, 0),
     };
     let mut rejections = Rejections::default();
     let mut buf = [0u8; 64];
