@@ -67,7 +67,12 @@ fn unique_columns(table: Table) -> &'static [(&'static str, Option<Encoding>)] {
             ("end_time", DELTA),
             ("duration_ns", DELTA),
         ],
-        Table::Logs => &[("time", DELTA), ("observed_time", DELTA), ("trace_id", None), ("span_id", None)],
+        Table::Logs => &[
+            ("time", DELTA),
+            ("observed_time", DELTA),
+            ("trace_id", None),
+            ("span_id", None),
+        ],
         Table::Metrics => &[("time", DELTA), ("start_time", DELTA)],
         Table::Rollups => &[],
     }
@@ -116,9 +121,15 @@ pub fn prepare(table: Table, schema: &SchemaRef, batches: &[RecordBatch]) -> Res
     let columns = sort_columns(table)
         .iter()
         .map(|name| {
-            let idx = schema.index_of(name).map_err(|_| Error::SchemaMismatch { table: table.name() })?;
-            let parts: Vec<&dyn arrow::array::Array> = batches.iter().map(|b| b.column(idx).as_ref()).collect();
-            Ok(SortColumn { values: concat(&parts)?, options: None })
+            let idx = schema.index_of(name).map_err(|_| Error::SchemaMismatch {
+                table: table.name(),
+            })?;
+            let parts: Vec<&dyn arrow::array::Array> =
+                batches.iter().map(|b| b.column(idx).as_ref()).collect();
+            Ok(SortColumn {
+                values: concat(&parts)?,
+                options: None,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let order = lexsort_to_indices(&columns, None)?;
@@ -230,15 +241,26 @@ mod tests {
                 .collect();
             meshscope_proto::otlp::collector::trace::v1::ExportTraceServiceRequest {
                 resource_spans: vec![meshscope_proto::otlp::trace::v1::ResourceSpans {
-                    scope_spans: vec![meshscope_proto::otlp::trace::v1::ScopeSpans { spans, ..Default::default() }],
+                    scope_spans: vec![meshscope_proto::otlp::trace::v1::ScopeSpans {
+                        spans,
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 }],
             }
         };
-        let a = meshscope_proto::convert::spans(&req(&[5, 1, 9])).expect("a").batch;
-        let b = meshscope_proto::convert::spans(&req(&[3, 7])).expect("b").batch;
+        let a = meshscope_proto::convert::spans(&req(&[5, 1, 9]))
+            .expect("a")
+            .batch;
+        let b = meshscope_proto::convert::spans(&req(&[3, 7]))
+            .expect("b")
+            .batch;
         let out = prepare(Table::Spans, &Table::Spans.schema(), &[a, b]).expect("prepare");
-        let ids = out.column_by_name("span_id").expect("col").as_string::<i32>().clone();
+        let ids = out
+            .column_by_name("span_id")
+            .expect("col")
+            .as_string::<i32>()
+            .clone();
         let got: Vec<&str> = (0..ids.len()).map(|i| &ids.value(i)[..2]).collect();
         assert_eq!(got, vec!["01", "03", "05", "07", "09"]);
     }

@@ -80,11 +80,16 @@ impl TableProvider for StoredTable {
         if !snapshot.files.is_empty() {
             // The session's Parquet options (bloom filters, filter pushdown), and footers
             // cached across queries: a trace lookup touches every file's footer.
-            let store = state.runtime_env().object_store(ObjectStoreUrl::local_filesystem())?;
+            let store = state
+                .runtime_env()
+                .object_store(ObjectStoreUrl::local_filesystem())?;
             let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
             let mut source = ParquetSource::new(Arc::clone(&self.schema))
                 .with_table_parquet_options(state.table_options().parquet.clone())
-                .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(store, metadata_cache)));
+                .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
+                    store,
+                    metadata_cache,
+                )));
             // Prune row groups and pages with the query's filters (statistics, bloom filters).
             if let Some(expr) = conjunction(filters.iter().cloned()) {
                 let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;

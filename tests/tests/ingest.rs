@@ -656,3 +656,37 @@ async fn garbage_gets_clear_errors_and_loses_nothing() {
         serde_json::json!([["keeper", "kept"], ["unknown_service", "deep"]])
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_is_a_retryable_answer_not_unbounded_memory() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A buffer limit of one byte: every write finds the buffers full.
+    let server = Server::start_with(&dir.path().join("data"), &["--max-buffered-bytes", "1"]);
+    let req = request("overloaded", vec![span(vec![4; 16], 4, "x")]);
+    let r = reqwest::Client::new()
+        .post(server.otlp_url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(req.encode_to_vec())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let mut client = TraceServiceClient::connect(server.grpc_url())
+        .await
+        .expect("connect");
+    let err = client.export(req).await.expect_err("overloaded");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("retry later"), "{err}");
+    assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 0);
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"meshscope_ingest_refused_requests_total{table="spans"} 2"#),
+        "{metrics}"
+    );
+}

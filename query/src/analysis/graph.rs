@@ -142,7 +142,11 @@ pub(crate) fn requests_sql(range: &TimeRange) -> String {
     let wide = range.widened(Duration::minutes(PAIR_WINDOW));
     format!(
         "WITH s AS (
-            SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time
+            SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
+                   coalesce(peer_service, span_attributes['db.namespace'], span_attributes['db.name'],
+                            span_attributes['db.system.name'], span_attributes['db.system'],
+                            server_address, span_attributes['net.peer.name'],
+                            span_attributes['messaging.destination.name']) AS peer
             FROM spans WHERE {wide}),
         r AS (SELECT * FROM s WHERE {inrange}),
         callers AS (SELECT * FROM r WHERE span_kind IN ('CLIENT', 'PRODUCER')),
@@ -155,27 +159,18 @@ pub(crate) fn requests_sql(range: &TimeRange) -> String {
             FROM callers c JOIN callees p
               ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id
              AND ((c.span_kind = 'CLIENT' AND p.span_kind = 'SERVER') OR (c.span_kind = 'PRODUCER' AND p.span_kind = 'CONSUMER'))),
-        unpaired_callers AS (
-            SELECT c.* FROM callers c LEFT ANTI JOIN paired p ON p.caller_trace = c.trace_id AND p.caller_id = c.span_id),
         unpaired AS (
-            -- The peer's name is read (from the attribute map) only for callers left unpaired.
-            SELECT u.service_name AS source,
-                   coalesce(x.peer_service, x.span_attributes['db.namespace'], x.span_attributes['db.name'],
-                            x.span_attributes['db.system.name'], x.span_attributes['db.system'],
-                            x.server_address, x.span_attributes['net.peer.name'],
-                            x.span_attributes['messaging.destination.name']) AS target,
-                   'virtual' AS target_kind, u.duration_ns AS latency_ns, u.status_code = 'ERROR' AS error, u.start_time
-            FROM unpaired_callers u
-            JOIN (SELECT trace_id, span_id, peer_service, server_address, span_attributes FROM spans
-                  WHERE {inrange} AND span_kind IN ('CLIENT', 'PRODUCER')) x
-              ON x.trace_id = u.trace_id AND x.span_id = u.span_id),
+            SELECT c.service_name AS source, c.peer AS target, 'virtual' AS target_kind, c.duration_ns AS latency_ns,
+                   c.status_code = 'ERROR' AS error, c.start_time
+            FROM callers c LEFT ANTI JOIN paired p ON p.caller_trace = c.trace_id AND p.caller_id = c.span_id
+            WHERE c.peer IS NOT NULL),
         entries AS (
             SELECT 'user' AS source, e.service_name AS target, 'service' AS target_kind, e.duration_ns AS latency_ns,
                    e.status_code = 'ERROR' AS error, e.start_time
             FROM (SELECT * FROM r WHERE span_kind = 'SERVER') e
             LEFT ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id)
         SELECT source, target, target_kind, latency_ns, error, start_time FROM paired
-        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM unpaired WHERE target IS NOT NULL
+        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM unpaired
         UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM entries",
         wide = wide.sql("start_time"),
         inrange = range.sql("start_time"),
