@@ -7,6 +7,9 @@
 //!   at the limit). Undecodable bodies are 400 with a `google.rpc.Status` saying why.
 //! - Overload is 503 with `Retry-After`.
 
+// The helpers' errors are finished HTTP responses, returned to the client as they are.
+#![allow(clippy::result_large_err)]
+
 use std::io::Read;
 
 use axum::Router;

@@ -81,7 +81,7 @@ fn mesh_request(rng: &mut Rng, n: usize, now_ns: u64) -> ExportTraceServiceReque
         let caller = rng.below(SERVICES.len() as u64) as usize;
         let root_id = rng.next().to_le_bytes().to_vec();
         let start = now_ns - rng.below(1_000_000_000);
-        let fanout = (1 + rng.below(4) as usize).min(n - made - 1).max(0);
+        let fanout = (1 + rng.below(4) as usize).min(n - made - 1);
         let mut push = |svc: usize, span: Span| by_service[svc].push(span);
         let status_code = if rng.below(100) < 2 { 503 } else { 200 };
         let attrs = |rng: &mut Rng, route: &str, peer: &str, code: i64| {
@@ -293,7 +293,7 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
         );
         let batch = args.batch;
         workers.spawn(async move {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1) * 0x1234_5678);
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((w as u64 + 1) * 0x1234_5678));
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= batches as u64 {
@@ -346,17 +346,12 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
         .args(["-TERM", &pid.to_string()])
         .status();
     let mut cpu = 0.0;
-    loop {
-        match cpu_seconds(pid) {
-            Some((c, state)) => {
-                cpu = c;
-                if state == 'Z' {
-                    break;
-                }
-                peak_kib = peak_kib.max(peak_rss_kib(pid).unwrap_or(0));
-            }
-            None => break,
+    while let Some((c, state)) = cpu_seconds(pid) {
+        cpu = c;
+        if state == 'Z' {
+            break;
         }
+        peak_kib = peak_kib.max(peak_rss_kib(pid).unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = server.child.wait().map_err(|e| e.to_string())?;

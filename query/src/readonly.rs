@@ -36,10 +36,10 @@ fn first_words(s: &str, n: usize) -> String {
 }
 
 fn check_query(q: &Query) -> Result<(), ReadOnly> {
-    if let SetExpr::Select(s) = q.body.as_ref() {
-        if s.into.is_some() {
-            return refuse("SELECT … INTO");
-        }
+    if let SetExpr::Select(s) = q.body.as_ref()
+        && s.into.is_some()
+    {
+        return refuse("SELECT … INTO");
     }
     Ok(())
 }
@@ -159,8 +159,11 @@ mod tests {
         ] {
             for surface in [Surface::Http, Surface::Postgres] {
                 let v = verdict(sql, surface);
-                assert!(v.is_err(), "{sql} on {surface:?} must be refused");
-                assert!(v.unwrap_err().to_string().contains("read-only"));
+                let err = v.expect_err("must be refused");
+                assert!(
+                    err.to_string().contains("read-only"),
+                    "{sql} on {surface:?}: {err}"
+                );
             }
         }
     }

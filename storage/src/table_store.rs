@@ -376,6 +376,9 @@ struct Writer {
     flush_tx: mpsc::Sender<FlushJob>,
 }
 
+/// A write waiting for the group commit: its batch, log payload, size and acknowledgement.
+type PendingWrite = (RecordBatch, Vec<u8>, usize, oneshot::Sender<Result<()>>);
+
 /// The most requests one group commit takes.
 const MAX_GROUP: usize = 256;
 
@@ -423,10 +426,7 @@ impl Writer {
         }
     }
 
-    fn commit_group(
-        &mut self,
-        writes: Vec<(RecordBatch, Vec<u8>, usize, oneshot::Sender<Result<()>>)>,
-    ) {
+    fn commit_group(&mut self, writes: Vec<PendingWrite>) {
         let first_seq = self.next_seq;
         let mut wal_bytes = 0u64;
         for (_, payload, _, _) in &writes {

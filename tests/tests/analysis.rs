@@ -62,6 +62,7 @@ struct Mesh {
 }
 
 impl Mesh {
+    #[allow(clippy::too_many_arguments)]
     fn span(
         &mut self,
         service: &'static str,
@@ -626,10 +627,10 @@ async fn graph_signals_and_traces_match_the_oracle() {
         .map(|(i, s)| (s["span_id"].as_str().unwrap_or(""), i))
         .collect();
     for (i, s) in spans.iter().enumerate() {
-        if let Some(p) = s["parent_span_id"].as_str() {
-            if let Some(pi) = pos.get(p) {
-                assert!(*pi < i, "a parent comes before its children");
-            }
+        if let Some(p) = s["parent_span_id"].as_str()
+            && let Some(pi) = pos.get(p)
+        {
+            assert!(*pi < i, "a parent comes before its children");
         }
     }
     assert_eq!(spans[0]["critical_path"], true);

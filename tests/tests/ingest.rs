@@ -567,7 +567,9 @@ async fn garbage_gets_clear_errors_and_loses_nothing() {
     );
 
     let good = request("never", vec![span(vec![2; 16], 2, "x"); 20]).encode_to_vec();
-    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16)> = vec![
+    // (what, content type, content encoding, body, expected status)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16);
+    let cases: Vec<Case<'_>> = vec![
         ("truncated protobuf", "application/x-protobuf", None, good[..good.len() / 2].to_vec(), 400),
         ("random bytes", "application/x-protobuf", None, vec![0xff; 64], 400),
         ("broken JSON", "application/json", None, br#"{"resourceSpans":[{"scopeSpans":"#.to_vec(), 400),

@@ -15,15 +15,15 @@ use super::{Converted, Rejections, check_id, hex_id, ts_ns};
 use crate::schema::Table;
 
 fn validate(r: &LogRecord) -> Result<(), String> {
-    if !r.trace_id.is_empty() {
-        if let Some(e) = check_id(&r.trace_id, 16, "trace_id") {
-            return Err(e);
-        }
+    if !r.trace_id.is_empty()
+        && let Some(e) = check_id(&r.trace_id, 16, "trace_id")
+    {
+        return Err(e);
     }
-    if !r.span_id.is_empty() {
-        if let Some(e) = check_id(&r.span_id, 8, "span_id") {
-            return Err(e);
-        }
+    if !r.span_id.is_empty()
+        && let Some(e) = check_id(&r.span_id, 8, "span_id")
+    {
+        return Err(e);
     }
     Ok(())
 }

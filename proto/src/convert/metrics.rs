@@ -63,6 +63,9 @@ struct Point<'a> {
     time: u64,
 }
 
+/// An exponential histogram's scale, zero count, zero threshold and bucket ranges.
+type ExpParts<'a> = (i32, u64, f64, Option<&'a Buckets>, Option<&'a Buckets>);
+
 /// The type-specific columns of one data point.
 #[derive(Default)]
 struct Values<'a> {
@@ -73,7 +76,7 @@ struct Values<'a> {
     max: Option<f64>,
     bucket_counts: Option<&'a [u64]>,
     explicit_bounds: Option<&'a [f64]>,
-    exp: Option<(i32, u64, f64, Option<&'a Buckets>, Option<&'a Buckets>)>,
+    exp: Option<ExpParts<'a>>,
     quantiles: Option<(Vec<f64>, Vec<f64>)>,
 }
 
