@@ -125,8 +125,12 @@ pub struct Edge {
     pub target: String,
     #[serde(flatten)]
     pub signals: Signals,
-    /// Where the edge was seen: `spans` (and, with the mesh's own telemetry, more).
+    /// Where the edge was seen: `spans`, `metrics` (the proxies' request metrics),
+    /// `access_logs`. The signals above come from the first of these.
     pub sources: Vec<&'static str>,
+    /// The signals each source saw, when more than one saw the edge.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_source: BTreeMap<&'static str, Signals>,
 }
 
 /// The graph as petgraph holds it.
@@ -288,15 +292,63 @@ impl ServiceGraph {
         Ok(ServiceGraph::assemble(services, edges, seconds))
     }
 
-    /// Computes the graph by the path the range calls for.
+    /// Computes the graph by the path the range calls for, with the edges the mesh's own
+    /// telemetry (request metrics, access logs) adds.
     pub async fn compute_by(
         engine: &QueryEngine,
         range: &TimeRange,
         path: ComputedFrom,
     ) -> Result<ServiceGraph, QueryError> {
-        match path {
-            ComputedFrom::Spans => ServiceGraph::compute(engine, range).await,
-            ComputedFrom::Rollups => ServiceGraph::compute_from_rollups(engine, range).await,
+        let mut g = match path {
+            ComputedFrom::Spans => ServiceGraph::compute(engine, range).await?,
+            ComputedFrom::Rollups => ServiceGraph::compute_from_rollups(engine, range).await?,
+        };
+        g.add_source(
+            "metrics",
+            super::mesh_edges::from_metrics(engine, range).await?,
+        );
+        g.add_source(
+            "access_logs",
+            super::mesh_edges::from_access_logs(engine, range).await?,
+        );
+        Ok(g)
+    }
+
+    /// Adds what another source of telemetry saw: an edge it shares with what is already
+    /// there gains the source's name and its signals under `by_source`; an edge only it saw
+    /// is added with its signals (its ends become service nodes).
+    pub fn add_source(&mut self, name: &'static str, edges: super::mesh_edges::EdgeSignals) {
+        for ((source, target), signals) in edges {
+            let existing = self
+                .graph
+                .edge_indices()
+                .find(|e| self.graph[*e].source == source && self.graph[*e].target == target);
+            match existing {
+                Some(e) => {
+                    let edge = &mut self.graph[e];
+                    if edge.by_source.is_empty() {
+                        let first = edge.sources[0];
+                        edge.by_source.insert(first, edge.signals.clone());
+                    }
+                    edge.sources.push(name);
+                    edge.by_source.insert(name, signals);
+                }
+                None => {
+                    let s = self.node(NodeKind::Service, &source);
+                    let t = self.node(NodeKind::Service, &target);
+                    self.graph.add_edge(
+                        s,
+                        t,
+                        Edge {
+                            source,
+                            target,
+                            signals,
+                            sources: vec![name],
+                            by_source: BTreeMap::new(),
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -336,6 +388,7 @@ impl ServiceGraph {
                     target,
                     signals,
                     sources: vec!["spans"],
+                    by_source: BTreeMap::new(),
                 },
             );
         }
@@ -442,6 +495,7 @@ mod tests {
                     target: t.to_string(),
                     signals: Signals::default(),
                     sources: vec!["spans"],
+                    by_source: BTreeMap::new(),
                 },
             );
         }

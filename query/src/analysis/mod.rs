@@ -5,6 +5,7 @@
 //!   by default) and safe SQL literals.
 //! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
 //!   namespace and neighbourhood filters.
+//! - [`mesh_edges`]: edges from the proxies' request metrics and access logs.
 //! - [`signals`]: golden signals per service, endpoint and edge, with per-minute series.
 //! - [`sketch`] and [`rollup`]: per-minute mergeable aggregates for long ranges.
 //! - [`traces`]: trace search and a trace's spans in tree order with its critical path.
@@ -12,6 +13,7 @@
 //! - [`routes`]: the HTTP API over all of them.
 
 pub mod graph;
+pub mod mesh_edges;
 pub mod prometheus;
 pub mod range;
 pub mod rollup;

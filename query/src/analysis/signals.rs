@@ -103,7 +103,7 @@ pub async fn service(
     })
     .collect::<Vec<_>>();
 
-    let graph = ServiceGraph::compute(engine, range).await?;
+    let graph = ServiceGraph::compute_by(engine, range, ComputedFrom::Spans).await?;
     let mut upstream = Vec::new();
     let mut downstream = Vec::new();
     for e in graph.graph.edge_weights() {

@@ -841,3 +841,273 @@ async fn rollups_agree_with_raw_spans_within_one_percent() {
         );
     }
 }
+
+mod mesh_telemetry {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+        ResourceMetrics, ScopeMetrics, Sum, metric::Data, number_data_point,
+    };
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<KeyValue> {
+        pairs.iter().map(|(k, v)| kv(k, v)).collect()
+    }
+
+    fn counter(name: &str, points: Vec<(Vec<KeyValue>, u64, u64, f64)>) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(Data::Sum(Sum {
+                data_points: points
+                    .into_iter()
+                    .map(|(attributes, start, time, v)| NumberDataPoint {
+                        attributes,
+                        start_time_unix_nano: start,
+                        time_unix_nano: time,
+                        value: Some(number_data_point::Value::AsDouble(v)),
+                        ..Default::default()
+                    })
+                    .collect(),
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                is_monotonic: true,
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn histogram(name: &str, points: Vec<(Vec<KeyValue>, u64, u64, Vec<u64>)>) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(Data::Histogram(Histogram {
+                data_points: points
+                    .into_iter()
+                    .map(
+                        |(attributes, start, time, bucket_counts)| HistogramDataPoint {
+                            attributes,
+                            start_time_unix_nano: start,
+                            time_unix_nano: time,
+                            count: bucket_counts.iter().sum(),
+                            explicit_bounds: vec![5.0, 10.0, 50.0],
+                            bucket_counts,
+                            ..Default::default()
+                        },
+                    )
+                    .collect(),
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn proxy_metrics_and_access_logs_add_edges_and_sources() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let server = Server::start(&dir.path().join("data"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as u64;
+        let (t0, t1, t2) = (
+            now - 600_000_000_000,
+            now - 300_000_000_000,
+            now - 60_000_000_000,
+        );
+
+        // Spans: frontend -> cart, 4 requests, so that edge exists from spans too.
+        let mut mesh = Mesh {
+            rng: Rng(11),
+            base_ns: t1,
+            spans: Vec::new(),
+        };
+        for i in 0..4u64 {
+            let trace = [mesh.rng.id8(), mesh.rng.id8()].concat();
+            let c = mesh.span(
+                "frontend",
+                &trace,
+                None,
+                CLIENT,
+                "GET cart",
+                i * 1_000_000,
+                3_000_000,
+                false,
+                vec![],
+            );
+            mesh.span(
+                "cart",
+                &trace,
+                Some(&c),
+                SERVER,
+                "GET /cart",
+                i * 1_000_000 + 100_000,
+                2_000_000,
+                false,
+                vec![],
+            );
+        }
+        let mut rng = Rng(1);
+        send(&server, &mesh.spans, &mut rng).await;
+
+        // Istio, both reporters: frontend -> cart 100 requests (10 of them 503) in the range;
+        // the series started before it (value 20 / 2 at its first point in the range).
+        let ok = |reporter: &str| {
+            labels(&[
+                ("source_workload", "frontend"),
+                ("destination_workload", "cart"),
+                ("response_code", "200"),
+                ("reporter", reporter),
+            ])
+        };
+        let bad = |reporter: &str| {
+            labels(&[
+                ("source_workload", "frontend"),
+                ("destination_workload", "cart"),
+                ("response_code", "503"),
+                ("reporter", reporter),
+            ])
+        };
+        let mut metrics = vec![];
+        for reporter in ["source", "destination"] {
+            metrics.push(counter(
+                "istio_requests_total",
+                vec![
+                    (ok(reporter), t0, t1, 20.0),
+                    (ok(reporter), t0, t2, 110.0),
+                    (bad(reporter), t0, t1, 2.0),
+                    (bad(reporter), t0, t2, 12.0),
+                ],
+            ));
+            metrics.push(histogram(
+                "istio_request_duration_milliseconds",
+                vec![
+                    (ok(reporter), t0, t1, vec![10, 10, 0, 0]),
+                    (ok(reporter), t0, t2, vec![60, 60, 0, 0]),
+                ],
+            ));
+        }
+        // Linkerd: cart -> inventory (no spans at all), 40 requests, 4 failures.
+        let lk = |class: &str| {
+            labels(&[
+                ("deployment", "cart"),
+                ("dst_deployment", "inventory"),
+                ("direction", "outbound"),
+                ("classification", class),
+            ])
+        };
+        metrics.push(counter(
+            "response_total",
+            vec![
+                (lk("success"), t1, t1 + 1, 0.0),
+                (lk("success"), t1, t2, 36.0),
+                (lk("failure"), t1, t1 + 1, 0.0),
+                (lk("failure"), t1, t2, 4.0),
+            ],
+        ));
+        let req = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", "mesh-proxy")],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let r = reqwest::Client::new()
+            .post(server.otlp_url("/v1/metrics"))
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(r.status(), 200);
+
+        // Access logs: inventory -> postgres, 3 requests, one 500.
+        let logs: Vec<LogRecord> = [("200", "4"), ("200", "6"), ("500", "8")]
+            .iter()
+            .map(|(code, ms)| LogRecord {
+                time_unix_nano: t1 + 5,
+                attributes: labels(&[
+                    ("source_workload", "inventory"),
+                    ("destination_workload", "postgres"),
+                    ("response_code", code),
+                    ("duration_ms", ms),
+                ]),
+                ..Default::default()
+            })
+            .collect();
+        let req = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs {
+                    log_records: logs,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let r = reqwest::Client::new()
+            .post(server.otlp_url("/v1/logs"))
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .expect("logs");
+        assert_eq!(r.status(), 200);
+
+        let start = chrono::DateTime::from_timestamp_nanos((t0 + 1) as i64).to_rfc3339();
+        let end = chrono::DateTime::from_timestamp_nanos(now as i64).to_rfc3339();
+        let url = server.url(&format!(
+            "/api/v1/graph?start={}&end={}",
+            urlencode(&start),
+            urlencode(&end)
+        ));
+        let g: serde_json::Value = reqwest::get(url)
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json");
+        let edge = |s: &str, t: &str| {
+            g["edges"]
+                .as_array()
+                .expect("edges")
+                .iter()
+                .find(|e| e["source"] == s && e["target"] == t)
+                .cloned()
+                .unwrap_or_else(|| panic!("no edge {s} -> {t} in {g}"))
+        };
+        let fc = edge("frontend", "cart");
+        assert_eq!(fc["sources"], serde_json::json!(["spans", "metrics"]));
+        assert_eq!(fc["requests"], 4, "spans' own signals stay first");
+        let m = &fc["by_source"]["metrics"];
+        assert_eq!(
+            m["requests"], 100,
+            "the increase over the range, counted once although Istio reports twice: {fc}"
+        );
+        assert_eq!(m["errors"], 10);
+        assert_eq!(
+            m["p50_ms"], 5.0,
+            "histogram_quantile of the bucket increase: {fc}"
+        );
+        let ci = edge("cart", "inventory");
+        assert_eq!(ci["sources"], serde_json::json!(["metrics"]));
+        assert_eq!(
+            (ci["requests"].as_u64(), ci["errors"].as_u64()),
+            (Some(40), Some(4))
+        );
+        let ip = edge("inventory", "postgres");
+        assert_eq!(ip["sources"], serde_json::json!(["access_logs"]));
+        assert_eq!(
+            (
+                ip["requests"].as_u64(),
+                ip["errors"].as_u64(),
+                ip["p50_ms"].as_f64()
+            ),
+            (Some(3), Some(1), Some(6.0))
+        );
+    }
+}
