@@ -566,9 +566,7 @@ import duckdb, time, statistics
 con = duckdb.connect()
 sql = """
 WITH s AS (SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
-                  coalesce(peer_service, span_attributes['db.namespace'], span_attributes['db.name'],
-                           span_attributes['db.system.name'], span_attributes['db.system'], server_address,
-                           span_attributes['net.peer.name'], span_attributes['messaging.destination.name']) AS peer
+                  peer_name AS peer
            FROM read_parquet('{glob}')),
 callers AS (SELECT * FROM s WHERE span_kind IN ('CLIENT', 'PRODUCER')),
 callees AS (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')),

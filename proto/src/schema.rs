@@ -139,6 +139,11 @@ static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("http_status_code", DataType::Int32, true),
         utf8("peer_service", true),
         utf8("server_address", true),
+        // For CLIENT and PRODUCER spans: the peer as the service graph names an
+        // uninstrumented one (the first of peer.service, db.namespace, db.name,
+        // db.system.name, db.system, server.address, net.peer.name,
+        // messaging.destination.name), so the graph need not search the attribute map.
+        utf8("peer_name", true),
         utf8("scope_name", true),
         utf8("scope_version", true),
         attrs("span_attributes"),

@@ -18,6 +18,18 @@ use super::attributes::{AttrBuilder, append_attrs, attr_builder, find_i64, find_
 use super::{Converted, Rejections, check_id, hex_id, ts_ns};
 use crate::schema::{Table, event_fields, link_fields};
 
+/// Where the service graph looks for the name of an uninstrumented peer, in order.
+pub const PEER_ATTRIBUTES: &[&str] = &[
+    "peer.service",
+    "db.namespace",
+    "db.name",
+    "db.system.name",
+    "db.system",
+    "server.address",
+    "net.peer.name",
+    "messaging.destination.name",
+];
+
 /// The `span_kind` column's text for an OTLP kind.
 pub fn span_kind_name(kind: i32) -> &'static str {
     match SpanKind::try_from(kind).unwrap_or(SpanKind::Unspecified) {
@@ -105,6 +117,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
     let mut http_route = StringBuilder::new();
     let mut http_status = Int32Builder::with_capacity(n);
     let mut peer_service = StringBuilder::new();
+    let mut peer_name = StringBuilder::new();
     let mut server_address = StringBuilder::new();
     let mut scope_name = StringBuilder::new();
     let mut scope_version = StringBuilder::new();
@@ -176,6 +189,12 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
                         .and_then(|v| i32::try_from(v).ok()),
                 );
                 peer_service.append_option(find_str(a, &["peer.service"]));
+                let kind_code = SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified);
+                if matches!(kind_code, SpanKind::Client | SpanKind::Producer) {
+                    peer_name.append_option(find_str(a, PEER_ATTRIBUTES));
+                } else {
+                    peer_name.append_null();
+                }
                 server_address.append_option(find_str(a, &["server.address", "net.peer.name"]));
                 scope_name.append_option(sname.and_then(non_empty));
                 scope_version.append_option(sversion.and_then(non_empty));
@@ -246,6 +265,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
         Arc::new(http_status.finish()),
         Arc::new(peer_service.finish()),
         Arc::new(server_address.finish()),
+        Arc::new(peer_name.finish()),
         Arc::new(scope_name.finish()),
         Arc::new(scope_version.finish()),
         Arc::new(span_attrs.finish()),

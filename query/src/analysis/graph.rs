@@ -147,10 +147,7 @@ pub(crate) fn requests_sql(range: &TimeRange) -> String {
     format!(
         "WITH s AS (
             SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
-                   coalesce(peer_service, span_attributes['db.namespace'], span_attributes['db.name'],
-                            span_attributes['db.system.name'], span_attributes['db.system'],
-                            server_address, span_attributes['net.peer.name'],
-                            span_attributes['messaging.destination.name']) AS peer
+                   peer_name AS peer
             FROM spans WHERE {wide}),
         r AS (SELECT * FROM s WHERE {inrange}),
         callers AS (SELECT * FROM r WHERE span_kind IN ('CLIENT', 'PRODUCER')),
@@ -178,19 +175,6 @@ pub(crate) fn requests_sql(range: &TimeRange) -> String {
         UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM entries",
         wide = wide.sql("start_time"),
         inrange = range.sql("start_time"),
-    )
-}
-
-/// Aggregates requests into `(source, target, target_kind, requests, errors, p50_ns, p95_ns, p99_ns)`.
-pub(crate) fn edges_sql(range: &TimeRange) -> String {
-    format!(
-        "SELECT source, target, target_kind, count(*) AS requests,
-                sum(CASE WHEN error THEN 1 ELSE 0 END) AS errors,
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ns) AS p50_ns,
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ns) AS p95_ns,
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ns) AS p99_ns
-         FROM ({}) GROUP BY source, target, target_kind",
-        requests_sql(range)
     )
 }
 
@@ -232,23 +216,7 @@ impl ServiceGraph {
         range: &TimeRange,
     ) -> Result<ServiceGraph, QueryError> {
         let seconds = range.seconds();
-        let edges = rows(engine, &edges_sql(range))
-            .await?
-            .iter()
-            .map(|r| {
-                let kind = if str_of(r, "target_kind") == "virtual" {
-                    NodeKind::Virtual
-                } else {
-                    NodeKind::Service
-                };
-                (
-                    str_of(r, "source"),
-                    str_of(r, "target"),
-                    kind,
-                    Signals::from_row(r, seconds),
-                )
-            })
-            .collect();
+        let edges = super::pairing::edges(engine, range).await?;
         let services = rows(engine, &services_sql(range, None))
             .await?
             .iter()

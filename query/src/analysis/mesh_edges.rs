@@ -187,7 +187,8 @@ pub async fn from_metrics(
                 format!("{}|{}", str_of(&r, "service_name"), str_of(&r, "series")),
                 src,
                 dst,
-                reporter, failed,
+                reporter,
+                failed,
                 series_start,
             );
             if str_of(&r, "metric_name") == f.counter {

@@ -5,6 +5,7 @@
 //!   by default) and safe SQL literals.
 //! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
 //!   namespace and neighbourhood filters.
+//! - [`pairing`]: the graph's edges from raw spans in one scan, paired in Rust.
 //! - [`mesh_edges`]: edges from the proxies' request metrics and access logs.
 //! - [`signals`]: golden signals per service, endpoint and edge, with per-minute series.
 //! - [`sketch`] and [`rollup`]: per-minute mergeable aggregates for long ranges.
@@ -14,6 +15,7 @@
 
 pub mod graph;
 pub mod mesh_edges;
+pub mod pairing;
 pub mod prometheus;
 pub mod range;
 pub mod rollup;
