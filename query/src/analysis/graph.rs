@@ -87,12 +87,13 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub(crate) fn from_row(
-        row: &serde_json::Map<String, serde_json::Value>,
+    /// Signals of `requests` over `seconds`, with p50/p95/p99 latencies in nanoseconds.
+    pub(crate) fn new(
+        requests: u64,
+        errors: u64,
         seconds: f64,
+        [p50_ns, p95_ns, p99_ns]: [f64; 3],
     ) -> Signals {
-        let requests = u64_of(row, "requests");
-        let errors = u64_of(row, "errors");
         Signals {
             requests,
             errors,
@@ -102,10 +103,23 @@ impl Signals {
                 errors as f64 / requests as f64
             },
             rate: round3(requests as f64 / seconds),
-            p50_ms: round3(f64_of(row, "p50_ns") / 1e6),
-            p95_ms: round3(f64_of(row, "p95_ns") / 1e6),
-            p99_ms: round3(f64_of(row, "p99_ns") / 1e6),
+            p50_ms: round3(p50_ns / 1e6),
+            p95_ms: round3(p95_ns / 1e6),
+            p99_ms: round3(p99_ns / 1e6),
         }
+    }
+
+    pub(crate) fn from_row(
+        row: &serde_json::Map<String, serde_json::Value>,
+        seconds: f64,
+    ) -> Signals {
+        let ns = |k: &str| f64_of(row, k);
+        Signals::new(
+            u64_of(row, "requests"),
+            u64_of(row, "errors"),
+            seconds,
+            [ns("p50_ns"), ns("p95_ns"), ns("p99_ns")],
+        )
     }
 }
 

@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
 use serde_json::Value;
 
 use super::graph::Signals;
@@ -67,13 +66,6 @@ const FAMILIES: &[Family] = &[
         error: ErrorRule::ClassificationFailure,
     },
 ];
-
-/// The signals of one edge as one source of telemetry saw them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct SourceSignals {
-    #[serde(flatten)]
-    pub signals: Signals,
-}
 
 /// `(source, target)` → signals, for one kind of telemetry.
 pub type EdgeSignals = BTreeMap<(String, String), Signals>;
@@ -279,21 +271,9 @@ pub async fn from_metrics(
         .map(|(k, a)| {
             let requests = a.requests.round() as u64;
             let errors = a.errors.round() as u64;
-            let q =
-                |p: f64| (histogram_quantile(p, &a.bounds, &a.buckets) * 1000.0).round() / 1000.0;
-            let signals = Signals {
-                requests,
-                errors,
-                error_rate: if requests == 0 {
-                    0.0
-                } else {
-                    errors as f64 / requests as f64
-                },
-                rate: (requests as f64 / seconds * 1000.0).round() / 1000.0,
-                p50_ms: q(0.5),
-                p95_ms: q(0.95),
-                p99_ms: q(0.99),
-            };
+            // Bucket bounds are in milliseconds.
+            let ns = |p: f64| histogram_quantile(p, &a.bounds, &a.buckets) * 1e6;
+            let signals = Signals::new(requests, errors, seconds, [ns(0.5), ns(0.95), ns(0.99)]);
             (k, signals)
         })
         .collect())

@@ -19,7 +19,6 @@ use arrow::datatypes::{DataType, Int64Type};
 
 use super::graph::{NodeKind, Signals};
 use super::range::TimeRange;
-use super::round3;
 use crate::engine::{QueryEngine, QueryError};
 
 const SERVER: u8 = 1;
@@ -201,15 +200,7 @@ pub(crate) fn pair(
                 let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
                 lat[lo] as f64 + (lat[hi] - lat[lo]) as f64 * (rank - lo as f64)
             };
-            let signals = Signals {
-                requests,
-                errors,
-                error_rate: errors as f64 / requests as f64,
-                rate: round3(requests as f64 / seconds),
-                p50_ms: round3(pct(0.5) / 1e6),
-                p95_ms: round3(pct(0.95) / 1e6),
-                p99_ms: round3(pct(0.99) / 1e6),
-            };
+            let signals = Signals::new(requests, errors, seconds, [pct(0.5), pct(0.95), pct(0.99)]);
             (
                 names.names[s as usize].clone(),
                 names.names[t as usize].clone(),

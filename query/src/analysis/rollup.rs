@@ -27,7 +27,7 @@ use serde_json::Value;
 use super::graph::{Signals, requests_sql};
 use super::range::{TimeRange, ts_literal};
 use super::sketch::{Sketch, key_sql};
-use super::{f64_of, round3, rows, str_of, u64_of};
+use super::{f64_of, rows, str_of, u64_of};
 use crate::engine::{QueryEngine, QueryError};
 
 /// Minutes rolled up by one query at most.
@@ -51,19 +51,13 @@ impl Agg {
     }
 
     pub fn signals(&self, seconds: f64) -> Signals {
-        Signals {
-            requests: self.requests,
-            errors: self.errors,
-            error_rate: if self.requests == 0 {
-                0.0
-            } else {
-                self.errors as f64 / self.requests as f64
-            },
-            rate: round3(self.requests as f64 / seconds),
-            p50_ms: round3(self.sketch.quantile(0.5) / 1e6),
-            p95_ms: round3(self.sketch.quantile(0.95) / 1e6),
-            p99_ms: round3(self.sketch.quantile(0.99) / 1e6),
-        }
+        let q = |p: f64| self.sketch.quantile(p);
+        Signals::new(
+            self.requests,
+            self.errors,
+            seconds,
+            [q(0.5), q(0.95), q(0.99)],
+        )
     }
 }
 
