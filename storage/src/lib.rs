@@ -10,11 +10,13 @@
 //!   [`Snapshot`] a query reads.
 //! - [`parquet_file`]: Parquet naming, sorted zstd writing (temp file + rename), listing.
 //! - [`provider`]: the DataFusion `TableProvider` over a snapshot.
+//! - [`maintenance`]: compaction, retention and deleting replaced files.
 //!
 //! The guarantee: once [`Storage::write`] returns `Ok`, the rows survive `kill -9`
 //! (fsynced log) and appear in exactly one of the log or a Parquet file after a restart.
 
 pub mod error;
+pub mod maintenance;
 pub mod parquet_file;
 pub mod provider;
 pub mod table_store;
@@ -28,6 +30,7 @@ use arrow::record_batch::RecordBatch;
 use meshscope_proto::Table;
 
 pub use error::{Error, Result};
+pub use maintenance::{Compacted, CompactionPolicy, Expired, Retention};
 pub use provider::StoredTable;
 pub use table_store::{Snapshot, Stats, StoreConfig, TableStore};
 
@@ -58,6 +61,37 @@ impl Storage {
         })
     }
 
+    /// Opens the data directory as a query node: spans, logs and metrics read every
+    /// collector's Parquet files (what they have flushed); the rollups table is this node's
+    /// own, written under `config.writer`.
+    pub fn open_query(config: StoreConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+        let data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+        let config = StoreConfig {
+            data_dir: data_dir.clone(),
+            ..config
+        };
+        let mut tables = BTreeMap::new();
+        for t in Table::ALL {
+            let store = if t == Table::Rollups {
+                TableStore::open(t, config.clone())?
+            } else {
+                TableStore::open_reader(t, &data_dir)?
+            };
+            tables.insert(t, store);
+        }
+        Ok(Storage {
+            data_dir,
+            tables: Arc::new(tables),
+        })
+    }
+
+    /// Every table, in a fixed order.
+    pub fn tables(&self) -> impl Iterator<Item = &Arc<TableStore>> {
+        self.tables.values()
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -84,6 +118,67 @@ impl Storage {
     pub fn close(&self) {
         for t in self.tables.values() {
             t.close();
+            t.delete_retired(true); // no query is running any more
         }
+    }
+}
+
+/// Compaction and retention settings of every table.
+#[derive(Debug, Clone, Default)]
+pub struct Upkeep {
+    /// `None` turns compaction off.
+    pub compaction: Option<CompactionPolicy>,
+    pub retention: BTreeMap<Table, Retention>,
+}
+
+/// Runs compaction and retention over a storage's tables, pass after pass.
+#[derive(Debug)]
+pub struct Maintainer {
+    storage: Storage,
+    upkeep: Upkeep,
+    summaries: std::collections::HashMap<PathBuf, parquet_file::FileSummary>,
+}
+
+/// What one maintenance pass did, summed over the tables.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MaintenanceReport {
+    pub compactions: usize,
+    pub expired: Expired,
+    pub deleted: usize,
+}
+
+impl Maintainer {
+    pub fn new(storage: Storage, upkeep: Upkeep) -> Self {
+        Maintainer {
+            storage,
+            upkeep,
+            summaries: Default::default(),
+        }
+    }
+
+    /// One pass at wall-clock time `now_ns`: expire, compact, delete retired files.
+    /// Blocking; errors are logged per table and do not stop the other tables.
+    pub fn run_once(&mut self, now_ns: i64) -> MaintenanceReport {
+        let mut report = MaintenanceReport::default();
+        for t in self.storage.tables() {
+            if let Some(r) = self.upkeep.retention.get(&t.table()) {
+                match t.expire(*r, now_ns, &mut self.summaries) {
+                    Ok(e) => {
+                        report.expired.files += e.files;
+                        report.expired.bytes += e.bytes;
+                        report.expired.rows += e.rows;
+                    }
+                    Err(e) => tracing::warn!(table = %t.table(), error = %e, "retention failed"),
+                }
+            }
+            if let Some(policy) = self.upkeep.compaction {
+                match t.compact(policy) {
+                    Ok(n) => report.compactions += n,
+                    Err(e) => tracing::warn!(table = %t.table(), error = %e, "compaction failed"),
+                }
+            }
+            report.deleted += t.delete_retired(false);
+        }
+        report
     }
 }

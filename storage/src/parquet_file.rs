@@ -1,22 +1,34 @@
-//! Parquet files of one table: naming, writing (sorted, zstd, atomically) and listing.
+//! Parquet files of one table: naming, writing (sorted, zstd, atomically), reading and listing.
 //!
 //! A file is named by the range of write-ahead-log sequence numbers it holds,
 //! `<first_seq>-<last_seq>.parquet` (20 digits each), so start-up knows which log entries are
-//! already durable in Parquet without reading any file. Files are written to a hidden
-//! temporary name, fsynced, renamed into place and the folder fsynced: a crash leaves either
-//! the whole file or none of it (and a temporary file that start-up removes).
+//! already durable in Parquet without reading any file. A node of a split deployment
+//! (`meshscope collector --node-id c1`) has a sequence space of its own and adds its id:
+//! `<first_seq>-<last_seq>.c1.parquet`. Files are written to a hidden temporary name,
+//! fsynced, renamed into place and the folder fsynced: a crash leaves either the whole file
+//! or none of it (and a temporary file that its writer removes at start-up).
+//!
+//! Compaction writes one file whose range covers the files it merged, then deletes them; a
+//! file whose range lies inside another file's range of the same writer is therefore
+//! superseded ([`live`]), which is what makes a crash between the two steps harmless.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array};
 use arrow::compute::{SortColumn, concat, interleave_record_batch, lexsort_to_indices};
 use arrow::datatypes::SchemaRef;
+use arrow::datatypes::TimestampNanosecondType;
 use arrow::record_batch::RecordBatch;
 use meshscope_proto::Table;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
@@ -29,29 +41,74 @@ pub struct ParquetFile {
     pub size: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// The node that wrote it (`""` for `serve`, the `--node-id` of a collector).
+    pub writer: String,
+}
+
+impl ParquetFile {
+    /// Whether this file's sequence range lies inside `other`'s (same writer).
+    fn within(&self, other: &ParquetFile) -> bool {
+        self.writer == other.writer
+            && self.path != other.path
+            && other.first_seq <= self.first_seq
+            && self.last_seq <= other.last_seq
+    }
+}
+
+/// How a file's rows are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A flush of the write path: spans by trace, so a trace's spans sit side by side.
+    Flushed,
+    /// A compaction's output: by service, then hour, with each trace's spans clustered.
+    Compacted,
+}
+
+/// One key of a sort order.
+enum Key {
+    Column(&'static str),
+    /// The hour of a timestamp column.
+    Hour(&'static str),
 }
 
 /// Rows per row group: small enough that min/max statistics prune well (files are sorted).
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 
-fn file_name(first_seq: u64, last_seq: u64) -> String {
-    format!("{first_seq:020}-{last_seq:020}.parquet")
+fn file_name(first_seq: u64, last_seq: u64, writer: &str) -> String {
+    if writer.is_empty() {
+        format!("{first_seq:020}-{last_seq:020}.parquet")
+    } else {
+        format!("{first_seq:020}-{last_seq:020}.{writer}.parquet")
+    }
 }
 
-fn parse_name(name: &str) -> Option<(u64, u64)> {
+fn parse_name(name: &str) -> Option<(u64, u64, String)> {
     let stem = name.strip_suffix(".parquet")?;
-    let (a, b) = stem.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    let (range, writer) = stem.split_once('.').unwrap_or((stem, ""));
+    let (a, b) = range.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, writer.to_string()))
 }
 
-/// The columns each table's files are sorted by: they cluster what queries look up together
+/// Whether `id` can name a writer in file names (letters, digits, `_`).
+pub fn valid_writer_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The keys each table's files are sorted by: they cluster what queries look up together
 /// and make the encodings compress (spans: a trace's spans side by side).
-fn sort_columns(table: Table) -> &'static [&'static str] {
-    match table {
-        Table::Spans => &["trace_id", "start_time"],
-        Table::Logs => &["service_name", "time"],
-        Table::Metrics => &["metric_name", "service_name", "time"],
-        Table::Rollups => &["kind", "source", "minute"],
+fn sort_keys(table: Table, layout: Layout) -> &'static [Key] {
+    use Key::{Column as C, Hour as H};
+    match (table, layout) {
+        (Table::Spans, Layout::Flushed) => &[C("trace_id"), C("start_time")],
+        (Table::Spans, Layout::Compacted) => &[
+            C("service_name"),
+            H("start_time"),
+            C("trace_id"),
+            C("start_time"),
+        ],
+        (Table::Logs, _) => &[C("service_name"), C("time")],
+        (Table::Metrics, _) => &[C("metric_name"), C("service_name"), C("time")],
+        (Table::Rollups, _) => &[C("kind"), C("source"), C("minute")],
     }
 }
 
@@ -78,7 +135,7 @@ fn unique_columns(table: Table) -> &'static [(&'static str, Option<Encoding>)] {
     }
 }
 
-fn writer_properties(table: Table, rows: usize) -> WriterProperties {
+fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterProperties {
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
@@ -99,6 +156,10 @@ fn writer_properties(table: Table, rows: usize) -> WriterProperties {
         Table::Logs => props = bloom(props, "trace_id", per_group),
         Table::Metrics | Table::Rollups => {}
     }
+    if layout == Layout::Compacted && matches!(table, Table::Spans | Table::Logs) {
+        // Compacted files hold many services; a lookup by service skips the others.
+        props = bloom(props, "service_name", 1024);
+    }
     // Ids and times are nearly unique: a dictionary only costs. Times and durations are
     // delta-encoded; sorted trace ids share prefixes. (Measured on realistic mesh spans:
     // 42.8 -> 36.7 bytes per span at the same zstd level; see BENCHMARKS.md.)
@@ -114,20 +175,32 @@ fn writer_properties(table: Table, rows: usize) -> WriterProperties {
 
 /// Sorts a table's batches into one batch ready to write. Only the sort columns are
 /// concatenated; the rows are then gathered once from the original batches.
-pub fn prepare(table: Table, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
+pub fn prepare(
+    table: Table,
+    layout: Layout,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch> {
     if batches.is_empty() {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }
-    let columns = sort_columns(table)
+    let columns = sort_keys(table, layout)
         .iter()
-        .map(|name| {
+        .map(|key| {
+            let name = match key {
+                Key::Column(n) | Key::Hour(n) => n,
+            };
             let idx = schema.index_of(name).map_err(|_| Error::SchemaMismatch {
                 table: table.name(),
             })?;
-            let parts: Vec<&dyn arrow::array::Array> =
-                batches.iter().map(|b| b.column(idx).as_ref()).collect();
+            let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(idx).as_ref()).collect();
+            let values = concat(&parts)?;
+            let values = match key {
+                Key::Column(_) => values,
+                Key::Hour(_) => hours(&values),
+            };
             Ok(SortColumn {
-                values: concat(&parts)?,
+                values,
                 options: None,
             })
         })
@@ -153,29 +226,53 @@ pub fn prepare(table: Table, schema: &SchemaRef, batches: &[RecordBatch]) -> Res
     Ok(interleave_record_batch(&refs, &pairs)?)
 }
 
-/// Writes `batches` as one durable Parquet file in `dir` holding log entries
-/// `first_seq..=last_seq`.
-pub fn write(
-    table: Table,
-    dir: &Path,
-    batches: &[RecordBatch],
-    first_seq: u64,
-    last_seq: u64,
-) -> Result<ParquetFile> {
+/// The hour (since the epoch) of each timestamp; nulls stay null.
+fn hours(values: &ArrayRef) -> ArrayRef {
+    const HOUR_NS: i64 = 3_600_000_000_000;
+    match values.as_primitive_opt::<TimestampNanosecondType>() {
+        Some(ts) => Arc::new(
+            ts.iter()
+                .map(|v| v.map(|t| t.div_euclid(HOUR_NS)))
+                .collect::<Int64Array>(),
+        ),
+        None => Arc::clone(values),
+    }
+}
+
+/// Where a file goes and what it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub dir: &'a Path,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub writer: &'a str,
+    pub layout: Layout,
+}
+
+/// Writes `batches` as one durable Parquet file holding log entries
+/// `first_seq..=last_seq` of `writer`.
+pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result<ParquetFile> {
+    let Placement {
+        dir,
+        first_seq,
+        last_seq,
+        writer,
+        layout,
+    } = at;
     let schema = table.schema();
-    let batch = prepare(table, &schema, batches)?;
+    let batch = prepare(table, layout, &schema, batches)?;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = file_name(first_seq, last_seq);
+    let name = file_name(first_seq, last_seq, writer);
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(&name);
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut writer = ArrowWriter::try_new(
+    let mut out = ArrowWriter::try_new(
         file,
         Arc::clone(&schema),
-        Some(writer_properties(table, batch.num_rows())),
+        Some(writer_properties(table, layout, batch.num_rows())),
     )?;
-    writer.write(&batch)?;
-    let file = writer.into_inner()?;
+    out.write(&batch)?;
+    let file = out.into_inner()?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let size = file.metadata().map_err(|e| Error::io(&tmp, e))?.len();
     drop(file);
@@ -186,11 +283,58 @@ pub fn write(
         size,
         first_seq,
         last_seq,
+        writer: writer.to_string(),
     })
 }
 
-/// The table's Parquet files, in sequence order. Removes leftover temporary files of a
-/// write that a crash interrupted.
+/// Reads a whole file back (compaction's input).
+pub fn read(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
+        .with_batch_size(64 * 1024)
+        .build()?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// What a file's footer says: its rows and the range of the table's time column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSummary {
+    pub rows: u64,
+    /// Nanoseconds since the epoch; `None` for a file without statistics.
+    pub min_time: Option<i64>,
+    pub max_time: Option<i64>,
+}
+
+/// Reads a file's footer (not its data).
+pub fn summary(table: Table, path: &Path) -> Result<FileSummary> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file)?;
+    let meta = reader.metadata();
+    let column = table.time_column();
+    let mut out = FileSummary {
+        rows: meta.file_metadata().num_rows().max(0) as u64,
+        min_time: None,
+        max_time: None,
+    };
+    for rg in meta.row_groups() {
+        for col in rg.columns() {
+            if col.column_path().string() != column {
+                continue;
+            }
+            if let Some(Statistics::Int64(s)) = col.statistics() {
+                if let Some(&v) = s.min_opt() {
+                    out.min_time = Some(out.min_time.map_or(v, |m| m.min(v)));
+                }
+                if let Some(&v) = s.max_opt() {
+                    out.max_time = Some(out.max_time.map_or(v, |m| m.max(v)));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every Parquet file in `dir`, in sequence order (superseded ones included; see [`live`]).
 pub fn list(dir: &Path) -> Result<Vec<ParquetFile>> {
     let mut out = Vec::new();
     if !dir.exists() {
@@ -202,23 +346,78 @@ pub fn list(dir: &Path) -> Result<Vec<ParquetFile>> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if name.starts_with('.') && name.ends_with(".tmp") {
-            tracing::info!(file = %path.display(), "removing an unfinished Parquet file");
-            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            continue;
-        }
-        if let Some((first_seq, last_seq)) = parse_name(name) {
-            let size = entry.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if let Some((first_seq, last_seq, writer)) = parse_name(name) {
+            // A file deleted between the listing and here is simply not there.
+            let Ok(meta) = entry.metadata() else { continue };
             out.push(ParquetFile {
                 path,
-                size,
+                size: meta.len(),
                 first_seq,
                 last_seq,
+                writer,
             });
         }
     }
-    out.sort_by_key(|f| f.first_seq);
+    out.sort_by(|a, b| {
+        (
+            a.writer.as_str(),
+            a.first_seq,
+            std::cmp::Reverse(a.last_seq),
+        )
+            .cmp(&(
+                b.writer.as_str(),
+                b.first_seq,
+                std::cmp::Reverse(b.last_seq),
+            ))
+    });
     Ok(out)
+}
+
+/// Removes the temporary files `writer` left behind when a crash interrupted a write.
+pub fn remove_unfinished(dir: &Path, writer: &str) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+            continue;
+        };
+        if parse_name(inner).is_some_and(|(_, _, w)| w == writer) {
+            tracing::info!(file = %path.display(), "removing an unfinished Parquet file");
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Splits files into those queries read and those a finished compaction superseded (their
+/// range lies inside another file's range of the same writer).
+pub fn live(files: Vec<ParquetFile>) -> (Vec<ParquetFile>, Vec<ParquetFile>) {
+    let mut by_writer: BTreeMap<String, Vec<ParquetFile>> = BTreeMap::new();
+    for f in files {
+        by_writer.entry(f.writer.clone()).or_default().push(f);
+    }
+    let (mut keep, mut gone) = (Vec::new(), Vec::new());
+    for (_, mut files) in by_writer {
+        // Widest first among equal starts, so a covering file comes before what it covers.
+        files.sort_by_key(|f| (f.first_seq, std::cmp::Reverse(f.last_seq)));
+        let mut cover: Option<ParquetFile> = None;
+        for f in files {
+            if cover.as_ref().is_some_and(|c| f.within(c)) {
+                gone.push(f);
+            } else {
+                cover = Some(f.clone());
+                keep.push(f);
+            }
+        }
+    }
+    keep.sort_by_key(|f| (f.first_seq, f.writer.clone()));
+    (keep, gone)
 }
 
 #[cfg(test)]
@@ -255,7 +454,13 @@ mod tests {
         let b = meshscope_proto::convert::spans(&req(&[3, 7]))
             .expect("b")
             .batch;
-        let out = prepare(Table::Spans, &Table::Spans.schema(), &[a, b]).expect("prepare");
+        let out = prepare(
+            Table::Spans,
+            Layout::Flushed,
+            &Table::Spans.schema(),
+            &[a, b],
+        )
+        .expect("prepare");
         let ids = out
             .column_by_name("span_id")
             .expect("col")
@@ -267,8 +472,55 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(parse_name(&file_name(3, 17)), Some((3, 17)));
+        assert_eq!(
+            parse_name(&file_name(3, 17, "")),
+            Some((3, 17, String::new()))
+        );
+        assert_eq!(
+            parse_name(&file_name(3, 17, "c1")),
+            Some((3, 17, "c1".to_string()))
+        );
         assert_eq!(parse_name("x.parquet"), None);
         assert_eq!(parse_name("1-2.wal"), None);
+        assert!(valid_writer_id("collector_1"));
+        assert!(!valid_writer_id("a.b") && !valid_writer_id("a-b") && !valid_writer_id(""));
+    }
+
+    #[test]
+    fn files_inside_a_compacted_range_are_superseded() {
+        let f = |a: u64, b: u64, w: &str| ParquetFile {
+            path: PathBuf::from(file_name(a, b, w)),
+            size: 1,
+            first_seq: a,
+            last_seq: b,
+            writer: w.to_string(),
+        };
+        let (keep, gone) = live(vec![
+            f(1, 3, ""),
+            f(4, 6, ""),
+            f(1, 6, ""), // compacted from the two above
+            f(7, 9, ""),
+            f(2, 5, "c1"), // another writer's sequence space
+        ]);
+        let names = |v: &[ParquetFile]| {
+            let mut n: Vec<(u64, u64, String)> = v
+                .iter()
+                .map(|f| (f.first_seq, f.last_seq, f.writer.clone()))
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(&keep),
+            vec![
+                (1, 6, String::new()),
+                (2, 5, "c1".to_string()),
+                (7, 9, String::new())
+            ]
+        );
+        assert_eq!(
+            names(&gone),
+            vec![(1, 3, String::new()), (4, 6, String::new())]
+        );
     }
 }

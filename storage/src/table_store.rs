@@ -43,6 +43,12 @@ pub struct StoreConfig {
     pub max_buffered_bytes: usize,
     /// How many write requests may wait for the log writer.
     pub queue_depth: usize,
+    /// This node's id in file names and its log folder (`""` for `serve`; the `--node-id` of
+    /// a collector, so several write into one folder without clashing).
+    pub writer: String,
+    /// How long files replaced by a compaction or expired stay on disk for the queries
+    /// that already planned to read them.
+    pub retire_grace: Duration,
 }
 
 impl StoreConfig {
@@ -53,6 +59,18 @@ impl StoreConfig {
             flush_interval: Duration::from_secs(300),
             max_buffered_bytes: 1 << 30,
             queue_depth: 1024,
+            writer: String::new(),
+            retire_grace: Duration::from_secs(300),
+        }
+    }
+
+    /// Where this node's write-ahead log of `table` lives.
+    pub fn wal_dir(&self, table: Table) -> PathBuf {
+        let wal = self.data_dir.join("wal");
+        if self.writer.is_empty() {
+            wal.join(table.name())
+        } else {
+            wal.join(&self.writer).join(table.name())
         }
     }
 }
@@ -85,6 +103,15 @@ pub struct Stats {
     pub overloaded: AtomicU64,
     /// Bytes of Arrow data buffered (queued, active, frozen).
     pub buffered_bytes: AtomicUsize,
+    /// Compactions finished, files they merged, and bytes before and after.
+    pub compactions: AtomicU64,
+    pub compacted_files: AtomicU64,
+    pub compacted_bytes_in: AtomicU64,
+    pub compacted_bytes_out: AtomicU64,
+    /// Files, bytes and rows removed by retention.
+    pub expired_files: AtomicU64,
+    pub expired_bytes: AtomicU64,
+    pub expired_rows: AtomicU64,
 }
 
 enum Command {
@@ -109,26 +136,33 @@ struct FlushJob {
 }
 
 #[derive(Default)]
-struct State {
-    files: Vec<ParquetFile>,
+pub(crate) struct State {
+    /// This writer's live files, in sequence order.
+    pub(crate) files: Vec<ParquetFile>,
     frozen: Vec<RecordBatch>,
     active: Vec<RecordBatch>,
     active_bytes: usize,
     active_since: Option<Instant>,
+    /// Files no query will plan to read any more, deleted once their grace has passed.
+    pub(crate) retired: Vec<(ParquetFile, Instant)>,
 }
 
-struct Shared {
-    table: Table,
-    dir: PathBuf,
-    config: StoreConfig,
+pub(crate) struct Shared {
+    pub(crate) table: Table,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: StoreConfig,
     state: Mutex<State>,
     /// Signalled when `frozen` empties (a flush finished).
     flushed: Condvar,
-    stats: Stats,
+    pub(crate) stats: Stats,
+    /// Serialises compaction and retention of this table.
+    pub(crate) maintenance: Mutex<()>,
+    /// For a query node: every writer's files, listed again at most once a second.
+    reader: Option<Mutex<(Option<Instant>, Vec<ParquetFile>)>>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (every update is a push
         // or a swap), so recover from poisoning rather than fail every later request.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -137,7 +171,7 @@ impl Shared {
 
 /// One table: its log writer and flusher threads and its readable state.
 pub struct TableStore {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     tx: Mutex<Option<SyncSender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -156,9 +190,19 @@ impl TableStore {
     pub fn open(table: Table, config: StoreConfig) -> Result<Arc<Self>> {
         let dir = config.data_dir.join(table.name());
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let files = parquet_file::list(&dir)?;
+        parquet_file::remove_unfinished(&dir, &config.writer)?;
+        let own = parquet_file::list(&dir)?
+            .into_iter()
+            .filter(|f| f.writer == config.writer)
+            .collect();
+        // Files a compaction merged but a crash kept it from deleting.
+        let (files, superseded) = parquet_file::live(own);
+        for f in superseded {
+            tracing::info!(file = %f.path.display(), "removing a file that a compaction replaced");
+            std::fs::remove_file(&f.path).map_err(|e| Error::io(&f.path, e))?;
+        }
         let durable = files.iter().map(|f| f.last_seq).max().unwrap_or(0);
-        let wal_dir = config.data_dir.join("wal").join(table.name());
+        let wal_dir = config.wal_dir(table);
         let (wal, entries) = Wal::replay(&wal_dir, |entries| {
             entries
                 .iter()
@@ -207,6 +251,8 @@ impl TableStore {
             state: Mutex::new(state),
             flushed: Condvar::new(),
             stats,
+            maintenance: Mutex::new(()),
+            reader: None,
         });
         let (tx, rx) = mpsc::sync_channel(config.queue_depth);
         let (flush_tx, flush_rx) = mpsc::channel();
@@ -233,8 +279,41 @@ impl TableStore {
         }))
     }
 
+    /// Opens a table read-only for a query node: every writer's Parquet files in
+    /// `<data_dir>/<table>/`, listed again when a query starts (at most once a second). It
+    /// sees what the collectors have flushed.
+    pub fn open_reader(table: Table, data_dir: &Path) -> Result<Arc<Self>> {
+        let dir = data_dir.join(table.name());
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let shared = Arc::new(Shared {
+            table,
+            dir,
+            config: StoreConfig::new(data_dir),
+            state: Mutex::new(State::default()),
+            flushed: Condvar::new(),
+            stats: Stats::default(),
+            maintenance: Mutex::new(()),
+            reader: Some(Mutex::new((None, Vec::new()))),
+        });
+        Ok(Arc::new(TableStore {
+            shared,
+            tx: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+        }))
+    }
+
     pub fn table(&self) -> Table {
         self.shared.table
+    }
+
+    /// Whether this is a query node's read-only view.
+    pub fn is_reader(&self) -> bool {
+        self.shared.reader.is_some()
+    }
+
+    /// The folder of this table's Parquet files.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
     }
 
     pub fn stats(&self) -> &Stats {
@@ -248,7 +327,11 @@ impl TableStore {
             .clone()
             .ok_or_else(|| Error::Closed {
                 table: self.shared.table.name(),
-                why: "shutting down".into(),
+                why: if self.is_reader() {
+                    "this is a read-only query node".into()
+                } else {
+                    "shutting down".into()
+                },
             })
     }
 
@@ -326,6 +409,9 @@ impl TableStore {
 
     /// Writes everything buffered into Parquet and waits until it is durable there.
     pub async fn flush(&self) -> Result<()> {
+        if self.is_reader() {
+            return Ok(()); // nothing buffered here
+        }
         let (ack, done) = oneshot::channel();
         self.sender()?
             .send(Command::Flush { ack })
@@ -343,6 +429,24 @@ impl TableStore {
 
     /// What a query reads now.
     pub fn snapshot(&self) -> Snapshot {
+        if let Some(reader) = &self.shared.reader {
+            let mut cache = reader.lock().unwrap_or_else(|p| p.into_inner());
+            if cache
+                .0
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                match parquet_file::list(&self.shared.dir) {
+                    Ok(files) => *cache = (Some(Instant::now()), parquet_file::live(files).0),
+                    Err(e) => {
+                        tracing::warn!(table = %self.shared.table, error = %e, "cannot list Parquet files")
+                    }
+                }
+            }
+            return Snapshot {
+                files: cache.1.clone(),
+                batches: Vec::new(),
+            };
+        }
         let st = self.shared.lock();
         Snapshot {
             files: st.files.clone(),
@@ -557,13 +661,14 @@ fn flusher(shared: &Shared, jobs: Receiver<FlushJob>) {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         let file = loop {
-            match parquet_file::write(
-                shared.table,
-                &shared.dir,
-                &job.batches,
-                job.first_seq,
-                job.last_seq,
-            ) {
+            let at = parquet_file::Placement {
+                dir: &shared.dir,
+                first_seq: job.first_seq,
+                last_seq: job.last_seq,
+                writer: &shared.config.writer,
+                layout: parquet_file::Layout::Flushed,
+            };
+            match parquet_file::write(shared.table, at, &job.batches) {
                 Ok(f) => break f,
                 Err(e) => {
                     tracing::error!(table = %shared.table, error = %e, retry_in = ?delay, "writing a Parquet file failed");
