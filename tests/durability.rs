@@ -116,11 +116,22 @@ async fn stream_until_killed(
         let _ = s.await;
     }
     let set = acked.lock().expect("lock").clone();
-    (
-        set,
-        Server::start_with(&data_dir, &["--flush-bytes", "300000"]),
-    )
+    (set, Server::start_with(&data_dir, FLAGS))
 }
+
+/// Small flush threshold: Parquet files are written during the stream, so the crash lands
+/// between log, buffer and file states; and compaction merges them every second, so it
+/// lands in the middle of compactions too.
+const FLAGS: &[&str] = &[
+    "--flush-bytes",
+    "300000",
+    "--compaction-interval-secs",
+    "1",
+    "--compaction-min-files",
+    "2",
+    "--retire-grace-secs",
+    "1",
+];
 
 async fn stored_ids(server: &Server) -> (i64, HashSet<String>) {
     let total = server.scalar("SELECT count(*) FROM spans").await;
@@ -138,9 +149,7 @@ async fn stored_ids(server: &Server) -> (i64, HashSet<String>) {
 async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
-    // Small flush threshold: Parquet files are written during the stream, so the crash
-    // lands between log, buffer and file states.
-    let server = Server::start_with(&data, &["--flush-bytes", "300000"]);
+    let server = Server::start_with(&data, FLAGS);
 
     let (acked1, server) = stream_until_killed(&server, 0, 120).await;
     let (total, ids) = stored_ids(&server).await;
@@ -171,6 +180,25 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         acked1.is_subset(&ids) && acked2.is_subset(&ids),
         "every acknowledged span survives both crashes"
     );
+
+    // Compactions ran (and were counted) while all this happened.
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = reqwest::get(server.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if !metrics.contains("meshscope_compactions_total{table=\"spans\"} 0") {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no compaction of the many small files"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 
     // A graceful stop leaves every row in Parquet, readable by another engine.
     server.terminate();

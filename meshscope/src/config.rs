@@ -3,11 +3,14 @@
 //! Every server flag can come from the command line, a `MESHSCOPE_*` environment variable
 //! or the TOML file given with `--config`, in that order of precedence.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshscope_proto::Table;
+use meshscope_storage::{CompactionPolicy, Retention, Upkeep};
 use serde::Deserialize;
 
 /// meshscope: service-mesh observability. OTLP in, SQL out.
@@ -27,6 +30,11 @@ pub struct Cli {
 pub enum Command {
     /// All-in-one server: OTLP receivers, storage, query API, SQL over HTTP and Postgres.
     Serve(ServeArgs),
+    /// Ingest only: OTLP receivers writing Parquet into a shared data directory (run any
+    /// number, each with its own --node-id). Serves /healthz, /readyz and /metrics.
+    Collector(ServeArgs),
+    /// Query only: SQL, API, UI and alerts over the Parquet files every collector wrote.
+    Query(ServeArgs),
     /// Runs SQL against a running server and prints the result.
     Sql(SqlArgs),
     /// Benchmarks (see BENCHMARKS.md).
@@ -82,6 +90,42 @@ pub struct ServeArgs {
     /// How old a minute must be before it is rolled up, in seconds [120].
     #[arg(long, env = "MESHSCOPE_ROLLUP_DELAY_SECS")]
     pub rollup_delay_secs: Option<u64>,
+    /// This node's id in a split deployment (letters, digits, `_`): names its Parquet files
+    /// and its write-ahead-log folder. Collectors default to the host name.
+    #[arg(long, env = "MESHSCOPE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// How often small Parquet files are compacted, in seconds; 0 turns compaction off [60].
+    #[arg(long, env = "MESHSCOPE_COMPACTION_INTERVAL_SECS")]
+    pub compaction_interval_secs: Option<u64>,
+    /// Size compaction merges small files up to, in bytes [67108864].
+    #[arg(long, env = "MESHSCOPE_COMPACTION_TARGET_BYTES")]
+    pub compaction_target_bytes: Option<u64>,
+    /// Fewest neighbouring small files worth one compaction [4].
+    #[arg(long, env = "MESHSCOPE_COMPACTION_MIN_FILES")]
+    pub compaction_min_files: Option<usize>,
+    /// Keep spans, logs and metrics this many seconds (by their newest row) [forever].
+    #[arg(long, env = "MESHSCOPE_RETENTION_MAX_AGE_SECS")]
+    pub retention_max_age_secs: Option<u64>,
+    /// Keep at most this many bytes of Parquet per table (oldest removed first) [no limit].
+    #[arg(long, env = "MESHSCOPE_RETENTION_MAX_BYTES")]
+    pub retention_max_bytes: Option<u64>,
+    /// Keep the rollups table this many seconds [forever].
+    #[arg(long, env = "MESHSCOPE_ROLLUPS_RETENTION_MAX_AGE_SECS")]
+    pub rollups_retention_max_age_secs: Option<u64>,
+    /// Keep at most this many bytes of rollups [no limit].
+    #[arg(long, env = "MESHSCOPE_ROLLUPS_RETENTION_MAX_BYTES")]
+    pub rollups_retention_max_bytes: Option<u64>,
+    /// How long replaced or expired files stay for queries already reading them, seconds [300].
+    #[arg(long, env = "MESHSCOPE_RETIRE_GRACE_SECS")]
+    pub retire_grace_secs: Option<u64>,
+}
+
+/// One table's retention in the config file (`[retention.spans]` …).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct TableRetention {
+    max_age_secs: Option<u64>,
+    max_bytes: Option<u64>,
 }
 
 /// The same settings in the `--config` TOML file.
@@ -102,6 +146,28 @@ struct FileConfig {
     signals_delay_secs: Option<u64>,
     rollup_interval_secs: Option<u64>,
     rollup_delay_secs: Option<u64>,
+    node_id: Option<String>,
+    compaction_interval_secs: Option<u64>,
+    compaction_target_bytes: Option<u64>,
+    compaction_min_files: Option<usize>,
+    retention_max_age_secs: Option<u64>,
+    retention_max_bytes: Option<u64>,
+    rollups_retention_max_age_secs: Option<u64>,
+    rollups_retention_max_bytes: Option<u64>,
+    retire_grace_secs: Option<u64>,
+    /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
+    retention: Option<BTreeMap<String, TableRetention>>,
+}
+
+/// Which parts of meshscope a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything in one process.
+    Serve,
+    /// OTLP receivers and storage only.
+    Collector,
+    /// SQL, API, UI and alerts over the collectors' files.
+    Query,
 }
 
 /// Resolved server settings.
@@ -121,6 +187,13 @@ pub struct ServeConfig {
     pub signals_delay: Duration,
     pub rollup_interval: Duration,
     pub rollup_delay: Duration,
+    pub role: Role,
+    /// `""` for `serve`.
+    pub node_id: String,
+    /// `None`: compaction off.
+    pub compaction_interval: Option<Duration>,
+    pub upkeep: Upkeep,
+    pub retire_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +208,29 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("invalid node id {0:?}: use letters, digits and `_` (at most 64)")]
+    NodeId(String),
+    #[error("unknown table {0:?} in [retention] (tables: spans, logs, metrics, rollups)")]
+    RetentionTable(String),
+}
+
+/// The host name, as a node id (other characters become `_`).
+fn host_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "collector".into());
+    let id: String = host
+        .trim()
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if id.is_empty() {
+        "collector".into()
+    } else {
+        id
+    }
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -145,11 +241,92 @@ fn addr(s: &str) -> SocketAddr {
 
 impl ServeArgs {
     pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
+        self.resolve_for(Role::Serve)
+    }
+
+    pub fn resolve_for(&self, role: Role) -> Result<ServeConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
+        let node_id = match (self.node_id.clone().or(file.node_id.clone()), role) {
+            (Some(id), _) => id,
+            (None, Role::Serve) => String::new(),
+            (None, Role::Collector) => host_node_id(),
+            (None, Role::Query) => "query".into(),
+        };
+        if !node_id.is_empty() && !meshscope_storage::parquet_file::valid_writer_id(&node_id) {
+            return Err(ConfigError::NodeId(node_id));
+        }
+        let compaction_interval = secs(
+            self.compaction_interval_secs
+                .or(file.compaction_interval_secs),
+            60,
+        );
+        let compaction = CompactionPolicy {
+            target_bytes: self
+                .compaction_target_bytes
+                .or(file.compaction_target_bytes)
+                .unwrap_or(64 << 20),
+            min_files: self
+                .compaction_min_files
+                .or(file.compaction_min_files)
+                .unwrap_or(4)
+                .max(2),
+        };
+        let signals = Retention {
+            max_age: self
+                .retention_max_age_secs
+                .or(file.retention_max_age_secs)
+                .map(Duration::from_secs),
+            max_bytes: self.retention_max_bytes.or(file.retention_max_bytes),
+        };
+        let rollups = Retention {
+            max_age: self
+                .rollups_retention_max_age_secs
+                .or(file.rollups_retention_max_age_secs)
+                .map(Duration::from_secs),
+            max_bytes: self
+                .rollups_retention_max_bytes
+                .or(file.rollups_retention_max_bytes),
+        };
+        let mut retention: BTreeMap<Table, Retention> = Table::ALL
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    if *t == Table::Rollups {
+                        rollups
+                    } else {
+                        signals
+                    },
+                )
+            })
+            .collect();
+        for (name, r) in file.retention.clone().unwrap_or_default() {
+            let table = Table::ALL
+                .into_iter()
+                .find(|t| t.name() == name)
+                .ok_or_else(|| ConfigError::RetentionTable(name.clone()))?;
+            let entry = retention.entry(table).or_default();
+            if r.max_age_secs.is_some() {
+                entry.max_age = r.max_age_secs.map(Duration::from_secs);
+            }
+            if r.max_bytes.is_some() {
+                entry.max_bytes = r.max_bytes;
+            }
+        }
+        // Collectors flush often: a query node sees only what is in Parquet.
+        let default_flush = if role == Role::Collector { 10 } else { 300 };
         Ok(ServeConfig {
+            role,
+            node_id,
+            compaction_interval: (!compaction_interval.is_zero()).then_some(compaction_interval),
+            upkeep: Upkeep {
+                compaction: Some(compaction),
+                retention,
+            },
+            retire_grace: secs(self.retire_grace_secs.or(file.retire_grace_secs), 300),
             data_dir: self
                 .data_dir
                 .clone()
@@ -179,7 +356,7 @@ impl ServeArgs {
             flush_interval: Duration::from_secs(
                 self.flush_interval_secs
                     .or(file.flush_interval_secs)
-                    .unwrap_or(300),
+                    .unwrap_or(default_flush),
             ),
             max_buffered_bytes: self
                 .max_buffered_bytes
@@ -321,6 +498,44 @@ mod tests {
         };
         let err = args.resolve().expect_err("unknown key");
         assert!(err.to_string().contains("invalid config file"), "{err}");
+    }
+
+    #[test]
+    fn roles_and_retention_resolve() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "retention-max-age-secs = 3600\n[retention.logs]\nmax-bytes = 1000\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            rollups_retention_max_age_secs: Some(86400),
+            ..Default::default()
+        };
+        let c = args.resolve_for(Role::Collector).expect("resolve");
+        assert!(!c.node_id.is_empty(), "collectors default to the host name");
+        assert_eq!(c.flush_interval, Duration::from_secs(10));
+        let r = |t: Table| c.upkeep.retention[&t];
+        assert_eq!(r(Table::Spans).max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(r(Table::Logs).max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(r(Table::Logs).max_bytes, Some(1000));
+        assert_eq!(r(Table::Spans).max_bytes, None);
+        assert_eq!(r(Table::Rollups).max_age, Some(Duration::from_secs(86400)));
+        let bad = ServeArgs {
+            node_id: Some("a/b".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve_for(Role::Collector).is_err());
+        std::fs::write(&path, "[retention.spanz]\nmax-bytes = 1\n").expect("write");
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("unknown table");
+        assert!(err.to_string().contains("spanz"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! ## Layout
 //! - [`config`]: clap flags, `MESHSCOPE_*` variables and the `--config` TOML file.
-//! - [`serve`]: the all-in-one server (storage, OTLP receivers, HTTP API, Postgres wire).
+//! - [`serve`]: the server roles: all-in-one `serve`, and `collector` / `query` of a split
+//!   deployment (storage, OTLP receivers, HTTP API, Postgres wire, compaction, retention).
 //! - [`metrics`]: `GET /metrics` (own health and golden signals, Prometheus text).
 //! - [`sql_client`]: `meshscope sql "…"` against a running server.
 //! - [`bench`]: `meshscope bench ingest`.
@@ -18,7 +19,7 @@ mod sql_client;
 use std::process::ExitCode;
 
 use clap::Parser;
-use config::{BenchCommand, Cli, Command};
+use config::{BenchCommand, Cli, Command, Role};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: decoding OTLP makes many small allocations (a `String` per attribute key and
@@ -69,6 +70,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => {
                 let config = args.resolve().map_err(|e| e.to_string())?;
+                serve::run(config, stop_signal()).await
+            }
+            Command::Collector(args) => {
+                let config = args
+                    .resolve_for(Role::Collector)
+                    .map_err(|e| e.to_string())?;
+                serve::run(config, stop_signal()).await
+            }
+            Command::Query(args) => {
+                let config = args.resolve_for(Role::Query).map_err(|e| e.to_string())?;
                 serve::run(config, stop_signal()).await
             }
             Command::Sql(args) => sql_client::run(args).await,

@@ -19,12 +19,13 @@ use meshscope_storage::Storage;
 
 use crate::serve::Shutdown;
 
+/// What `/metrics` reports. A collector has no query engine; a query node no ingest.
 #[derive(Clone)]
 pub struct Exposition {
     pub storage: Storage,
-    pub ingest: Arc<IngestStats>,
-    pub engine: QueryEngine,
-    pub counters: Arc<SpanCounters>,
+    pub ingest: Option<Arc<IngestStats>>,
+    pub engine: Option<QueryEngine>,
+    pub counters: Option<Arc<SpanCounters>>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
@@ -51,7 +52,11 @@ impl Exposition {
         let per_signal =
             |f: &dyn Fn(&meshscope_collector::ingest::SignalStats) -> f64| -> Vec<(String, f64)> {
                 per(&Table::SIGNALS, &|t| {
-                    self.ingest.for_table(t).map(f).unwrap_or(0.0)
+                    self.ingest
+                        .as_ref()
+                        .and_then(|i| i.for_table(t))
+                        .map(f)
+                        .unwrap_or(0.0)
                 })
             };
         let per_table = |f: &dyn Fn(Table) -> f64| per(&Table::ALL, f);
@@ -147,7 +152,81 @@ impl Exposition {
             "Rows written into Parquet files.",
             &per_table(&|t| ld(&store(t).rows_flushed)),
         );
-        let q = self.engine.stats();
+        family(
+            &mut out,
+            "meshscope_parquet_files",
+            "gauge",
+            "Parquet files queries read now.",
+            &per_table(&|t| self.storage.table(t).snapshot().files.len() as f64),
+        );
+        family(
+            &mut out,
+            "meshscope_parquet_bytes",
+            "gauge",
+            "Bytes of the Parquet files queries read now.",
+            &per_table(&|t| {
+                self.storage
+                    .table(t)
+                    .snapshot()
+                    .files
+                    .iter()
+                    .map(|f| f.size as f64)
+                    .sum()
+            }),
+        );
+        family(
+            &mut out,
+            "meshscope_compactions_total",
+            "counter",
+            "Compactions finished.",
+            &per_table(&|t| ld(&store(t).compactions)),
+        );
+        family(
+            &mut out,
+            "meshscope_compacted_files_total",
+            "counter",
+            "Parquet files merged by compactions.",
+            &per_table(&|t| ld(&store(t).compacted_files)),
+        );
+        family(
+            &mut out,
+            "meshscope_compaction_bytes_in_total",
+            "counter",
+            "Bytes of the files compactions merged.",
+            &per_table(&|t| ld(&store(t).compacted_bytes_in)),
+        );
+        family(
+            &mut out,
+            "meshscope_compaction_bytes_out_total",
+            "counter",
+            "Bytes of the files compactions wrote.",
+            &per_table(&|t| ld(&store(t).compacted_bytes_out)),
+        );
+        family(
+            &mut out,
+            "meshscope_retention_removed_files_total",
+            "counter",
+            "Parquet files removed by retention.",
+            &per_table(&|t| ld(&store(t).expired_files)),
+        );
+        family(
+            &mut out,
+            "meshscope_retention_removed_bytes_total",
+            "counter",
+            "Bytes of Parquet removed by retention.",
+            &per_table(&|t| ld(&store(t).expired_bytes)),
+        );
+        family(
+            &mut out,
+            "meshscope_retention_removed_rows_total",
+            "counter",
+            "Rows removed by retention.",
+            &per_table(&|t| ld(&store(t).expired_rows)),
+        );
+        let Some(engine) = &self.engine else {
+            return out;
+        };
+        let q = engine.stats();
         family(
             &mut out,
             "meshscope_queries_total",
@@ -169,7 +248,9 @@ impl Exposition {
             "Time spent running SQL statements.",
             &[(String::new(), q.nanos.load(Ordering::Relaxed) as f64 / 1e9)],
         );
-        self.counters.render(&mut out);
+        if let Some(c) = &self.counters {
+            c.render(&mut out);
+        }
         out
     }
 
@@ -193,13 +274,16 @@ impl Exposition {
 
     /// Advances the golden-signal counters every `every` until shutdown.
     pub async fn run_counters(self, every: Duration, shutdown: Shutdown) {
+        let (Some(engine), Some(counters)) = (&self.engine, &self.counters) else {
+            return;
+        };
         let stop = shutdown.wait();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = self.counters.advance(&self.engine, chrono::Utc::now()).await {
+                    if let Err(e) = counters.advance(engine, chrono::Utc::now()).await {
                         tracing::warn!(error = %e, "computing golden-signal counters failed");
                     }
                 }

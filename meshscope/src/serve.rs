@@ -1,8 +1,16 @@
-//! `meshscope serve`: every role in one process.
+//! `meshscope serve`: every role in one process; `meshscope collector` and `meshscope
+//! query`: the two halves of a split deployment sharing one data directory.
 //!
 //! Start-up: open storage (replaying the write-ahead log), bind every listener, log each
 //! address, then serve until SIGTERM or Ctrl-C. Shutdown: stop accepting, let in-flight
 //! requests finish, write every buffered row into Parquet, exit.
+//!
+//! | part | serve | collector | query |
+//! | --- | --- | --- | --- |
+//! | OTLP receivers, write-ahead log, Parquet writer | ✓ | ✓ | |
+//! | compaction and retention of its own files | ✓ | ✓ | rollups |
+//! | SQL, HTTP API, Postgres wire, rollups, golden-signal counters | ✓ | | ✓ |
+//! | `/healthz`, `/readyz`, `/metrics` | ✓ | ✓ | ✓ |
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,16 +22,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use futures::FutureExt;
 use meshscope_collector::{Ingest, Limits};
 use meshscope_query::analysis::prometheus::SpanCounters;
 use meshscope_query::analysis::rollup::Rollups;
 use meshscope_query::engine::EngineConfig;
 use meshscope_query::{Executor, QueryEngine};
-use meshscope_storage::{Storage, StoreConfig};
+use meshscope_storage::{Maintainer, Storage, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::ServeConfig;
+use crate::config::{Role, ServeConfig};
 
 /// A shutdown signal every server task can await.
 #[derive(Clone)]
@@ -85,19 +94,62 @@ async fn roll_up(rollups: Rollups, every: Duration, shutdown: Shutdown) {
     }
 }
 
-/// Runs the all-in-one server until `stop` resolves (SIGTERM / Ctrl-C in `main`).
+/// Compacts and expires files every `every` until shutdown.
+async fn maintain(mut maintainer: Maintainer, every: Duration, shutdown: Shutdown) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+                match tokio::task::spawn_blocking(move || {
+                    let report = maintainer.run_once(now);
+                    (maintainer, report)
+                })
+                .await
+                {
+                    Ok((m, report)) => {
+                        maintainer = m;
+                        if report.compactions + report.expired.files as usize + report.deleted > 0 {
+                            tracing::info!(compactions = report.compactions, expired_files = report.expired.files,
+                                expired_bytes = report.expired.bytes, deleted_files = report.deleted,
+                                "storage maintenance pass");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "storage maintenance panicked; stopping it");
+                        return;
+                    }
+                }
+            }
+            () = &mut stop => return,
+        }
+    }
+}
+
+/// Runs a server role until `stop` resolves (SIGTERM / Ctrl-C in `main`).
 pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<(), String> {
     let started = std::time::Instant::now();
+    let role = config.role;
     let mut store_config = StoreConfig::new(&config.data_dir);
     store_config.flush_bytes = config.flush_bytes;
     store_config.flush_interval = config.flush_interval;
     store_config.max_buffered_bytes = config.max_buffered_bytes;
+    store_config.writer = config.node_id.clone();
+    store_config.retire_grace = config.retire_grace;
     let data_dir = config.data_dir.clone();
-    let storage = tokio::task::spawn_blocking(move || Storage::open(store_config))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot open data directory {}: {e}", data_dir.display()))?;
-    tracing::info!(data_dir = %storage.data_dir().display(), "storage open");
+    let storage = tokio::task::spawn_blocking(move || match role {
+        Role::Query => Storage::open_query(store_config),
+        Role::Serve | Role::Collector => Storage::open(store_config),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot open data directory {}: {e}", data_dir.display()))?;
+    tracing::info!(data_dir = %storage.data_dir().display(), role = ?role, node_id = %config.node_id, "storage open");
+    if role == Role::Collector {
+        return run_collector(config, storage, started, stop).await;
+    }
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -118,8 +170,14 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         max_body_bytes: config.max_body_bytes,
     };
 
-    let grpc_l = bind("OTLP/gRPC", config.otlp_grpc_addr).await?;
-    let otlp_http_l = bind("OTLP/HTTP", config.otlp_http_addr).await?;
+    let receivers = if role == Role::Serve {
+        Some((
+            bind("OTLP/gRPC", config.otlp_grpc_addr).await?,
+            bind("OTLP/HTTP", config.otlp_http_addr).await?,
+        ))
+    } else {
+        None
+    };
     let http_l = bind("HTTP API", config.http_addr).await?;
     let pg_l = bind("Postgres wire protocol", config.pg_addr).await?;
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
@@ -127,29 +185,32 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
 
-    let grpc = tokio::spawn(meshscope_collector::grpc::serve(
-        grpc_l,
-        ingest.clone(),
-        limits,
-        shutdown.wait(),
-    ));
-    let otlp_http = tokio::spawn(
-        axum::serve(
+    let mut tasks = Vec::new();
+    if let Some((grpc_l, otlp_http_l)) = receivers {
+        tasks.extend(spawn_receivers(
+            grpc_l,
             otlp_http_l,
-            meshscope_collector::http::router(ingest.clone(), limits),
-        )
-        .with_graceful_shutdown(shutdown.wait())
-        .into_future(),
-    );
+            &ingest,
+            limits,
+            &shutdown,
+        ));
+    }
     let exposition = crate::metrics::Exposition {
         storage: storage.clone(),
-        ingest: Arc::clone(ingest.stats()),
-        engine: engine.clone(),
-        counters: Arc::new(SpanCounters::new(
+        ingest: (role == Role::Serve).then(|| Arc::clone(ingest.stats())),
+        engine: Some(engine.clone()),
+        counters: Some(Arc::new(SpanCounters::new(
             chrono::Duration::from_std(config.signals_delay)
                 .unwrap_or(chrono::Duration::seconds(30)),
-        )),
+        ))),
     };
+    if let Some(every) = config.compaction_interval {
+        tasks.push(tokio::spawn(maintain(
+            Maintainer::new(storage.clone(), config.upkeep.clone()),
+            every,
+            shutdown.clone(),
+        )));
+    }
     let counters = tokio::spawn(
         exposition
             .clone()
@@ -189,8 +250,9 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
     let drain = async {
-        let _ = grpc.await;
-        let _ = otlp_http.await;
+        for t in tasks {
+            let _ = t.await;
+        }
         let _ = http.await;
         let _ = pg.await;
         let _ = counters.await;
@@ -203,11 +265,112 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         tracing::warn!("some connections did not finish within 10 s; closing anyway");
     }
     drop(ingest);
-    let s = storage.clone();
-    tokio::task::spawn_blocking(move || s.close())
+    close(storage).await?;
+    executor.shutdown();
+    Ok(())
+}
+
+async fn close(storage: Storage) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || storage.close())
         .await
         .map_err(|e| e.to_string())?;
-    executor.shutdown();
     tracing::info!("stopped; every acknowledged row is in Parquet");
     Ok(())
+}
+
+/// The OTLP/gRPC and OTLP/HTTP receivers, serving until shutdown.
+fn spawn_receivers(
+    grpc_l: TcpListener,
+    otlp_http_l: TcpListener,
+    ingest: &Ingest,
+    limits: Limits,
+    shutdown: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let grpc = tokio::spawn(meshscope_collector::grpc::serve(
+        grpc_l,
+        ingest.clone(),
+        limits,
+        shutdown.wait(),
+    ));
+    let http = axum::serve(
+        otlp_http_l,
+        meshscope_collector::http::router(ingest.clone(), limits),
+    )
+    .with_graceful_shutdown(shutdown.wait())
+    .into_future();
+    vec![
+        tokio::spawn(async move {
+            let _ = grpc.await;
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = http.await {
+                tracing::error!(error = %e, "the OTLP/HTTP receiver stopped");
+            }
+        }),
+    ]
+}
+
+/// `meshscope collector`: receivers, the write path, compaction and retention; health and
+/// `/metrics` on the HTTP address.
+async fn run_collector(
+    config: ServeConfig,
+    storage: Storage,
+    started: std::time::Instant,
+    stop: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let ingest = Ingest::new(storage.clone());
+    let limits = Limits {
+        max_body_bytes: config.max_body_bytes,
+    };
+    let grpc_l = bind("OTLP/gRPC", config.otlp_grpc_addr).await?;
+    let otlp_http_l = bind("OTLP/HTTP", config.otlp_http_addr).await?;
+    let http_l = bind("HTTP API", config.http_addr).await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, shutdown) = Shutdown::new();
+    let mut tasks = spawn_receivers(grpc_l, otlp_http_l, &ingest, limits, &shutdown);
+    if let Some(every) = config.compaction_interval {
+        tasks.push(tokio::spawn(maintain(
+            Maintainer::new(storage.clone(), config.upkeep.clone()),
+            every,
+            shutdown.clone(),
+        )));
+    }
+    let exposition = crate::metrics::Exposition {
+        storage: storage.clone(),
+        ingest: Some(Arc::clone(ingest.stats())),
+        engine: None,
+        counters: None,
+    };
+    let api = Router::new()
+        .merge(health_routes(Arc::clone(&ready)))
+        .merge(exposition.router());
+    tasks.push(tokio::spawn(
+        axum::serve(http_l, api)
+            .with_graceful_shutdown(shutdown.wait())
+            .into_future()
+            .map(|_| ()),
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        node_id = %config.node_id,
+        "meshscope collector ready"
+    );
+    stop.await;
+    tracing::info!("shutting down: finishing requests, writing buffered rows to Parquet");
+    ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let drain = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within 10 s; closing anyway");
+    }
+    drop(ingest);
+    close(storage).await
 }

@@ -40,15 +40,20 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_role("serve", data_dir, extra)
+    }
+
+    /// Starts `meshscope <role>` (`serve`, `collector` or `query`).
+    pub fn start_role(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
         let (grpc, otlp_http, http, pg) = (free_port(), free_port(), free_port(), free_port());
-        let log = data_dir.with_extension(format!("{}.log", std::process::id()));
+        let log = data_dir.with_extension(format!("{role}.{http}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
         let child = Command::new(binary())
-            .arg("serve")
+            .arg(role)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--otlp-grpc-addr", &format!("127.0.0.1:{grpc}")])

@@ -1,0 +1,313 @@
+//! Split roles: two `meshscope collector` processes and one `meshscope query` process
+//! sharing one data directory give the same answers as one `meshscope serve` fed the same
+//! spans — even when a trace's spans arrive at different collectors.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+use serde_json::Value;
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+fn kv(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `traces` requests: frontend (entry) → cart → an uninstrumented postgres; every 7th
+/// fails at cart. Returns each service's spans.
+fn workload(traces: u64) -> BTreeMap<&'static str, Vec<Span>> {
+    let base = (chrono::Utc::now() - chrono::Duration::minutes(5))
+        .timestamp_nanos_opt()
+        .expect("now") as u64;
+    let mut out: BTreeMap<&'static str, Vec<Span>> = BTreeMap::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..traces {
+        let trace = [next().to_le_bytes(), next().to_le_bytes()].concat();
+        let ids: Vec<Vec<u8>> = (0..4).map(|_| next().to_le_bytes().to_vec()).collect();
+        let t0 = base + i * 20_000_000;
+        let ms = |n: u64| n * 1_000_000;
+        let lat = ms(5 + next() % 40);
+        let error = i % 7 == 0;
+        let span =
+            |id: usize, parent: Option<usize>, kind, name: &str, start, dur, err: bool, attrs| {
+                Span {
+                    trace_id: trace.clone(),
+                    span_id: ids[id].clone(),
+                    parent_span_id: parent.map(|p| ids[p].clone()).unwrap_or_default(),
+                    name: name.into(),
+                    kind,
+                    start_time_unix_nano: start,
+                    end_time_unix_nano: start + dur,
+                    attributes: attrs,
+                    status: Some(Status {
+                        code: if err { 2 } else { 0 },
+                        message: String::new(),
+                    }),
+                    ..Default::default()
+                }
+            };
+        let fe = out.entry("frontend").or_default();
+        fe.push(span(
+            0,
+            None,
+            SERVER,
+            "GET /",
+            t0,
+            lat + ms(30),
+            false,
+            vec![],
+        ));
+        fe.push(span(
+            1,
+            Some(0),
+            CLIENT,
+            "GET /cart",
+            t0 + ms(1),
+            lat + ms(20),
+            error,
+            vec![],
+        ));
+        let cart = out.entry("cart").or_default();
+        cart.push(span(
+            2,
+            Some(1),
+            SERVER,
+            "GET /cart",
+            t0 + ms(2),
+            lat + ms(10),
+            error,
+            vec![],
+        ));
+        cart.push(span(
+            3,
+            Some(2),
+            CLIENT,
+            "SELECT",
+            t0 + ms(3),
+            lat,
+            false,
+            vec![kv("db.system", "postgresql")],
+        ));
+    }
+    out
+}
+
+async fn export(otlp_http: &str, service: &str, spans: &[Span]) {
+    let client = reqwest::Client::new();
+    for chunk in spans.chunks(50) {
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", service)],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: chunk.to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let r = client
+            .post(format!("{otlp_http}/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .expect("export");
+        assert_eq!(r.status(), 200);
+    }
+}
+
+async fn get(server: &Server, path: &str) -> Value {
+    reqwest::get(server.url(path))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// (source, target) → (requests, errors, p99 in µs).
+type Edges = BTreeMap<(String, String), (i64, i64, i64)>;
+
+/// The graph's edges, and its nodes as `kind:id`.
+fn edges(graph: &Value) -> (Edges, Vec<String>) {
+    let e = graph["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| {
+            (
+                (
+                    e["source"].as_str().expect("source").to_string(),
+                    e["target"].as_str().expect("target").to_string(),
+                ),
+                (
+                    e["requests"].as_i64().expect("requests"),
+                    e["errors"].as_i64().expect("errors"),
+                    (e["p99_ms"].as_f64().expect("p99") * 1000.0).round() as i64,
+                ),
+            )
+        })
+        .collect();
+    let mut nodes: Vec<String> = graph["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            format!(
+                "{}:{}",
+                n["kind"].as_str().unwrap_or(""),
+                n["id"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    nodes.sort();
+    (e, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_collectors_and_a_query_node_answer_like_serve() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = dir.path().join("shared");
+    let collector = |id: &str| {
+        Server::start_role(
+            "collector",
+            &shared,
+            &[
+                "--node-id",
+                id,
+                "--flush-interval-secs",
+                "1",
+                "--compaction-interval-secs",
+                "1",
+                "--compaction-min-files",
+                "2",
+                "--retire-grace-secs",
+                "2",
+            ],
+        )
+    };
+    let c1 = collector("c1");
+    let c2 = collector("c2");
+    let query = Server::start_role("query", &shared, &[]);
+    let serve = Server::start(&dir.path().join("serve"));
+
+    // frontend's spans go to one collector, cart's to the other: every trace is split.
+    let spans = workload(400);
+    let total: usize = spans.values().map(Vec::len).sum();
+    // c1 gets frontend's spans in two halves, far enough apart to land in two files.
+    let (a, b) = spans["frontend"].split_at(spans["frontend"].len() / 2);
+    export(&c1.otlp_url(""), "frontend", a).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    export(&c1.otlp_url(""), "frontend", b).await;
+    export(&c2.otlp_url(""), "cart", &spans["cart"]).await;
+    for (service, s) in &spans {
+        export(&serve.otlp_url(""), service, s).await;
+    }
+
+    // Within the freshness bound (flush interval 1 s + listing at most 1 s old), the query
+    // node sees what both collectors acknowledged.
+    let started = Instant::now();
+    loop {
+        let n = query.scalar("SELECT count(*) FROM spans").await;
+        if n as usize == total {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the query node sees {n} of {total} spans after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fresh = started.elapsed();
+    assert!(fresh < Duration::from_secs(5), "visible after {fresh:?}");
+
+    // Same answers as serve: graph, services, SQL.
+    let (qe, qn) = edges(&get(&query, "/api/v1/graph").await);
+    let (se, sn) = edges(&get(&serve, "/api/v1/graph").await);
+    assert_eq!(qn, sn, "same nodes");
+    assert_eq!(qe, se, "same edges, counts, errors and p99");
+    assert_eq!(qe[&("frontend".to_string(), "cart".to_string())].0, 400);
+    assert_eq!(qe[&("frontend".to_string(), "cart".to_string())].1, 58); // ⌈400 / 7⌉
+    assert!(qn.contains(&"virtual:postgresql".to_string()), "{qn:?}");
+    let sql = "SELECT service_name, count(*), sum(duration_ns) FROM spans GROUP BY 1 ORDER BY 1";
+    assert_eq!(query.sql(sql).await["rows"], serve.sql(sql).await["rows"]);
+
+    // The query node is read-only: its own OTLP ports are not even open.
+    assert!(
+        reqwest::Client::new()
+            .post(query.otlp_url("/v1/traces"))
+            .body(Vec::<u8>::new())
+            .send()
+            .await
+            .is_err(),
+        "a query node does not ingest"
+    );
+
+    // c1 flushed its spans into more than one file (see above); it compacts them into one,
+    // and the query node still sees every span once.
+    let c1_files = || {
+        std::fs::read_dir(shared.join("spans"))
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".c1.parquet"))
+            })
+            .count()
+    };
+    let started = Instant::now();
+    while c1_files() > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "c1 never compacted its files"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = reqwest::get(c1.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        !metrics.contains("meshscope_compactions_total{table=\"spans\"} 0"),
+        "c1 counts its compactions"
+    );
+    assert_eq!(
+        query.scalar("SELECT count(*) FROM spans").await as usize,
+        total
+    );
+    assert_eq!(
+        query
+            .scalar("SELECT count(DISTINCT span_id) FROM spans")
+            .await as usize,
+        total
+    );
+
+    for s in [c1, c2, query, serve] {
+        s.terminate();
+    }
+}
