@@ -118,6 +118,11 @@ pub struct ServeArgs {
     /// How long replaced or expired files stay for queries already reading them, seconds [300].
     #[arg(long, env = "MESHSCOPE_RETIRE_GRACE_SECS")]
     pub retire_grace_secs: Option<u64>,
+    /// Keep Parquet files on an S3-compatible object store, `s3://bucket/prefix`, instead of
+    /// under --data-dir (the write-ahead log stays there). Credentials and endpoint come from
+    /// the `AWS_*` variables [local disk].
+    #[arg(long, env = "MESHSCOPE_STORAGE_URL")]
+    pub storage_url: Option<String>,
 }
 
 /// One table's retention in the config file (`[retention.spans]` …).
@@ -155,6 +160,7 @@ struct FileConfig {
     rollups_retention_max_age_secs: Option<u64>,
     rollups_retention_max_bytes: Option<u64>,
     retire_grace_secs: Option<u64>,
+    storage_url: Option<String>,
     /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
     retention: Option<BTreeMap<String, TableRetention>>,
 }
@@ -194,6 +200,8 @@ pub struct ServeConfig {
     pub compaction_interval: Option<Duration>,
     pub upkeep: Upkeep,
     pub retire_grace: Duration,
+    /// `s3://bucket/prefix`, or `None` for the data directory.
+    pub storage_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +335,7 @@ impl ServeArgs {
                 retention,
             },
             retire_grace: secs(self.retire_grace_secs.or(file.retire_grace_secs), 300),
+            storage_url: self.storage_url.clone().or(file.storage_url.clone()),
             data_dir: self
                 .data_dir
                 .clone()

@@ -138,6 +138,11 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     store_config.max_buffered_bytes = config.max_buffered_bytes;
     store_config.writer = config.node_id.clone();
     store_config.retire_grace = config.retire_grace;
+    if let Some(url) = &config.storage_url {
+        let remote = meshscope_storage::remote::Remote::from_url(url).map_err(|e| e.to_string())?;
+        tracing::info!(url = %url, "Parquet files live on object storage");
+        store_config.remote = Some(Arc::new(remote));
+    }
     let data_dir = config.data_dir.clone();
     let storage = tokio::task::spawn_blocking(move || match role {
         Role::Query => Storage::open_query(store_config),

@@ -121,6 +121,9 @@ impl QueryEngine {
             .with_memory_limit(config.memory_limit, 1.0)
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(session, runtime);
+        if let Some(remote) = storage.remote() {
+            ctx.register_object_store(remote.url().as_ref(), remote.object_store());
+        }
         for t in Table::ALL {
             ctx.register_table(
                 t.name(),

@@ -27,6 +27,12 @@ pub enum Error {
         table: &'static str,
         why: &'static str,
     },
+    /// The object store refused or failed a request.
+    #[error("object storage error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// The object-storage location is misconfigured.
+    #[error("{0}")]
+    Remote(String),
     /// The storage is shutting down or its writer has stopped.
     #[error("{table} storage is not accepting writes: {why}")]
     Closed { table: &'static str, why: String },

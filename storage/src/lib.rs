@@ -11,6 +11,7 @@
 //! - [`parquet_file`]: Parquet naming, sorted zstd writing (temp file + rename), listing.
 //! - [`provider`]: the DataFusion `TableProvider` over a snapshot.
 //! - [`maintenance`]: compaction, retention and deleting replaced files.
+//! - [`remote`]: the same files on an S3-compatible object store.
 //!
 //! The guarantee: once [`Storage::write`] returns `Ok`, the rows survive `kill -9`
 //! (fsynced log) and appear in exactly one of the log or a Parquet file after a restart.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod maintenance;
 pub mod parquet_file;
 pub mod provider;
+pub mod remote;
 pub mod table_store;
 pub mod wal;
 
@@ -77,7 +79,7 @@ impl Storage {
             let store = if t == Table::Rollups {
                 TableStore::open(t, config.clone())?
             } else {
-                TableStore::open_reader(t, &data_dir)?
+                TableStore::open_reader(t, &data_dir, config.remote.clone())?
             };
             tables.insert(t, store);
         }
@@ -85,6 +87,14 @@ impl Storage {
             data_dir,
             tables: Arc::new(tables),
         })
+    }
+
+    /// The object store holding the Parquet files, when they are not on local disk.
+    pub fn remote(&self) -> Option<&Arc<remote::Remote>> {
+        self.tables
+            .values()
+            .next()
+            .and_then(|t| t.shared.config.remote.as_ref())
     }
 
     /// Every table, in a fixed order.

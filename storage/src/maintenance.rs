@@ -85,9 +85,9 @@ impl TableStore {
         let started = Instant::now();
         let mut batches = Vec::new();
         for f in &run {
-            match parquet_file::read(&f.path) {
+            match parquet_file::read(f, shared.config.remote.as_deref()) {
                 Ok(b) => batches.extend(b),
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(e) if is_not_found(&e) => {
                     // Removed behind our back (by hand, or a retention pass of another
                     // node): forget it rather than fail on it forever.
                     shared.lock().files.retain(|x| x.path != f.path);
@@ -102,6 +102,7 @@ impl TableStore {
             shared.table,
             Placement {
                 dir: &shared.dir,
+                remote: shared.config.remote.as_deref(),
                 first_seq: first.first_seq,
                 last_seq: last.last_seq,
                 writer: &shared.config.writer,
@@ -173,7 +174,8 @@ impl TableStore {
             let s = match summaries.get(&f.path) {
                 Some(s) => *s,
                 None => {
-                    let s = parquet_file::summary(shared.table, &f.path)?;
+                    let s =
+                        parquet_file::summary(shared.table, &f, shared.config.remote.as_deref())?;
                     summaries.insert(f.path.clone(), s);
                     s
                 }
@@ -237,15 +239,22 @@ impl TableStore {
         };
         let mut n = 0;
         for f in due {
-            match std::fs::remove_file(&f.path) {
+            match parquet_file::delete(&f, shared.config.remote.as_deref()) {
                 Ok(()) => n += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(file = %f.path.display(), error = %e, "cannot delete a retired file")
                 }
             }
         }
         n
+    }
+}
+
+fn is_not_found(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        Error::ObjectStore(object_store::Error::NotFound { .. }) => true,
+        _ => false,
     }
 }
 
@@ -329,7 +338,7 @@ mod tests {
         let snap = store.snapshot();
         let mut batches = snap.batches.clone();
         for f in &snap.files {
-            batches.extend(parquet_file::read(&f.path).expect("read"));
+            batches.extend(parquet_file::read(f, None).expect("read"));
         }
         batches
             .iter()
@@ -394,7 +403,7 @@ mod tests {
         assert_eq!(after.len(), 60, "no row lost or doubled");
         assert_eq!(after.iter().cloned().collect::<BTreeSet<_>>(), before);
         // Sorted by service first: the ten cart spans of each hour come before checkout's.
-        let batch = &parquet_file::read(&snap.files[0].path).expect("read")[0];
+        let batch = &parquet_file::read(&snap.files[0], None).expect("read")[0];
         let services = batch
             .column_by_name("service_name")
             .expect("col")
@@ -434,7 +443,7 @@ mod tests {
         assert_eq!(on_disk.len(), 5, "four inputs and their merged copy");
 
         // A query node reading the folder meanwhile sees every row once.
-        let reader = TableStore::open_reader(Table::Spans, dir.path()).expect("reader");
+        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
         assert_eq!(span_ids(&reader).len(), 40);
 
         let store = TableStore::open(Table::Spans, config).expect("reopen");
@@ -493,7 +502,7 @@ mod tests {
         b.writer = "c2".into();
         let sa = store_with_files(a, 2).await;
         let sb = store_with_files(b, 3).await;
-        let reader = TableStore::open_reader(Table::Spans, dir.path()).expect("reader");
+        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
         assert_eq!(reader.snapshot().files.len(), 5);
         assert_eq!(span_ids(&reader).len(), 50);
         // Each writer keeps its own log and sequence numbers.

@@ -32,6 +32,7 @@ use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
+use crate::remote::Remote;
 use crate::wal::sync_dir;
 
 /// A Parquet file that queries read.
@@ -82,7 +83,7 @@ fn file_name(first_seq: u64, last_seq: u64, writer: &str) -> String {
     }
 }
 
-fn parse_name(name: &str) -> Option<(u64, u64, String)> {
+pub(crate) fn parse_name(name: &str) -> Option<(u64, u64, String)> {
     let stem = name.strip_suffix(".parquet")?;
     let (range, writer) = stem.split_once('.').unwrap_or((stem, ""));
     let (a, b) = range.split_once('-')?;
@@ -242,7 +243,9 @@ fn hours(values: &ArrayRef) -> ArrayRef {
 /// Where a file goes and what it holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Placement<'a> {
+    /// The local folder, unless `remote` is set.
     pub dir: &'a Path,
+    pub remote: Option<&'a Remote>,
     pub first_seq: u64,
     pub last_seq: u64,
     pub writer: &'a str,
@@ -254,6 +257,7 @@ pub struct Placement<'a> {
 pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result<ParquetFile> {
     let Placement {
         dir,
+        remote,
         first_seq,
         last_seq,
         writer,
@@ -261,8 +265,27 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
     } = at;
     let schema = table.schema();
     let batch = prepare(table, layout, &schema, batches)?;
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = file_name(first_seq, last_seq, writer);
+    if let Some(remote) = remote {
+        let mut buf = Vec::new();
+        let mut out = ArrowWriter::try_new(
+            &mut buf,
+            Arc::clone(&schema),
+            Some(writer_properties(table, layout, batch.num_rows())),
+        )?;
+        out.write(&batch)?;
+        out.close()?;
+        let size = buf.len() as u64;
+        let key = remote.put(table, &name, buf)?;
+        return Ok(ParquetFile {
+            path: PathBuf::from(key.as_ref()),
+            size,
+            first_seq,
+            last_seq,
+            writer: writer.to_string(),
+        });
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(&name);
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -288,12 +311,32 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
 }
 
 /// Reads a whole file back (compaction's input).
-pub fn read(path: &Path) -> Result<Vec<RecordBatch>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
-        .with_batch_size(64 * 1024)
-        .build()?;
-    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+pub fn read(f: &ParquetFile, remote: Option<&Remote>) -> Result<Vec<RecordBatch>> {
+    let batches = if let Some(remote) = remote {
+        ParquetRecordBatchReaderBuilder::try_new(remote.get(f)?)?
+            .with_batch_size(64 * 1024)
+            .build()?
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    } else {
+        let file = File::open(&f.path).map_err(|e| Error::io(&f.path, e))?;
+        ParquetRecordBatchReaderBuilder::try_new(file)?
+            .with_batch_size(64 * 1024)
+            .build()?
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    };
+    Ok(batches)
+}
+
+/// Deletes a file (a missing file is not an error).
+pub fn delete(f: &ParquetFile, remote: Option<&Remote>) -> Result<()> {
+    match remote {
+        Some(r) => r.delete(f),
+        None => match fs::remove_file(&f.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&f.path, e)),
+        },
+    }
 }
 
 /// What a file's footer says: its rows and the range of the table's time column.
@@ -306,10 +349,14 @@ pub struct FileSummary {
 }
 
 /// Reads a file's footer (not its data).
-pub fn summary(table: Table, path: &Path) -> Result<FileSummary> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = SerializedFileReader::new(file)?;
-    let meta = reader.metadata();
+pub fn summary(table: Table, f: &ParquetFile, remote: Option<&Remote>) -> Result<FileSummary> {
+    let meta = match remote {
+        Some(r) => r.footer(f)?,
+        None => {
+            let file = File::open(&f.path).map_err(|e| Error::io(&f.path, e))?;
+            SerializedFileReader::new(file)?.metadata().clone()
+        }
+    };
     let column = table.time_column();
     let mut out = FileSummary {
         rows: meta.file_metadata().num_rows().max(0) as u64,

@@ -80,9 +80,11 @@ impl TableProvider for StoredTable {
         if !snapshot.files.is_empty() {
             // The session's Parquet options (bloom filters, filter pushdown), and footers
             // cached across queries: a trace lookup touches every file's footer.
-            let store = state
-                .runtime_env()
-                .object_store(ObjectStoreUrl::local_filesystem())?;
+            let url = match &self.store.shared.config.remote {
+                Some(r) => r.url().clone(),
+                None => ObjectStoreUrl::local_filesystem(),
+            };
+            let store = state.runtime_env().object_store(&url)?;
             let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
             let mut source = ParquetSource::new(Arc::clone(&self.schema))
                 .with_table_parquet_options(state.table_options().parquet.clone())
@@ -105,12 +107,11 @@ impl TableProvider for StoredTable {
                 .into_iter()
                 .map(FileGroup::new)
                 .collect();
-            let config =
-                FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-                    .with_file_groups(groups)
-                    .with_projection_indices(projection.cloned())?
-                    .with_limit(limit)
-                    .build();
+            let config = FileScanConfigBuilder::new(url, Arc::new(source))
+                .with_file_groups(groups)
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
             plans.push(DataSourceExec::from_data_source(config));
         }
         if !snapshot.batches.is_empty() {

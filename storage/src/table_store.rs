@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::parquet_file::{self, ParquetFile};
+use crate::remote::Remote;
 use crate::wal::{self, Segment, Wal};
 
 /// Limits and thresholds of a table's write path.
@@ -49,6 +50,8 @@ pub struct StoreConfig {
     /// How long files replaced by a compaction or expired stay on disk for the queries
     /// that already planned to read them.
     pub retire_grace: Duration,
+    /// Parquet files on an object store instead of `data_dir` (the log stays local).
+    pub remote: Option<Arc<Remote>>,
 }
 
 impl StoreConfig {
@@ -61,6 +64,7 @@ impl StoreConfig {
             queue_depth: 1024,
             writer: String::new(),
             retire_grace: Duration::from_secs(300),
+            remote: None,
         }
     }
 
@@ -189,9 +193,16 @@ impl TableStore {
     /// and starts the writer and flusher threads.
     pub fn open(table: Table, config: StoreConfig) -> Result<Arc<Self>> {
         let dir = config.data_dir.join(table.name());
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        parquet_file::remove_unfinished(&dir, &config.writer)?;
-        let own = parquet_file::list(&dir)?
+        let remote = config.remote.as_deref();
+        let all = match remote {
+            Some(r) => r.list(table)?,
+            None => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                parquet_file::remove_unfinished(&dir, &config.writer)?;
+                parquet_file::list(&dir)?
+            }
+        };
+        let own = all
             .into_iter()
             .filter(|f| f.writer == config.writer)
             .collect();
@@ -199,7 +210,7 @@ impl TableStore {
         let (files, superseded) = parquet_file::live(own);
         for f in superseded {
             tracing::info!(file = %f.path.display(), "removing a file that a compaction replaced");
-            std::fs::remove_file(&f.path).map_err(|e| Error::io(&f.path, e))?;
+            parquet_file::delete(&f, remote)?;
         }
         let durable = files.iter().map(|f| f.last_seq).max().unwrap_or(0);
         let wal_dir = config.wal_dir(table);
@@ -282,19 +293,48 @@ impl TableStore {
     /// Opens a table read-only for a query node: every writer's Parquet files in
     /// `<data_dir>/<table>/`, listed again when a query starts (at most once a second). It
     /// sees what the collectors have flushed.
-    pub fn open_reader(table: Table, data_dir: &Path) -> Result<Arc<Self>> {
+    pub fn open_reader(
+        table: Table,
+        data_dir: &Path,
+        remote: Option<Arc<Remote>>,
+    ) -> Result<Arc<Self>> {
         let dir = data_dir.join(table.name());
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if remote.is_none() {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
         let shared = Arc::new(Shared {
             table,
             dir,
-            config: StoreConfig::new(data_dir),
+            config: StoreConfig {
+                remote: remote.clone(),
+                ..StoreConfig::new(data_dir)
+            },
             state: Mutex::new(State::default()),
             flushed: Condvar::new(),
             stats: Stats::default(),
             maintenance: Mutex::new(()),
             reader: Some(Mutex::new((None, Vec::new()))),
         });
+        if let Some(remote) = remote {
+            // Object-store listings are async: a task keeps the list fresh (every second)
+            // while the table is open, and a query reads the latest one.
+            let first = remote.list(table)?;
+            set_listing(&shared, first);
+            let weak = Arc::downgrade(&shared);
+            let r = Arc::clone(&remote);
+            remote.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Some(shared) = weak.upgrade() else { return };
+                    match r.list_async(table).await {
+                        Ok(files) => set_listing(&shared, files),
+                        Err(e) => {
+                            tracing::warn!(table = %table, error = %e, "cannot list Parquet files")
+                        }
+                    }
+                }
+            });
+        }
         Ok(Arc::new(TableStore {
             shared,
             tx: Mutex::new(None),
@@ -468,6 +508,14 @@ impl TableStore {
 impl Drop for TableStore {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Replaces a query node's file list with a new listing.
+fn set_listing(shared: &Shared, files: Vec<ParquetFile>) {
+    if let Some(reader) = &shared.reader {
+        let live = parquet_file::live(files).0;
+        *reader.lock().unwrap_or_else(|p| p.into_inner()) = (Some(Instant::now()), live);
     }
 }
 
@@ -663,6 +711,7 @@ fn flusher(shared: &Shared, jobs: Receiver<FlushJob>) {
         let file = loop {
             let at = parquet_file::Placement {
                 dir: &shared.dir,
+                remote: shared.config.remote.as_deref(),
                 first_seq: job.first_seq,
                 last_seq: job.last_seq,
                 writer: &shared.config.writer,

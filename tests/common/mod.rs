@@ -45,6 +45,11 @@ impl Server {
 
     /// Starts `meshscope <role>` (`serve`, `collector` or `query`).
     pub fn start_role(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_env(role, data_dir, extra, &[])
+    }
+
+    /// Starts `meshscope <role>` with extra environment variables.
+    pub fn start_env(role: &str, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let (grpc, otlp_http, http, pg) = (free_port(), free_port(), free_port(), free_port());
         let log = data_dir.with_extension(format!("{role}.{http}.log"));
         let log_file = std::fs::OpenOptions::new()
@@ -61,6 +66,7 @@ impl Server {
             .args(["--http-addr", &format!("127.0.0.1:{http}")])
             .args(["--pg-addr", &format!("127.0.0.1:{pg}")])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
