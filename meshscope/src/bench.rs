@@ -591,3 +591,222 @@ for _ in range({runs}):
     times.append((time.perf_counter() - t) * 1000)
 print(statistics.median(times))
 "#;
+
+/// One measurement of `bench storage`.
+struct StorageSample {
+    files: usize,
+    bytes: u64,
+    spans: u64,
+    lookup_p50: f64,
+    lookup_p99: f64,
+    service_query_ms: f64,
+    graph_ms: f64,
+}
+
+async fn measure_storage(
+    engine: &meshscope_query::QueryEngine,
+    storage: &meshscope_storage::Storage,
+    ids: &[String],
+    runs: usize,
+) -> Result<StorageSample, String> {
+    use meshscope_proto::Table;
+    use meshscope_query::analysis::graph::ServiceGraph;
+    use meshscope_query::analysis::range::TimeRange;
+    use meshscope_query::analysis::traces;
+
+    let snap = storage.table(Table::Spans).snapshot();
+    let bytes: u64 = snap.files.iter().map(|f| f.size).sum();
+    let count = |sql: &'static str| async move {
+        let r = engine.sql(sql).await.map_err(|e| e.to_string())?;
+        let b = r.batches.first().ok_or("empty answer")?;
+        arrow::util::display::array_value_to_string(b.column(0), 0).map_err(|e| e.to_string())
+    };
+    let spans: u64 = count("SELECT count(*) FROM spans")
+        .await?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut lookups = Vec::new();
+    for id in ids {
+        let t = Instant::now();
+        let found = traces::get(engine, id).await.map_err(|e| e.to_string())?;
+        lookups.push(t.elapsed().as_secs_f64() * 1e3);
+        if found.is_none() {
+            return Err(format!("trace {id} not found"));
+        }
+    }
+    lookups.sort_by(f64::total_cmp);
+    let pct = |p: f64| lookups[((lookups.len() - 1) as f64 * p).round() as usize];
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut service = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        count("SELECT count(*) FROM spans WHERE service_name = 'checkout' AND span_kind = 'SERVER' AND status_code = 'ERROR'").await?;
+        service.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let range = TimeRange {
+        start: chrono::DateTime::from_timestamp_nanos(0),
+        end: chrono::DateTime::from_timestamp_nanos(i64::MAX / 2),
+    };
+    let mut graph = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        ServiceGraph::compute(engine, &range)
+            .await
+            .map_err(|e| e.to_string())?;
+        graph.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(StorageSample {
+        files: snap.files.len(),
+        bytes,
+        spans,
+        lookup_p50: pct(0.5),
+        lookup_p99: pct(0.99),
+        service_query_ms: median(service),
+        graph_ms: median(graph),
+    })
+}
+
+/// `meshscope bench storage`: compaction and retention over a stored data directory.
+pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String> {
+    use meshscope_proto::Table;
+    use meshscope_query::engine::EngineConfig;
+    use meshscope_query::{Executor, QueryEngine};
+    use meshscope_storage::{CompactionPolicy, Retention, Storage, StoreConfig};
+
+    let mut config = StoreConfig::new(&args.data_dir);
+    config.retire_grace = Duration::ZERO;
+    let storage = Storage::open(config).map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let executor = Executor::new(cores).map_err(|e| e.to_string())?;
+    let engine = QueryEngine::new(&storage, executor.clone(), EngineConfig::default())
+        .map_err(|e| e.to_string())?;
+    let r = engine
+        .sql(&format!(
+            "SELECT trace_id FROM spans WHERE span_kind = 'SERVER' AND parent_span_id IS NULL LIMIT {}",
+            args.lookups * 50
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut all = Vec::new();
+    for b in &r.batches {
+        for i in 0..b.num_rows() {
+            all.push(
+                arrow::util::display::array_value_to_string(b.column(0), i).unwrap_or_default(),
+            );
+        }
+    }
+    let step = (all.len() / args.lookups.max(1)).max(1);
+    let ids: Vec<String> = all.into_iter().step_by(step).take(args.lookups).collect();
+
+    eprintln!("bench storage: measuring before compaction…");
+    let before = measure_storage(&engine, &storage, &ids, args.runs).await?;
+    eprintln!("  {} files, {} spans", before.files, before.spans);
+
+    let spans = std::sync::Arc::clone(storage.table(Table::Spans));
+    let policy = CompactionPolicy {
+        target_bytes: args.target_bytes,
+        min_files: 2,
+        zstd_level: args.zstd_level,
+    };
+    let started = Instant::now();
+    let compacted = tokio::task::spawn_blocking(move || {
+        let mut n = 0usize;
+        loop {
+            match spans.compact_once(policy) {
+                Ok(Some(c)) => {
+                    n += 1;
+                    eprintln!(
+                        "  compaction {n}: {} files, {} rows, {:.1} MiB -> {:.1} MiB ({:.0} s so far)",
+                        c.inputs,
+                        c.rows,
+                        c.bytes_in as f64 / 1048576.0,
+                        c.bytes_out as f64 / 1048576.0,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        spans.delete_retired(true);
+        Ok(n)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let compaction_secs = started.elapsed().as_secs_f64();
+
+    eprintln!("bench storage: measuring after compaction…");
+    let after = measure_storage(&engine, &storage, &ids, args.runs).await?;
+
+    // Retention by size: keep `keep_share` of the compacted table.
+    let bound = (after.bytes as f64 * args.keep_share) as u64;
+    let spans = std::sync::Arc::clone(storage.table(Table::Spans));
+    let expired = tokio::task::spawn_blocking(move || {
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let e = spans.expire(
+            Retention {
+                max_age: None,
+                max_bytes: Some(bound),
+            },
+            now,
+            &mut Default::default(),
+        );
+        spans.delete_retired(true);
+        e
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let on_disk = dir_bytes(&storage.data_dir().join("spans"), "parquet");
+
+    let per_span = |s: &StorageSample| s.bytes as f64 / s.spans.max(1) as f64;
+    println!("spans                          {}", before.spans);
+    println!("                               before        after compaction");
+    println!(
+        "files                          {:<13} {}",
+        before.files, after.files
+    );
+    println!(
+        "bytes per span                 {:<13.1} {:.1}",
+        per_span(&before),
+        per_span(&after)
+    );
+    println!(
+        "trace by id p50 / p99 (ms)     {:<13} {:.1} / {:.1}",
+        format!("{:.1} / {:.1}", before.lookup_p50, before.lookup_p99),
+        after.lookup_p50,
+        after.lookup_p99
+    );
+    println!(
+        "one service's errors (ms)      {:<13.1} {:.1}",
+        before.service_query_ms, after.service_query_ms
+    );
+    println!(
+        "graph from raw spans (ms)      {:<13.1} {:.1}",
+        before.graph_ms, after.graph_ms
+    );
+    println!(
+        "compaction                     {compacted} compactions in {compaction_secs:.1} s ({:.0} spans/s)",
+        after.spans as f64 / compaction_secs.max(1e-9)
+    );
+    println!(
+        "retention to {:.1} MiB          removed {} files, {} rows; {:.1} MiB on disk ({})",
+        bound as f64 / 1048576.0,
+        expired.files,
+        expired.rows,
+        on_disk as f64 / 1048576.0,
+        if on_disk <= bound {
+            "within the bound"
+        } else {
+            "OVER the bound"
+        }
+    );
+    storage.close();
+    executor.shutdown();
+    Ok(())
+}

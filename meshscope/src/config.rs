@@ -103,6 +103,9 @@ pub struct ServeArgs {
     /// Fewest neighbouring small files worth one compaction [4].
     #[arg(long, env = "MESHSCOPE_COMPACTION_MIN_FILES")]
     pub compaction_min_files: Option<usize>,
+    /// zstd level of compacted files (1-22; higher: smaller, more CPU) [12].
+    #[arg(long, env = "MESHSCOPE_COMPACTION_ZSTD_LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub compaction_zstd_level: Option<i32>,
     /// Keep spans, logs and metrics this many seconds (by their newest row) [forever].
     #[arg(long, env = "MESHSCOPE_RETENTION_MAX_AGE_SECS")]
     pub retention_max_age_secs: Option<u64>,
@@ -155,6 +158,7 @@ struct FileConfig {
     compaction_interval_secs: Option<u64>,
     compaction_target_bytes: Option<u64>,
     compaction_min_files: Option<usize>,
+    compaction_zstd_level: Option<i32>,
     retention_max_age_secs: Option<u64>,
     retention_max_bytes: Option<u64>,
     rollups_retention_max_age_secs: Option<u64>,
@@ -281,6 +285,11 @@ impl ServeArgs {
                 .or(file.compaction_min_files)
                 .unwrap_or(4)
                 .max(2),
+            zstd_level: self
+                .compaction_zstd_level
+                .or(file.compaction_zstd_level)
+                .unwrap_or(12)
+                .clamp(1, 22),
         };
         let signals = Retention {
             max_age: self
@@ -432,6 +441,32 @@ pub enum BenchCommand {
     Ingest(BenchIngestArgs),
     /// Service graph, golden signals and trace lookups over stored spans, against DuckDB.
     Graph(BenchGraphArgs),
+    /// Compaction and retention over a stored data directory (which it changes): bytes per
+    /// span and query times before and after.
+    Storage(BenchStorageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchStorageArgs {
+    /// A data directory filled by `bench ingest --data-dir` (the server must be stopped).
+    /// It is compacted and then trimmed by retention: use a copy.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Size compaction merges files up to, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub target_bytes: u64,
+    /// Runs of each query (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Trace-by-id lookups.
+    #[arg(long, default_value_t = 200)]
+    pub lookups: usize,
+    /// zstd level of the compacted files.
+    #[arg(long, default_value_t = 12)]
+    pub zstd_level: i32,
+    /// Retention's size bound as a share of the compacted spans table (0.5 keeps half).
+    #[arg(long, default_value_t = 0.5)]
+    pub keep_share: f64,
 }
 
 #[derive(Debug, Args)]

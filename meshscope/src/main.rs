@@ -85,6 +85,7 @@ fn main() -> ExitCode {
             Command::Sql(args) => sql_client::run(args).await,
             Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
+            Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,
         }
     });
     match result {

@@ -31,6 +31,8 @@ pub struct CompactionPolicy {
     pub target_bytes: u64,
     /// Merge only runs of at least this many files.
     pub min_files: usize,
+    /// zstd level of the merged files (1-22): higher is smaller and slower.
+    pub zstd_level: i32,
 }
 
 impl Default for CompactionPolicy {
@@ -38,6 +40,7 @@ impl Default for CompactionPolicy {
         CompactionPolicy {
             target_bytes: 64 << 20,
             min_files: 4,
+            zstd_level: 12,
         }
     }
 }
@@ -85,7 +88,7 @@ impl TableStore {
         let started = Instant::now();
         let mut batches = Vec::new();
         for f in &run {
-            match parquet_file::read(f, shared.config.remote.as_deref()) {
+            match parquet_file::read_table(shared.table, f, shared.config.remote.as_deref()) {
                 Ok(b) => batches.extend(b),
                 Err(e) if is_not_found(&e) => {
                     // Removed behind our back (by hand, or a retention pass of another
@@ -106,7 +109,9 @@ impl TableStore {
                 first_seq: first.first_seq,
                 last_seq: last.last_seq,
                 writer: &shared.config.writer,
-                layout: Layout::Compacted,
+                layout: Layout::Compacted {
+                    zstd_level: policy.zstd_level,
+                },
             },
             &batches,
         )?;
@@ -378,6 +383,7 @@ mod tests {
         CompactionPolicy {
             target_bytes: 1 << 30,
             min_files: 2,
+            zstd_level: 3,
         }
     }
 
@@ -531,6 +537,7 @@ mod tests {
         let policy = CompactionPolicy {
             target_bytes: 100,
             min_files: 3,
+            zstd_level: 3,
         };
         // 1, 2 are small but a large file (3) interrupts them; 4..=9 are small.
         let files: Vec<_> = [10, 10, 80, 20, 20, 20, 20, 20, 20]

@@ -61,8 +61,9 @@ impl ParquetFile {
 pub enum Layout {
     /// A flush of the write path: spans by trace, so a trace's spans sit side by side.
     Flushed,
-    /// A compaction's output: by service, then hour, with each trace's spans clustered.
-    Compacted,
+    /// A compaction's output: by service, then hour, with each trace's spans clustered,
+    /// compressed harder (zstd at this level) since it is written once in the background.
+    Compacted { zstd_level: i32 },
 }
 
 /// One key of a sort order.
@@ -101,7 +102,7 @@ fn sort_keys(table: Table, layout: Layout) -> &'static [Key] {
     use Key::{Column as C, Hour as H};
     match (table, layout) {
         (Table::Spans, Layout::Flushed) => &[C("trace_id"), C("start_time")],
-        (Table::Spans, Layout::Compacted) => &[
+        (Table::Spans, Layout::Compacted { .. }) => &[
             C("service_name"),
             H("start_time"),
             C("trace_id"),
@@ -137,8 +138,14 @@ fn unique_columns(table: Table) -> &'static [(&'static str, Option<Encoding>)] {
 }
 
 fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterProperties {
+    let level = match layout {
+        Layout::Flushed => 3,
+        Layout::Compacted { zstd_level } => zstd_level,
+    };
     let mut props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(level).unwrap_or_default(),
+        ))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_data_page_row_count_limit(16 * 1024)
@@ -157,7 +164,7 @@ fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterPropert
         Table::Logs => props = bloom(props, "trace_id", per_group),
         Table::Metrics | Table::Rollups => {}
     }
-    if layout == Layout::Compacted && matches!(table, Table::Spans | Table::Logs) {
+    if matches!(layout, Layout::Compacted { .. }) && matches!(table, Table::Spans | Table::Logs) {
         // Compacted files hold many services; a lookup by service skips the others.
         props = bloom(props, "service_name", 1024);
     }
@@ -310,7 +317,41 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
     })
 }
 
-/// Reads a whole file back (compaction's input).
+/// Gives a batch read from a file written by an older version the table's current schema:
+/// columns matched by name, missing ones null.
+fn adapt(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema() == *schema {
+        return Ok(batch);
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => Ok(Arc::clone(c)),
+            Some(c) => Ok(arrow::compute::cast(c, field.data_type())?),
+            None => Ok(arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
+/// Reads a whole file back in the table's current schema (compaction's input).
+pub fn read_table(
+    table: Table,
+    f: &ParquetFile,
+    remote: Option<&Remote>,
+) -> Result<Vec<RecordBatch>> {
+    let schema = table.schema();
+    read(f, remote)?
+        .into_iter()
+        .map(|b| adapt(b, &schema))
+        .collect()
+}
+
+/// Reads a whole file back as written.
 pub fn read(f: &ParquetFile, remote: Option<&Remote>) -> Result<Vec<RecordBatch>> {
     let batches = if let Some(remote) = remote {
         ParquetRecordBatchReaderBuilder::try_new(remote.get(f)?)?

@@ -33,8 +33,14 @@ impl TimeRange {
         };
         let start = match start {
             Some(s) => parse("start", s)?,
-            None => end - Duration::minutes(15),
+            None => end.checked_sub_signed(Duration::minutes(15)).unwrap_or(end),
         };
+        // Timestamps are nanoseconds in an i64: about 1677 to 2262; stay inside with room.
+        let (lo, hi) = (
+            DateTime::from_timestamp_nanos(i64::MIN / 2),
+            DateTime::from_timestamp_nanos(i64::MAX / 2),
+        );
+        let (start, end) = (start.clamp(lo, hi), end.clamp(lo, hi));
         if start >= end {
             return Err(QueryError::Invalid("start must be before end".into()));
         }
@@ -51,8 +57,8 @@ impl TimeRange {
     /// The same range widened on both sides (to find the other half of a pair).
     pub fn widened(&self, by: Duration) -> TimeRange {
         TimeRange {
-            start: self.start - by,
-            end: self.end + by,
+            start: self.start.checked_sub_signed(by).unwrap_or(self.start),
+            end: self.end.checked_add_signed(by).unwrap_or(self.end),
         }
     }
 
@@ -77,6 +83,25 @@ pub fn ts_literal(t: DateTime<Utc>) -> String {
 /// A SQL string literal: single quotes doubled, so any user text is data, not SQL.
 pub fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod range_limits {
+    use super::*;
+
+    #[test]
+    fn extreme_ranges_are_clamped_not_overflowed() {
+        let now = Utc::now();
+        let r = TimeRange::parse(
+            Some("0001-01-01T00:00:00Z"),
+            Some("9999-12-31T23:59:59Z"),
+            now,
+        )
+        .expect("parse");
+        assert_eq!(r.start, DateTime::from_timestamp_nanos(i64::MIN / 2));
+        let w = r.widened(Duration::hours(1));
+        assert!(w.start <= r.start && w.end >= r.end);
+    }
 }
 
 #[cfg(test)]
