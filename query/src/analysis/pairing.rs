@@ -146,8 +146,8 @@ pub(crate) fn pair(
     }
 
     // (source, target, kind) -> (latencies, errors)
-    let mut edges: HashMap<(u32, u32, NodeKind), (Vec<i64>, u64), ahash::RandomState> =
-        HashMap::default();
+    type Tally = (Vec<i64>, u64);
+    let mut edges: HashMap<(u32, u32, NodeKind), Tally, ahash::RandomState> = HashMap::default();
     let user = names.id("user");
     let mut paired = vec![false; rows.len()];
     for r in &rows {
@@ -180,14 +180,16 @@ pub(crate) fn pair(
         }
     }
     for (i, r) in rows.iter().enumerate() {
-        if (r.kind == CLIENT || r.kind == PRODUCER) && r.in_range && !paired[i] {
-            if let Some(peer) = r.peer {
-                let e = edges
-                    .entry((r.service, peer, NodeKind::Virtual))
-                    .or_default();
-                e.0.push(r.duration);
-                e.1 += u64::from(r.error);
-            }
+        if (r.kind == CLIENT || r.kind == PRODUCER)
+            && r.in_range
+            && !paired[i]
+            && let Some(peer) = r.peer
+        {
+            let e = edges
+                .entry((r.service, peer, NodeKind::Virtual))
+                .or_default();
+            e.0.push(r.duration);
+            e.1 += u64::from(r.error);
         }
     }
     Ok(edges
