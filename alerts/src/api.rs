@@ -128,7 +128,9 @@ async fn alerts(State(a): State<Alerting>, Query(p): Query<HashMap<String, Strin
     {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({ "error": format!("state must be pending, firing or resolved, got {s:?}") })),
+            Json(
+                json!({ "error": format!("state must be pending, firing or resolved, got {s:?}") }),
+            ),
         )
             .into_response();
     }

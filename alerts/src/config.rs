@@ -197,6 +197,9 @@ mod tests {
         assert_eq!(c.receivers[0].format, Format::Json);
         assert_eq!(c.receivers[0].group_by, vec!["alertname"]);
         assert_eq!(c.receivers[0].max_attempts, 5);
-        assert!(toml::from_str::<AlertsConfig>("[[receivers]]\nname = \"x\"\nurl = \"u\"\nretries = 3").is_err());
+        assert!(
+            toml::from_str::<AlertsConfig>("[[receivers]]\nname = \"x\"\nurl = \"u\"\nretries = 3")
+                .is_err()
+        );
     }
 }

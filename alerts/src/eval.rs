@@ -187,9 +187,8 @@ pub fn step(
             continue; // two rows with the same labels: the first wins
         }
         let annotations = annotations_of(rule, &labels, &obs.evidence);
-        let fires_now = |since: DateTime<Utc>| {
-            (now - since).to_std().unwrap_or_default() >= rule.for_
-        };
+        let fires_now =
+            |since: DateTime<Utc>| (now - since).to_std().unwrap_or_default() >= rule.for_;
         match alerts.get_mut(&fp) {
             Some(a) if a.state != AlertState::Resolved => {
                 a.last_seen = now;
@@ -244,7 +243,9 @@ pub fn step(
         .map(|a| a.fingerprint.clone())
         .collect();
     for fp in gone {
-        let Some(a) = alerts.get_mut(&fp) else { continue };
+        let Some(a) = alerts.get_mut(&fp) else {
+            continue;
+        };
         match a.state {
             AlertState::Pending => {
                 alerts.remove(&fp);
@@ -351,7 +352,10 @@ mod tests {
         assert!(m.is_empty(), "still pending at 30 s: {m:?}");
         let m = step(&mut alerts, &r, crossing(0.3), t(60));
         assert_eq!(m.len(), 1);
-        assert_eq!((m[0].from, m[0].to), (Some(AlertState::Pending), Some(AlertState::Firing)));
+        assert_eq!(
+            (m[0].from, m[0].to),
+            (Some(AlertState::Pending), Some(AlertState::Firing))
+        );
         let a = alerts.values().next().expect("alert");
         assert_eq!(a.active_at, t(0));
         assert_eq!(a.fired_at, Some(t(60)));
@@ -360,11 +364,20 @@ mod tests {
         assert_eq!(a.annotations["summary"], "checkout fails 0.3 > 0.1");
         assert_eq!(a.annotations["exemplar_trace_ids"], "ab");
         let m = step(&mut alerts, &r, vec![], t(90));
-        assert_eq!((m[0].from, m[0].to), (Some(AlertState::Firing), Some(AlertState::Resolved)));
-        assert_eq!(alerts.values().next().expect("kept").resolved_at, Some(t(90)));
+        assert_eq!(
+            (m[0].from, m[0].to),
+            (Some(AlertState::Firing), Some(AlertState::Resolved))
+        );
+        assert_eq!(
+            alerts.values().next().expect("kept").resolved_at,
+            Some(t(90))
+        );
         // Crossing again starts over.
         let m = step(&mut alerts, &r, crossing(0.9), t(120));
-        assert_eq!((m[0].from, m[0].to), (Some(AlertState::Resolved), Some(AlertState::Pending)));
+        assert_eq!(
+            (m[0].from, m[0].to),
+            (Some(AlertState::Resolved), Some(AlertState::Pending))
+        );
     }
 
     #[test]

@@ -243,7 +243,8 @@ impl Alerting {
             };
             match result {
                 Ok(crossing) => {
-                    let moves = eval::step(&mut lock(&self.inner.state).alerts, rule, crossing, now);
+                    let moves =
+                        eval::step(&mut lock(&self.inner.state).alerts, rule, crossing, now);
                     for m in &moves {
                         tracing::info!(
                             rule = %rule.name,
@@ -354,7 +355,11 @@ impl Alerting {
                 alerts: carried.iter().map(|(fp, _)| fp.clone()).collect(),
             };
             if self
-                .send(&alertmanager::target(am), body.to_string().into_bytes(), &info)
+                .send(
+                    &alertmanager::target(am),
+                    body.to_string().into_bytes(),
+                    &info,
+                )
                 .await
             {
                 self.mark(&key, &carried);

@@ -90,13 +90,15 @@ pub fn owed(alerts: &Alerts, receiver: &ReceiverConfig) -> (Vec<Notification>, V
         };
         if let Some(state) = change {
             let labels = group_of(a);
-            let n = groups.entry(labels.clone()).or_insert_with(|| Notification {
-                receiver: receiver.name.clone(),
-                group_key: group_key(&labels),
-                group_labels: labels,
-                alerts: Vec::new(),
-                changed: Vec::new(),
-            });
+            let n = groups
+                .entry(labels.clone())
+                .or_insert_with(|| Notification {
+                    receiver: receiver.name.clone(),
+                    group_key: group_key(&labels),
+                    group_labels: labels,
+                    alerts: Vec::new(),
+                    changed: Vec::new(),
+                });
             n.alerts.push(a.clone());
             n.changed.push((a.fingerprint.clone(), state));
         }
@@ -288,7 +290,10 @@ pub async fn send(
             .post(&target.url)
             .timeout(target.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::USER_AGENT, concat!("meshscope/", env!("CARGO_PKG_VERSION")))
+            .header(
+                reqwest::header::USER_AGENT,
+                concat!("meshscope/", env!("CARGO_PKG_VERSION")),
+            )
             .body(body.clone());
         if let Some(sig) = &signature {
             req = req.header(SIGNATURE_HEADER, sig);
@@ -372,7 +377,9 @@ mod tests {
     }
 
     fn alerts(list: Vec<Alert>) -> Alerts {
-        list.into_iter().map(|a| (a.fingerprint.clone(), a)).collect()
+        list.into_iter()
+            .map(|a| (a.fingerprint.clone(), a))
+            .collect()
     }
 
     #[test]
@@ -389,7 +396,10 @@ mod tests {
         ]);
         let (ns, silently) = owed(&set, &r);
         assert_eq!(ns.len(), 2, "one per alertname");
-        let errors = ns.iter().find(|n| n.group_labels["alertname"] == "errors").expect("errors");
+        let errors = ns
+            .iter()
+            .find(|n| n.group_labels["alertname"] == "errors")
+            .expect("errors");
         assert_eq!(errors.changed.len(), 1, "b was told already");
         assert_eq!(errors.alerts.len(), 2, "b rides along");
         assert_eq!(errors.group_key, "{}:{alertname=\"errors\"}");
@@ -423,8 +433,14 @@ mod tests {
         assert_eq!(v["commonLabels"]["service"], "a");
         assert_eq!(v["alerts"][0]["status"], "resolved");
         assert_eq!(v["alerts"][0]["endsAt"], "2027-01-15T08:00:00.000Z");
-        assert_eq!(v["alerts"][0]["generatorURL"], "http://m:8080/api/v1/alerts/rules/errors");
-        assert_eq!(v["alerts"][0]["fingerprint"].as_str().map(str::len), Some(16));
+        assert_eq!(
+            v["alerts"][0]["generatorURL"],
+            "http://m:8080/api/v1/alerts/rules/errors"
+        );
+        assert_eq!(
+            v["alerts"][0]["fingerprint"].as_str().map(str::len),
+            Some(16)
+        );
     }
 
     #[test]

@@ -196,7 +196,8 @@ impl<'a> Observer<'a> {
                 if let (Some(s), Some(tg)) = (source, target)
                     && falling
                 {
-                    out.entry(label(&[("source", s), ("target", tg)])).or_default();
+                    out.entry(label(&[("source", s), ("target", tg)]))
+                        .or_default();
                 }
             }
             Scope::Endpoint { service, endpoint } => {
@@ -258,12 +259,13 @@ impl<'a> Observer<'a> {
             if !t.op.holds(value, t.threshold) {
                 continue;
             }
-            let exemplar_trace_ids = exemplars(self.engine, &t.scope, &labels, t.signal, value, &cur)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "finding exemplar traces failed");
-                    Vec::new()
-                });
+            let exemplar_trace_ids =
+                exemplars(self.engine, &t.scope, &labels, t.signal, value, &cur)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "finding exemplar traces failed");
+                        Vec::new()
+                    });
             out.push(Observation {
                 labels,
                 evidence: Evidence {
@@ -304,7 +306,12 @@ impl<'a> Observer<'a> {
                 ("target".to_string(), e.target.clone()),
                 (
                     "target_kind".to_string(),
-                    if e.target_virtual { "virtual" } else { "service" }.to_string(),
+                    if e.target_virtual {
+                        "virtual"
+                    } else {
+                        "service"
+                    }
+                    .to_string(),
                 ),
             ]
             .into();
@@ -507,7 +514,9 @@ pub async fn sql_rule(engine: &QueryEngine, sql: &str) -> Result<Vec<Observation
         for (col, v) in row {
             match col.as_str() {
                 "value" => {
-                    evidence.value = v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    evidence.value = v
+                        .as_f64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
                 }
                 "trace_id" => evidence.exemplar_trace_ids.extend(text(&v)),
                 "exemplar_trace_ids" => match &v {

@@ -92,8 +92,7 @@ pub enum Signal {
     Errors,
 }
 
-pub const SIGNALS: &str =
-    "error_rate, p50_ms, p95_ms, p99_ms, rate, rate_drop, requests, errors";
+pub const SIGNALS: &str = "error_rate, p50_ms, p95_ms, p99_ms, rate, rate_drop, requests, errors";
 
 impl Signal {
     pub fn parse(s: &str) -> Option<Signal> {
@@ -474,7 +473,9 @@ fn scope_of(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Scope> {
     match spec.scope.as_deref().unwrap_or(inferred) {
         "service" => {
             if spec.source.is_some() || spec.target.is_some() || spec.endpoint.is_some() {
-                problems.push("a service rule takes service only (no source, target or endpoint)".into());
+                problems.push(
+                    "a service rule takes service only (no source, target or endpoint)".into(),
+                );
             }
             Some(Scope::Service(spec.service.clone()))
         }
@@ -490,7 +491,8 @@ fn scope_of(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Scope> {
         },
         "edge" => {
             if spec.service.is_some() || spec.endpoint.is_some() {
-                problems.push("an edge rule takes source and target (not service or endpoint)".into());
+                problems
+                    .push("an edge rule takes source and target (not service or endpoint)".into());
             }
             Some(Scope::Edge {
                 source: spec.source.clone(),
@@ -498,7 +500,9 @@ fn scope_of(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Scope> {
             })
         }
         other => {
-            problems.push(format!("scope must be service, endpoint or edge, got {other:?}"));
+            problems.push(format!(
+                "scope must be service, endpoint or edge, got {other:?}"
+            ));
             None
         }
     }
@@ -507,7 +511,10 @@ fn scope_of(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Scope> {
 /// The checks that need the engine. A SQL rule is parsed, checked read-only and planned
 /// (not run): problems are errors. Services the rule names that have no spans at all are
 /// warnings.
-pub async fn check_with_engine(rule: &Rule, engine: &QueryEngine) -> Result<Vec<String>, RuleError> {
+pub async fn check_with_engine(
+    rule: &Rule,
+    engine: &QueryEngine,
+) -> Result<Vec<String>, RuleError> {
     if let Kind::Sql(sql) = &rule.kind
         && let Err(e) = plan_read_only(engine, sql).await
     {
@@ -582,7 +589,9 @@ mod tests {
         .expect("valid");
         assert_eq!(r.for_, Duration::from_secs(60));
         assert_eq!(r.severity, "critical");
-        let Kind::Threshold(t) = &r.kind else { panic!("threshold") };
+        let Kind::Threshold(t) = &r.kind else {
+            panic!("threshold")
+        };
         assert_eq!(t.scope, Scope::Service(Some("checkout".into())));
         assert_eq!(t.signal, Signal::ErrorRate);
         assert_eq!(t.op, Op::Gt);
@@ -597,7 +606,9 @@ mod tests {
             Origin::Api,
         )
         .expect("edge");
-        let Kind::Threshold(t) = edge.kind else { panic!() };
+        let Kind::Threshold(t) = edge.kind else {
+            panic!()
+        };
         assert_eq!(
             t.scope,
             Scope::Edge {
@@ -610,7 +621,9 @@ mod tests {
             Origin::Api,
         )
         .expect("endpoint");
-        let Kind::Threshold(t) = ep.kind else { panic!() };
+        let Kind::Threshold(t) = ep.kind else {
+            panic!()
+        };
         assert!(matches!(t.scope, Scope::Endpoint { .. }));
         assert_eq!(t.signal, Signal::P95);
     }
@@ -628,10 +641,12 @@ mod tests {
         assert!(all.contains("op must be"), "{all}");
         assert!(all.contains("threshold is required"), "{all}");
 
-        let err = Rule::from_spec(spec("name = \"x\"\nkind = \"sql\""), Origin::Api).expect_err("no sql");
+        let err =
+            Rule::from_spec(spec("name = \"x\"\nkind = \"sql\""), Origin::Api).expect_err("no sql");
         assert!(err.to_string().contains("sql is required"), "{err}");
 
-        let err = Rule::from_spec(spec("name = \"x\"\nkind = \"weird\""), Origin::Api).expect_err("kind");
+        let err =
+            Rule::from_spec(spec("name = \"x\"\nkind = \"weird\""), Origin::Api).expect_err("kind");
         assert!(err.to_string().contains("unknown kind"), "{err}");
 
         let err = Rule::from_spec(
@@ -655,7 +670,13 @@ mod tests {
             Origin::Config,
         )
         .expect("structural");
-        assert!(matches!(s.kind, Kind::Structural(Structural { change: Change::EdgeAppeared, .. })));
+        assert!(matches!(
+            s.kind,
+            Kind::Structural(Structural {
+                change: Change::EdgeAppeared,
+                ..
+            })
+        ));
         let q = Rule::from_spec(
             spec("name = \"q\"\nsql = \"SELECT service_name FROM spans\""),
             Origin::Config,

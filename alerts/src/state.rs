@@ -173,6 +173,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = StateStore::open(dir.path()).expect("open");
         std::fs::write(store.dir().join("state.json"), b"{not json").expect("write");
-        assert!(matches!(store.load_state(), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            store.load_state(),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 }

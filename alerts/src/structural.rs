@@ -51,14 +51,22 @@ pub fn changes(
     };
     match rule.change {
         Change::EdgeAppeared | Change::NewVirtualPeer if previous.is_empty() => Vec::new(),
-        Change::EdgeAppeared => current.difference(previous).filter(wanted).cloned().collect(),
+        Change::EdgeAppeared => current
+            .difference(previous)
+            .filter(wanted)
+            .cloned()
+            .collect(),
         Change::NewVirtualPeer => current
             .difference(previous)
             .filter(|e| e.target_virtual)
             .filter(wanted)
             .cloned()
             .collect(),
-        Change::EdgeVanished => previous.difference(current).filter(wanted).cloned().collect(),
+        Change::EdgeVanished => previous
+            .difference(current)
+            .filter(wanted)
+            .cloned()
+            .collect(),
     }
 }
 
