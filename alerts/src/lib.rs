@@ -122,7 +122,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Alerting {
     /// Checks the config's rules (a bad one stops start-up), loads the rules made through
-    /// the API and the persisted alert state.
+    /// the API and the persisted alert state. `external_url` is the base of links in
+    /// notifications unless the config sets `external-url`.
     pub async fn open(
         engine: QueryEngine,
         data_dir: &Path,
@@ -183,11 +184,17 @@ impl Alerting {
                 name: "*".into(),
                 problem: format!("cannot build the HTTP client: {e}"),
             })?;
+        let external_url = config
+            .external_url
+            .clone()
+            .unwrap_or(external_url)
+            .trim_end_matches('/')
+            .to_string();
         Ok(Alerting {
             inner: Arc::new(Inner {
                 engine,
                 config,
-                external_url: external_url.trim_end_matches('/').to_string(),
+                external_url,
                 clock,
                 sleeper,
                 client,

@@ -102,6 +102,8 @@ struct FileConfig {
     signals_delay_secs: Option<u64>,
     rollup_interval_secs: Option<u64>,
     rollup_delay_secs: Option<u64>,
+    /// `[alerts]`: rules, receivers, evaluation interval (see meshscope-alerts).
+    alerts: Option<meshscope_alerts::AlertsConfig>,
 }
 
 /// Resolved server settings.
@@ -121,6 +123,7 @@ pub struct ServeConfig {
     pub signals_delay: Duration,
     pub rollup_interval: Duration,
     pub rollup_delay: Duration,
+    pub alerts: meshscope_alerts::AlertsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +201,7 @@ impl ServeArgs {
             rollup_interval: secs(self.rollup_interval_secs.or(file.rollup_interval_secs), 15)
                 .max(Duration::from_secs(1)),
             rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
+            alerts: file.alerts.unwrap_or_default(),
         })
     }
 }
@@ -321,6 +325,30 @@ mod tests {
         };
         let err = args.resolve().expect_err("unknown key");
         assert!(err.to_string().contains("invalid config file"), "{err}");
+    }
+
+    #[test]
+    fn alerts_table_in_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "[alerts]\nevaluation-interval-secs = 5\n[[alerts.rules]]\nname = \"r\"\nsignal = \"rate\"\nthreshold = 1.0\n[[alerts.receivers]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/h\"\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = args.resolve().expect("resolve");
+        assert_eq!(c.alerts.evaluation_interval_secs, 5);
+        assert_eq!(c.alerts.rules[0].name, "r");
+        assert_eq!(c.alerts.receivers[0].name, "ops");
+        std::fs::write(&path, "[alerts]\nevaluation-interval = 5\n").expect("write");
+        assert!(
+            args.resolve().is_err(),
+            "unknown keys inside [alerts] are errors too"
+        );
     }
 
     #[test]

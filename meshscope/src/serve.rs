@@ -161,8 +161,20 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         chrono::Duration::from_std(config.rollup_delay).unwrap_or(chrono::Duration::minutes(2)),
     );
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
+    let alerting = meshscope_alerts::Alerting::open(
+        engine.clone(),
+        storage.data_dir(),
+        config.alerts.clone(),
+        format!("http://{}", http_l.local_addr().map_err(|e| e.to_string())?),
+        Arc::new(meshscope_alerts::SystemClock),
+        Arc::new(meshscope_alerts::TokioSleeper),
+    )
+    .await
+    .map_err(|e| format!("cannot start alerting: {e}"))?;
+    let alerts = tokio::spawn(alerting.clone().run(shutdown.wait()));
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
+        .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
         .merge(meshscope_query::analysis::routes::router(engine.clone()));
@@ -195,6 +207,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         let _ = pg.await;
         let _ = counters.await;
         let _ = roller.await;
+        let _ = alerts.await;
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
