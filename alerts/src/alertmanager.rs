@@ -61,3 +61,68 @@ pub fn postable(
     }
     (Value::Array(out), carried)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::eval::{Alert, Evidence};
+
+    fn alert(service: &str, state: AlertState, told: Option<AlertState>) -> Alert {
+        let labels: BTreeMap<String, String> = [
+            ("alertname".to_string(), "r".to_string()),
+            ("service".to_string(), service.to_string()),
+        ]
+        .into();
+        let t = DateTime::from_timestamp(1_800_000_000, 0).expect("t");
+        Alert {
+            rule: "r".into(),
+            fingerprint: crate::eval::fingerprint(&labels),
+            labels,
+            annotations: BTreeMap::new(),
+            state,
+            active_at: t,
+            fired_at: Some(t),
+            resolved_at: (state == AlertState::Resolved)
+                .then_some(t + chrono::Duration::seconds(30)),
+            last_seen: t,
+            evidence: Evidence::default(),
+            notified: told.map(|s| ("am".to_string(), s)).into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn firing_alerts_are_resent_and_resolved_ones_end_once() {
+        let now = DateTime::from_timestamp(1_800_000_060, 0).expect("now");
+        let alerts: Alerts = [
+            alert("a", AlertState::Firing, Some(AlertState::Firing)),
+            alert("b", AlertState::Resolved, Some(AlertState::Firing)),
+            alert("c", AlertState::Resolved, Some(AlertState::Resolved)),
+            alert("d", AlertState::Pending, None),
+        ]
+        .into_iter()
+        .map(|a| (a.fingerprint.clone(), a))
+        .collect();
+        let (body, carried) = postable(&alerts, "am", now, Duration::from_secs(15), "http://m");
+        let by_service: BTreeMap<&str, &str> = body
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|a| {
+                (
+                    a["labels"]["service"].as_str().expect("service"),
+                    a["endsAt"].as_str().expect("endsAt"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            by_service,
+            BTreeMap::from([
+                ("a", "2027-01-15T08:02:00.000Z"), // now + 4 × 15 s
+                ("b", "2027-01-15T08:00:30.000Z"), // when it resolved
+            ])
+        );
+        assert_eq!(carried.len(), 2);
+    }
+}

@@ -248,7 +248,10 @@ impl Alerting {
                 last_duration_ms: started.elapsed().as_millis() as u64,
                 last_error: None,
             };
+            // The rule may have been changed or deleted through the API meanwhile.
+            let current = lock(&self.inner.rules).iter().any(|r| r == rule);
             match result {
+                Ok(_) if !current => continue,
                 Ok(crossing) => {
                     let moves =
                         eval::step(&mut lock(&self.inner.state).alerts, rule, crossing, now);
@@ -269,6 +272,24 @@ impl Alerting {
                 }
             }
             lock(&self.inner.health).insert(rule.name.clone(), health);
+        }
+        // Alerts of rules that no longer exist (removed from the config file, deleted)
+        // resolve, so receivers that heard them fire hear them end.
+        let names: std::collections::HashSet<String> = lock(&self.inner.rules)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        {
+            let mut state = lock(&self.inner.state);
+            let orphans: std::collections::BTreeSet<String> = state
+                .alerts
+                .values()
+                .filter(|a| !names.contains(&a.rule) && a.state != AlertState::Resolved)
+                .map(|a| a.rule.clone())
+                .collect();
+            for rule in orphans {
+                eval::resolve_rule(&mut state.alerts, &rule, now);
+            }
         }
         let keep = chrono::Duration::seconds(self.inner.config.keep_resolved_secs as i64);
         eval::forget_resolved(

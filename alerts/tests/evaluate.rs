@@ -719,3 +719,49 @@ async fn the_api_validates_persists_and_protects_config_rules() {
         .expect("alerts");
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_json_format_and_deleting_a_rule_resolves_its_alerts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut e = Engine::open(&dir.path().join("data"));
+    let (addr, got) = receiver().await;
+    let traces = e
+        .requests("checkout", t0() - chrono::Duration::seconds(10), 10, 6)
+        .await;
+    let clock = ManualClock::new(t0());
+    let mut cfg = config(addr, vec![]);
+    cfg.receivers[0].format = meshscope_alerts::Format::Json;
+    let a = alerting(&e, dir.path(), cfg, &clock, RecordingSleeper::default()).await;
+    let mut spec = error_rule(0);
+    spec.name = "made-by-api".into();
+    let (_, warnings) = a.create_rule(spec).await.expect("create");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    a.evaluate().await;
+    assert_eq!(a.deliver().await, 1);
+    a.delete_rule("made-by-api").expect("delete");
+    assert_eq!(states(&a), vec!["resolved"]);
+    assert_eq!(a.deliver().await, 1);
+    let bodies = got.bodies();
+    assert_eq!(bodies.len(), 2);
+    let firing = &bodies[0];
+    assert_eq!(firing["status"], "firing");
+    let alert = &firing["alerts"][0];
+    assert_eq!(alert["rule"], "made-by-api");
+    assert_eq!(alert["state"], "firing");
+    assert_eq!(alert["evidence"]["value"], 0.6);
+    assert_eq!(alert["evidence"]["threshold"], 0.1);
+    assert_eq!(alert["evidence"]["signal"], "error_rate");
+    let ids = alert["evidence"]["exemplar_trace_ids"]
+        .as_array()
+        .expect("ids");
+    assert_eq!(ids.len(), 5);
+    assert!(
+        ids.iter()
+            .all(|i| traces[..6].iter().any(|t| Some(t.as_str()) == i.as_str()))
+    );
+    assert_eq!(bodies[1]["status"], "resolved");
+    assert_eq!(
+        bodies[1]["alerts"][0]["ends_at"],
+        "2026-11-26T12:00:00.000Z"
+    );
+}
