@@ -765,3 +765,43 @@ async fn plain_json_format_and_deleting_a_rule_resolves_its_alerts() {
         "2026-11-26T12:00:00.000Z"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_hangs_times_out_and_is_recorded() {
+    // The one test that waits for real: a 1 s per-attempt timeout against a receiver that
+    // never answers.
+    let hang = Router::new().route(
+        "/hook",
+        post(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StatusCode::OK
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, hang).await });
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut e = Engine::open(&dir.path().join("data"));
+    e.requests("checkout", t0() - chrono::Duration::seconds(10), 10, 5)
+        .await;
+    let clock = ManualClock::new(t0());
+    let mut cfg = config(addr, vec![error_rule(0)]);
+    cfg.receivers[0].timeout_secs = 1;
+    cfg.receivers[0].max_attempts = 2;
+    let sleeper = RecordingSleeper::default();
+    let a = alerting(&e, dir.path(), cfg, &clock, sleeper.clone()).await;
+    a.evaluate().await;
+    let started = std::time::Instant::now();
+    assert_eq!(a.deliver().await, 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = a.deliveries();
+    assert_eq!(log.len(), 2);
+    for d in &log {
+        assert!(!d.ok);
+        assert_eq!(d.http_status, None);
+        assert_eq!(d.error.as_deref(), Some("timed out after 1s"), "{d:?}");
+    }
+    assert_eq!(sleeper.waits(), vec![Duration::from_millis(100)]);
+}
