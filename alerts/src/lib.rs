@@ -238,6 +238,7 @@ impl Alerting {
     pub async fn evaluate(&self) -> usize {
         let now = self.now();
         let rules = lock(&self.inner.rules).clone();
+        let before = lock(&self.inner.state).alerts.clone();
         let mut observer = observe::Observer::new(&self.inner.engine);
         let mut moved = 0;
         for rule in &rules {
@@ -298,7 +299,11 @@ impl Alerting {
             now,
             keep,
         );
-        self.save();
+        // Written when anything changed (states, values, evidence): nothing to write on
+        // a quiet mesh.
+        if lock(&self.inner.state).alerts != before {
+            self.save();
+        }
         moved
     }
 
@@ -333,7 +338,10 @@ impl Alerting {
     pub async fn deliver(&self) -> usize {
         let _one_round = self.inner.delivering.lock().await;
         let cfg = &self.inner.config;
-        let snapshot = lock(&self.inner.state).alerts.clone();
+        let (snapshot, attempts_before) = {
+            let s = lock(&self.inner.state);
+            (s.alerts.clone(), s.deliveries.back().cloned())
+        };
         let mut jobs = Vec::new();
         for r in &cfg.receivers {
             let (notifications, silently) = notify::owed(&snapshot, r);
@@ -394,7 +402,13 @@ impl Alerting {
                 acknowledged += 1;
             }
         }
-        self.save();
+        let changed = {
+            let s = lock(&self.inner.state);
+            s.alerts != snapshot || s.deliveries.back() != attempts_before.as_ref()
+        };
+        if changed {
+            self.save();
+        }
         acknowledged
     }
 
