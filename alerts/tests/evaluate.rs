@@ -805,3 +805,94 @@ async fn a_receiver_that_hangs_times_out_and_is_recorded() {
     }
     assert_eq!(sleeper.waits(), vec![Duration::from_millis(100)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_edges_and_falling_rates() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut e = Engine::open(&dir.path().join("data"));
+    let (addr, _got) = receiver().await;
+    // checkout: 20 requests in the window before, 4 in this one (an 80% drop); all on
+    // the endpoint "GET /cart", 2 of the recent 4 failing.
+    e.requests("checkout", t0() - chrono::Duration::seconds(90), 20, 0)
+        .await;
+    let recent = e
+        .requests("checkout", t0() - chrono::Duration::seconds(30), 4, 2)
+        .await;
+    // search: traffic before, none now.
+    e.requests("search", t0() - chrono::Duration::seconds(90), 5, 0)
+        .await;
+    e.call("frontend", "cart", t0() - chrono::Duration::seconds(20))
+        .await;
+    let rules: Vec<RuleSpec> = toml::from_str::<BTreeMap<String, Vec<RuleSpec>>>(
+        r#"
+        [[r]]
+        name = "drop"
+        signal = "rate_drop"
+        window-secs = 60
+        threshold = 0.5
+        [[r]]
+        name = "silent"
+        signal = "rate"
+        service = "search"
+        op = "<"
+        threshold = 0.01
+        window-secs = 60
+        [[r]]
+        name = "endpoint-errors"
+        signal = "error_rate"
+        service = "checkout"
+        endpoint = "GET /cart"
+        threshold = 0.25
+        window-secs = 60
+        [[r]]
+        name = "edge-slow"
+        signal = "p95_ms"
+        source = "frontend"
+        target = "cart"
+        threshold = 2.0
+        window-secs = 60
+        "#,
+    )
+    .expect("rules")
+    .remove("r")
+    .expect("r");
+    let clock = ManualClock::new(t0());
+    let a = alerting(
+        &e,
+        dir.path(),
+        config(addr, rules),
+        &clock,
+        RecordingSleeper::default(),
+    )
+    .await;
+    a.evaluate().await;
+    let alerts = a.alerts();
+    let of = |rule: &str| -> Vec<&meshscope_alerts::eval::Alert> {
+        alerts.values().filter(|x| x.rule == rule).collect()
+    };
+    let mut drops: Vec<(&str, Option<f64>)> = of("drop")
+        .iter()
+        .map(|x| (x.labels["service"].as_str(), x.evidence.value))
+        .collect();
+    drops.sort_by(|x, y| x.0.cmp(y.0));
+    assert_eq!(drops, vec![("checkout", Some(0.8)), ("search", Some(1.0))]);
+    let silent = of("silent");
+    assert_eq!(silent.len(), 1);
+    assert_eq!(silent[0].evidence.value, Some(0.0));
+    let ep = of("endpoint-errors");
+    assert_eq!(ep.len(), 1);
+    assert_eq!(ep[0].labels["endpoint"], "GET /cart");
+    assert_eq!(ep[0].evidence.value, Some(0.5));
+    assert_eq!(ep[0].evidence.exemplar_trace_ids.len(), 2);
+    assert!(
+        ep[0]
+            .evidence
+            .exemplar_trace_ids
+            .iter()
+            .all(|t| recent[..2].contains(t))
+    );
+    let slow = of("edge-slow");
+    assert_eq!(slow.len(), 1);
+    assert_eq!(slow[0].evidence.value, Some(3.0));
+    assert_eq!(slow[0].evidence.exemplar_trace_ids.len(), 1);
+}
