@@ -273,6 +273,25 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
         "{log}"
     );
 
+    // meshscope's own /metrics counts them.
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+    };
+    assert_eq!(sample("meshscope_alerts{state=\"firing\"}"), 1.0);
+    assert!(sample("meshscope_alert_notification_attempts_total{outcome=\"ok\"}") >= 1.0);
+    assert!(sample("meshscope_alert_rule_evaluations_total{result=\"ok\"}") >= 2.0);
+
     // Structural: frontend→cart in the previous window; now frontend→cart and a new
     // frontend→payments.
     let mut spans = call("frontend", "cart", 30);
@@ -480,4 +499,38 @@ async fn pushes_to_a_real_alertmanager() {
         format!("alertmanager:http://127.0.0.1:{}", am.port)
     );
     assert_eq!(first["ok"], true, "{log}");
+}
+
+#[test]
+fn a_bad_rule_in_the_config_file_stops_start_up_with_its_problems() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[alerts.rules]]\nname = \"x\"\nsignal = \"latency\"\n\n[[alerts.rules]]\nname = \"y\"\nsql = \"DELETE FROM spans\"\n",
+    )
+    .expect("write");
+    let out = Command::new(common::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run meshscope");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot start alerting: invalid rule \"x\""),
+        "{err}"
+    );
+    assert!(err.contains("unknown signal \"latency\""), "{err}");
+    assert!(err.contains("threshold is required"), "{err}");
 }

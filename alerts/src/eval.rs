@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::rfc3339;
 use crate::rule::Rule;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertState {
     Pending,

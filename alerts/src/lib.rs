@@ -39,6 +39,7 @@ pub mod structural;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,19 @@ pub enum AlertsError {
     State(#[from] StateError),
 }
 
+/// Counters for meshscope's own `/metrics`.
+#[derive(Debug, Default)]
+pub struct AlertStats {
+    /// Rule evaluations run.
+    pub evaluations: AtomicU64,
+    /// Rule evaluations whose query failed.
+    pub evaluation_failures: AtomicU64,
+    /// Delivery attempts a receiver acknowledged.
+    pub attempts_ok: AtomicU64,
+    /// Delivery attempts that failed (error, timeout, non-2xx).
+    pub attempts_failed: AtomicU64,
+}
+
 /// The last evaluation of one rule.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RuleHealth {
@@ -100,6 +114,7 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// One delivery round at a time.
     delivering: tokio::sync::Mutex<()>,
+    stats: AlertStats,
 }
 
 /// Rule evaluation and delivery for one data directory. Cheap to clone.
@@ -204,6 +219,7 @@ impl Alerting {
                 state: Mutex::new(state),
                 wake: tokio::sync::Notify::new(),
                 delivering: tokio::sync::Mutex::new(()),
+                stats: AlertStats::default(),
             }),
         })
     }
@@ -250,6 +266,7 @@ impl Alerting {
                 last_error: None,
             };
             // The rule may have been changed or deleted through the API meanwhile.
+            self.inner.stats.evaluations.fetch_add(1, Ordering::Relaxed);
             let current = lock(&self.inner.rules).iter().any(|r| r == rule);
             match result {
                 Ok(_) if !current => continue,
@@ -268,6 +285,10 @@ impl Alerting {
                     moved += moves.len();
                 }
                 Err(e) => {
+                    self.inner
+                        .stats
+                        .evaluation_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(rule = %rule.name, error = %e, "evaluating a rule failed");
                     health.last_error = Some(e.to_string());
                 }
@@ -308,6 +329,12 @@ impl Alerting {
     }
 
     fn record(&self, attempt: DeliveryAttempt) {
+        let counter = if attempt.ok {
+            &self.inner.stats.attempts_ok
+        } else {
+            &self.inner.stats.attempts_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         if !attempt.ok {
             tracing::warn!(
                 receiver = %attempt.receiver,
@@ -545,6 +572,20 @@ impl Alerting {
         self.save();
         self.inner.wake.notify_one();
         Ok(())
+    }
+
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> &AlertStats {
+        &self.inner.stats
+    }
+
+    /// How many alerts are in each state now.
+    pub fn counts(&self) -> BTreeMap<AlertState, usize> {
+        let mut out = BTreeMap::new();
+        for a in lock(&self.inner.state).alerts.values() {
+            *out.entry(a.state).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Every alert, pending, firing or recently resolved.

@@ -25,6 +25,7 @@ pub struct Exposition {
     pub ingest: Arc<IngestStats>,
     pub engine: QueryEngine,
     pub counters: Arc<SpanCounters>,
+    pub alerts: meshscope_alerts::Alerting,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
@@ -169,8 +170,59 @@ impl Exposition {
             "Time spent running SQL statements.",
             &[(String::new(), q.nanos.load(Ordering::Relaxed) as f64 / 1e9)],
         );
+        self.render_alerts(&mut out);
         self.counters.render(&mut out);
         out
+    }
+
+    fn render_alerts(&self, out: &mut String) {
+        use meshscope_alerts::eval::AlertState;
+        let counts = self.alerts.counts();
+        let stats = self.alerts.stats();
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        family(
+            out,
+            "meshscope_alerts",
+            "gauge",
+            "Alerts by state.",
+            &[
+                AlertState::Pending,
+                AlertState::Firing,
+                AlertState::Resolved,
+            ]
+            .map(|s| {
+                (
+                    format!("state=\"{}\"", s.name()),
+                    counts.get(&s).copied().unwrap_or(0) as f64,
+                )
+            }),
+        );
+        family(
+            out,
+            "meshscope_alert_rule_evaluations_total",
+            "counter",
+            "Alert rule evaluations, and those whose query failed.",
+            &[
+                (
+                    "result=\"ok\"".to_string(),
+                    ld(&stats.evaluations) - ld(&stats.evaluation_failures),
+                ),
+                (
+                    "result=\"failed\"".to_string(),
+                    ld(&stats.evaluation_failures),
+                ),
+            ],
+        );
+        family(
+            out,
+            "meshscope_alert_notification_attempts_total",
+            "counter",
+            "Webhook and Alertmanager delivery attempts by outcome.",
+            &[
+                ("outcome=\"ok\"".to_string(), ld(&stats.attempts_ok)),
+                ("outcome=\"failed\"".to_string(), ld(&stats.attempts_failed)),
+            ],
+        );
     }
 
     pub fn router(self) -> Router {

@@ -123,6 +123,17 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     let http_l = bind("HTTP API", config.http_addr).await?;
     let pg_l = bind("Postgres wire protocol", config.pg_addr).await?;
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
+    // Checks the config file's alert rules before anything starts serving.
+    let alerting = meshscope_alerts::Alerting::open(
+        engine.clone(),
+        storage.data_dir(),
+        config.alerts.clone(),
+        format!("http://{}", http_l.local_addr().map_err(|e| e.to_string())?),
+        Arc::new(meshscope_alerts::SystemClock),
+        Arc::new(meshscope_alerts::TokioSleeper),
+    )
+    .await
+    .map_err(|e| format!("cannot start alerting: {e}"))?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
@@ -141,6 +152,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         .with_graceful_shutdown(shutdown.wait())
         .into_future(),
     );
+    let alerts = tokio::spawn(alerting.clone().run(shutdown.wait()));
     let exposition = crate::metrics::Exposition {
         storage: storage.clone(),
         ingest: Arc::clone(ingest.stats()),
@@ -149,6 +161,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
             chrono::Duration::from_std(config.signals_delay)
                 .unwrap_or(chrono::Duration::seconds(30)),
         )),
+        alerts: alerting.clone(),
     };
     let counters = tokio::spawn(
         exposition
@@ -161,17 +174,6 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         chrono::Duration::from_std(config.rollup_delay).unwrap_or(chrono::Duration::minutes(2)),
     );
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
-    let alerting = meshscope_alerts::Alerting::open(
-        engine.clone(),
-        storage.data_dir(),
-        config.alerts.clone(),
-        format!("http://{}", http_l.local_addr().map_err(|e| e.to_string())?),
-        Arc::new(meshscope_alerts::SystemClock),
-        Arc::new(meshscope_alerts::TokioSleeper),
-    )
-    .await
-    .map_err(|e| format!("cannot start alerting: {e}"))?;
-    let alerts = tokio::spawn(alerting.clone().run(shutdown.wait()));
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
         .merge(meshscope_alerts::api::router(alerting))
