@@ -1,7 +1,7 @@
-//! What crosses a rule's threshold now: the golden signals come from the query crate's own
-//! computations (the service graph of `meshscope_query::analysis::graph` for services and
-//! edges, `signals::service` for endpoints), so an alert sees exactly the numbers
-//! `/api/v1/graph` and `/api/v1/services` show for the same window. Evidence (up to 5
+//! What crosses a rule's threshold now: the golden signals of services and edges come from
+//! the query crate's own service graph (`meshscope_query::analysis::graph`), and those of
+//! endpoints from the same query `signals::service` runs, so an alert sees exactly the
+//! numbers `/api/v1/graph` and `/api/v1/services[/{name}]` show for the same window. Evidence (up to 5
 //! exemplar trace ids of failing or slow requests) is a SQL query over `spans`.
 //!
 //! One [`Observer`] lives for one evaluation and computes each window's graph once, however
@@ -13,7 +13,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use meshscope_query::analysis::graph::{ComputedFrom, NodeKind, ServiceGraph, Signals};
 use meshscope_query::analysis::range::{TimeRange, sql_str};
-use meshscope_query::analysis::signals;
 use meshscope_query::api::to_json;
 use meshscope_query::{QueryEngine, QueryError};
 use serde_json::Value;
@@ -85,30 +84,50 @@ impl<'a> Observer<'a> {
         if let Some(v) = self.endpoints.get(&k) {
             return Ok(v.clone());
         }
-        let detail = signals::service(self.engine, range, service).await?;
-        let list: Vec<(String, Signals)> = detail
-            .as_ref()
-            .and_then(|d| d["endpoints"].as_array())
-            .map(|eps| {
-                eps.iter()
-                    .map(|e| {
-                        let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
-                        (
-                            e["name"].as_str().unwrap_or_default().to_string(),
-                            Signals {
-                                requests: e["requests"].as_u64().unwrap_or(0),
-                                errors: e["errors"].as_u64().unwrap_or(0),
-                                error_rate: f("error_rate"),
-                                rate: f("rate"),
-                                p50_ms: f("p50_ms"),
-                                p95_ms: f("p95_ms"),
-                                p99_ms: f("p99_ms"),
-                            },
-                        )
-                    })
-                    .collect()
+        // The endpoint query of `signals::service` (`GET /api/v1/services/{name}`), alone:
+        // that function also computes the graph, the per-minute series and saturation,
+        // which an endpoint rule does not need.
+        let sql = format!(
+            "SELECT coalesce(http_route, span_name) AS endpoint, count(*) AS requests,
+                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
+             FROM spans WHERE {} AND service_name = {} AND span_kind IN ('SERVER', 'CONSUMER')
+             GROUP BY 1",
+            range.sql("start_time"),
+            sql_str(service)
+        );
+        let seconds = range.seconds();
+        let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
+        let list: Vec<(String, Signals)> = json_rows(self.engine, &sql)
+            .await?
+            .iter()
+            .map(|r| {
+                let f = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+                let requests = r.get("requests").and_then(Value::as_u64).unwrap_or(0);
+                let errors = r.get("errors").and_then(Value::as_u64).unwrap_or(0);
+                (
+                    r.get("endpoint")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    Signals {
+                        requests,
+                        errors,
+                        error_rate: if requests == 0 {
+                            0.0
+                        } else {
+                            errors as f64 / requests as f64
+                        },
+                        rate: round3(requests as f64 / seconds),
+                        p50_ms: round3(f("p50_ns") / 1e6),
+                        p95_ms: round3(f("p95_ns") / 1e6),
+                        p99_ms: round3(f("p99_ns") / 1e6),
+                    },
+                )
             })
-            .unwrap_or_default();
+            .collect();
         self.endpoints.insert(k, list.clone());
         Ok(list)
     }
