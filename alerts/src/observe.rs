@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use meshscope_query::analysis::graph::{ComputedFrom, NodeKind, ServiceGraph, Signals};
+use meshscope_query::analysis::graph::{ComputedFrom, ServiceGraph, Signals};
 use meshscope_query::analysis::range::{TimeRange, sql_str};
+use meshscope_query::analysis::signals;
 use meshscope_query::api::to_json;
 use meshscope_query::{QueryEngine, QueryError};
 use serde_json::Value;
@@ -48,10 +49,31 @@ fn windows(now: DateTime<Utc>, w: Duration) -> (TimeRange, TimeRange) {
     )
 }
 
+/// Raw spans for windows up to an hour, per-minute rollups past that (percentiles within
+/// 1%), as the API chooses by default.
+fn path(range: &TimeRange) -> ComputedFrom {
+    ComputedFrom::choose(None, range).unwrap_or(ComputedFrom::Spans)
+}
+
+/// Signals from a JSON answer of the analysis API.
+fn signals_of(e: &Value) -> Signals {
+    let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+    Signals {
+        requests: e["requests"].as_u64().unwrap_or(0),
+        errors: e["errors"].as_u64().unwrap_or(0),
+        error_rate: f("error_rate"),
+        rate: f("rate"),
+        p50_ms: f("p50_ms"),
+        p95_ms: f("p95_ms"),
+        p99_ms: f("p99_ms"),
+    }
+}
+
 /// Computes observations for rules, caching each window's graph.
 pub struct Observer<'a> {
     engine: &'a QueryEngine,
     graphs: HashMap<Key, ServiceGraph>,
+    services: HashMap<Key, Vec<(String, Signals)>>,
     endpoints: HashMap<(Key, String), Vec<(String, Signals)>>,
 }
 
@@ -60,6 +82,7 @@ impl<'a> Observer<'a> {
         Observer {
             engine,
             graphs: HashMap::new(),
+            services: HashMap::new(),
             endpoints: HashMap::new(),
         }
     }
@@ -67,12 +90,37 @@ impl<'a> Observer<'a> {
     async fn graph(&mut self, range: &TimeRange) -> Result<&ServiceGraph, QueryError> {
         let k = key(range);
         if !self.graphs.contains_key(&k) {
-            let g = ServiceGraph::compute_by(self.engine, range, ComputedFrom::Spans).await?;
+            let g = ServiceGraph::compute_by(self.engine, range, path(range)).await?;
             self.graphs.insert(k, g);
         }
         self.graphs
             .get(&k)
             .ok_or_else(|| QueryError::Internal("graph cache".into()))
+    }
+
+    /// Every service's own signals (its SERVER and CONSUMER spans), as
+    /// `GET /api/v1/services` computes them: no pairing needed.
+    async fn services(&mut self, range: &TimeRange) -> Result<Vec<(String, Signals)>, QueryError> {
+        let k = key(range);
+        if let Some(v) = self.services.get(&k) {
+            return Ok(v.clone());
+        }
+        let list: Vec<(String, Signals)> = signals::services(self.engine, range, path(range))
+            .await?
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|e| {
+                        (
+                            e["name"].as_str().unwrap_or_default().to_string(),
+                            signals_of(e),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.services.insert(k, list.clone());
+        Ok(list)
     }
 
     async fn endpoint_signals(
@@ -168,19 +216,15 @@ impl<'a> Observer<'a> {
                     if i == 1 && !falling {
                         break;
                     }
-                    let g = self.graph(range).await?;
-                    for n in g.graph.node_weights() {
-                        if n.kind != NodeKind::Service
-                            || only.as_ref().is_some_and(|s| *s != n.id)
-                            || n.signals.requests == 0 && i == 0 && !falling
-                        {
+                    for (name, signals) in self.services(range).await? {
+                        if only.as_ref().is_some_and(|s| *s != name) {
                             continue;
                         }
-                        let e = out.entry(label(&[("service", &n.id)])).or_default();
+                        let e = out.entry(label(&[("service", &name)])).or_default();
                         if i == 0 {
-                            e.0 = n.signals.clone();
+                            e.0 = signals;
                         } else {
-                            e.1 = n.signals.clone();
+                            e.1 = signals;
                         }
                     }
                 }
