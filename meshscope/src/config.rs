@@ -167,6 +167,8 @@ struct FileConfig {
     storage_url: Option<String>,
     /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
     retention: Option<BTreeMap<String, TableRetention>>,
+    /// `[alerts]`: rules, receivers, evaluation interval (see meshscope-alerts).
+    alerts: Option<meshscope_alerts::AlertsConfig>,
 }
 
 /// Which parts of meshscope a process runs.
@@ -206,6 +208,7 @@ pub struct ServeConfig {
     pub retire_grace: Duration,
     /// `s3://bucket/prefix`, or `None` for the data directory.
     pub storage_url: Option<String>,
+    pub alerts: meshscope_alerts::AlertsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +396,7 @@ impl ServeArgs {
             rollup_interval: secs(self.rollup_interval_secs.or(file.rollup_interval_secs), 15)
                 .max(Duration::from_secs(1)),
             rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
+            alerts: file.alerts.unwrap_or_default(),
         })
     }
 }
@@ -580,6 +584,30 @@ mod tests {
         .resolve()
         .expect_err("unknown table");
         assert!(err.to_string().contains("spanz"), "{err}");
+    }
+
+    #[test]
+    fn alerts_table_in_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "[alerts]\nevaluation-interval-secs = 5\n[[alerts.rules]]\nname = \"r\"\nsignal = \"rate\"\nthreshold = 1.0\n[[alerts.receivers]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/h\"\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = args.resolve().expect("resolve");
+        assert_eq!(c.alerts.evaluation_interval_secs, 5);
+        assert_eq!(c.alerts.rules[0].name, "r");
+        assert_eq!(c.alerts.receivers[0].name, "ops");
+        std::fs::write(&path, "[alerts]\nevaluation-interval = 5\n").expect("write");
+        assert!(
+            args.resolve().is_err(),
+            "unknown keys inside [alerts] are errors too"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct Exposition {
     pub ingest: Option<Arc<IngestStats>>,
     pub engine: Option<QueryEngine>,
     pub counters: Option<Arc<SpanCounters>>,
+    pub alerts: Option<meshscope_alerts::Alerting>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
@@ -251,6 +252,9 @@ impl Exposition {
         if let Some(c) = &self.counters {
             c.render(&mut out);
         }
+        if let Some(alerts) = &self.alerts {
+            render_alerts(alerts, &mut out);
+        }
         out
     }
 
@@ -291,4 +295,55 @@ impl Exposition {
             }
         }
     }
+}
+
+fn render_alerts(alerts: &meshscope_alerts::Alerting, out: &mut String) {
+    use meshscope_alerts::eval::AlertState;
+    let counts = alerts.counts();
+    let stats = alerts.stats();
+
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    family(
+        out,
+        "meshscope_alerts",
+        "gauge",
+        "Alerts by state.",
+        &[
+            AlertState::Pending,
+            AlertState::Firing,
+            AlertState::Resolved,
+        ]
+        .map(|s| {
+            (
+                format!("state=\"{}\"", s.name()),
+                counts.get(&s).copied().unwrap_or(0) as f64,
+            )
+        }),
+    );
+    family(
+        out,
+        "meshscope_alert_rule_evaluations_total",
+        "counter",
+        "Alert rule evaluations, and those whose query failed.",
+        &[
+            (
+                "result=\"ok\"".to_string(),
+                ld(&stats.evaluations) - ld(&stats.evaluation_failures),
+            ),
+            (
+                "result=\"failed\"".to_string(),
+                ld(&stats.evaluation_failures),
+            ),
+        ],
+    );
+    family(
+        out,
+        "meshscope_alert_notification_attempts_total",
+        "counter",
+        "Webhook and Alertmanager delivery attempts by outcome.",
+        &[
+            ("outcome=\"ok\"".to_string(), ld(&stats.attempts_ok)),
+            ("outcome=\"failed\"".to_string(), ld(&stats.attempts_failed)),
+        ],
+    );
 }

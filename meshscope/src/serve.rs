@@ -186,6 +186,17 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     let http_l = bind("HTTP API", config.http_addr).await?;
     let pg_l = bind("Postgres wire protocol", config.pg_addr).await?;
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
+    // Checks the config file's alert rules before anything starts serving.
+    let alerting = meshscope_alerts::Alerting::open(
+        engine.clone(),
+        storage.data_dir(),
+        config.alerts.clone(),
+        format!("http://{}", http_l.local_addr().map_err(|e| e.to_string())?),
+        Arc::new(meshscope_alerts::SystemClock),
+        Arc::new(meshscope_alerts::TokioSleeper),
+    )
+    .await
+    .map_err(|e| format!("cannot start alerting: {e}"))?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
@@ -200,6 +211,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
             &shutdown,
         ));
     }
+    let alerts = tokio::spawn(alerting.clone().run(shutdown.wait()));
     let exposition = crate::metrics::Exposition {
         storage: storage.clone(),
         ingest: (role == Role::Serve).then(|| Arc::clone(ingest.stats())),
@@ -208,6 +220,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
             chrono::Duration::from_std(config.signals_delay)
                 .unwrap_or(chrono::Duration::seconds(30)),
         ))),
+        alerts: Some(alerting.clone()),
     };
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
@@ -229,6 +242,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
+        .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
         .merge(meshscope_query::analysis::routes::router(engine.clone()));
@@ -262,6 +276,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         let _ = pg.await;
         let _ = counters.await;
         let _ = roller.await;
+        let _ = alerts.await;
     };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
@@ -345,6 +360,7 @@ async fn run_collector(
         ingest: Some(Arc::clone(ingest.stats())),
         engine: None,
         counters: None,
+        alerts: None,
     };
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))

@@ -1,0 +1,536 @@
+//! Alerting end to end: the real binary with rules in its `--config` file, spans sent over
+//! OTLP/JSON, and real receivers: a webhook server in the test, and Debian's
+//! `prometheus-alertmanager` (installed by scripts/install-test-deps).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::Server;
+use serde_json::{Value, json};
+
+type Inbox = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
+
+async fn hook(State(inbox): State<Inbox>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    match serde_json::from_slice(&body) {
+        Ok(v) => {
+            inbox.lock().expect("lock").push((headers, v));
+            StatusCode::OK
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// A webhook receiver on 127.0.0.1:0 that keeps every JSON body it gets.
+async fn receiver() -> (SocketAddr, Inbox) {
+    let inbox = Inbox::default();
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(Arc::clone(&inbox));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (addr, inbox)
+}
+
+/// Waits (up to 30 s) until `pick` finds something in the inbox.
+async fn wait_for<T>(
+    inbox: &Inbox,
+    what: &str,
+    pick: impl Fn(&[(HeaderMap, Value)]) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(t) = pick(&inbox.lock().expect("lock")) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within 30 s; got {:#?}",
+            inbox
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+}
+
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn id(bytes: usize) -> String {
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let pid = std::process::id() as u64;
+    format!("{:0width$x}", (pid << 32) | n, width = bytes * 2)
+}
+
+fn span(trace: &str, span_id: &str, parent: &str, kind: i32, start: u64, error: bool) -> Value {
+    json!({
+        "traceId": trace, "spanId": span_id, "parentSpanId": parent,
+        "name": "GET /cart", "kind": kind,
+        "startTimeUnixNano": start.to_string(),
+        "endTimeUnixNano": (start + 4_000_000).to_string(),
+        "status": { "code": if error { 2 } else { 1 } },
+    })
+}
+
+/// OTLP/JSON over HTTP, spans grouped by service.
+async fn send(server: &Server, by_service: Vec<(&str, Vec<Value>)>) {
+    let body = json!({
+        "resourceSpans": by_service.into_iter().map(|(service, spans)| json!({
+            "resource": { "attributes": [
+                { "key": "service.name", "value": { "stringValue": service } }
+            ]},
+            "scopeSpans": [{ "spans": spans }],
+        })).collect::<Vec<_>>()
+    });
+    let r = reqwest::Client::new()
+        .post(server.otlp_url("/v1/traces"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+}
+
+/// `n` entry requests to checkout, the first `errors` failing; their trace ids.
+async fn checkout_requests(server: &Server, n: usize, errors: usize) -> Vec<String> {
+    let start = now_ns() - 2_000_000_000;
+    let mut spans = Vec::new();
+    let mut traces = Vec::new();
+    for i in 0..n {
+        let t = id(16);
+        spans.push(span(
+            &t,
+            &id(8),
+            "",
+            2,
+            start + i as u64 * 1_000_000,
+            i < errors,
+        ));
+        traces.push(t);
+    }
+    send(server, vec![("checkout", spans)]).await;
+    traces
+}
+
+/// One call from `from` to `to` starting `ago_secs` before now.
+fn call(from: &'static str, to: &'static str, ago_secs: u64) -> Vec<(&'static str, Vec<Value>)> {
+    let start = now_ns() - ago_secs * 1_000_000_000;
+    let (t, c) = (id(16), id(8));
+    vec![
+        (from, vec![span(&t, &c, "", 3, start, false)]),
+        (to, vec![span(&t, &id(8), &c, 2, start + 100_000, false)]),
+    ]
+}
+
+fn write_config(dir: &Path, receivers: &str) -> String {
+    let path = dir.join("meshscope.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[alerts]
+evaluation-interval-secs = 1
+
+[[alerts.rules]]
+name = "checkout-errors"
+signal = "error_rate"
+service = "checkout"
+threshold = 0.1
+window-secs = 60
+for-secs = 0
+severity = "critical"
+annotations = {{ summary = "{{{{ $labels.service }}}} fails {{{{ $value }}}} of its requests" }}
+
+[[alerts.rules]]
+name = "frontend-new-edge"
+kind = "edge-appeared"
+source = "frontend"
+window-secs = 20
+
+{receivers}
+"#
+        ),
+    )
+    .expect("config");
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (addr, inbox) = receiver().await;
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[alerts.receivers]]\nname = \"ops\"\nurl = \"http://{addr}/hook\"\nhmac-secret = \"k\"\n"
+        ),
+    );
+    let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
+
+    // 10 requests, 6 failing: 60% > 10%.
+    let traces = checkout_requests(&server, 10, 6).await;
+    let firing = wait_for(&inbox, "checkout-errors notification", |got| {
+        got.iter()
+            .find(|(_, v)| v["groupLabels"]["alertname"] == "checkout-errors")
+            .cloned()
+    })
+    .await;
+    let (headers, v) = firing;
+    assert_eq!(v["version"], "4");
+    assert_eq!(v["status"], "firing");
+    assert_eq!(v["receiver"], "ops");
+    assert_eq!(v["externalURL"], server.url(""));
+    let a = &v["alerts"][0];
+    assert_eq!(a["status"], "firing");
+    assert_eq!(a["labels"]["service"], "checkout");
+    assert_eq!(a["labels"]["severity"], "critical");
+    assert_eq!(a["annotations"]["value"], "0.6");
+    assert_eq!(
+        a["annotations"]["summary"],
+        "checkout fails 0.6 of its requests"
+    );
+    assert_eq!(
+        a["generatorURL"],
+        server.url("/api/v1/alerts/rules/checkout-errors")
+    );
+    let exemplars: Vec<String> = a["annotations"]["exemplar_trace_ids"]
+        .as_str()
+        .expect("exemplar_trace_ids")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(exemplars.len(), 5);
+    assert!(
+        exemplars.iter().all(|x| traces[..6].contains(x)),
+        "{exemplars:?} vs failing {:?}",
+        &traces[..6]
+    );
+    let sig = headers
+        .get("x-meshscope-signature")
+        .and_then(|s| s.to_str().ok())
+        .expect("signed");
+    assert!(sig.starts_with("sha256="), "{sig}");
+
+    // The API shows it, with its evidence, and the attempt that delivered it.
+    let http = reqwest::Client::new();
+    let alerts: Value = http
+        .get(server.url("/api/v1/alerts?state=firing"))
+        .send()
+        .await
+        .expect("alerts")
+        .json()
+        .await
+        .expect("json");
+    let mine = alerts
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|x| x["rule"] == "checkout-errors")
+        .expect("firing alert");
+    assert_eq!(mine["evidence"]["value"], 0.6);
+    assert_eq!(
+        mine["evidence"]["exemplar_trace_ids"]
+            .as_array()
+            .map(Vec::len),
+        Some(5)
+    );
+    let log: Value = http
+        .get(server.url("/api/v1/alerts/deliveries"))
+        .send()
+        .await
+        .expect("deliveries")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        log.as_array()
+            .expect("array")
+            .iter()
+            .any(|d| d["ok"] == true && d["receiver"] == "ops"),
+        "{log}"
+    );
+
+    // meshscope's own /metrics counts them.
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let sample = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{metrics}"))
+    };
+    assert_eq!(sample("meshscope_alerts{state=\"firing\"}"), 1.0);
+    assert!(sample("meshscope_alert_notification_attempts_total{outcome=\"ok\"}") >= 1.0);
+    assert!(sample("meshscope_alert_rule_evaluations_total{result=\"ok\"}") >= 2.0);
+
+    // Structural: frontend→cart in the previous window; now frontend→cart and a new
+    // frontend→payments.
+    let mut spans = call("frontend", "cart", 30);
+    spans.extend(call("frontend", "cart", 2));
+    spans.extend(call("frontend", "payments", 2));
+    send(&server, spans).await;
+    let (_, v) = wait_for(&inbox, "frontend-new-edge notification", |got| {
+        got.iter()
+            .find(|(_, v)| v["groupLabels"]["alertname"] == "frontend-new-edge")
+            .cloned()
+    })
+    .await;
+    let labels = &v["alerts"][0]["labels"];
+    assert_eq!(labels["source"], "frontend");
+    assert_eq!(labels["target"], "payments");
+    assert_eq!(labels["target_kind"], "service");
+    assert_eq!(
+        v["alerts"].as_array().map(Vec::len),
+        Some(1),
+        "cart was there before: {v}"
+    );
+    assert!(
+        v["alerts"][0]["annotations"]["exemplar_trace_ids"]
+            .as_str()
+            .is_some_and(|s| s.len() == 32)
+    );
+
+    // Exactly one firing notification per alert so far (evaluations run every second).
+    let count = |name: &str| {
+        inbox
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, v)| v["groupLabels"]["alertname"] == name && v["status"] == "firing")
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count("checkout-errors"), 1);
+    assert_eq!(count("frontend-new-edge"), 1);
+
+    // A restart neither loses the firing alert nor sends it again.
+    server.terminate();
+    let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count("checkout-errors"), 1, "not re-sent after the restart");
+    let alerts: Value = http
+        .get(server.url("/api/v1/alerts?rule=checkout-errors"))
+        .send()
+        .await
+        .expect("alerts")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(alerts[0]["state"], "firing", "{alerts}");
+
+    // A rule made through the API is evaluated too.
+    let r = http
+        .post(server.url("/api/v1/alerts/rules"))
+        .json(&json!({"name": "checkout-busy", "signal": "requests", "service": "checkout", "op": ">=", "threshold": 10, "window-secs": 120}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    wait_for(&inbox, "checkout-busy notification", |got| {
+        got.iter()
+            .find(|(_, v)| v["groupLabels"]["alertname"] == "checkout-busy")
+            .cloned()
+    })
+    .await;
+}
+
+/// A running `prometheus-alertmanager` on a free loopback port, clustering off.
+struct Alertmanager {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn alertmanager(dir: &Path, webhook: SocketAddr) -> Alertmanager {
+    let cfg = dir.join("alertmanager.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "route:\n  receiver: hook\n  group_by: [alertname]\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: http://{webhook}/hook\n        send_resolved: true\n"
+        ),
+    )
+    .expect("alertmanager.yml");
+    let port = free_port();
+    let storage = dir.join("am-data");
+    std::fs::create_dir_all(&storage).expect("storage dir");
+    let log = std::fs::File::create(dir.join("alertmanager.log")).expect("log");
+    let child = Command::new("/usr/bin/prometheus-alertmanager")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.path={}", storage.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("prometheus-alertmanager (Debian package; scripts/install-test-deps installs it)");
+    let am = Alertmanager { child, port };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_status(port, "/-/ready").ok() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "alertmanager did not start: {}",
+            std::fs::read_to_string(dir.join("alertmanager.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    am
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_real_alertmanager() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (addr, inbox) = receiver().await;
+    let am = alertmanager(dir.path(), addr);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[alerts.alertmanagers]]\nurl = \"http://127.0.0.1:{}\"\n",
+            am.port
+        ),
+    );
+    let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
+    let traces = checkout_requests(&server, 10, 6).await;
+
+    // Read back through Alertmanager's own API.
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alert = loop {
+        let list: Value = http
+            .get(format!("http://127.0.0.1:{}/api/v2/alerts", am.port))
+            .send()
+            .await
+            .expect("GET /api/v2/alerts")
+            .json()
+            .await
+            .expect("json");
+        if let Some(a) = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|a| a["labels"]["alertname"] == "checkout-errors")
+        }) {
+            break a.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alertmanager never got the alert: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alert["status"]["state"], "active");
+    assert_eq!(alert["labels"]["service"], "checkout");
+    assert_eq!(alert["annotations"]["value"], "0.6");
+    let exemplars = alert["annotations"]["exemplar_trace_ids"]
+        .as_str()
+        .expect("exemplars");
+    assert!(
+        exemplars
+            .split(',')
+            .all(|x| traces[..6].iter().any(|t| t == x)),
+        "{exemplars}"
+    );
+    assert_eq!(
+        alert["generatorURL"],
+        server.url("/api/v1/alerts/rules/checkout-errors")
+    );
+
+    // And Alertmanager routes it on to its own webhook receiver.
+    let (_, v) = wait_for(&inbox, "Alertmanager's webhook", |got| {
+        got.iter()
+            .find(|(_, v)| v["groupLabels"]["alertname"] == "checkout-errors")
+            .cloned()
+    })
+    .await;
+    assert_eq!(v["version"], "4");
+    assert_eq!(v["alerts"][0]["labels"]["service"], "checkout");
+
+    let log: Value = http
+        .get(server.url("/api/v1/alerts/deliveries"))
+        .send()
+        .await
+        .expect("deliveries")
+        .json()
+        .await
+        .expect("json");
+    let first = &log[log.as_array().map(Vec::len).unwrap_or(1) - 1];
+    assert_eq!(
+        first["receiver"],
+        format!("alertmanager:http://127.0.0.1:{}", am.port)
+    );
+    assert_eq!(first["ok"], true, "{log}");
+}
+
+#[test]
+fn a_bad_rule_in_the_config_file_stops_start_up_with_its_problems() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[alerts.rules]]\nname = \"x\"\nsignal = \"latency\"\n\n[[alerts.rules]]\nname = \"y\"\nsql = \"DELETE FROM spans\"\n",
+    )
+    .expect("write");
+    let out = Command::new(common::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run meshscope");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot start alerting: invalid rule \"x\""),
+        "{err}"
+    );
+    assert!(err.contains("unknown signal \"latency\""), "{err}");
+    assert!(err.contains("threshold is required"), "{err}");
+}
