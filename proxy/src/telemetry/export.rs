@@ -1,0 +1,188 @@
+//! The batching OTLP/gRPC exporter: every `batch-interval-ms` it drains the queue into
+//! export requests of at most `max-batch` records (spans, log records) and sends the
+//! metric registry's cumulative snapshot. An export that fails or takes longer than
+//! `export-timeout-ms` is abandoned and its records counted as dropped; the queue keeps
+//! filling meanwhile and drops what does not fit, so traffic never waits on the collector.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use super::{Record, Telemetry};
+use crate::config::TelemetryConfig;
+
+pub struct Exporter {
+    config: TelemetryConfig,
+    resource: Resource,
+    queue: mpsc::Receiver<Record>,
+    telemetry: Telemetry,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("invalid OTLP endpoint {0:?}: {1}")]
+    Endpoint(String, String),
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "meshscope-proxy".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
+}
+
+struct Clients {
+    traces: TraceServiceClient<Channel>,
+    metrics: MetricsServiceClient<Channel>,
+    logs: LogsServiceClient<Channel>,
+}
+
+impl Exporter {
+    pub(crate) fn new(
+        config: TelemetryConfig,
+        resource: Resource,
+        queue: mpsc::Receiver<Record>,
+        telemetry: Telemetry,
+    ) -> Exporter {
+        Exporter {
+            config,
+            resource,
+            queue,
+            telemetry,
+        }
+    }
+
+    fn clients(&self) -> Result<Option<Clients>, ExportError> {
+        let Some(url) = &self.config.otlp_endpoint else {
+            return Ok(None);
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| ExportError::Endpoint(url.clone(), e.to_string()))?
+            .connect_timeout(Duration::from_millis(self.config.export_timeout_ms))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Some(Clients {
+            traces: TraceServiceClient::new(channel.clone()),
+            metrics: MetricsServiceClient::new(channel.clone()),
+            logs: LogsServiceClient::new(channel),
+        }))
+    }
+
+    /// Runs until `stop`, then sends what is queued one last time.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), ExportError> {
+        let mut clients = self.clients()?;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.batch_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                () = &mut stop => true,
+            };
+            self.flush(clients.as_mut()).await;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn flush(&mut self, clients: Option<&mut Clients>) {
+        let mut spans = vec![];
+        let mut logs = vec![];
+        while let Ok(r) = self.queue.try_recv() {
+            match r {
+                Record::Span(s) => spans.push(s),
+                Record::Log(l) => logs.push(l),
+            }
+        }
+        let stats = self.telemetry.stats();
+        let Some(c) = clients else {
+            return;
+        };
+        let timeout = Duration::from_millis(self.config.export_timeout_ms);
+        for chunk in spans.chunks(self.config.max_batch) {
+            let n = chunk.len() as u64;
+            let req = self.spans_request(chunk.to_vec());
+            match tokio::time::timeout(timeout, c.traces.export(req)).await {
+                Ok(Ok(_)) => stats.spans_exported.fetch_add(n, Ordering::Relaxed),
+                r => {
+                    tracing::debug!(error = ?r.err(), "span export failed");
+                    stats.export_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.spans_dropped.fetch_add(n, Ordering::Relaxed)
+                }
+            };
+        }
+        for chunk in logs.chunks(self.config.max_batch) {
+            let n = chunk.len() as u64;
+            let req = self.logs_request(chunk.to_vec());
+            match tokio::time::timeout(timeout, c.logs.export(req)).await {
+                Ok(Ok(_)) => stats.logs_exported.fetch_add(n, Ordering::Relaxed),
+                _ => {
+                    stats.export_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.logs_dropped.fetch_add(n, Ordering::Relaxed)
+                }
+            };
+        }
+        let metrics = self.telemetry.registry().snapshot();
+        if !metrics.is_empty() {
+            let req = ExportMetricsServiceRequest {
+                resource_metrics: vec![ResourceMetrics {
+                    resource: Some(self.resource.clone()),
+                    scope_metrics: vec![ScopeMetrics {
+                        scope: Some(scope()),
+                        metrics,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            match tokio::time::timeout(timeout, c.metrics.export(req)).await {
+                Ok(Ok(_)) => stats.metric_exports.fetch_add(1, Ordering::Relaxed),
+                _ => stats.export_failures.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    fn spans_request(&self, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(scope()),
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn logs_request(&self, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(self.resource.clone()),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(scope()),
+                    log_records: records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+}
