@@ -58,7 +58,10 @@ async fn metrics(State(a): State<Admin>) -> String {
     let mut out = String::new();
     a.telemetry.registry().prometheus(&mut out);
     let s = a.telemetry.stats().json();
-    let _ = writeln!(out, "# TYPE meshscope_proxy_telemetry_dropped_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE meshscope_proxy_telemetry_dropped_total counter"
+    );
     for signal in ["spans", "logs"] {
         let _ = writeln!(
             out,
@@ -66,7 +69,10 @@ async fn metrics(State(a): State<Admin>) -> String {
             s[format!("{signal}_dropped")]
         );
     }
-    let _ = writeln!(out, "# TYPE meshscope_proxy_telemetry_exported_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE meshscope_proxy_telemetry_exported_total counter"
+    );
     for signal in ["spans", "logs"] {
         let _ = writeln!(
             out,

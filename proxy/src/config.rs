@@ -61,7 +61,7 @@ impl ServiceIdentity {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Listen {
     /// Inbound listener, in front of the local app (absent: no inbound side).
@@ -75,18 +75,6 @@ pub struct Listen {
     /// Speak h2c (prior knowledge) to the local app instead of HTTP/1.1.
     #[serde(default)]
     pub app_h2c: bool,
-}
-
-impl Default for Listen {
-    fn default() -> Self {
-        Listen {
-            inbound: None,
-            app: None,
-            outbound: None,
-            admin: None,
-            app_h2c: false,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

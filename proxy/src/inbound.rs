@@ -39,7 +39,12 @@ impl<S: HttpService> Service<Request<Body>> for ToApp<S> {
     }
 }
 
-pub fn stack(app: SocketAddr, h2c: bool, telemetry: Telemetry, forward: Forward) -> impl HttpService {
+pub fn stack(
+    app: SocketAddr,
+    h2c: bool,
+    telemetry: Telemetry,
+    forward: Forward,
+) -> impl HttpService {
     ServiceBuilder::new()
         .layer(TraceLayer::new(Direction::Inbound, telemetry))
         .service(ToApp {

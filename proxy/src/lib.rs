@@ -69,6 +69,7 @@ pub struct Proxy {
     pub outbound: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     telemetry: Telemetry,
+    config: ProxyConfig,
     routes: SharedRoutes,
     stop_listeners: watch::Sender<bool>,
     stop_exporter: watch::Sender<bool>,
@@ -76,10 +77,8 @@ pub struct Proxy {
     exporter: JoinHandle<()>,
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 impl Proxy {
@@ -92,8 +91,10 @@ impl Proxy {
             return Err(ProxyError::NothingToDo);
         }
         let (telemetry, exporter) = Telemetry::new(&config.service, &config.telemetry);
-        let routes: SharedRoutes =
-            Arc::new(RwLock::new(Arc::new(Routes::build(&config.destinations, None))));
+        let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(
+            &config.destinations,
+            None,
+        ))));
         let (stop_listeners, stop_l) = watch::channel(false);
         let (stop_exporter, stop_e) = watch::channel(false);
         let forward = layers::forward::Forward::new();
@@ -102,15 +103,28 @@ impl Proxy {
         if let (Some(addr), Some(app)) = (config.listen.inbound, config.listen.app) {
             let l = server::bind("inbound", addr).await?;
             proxy_inbound = l.local_addr().ok();
-            let svc = inbound::stack(app, config.listen.app_h2c, telemetry.clone(), forward.clone());
-            listeners.push(tokio::spawn(server::serve(l, server::boxed(svc), stopped(stop_l.clone()))));
+            let svc = inbound::stack(
+                app,
+                config.listen.app_h2c,
+                telemetry.clone(),
+                forward.clone(),
+            );
+            listeners.push(tokio::spawn(server::serve(
+                l,
+                server::boxed(svc),
+                stopped(stop_l.clone()),
+            )));
         }
         let mut proxy_outbound = None;
         if let Some(addr) = config.listen.outbound {
             let l = server::bind("outbound", addr).await?;
             proxy_outbound = l.local_addr().ok();
             let svc = outbound::stack(Arc::clone(&routes), telemetry.clone(), forward.clone());
-            listeners.push(tokio::spawn(server::serve(l, server::boxed(svc), stopped(stop_l.clone()))));
+            listeners.push(tokio::spawn(server::serve(
+                l,
+                server::boxed(svc),
+                stopped(stop_l.clone()),
+            )));
         }
         let mut proxy_admin = None;
         if let Some(addr) = config.listen.admin {
@@ -141,6 +155,7 @@ impl Proxy {
             outbound: proxy_outbound,
             admin: proxy_admin,
             telemetry,
+            config,
             routes,
             stop_listeners,
             stop_exporter,
@@ -153,10 +168,18 @@ impl Proxy {
         &self.telemetry
     }
 
-    /// Replaces the registry and policies now (what a file change does).
-    pub fn reload(&self, config: &ProxyConfig) -> Result<(), ProxyError> {
+    /// Replaces the registry and policies now (what a file change does); the identity,
+    /// listeners and telemetry settings stay as they started.
+    pub fn set_destinations(
+        &self,
+        destinations: Vec<config::Destination>,
+    ) -> Result<(), ProxyError> {
+        let config = ProxyConfig {
+            destinations,
+            ..self.config.clone()
+        };
         config.validate()?;
-        swap_routes(&self.routes, config);
+        swap_routes(&self.routes, &config);
         Ok(())
     }
 

@@ -54,18 +54,27 @@ impl Routes {
             let old = previous.and_then(|p| p.by_host.get(&d.name.to_ascii_lowercase()));
             let p = &d.policy;
             let keep = |same: bool| same && old.is_some();
-            let retry = p.retry.clone().map(|c| match old.and_then(|o| o.retry.clone()) {
-                Some(r) if keep(r.config == c) => r,
-                _ => Arc::new(RetryPolicy::new(c)),
-            });
-            let breaker = p.breaker.clone().map(|c| match old.and_then(|o| o.breaker.clone()) {
-                Some(b) if keep(b.config == c) => b,
-                _ => Arc::new(Breaker::new(c)),
-            });
-            let bucket = p.rate_limit.clone().map(|c| match old.and_then(|o| o.bucket.clone()) {
-                Some(b) if keep(b.config == c) => b,
-                _ => Arc::new(TokenBucket::new(c)),
-            });
+            let retry = p
+                .retry
+                .clone()
+                .map(|c| match old.and_then(|o| o.retry.clone()) {
+                    Some(r) if keep(r.config == c) => r,
+                    _ => Arc::new(RetryPolicy::new(c)),
+                });
+            let breaker = p
+                .breaker
+                .clone()
+                .map(|c| match old.and_then(|o| o.breaker.clone()) {
+                    Some(b) if keep(b.config == c) => b,
+                    _ => Arc::new(Breaker::new(c)),
+                });
+            let bucket = p
+                .rate_limit
+                .clone()
+                .map(|c| match old.and_then(|o| o.bucket.clone()) {
+                    Some(b) if keep(b.config == c) => b,
+                    _ => Arc::new(TokenBucket::new(c)),
+                });
             let route = Arc::new(Route {
                 peer: Peer {
                     destination: Arc::from(d.name.as_str()),
@@ -124,16 +133,10 @@ impl<S: HttpService> Service<Request<Body>> for Router<S> {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        let route = host_of(&req).and_then(|h| {
-            self.routes
-                .read()
-                .ok()
-                .and_then(|r| r.get(&h).cloned())
-        });
+        let route =
+            host_of(&req).and_then(|h| self.routes.read().ok().and_then(|r| r.get(&h).cloned()));
         let Some(route) = route else {
-            return Box::pin(async {
-                Ok(local_response(StatusCode::NOT_FOUND, "no-route"))
-            });
+            return Box::pin(async { Ok(local_response(StatusCode::NOT_FOUND, "no-route")) });
         };
         let x = req.extensions_mut();
         x.insert(route.peer.clone());
@@ -215,6 +218,9 @@ policy = { breaker = { consecutive-failures = 3 }, timeout-ms = 100 }
         });
         let third = Routes::build(&changed, Some(&again));
         let c3 = third.get("cart").expect("c");
-        assert_eq!(c3.breaker.as_ref().map(|b| b.config.consecutive_failures), Some(9));
+        assert_eq!(
+            c3.breaker.as_ref().map(|b| b.config.consecutive_failures),
+            Some(9)
+        );
     }
 }

@@ -12,8 +12,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::layers::{Body, BoxFuture, HttpService};
 use crate::layers::trace::RemoteAddr;
+use crate::layers::{Body, BoxFuture, HttpService};
 
 /// Serves `listener` with `svc` until `stop`; then lets open requests finish (up to 5 s).
 pub async fn serve(listener: TcpListener, svc: HttpStack, stop: impl Future<Output = ()>) {
@@ -34,12 +34,13 @@ pub async fn serve(listener: TcpListener, svc: HttpStack, stop: impl Future<Outp
         };
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
-        let hyper_svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| -> BoxFuture {
-            let mut req = req.map(to_body);
-            req.extensions_mut().insert(RemoteAddr(peer));
-            // Every layer is always ready (policy refusals are answers, not back-pressure).
-            Box::pin(svc.clone().oneshot(req))
-        });
+        let hyper_svc =
+            hyper::service::service_fn(move |req: hyper::Request<Incoming>| -> BoxFuture {
+                let mut req = req.map(to_body);
+                req.extensions_mut().insert(RemoteAddr(peer));
+                // Every layer is always ready (policy refusals are answers, not back-pressure).
+                Box::pin(svc.clone().oneshot(req))
+            });
         let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {

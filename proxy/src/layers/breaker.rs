@@ -198,20 +198,29 @@ mod tests {
         for _ in 0..3 {
             let r = call(&mut svc, req(&b)).await;
             assert!(r.status().is_server_error());
-            assert_eq!(r.extensions().get::<BreakerState>(), Some(&BreakerState::Closed));
+            assert_eq!(
+                r.extensions().get::<BreakerState>(),
+                Some(&BreakerState::Closed)
+            );
         }
         assert_eq!(b.state(), BreakerState::Open);
         // Open: answered by the proxy, the upstream is not called.
         let r = call(&mut svc, req(&b)).await;
         assert_eq!(r.status(), 503);
-        assert_eq!(r.extensions().get::<BreakerState>(), Some(&BreakerState::Open));
+        assert_eq!(
+            r.extensions().get::<BreakerState>(),
+            Some(&BreakerState::Open)
+        );
         assert_eq!(inner.calls(), 3);
         // After open-ms: one probe, which succeeds and closes the breaker.
         tokio::time::advance(Duration::from_millis(1001)).await;
         assert_eq!(b.state(), BreakerState::HalfOpen);
         let r = call(&mut svc, req(&b)).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(r.extensions().get::<BreakerState>(), Some(&BreakerState::HalfOpen));
+        assert_eq!(
+            r.extensions().get::<BreakerState>(),
+            Some(&BreakerState::HalfOpen)
+        );
         assert_eq!(b.state(), BreakerState::Closed);
     }
 

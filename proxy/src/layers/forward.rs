@@ -137,7 +137,11 @@ impl Service<Request<Body>> for Forward {
                     tracing::debug!(upstream = %addr, error = %e, "upstream request failed");
                     let mut r = local_response(
                         StatusCode::BAD_GATEWAY,
-                        if connect { "connect-failed" } else { "upstream-error" },
+                        if connect {
+                            "connect-failed"
+                        } else {
+                            "upstream-error"
+                        },
                     );
                     if connect {
                         r.extensions_mut().insert(ConnectFailed);
@@ -160,16 +164,20 @@ mod tests {
     #[tokio::test]
     async fn forwards_over_a_real_socket_and_reports_connect_failures() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         let server = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut buf = vec![0u8; 4096];
             let n = s.read(&mut buf).await.expect("read");
             let head = String::from_utf8_lossy(&buf[..n]).to_string();
-            s.write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-                .await
-                .expect("write");
+            s.write_all(
+                b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            )
+            .await
+            .expect("write");
             head
         });
         let mut f = Forward::new();

@@ -176,6 +176,8 @@ pub(crate) mod testing {
     }
 
     pub fn get() -> Request<Body> {
-        Request::get("http://cart/items").body(empty()).expect("request")
+        Request::get("http://cart/items")
+            .body(empty())
+            .expect("request")
     }
 }

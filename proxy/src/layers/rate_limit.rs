@@ -41,7 +41,8 @@ impl TokenBucket {
             return true;
         };
         let now = Instant::now();
-        let refill = now.saturating_duration_since(s.1).as_secs_f64() * self.config.requests_per_sec;
+        let refill =
+            now.saturating_duration_since(s.1).as_secs_f64() * self.config.requests_per_sec;
         s.0 = (s.0 + refill).min(burst);
         s.1 = now;
         if s.0 >= 1.0 {
@@ -82,8 +83,10 @@ impl<S: HttpService> Service<Request<Body>> for RateLimitService<S> {
             && !bucket.try_take()
         {
             let mut r = local_response(StatusCode::TOO_MANY_REQUESTS, "rate-limited");
-            r.headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
             r.extensions_mut().insert(RateLimited);
             return Box::pin(async move { Ok(r) });
         }

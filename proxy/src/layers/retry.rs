@@ -112,7 +112,9 @@ impl RetryPolicy {
     }
 
     fn retryable<B>(&self, r: &http::Response<B>) -> bool {
-        r.extensions().get::<super::forward::ConnectFailed>().is_some()
+        r.extensions()
+            .get::<super::forward::ConnectFailed>()
+            .is_some()
             || self.config.retry_on.contains(&r.status().as_u16())
     }
 }
@@ -155,7 +157,9 @@ impl<S: HttpService> Service<Request<Body>> for RetryService<S> {
         }
         let hint = req.body().size_hint();
         let replayable = req.body().is_end_stream()
-            || hint.upper().is_some_and(|u| u <= policy.config.max_body_bytes);
+            || hint
+                .upper()
+                .is_some_and(|u| u <= policy.config.max_body_bytes);
         if !replayable {
             return Box::pin(self.inner.call(req));
         }

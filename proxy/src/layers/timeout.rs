@@ -90,7 +90,8 @@ mod tests {
     async fn slow_answers_become_504_and_fast_ones_pass() {
         let mut svc = TimeoutLayer.layer(Slow(Duration::from_millis(300)));
         let mut req = get();
-        req.extensions_mut().insert(Timeout(Duration::from_millis(100)));
+        req.extensions_mut()
+            .insert(Timeout(Duration::from_millis(100)));
         let started = tokio::time::Instant::now();
         let r = call(&mut svc, req).await;
         assert_eq!(r.status(), 504);
@@ -98,7 +99,8 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(100));
 
         let mut req = get();
-        req.extensions_mut().insert(Timeout(Duration::from_millis(500)));
+        req.extensions_mut()
+            .insert(Timeout(Duration::from_millis(500)));
         assert_eq!(call(&mut svc, req).await.status(), 200);
         // No policy: no limit.
         assert_eq!(call(&mut svc, get()).await.status(), 200);

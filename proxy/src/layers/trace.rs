@@ -52,8 +52,14 @@ pub fn parse_traceparent(v: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     if version.len() != 2 || trace.len() != 32 || parent.len() != 16 || flags.len() != 2 {
         return None;
     }
-    let is_lower_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if ![version, trace, parent, flags].iter().all(|s| is_lower_hex(s)) {
+    let is_lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if ![version, trace, parent, flags]
+        .iter()
+        .all(|s| is_lower_hex(s))
+    {
         return None;
     }
     if version == "ff" || (version == "00" && rest.is_some()) {
@@ -390,17 +396,26 @@ mod tests {
             assert_eq!(parse_traceparent(bad), None, "{bad}");
         }
         // A later version may add fields.
-        assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_some());
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x")
+                .is_some()
+        );
     }
 
     #[test]
     fn a_child_keeps_the_trace_and_state_and_a_root_is_new() {
         let mut h = http::HeaderMap::new();
-        h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
         h.insert(TRACESTATE, HeaderValue::from_static("vendor=x"));
         let c = TraceContext::from_headers(&h);
         assert_eq!(hex::encode(c.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(c.parent.map(hex::encode).as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            c.parent.map(hex::encode).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
         assert_ne!(hex::encode(c.span_id), "00f067aa0ba902b7");
         assert_eq!(c.trace_state.as_deref(), Some("vendor=x"));
         let root = TraceContext::from_headers(&http::HeaderMap::new());
@@ -445,25 +460,51 @@ mod tests {
         let (telemetry, _exporter) = Telemetry::new(&identity, &TelemetryConfig::default());
         let mut svc = TraceLayer::new(Direction::Outbound, telemetry.clone()).layer(Echo);
         let mut req = get();
-        req.headers_mut().insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        req.extensions_mut().insert(Peer { destination: Arc::from("cart"), db_system: None });
+        req.headers_mut().insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        req.extensions_mut().insert(Peer {
+            destination: Arc::from("cart"),
+            db_system: None,
+        });
         let r = call(&mut svc, req).await;
-        let seen = r.headers().get("seen").and_then(|v| v.to_str().ok()).expect("seen").to_string();
+        let seen = r
+            .headers()
+            .get("seen")
+            .and_then(|v| v.to_str().ok())
+            .expect("seen")
+            .to_string();
         let (t, p, _) = parse_traceparent(&seen).expect("valid");
         assert_eq!(hex::encode(t), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(hex::encode(p), "00f067aa0ba902b7", "the CLIENT span's own id goes on");
-        assert_eq!(r.headers().get("src").map(|v| v.as_bytes()), Some(&b"frontend"[..]));
-        assert_eq!(telemetry.registry().requests(), 0, "not before the body ends");
+        assert_ne!(
+            hex::encode(p),
+            "00f067aa0ba902b7",
+            "the CLIENT span's own id goes on"
+        );
+        assert_eq!(
+            r.headers().get("src").map(|v| v.as_bytes()),
+            Some(&b"frontend"[..])
+        );
+        assert_eq!(
+            telemetry.registry().requests(),
+            0,
+            "not before the body ends"
+        );
         let body = r.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"hello");
         assert_eq!(telemetry.registry().requests(), 1);
 
         // A dropped body still counts.
-        let mut svc = TraceLayer::new(Direction::Inbound, telemetry.clone()).layer(Script::new(&[500]));
+        let mut svc =
+            TraceLayer::new(Direction::Inbound, telemetry.clone()).layer(Script::new(&[500]));
         drop(call(&mut svc, get()).await);
         assert_eq!(telemetry.registry().requests(), 2);
         let mut text = String::new();
         telemetry.registry().prometheus(&mut text);
-        assert!(text.contains("reporter=\"destination\",destination_workload=\"frontend\""), "{text}");
+        assert!(
+            text.contains("reporter=\"destination\",destination_workload=\"frontend\""),
+            "{text}"
+        );
     }
 }

@@ -131,7 +131,11 @@ impl Registry {
             direction,
             destination_service: Arc::clone(destination_service),
         };
-        let g = self.in_flight.read().ok().and_then(|m| m.get(&key).cloned());
+        let g = self
+            .in_flight
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).cloned());
         let g = match g {
             Some(g) => g,
             None => match self.in_flight.write() {
@@ -173,7 +177,11 @@ impl Registry {
                     time_unix_nano: now,
                     count,
                     sum: Some(s.sum_us.load(Ordering::Relaxed) as f64 / 1000.0),
-                    bucket_counts: s.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+                    bucket_counts: s
+                        .buckets
+                        .iter()
+                        .map(|b| b.load(Ordering::Relaxed))
+                        .collect(),
                     explicit_bounds: BOUNDS_MS.to_vec(),
                     ..Default::default()
                 });
@@ -247,7 +255,10 @@ impl Registry {
                     s.count.load(Ordering::Relaxed)
                 );
             }
-            let _ = writeln!(out, "# TYPE meshscope_request_duration_milliseconds histogram");
+            let _ = writeln!(
+                out,
+                "# TYPE meshscope_request_duration_milliseconds histogram"
+            );
             for (k, s) in m.iter() {
                 let labels = k.prometheus_labels();
                 let mut cum = 0;
@@ -321,7 +332,10 @@ mod tests {
             panic!("sum")
         };
         assert!(sum.is_monotonic);
-        assert_eq!(sum.aggregation_temporality, AggregationTemporality::Cumulative as i32);
+        assert_eq!(
+            sum.aggregation_temporality,
+            AggregationTemporality::Cumulative as i32
+        );
         let total: f64 = sum
             .data_points
             .iter()
@@ -331,16 +345,22 @@ mod tests {
             })
             .sum();
         assert_eq!(total, 3.0);
-        assert!(sum.data_points.iter().all(|p| p.start_time_unix_nano > 0
-            && p.start_time_unix_nano <= p.time_unix_nano));
+        assert!(
+            sum.data_points
+                .iter()
+                .all(|p| p.start_time_unix_nano > 0 && p.start_time_unix_nano <= p.time_unix_nano)
+        );
         let Some(metric::Data::Histogram(h)) = &m[1].data else {
             panic!("histogram")
         };
         let ok = h
             .data_points
             .iter()
-            .find(|p| p.attributes.iter().any(|a| a.key == "response_code"
-                && format!("{:?}", a.value).contains("\"200\"")))
+            .find(|p| {
+                p.attributes.iter().any(|a| {
+                    a.key == "response_code" && format!("{:?}", a.value).contains("\"200\"")
+                })
+            })
             .expect("200 series");
         assert_eq!(ok.count, 2);
         assert_eq!(ok.bucket_counts[0], 1);

@@ -145,7 +145,10 @@ struct Inner {
 impl Telemetry {
     /// The handle and the exporter that drains its queue (run it with
     /// [`export::Exporter::run`]).
-    pub fn new(identity: &ServiceIdentity, config: &TelemetryConfig) -> (Telemetry, export::Exporter) {
+    pub fn new(
+        identity: &ServiceIdentity,
+        config: &TelemetryConfig,
+    ) -> (Telemetry, export::Exporter) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let mut attributes = vec![
             string_kv("service.name", &identity.name),
@@ -198,7 +201,9 @@ impl Telemetry {
     }
 
     pub fn in_flight(&self, direction: Direction, destination: &Arc<str>) -> metrics::InFlight {
-        self.inner.registry.in_flight(direction.as_str(), destination)
+        self.inner
+            .registry
+            .in_flight(direction.as_str(), destination)
     }
 
     /// Records one finished request: metrics now, span and log record into the queue.
@@ -230,12 +235,18 @@ impl Telemetry {
         };
         let span = self.span(f, &version);
         if queue.try_send(Record::Span(span)).is_err() {
-            self.inner.stats.spans_dropped.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .stats
+                .spans_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
         if self.inner.access_logs {
             let log = self.access_log(f, &dest_workload, &version);
             if queue.try_send(Record::Log(log)).is_err() {
-                self.inner.stats.logs_dropped.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .stats
+                    .logs_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -374,7 +385,11 @@ impl Telemetry {
             body: Some(AnyValue {
                 value: Some(any_value::Value::StringValue(format!(
                     "{} {} {} {:.3}ms {}",
-                    f.method, f.path, f.status, ms, f.direction.as_str()
+                    f.method,
+                    f.path,
+                    f.status,
+                    ms,
+                    f.direction.as_str()
                 ))),
             }),
             attributes: a,
