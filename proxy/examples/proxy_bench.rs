@@ -6,9 +6,10 @@
 //! accepts and discards what the proxy exports, the proxy (this binary in `proxy` mode,
 //! with spans, metrics and access logs on), and nginx (Debian package) as a reverse proxy
 //! with upstream keep-alive. This process is the load generator:
-//! - fixed rate, open loop: request `i` is due at `start + i/rate`; its latency counts
-//!   from when it was due (no coordinated omission); p50 and p99 per path, and the
-//!   difference to the direct path is the added latency;
+//! - fixed rate, open loop: request `i` is sent at `start + i/rate` whatever the earlier
+//!   ones are doing (no coordinated omission); its latency counts from when it was sent
+//!   (tokio's timer wakes up to 1 ms late, the same for every path); p50 and p99 per path,
+//!   and the difference to the direct path is the added latency;
 //! - maximum throughput: `wrk` (Debian package) with 64 connections for `--secs`.
 //!
 //! Each figure is the median of `--runs` runs.
@@ -23,6 +24,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// As in the `meshscope` binary, so `proxy` mode measures what `meshscope proxy` runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -74,7 +79,9 @@ async fn backend(port: u16) -> BoxResult<()> {
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    Bytes::from_static(b"ok\n"),
+                )))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
@@ -85,30 +92,45 @@ async fn backend(port: u16) -> BoxResult<()> {
 
 mod otlp_sink {
     use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService;
-    use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService;
-    use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
-    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
     use tonic::{Request, Response, Status};
 
     pub struct Sink;
 
     #[async_trait::async_trait]
     impl TraceService for Sink {
-        async fn export(&self, _: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        async fn export(
+            &self,
+            _: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
             Ok(Response::new(ExportTraceServiceResponse::default()))
         }
     }
     #[async_trait::async_trait]
     impl MetricsService for Sink {
-        async fn export(&self, _: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        async fn export(
+            &self,
+            _: Request<ExportMetricsServiceRequest>,
+        ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
             Ok(Response::new(ExportMetricsServiceResponse::default()))
         }
     }
     #[async_trait::async_trait]
     impl LogsService for Sink {
-        async fn export(&self, _: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        async fn export(
+            &self,
+            _: Request<ExportLogsServiceRequest>,
+        ) -> Result<Response<ExportLogsServiceResponse>, Status> {
             Ok(Response::new(ExportLogsServiceResponse::default()))
         }
     }
@@ -133,7 +155,9 @@ struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
         }
         std::thread::sleep(Duration::from_millis(300));
         for c in &mut self.0 {
@@ -167,10 +191,13 @@ fn nginx_config(dir: &Path, port: u16, backend: u16) -> String {
     )
 }
 
-fn proxy_config(port: u16, backend: u16, sink: u16) -> String {
+fn proxy_config(port: u16, backend: u16, sink: Option<u16>) -> String {
+    let export = sink
+        .map(|s| format!("otlp-endpoint = \"http://127.0.0.1:{s}\"\n"))
+        .unwrap_or_default();
     format!(
         "[service]\nname = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{port}\"\n\
-         [telemetry]\notlp-endpoint = \"http://127.0.0.1:{sink}\"\nbatch-interval-ms = 1000\n\
+         [telemetry]\n{export}batch-interval-ms = 1000\n\
          [[destination]]\nname = \"backend\"\nendpoint = [{{ address = \"127.0.0.1:{backend}\" }}]\n\
          [destination.policy]\ntimeout-ms = 5000\n\
          retry = {{ max-retries = 2 }}\nbreaker = {{ consecutive-failures = 50 }}\n"
@@ -199,7 +226,9 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usiz
     };
     // Warm the pool.
     for _ in 0..50 {
-        let req = hyper::Request::get(uri.clone()).header("host", "backend").body(Empty::new());
+        let req = hyper::Request::get(uri.clone())
+            .header("host", "backend")
+            .body(Empty::new());
         if let Ok(req) = req
             && let Ok(r) = client.request(req).await
         {
@@ -214,12 +243,16 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usiz
         tokio::time::sleep_until(due).await;
         let client = client.clone();
         let uri = uri.clone();
+        let sent = tokio::time::Instant::now();
         tasks.push(tokio::spawn(async move {
-            let req = hyper::Request::get(uri).header("host", "backend").body(Empty::new()).ok()?;
+            let req = hyper::Request::get(uri)
+                .header("host", "backend")
+                .body(Empty::new())
+                .ok()?;
             let r = client.request(req).await.ok()?;
             let ok = r.status().is_success();
             let _ = r.into_body().collect().await.ok()?;
-            ok.then(|| due.elapsed().as_secs_f64() * 1000.0)
+            ok.then(|| sent.elapsed().as_secs_f64() * 1000.0)
         }));
     }
     let mut lat = Vec::with_capacity(n);
@@ -236,7 +269,13 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usiz
 
 fn wrk(target: SocketAddr, secs: f64) -> Option<f64> {
     let out = Command::new("wrk")
-        .args(["-t1", "-c64", &format!("-d{}s", secs as u64), "-H", "Host: backend"])
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{}s", secs as u64),
+            "-H",
+            "Host: backend",
+        ])
         .arg(format!("http://{target}/"))
         .output()
         .ok()?;
@@ -248,7 +287,11 @@ fn wrk(target: SocketAddr, secs: f64) -> Option<f64> {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 fn orchestrate() -> BoxResult<()> {
@@ -257,23 +300,48 @@ fn orchestrate() -> BoxResult<()> {
     let runs = arg("--runs", 3.0) as usize;
     let me = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
-    let (backend_port, sink_port, proxy_port, nginx_port) = (free_port(), free_port(), free_port(), free_port());
+    let (backend_port, sink_port, proxy_port, nginx_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let quiet_port = free_port();
     let mut procs = Procs(vec![]);
-    procs.0.push(Command::new(&me).args(["backend", &backend_port.to_string()]).spawn()?);
-    procs.0.push(Command::new(&me).args(["sink", &sink_port.to_string()]).spawn()?);
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(&config, proxy_config(proxy_port, backend_port, sink_port))?;
     procs.0.push(
         Command::new(&me)
-            .args(["proxy", &config.display().to_string()])
-            .env("MESHSCOPE_LOG", "warn")
-            .stderr(Stdio::null())
+            .args(["backend", &backend_port.to_string()])
             .spawn()?,
     );
+    procs.0.push(
+        Command::new(&me)
+            .args(["sink", &sink_port.to_string()])
+            .spawn()?,
+    );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        proxy_config(proxy_port, backend_port, Some(sink_port)),
+    )?;
+    let quiet = dir.path().join("quiet.toml");
+    std::fs::write(&quiet, proxy_config(quiet_port, backend_port, None))?;
+    for c in [&config, &quiet] {
+        procs.0.push(
+            Command::new(&me)
+                .args(["proxy", &c.display().to_string()])
+                .env("MESHSCOPE_LOG", "warn")
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
     let nginx_conf = dir.path().join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(dir.path(), nginx_port, backend_port))?;
+    std::fs::write(
+        &nginx_conf,
+        nginx_config(dir.path(), nginx_port, backend_port),
+    )?;
     let nginx = Command::new("nginx")
-        .args(["-c", &nginx_conf.display().to_string(), "-e", &dir.path().join("error.log").display().to_string()])
+        .args([
+            "-c",
+            &nginx_conf.display().to_string(),
+            "-e",
+            &dir.path().join("error.log").display().to_string(),
+        ])
         .stderr(Stdio::null())
         .spawn();
     let have_nginx = match nginx {
@@ -286,7 +354,7 @@ fn orchestrate() -> BoxResult<()> {
             false
         }
     };
-    for p in [backend_port, sink_port, proxy_port] {
+    for p in [backend_port, sink_port, proxy_port, quiet_port] {
         wait_port(p)?;
     }
     if have_nginx {
@@ -294,7 +362,14 @@ fn orchestrate() -> BoxResult<()> {
     }
     let mut targets = vec![
         ("direct", SocketAddr::from(([127, 0, 0, 1], backend_port))),
-        ("meshscope proxy", SocketAddr::from(([127, 0, 0, 1], proxy_port))),
+        (
+            "meshscope proxy",
+            SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+        ),
+        (
+            "meshscope proxy, no export",
+            SocketAddr::from(([127, 0, 0, 1], quiet_port)),
+        ),
     ];
     if have_nginx {
         targets.push(("nginx", SocketAddr::from(([127, 0, 0, 1], nginx_port))));
@@ -303,8 +378,11 @@ fn orchestrate() -> BoxResult<()> {
     if !have_wrk {
         eprintln!("wrk not found; `apt-get install -y wrk` for the throughput figures");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![(vec![], vec![], vec![]); targets.len()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+        vec![(vec![], vec![], vec![]); targets.len()];
     for run in 1..=runs {
         for (i, (name, addr)) in targets.iter().enumerate() {
             eprint!("run {run}/{runs}: {name}: {rate} req/s for {secs} s ... ");
@@ -322,13 +400,21 @@ fn orchestrate() -> BoxResult<()> {
         }
     }
     let (d50, d99) = (median(results[0].0.clone()), median(results[0].1.clone()));
-    println!("\nmedians of {runs} runs; fixed rate {rate} req/s for {secs} s; wrk -t1 -c64 -d{secs}s\n");
+    println!(
+        "\nmedians of {runs} runs; fixed rate {rate} req/s for {secs} s; wrk -t1 -c64 -d{secs}s\n"
+    );
     println!("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (i, (name, _)) in targets.iter().enumerate() {
         let (p50, p99) = (median(results[i].0.clone()), median(results[i].1.clone()));
         let rps = median(results[i].2.clone());
-        let added = |x: f64, d: f64| if i == 0 { "—".to_string() } else { format!("{:.3}", x - d) };
+        let added = |x: f64, d: f64| {
+            if i == 0 {
+                "—".to_string()
+            } else {
+                format!("{:.3}", x - d)
+            }
+        };
         println!(
             "| {name} | {p50:.3} | {p99:.3} | {} | {} | {rps:.0} |",
             added(p50, d50),

@@ -78,7 +78,7 @@ pub struct Listen {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint (absent: telemetry is counted but not exported).
     pub otlp_endpoint: Option<String>,
@@ -87,7 +87,8 @@ pub struct TelemetryConfig {
     /// Records (spans + log records) waiting to be sent; beyond it they are dropped and
     /// counted [20000].
     pub queue_capacity: usize,
-    /// Largest batch of spans or log records in one export request [2000].
+    /// Largest batch of spans or log records in one export request; a full batch is sent
+    /// at once, so export work is spread over the interval [512].
     pub max_batch: usize,
     /// An export that takes longer is abandoned and its records counted as dropped [2000 ms].
     pub export_timeout_ms: u64,
@@ -101,7 +102,7 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             batch_interval_ms: 1000,
             queue_capacity: 20_000,
-            max_batch: 2000,
+            max_batch: 512,
             export_timeout_ms: 2000,
             access_logs: true,
         }
@@ -376,7 +377,7 @@ admin = "127.0.0.1:15000"
 otlp-endpoint = "http://127.0.0.1:4317"
 batch-interval-ms = 1000
 queue-capacity = 20000
-max-batch = 2000
+max-batch = 512
 export-timeout-ms = 2000
 access-logs = true
 
@@ -422,6 +423,11 @@ fault = { delay-percent = 10, delay-ms = 50 }
         let bad_fault = EXAMPLE.replace("delay-percent = 10", "delay-percent = 140");
         let e = ProxyConfig::parse(&bad_fault).expect_err("percent");
         assert!(e.to_string().contains("0–100"), "{e}");
+        // A partial table takes the defaults for the rest.
+        let partial = "[service]\nname = \"a\"\n[telemetry]\nbatch-interval-ms = 200\n";
+        let c = ProxyConfig::parse(partial).expect("partial telemetry");
+        assert_eq!(c.telemetry.queue_capacity, 20_000);
+        assert_eq!(c.telemetry.batch_interval_ms, 200);
         let half = "[service]\nname = \"a\"\n[listen]\ninbound = \"127.0.0.1:1\"\n";
         let e = ProxyConfig::parse(half).expect_err("inbound without app");
         assert!(e.to_string().contains("go together"), "{e}");

@@ -86,8 +86,7 @@ pub struct Decisions {
 }
 
 impl Decisions {
-    pub fn of<B>(r: &Response<B>) -> Decisions {
-        let x = r.extensions();
+    pub fn of(x: &http::Extensions) -> Decisions {
         Decisions {
             retries: x.get::<retry::Retries>().map(|r| r.0).unwrap_or(0),
             breaker: x.get::<breaker::BreakerState>().copied(),

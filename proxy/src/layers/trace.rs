@@ -253,7 +253,7 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
             let (parts, body) = r.into_parts();
             let mut finished = finished;
             finished.status = parts.status.as_u16();
-            finished.decisions = Decisions::of(&http::Response::from_parts(parts.clone(), ()));
+            finished.decisions = Decisions::of(&parts.extensions);
             let pending = Pending {
                 telemetry,
                 finished,

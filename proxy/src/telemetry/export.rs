@@ -83,42 +83,72 @@ impl Exporter {
         }))
     }
 
-    /// Runs until `stop`, then sends what is queued one last time.
+    /// Runs until `stop`, then sends what is queued one last time. Records are taken from
+    /// the queue as they come; a full batch (`max-batch`) is sent at once, the rest and
+    /// the metrics every `batch-interval-ms`.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), ExportError> {
         let mut clients = self.clients()?;
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.batch_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut spans = Vec::new();
+        let mut logs = Vec::new();
+        // Closed when the proxy exports nothing (no endpoint): then only the ticks matter.
+        let mut open = true;
         tokio::pin!(stop);
         loop {
-            let last = tokio::select! {
-                _ = tick.tick() => false,
-                () = &mut stop => true,
-            };
-            self.flush(clients.as_mut()).await;
-            if last {
-                return Ok(());
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.drain(&mut spans, &mut logs);
+                    self.send_spans(clients.as_mut(), std::mem::take(&mut spans)).await;
+                    self.send_logs(clients.as_mut(), std::mem::take(&mut logs)).await;
+                    self.send_metrics(clients.as_mut()).await;
+                }
+                r = self.queue.recv(), if open => {
+                    match r {
+                        Some(Record::Span(s)) => spans.push(s),
+                        Some(Record::Log(l)) => logs.push(l),
+                        None => open = false,
+                    }
+                    if spans.len() >= self.config.max_batch {
+                        self.send_spans(clients.as_mut(), std::mem::take(&mut spans)).await;
+                    }
+                    if logs.len() >= self.config.max_batch {
+                        self.send_logs(clients.as_mut(), std::mem::take(&mut logs)).await;
+                    }
+                }
+                () = &mut stop => {
+                    self.drain(&mut spans, &mut logs);
+                    self.send_spans(clients.as_mut(), spans).await;
+                    self.send_logs(clients.as_mut(), logs).await;
+                    self.send_metrics(clients.as_mut()).await;
+                    return Ok(());
+                }
             }
         }
     }
 
-    async fn flush(&mut self, clients: Option<&mut Clients>) {
-        let mut spans = vec![];
-        let mut logs = vec![];
+    fn drain(&mut self, spans: &mut Vec<Span>, logs: &mut Vec<LogRecord>) {
         while let Ok(r) = self.queue.try_recv() {
             match r {
                 Record::Span(s) => spans.push(s),
                 Record::Log(l) => logs.push(l),
             }
         }
-        let stats = self.telemetry.stats();
-        let Some(c) = clients else {
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.export_timeout_ms)
+    }
+
+    async fn send_spans(&self, clients: Option<&mut Clients>, spans: Vec<Span>) {
+        let (Some(c), false) = (clients, spans.is_empty()) else {
             return;
         };
-        let timeout = Duration::from_millis(self.config.export_timeout_ms);
+        let stats = self.telemetry.stats();
         for chunk in spans.chunks(self.config.max_batch) {
             let n = chunk.len() as u64;
             let req = self.spans_request(chunk.to_vec());
-            match tokio::time::timeout(timeout, c.traces.export(req)).await {
+            match tokio::time::timeout(self.timeout(), c.traces.export(req)).await {
                 Ok(Ok(_)) => stats.spans_exported.fetch_add(n, Ordering::Relaxed),
                 r => {
                     tracing::debug!(error = ?r.err(), "span export failed");
@@ -127,10 +157,17 @@ impl Exporter {
                 }
             };
         }
+    }
+
+    async fn send_logs(&self, clients: Option<&mut Clients>, logs: Vec<LogRecord>) {
+        let (Some(c), false) = (clients, logs.is_empty()) else {
+            return;
+        };
+        let stats = self.telemetry.stats();
         for chunk in logs.chunks(self.config.max_batch) {
             let n = chunk.len() as u64;
             let req = self.logs_request(chunk.to_vec());
-            match tokio::time::timeout(timeout, c.logs.export(req)).await {
+            match tokio::time::timeout(self.timeout(), c.logs.export(req)).await {
                 Ok(Ok(_)) => stats.logs_exported.fetch_add(n, Ordering::Relaxed),
                 _ => {
                     stats.export_failures.fetch_add(1, Ordering::Relaxed);
@@ -138,24 +175,32 @@ impl Exporter {
                 }
             };
         }
+    }
+
+    async fn send_metrics(&self, clients: Option<&mut Clients>) {
+        let Some(c) = clients else {
+            return;
+        };
+        let stats = self.telemetry.stats();
         let metrics = self.telemetry.registry().snapshot();
-        if !metrics.is_empty() {
-            let req = ExportMetricsServiceRequest {
-                resource_metrics: vec![ResourceMetrics {
-                    resource: Some(self.resource.clone()),
-                    scope_metrics: vec![ScopeMetrics {
-                        scope: Some(scope()),
-                        metrics,
-                        ..Default::default()
-                    }],
+        if metrics.is_empty() {
+            return;
+        }
+        let req = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(self.resource.clone()),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope()),
+                    metrics,
                     ..Default::default()
                 }],
-            };
-            match tokio::time::timeout(timeout, c.metrics.export(req)).await {
-                Ok(Ok(_)) => stats.metric_exports.fetch_add(1, Ordering::Relaxed),
-                _ => stats.export_failures.fetch_add(1, Ordering::Relaxed),
-            };
-        }
+                ..Default::default()
+            }],
+        };
+        match tokio::time::timeout(self.timeout(), c.metrics.export(req)).await {
+            Ok(Ok(_)) => stats.metric_exports.fetch_add(1, Ordering::Relaxed),
+            _ => stats.export_failures.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     fn spans_request(&self, spans: Vec<Span>) -> ExportTraceServiceRequest {
