@@ -46,6 +46,26 @@ fn scope() -> InstrumentationScope {
     }
 }
 
+/// The whole batches of `v` (multiples of `n` records), leaving the rest in `v`.
+fn full<T>(v: &mut Vec<T>, n: usize) -> Vec<T> {
+    let whole = v.len() / n * n;
+    let rest = v.split_off(whole);
+    std::mem::replace(v, rest)
+}
+
+/// `v` in owned pieces of at most `n` (no copies).
+fn batches<T>(mut v: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let mut out = vec![];
+    while v.len() > n {
+        let rest = v.split_off(n);
+        out.push(std::mem::replace(&mut v, rest));
+    }
+    if !v.is_empty() {
+        out.push(v);
+    }
+    out
+}
+
 struct Clients {
     traces: TraceServiceClient<Channel>,
     metrics: MetricsServiceClient<Channel>,
@@ -83,17 +103,19 @@ impl Exporter {
         }))
     }
 
-    /// Runs until `stop`, then sends what is queued one last time. Records are taken from
-    /// the queue as they come; a full batch (`max-batch`) is sent at once, the rest and
-    /// the metrics every `batch-interval-ms`.
+    /// Runs until `stop`, then sends what is queued one last time. Every 100 ms full
+    /// batches (`max-batch`) are sent, so export work is spread; the rest and the metrics
+    /// every `batch-interval-ms`. (The queue is read in turns, not per record, so the
+    /// request path never wakes the exporter.)
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), ExportError> {
         let mut clients = self.clients()?;
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.batch_interval_ms));
+        let every = Duration::from_millis(self.config.batch_interval_ms);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pace = tokio::time::interval(every.min(Duration::from_millis(100)));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut spans = Vec::new();
         let mut logs = Vec::new();
-        // Closed when the proxy exports nothing (no endpoint): then only the ticks matter.
-        let mut open = true;
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -103,18 +125,15 @@ impl Exporter {
                     self.send_logs(clients.as_mut(), std::mem::take(&mut logs)).await;
                     self.send_metrics(clients.as_mut()).await;
                 }
-                r = self.queue.recv(), if open => {
-                    match r {
-                        Some(Record::Span(s)) => spans.push(s),
-                        Some(Record::Log(l)) => logs.push(l),
-                        None => open = false,
+                _ = pace.tick() => {
+                    if self.queue.len() < self.config.max_batch {
+                        continue;
                     }
-                    if spans.len() >= self.config.max_batch {
-                        self.send_spans(clients.as_mut(), std::mem::take(&mut spans)).await;
-                    }
-                    if logs.len() >= self.config.max_batch {
-                        self.send_logs(clients.as_mut(), std::mem::take(&mut logs)).await;
-                    }
+                    self.drain(&mut spans, &mut logs);
+                    let s = full(&mut spans, self.config.max_batch);
+                    self.send_spans(clients.as_mut(), s).await;
+                    let l = full(&mut logs, self.config.max_batch);
+                    self.send_logs(clients.as_mut(), l).await;
                 }
                 () = &mut stop => {
                     self.drain(&mut spans, &mut logs);
@@ -145,9 +164,9 @@ impl Exporter {
             return;
         };
         let stats = self.telemetry.stats();
-        for chunk in spans.chunks(self.config.max_batch) {
+        for chunk in batches(spans, self.config.max_batch) {
             let n = chunk.len() as u64;
-            let req = self.spans_request(chunk.to_vec());
+            let req = self.spans_request(chunk);
             match tokio::time::timeout(self.timeout(), c.traces.export(req)).await {
                 Ok(Ok(_)) => stats.spans_exported.fetch_add(n, Ordering::Relaxed),
                 r => {
@@ -164,9 +183,9 @@ impl Exporter {
             return;
         };
         let stats = self.telemetry.stats();
-        for chunk in logs.chunks(self.config.max_batch) {
+        for chunk in batches(logs, self.config.max_batch) {
             let n = chunk.len() as u64;
-            let req = self.logs_request(chunk.to_vec());
+            let req = self.logs_request(chunk);
             match tokio::time::timeout(self.timeout(), c.logs.export(req)).await {
                 Ok(Ok(_)) => stats.logs_exported.fetch_add(n, Ordering::Relaxed),
                 _ => {
