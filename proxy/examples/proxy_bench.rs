@@ -52,7 +52,7 @@ fn main() -> BoxResult<()> {
     match args.get(1).map(String::as_str) {
         Some("backend") => runtime(1)?.block_on(backend(args[2].parse()?)),
         Some("sink") => runtime(1)?.block_on(sink(args[2].parse()?)),
-        Some("proxy") => runtime(0)?.block_on(async {
+        Some("proxy") => runtime(arg("--threads", 0.0) as usize)?.block_on(async {
             meshscope_proxy::run(PathBuf::from(&args[2]), async {
                 let _ = tokio::signal::ctrl_c().await;
             })
@@ -213,8 +213,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
-/// Open-loop load at `rate` for `secs`: (p50, p99) in ms, errors.
-async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usize) {
+/// Open-loop load at `rate` for `secs`: latencies in ms, errors.
+async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (Vec<f64>, usize) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
@@ -222,10 +222,10 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usiz
         .build(connector);
     let uri: hyper::Uri = match format!("http://{target}/").parse() {
         Ok(u) => u,
-        Err(_) => return (f64::NAN, f64::NAN, 0),
+        Err(_) => return (vec![], 0),
     };
     // Warm the pool.
-    for _ in 0..50 {
+    for _ in 0..20 {
         let req = hyper::Request::get(uri.clone())
             .header("host", "backend")
             .body(Empty::new());
@@ -263,8 +263,7 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (f64, f64, usiz
             _ => errors += 1,
         }
     }
-    lat.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&lat, 0.5), percentile(&lat, 0.99), errors)
+    (lat, errors)
 }
 
 fn wrk(target: SocketAddr, secs: f64) -> Option<f64> {
@@ -325,6 +324,7 @@ fn orchestrate() -> BoxResult<()> {
         procs.0.push(
             Command::new(&me)
                 .args(["proxy", &c.display().to_string()])
+                .args(["--threads", &arg("--proxy-threads", 0.0).to_string()])
                 .env("MESHSCOPE_LOG", "warn")
                 .stderr(Stdio::null())
                 .spawn()?,
@@ -384,15 +384,31 @@ fn orchestrate() -> BoxResult<()> {
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
         vec![(vec![], vec![], vec![]); targets.len()];
     for run in 1..=runs {
+        // The paths take turns, one second each, so a noisy neighbour hits them alike.
+        eprint!("run {run}/{runs}: {rate} req/s, {secs} one-second turns per path ");
+        let mut lat: Vec<Vec<f64>> = vec![vec![]; targets.len()];
+        let mut errors = vec![0usize; targets.len()];
+        for _ in 0..(secs as usize) {
+            for (i, (_, addr)) in targets.iter().enumerate() {
+                let (l, e) = rt.block_on(fixed_rate(*addr, rate, 1.0));
+                lat[i].extend(l);
+                errors[i] += e;
+            }
+            eprint!(".");
+        }
+        eprintln!();
         for (i, (name, addr)) in targets.iter().enumerate() {
-            eprint!("run {run}/{runs}: {name}: {rate} req/s for {secs} s ... ");
-            let (p50, p99, errors) = rt.block_on(fixed_rate(*addr, rate, secs));
-            eprint!("p50 {p50:.3} ms, p99 {p99:.3} ms, {errors} errors; ");
+            lat[i].sort_by(|a, b| a.total_cmp(b));
+            let (p50, p99) = (percentile(&lat[i], 0.5), percentile(&lat[i], 0.99));
+            eprint!(
+                "  {name}: p50 {p50:.3} ms, p99 {p99:.3} ms, {} errors",
+                errors[i]
+            );
             results[i].0.push(p50);
             results[i].1.push(p99);
             if have_wrk {
                 let rps = wrk(*addr, secs).unwrap_or(f64::NAN);
-                eprintln!("max {rps:.0} req/s");
+                eprintln!("; max {rps:.0} req/s");
                 results[i].2.push(rps);
             } else {
                 eprintln!();
