@@ -417,7 +417,7 @@ fn orchestrate() -> BoxResult<()> {
     }
     let (d50, d99) = (median(results[0].0.clone()), median(results[0].1.clone()));
     println!(
-        "\nmedians of {runs} runs; fixed rate {rate} req/s for {secs} s; wrk -t1 -c64 -d{secs}s\n"
+        "\nmedians of {runs} runs; fixed rate {rate} req/s, {secs} s per path in 1 s turns; wrk -t1 -c64 -d{secs}s\n"
     );
     println!("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
