@@ -630,3 +630,109 @@ async fn policy_changes_in_the_file_apply_without_a_restart() {
     assert_eq!(get_via(&client, out, "leaf").await.0, 429);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_upstreams_timeouts_and_the_rate_limit_work_through_real_sockets() {
+    // An upstream that says which protocol it was spoken to in, and one that is slow.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let router = axum::Router::new()
+        .route(
+            "/version",
+            axum::routing::get(|req: Request| async move { format!("{:?}", req.version()) }),
+        )
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "late"
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    let mut c = config("caller", None, "http://127.0.0.1:9");
+    c.telemetry.otlp_endpoint = None;
+    let mut h2 = dest(
+        "grpc-ish",
+        &[(addr, "v1", 1)],
+        Policy {
+            timeout_ms: Some(100),
+            ..Default::default()
+        },
+    );
+    h2.h2c = true;
+    let limited = dest(
+        "limited",
+        &[(addr, "v1", 1)],
+        Policy {
+            rate_limit: Some(meshscope_proxy::config::RateLimitConfig {
+                requests_per_sec: 1.0,
+                burst: Some(3.0),
+            }),
+            ..Default::default()
+        },
+    );
+    c.destinations = vec![h2, limited];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("http://{out}/version"))
+        .header("host", "grpc-ish")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_11,
+        "the app spoke HTTP/1.1 to the proxy"
+    );
+    assert_eq!(
+        r.text().await.expect("body"),
+        "HTTP/2.0",
+        "the proxy spoke h2c upstream"
+    );
+
+    let started = Instant::now();
+    let r = client
+        .get(format!("http://{out}/slow"))
+        .header("host", "grpc-ish")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-meshscope-proxy"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut statuses = vec![];
+    for _ in 0..6 {
+        let r = client
+            .get(format!("http://{out}/version"))
+            .header("host", "limited")
+            .send()
+            .await
+            .expect("request");
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429, 429],
+        "a burst of 3, then 1/s"
+    );
+    // Unknown hosts are not routed anywhere.
+    let r = client
+        .get(format!("http://{out}/"))
+        .header("host", "nowhere")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    p.stop().await;
+}
