@@ -88,7 +88,7 @@ pub struct TelemetryConfig {
     /// counted [20000].
     pub queue_capacity: usize,
     /// Largest batch of spans or log records in one export request; a full batch is sent
-    /// at once, so export work is spread over the interval [512].
+    /// within 100 ms, so export work is spread over the interval [512].
     pub max_batch: usize,
     /// An export that takes longer is abandoned and its records counted as dropped [2000 ms].
     pub export_timeout_ms: u64,
