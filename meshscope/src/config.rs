@@ -40,6 +40,29 @@ pub enum Command {
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The bundled sidecar proxy, in front of one service instance.
+    Proxy(ProxyArgs),
+    /// `serve` plus a demo mesh (services behind bundled proxies) and a traffic generator.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The proxy's TOML file (listeners, telemetry, service registry, policies); the
+    /// registry and policies are reloaded when it changes.
+    #[arg(long, env = "MESHSCOPE_PROXY_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The server flags, as for `serve` (data directory default: ./meshscope-demo-data;
+    /// a default port that is taken falls back to a free one).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Requests per second from the traffic generator.
+    #[arg(long, default_value_t = 20.0)]
+    pub rps: f64,
 }
 
 /// Flags of the server roles. Unset flags fall back to the config file, then to defaults.

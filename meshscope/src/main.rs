@@ -9,9 +9,12 @@
 //! - [`metrics`]: `GET /metrics` (own health and golden signals, Prometheus text).
 //! - [`sql_client`]: `meshscope sql "…"` against a running server.
 //! - [`bench`]: `meshscope bench ingest`.
+//! - [`demo`]: `meshscope demo` (serve + a demo mesh behind bundled proxies + traffic).
+//! - `meshscope proxy` runs [`meshscope_proxy::run`].
 
 mod bench;
 mod config;
+mod demo;
 mod metrics;
 mod serve;
 mod sql_client;
@@ -86,6 +89,10 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
             Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,
+            Command::Proxy(args) => meshscope_proxy::run(args.config, stop_signal())
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Demo(args) => demo::run(args, stop_signal()).await,
         }
     });
     match result {

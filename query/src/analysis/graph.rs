@@ -316,8 +316,17 @@ impl ServiceGraph {
                     edge.by_source.insert(name, signals);
                 }
                 None => {
-                    let s = self.node(NodeKind::Service, &source);
-                    let t = self.node(NodeKind::Service, &target);
+                    // An end the spans already know (e.g. a database seen as a virtual
+                    // node) keeps its node; only unknown ends become services.
+                    let known = |g: &Self, id: &str| {
+                        [NodeKind::Service, NodeKind::Virtual]
+                            .into_iter()
+                            .find_map(|k| g.index.get(&(k, id.to_string())).copied())
+                    };
+                    let s = known(self, &source)
+                        .unwrap_or_else(|| self.node(NodeKind::Service, &source));
+                    let t = known(self, &target)
+                        .unwrap_or_else(|| self.node(NodeKind::Service, &target));
                     self.graph.add_edge(
                         s,
                         t,

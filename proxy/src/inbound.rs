@@ -1,0 +1,55 @@
+//! The inbound side: requests to the local app. Records the SERVER span, metrics
+//! (`reporter="destination"`) and the access log, and forwards to the app.
+
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+
+use http::Request;
+use tower::{Service, ServiceBuilder};
+
+use crate::layers::forward::{Forward, H2c};
+use crate::layers::split::Target;
+use crate::layers::trace::TraceLayer;
+use crate::layers::{Body, BoxFuture, HttpService};
+use crate::telemetry::{Direction, Telemetry};
+
+/// Points every request at the app.
+#[derive(Clone)]
+pub struct ToApp<S> {
+    app: SocketAddr,
+    h2c: bool,
+    inner: S,
+}
+
+impl<S: HttpService> Service<Request<Body>> for ToApp<S> {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        req.extensions_mut().insert(Target(self.app));
+        if self.h2c {
+            req.extensions_mut().insert(H2c);
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+pub fn stack(
+    app: SocketAddr,
+    h2c: bool,
+    telemetry: Telemetry,
+    forward: Forward,
+) -> impl HttpService {
+    ServiceBuilder::new()
+        .layer(TraceLayer::new(Direction::Inbound, telemetry))
+        .service(ToApp {
+            app,
+            h2c,
+            inner: forward,
+        })
+}

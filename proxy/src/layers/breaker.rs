@@ -1,0 +1,248 @@
+//! Circuit breaker: after `consecutive-failures` failed answers (5xx, or no connection) in
+//! a row the breaker opens and the proxy answers 503 itself for `open-ms`; then it is
+//! half-open and lets one probe through: success closes it, failure opens it again.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{Body, BoxFuture, HttpService, local_response};
+use crate::config::BreakerConfig;
+
+/// Response extension (and span attribute `meshscope.breaker_state`): the state the
+/// request met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// One destination's breaker (request extension, `Arc`).
+#[derive(Debug)]
+pub struct Breaker {
+    pub config: BreakerConfig,
+    state: Mutex<State>,
+}
+
+enum Admit {
+    Yes(BreakerState),
+    No,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig) -> Breaker {
+        Breaker {
+            config,
+            state: Mutex::new(State::Closed { failures: 0 }),
+        }
+    }
+
+    /// The state now, as a dashboard would show it.
+    pub fn state(&self) -> BreakerState {
+        match self.state.lock().as_deref() {
+            Ok(State::Closed { .. }) => BreakerState::Closed,
+            Ok(State::Open { until }) if Instant::now() < *until => BreakerState::Open,
+            Ok(State::Open { .. }) | Ok(State::HalfOpen { .. }) => BreakerState::HalfOpen,
+            Err(_) => BreakerState::Closed,
+        }
+    }
+
+    fn admit(&self) -> Admit {
+        let Ok(mut s) = self.state.lock() else {
+            return Admit::Yes(BreakerState::Closed);
+        };
+        match *s {
+            State::Closed { .. } => Admit::Yes(BreakerState::Closed),
+            State::Open { until } if Instant::now() < until => Admit::No,
+            State::Open { .. } | State::HalfOpen { probing: false } => {
+                *s = State::HalfOpen { probing: true };
+                Admit::Yes(BreakerState::HalfOpen)
+            }
+            State::HalfOpen { probing: true } => Admit::No,
+        }
+    }
+
+    fn record(&self, admitted_as: BreakerState, ok: bool) {
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        let open = State::Open {
+            until: Instant::now() + Duration::from_millis(self.config.open_ms),
+        };
+        match (&mut *s, admitted_as, ok) {
+            (State::HalfOpen { .. }, BreakerState::HalfOpen, true) => {
+                *s = State::Closed { failures: 0 };
+            }
+            (State::HalfOpen { .. }, BreakerState::HalfOpen, false) => *s = open,
+            (State::Closed { failures }, _, true) => *failures = 0,
+            (State::Closed { failures }, _, false) => {
+                *failures += 1;
+                if *failures >= self.config.consecutive_failures {
+                    *s = open;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Puts a half-open breaker back to "probe again" when a probe is abandoned.
+struct ProbeGuard {
+    breaker: Option<Arc<Breaker>>,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take()
+            && let Ok(mut s) = b.state.lock()
+            && matches!(*s, State::HalfOpen { probing: true })
+        {
+            *s = State::HalfOpen { probing: false };
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BreakerLayer;
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = BreakerService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BreakerService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerService<S> {
+    inner: S,
+}
+
+impl<S: HttpService> Service<Request<Body>> for BreakerService<S> {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let Some(breaker) = req.extensions().get::<Arc<Breaker>>().cloned() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let admitted_as = match breaker.admit() {
+            Admit::Yes(s) => s,
+            Admit::No => {
+                let mut r = local_response(StatusCode::SERVICE_UNAVAILABLE, "circuit-open");
+                r.extensions_mut().insert(BreakerState::Open);
+                return Box::pin(async move { Ok(r) });
+            }
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut guard = ProbeGuard {
+                breaker: (admitted_as == BreakerState::HalfOpen).then(|| Arc::clone(&breaker)),
+            };
+            let Ok(mut r) = fut.await;
+            let ok = !r.status().is_server_error();
+            breaker.record(admitted_as, ok);
+            guard.breaker = None;
+            r.extensions_mut().insert(admitted_as);
+            Ok(r)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::{Script, call, get};
+
+    fn req(b: &Arc<Breaker>) -> Request<Body> {
+        let mut r = get();
+        r.extensions_mut().insert(Arc::clone(b));
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_recovers_through_a_probe() {
+        let b = Arc::new(Breaker::new(BreakerConfig {
+            consecutive_failures: 3,
+            open_ms: 1000,
+        }));
+        // Fails 3 times, then the upstream is healthy.
+        let inner = Script::new(&[500, 503, 502, 200]);
+        let mut svc = BreakerLayer.layer(inner.clone());
+        for _ in 0..3 {
+            let r = call(&mut svc, req(&b)).await;
+            assert!(r.status().is_server_error());
+            assert_eq!(
+                r.extensions().get::<BreakerState>(),
+                Some(&BreakerState::Closed)
+            );
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        // Open: answered by the proxy, the upstream is not called.
+        let r = call(&mut svc, req(&b)).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.extensions().get::<BreakerState>(),
+            Some(&BreakerState::Open)
+        );
+        assert_eq!(inner.calls(), 3);
+        // After open-ms: one probe, which succeeds and closes the breaker.
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let r = call(&mut svc, req(&b)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.extensions().get::<BreakerState>(),
+            Some(&BreakerState::HalfOpen)
+        );
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_opens_again_and_successes_reset_the_count() {
+        let b = Arc::new(Breaker::new(BreakerConfig {
+            consecutive_failures: 2,
+            open_ms: 500,
+        }));
+        let inner = Script::new(&[500, 200, 500, 500, 500]);
+        let mut svc = BreakerLayer.layer(inner.clone());
+        call(&mut svc, req(&b)).await; // fail 1
+        call(&mut svc, req(&b)).await; // success resets
+        call(&mut svc, req(&b)).await; // fail 1
+        assert_eq!(b.state(), BreakerState::Closed);
+        call(&mut svc, req(&b)).await; // fail 2: open
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_millis(501)).await;
+        let r = call(&mut svc, req(&b)).await; // probe fails
+        assert_eq!(r.status(), 500);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(call(&mut svc, req(&b)).await.status(), 503);
+        assert_eq!(inner.calls(), 5);
+    }
+}

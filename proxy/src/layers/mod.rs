@@ -1,0 +1,182 @@
+//! The traffic-policy stack: small tower layers, each a type with its own tests.
+//!
+//! Every layer wraps a service from `Request<Body>` to `Response<Body>` that never fails:
+//! a problem (no connection, timeout, open breaker, injected fault) becomes an HTTP
+//! response made by the proxy, so the layers above see a status they can classify, and
+//! each layer leaves its decision in the response's extensions for the span, the metrics
+//! and the access log ([`Decisions`]).
+//!
+//! A layer reads its policy from the request's extensions, where the outbound router put
+//! the destination's current policy (and the state that outlives a config reload: breaker,
+//! token bucket, retry budget). A request without the layer's policy passes untouched.
+//!
+//! Order on the outbound side, outermost first:
+//! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
+
+pub mod breaker;
+pub mod fault;
+pub mod forward;
+pub mod rate_limit;
+pub mod retry;
+pub mod split;
+pub mod timeout;
+pub mod trace;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tower::Service;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// Request and response bodies, streamed (never buffered whole, except a small request
+/// body kept for a retry).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// What every layer wraps.
+pub trait HttpService:
+    Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|e| match e {})
+        .boxed()
+}
+
+/// A response the proxy makes itself; `x-meshscope-proxy` names why.
+pub fn local_response(status: StatusCode, reason: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(format!("meshscope-proxy: {reason}\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("x-meshscope-proxy", HeaderValue::from_static(reason));
+    r
+}
+
+/// The policy decisions one request went through, gathered from the response extensions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decisions {
+    pub retries: u32,
+    pub breaker: Option<breaker::BreakerState>,
+    pub fault: Option<fault::Injected>,
+    pub rate_limited: bool,
+    pub timed_out: bool,
+    pub chosen: Option<split::Chosen>,
+    pub upstream: Option<forward::Upstream>,
+}
+
+impl Decisions {
+    pub fn of(x: &http::Extensions) -> Decisions {
+        Decisions {
+            retries: x.get::<retry::Retries>().map(|r| r.0).unwrap_or(0),
+            breaker: x.get::<breaker::BreakerState>().copied(),
+            fault: x.get::<fault::Injected>().cloned(),
+            rate_limited: x.get::<rate_limit::RateLimited>().is_some(),
+            timed_out: x.get::<timeout::TimedOut>().is_some(),
+            chosen: x.get::<split::Chosen>().cloned(),
+            upstream: x.get::<forward::Upstream>().cloned(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A scripted inner service for the layer tests.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Answers with the given statuses in turn (the last one repeats) and counts calls;
+    /// records each request body it saw.
+    #[derive(Clone)]
+    pub struct Script {
+        pub calls: Arc<AtomicUsize>,
+        statuses: Arc<Vec<u16>>,
+        pub bodies: Arc<Mutex<Vec<Bytes>>>,
+    }
+
+    impl Script {
+        pub fn new(statuses: &[u16]) -> Script {
+            Script {
+                calls: Arc::new(AtomicUsize::new(0)),
+                statuses: Arc::new(statuses.to_vec()),
+                bodies: Arc::default(),
+            }
+        }
+        pub fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Service<Request<Body>> for Script {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<Body>) -> BoxFuture {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let status = self
+                .statuses
+                .get(n)
+                .or(self.statuses.last())
+                .copied()
+                .unwrap_or(200);
+            let bodies = Arc::clone(&self.bodies);
+            Box::pin(async move {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                bodies.lock().expect("lock").push(body);
+                let mut r = Response::new(empty());
+                *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                Ok(r)
+            })
+        }
+    }
+
+    pub async fn call<S: HttpService>(svc: &mut S, req: Request<Body>) -> Response<Body> {
+        use tower::ServiceExt;
+        match svc.ready().await {
+            Ok(s) => match s.call(req).await {
+                Ok(r) => r,
+                Err(e) => match e {},
+            },
+            Err(e) => match e {},
+        }
+    }
+
+    pub fn get() -> Request<Body> {
+        Request::get("http://cart/items")
+            .body(empty())
+            .expect("request")
+    }
+}

@@ -1,0 +1,510 @@
+//! W3C trace context and the telemetry of each request.
+//!
+//! The trace layer is outermost: it reads `traceparent`/`tracestate` (or starts a trace
+//! when absent or malformed), makes this hop's span (SERVER inbound, CLIENT outbound) a
+//! child of it, and passes its own span id on in `traceparent`, so the next proxy's SERVER
+//! span is the child of this CLIENT span and the app's own spans hang under the SERVER
+//! span. When the response body ends (or is dropped) it hands a [`Finished`] request to
+//! [`Telemetry::record`]: span, metrics, access log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{Body, BoxError, BoxFuture, Decisions, HttpService};
+use crate::telemetry::{Direction, Finished, Telemetry};
+
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+/// Set by the outbound proxy so the next hop knows its caller's workload.
+pub const SOURCE_WORKLOAD: &str = "x-meshscope-source-workload";
+
+/// This hop's span in its trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent: Option<[u8; 8]>,
+    pub flags: u8,
+    pub trace_state: Option<String>,
+}
+
+/// `traceparent` → (trace id, parent span id, flags); `None` when malformed (W3C Trace
+/// Context level 1: version `ff` and all-zero ids are invalid; version 00 has exactly four
+/// fields; a later version may append fields).
+pub fn parse_traceparent(v: &str) -> Option<([u8; 16], [u8; 8], u8)> {
+    let v = v.trim();
+    let mut parts = v.split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let parent = parts.next()?;
+    let flags = parts.next()?;
+    let rest = parts.next();
+    if version.len() != 2 || trace.len() != 32 || parent.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let is_lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if ![version, trace, parent, flags]
+        .iter()
+        .all(|s| is_lower_hex(s))
+    {
+        return None;
+    }
+    if version == "ff" || (version == "00" && rest.is_some()) {
+        return None;
+    }
+    let mut t = [0u8; 16];
+    let mut p = [0u8; 8];
+    let mut f = [0u8; 1];
+    hex::decode_to_slice(trace, &mut t).ok()?;
+    hex::decode_to_slice(parent, &mut p).ok()?;
+    hex::decode_to_slice(flags, &mut f).ok()?;
+    if t == [0; 16] || p == [0; 8] {
+        return None;
+    }
+    Some((t, p, f[0]))
+}
+
+pub fn format_traceparent(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        hex::encode(trace_id),
+        hex::encode(span_id),
+        flags
+    )
+}
+
+fn random_nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let b: [u8; N] = rand::random();
+        if b != [0; N] {
+            return b;
+        }
+    }
+}
+
+impl TraceContext {
+    /// This hop's context: a child of the request's `traceparent`, or a new root.
+    pub fn from_headers(h: &http::HeaderMap) -> TraceContext {
+        let parent = h
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        match parent {
+            Some((trace_id, parent, flags)) => TraceContext {
+                trace_id,
+                span_id: random_nonzero(),
+                parent: Some(parent),
+                flags: flags & 0x01,
+                trace_state: h
+                    .get(TRACESTATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            },
+            None => TraceContext {
+                trace_id: random_nonzero(),
+                span_id: random_nonzero(),
+                parent: None,
+                flags: 0x01,
+                trace_state: None,
+            },
+        }
+    }
+
+    pub fn traceparent(&self) -> String {
+        format_traceparent(&self.trace_id, &self.span_id, self.flags)
+    }
+}
+
+/// Request extension set by the outbound router: whom this request is for.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub destination: Arc<str>,
+    pub db_system: Option<Arc<str>>,
+}
+
+#[derive(Clone)]
+pub struct TraceLayer {
+    direction: Direction,
+    telemetry: Telemetry,
+}
+
+impl TraceLayer {
+    pub fn new(direction: Direction, telemetry: Telemetry) -> TraceLayer {
+        TraceLayer {
+            direction,
+            telemetry,
+        }
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceService {
+            inner,
+            direction: self.direction,
+            telemetry: self.telemetry.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct TraceService<S> {
+    inner: S,
+    direction: Direction,
+    telemetry: Telemetry,
+}
+
+/// Request extension: the peer address of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
+
+impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let start = SystemTime::now();
+        let started = Instant::now();
+        let context = TraceContext::from_headers(req.headers());
+        let (mut parts, body) = req.into_parts();
+        if let Ok(v) = HeaderValue::from_str(&context.traceparent()) {
+            parts.headers.insert(TRACEPARENT, v);
+        }
+        let (destination, db_system, source_workload) = match self.direction {
+            Direction::Outbound => {
+                let peer = parts.extensions.get::<Peer>().cloned();
+                let workload = Arc::clone(self.telemetry.workload());
+                if let Ok(v) = HeaderValue::from_str(&workload) {
+                    parts.headers.insert(SOURCE_WORKLOAD, v);
+                }
+                match peer {
+                    Some(p) => (p.destination, p.db_system, Some(workload)),
+                    None => (Arc::from("unknown"), None, Some(workload)),
+                }
+            }
+            Direction::Inbound => (
+                Arc::from(self.telemetry.service()),
+                None,
+                parts
+                    .headers
+                    .get(SOURCE_WORKLOAD)
+                    .and_then(|v| v.to_str().ok())
+                    .map(Arc::from),
+            ),
+        };
+        let in_flight = self.telemetry.in_flight(self.direction, &destination);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let body = Counted {
+            inner: body,
+            bytes: Arc::clone(&request_bytes),
+        }
+        .boxed();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.host().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(':').next().unwrap_or(h).to_string())
+            });
+        let finished = Finished {
+            direction: self.direction,
+            context,
+            start,
+            duration: Default::default(),
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            authority,
+            status: 0,
+            source_workload,
+            destination_service: destination,
+            db_system,
+            request_bytes: 0,
+            response_bytes: 0,
+            peer: parts.extensions.get::<RemoteAddr>().map(|r| r.0),
+            decisions: Decisions::default(),
+        };
+        let fut = self.inner.call(Request::from_parts(parts, body));
+        let telemetry = self.telemetry.clone();
+        Box::pin(async move {
+            let Ok(r) = fut.await;
+            let (parts, body) = r.into_parts();
+            let mut finished = finished;
+            finished.status = parts.status.as_u16();
+            finished.decisions = Decisions::of(&parts.extensions);
+            let pending = Pending {
+                telemetry,
+                finished,
+                started,
+                request_bytes,
+                _in_flight: in_flight,
+            };
+            let body = Observed {
+                inner: body,
+                bytes: 0,
+                pending: Some(pending),
+            };
+            Ok(http::Response::from_parts(parts, body.boxed()))
+        })
+    }
+}
+
+/// A request whose response is still streaming.
+struct Pending {
+    telemetry: Telemetry,
+    finished: Finished,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    _in_flight: crate::telemetry::metrics::InFlight,
+}
+
+impl Pending {
+    fn finish(mut self, response_bytes: u64) {
+        self.finished.duration = self.started.elapsed();
+        self.finished.response_bytes = response_bytes;
+        self.finished.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.telemetry.record(&self.finished);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a request body.
+    struct Counted {
+        #[pin]
+        inner: Body,
+        bytes: Arc<AtomicU64>,
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts a response body and records the request when it ends or is dropped.
+    struct Observed {
+        #[pin]
+        inner: Body,
+        bytes: u64,
+        pending: Option<Pending>,
+    }
+
+    impl PinnedDrop for Observed {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(p) = this.pending.take() {
+                p.finish(*this.bytes);
+            }
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = this.pending.take() {
+                    p.finish(*this.bytes);
+                }
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ServiceIdentity, TelemetryConfig};
+    use crate::layers::testing::{Script, call, get};
+
+    #[test]
+    fn traceparent_round_trip_and_rejects() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (t, p, f) = parse_traceparent(tp).expect("valid");
+        assert_eq!(format_traceparent(&t, &p, f), tp);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        // A later version may add fields.
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_child_keeps_the_trace_and_state_and_a_root_is_new() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        h.insert(TRACESTATE, HeaderValue::from_static("vendor=x"));
+        let c = TraceContext::from_headers(&h);
+        assert_eq!(hex::encode(c.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            c.parent.map(hex::encode).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_ne!(hex::encode(c.span_id), "00f067aa0ba902b7");
+        assert_eq!(c.trace_state.as_deref(), Some("vendor=x"));
+        let root = TraceContext::from_headers(&http::HeaderMap::new());
+        assert_eq!(root.parent, None);
+        assert_eq!(root.flags, 1);
+    }
+
+    /// Echoes the traceparent it received in the response header `seen`.
+    #[derive(Clone)]
+    struct Echo;
+    impl Service<Request<Body>> for Echo {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<Body>) -> BoxFuture {
+            let seen = req.headers().get(TRACEPARENT).cloned();
+            let src = req.headers().get(SOURCE_WORKLOAD).cloned();
+            Box::pin(async move {
+                let mut r = http::Response::new(crate::layers::full("hello"));
+                if let Some(s) = seen {
+                    r.headers_mut().insert("seen", s);
+                }
+                if let Some(s) = src {
+                    r.headers_mut().insert("src", s);
+                }
+                Ok(r)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_span_id_goes_downstream_and_the_request_is_counted_when_the_body_ends() {
+        let identity = ServiceIdentity {
+            name: "frontend".into(),
+            namespace: None,
+            version: None,
+            workload: None,
+        };
+        let (telemetry, _exporter) = Telemetry::new(&identity, &TelemetryConfig::default());
+        let mut svc = TraceLayer::new(Direction::Outbound, telemetry.clone()).layer(Echo);
+        let mut req = get();
+        req.headers_mut().insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        req.extensions_mut().insert(Peer {
+            destination: Arc::from("cart"),
+            db_system: None,
+        });
+        let r = call(&mut svc, req).await;
+        let seen = r
+            .headers()
+            .get("seen")
+            .and_then(|v| v.to_str().ok())
+            .expect("seen")
+            .to_string();
+        let (t, p, _) = parse_traceparent(&seen).expect("valid");
+        assert_eq!(hex::encode(t), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(
+            hex::encode(p),
+            "00f067aa0ba902b7",
+            "the CLIENT span's own id goes on"
+        );
+        assert_eq!(
+            r.headers().get("src").map(|v| v.as_bytes()),
+            Some(&b"frontend"[..])
+        );
+        assert_eq!(
+            telemetry.registry().requests(),
+            0,
+            "not before the body ends"
+        );
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"hello");
+        assert_eq!(telemetry.registry().requests(), 1);
+
+        // A dropped body still counts.
+        let mut svc =
+            TraceLayer::new(Direction::Inbound, telemetry.clone()).layer(Script::new(&[500]));
+        drop(call(&mut svc, get()).await);
+        assert_eq!(telemetry.registry().requests(), 2);
+        let mut text = String::new();
+        telemetry.registry().prometheus(&mut text);
+        assert!(
+            text.contains("reporter=\"destination\",destination_workload=\"frontend\""),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! # meshscope-proxy
+//!
+//! The bundled sidecar proxy: it stands in front of one service instance, so a team can
+//! see the whole loop (traffic → telemetry → service graph) without installing a mesh.
+//!
+//! ```text
+//!  caller ──▶ inbound listener ──trace(SERVER)──▶ forward ──▶ local app
+//!                                                             │
+//!  local app ──▶ outbound listener ──router (Host → destination + policy)
+//!        ──trace(CLIENT)──rate_limit──fault──timeout──breaker──retry──split──forward──▶ next proxy
+//!
+//!  trace ──(span, access log: bounded queue; metrics: registry)──▶ exporter ──OTLP/gRPC──▶ meshscope serve
+//! ```
+//!
+//! ## Layout
+//! - [`config`]: the TOML file (`deny_unknown_fields`, validated), service registry and
+//!   per-destination policy.
+//! - [`layers`]: one small tower layer per concern: [`layers::trace`] (W3C trace context,
+//!   span, hand-off to telemetry), [`layers::rate_limit`], [`layers::fault`],
+//!   [`layers::timeout`], [`layers::breaker`], [`layers::retry`], [`layers::split`], and
+//!   [`layers::forward`] (the pooled HTTP/1.1 / h2c client).
+//! - [`outbound`] / [`inbound`]: the two stacks.
+//! - [`telemetry`]: request metrics registry, span and access-log records, the batching
+//!   OTLP/gRPC [`telemetry::export::Exporter`].
+//! - [`server`]: accepting HTTP/1.1 and h2c connections; [`admin`]: `/stats`, `/metrics`.
+//! - [`Proxy`]: starts it all, reloads the registry when the file changes, stops cleanly.
+
+pub mod admin;
+pub mod config;
+pub mod inbound;
+pub mod layers;
+pub mod outbound;
+pub mod server;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use config::ProxyConfig;
+use outbound::{Routes, SharedRoutes};
+use telemetry::Telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Export(#[from] telemetry::export::ExportError),
+    #[error("the proxy config has neither an inbound nor an outbound listener")]
+    NothingToDo,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    /// Bound addresses (port 0 in the config becomes the chosen port).
+    pub inbound: Option<SocketAddr>,
+    pub outbound: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    telemetry: Telemetry,
+    config: ProxyConfig,
+    routes: SharedRoutes,
+    stop_listeners: watch::Sender<bool>,
+    stop_exporter: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+    exporter: JoinHandle<()>,
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Proxy {
+    /// Binds the listeners and starts serving. With `path`, the `[[destination]]` tables
+    /// are re-read whenever the file's modification time changes (checked every
+    /// `reload_every`); a file that does not parse is logged and the old registry kept.
+    pub async fn start(config: ProxyConfig, path: Option<PathBuf>) -> Result<Proxy, ProxyError> {
+        config.validate()?;
+        if config.listen.inbound.is_none() && config.listen.outbound.is_none() {
+            return Err(ProxyError::NothingToDo);
+        }
+        let (telemetry, exporter) = Telemetry::new(&config.service, &config.telemetry);
+        let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(
+            &config.destinations,
+            None,
+        ))));
+        let (stop_listeners, stop_l) = watch::channel(false);
+        let (stop_exporter, stop_e) = watch::channel(false);
+        let forward = layers::forward::Forward::new();
+        let mut listeners = vec![];
+        let mut proxy_inbound = None;
+        if let (Some(addr), Some(app)) = (config.listen.inbound, config.listen.app) {
+            let l = server::bind("inbound", addr).await?;
+            proxy_inbound = l.local_addr().ok();
+            let svc = inbound::stack(
+                app,
+                config.listen.app_h2c,
+                telemetry.clone(),
+                forward.clone(),
+            );
+            listeners.push(tokio::spawn(server::serve(
+                l,
+                server::boxed(svc),
+                stopped(stop_l.clone()),
+            )));
+        }
+        let mut proxy_outbound = None;
+        if let Some(addr) = config.listen.outbound {
+            let l = server::bind("outbound", addr).await?;
+            proxy_outbound = l.local_addr().ok();
+            let svc = outbound::stack(Arc::clone(&routes), telemetry.clone(), forward.clone());
+            listeners.push(tokio::spawn(server::serve(
+                l,
+                server::boxed(svc),
+                stopped(stop_l.clone()),
+            )));
+        }
+        let mut proxy_admin = None;
+        if let Some(addr) = config.listen.admin {
+            let l = server::bind("admin", addr).await?;
+            proxy_admin = l.local_addr().ok();
+            let router = admin::router(telemetry.clone(), Arc::clone(&routes));
+            let stop = stopped(stop_l.clone());
+            listeners.push(tokio::spawn(async move {
+                let _ = axum::serve(l, router).with_graceful_shutdown(stop).await;
+            }));
+        }
+        if let Some(path) = path {
+            listeners.push(tokio::spawn(watch_file(
+                path,
+                Arc::clone(&routes),
+                Duration::from_millis(500),
+                stopped(stop_l.clone()),
+            )));
+        }
+        let stop_exp = stopped(stop_e);
+        let exporter = tokio::spawn(async move {
+            if let Err(e) = exporter.run(stop_exp).await {
+                tracing::error!(error = %e, "the telemetry exporter stopped");
+            }
+        });
+        Ok(Proxy {
+            inbound: proxy_inbound,
+            outbound: proxy_outbound,
+            admin: proxy_admin,
+            telemetry,
+            config,
+            routes,
+            stop_listeners,
+            stop_exporter,
+            listeners,
+            exporter,
+        })
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Replaces the registry and policies now (what a file change does); the identity,
+    /// listeners and telemetry settings stay as they started.
+    pub fn set_destinations(
+        &self,
+        destinations: Vec<config::Destination>,
+    ) -> Result<(), ProxyError> {
+        let config = ProxyConfig {
+            destinations,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        swap_routes(&self.routes, &config);
+        Ok(())
+    }
+
+    /// Stops accepting, lets open requests finish, then sends the last telemetry.
+    pub async fn stop(self) {
+        let _ = self.stop_listeners.send(true);
+        for l in self.listeners {
+            let _ = l.await;
+        }
+        let _ = self.stop_exporter.send(true);
+        let _ = self.exporter.await;
+    }
+}
+
+fn swap_routes(routes: &SharedRoutes, config: &ProxyConfig) {
+    let old = routes.read().ok().map(|r| Arc::clone(&r));
+    let new = Arc::new(Routes::build(&config.destinations, old.as_deref()));
+    if let Ok(mut r) = routes.write() {
+        *r = new;
+    }
+}
+
+async fn watch_file(
+    path: PathBuf,
+    routes: SharedRoutes,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mtime = |p: &PathBuf| -> Option<SystemTime> { std::fs::metadata(p).ok()?.modified().ok() };
+    let mut last = mtime(&path);
+    let mut tick = tokio::time::interval(every);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = &mut stop => return,
+        }
+        let now = mtime(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match ProxyConfig::load(&path) {
+            Ok(c) => {
+                swap_routes(&routes, &c);
+                tracing::info!(path = %path.display(), destinations = c.destinations.len(), "proxy config reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "proxy config not reloaded; keeping the previous one")
+            }
+        }
+    }
+}
+
+/// `meshscope proxy --config FILE`: runs until `stop`.
+pub async fn run(path: PathBuf, stop: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    let config = ProxyConfig::load(&path)?;
+    let service = config.service.name.clone();
+    let proxy = Proxy::start(config, Some(path)).await?;
+    if let Some(a) = proxy.inbound {
+        tracing::info!(service = %service, "proxy inbound listening on {a}");
+    }
+    if let Some(a) = proxy.outbound {
+        tracing::info!(service = %service, "proxy outbound listening on {a}");
+    }
+    if let Some(a) = proxy.admin {
+        tracing::info!(service = %service, "proxy admin listening on {a}");
+    }
+    stop.await;
+    tracing::info!("proxy stopping: finishing requests, sending the last telemetry");
+    proxy.stop().await;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The outbound side: the app's calls to other services. The router picks the destination
+//! by `Host` / `:authority` (port ignored) from the static registry and attaches its policy
+//! to the request; the layer stack then applies it:
+//! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tower::{Service, ServiceBuilder};
+
+use crate::config::Destination;
+use crate::layers::breaker::{Breaker, BreakerLayer};
+use crate::layers::fault::FaultLayer;
+use crate::layers::forward::{Forward, H2c};
+use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
+use crate::layers::retry::{RetryLayer, RetryPolicy};
+use crate::layers::split::{Split, SplitLayer};
+use crate::layers::timeout::{Timeout, TimeoutLayer};
+use crate::layers::trace::{Peer, TraceLayer};
+use crate::layers::{Body, BoxFuture, HttpService, local_response};
+use crate::telemetry::{Direction, Telemetry};
+
+/// One destination with its policy objects. The stateful ones (breaker, bucket, retry
+/// budget) are carried over a config reload when their settings did not change.
+#[derive(Debug)]
+pub struct Route {
+    pub config: Destination,
+    pub peer: Peer,
+    pub split: Arc<Split>,
+    pub timeout: Option<Timeout>,
+    pub retry: Option<Arc<RetryPolicy>>,
+    pub breaker: Option<Arc<Breaker>>,
+    pub bucket: Option<Arc<TokenBucket>>,
+    pub fault: Option<Arc<crate::config::FaultConfig>>,
+}
+
+/// The registry, by lower-case host name.
+#[derive(Debug, Default)]
+pub struct Routes {
+    by_host: HashMap<String, Arc<Route>>,
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// The current registry, swapped whole on reload.
+pub type SharedRoutes = Arc<RwLock<Arc<Routes>>>;
+
+impl Routes {
+    pub fn build(destinations: &[Destination], previous: Option<&Routes>) -> Routes {
+        let mut routes = Routes::default();
+        for d in destinations {
+            let old = previous.and_then(|p| p.by_host.get(&d.name.to_ascii_lowercase()));
+            let p = &d.policy;
+            let keep = |same: bool| same && old.is_some();
+            let retry = p
+                .retry
+                .clone()
+                .map(|c| match old.and_then(|o| o.retry.clone()) {
+                    Some(r) if keep(r.config == c) => r,
+                    _ => Arc::new(RetryPolicy::new(c)),
+                });
+            let breaker = p
+                .breaker
+                .clone()
+                .map(|c| match old.and_then(|o| o.breaker.clone()) {
+                    Some(b) if keep(b.config == c) => b,
+                    _ => Arc::new(Breaker::new(c)),
+                });
+            let bucket = p
+                .rate_limit
+                .clone()
+                .map(|c| match old.and_then(|o| o.bucket.clone()) {
+                    Some(b) if keep(b.config == c) => b,
+                    _ => Arc::new(TokenBucket::new(c)),
+                });
+            let route = Arc::new(Route {
+                peer: Peer {
+                    destination: Arc::from(d.name.as_str()),
+                    db_system: d.db_system.as_deref().map(Arc::from),
+                },
+                split: Arc::new(Split::new(&d.name, &d.endpoints)),
+                timeout: p.timeout_ms.map(|ms| Timeout(Duration::from_millis(ms))),
+                retry,
+                breaker,
+                bucket,
+                fault: p.fault.clone().map(Arc::new),
+                config: d.clone(),
+            });
+            for n in std::iter::once(&d.name).chain(&d.aliases) {
+                routes
+                    .by_host
+                    .insert(n.to_ascii_lowercase(), Arc::clone(&route));
+            }
+            routes.routes.push(route);
+        }
+        routes
+    }
+
+    pub fn get(&self, host: &str) -> Option<&Arc<Route>> {
+        self.by_host.get(&host.to_ascii_lowercase())
+    }
+}
+
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.host().to_string());
+    }
+    let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    // host[:port], or [v6]:port
+    let host = match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    };
+    Some(host.trim_matches(['[', ']']).to_string())
+}
+
+/// Looks the destination up and attaches its policy.
+#[derive(Clone)]
+pub struct Router<S> {
+    routes: SharedRoutes,
+    inner: S,
+}
+
+impl<S: HttpService> Service<Request<Body>> for Router<S> {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let route =
+            host_of(&req).and_then(|h| self.routes.read().ok().and_then(|r| r.get(&h).cloned()));
+        let Some(route) = route else {
+            return Box::pin(async { Ok(local_response(StatusCode::NOT_FOUND, "no-route")) });
+        };
+        let x = req.extensions_mut();
+        x.insert(route.peer.clone());
+        x.insert(Arc::clone(&route.split));
+        if let Some(t) = route.timeout {
+            x.insert(t);
+        }
+        if let Some(r) = &route.retry {
+            x.insert(Arc::clone(r));
+        }
+        if let Some(b) = &route.breaker {
+            x.insert(Arc::clone(b));
+        }
+        if let Some(b) = &route.bucket {
+            x.insert(Arc::clone(b));
+        }
+        if let Some(f) = &route.fault {
+            x.insert(Arc::clone(f));
+        }
+        if route.config.h2c {
+            x.insert(H2c);
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// The whole outbound stack.
+pub fn stack(routes: SharedRoutes, telemetry: Telemetry, forward: Forward) -> impl HttpService {
+    let inner = ServiceBuilder::new()
+        .layer(TraceLayer::new(Direction::Outbound, telemetry))
+        .layer(RateLimitLayer)
+        .layer(FaultLayer)
+        .layer(TimeoutLayer)
+        .layer(BreakerLayer)
+        .layer(RetryLayer)
+        .layer(SplitLayer)
+        .service(forward);
+    Router { routes, inner }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+
+    #[test]
+    fn hosts_route_with_or_without_port_and_state_survives_an_unchanged_reload() {
+        let c = ProxyConfig::parse(
+            r#"
+[service]
+name = "frontend"
+[[destination]]
+name = "cart"
+aliases = ["cart.shop.svc"]
+endpoint = [{ address = "127.0.0.1:9001" }]
+policy = { breaker = { consecutive-failures = 3 }, timeout-ms = 100 }
+"#,
+        )
+        .expect("parse");
+        let r = Routes::build(&c.destinations, None);
+        for h in ["cart", "cart:8080", "CART.shop.svc"] {
+            let req = Request::get("/").header("host", h).body(()).expect("req");
+            let host = host_of(&req).expect("host");
+            assert!(r.get(&host).is_some(), "{h}");
+        }
+        let req = Request::get("http://cart:80/x").body(()).expect("req");
+        assert_eq!(host_of(&req).as_deref(), Some("cart"));
+
+        let again = Routes::build(&c.destinations, Some(&r));
+        let (a, b) = (r.get("cart").expect("a"), again.get("cart").expect("b"));
+        assert!(Arc::ptr_eq(
+            a.breaker.as_ref().expect("breaker"),
+            b.breaker.as_ref().expect("breaker")
+        ));
+        let mut changed = c.destinations.clone();
+        changed[0].policy.breaker = Some(crate::config::BreakerConfig {
+            consecutive_failures: 9,
+            open_ms: 10,
+        });
+        let third = Routes::build(&changed, Some(&again));
+        let c3 = third.get("cart").expect("c");
+        assert_eq!(
+            c3.breaker.as_ref().map(|b| b.config.consecutive_failures),
+            Some(9)
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! What the proxy reports about each request: a span, request metrics and an access-log
+//! record, all OTLP, sent by [`export::Exporter`] in batches.
+//!
+//! The request path never waits for telemetry: spans and log records go into a bounded
+//! queue with `try_send`; when it is full (the collector is slow or down) they are dropped
+//! and counted in [`Stats`] (`/stats` and `/metrics` on the admin address).
+
+pub mod export;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{Span, Status, span, status};
+use tokio::sync::mpsc;
+
+use crate::config::{ServiceIdentity, TelemetryConfig};
+use crate::layers::Decisions;
+use crate::layers::trace::TraceContext;
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_string())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn int_kv(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The side of the proxy a request crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From another service (or a user) to the local app: a SERVER span.
+    Inbound,
+    /// From the local app to a destination: a CLIENT span.
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Inbound => "destination",
+            Direction::Outbound => "source",
+        }
+    }
+}
+
+/// One finished request, as the trace layer saw it.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub direction: Direction,
+    pub context: TraceContext,
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub method: http::Method,
+    pub path: String,
+    pub authority: Option<String>,
+    pub status: u16,
+    /// The calling workload, when known (outbound: this proxy's; inbound: from the
+    /// caller's proxy).
+    pub source_workload: Option<Arc<str>>,
+    pub destination_service: Arc<str>,
+    pub db_system: Option<Arc<str>>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub peer: Option<SocketAddr>,
+    pub decisions: Decisions,
+}
+
+/// Counters of the telemetry pipeline itself.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub spans_exported: AtomicU64,
+    pub logs_exported: AtomicU64,
+    pub spans_dropped: AtomicU64,
+    pub logs_dropped: AtomicU64,
+    pub metric_exports: AtomicU64,
+    pub export_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn json(&self) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "spans_exported": l(&self.spans_exported),
+            "logs_exported": l(&self.logs_exported),
+            "spans_dropped": l(&self.spans_dropped),
+            "logs_dropped": l(&self.logs_dropped),
+            "metric_exports": l(&self.metric_exports),
+            "export_failures": l(&self.export_failures),
+        })
+    }
+}
+
+pub(crate) enum Record {
+    Span(Span),
+    Log(LogRecord),
+}
+
+/// The handle the request path records through (cheap to clone).
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    identity: ServiceIdentity,
+    workload: Arc<str>,
+    resource: Resource,
+    queue: Option<mpsc::Sender<Record>>,
+    access_logs: bool,
+    registry: metrics::Registry,
+    stats: Stats,
+}
+
+impl Telemetry {
+    /// The handle and the exporter that drains its queue (run it with
+    /// [`export::Exporter::run`]).
+    pub fn new(
+        identity: &ServiceIdentity,
+        config: &TelemetryConfig,
+    ) -> (Telemetry, export::Exporter) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let mut attributes = vec![
+            string_kv("service.name", &identity.name),
+            string_kv("telemetry.sdk.name", "meshscope-proxy"),
+        ];
+        if let Some(ns) = &identity.namespace {
+            attributes.push(string_kv("service.namespace", ns));
+        }
+        if let Some(v) = &identity.version {
+            attributes.push(string_kv("service.version", v));
+        }
+        attributes.push(string_kv("meshscope.workload", identity.workload()));
+        let resource = Resource {
+            attributes,
+            ..Default::default()
+        };
+        let telemetry = Telemetry {
+            inner: Arc::new(Inner {
+                identity: identity.clone(),
+                workload: Arc::from(identity.workload()),
+                resource: resource.clone(),
+                queue: config.otlp_endpoint.is_some().then_some(tx),
+                access_logs: config.access_logs,
+                registry: metrics::Registry::default(),
+                stats: Stats::default(),
+            }),
+        };
+        let exporter = export::Exporter::new(config.clone(), resource, rx, telemetry.clone());
+        (telemetry, exporter)
+    }
+
+    pub fn workload(&self) -> &Arc<str> {
+        &self.inner.workload
+    }
+
+    pub fn service(&self) -> &str {
+        &self.inner.identity.name
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub fn registry(&self) -> &metrics::Registry {
+        &self.inner.registry
+    }
+
+    pub fn resource(&self) -> &Resource {
+        &self.inner.resource
+    }
+
+    pub fn in_flight(&self, direction: Direction, destination: &Arc<str>) -> metrics::InFlight {
+        self.inner
+            .registry
+            .in_flight(direction.as_str(), destination)
+    }
+
+    /// Records one finished request: metrics now, span and log record into the queue.
+    pub fn record(&self, f: &Finished) {
+        let d = &f.decisions;
+        let (dest_workload, version) = match &d.chosen {
+            Some(c) => (Arc::clone(&c.workload), Arc::clone(&c.version)),
+            None => match f.direction {
+                Direction::Inbound => (
+                    Arc::clone(&self.inner.workload),
+                    Arc::from(self.inner.identity.version.as_deref().unwrap_or("unknown")),
+                ),
+                Direction::Outbound => (Arc::clone(&f.destination_service), Arc::from("unknown")),
+            },
+        };
+        self.inner.registry.observe(
+            metrics::SeriesKey {
+                reporter: f.direction.reporter(),
+                source_workload: f.source_workload.clone(),
+                destination_workload: Arc::clone(&dest_workload),
+                destination_service: Arc::clone(&f.destination_service),
+                destination_version: Arc::clone(&version),
+                response_code: f.status,
+            },
+            f.duration,
+        );
+        let Some(queue) = &self.inner.queue else {
+            return;
+        };
+        let span = self.span(f, &version);
+        if queue.try_send(Record::Span(span)).is_err() {
+            self.inner
+                .stats
+                .spans_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if self.inner.access_logs {
+            let log = self.access_log(f, &dest_workload, &version);
+            if queue.try_send(Record::Log(log)).is_err() {
+                self.inner
+                    .stats
+                    .logs_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn span(&self, f: &Finished, version: &str) -> Span {
+        let start = f
+            .start
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let d = &f.decisions;
+        let mut a = vec![
+            string_kv("http.request.method", f.method.as_str()),
+            string_kv("url.path", &f.path),
+            int_kv("http.response.status_code", i64::from(f.status)),
+            string_kv("meshscope.direction", f.direction.as_str()),
+            int_kv("meshscope.retries", i64::from(d.retries)),
+            string_kv("meshscope.version", version),
+        ];
+        if let Some(h) = &f.authority {
+            a.push(string_kv("server.address", h));
+        }
+        if f.direction == Direction::Outbound {
+            a.push(string_kv("peer.service", &f.destination_service));
+            if let Some(db) = &f.db_system {
+                a.push(string_kv("db.system", db));
+            }
+        }
+        if let Some(src) = &f.source_workload {
+            a.push(string_kv("meshscope.source_workload", src));
+        }
+        if let Some(u) = &d.upstream {
+            a.push(string_kv("network.peer.address", &u.0.ip().to_string()));
+            a.push(int_kv("network.peer.port", i64::from(u.0.port())));
+        } else if let Some(p) = &f.peer {
+            a.push(string_kv("client.address", &p.ip().to_string()));
+        }
+        if let Some(b) = d.breaker {
+            a.push(string_kv("meshscope.breaker_state", b.as_str()));
+        }
+        if let Some(fault) = &d.fault {
+            a.push(string_kv("meshscope.fault", &fault.describe()));
+        }
+        if d.rate_limited {
+            a.push(KeyValue {
+                key: "meshscope.rate_limited".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::BoolValue(true)),
+                }),
+                ..Default::default()
+            });
+        }
+        if d.timed_out {
+            a.push(string_kv("error.type", "timeout"));
+        }
+        let error = f.status >= 500;
+        Span {
+            trace_id: f.context.trace_id.to_vec(),
+            span_id: f.context.span_id.to_vec(),
+            parent_span_id: f.context.parent.map(|p| p.to_vec()).unwrap_or_default(),
+            trace_state: f.context.trace_state.clone().unwrap_or_default(),
+            flags: 0x100 | u32::from(f.context.flags), // has-is-remote bit + trace flags
+            name: format!("{} {}", f.method, f.path),
+            kind: match f.direction {
+                Direction::Inbound => span::SpanKind::Server as i32,
+                Direction::Outbound => span::SpanKind::Client as i32,
+            },
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + f.duration.as_nanos() as u64,
+            attributes: a,
+            status: Some(Status {
+                code: if error {
+                    status::StatusCode::Error as i32
+                } else {
+                    status::StatusCode::Unset as i32
+                },
+                message: if error {
+                    format!("HTTP {}", f.status)
+                } else {
+                    String::new()
+                },
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The access-log record. Only the source side (outbound) names both ends with
+    /// `source_workload`/`destination_workload`, so the graph counts each request once;
+    /// the inbound record names its caller `downstream_workload`.
+    fn access_log(&self, f: &Finished, dest_workload: &Arc<str>, version: &str) -> LogRecord {
+        let d = &f.decisions;
+        let ms = f.duration.as_secs_f64() * 1000.0;
+        let mut a = vec![
+            string_kv("http.request.method", f.method.as_str()),
+            string_kv("url.path", &f.path),
+            string_kv("response_code", &f.status.to_string()),
+            string_kv("duration_ms", &format!("{ms:.3}")),
+            int_kv("bytes_received", f.request_bytes as i64),
+            int_kv("bytes_sent", f.response_bytes as i64),
+            int_kv("retries", i64::from(d.retries)),
+            string_kv("direction", f.direction.as_str()),
+            string_kv("destination_service_name", &f.destination_service),
+            string_kv("destination_version", version),
+        ];
+        match f.direction {
+            Direction::Outbound => {
+                a.push(string_kv("source_workload", &self.inner.workload));
+                a.push(string_kv("destination_workload", dest_workload));
+            }
+            Direction::Inbound => {
+                if let Some(s) = &f.source_workload {
+                    a.push(string_kv("downstream_workload", s));
+                }
+                a.push(string_kv("local_workload", dest_workload));
+            }
+        }
+        if let Some(u) = &d.upstream {
+            a.push(string_kv("upstream_address", &u.0.to_string()));
+        }
+        if let Some(b) = d.breaker {
+            a.push(string_kv("breaker_state", b.as_str()));
+        }
+        if let Some(fault) = &d.fault {
+            a.push(string_kv("fault", &fault.describe()));
+        }
+        let now = now_ns();
+        LogRecord {
+            time_unix_nano: now,
+            observed_time_unix_nano: now,
+            severity_number: if f.status >= 500 {
+                SeverityNumber::Warn as i32
+            } else {
+                SeverityNumber::Info as i32
+            },
+            severity_text: if f.status >= 500 { "WARN" } else { "INFO" }.into(),
+            body: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(format!(
+                    "{} {} {} {:.3}ms {}",
+                    f.method,
+                    f.path,
+                    f.status,
+                    ms,
+                    f.direction.as_str()
+                ))),
+            }),
+            attributes: a,
+            trace_id: f.context.trace_id.to_vec(),
+            span_id: f.context.span_id.to_vec(),
+            flags: u32::from(f.context.flags),
+            event_name: "meshscope.access".into(),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! The bundled proxy end to end: real `meshscope serve` (the binary), real proxies (the
+//! proxy library in this process) and small apps, all on loopback sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use common::Server;
+use meshscope_proxy::Proxy;
+use meshscope_proxy::config::{
+    BreakerConfig, Destination, Endpoint, FaultConfig, Listen, Policy, ProxyConfig, RetryConfig,
+    ServiceIdentity, TelemetryConfig,
+};
+use serde_json::Value;
+
+/// A test app: counts hits, fails while `failing` (or every other hit with `flaky`), and
+/// calls `next` through its proxy's outbound listener, forwarding `traceparent`.
+struct App {
+    name: String,
+    hits: AtomicU64,
+    failing: AtomicBool,
+    flaky: bool,
+    next: Option<(String, SocketAddr)>,
+}
+
+async fn app_handler(State(app): State<Arc<App>>, req: Request) -> Response {
+    let n = app.hits.fetch_add(1, Ordering::SeqCst);
+    if app.failing.load(Ordering::SeqCst) || (app.flaky && n % 2 == 0) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if let Some((host, outbound)) = &app.next {
+        let mut r = reqwest::Client::new()
+            .get(format!("http://{outbound}/next"))
+            .header("host", host.as_str());
+        if let Some(tp) = req.headers().get("traceparent") {
+            r = r.header("traceparent", tp.as_bytes());
+        }
+        let status = r.send().await.map(|r| r.status().as_u16()).unwrap_or(599);
+        if status != 200 {
+            return (StatusCode::BAD_GATEWAY, "next failed").into_response();
+        }
+    }
+    app.name.clone().into_response()
+}
+
+/// Binds an app; `serve` it once its proxy is known.
+async fn bind_app() -> (tokio::net::TcpListener, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a = l.local_addr().expect("addr");
+    (l, a)
+}
+
+fn serve_app(l: tokio::net::TcpListener, app: Arc<App>) {
+    let router = axum::Router::new().fallback(app_handler).with_state(app);
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+}
+
+fn app(name: &str, next: Option<(String, SocketAddr)>) -> Arc<App> {
+    Arc::new(App {
+        name: name.into(),
+        hits: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        flaky: false,
+        next,
+    })
+}
+
+fn loopback() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn config(name: &str, app: Option<SocketAddr>, otlp: &str) -> ProxyConfig {
+    ProxyConfig {
+        service: ServiceIdentity {
+            name: name.into(),
+            namespace: Some("test".into()),
+            version: Some("v1".into()),
+            workload: None,
+        },
+        listen: Listen {
+            inbound: app.and(loopback()),
+            app,
+            outbound: loopback(),
+            admin: loopback(),
+            app_h2c: false,
+        },
+        telemetry: TelemetryConfig {
+            otlp_endpoint: Some(otlp.into()),
+            batch_interval_ms: 200,
+            ..TelemetryConfig::default()
+        },
+        destinations: vec![],
+    }
+}
+
+fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> Destination {
+    Destination {
+        name: name.into(),
+        aliases: vec![],
+        db_system: None,
+        h2c: false,
+        endpoints: endpoints
+            .iter()
+            .map(|(a, v, w)| Endpoint {
+                address: *a,
+                version: (*v).into(),
+                workload: (*v != "v1").then(|| format!("{name}-{v}")),
+                weight: *w,
+            })
+            .collect(),
+        policy,
+    }
+}
+
+async fn get_via(
+    client: &reqwest::Client,
+    proxy: SocketAddr,
+    host: &str,
+) -> (u16, String, Option<String>) {
+    let r = client
+        .get(format!("http://{proxy}/items"))
+        .header("host", host)
+        .send()
+        .await
+        .expect("request through the proxy");
+    let status = r.status().as_u16();
+    let local = r
+        .headers()
+        .get("x-meshscope-proxy")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, r.text().await.unwrap_or_default(), local)
+}
+
+async fn stats(proxy: &Proxy) -> Value {
+    let admin = proxy.admin.expect("admin");
+    reqwest::get(format!("http://{admin}/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Polls `sql` until its first cell satisfies `ok` (15 s at most).
+async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = server.sql(sql).await;
+        let n = v["rows"][0][0].as_i64().unwrap_or(-1);
+        if ok(n) || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_access_logs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let otlp = server.grpc_url();
+
+    // c (leaf) ← b ← a, each behind its own proxy.
+    let (lc, c_addr) = bind_app().await;
+    let pc = Proxy::start(config("svc-c", Some(c_addr), &otlp), None)
+        .await
+        .expect("proxy c");
+    serve_app(lc, app("svc-c", None));
+
+    let (lb, b_addr) = bind_app().await;
+    let mut cb = config("svc-b", Some(b_addr), &otlp);
+    cb.destinations = vec![dest(
+        "svc-c",
+        &[(pc.inbound.expect("in"), "v1", 1)],
+        Policy::default(),
+    )];
+    let pb = Proxy::start(cb, None).await.expect("proxy b");
+    serve_app(
+        lb,
+        app("svc-b", Some(("svc-c".into(), pb.outbound.expect("out")))),
+    );
+
+    let (la, a_addr) = bind_app().await;
+    let mut ca = config("svc-a", Some(a_addr), &otlp);
+    ca.destinations = vec![dest(
+        "svc-b",
+        &[(pb.inbound.expect("in"), "v1", 1)],
+        Policy::default(),
+    )];
+    let pa = Proxy::start(ca, None).await.expect("proxy a");
+    serve_app(
+        la,
+        app("svc-a", Some(("svc-b".into(), pa.outbound.expect("out")))),
+    );
+
+    // The caller speaks h2c to the first proxy; the trace is started by the caller.
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let root = "eee19b7ec3c1b174";
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let r = h2
+        .get(format!("http://{}/checkout", pa.inbound.expect("in")))
+        .header("traceparent", format!("00-{trace_id}-{root}-01"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.expect("body"), "svc-a");
+
+    let n = eventually(
+        &server,
+        &format!("SELECT count(*) FROM spans WHERE trace_id = '{trace_id}'"),
+        |n| n >= 5,
+    )
+    .await;
+    assert_eq!(n, 5, "SERVER a, CLIENT a→b, SERVER b, CLIENT b→c, SERVER c");
+    let v = server
+        .sql(&format!(
+            "SELECT span_id, parent_span_id, service_name, span_kind, peer_service, http_status_code
+             FROM spans WHERE trace_id = '{trace_id}'"
+        ))
+        .await;
+    let spans: HashMap<(String, String), (String, String, Value)> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r[2].as_str().unwrap_or("").to_string(),
+                    r[3].as_str().unwrap_or("").to_string(),
+                ),
+                (
+                    r[0].as_str().unwrap_or("").to_string(),
+                    r[1].as_str().unwrap_or("").to_string(),
+                    r[4].clone(),
+                ),
+            )
+        })
+        .collect();
+    let id = |s: &str, k: &str| {
+        spans
+            .get(&(s.to_string(), k.to_string()))
+            .unwrap_or_else(|| panic!("{s} {k} in {v}"))
+    };
+    assert_eq!(
+        id("svc-a", "SERVER").1,
+        root,
+        "the caller's span is the parent"
+    );
+    assert_eq!(id("svc-a", "CLIENT").1, id("svc-a", "SERVER").0);
+    assert_eq!(id("svc-b", "SERVER").1, id("svc-a", "CLIENT").0);
+    assert_eq!(id("svc-b", "CLIENT").1, id("svc-b", "SERVER").0);
+    assert_eq!(id("svc-c", "SERVER").1, id("svc-b", "CLIENT").0);
+    assert_eq!(id("svc-a", "CLIENT").2, "svc-b");
+    assert_eq!(id("svc-b", "CLIENT").2, "svc-c");
+
+    // Access logs carry the trace and span ids of their spans.
+    let logs = eventually(
+        &server,
+        &format!("SELECT count(*) FROM logs WHERE trace_id = '{trace_id}'"),
+        |n| n >= 5,
+    )
+    .await;
+    assert_eq!(logs, 5);
+    let joined = server
+        .scalar(&format!(
+            "SELECT count(*) FROM logs l JOIN spans s ON l.trace_id = s.trace_id AND l.span_id = s.span_id
+             WHERE l.trace_id = '{trace_id}' AND l.log_attributes['response_code'] = '200'
+               AND l.log_attributes['direction'] = lower(CASE s.span_kind WHEN 'SERVER' THEN 'INBOUND' ELSE 'OUTBOUND' END)"
+        ))
+        .await;
+    assert_eq!(joined, 5, "every record names its own span");
+    let edge_logs = server
+        .scalar(&format!(
+            "SELECT count(*) FROM logs WHERE trace_id = '{trace_id}'
+               AND log_attributes['source_workload'] = 'svc-a' AND log_attributes['destination_workload'] = 'svc-b'"
+        ))
+        .await;
+    assert_eq!(edge_logs, 1);
+
+    // Request metrics with both ends, cumulative.
+    let m = eventually(
+        &server,
+        "SELECT count(*) FROM metrics WHERE metric_name = 'meshscope_requests_total'
+           AND attributes['source_workload'] = 'svc-b' AND attributes['destination_workload'] = 'svc-c'
+           AND attributes['reporter'] = 'source' AND temporality = 'cumulative' AND value = 1",
+        |n| n >= 1,
+    )
+    .await;
+    assert!(m >= 1);
+
+    // The graph pairs the spans into edges user → a → b → c.
+    let graph: Value = reqwest::get(server.url("/api/v1/graph"))
+        .await
+        .expect("graph")
+        .json()
+        .await
+        .expect("json");
+    let edges: Vec<(String, String)> = graph["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap_or("").into(),
+                e["target"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    for (s, t) in [("user", "svc-a"), ("svc-a", "svc-b"), ("svc-b", "svc-c")] {
+        assert!(
+            edges.contains(&(s.into(), t.into())),
+            "{s} → {t} in {edges:?}"
+        );
+    }
+    for p in [pa, pb, pc] {
+        p.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_hide_a_flaky_upstream_and_are_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (l, addr) = bind_app().await;
+    let flaky = Arc::new(App {
+        name: "flaky".into(),
+        hits: AtomicU64::new(0),
+        failing: AtomicBool::new(false),
+        flaky: true,
+        next: None,
+    });
+    serve_app(l, Arc::clone(&flaky));
+    let mut c = config("caller", None, &server.grpc_url());
+    c.destinations = vec![dest(
+        "flaky",
+        &[(addr, "v1", 1)],
+        Policy {
+            retry: Some(RetryConfig {
+                max_retries: 2,
+                backoff_base_ms: 1,
+                backoff_max_ms: 5,
+                retry_on: vec![503],
+                all_methods: false,
+                max_body_bytes: 1024,
+                budget_ratio: 1.0,
+                budget_min_per_sec: 100.0,
+            }),
+            ..Default::default()
+        },
+    )];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let client = reqwest::Client::new();
+    let n = 40;
+    for _ in 0..n {
+        let (status, body, _) = get_via(&client, p.outbound.expect("out"), "flaky").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let hits = flaky.hits.load(Ordering::SeqCst);
+    assert_eq!(hits, 2 * n, "every other attempt fails: one retry each");
+    let retries = eventually(
+        &server,
+        "SELECT CAST(sum(TRY_CAST(span_attributes['meshscope.retries'] AS BIGINT)) AS BIGINT) FROM spans
+          WHERE service_name = 'caller' AND span_kind = 'CLIENT'",
+        |r| r == n as i64,
+    )
+    .await;
+    assert_eq!(retries, n as i64);
+    let logged = eventually(
+        &server,
+        "SELECT CAST(sum(TRY_CAST(log_attributes['retries'] AS BIGINT)) AS BIGINT) FROM logs WHERE service_name = 'caller'",
+        |r| r == n as i64,
+    )
+    .await;
+    assert_eq!(logged, n as i64);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (l, addr) = bind_app().await;
+    let upstream = app("fragile", None);
+    upstream.failing.store(true, Ordering::SeqCst);
+    serve_app(l, Arc::clone(&upstream));
+    let mut c = config("caller", None, &server.grpc_url());
+    c.destinations = vec![dest(
+        "fragile",
+        &[(addr, "v1", 1)],
+        Policy {
+            breaker: Some(BreakerConfig {
+                consecutive_failures: 3,
+                open_ms: 500,
+            }),
+            ..Default::default()
+        },
+    )];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let (status, _, local) = get_via(&client, out, "fragile").await;
+        assert_eq!((status, local), (503, None), "the upstream's own failures");
+    }
+    for _ in 0..5 {
+        let (status, _, local) = get_via(&client, out, "fragile").await;
+        assert_eq!((status, local.as_deref()), (503, Some("circuit-open")));
+    }
+    assert_eq!(
+        upstream.hits.load(Ordering::SeqCst),
+        3,
+        "an open breaker spares the upstream"
+    );
+    assert_eq!(stats(&p).await["breakers"]["fragile"], "open");
+
+    upstream.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body, _) = get_via(&client, out, "fragile").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "fragile"),
+        "the half-open probe succeeds"
+    );
+    assert_eq!(stats(&p).await["breakers"]["fragile"], "closed");
+    assert_eq!(get_via(&client, out, "fragile").await.0, 200);
+
+    let states = |s: &'static str| {
+        format!(
+            "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.breaker_state'] = '{s}'"
+        )
+    };
+    assert_eq!(eventually(&server, &states("open"), |n| n >= 5).await, 5);
+    assert_eq!(
+        eventually(&server, &states("half_open"), |n| n >= 1).await,
+        1
+    );
+    p.stop().await;
+}
+
+/// `k` successes of `n` trials of probability `p` lie within 5 standard deviations.
+fn binomial_ok(k: u64, n: u64, p: f64) -> bool {
+    let (n, k) = (n as f64, k as f64);
+    (k - n * p).abs() <= 5.0 * (n * p * (1.0 - p)).sqrt()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_injection_and_the_canary_split_follow_the_config() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (l1, a1) = bind_app().await;
+    let (l2, a2) = bind_app().await;
+    serve_app(l1, app("shop v1", None));
+    serve_app(l2, app("shop v2", None));
+    let mut c = config("caller", None, &server.grpc_url());
+    c.destinations = vec![dest(
+        "shop",
+        &[(a1, "v1", 90), (a2, "v2", 10)],
+        Policy {
+            fault: Some(FaultConfig {
+                abort_percent: 20.0,
+                abort_status: 418,
+                delay_percent: 0.0,
+                delay_ms: 0,
+            }),
+            ..Default::default()
+        },
+    )];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let n = 2000u64;
+    let mut answers = vec![];
+    for chunk in 0..(n / 50) {
+        let batch = (0..50).map(|_| get_via(&client, out, "shop"));
+        answers.extend(futures::future::join_all(batch).await);
+        let _ = chunk;
+    }
+    let aborted = answers.iter().filter(|a| a.0 == 418).count() as u64;
+    let v2 = answers.iter().filter(|a| a.1 == "shop v2").count() as u64;
+    let v1 = answers.iter().filter(|a| a.1 == "shop v1").count() as u64;
+    assert_eq!(aborted + v1 + v2, n);
+    assert!(
+        answers
+            .iter()
+            .filter(|a| a.0 == 418)
+            .all(|a| a.2.as_deref() == Some("fault-abort"))
+    );
+    assert!(
+        binomial_ok(aborted, n, 0.2),
+        "{aborted} of {n} aborted, configured 20%"
+    );
+    assert!(
+        binomial_ok(v2, n - aborted, 0.1),
+        "{v2} of {} to v2, configured 10%",
+        n - aborted
+    );
+
+    // The metrics say the same, by version.
+    let by_version = |v: &'static str| {
+        format!(
+            "SELECT CAST(sum(last_value) AS BIGINT) FROM (
+               SELECT max(value) AS last_value FROM metrics
+               WHERE service_name = 'caller' AND metric_name = 'meshscope_requests_total'
+                 AND attributes['destination_version'] = '{v}' AND attributes['response_code'] = '200'
+               GROUP BY array_to_string(map_values(attributes), ','))"
+        )
+    };
+    assert_eq!(
+        eventually(&server, &by_version("v2"), |k| k == v2 as i64).await,
+        v2 as i64
+    );
+    assert_eq!(
+        eventually(&server, &by_version("v1"), |k| k == v1 as i64).await,
+        v1 as i64
+    );
+    let faults = eventually(
+        &server,
+        "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.fault'] = 'abort:418'",
+        |k| k == aborted as i64,
+    )
+    .await;
+    assert_eq!(faults, aborted as i64);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_that_is_down_does_not_stall_traffic_and_drops_are_counted() {
+    // Nothing listens on this port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let (l, addr) = bind_app().await;
+    serve_app(l, app("leaf", None));
+    let mut c = config("caller", None, &dead_url);
+    c.telemetry.queue_capacity = 50;
+    c.telemetry.export_timeout_ms = 200;
+    c.destinations = vec![dest("leaf", &[(addr, "v1", 1)], Policy::default())];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    for _ in 0..20 {
+        let batch = (0..25).map(|_| get_via(&client, out, "leaf"));
+        for (status, _, _) in futures::future::join_all(batch).await {
+            assert_eq!(status, 200);
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "500 requests took {took:?}");
+    // Give the exporter a couple of (failing) rounds.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = stats(&p).await;
+    let dropped = s["spans_dropped"].as_u64().unwrap_or(0);
+    assert!(
+        dropped >= 450,
+        "queue of 50, 500 spans, nothing exported: {s}"
+    );
+    assert_eq!(s["spans_exported"], 0);
+    assert_eq!(s["requests"], 500);
+    let text = reqwest::get(format!("http://{}/metrics", p.admin.expect("admin")))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let exposed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("meshscope_proxy_telemetry_dropped_total{signal=\"spans\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-spans counter in {text}"));
+    assert!(exposed >= dropped, "{exposed} < {dropped}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_changes_in_the_file_apply_without_a_restart() {
+    let (l, addr) = bind_app().await;
+    serve_app(l, app("leaf", None));
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("proxy.toml");
+    let write = |abort: u32| {
+        std::fs::write(
+            &path,
+            format!(
+                "[service]\nname = \"caller\"\n[listen]\noutbound = \"127.0.0.1:0\"\n\
+                 [[destination]]\nname = \"leaf\"\nendpoint = [{{ address = \"{addr}\" }}]\n\
+                 policy = {{ fault = {{ abort-percent = {abort}, abort-status = 429 }} }}\n"
+            ),
+        )
+        .expect("write")
+    };
+    write(0);
+    let p = Proxy::start(ProxyConfig::load(&path).expect("load"), Some(path.clone()))
+        .await
+        .expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    assert_eq!(get_via(&client, out, "leaf").await.0, 200);
+    // mtime granularity: make sure the change is seen as one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(100);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = 200;
+    while Instant::now() < deadline && status != 429 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = get_via(&client, out, "leaf").await.0;
+    }
+    assert_eq!(status, 429, "the new fault policy applies");
+    // A broken file keeps the last good config.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&path, "not toml [").expect("write");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get_via(&client, out, "leaf").await.0, 429);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_upstreams_timeouts_and_the_rate_limit_work_through_real_sockets() {
+    // An upstream that says which protocol it was spoken to in, and one that is slow.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let router = axum::Router::new()
+        .route(
+            "/version",
+            axum::routing::get(|req: Request| async move { format!("{:?}", req.version()) }),
+        )
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "late"
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    let mut c = config("caller", None, "http://127.0.0.1:9");
+    c.telemetry.otlp_endpoint = None;
+    let mut h2 = dest(
+        "grpc-ish",
+        &[(addr, "v1", 1)],
+        Policy {
+            timeout_ms: Some(100),
+            ..Default::default()
+        },
+    );
+    h2.h2c = true;
+    let limited = dest(
+        "limited",
+        &[(addr, "v1", 1)],
+        Policy {
+            rate_limit: Some(meshscope_proxy::config::RateLimitConfig {
+                requests_per_sec: 1.0,
+                burst: Some(3.0),
+            }),
+            ..Default::default()
+        },
+    );
+    c.destinations = vec![h2, limited];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("http://{out}/version"))
+        .header("host", "grpc-ish")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_11,
+        "the app spoke HTTP/1.1 to the proxy"
+    );
+    assert_eq!(
+        r.text().await.expect("body"),
+        "HTTP/2.0",
+        "the proxy spoke h2c upstream"
+    );
+
+    let started = Instant::now();
+    let r = client
+        .get(format!("http://{out}/slow"))
+        .header("host", "grpc-ish")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-meshscope-proxy"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut statuses = vec![];
+    for _ in 0..6 {
+        let r = client
+            .get(format!("http://{out}/version"))
+            .header("host", "limited")
+            .send()
+            .await
+            .expect("request");
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429, 429],
+        "a burst of 3, then 1/s"
+    );
+    // Unknown hosts are not routed anywhere.
+    let r = client
+        .get(format!("http://{out}/"))
+        .header("host", "nowhere")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    p.stop().await;
+}
