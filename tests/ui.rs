@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 // The known data
 
 const TRACES: u64 = 60;
-/// The trace the test opens: 6 spans, frontend → checkout → payments and postgres.
+/// The trace the test opens: 7 spans, frontend → checkout → payments and postgres.
 const KNOWN_TRACE: u64 = 3;
 
 fn trace_id(i: u64) -> String {
@@ -81,7 +81,9 @@ fn traces_payload(base_ns: u64) -> Value {
                 SpanSpec { service: "checkout", k: 3, parent: Some(2), name: "POST /api/checkout", kind: 2, start_ms: 8, dur_ms: 115 + jitter, error: err, attrs: vec![attr("http.route", "/api/checkout")] },
                 SpanSpec { service: "checkout", k: 4, parent: Some(3), name: "charge", kind: 3, start_ms: 12, dur_ms: 60 + jitter, error: err, attrs: vec![] },
                 SpanSpec { service: "payments", k: 5, parent: Some(4), name: "POST /charge", kind: 2, start_ms: 14, dur_ms: 55 + jitter, error: err, attrs: vec![attr("http.route", "/charge"), attr("payment.provider", "acme")] },
-                SpanSpec { service: "checkout", k: 6, parent: Some(3), name: "INSERT orders", kind: 3, start_ms: 80, dur_ms: 30, error: false, attrs: vec![attr("peer.service", "postgres"), attr("db.system.name", "postgresql")] },
+                SpanSpec { service: "checkout", k: 6, parent: Some(3), name: "INSERT orders", kind: 3, start_ms: 100, dur_ms: 20, error: false, attrs: vec![attr("peer.service", "postgres"), attr("db.system.name", "postgresql")] },
+                // In parallel with the checkout call, so off the critical path.
+                SpanSpec { service: "frontend", k: 7, parent: Some(1), name: "render cart", kind: 1, start_ms: 8, dur_ms: 20, error: false, attrs: vec![] },
             ]
         } else {
             vec![
@@ -171,7 +173,7 @@ async fn feed(server: &Server) {
             .expect("OTLP/HTTP export");
         assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap_or_default());
     }
-    let spans = (0..TRACES).map(|i| if is_checkout(i) { 6 } else { 3 }).sum::<i64>();
+    let spans = (0..TRACES).map(|i| if is_checkout(i) { 7 } else { 3 }).sum::<i64>();
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.scalar("SELECT count(*) FROM spans").await < spans {
         assert!(Instant::now() < deadline, "spans did not become visible");
@@ -424,7 +426,7 @@ async fn ui_pages_in_a_real_browser() {
     b.wait_for("[data-test='endpoints'] tbody tr", 1).await;
     b.screenshot("service").await;
 
-    // Traces: search, open one, a waterfall with its six spans and its logs.
+    // Traces: search, open one, a waterfall with its seven spans and its logs.
     b.goto(&server.url("/traces?range=15m&service=payments")).await;
     let want = trace_id(KNOWN_TRACE);
     let row = b.wait_for(&format!("tr.trace-row[data-trace-id='{want}'] a.trace-link"), 1).await;
@@ -432,14 +434,23 @@ async fn ui_pages_in_a_real_browser() {
     assert_eq!(listed as u64, (0..TRACES).filter(|i| is_checkout(*i)).count() as u64);
     b.screenshot("traces").await;
     b.click(&row[0]).await;
-    let spans = b.wait_for("[data-test='waterfall'] .span-row", 6).await;
+    let spans = b.wait_for("[data-test='waterfall'] .span-row", 7).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(b.find_all("[data-test='waterfall'] .span-row").await.len(), 6);
-    assert!(!b.find_all(".span-row.critical").await.is_empty(), "critical path marked");
+    assert_eq!(b.find_all("[data-test='waterfall'] .span-row").await.len(), 7);
+    // The parallel render span is the one span off the critical path.
+    let off: Vec<String> = b.find_all(".span-row:not(.critical)").await;
+    assert_eq!(off.len(), 1, "exactly one span off the critical path");
+    assert!(b.text(&off[0]).await.contains("render cart"));
     let logs = b.wait_for("[data-test='trace-logs'] .log-line", 1).await;
     assert!(b.text(&logs[0]).await.contains(&format!("order {KNOWN_TRACE} placed")));
     // Span details: attributes and events of the payments span.
-    b.click(&spans[4]).await;
+    let mut payments = None;
+    for sp in &spans {
+        if b.text(sp).await.contains("POST /charge") {
+            payments = Some(sp.clone());
+        }
+    }
+    b.click(&payments.expect("the payments span")).await;
     let detail = b.wait_for("[data-test='span-detail']", 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = b.text(&detail[0]).await;
@@ -483,7 +494,7 @@ async fn ui_pages_in_a_real_browser() {
     for r in &rows {
         got.push(b.text(r).await.split_whitespace().collect::<Vec<_>>().join(" "));
     }
-    assert_eq!(got, ["catalog 20", "checkout 120", "frontend 120", "payments 40"]);
+    assert_eq!(got, ["catalog 20", "checkout 120", "frontend 160", "payments 40"]);
     b.type_into(&editor[0], "SELECT nope FROM spans").await;
     b.click(&run[0]).await;
     let err = b.wait_for(".error-box", 1).await;

@@ -65,8 +65,11 @@ pub fn LineChart(
     series: Vec<Series>,
     fmt: fn(f64) -> String,
     #[prop(default = 200.0)] height: f64,
+    /// The drawing's width in its own units; about the width it is shown at, so text
+    /// keeps its size.
+    #[prop(default = 480.0)] width: f64,
 ) -> impl IntoView {
-    let (w, h) = (640.0, height);
+    let (w, h) = (width, height);
     let (l, r, t, b) = (56.0, 12.0, 10.0, 24.0);
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (x0, x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
@@ -98,7 +101,8 @@ pub fn LineChart(
                 let x = x0 + span * i as f64 / 4.0;
                 let label = clock(x);
                 let label = label.get(..5).unwrap_or("").to_string();
-                view! { <text x=sx(x) y=h - 6.0 text-anchor="middle" class="axis">{label}</text> }
+                let anchor = match i { 0 => "start", 4 => "end", _ => "middle" };
+                view! { <text x=sx(x) y=h - 6.0 text-anchor=anchor class="axis">{label}</text> }
             })
             .collect::<Vec<_>>()
     };

@@ -77,7 +77,8 @@ pub fn LogsPage() -> impl IntoView {
                         <option value="">"Any service"</option>
                         {move || services.get().and_then(Result::ok).unwrap_or_default().into_iter().map(|r| {
                             let n = s(&Value::Object(r), "service_name");
-                            view! { <option value=n.clone()>{n.clone()}</option> }
+                            let m = n.clone();
+                            view! { <option value=n.clone() selected=move || service.get() == m>{n.clone()}</option> }
                         }).collect_view()}
                     </select>
                 </label>

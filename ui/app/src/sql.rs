@@ -202,7 +202,7 @@ fn ResultView(result: Value) -> impl IntoView {
                 Series { label: cols[ci].0.clone(), color: COLORS[k], points }
             })
             .collect::<Vec<_>>();
-        Some(view! { <div class="card"><LineChart title=format!("{} over {}", cols[nums[0]].0, cols[tc].0) series=series fmt=fmt_num/></div> })
+        Some(view! { <div class="card"><LineChart title=format!("{} over {}", cols[nums[0]].0, cols[tc].0) series=series fmt=fmt_num width=1100.0 height=240.0/></div> })
     });
     let numeric: Vec<bool> = cols.iter().map(|(_, t)| is_numeric(t)).collect();
     view! {

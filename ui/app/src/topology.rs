@@ -79,8 +79,12 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
         .map(|n| n.layer)
         .max()
         .unwrap_or(0);
-    for n in nodes.iter_mut().filter(|n| n.kind == "virtual") {
-        n.layer = max_service + 1;
+    // Uninstrumented peers one column right of their deepest caller.
+    for v in 0..nodes.len() {
+        if nodes[v].kind == "virtual" {
+            let callers = pairs.iter().filter(|(_, b)| *b == v).map(|(a, _)| nodes[*a].layer).max();
+            nodes[v].layer = callers.map(|l| l + 1).unwrap_or(max_service + 1);
+        }
     }
     let layers = nodes.iter().map(|n| n.layer).max().unwrap_or(0) + 1;
     let mut by_layer: Vec<Vec<usize>> = vec![Vec::new(); layers];
@@ -208,7 +212,7 @@ pub fn TopologyPage() -> impl IntoView {
                     <select data-test="namespace" prop:value=move || url.get("namespace").unwrap_or_default()
                         on:change=move |e| go(&url.with(&[("namespace", Some(event_target_value(&e))), ("sel", None)]), false)>
                         <option value="">"All namespaces"</option>
-                        {move || namespaces().into_iter().map(|n| view! { <option value=n.clone()>{n.clone()}</option> }).collect_view()}
+                        {move || namespaces().into_iter().map(|n| { let m = n.clone(); view! { <option value=n.clone() selected=move || url.get("namespace").as_deref() == Some(m.as_str())>{n.clone()}</option> } }).collect_view()}
                     </select>
                 </label>
                 <label class="field">
@@ -216,7 +220,7 @@ pub fn TopologyPage() -> impl IntoView {
                     <select data-test="focus" prop:value=move || url.get("service").unwrap_or_default()
                         on:change=move |e| go(&url.with(&[("service", Some(event_target_value(&e))), ("sel", None)]), false)>
                         <option value="">"Whole mesh"</option>
-                        {move || service_names().into_iter().map(|n| view! { <option value=n.clone()>{n.clone()}</option> }).collect_view()}
+                        {move || service_names().into_iter().map(|n| { let m = n.clone(); view! { <option value=n.clone() selected=move || url.get("service").as_deref() == Some(m.as_str())>{n.clone()}</option> } }).collect_view()}
                     </select>
                 </label>
                 <Show when=move || url.get("service").is_some()>
@@ -421,6 +425,8 @@ fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Sele
             let click = move |_| go(&url.with(&[("sel", Some(format!("node:{id}")))]), false);
             let sub = match n.kind.as_str() {
                 "user" => "users".to_string(),
+                _ if f(&n.data, "requests") == 0.0 => "seen by the mesh only".to_string(),
+                _ if f(&n.data, "p99_ms") == 0.0 => fmt_rate(f(&n.data, "rate")),
                 _ => format!("{} · p99 {}", fmt_rate(f(&n.data, "rate")), fmt_ms(f(&n.data, "p99_ms"))),
             };
             view! {
@@ -439,7 +445,7 @@ fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Sele
         .map(|h| {
             let color = match h { "ok" => "#22c55e", "warn" => "#f59e0b", _ => "#ef4444" };
             view! {
-                <marker id=format!("arrow-{h}") viewBox="0 0 10 10" refX="8" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">
+                <marker id=format!("arrow-{h}") viewBox="0 0 10 10" refX="8" refY="5" markerWidth="11" markerHeight="11" markerUnits="userSpaceOnUse" orient="auto-start-reverse">
                     <path d="M0,0 L10,5 L0,10 z" fill=color></path>
                 </marker>
             }
@@ -565,14 +571,15 @@ pub fn SignalCharts(detail: Value, #[prop(optional)] compact: bool) -> impl Into
     let pts = |k: &str, scale: f64| -> Vec<(f64, f64)> {
         series.iter().map(|p| (util::ts_ms(&p["time"]), f(p, k) * scale)).collect()
     };
-    let h = if compact { 150.0 } else { 200.0 };
+    let h = if compact { 130.0 } else { 190.0 };
+    let w = if compact { 360.0 } else { 480.0 };
     view! {
         <div class=if compact { "charts compact" } else { "charts" }>
-            <LineChart title="Requests / s".into() height=h fmt=|v| fmt_rate(v)
+            <LineChart title="Requests / s".into() height=h width=w fmt=|v| fmt_rate(v)
                 series=vec![Series { label: "rate".into(), color: "#38bdf8", points: pts("rate", 1.0) }]/>
-            <LineChart title="Error rate".into() height=h fmt=|v| fmt_pct(v)
+            <LineChart title="Error rate".into() height=h width=w fmt=|v| fmt_pct(v)
                 series=vec![Series { label: "errors".into(), color: "#ef4444", points: pts("error_rate", 1.0) }]/>
-            <LineChart title="Latency".into() height=h fmt=|v| fmt_ms(v)
+            <LineChart title="Latency".into() height=h width=w fmt=|v| fmt_ms(v)
                 series=vec![
                     Series { label: "p50".into(), color: "#34d399", points: pts("p50_ms", 1.0) },
                     Series { label: "p95".into(), color: "#fbbf24", points: pts("p95_ms", 1.0) },

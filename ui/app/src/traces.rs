@@ -61,7 +61,7 @@ pub fn TracesPage() -> impl IntoView {
                     <select name="service" prop:value=move || service.get() on:change=input(service)>
                         <option value="">"Any service"</option>
                         {move || match services.get() {
-                            Some(Ok(Value::Array(a))) => a.iter().map(|v| { let n = s(v, "name"); view! { <option value=n.clone()>{n.clone()}</option> } }).collect_view().into_any(),
+                            Some(Ok(Value::Array(a))) => a.iter().map(|v| { let n = s(v, "name"); let m = n.clone(); view! { <option value=n.clone() selected=move || service.get() == m>{n.clone()}</option> } }).collect_view().into_any(),
                             _ => ().into_any(),
                         }}
                     </select>
@@ -121,9 +121,11 @@ pub fn TracesPage() -> impl IntoView {
                                                 <a href=href class="trace-link"><b style=format!("color:{}", service_color(&root))>{root.clone()}</b>" "{s(&t, "root_span_name")}</a>
                                                 <div class="mono muted tiny">{id.clone()}</div>
                                             </td>
-                                            <td class="dur-cell">
-                                                <div class="dur-bar"><i class:err={errs > 0.0} style=format!("width:{width:.1}%")></i></div>
-                                                <span>{fmt_ms(d)}</span>
+                                            <td>
+                                                <div class="dur-cell">
+                                                    <div class="dur-bar"><i class:err={errs > 0.0} style=format!("width:{width:.1}%")></i></div>
+                                                    <span>{fmt_ms(d)}</span>
+                                                </div>
                                             </td>
                                             <td class="num">
                                                 {f(&t, "span_count")}
@@ -211,6 +213,13 @@ fn Waterfall(
     let t1 = spans.iter().map(|s| s.start + s.dur).fold(f64::MIN, f64::max);
     let total = (t1 - t0).max(1.0);
     let services: std::collections::BTreeSet<String> = spans.iter().map(|s| s.service.clone()).collect();
+    // Colours by order of appearance, so the services of one trace never share one.
+    let mut order: Vec<String> = Vec::new();
+    for sp in &spans {
+        if !order.contains(&sp.service) {
+            order.push(sp.service.clone());
+        }
+    }
     let errors = spans.iter().filter(|s| s.error).count();
     let root = spans.first().map(|s| format!("{}: {}", s.service, s.name)).unwrap_or_default();
     if selected.get_untracked().is_none() {
@@ -227,18 +236,18 @@ fn Waterfall(
         .map(|sp| {
             let left = (sp.start - t0) / total * 100.0;
             let width = (sp.dur / total * 100.0).max(0.3);
-            let color = service_color(&sp.service);
+            let color = palette(&order, &sp.service);
             let id = sp.id.clone();
             let id2 = sp.id.clone();
             let is_sel = move || selected.get().as_deref() == Some(id2.as_str());
             let indent = format!("padding-left:{}px", 8.0 + sp.depth * 16.0);
             let bar = format!("left:{left:.3}%;width:{width:.3}%;background:{color}");
-            let label_left = left + width > 70.0;
-            let label = format!("{}", fmt_ms(sp.dur / 1e6));
-            let label_style = if label_left {
-                format!("right:{:.3}%", 100.0 - left + 0.5)
+            let inside = left + width > 80.0;
+            let label = fmt_ms(sp.dur / 1e6);
+            let label_style = if inside {
+                format!("right:{:.3}%", 100.0 - left - width + 0.6)
             } else {
-                format!("left:{:.3}%", left + width + 0.5)
+                format!("left:{:.3}%", left + width + 0.6)
             };
             view! {
                 <div class="span-row" class:critical=sp.critical class:error=sp.error class:selected=is_sel
@@ -251,7 +260,7 @@ fn Waterfall(
                     </div>
                     <div class="span-track">
                         <div class="span-bar" style=bar></div>
-                        <span class="span-dur" style=label_style>{label}</span>
+                        <span class="span-dur" class:inside=inside style=label_style>{label}</span>
                     </div>
                 </div>
             }
@@ -308,6 +317,11 @@ fn Waterfall(
             </div>
         </div>
     }
+}
+
+fn palette(order: &[String], service: &str) -> &'static str {
+    const P: [&str; 8] = ["#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#fb923c", "#2dd4bf", "#c084fc"];
+    order.iter().position(|s| s == service).map(|i| P[i % P.len()]).unwrap_or(P[0])
 }
 
 pub fn severity_class(n: f64) -> &'static str {
