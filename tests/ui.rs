@@ -37,7 +37,7 @@ fn is_checkout(i: u64) -> bool {
 }
 
 fn is_error(i: u64) -> bool {
-    is_checkout(i) && i % 10 == 0
+    is_checkout(i) && i.is_multiple_of(10)
 }
 
 fn attr(k: &str, v: &str) -> Value {
@@ -209,10 +209,10 @@ impl Browser {
         let root = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = http.get(format!("{root}/status")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(r) = http.get(format!("{root}/status")).send().await
+                && r.status().is_success()
+            {
+                break;
             }
             assert!(Instant::now() < deadline, "chromedriver did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;

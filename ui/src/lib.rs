@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn index_names_the_hashed_assets() {
-        let html = std::str::from_utf8(INDEX.plain).unwrap();
+        let html = std::str::from_utf8(INDEX.plain).expect("index.html is UTF-8");
         assert!(html.contains(&format!("/assets/app-{}.js", TAG.trim())));
         assert!(html.contains(&format!("/assets/style-{}.css", TAG.trim())));
         // The wasm starts with its magic number.
