@@ -409,6 +409,37 @@ async fn ui_pages_in_a_real_browser() {
     let url = b.call(reqwest::Method::GET, "/url", None).await;
     assert!(url.as_str().unwrap_or_default().contains("sel=node%3Acheckout"), "{url}");
 
+    // Clicking an edge charts the requests on it.
+    let edge = b.find_all("svg.graph g.edge[data-source='checkout'][data-target='payments'] path.edge-hit").await;
+    b.click(&edge[0]).await;
+    b.wait_for("[data-test='signals-panel'] .panel-title", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let title = b.find_all("[data-test='signals-panel'] .panel-title").await;
+        let charts = b.find_all("[data-test='signals-panel'] .chart polyline").await;
+        if b.text(&title[0]).await.contains("checkout → payments") && charts.len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "edge panel did not chart the edge");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    b.screenshot("topology-edge").await;
+
+    // The time range is shared by every page through the URL.
+    let hour = b.find_all("button[data-range='1h']").await;
+    b.click(&hour[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = b.call(reqwest::Method::GET, "/url", None).await;
+        let services_link = b.find_all("a.nav-link[href^='/services']").await;
+        let href = b.attr(&services_link[0], "href").await;
+        if url.as_str().unwrap_or_default().contains("range=1h") && href.contains("range=1h") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "range=1h not in the URL and links: {url} {href}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Services: one row per service with server spans, with sparklines.
     b.goto(&server.url("/services?range=15m")).await;
     b.wait_for("tr[data-service='payments'] svg.spark polyline", 1).await;

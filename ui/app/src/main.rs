@@ -114,11 +114,11 @@ fn TopBar() -> impl IntoView {
         }
     };
     Effect::new(move |_| {
-        if custom() {
-            if let (Some(a), Some(b)) = (url.get("from"), url.get("to")) {
-                from.set(a.get(..16).unwrap_or("").to_string());
-                to.set(b.get(..16).unwrap_or("").to_string());
-            }
+        if custom()
+            && let (Some(a), Some(b)) = (url.get("from"), url.get("to"))
+        {
+            from.set(a.get(..16).unwrap_or("").to_string());
+            to.set(b.get(..16).unwrap_or("").to_string());
         }
     });
     let presets = PRESETS

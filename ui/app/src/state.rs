@@ -38,10 +38,10 @@ impl Range {
     pub fn bounds(&self) -> (f64, f64) {
         if self.preset == "custom" {
             let p = |s: &Option<String>| s.as_deref().map(js_sys::Date::parse).filter(|v| !v.is_nan());
-            if let (Some(a), Some(b)) = (p(&self.from), p(&self.to)) {
-                if a < b {
-                    return (a, b);
-                }
+            if let (Some(a), Some(b)) = (p(&self.from), p(&self.to))
+                && a < b
+            {
+                return (a, b);
             }
         }
         let len = PRESETS
@@ -61,7 +61,13 @@ impl Range {
 
     /// `<col> >= … AND <col> < …` for SQL.
     pub fn sql(&self, col: &str) -> String {
+        self.sql_widened(col, 0.0)
+    }
+
+    /// The same, widened by `ms` on both sides (to find the other half of a pair).
+    pub fn sql_widened(&self, col: &str, ms: f64) -> String {
         let (a, b) = self.bounds();
+        let (a, b) = (a - ms, b + ms);
         format!(
             "{col} >= CAST('{}' AS TIMESTAMP) AND {col} < CAST('{}' AS TIMESTAMP)",
             iso(a),
@@ -149,9 +155,10 @@ impl Url {
     }
 }
 
+type Navigate = Box<dyn Fn(&str, NavigateOptions)>;
+
 thread_local! {
-    static NAVIGATE: std::cell::RefCell<Option<Box<dyn Fn(&str, NavigateOptions)>>> =
-        const { std::cell::RefCell::new(None) };
+    static NAVIGATE: std::cell::RefCell<Option<Navigate>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Keeps the router's navigate function for [`go`]; called once inside the `<Router>`.

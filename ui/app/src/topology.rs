@@ -9,8 +9,8 @@ use leptos::prelude::*;
 use serde_json::Value;
 
 use crate::charts::{LineChart, Series};
-use crate::state::{go, tick, use_url};
-use crate::util::{self, enc, f, fmt_ms, fmt_pct, fmt_rate, health, health_color, s};
+use crate::state::{Range, go, tick, use_url};
+use crate::util::{self, enc, f, fmt_ms, fmt_pct, fmt_rate, health, health_color, lit, s};
 use crate::{ErrorBox, Kpi, Loading};
 
 #[derive(Clone, Debug)]
@@ -62,11 +62,13 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
     for _ in 0..nodes.len() {
         let mut changed = false;
         for &(a, b) in &pairs {
-            if nodes[b].kind == "service" && nodes[a].kind != "virtual" && nodes[b].layer < nodes[a].layer + 1 {
-                if nodes[a].layer + 1 <= nodes.len() {
-                    nodes[b].layer = nodes[a].layer + 1;
-                    changed = true;
-                }
+            if nodes[b].kind == "service"
+                && nodes[a].kind != "virtual"
+                && nodes[b].layer <= nodes[a].layer
+                && nodes[a].layer < nodes.len()
+            {
+                nodes[b].layer = nodes[a].layer + 1;
+                changed = true;
             }
         }
         if !changed {
@@ -470,35 +472,49 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
             .as_array()
             .and_then(|a| a.iter().find(|n| s(n, "id") == id).cloned())
     };
-    let (title, kind, data, service) = match &sel {
+    let (title, kind, data) = match &sel {
         Selection::Node(id) => {
             let n = find_node(id).unwrap_or(Value::Null);
-            let kind = s(&n, "kind");
-            let svc = (kind == "service").then(|| id.clone());
-            (id.clone(), kind, n, svc)
+            (id.clone(), s(&n, "kind"), n)
         }
         Selection::Edge(a, b) => {
             let e = graph["edges"]
                 .as_array()
                 .and_then(|x| x.iter().find(|e| s(e, "source") == *a && s(e, "target") == *b).cloned())
                 .unwrap_or(Value::Null);
-            let target_is_service = find_node(b).map(|n| s(&n, "kind") == "service").unwrap_or(false);
-            (format!("{a} → {b}"), "edge".to_string(), e, target_is_service.then(|| b.clone()))
+            (format!("{a} → {b}"), "edge".to_string(), e)
         }
     };
+    let seen_in_spans = data["sources"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|s| s.as_str() == Some("spans")));
     let caller = match &sel {
         Selection::Node(id) => Some(id.clone()).filter(|_| kind == "service"),
         Selection::Edge(a, _) => Some(a.clone()).filter(|a| a != "user"),
     };
-    let detail = service.clone().map(|svc| {
-        let svc2 = svc.clone();
-        let res = LocalResource::new(move || {
-            let q = url.range().api();
-            tick();
-            util::get_json(format!("/api/v1/services/{}?{q}", enc(&svc2)))
-        });
-        (svc, res)
-    });
+    // Signals over time: a service's from the API, an edge's from its spans by SQL.
+    let detail = match &sel {
+        Selection::Node(id) if kind == "service" => {
+            let id = id.clone();
+            Some(LocalResource::new(move || {
+                let q = url.range().api();
+                tick();
+                util::get_json(format!("/api/v1/services/{}?{q}", enc(&id)))
+            }))
+        }
+        Selection::Edge(a, b) if seen_in_spans => {
+            let (a, b) = (a.clone(), b.clone());
+            let target_kind = find_node(&b).map(|n| s(&n, "kind")).unwrap_or_default();
+            Some(LocalResource::new(move || {
+                let r = url.range();
+                tick();
+                edge_series(r, a.clone(), b.clone(), target_kind.clone())
+            }))
+        }
+        _ => None,
+    };
+    let no_series_note = (kind == "edge" && !seen_in_spans)
+        .then(|| view! { <div class="muted small">"Seen only in the mesh's own telemetry: no spans to chart this edge over time."</div> });
     let by_source = data["by_source"].as_object().cloned().unwrap_or_default();
     let sources_row = data["sources"]
         .as_array()
@@ -552,8 +568,9 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
                 </table>
             })}
             {trace_links}
-            {detail.map(|(svc, res)| view! {
-                <h3 class="panel-sub">{if kind == "edge" { format!("{svc} (server side) over time") } else { "Golden signals over time".to_string() }}</h3>
+            {no_series_note}
+            {detail.map(|res| view! {
+                <h3 class="panel-sub">{if kind == "edge" { "Requests on this edge over time" } else { "Golden signals over time" }}</h3>
                 {move || match res.get() {
                     None => view! { <Loading/> }.into_any(),
                     Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
@@ -562,6 +579,64 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
             })}
         </aside>
     }
+}
+
+/// One request per row on the edge `source → target`, as `graph.rs` on the server defines
+/// them (paired CLIENT→SERVER spans, unpaired callers of a virtual peer, entry SERVER
+/// spans for the users), then per-minute signals in the shape of a service's `series`.
+async fn edge_series(range: Range, source: String, target: String, target_kind: String) -> Result<Value, String> {
+    let (src, dst) = (lit(&source), lit(&target));
+    let requests = if source == "user" {
+        format!(
+            "SELECT e.start_time, e.duration_ns AS latency_ns, e.status_code = 'ERROR' AS error
+             FROM (SELECT * FROM s WHERE span_kind = 'SERVER' AND service_name = {dst}) e
+             LEFT ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id"
+        )
+    } else if target_kind == "virtual" {
+        format!(
+            "SELECT c.start_time, c.duration_ns AS latency_ns, c.status_code = 'ERROR' AS error
+             FROM (SELECT * FROM s WHERE service_name = {src} AND span_kind IN ('CLIENT', 'PRODUCER') AND peer_name = {dst}) c
+             LEFT ANTI JOIN (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')) p
+               ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id"
+        )
+    } else {
+        format!(
+            "SELECT c.start_time, c.duration_ns AS latency_ns, (c.status_code = 'ERROR' OR p.status_code = 'ERROR') AS error
+             FROM (SELECT * FROM s WHERE service_name = {src} AND span_kind IN ('CLIENT', 'PRODUCER')) c
+             JOIN (SELECT * FROM s WHERE service_name = {dst} AND span_kind IN ('SERVER', 'CONSUMER')) p
+               ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id"
+        )
+    };
+    let q = format!(
+        "WITH s AS (SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time, peer_name
+                    FROM spans WHERE {wide}),
+              req AS ({requests})
+         SELECT date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS t, count(*) AS n,
+                sum(CASE WHEN error THEN 1 ELSE 0 END) AS e,
+                approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ns) AS p50,
+                approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ns) AS p95,
+                approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ns) AS p99
+         FROM req WHERE {inrange} GROUP BY 1 ORDER BY 1",
+        wide = range.sql_widened("start_time", 5.0 * 60e3),
+        inrange = range.sql("start_time"),
+    );
+    let rows = util::sql_rows(q).await?;
+    let series: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            let r = Value::Object(r);
+            let n = f(&r, "n");
+            serde_json::json!({
+                "time": r["t"].clone(),
+                "rate": n / 60.0,
+                "error_rate": if n > 0.0 { f(&r, "e") / n } else { 0.0 },
+                "p50_ms": f(&r, "p50") / 1e6,
+                "p95_ms": f(&r, "p95") / 1e6,
+                "p99_ms": f(&r, "p99") / 1e6,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "series": series }))
 }
 
 /// Charts of a service's per-minute series: rate, error rate, latency percentiles.
