@@ -50,7 +50,8 @@ fn nice_max(v: f64) -> f64 {
         return 1.0;
     }
     let mag = 10f64.powf(v.log10().floor());
-    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+    // Four grid steps of round values: 0.25, 0.5, 1, 1.5, 2, 2.5 × 10^k.
+    for m in [1.0, 2.0, 4.0, 6.0, 8.0, 10.0] {
         if v <= m * mag {
             return m * mag;
         }

@@ -218,7 +218,7 @@ pub fn ServicePage() -> impl IntoView {
                         let er = f(&v, "error_rate");
                         let endpoints = v["endpoints"].as_array().cloned().unwrap_or_default();
                         let saturation = v["saturation"].as_array().cloned().unwrap_or_default();
-                        let slow = url.link("/traces", &[("service", n.clone()), ("min_duration_ms", format!("{:.0}", f(&v, "p95_ms").floor()))]);
+                        let slow = url.link("/traces", &[("service", n.clone()), ("min_duration_ms", format!("{:.0}", f(&v, "p95_ms").floor())), ("sort", "slowest".into())]);
                         let failing = url.link("/traces", &[("service", n.clone()), ("status", "error".into())]);
                         let logs = url.link("/logs", &[("service", n.clone())]);
                         let topo = url.link("/", &[("service", n.clone())]);

@@ -522,7 +522,7 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
         .unwrap_or_default();
     let p95 = f(&data, "p95_ms");
     let trace_links = caller.clone().map(|svc| {
-        let slow = url.link("/traces", &[("service", svc.clone()), ("min_duration_ms", format!("{:.0}", p95.floor()))]);
+        let slow = url.link("/traces", &[("service", svc.clone()), ("min_duration_ms", format!("{:.0}", p95.floor())), ("sort", "slowest".into())]);
         let failing = url.link("/traces", &[("service", svc.clone()), ("status", "error".into())]);
         let page = url.link(&format!("/services/{}", enc(&svc)), &[]);
         view! {

@@ -96,13 +96,23 @@ pub fn TracesPage() -> impl IntoView {
                 None => view! { <Loading/> }.into_any(),
                 Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
                 Some(Ok(v)) => {
-                    let list = v.as_array().cloned().unwrap_or_default();
+                    let mut list = v.as_array().cloned().unwrap_or_default();
+                    let slowest = url.get("sort").as_deref() == Some("slowest");
+                    if slowest {
+                        list.sort_by(|a, b| f(b, "duration_ms").partial_cmp(&f(a, "duration_ms")).unwrap_or(std::cmp::Ordering::Equal));
+                    }
                     if list.is_empty() {
                         return view! { <div class="empty"><h2>"No traces match"</h2><p>"Widen the time range or loosen the filters."</p></div> }.into_any();
                     }
                     let max = list.iter().map(|t| f(t, "duration_ms")).fold(0.0, f64::max);
                     view! {
-                        <div class="muted small result-count">{format!("{} traces, newest first", list.len())}</div>
+                        <div class="result-bar">
+                            <span class="muted small">{format!("{} traces", list.len())}</span>
+                            <div class="segmented small">
+                                <button class=if slowest { "seg" } else { "seg active" } on:click=move |_| go(&url.with(&[("sort", None)]), true)>"Newest first"</button>
+                                <button class=if slowest { "seg active" } else { "seg" } on:click=move |_| go(&url.with(&[("sort", Some("slowest".into()))]), true)>"Slowest first"</button>
+                            </div>
+                        </div>
                         <table class="table traces-table" data-test="trace-results">
                             <thead><tr><th>"Started"</th><th>"Root"</th><th>"Duration"</th><th class="num">"Spans"</th><th>"Services"</th></tr></thead>
                             <tbody>
