@@ -24,7 +24,6 @@ fn run() -> Result<(), String> {
     for p in ["src", "Cargo.toml", "Cargo.lock", "index.html", "style.css"] {
         println!("cargo:rerun-if-changed={}", app.join(p).display());
     }
-    println!("cargo:rerun-if-env-changed=MESHSCOPE_UI_CARGO_ARGS");
 
     ensure_wasm_target()?;
 
@@ -41,9 +40,6 @@ fn run() -> Result<(), String> {
         .args(["build", "--release", "--locked", "--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir);
-    if let Ok(extra) = std::env::var("MESHSCOPE_UI_CARGO_ARGS") {
-        cmd.args(extra.split_whitespace());
-    }
     scrub_env(&mut cmd);
     let status = cmd
         .status()

@@ -4,14 +4,14 @@
 use leptos::prelude::*;
 use serde_json::Value;
 
-use crate::state::{go, tick, use_url};
+use crate::state::{Range, go, tick, use_url};
 use crate::traces::severity_class;
 use crate::util::{self, f, lit, s, service_color};
 use crate::{ErrorBox, Loading};
 
 const FIELDS: [&str; 4] = ["service", "severity", "text", "trace_id"];
 
-fn query(range_sql: String, service: Option<String>, severity: Option<String>, text: Option<String>, trace_id: Option<String>) -> String {
+fn filters(range_sql: String, service: Option<String>, severity: Option<String>, text: Option<String>, trace_id: Option<String>) -> String {
     let mut w = vec![range_sql];
     if let Some(sv) = service {
         w.push(format!("service_name = {}", lit(&sv)));
@@ -32,10 +32,68 @@ fn query(range_sql: String, service: Option<String>, severity: Option<String>, t
     if let Some(t) = trace_id {
         w.push(format!("trace_id = {}", lit(&t.trim().to_lowercase())));
     }
-    format!(
-        "SELECT time, severity_text, severity_number, service_name, body, trace_id, span_id FROM logs WHERE {} ORDER BY time DESC LIMIT 500",
-        w.join(" AND ")
-    )
+    w.join(" AND ")
+}
+
+const BARS: usize = 60;
+
+/// Log counts per time bucket, split into errors, warnings and the rest.
+async fn volume(range: Range, filters: String) -> Result<Vec<[f64; 3]>, String> {
+    let (a, b) = range.bounds();
+    let bin_s = ((b - a) / 1000.0 / BARS as f64).max(1.0);
+    let rows = util::sql_rows(format!(
+        "SELECT CAST(floor((CAST(CAST(time AS BIGINT) AS DOUBLE) / 1e9 - {a0}) / {bin_s}) AS BIGINT) AS b,
+                sum(CASE WHEN severity_number >= 17 THEN 1 ELSE 0 END) AS e,
+                sum(CASE WHEN severity_number >= 13 AND severity_number < 17 THEN 1 ELSE 0 END) AS w,
+                sum(CASE WHEN severity_number < 13 OR severity_number IS NULL THEN 1 ELSE 0 END) AS o
+         FROM logs WHERE {filters} GROUP BY 1",
+        a0 = a / 1000.0
+    ))
+    .await?;
+    let mut out = vec![[0.0; 3]; BARS];
+    for r in rows {
+        let r = Value::Object(r);
+        let i = f(&r, "b");
+        if i >= 0.0 && (i as usize) < BARS {
+            out[i as usize] = [f(&r, "e"), f(&r, "w"), f(&r, "o")];
+        }
+    }
+    Ok(out)
+}
+
+#[component]
+fn Volume(bars: Vec<[f64; 3]>, range: Range) -> impl IntoView {
+    let (w, h) = (1200.0, 70.0);
+    let max = bars.iter().map(|b| b[0] + b[1] + b[2]).fold(0.0, f64::max).max(1.0);
+    let bw = w / BARS as f64;
+    let rects = bars
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| {
+            let x = i as f64 * bw + 1.0;
+            let mut y = h - 14.0;
+            let mut out = Vec::new();
+            for (k, color) in [(2usize, "#38bdf8"), (1, "#f59e0b"), (0, "#ef4444")] {
+                let hh = b[k] / max * (h - 20.0);
+                if hh > 0.0 {
+                    y -= hh;
+                    out.push(view! { <rect x=x y=y width=bw - 2.0 height=hh fill=color rx="1.5"></rect> });
+                }
+            }
+            out
+        })
+        .collect_view();
+    let (a, b) = range.bounds();
+    view! {
+        <div class="card volume">
+            <svg viewBox=format!("0 0 {w} {h}") class="chart-svg">
+                {rects}
+                <text x="0" y=h - 2.0 class="axis">{util::clock(a)}</text>
+                <text x=w y=h - 2.0 text-anchor="end" class="axis">{util::clock(b)}</text>
+                <text x=w / 2.0 y=h - 2.0 text-anchor="middle" class="axis">{format!("log volume · peak {} per bar", max)}</text>
+            </svg>
+        </div>
+    }
 }
 
 #[component]
@@ -52,10 +110,19 @@ pub fn LogsPage() -> impl IntoView {
         let r = url.range();
         util::sql_rows(format!("SELECT DISTINCT service_name FROM logs WHERE {} ORDER BY 1", r.sql("time")))
     });
+    let where_ = move || filters(url.range().sql("time"), url.get("service"), url.get("severity"), url.get("text"), url.get("trace_id"));
     let results = LocalResource::new(move || {
-        let q = query(url.range().sql("time"), url.get("service"), url.get("severity"), url.get("text"), url.get("trace_id"));
+        let q = format!(
+            "SELECT time, severity_text, severity_number, service_name, body, trace_id, span_id FROM logs WHERE {} ORDER BY time DESC LIMIT 500",
+            where_()
+        );
         tick();
         util::sql_rows(q)
+    });
+    let histogram = LocalResource::new(move || {
+        let (r, w) = (url.range(), where_());
+        tick();
+        async move { volume(r.clone(), w).await.map(|bars| (bars, r)) }
     });
     let submit = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
@@ -103,6 +170,7 @@ pub fn LogsPage() -> impl IntoView {
                 </label>
                 <button class="btn primary" type="submit">"Search"</button>
             </form>
+            {move || histogram.get().and_then(Result::ok).map(|(bars, r)| view! { <Volume bars=bars range=r/> })}
             {move || match results.get() {
                 None => view! { <Loading/> }.into_any(),
                 Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
