@@ -425,6 +425,22 @@ async fn ui_pages_in_a_real_browser() {
     }
     b.screenshot("topology-edge").await;
 
+    // Filter by namespace: the shop's services, not the web tier's.
+    b.goto(&server.url("/?range=15m&namespace=shop")).await;
+    b.wait_for("svg.graph g.node[data-id='payments']", 1).await;
+    let mut shop = BTreeSet::new();
+    for n in b.find_all("svg.graph g.node[data-kind='service']").await {
+        shop.insert(b.attr(&n, "data-id").await);
+    }
+    assert!(shop.contains("checkout") && shop.contains("catalog") && !shop.contains("frontend"), "{shop:?}");
+    // A custom range puts both ends in the URL.
+    let custom = b.find_all("button[data-range='custom']").await;
+    b.click(&custom[0]).await;
+    b.wait_for(".custom-range input[type='datetime-local']", 2).await;
+    let url = b.call(reqwest::Method::GET, "/url", None).await;
+    let url = url.as_str().unwrap_or_default().to_string();
+    assert!(url.contains("range=custom") && url.contains("from=") && url.contains("to="), "{url}");
+
     // The time range is shared by every page through the URL.
     let hour = b.find_all("button[data-range='1h']").await;
     b.click(&hour[0]).await;
@@ -452,6 +468,20 @@ async fn ui_pages_in_a_real_browser() {
         assert!(names.contains(s), "{names:?}");
     }
     b.screenshot("services").await;
+    // Sortable: by p50, slowest first.
+    let p50 = b.find_all("th[data-sort='p50_ms']").await;
+    b.click(&p50[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = b.find_all("[data-test='services-table'] tbody tr").await;
+        let first = b.attr(&rows[0], "data-service").await;
+        let last = b.attr(&rows[rows.len() - 1], "data-service").await;
+        if first == "frontend" && last == "catalog" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sorted by p50: {first} … {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     b.goto(&server.url("/services/checkout?range=15m")).await;
     b.wait_for("[data-test='endpoints'] tbody tr", 1).await;
