@@ -202,7 +202,7 @@ fn ResultView(result: Value) -> impl IntoView {
                 Series { label: cols[ci].0.clone(), color: COLORS[k], points }
             })
             .collect::<Vec<_>>();
-        Some(view! { <div class="card"><LineChart title=format!("{} over {}", cols[nums[0]].0, cols[tc].0) series=series fmt=fmt_num width=1100.0 height=240.0/></div> })
+        Some(view! { <LineChart title=format!("{} over {}", cols[nums[0]].0, cols[tc].0) series=series fmt=fmt_num width=1100.0 height=240.0/> })
     });
     let numeric: Vec<bool> = cols.iter().map(|(_, t)| is_numeric(t)).collect();
     view! {
@@ -216,7 +216,15 @@ fn ResultView(result: Value) -> impl IntoView {
                         view! {
                             <tr>{cells.into_iter().enumerate().map(|(i, c)| {
                                 let null = c.is_null();
-                                let text = if null { "NULL".to_string() } else { show(&c) };
+                                let text = match &c {
+                                    Value::Null => "NULL".to_string(),
+                                    // Floats at six decimals at most (CSV keeps every digit).
+                                    Value::Number(n) if n.is_f64() => {
+                                        let t = format!("{:.6}", n.as_f64().unwrap_or(0.0));
+                                        t.trim_end_matches('0').trim_end_matches('.').to_string()
+                                    }
+                                    other => show(other),
+                                };
                                 view! { <td class:num=numeric.get(i).copied().unwrap_or(false) class:null=null>{text}</td> }
                             }).collect_view()}</tr>
                         }
