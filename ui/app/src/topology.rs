@@ -247,6 +247,25 @@ pub fn TopologyPage() -> impl IntoView {
             </div>
             <div class="topology-body">
                 <div class="graph-wrap">
+                    {move || graph.get().and_then(Result::ok).map(|g| {
+                        let nodes = g["nodes"].as_array().cloned().unwrap_or_default();
+                        let edges = g["edges"].as_array().map(Vec::len).unwrap_or(0);
+                        let count = |k: &str| nodes.iter().filter(|n| s(n, "kind") == k).count();
+                        // What the users see: the edges out of the `user` node.
+                        let entry: Vec<Value> = g["edges"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| s(e, "source") == "user").collect();
+                        let (req, err) = entry.iter().fold((0.0, 0.0), |(r, e), x| (r + f(x, "requests"), e + f(x, "errors")));
+                        let rate: f64 = entry.iter().map(|e| f(e, "rate")).sum();
+                        let er = if req > 0.0 { err / req } else { 0.0 };
+                        view! {
+                            <div class="graph-summary">
+                                <span><b>{count("service")}</b>" services"</span>
+                                <span><b>{count("virtual")}</b>" uninstrumented"</span>
+                                <span><b>{edges}</b>" edges"</span>
+                                <span>"entry rate "<b>{fmt_rate(rate)}</b></span>
+                                <span>"entry errors "<b class=health(er)>{fmt_pct(er)}</b></span>
+                            </div>
+                        }
+                    })}
                     {move || match graph.get() {
                         None => view! { <Loading/> }.into_any(),
                         Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
