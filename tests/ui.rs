@@ -188,6 +188,8 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 struct Browser {
     driver: Child,
+    port: u16,
+    session: String,
     base: String,
     http: reqwest::Client,
     _profile: tempfile::TempDir,
@@ -243,7 +245,9 @@ impl Browser {
             .to_string();
         Browser {
             driver,
+            port,
             base: format!("{root}/session/{id}"),
+            session: id,
             http,
             _profile: profile,
         }
@@ -335,7 +339,19 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Ends the session first (chromedriver then quits Chromium; killing chromedriver
+    /// alone would leave the browser running), even when the test failed.
     fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                c,
+                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            let _ = c.read_to_end(&mut Vec::new());
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
