@@ -131,6 +131,14 @@ fn logs_payload(base_ns: u64) -> Value {
     for i in 0..TRACES {
         let t0 = base_ns + i * 8_000_000_000;
         if is_checkout(i) {
+            // The sidecar's access log of the frontend → checkout call, with the trace id.
+            proxy.push(json!({
+                "timeUnixNano": (t0 + 6_000_000).to_string(), "severityNumber": 9, "severityText": "INFO",
+                "body": { "stringValue": format!("POST /api/checkout {}", if is_error(i) { 500 } else { 200 }) },
+                "traceId": trace_id(i),
+                "attributes": [attr("source_workload", "frontend"), attr("destination_workload", "checkout"),
+                               attr("duration_ms", "120"), attr("response_code", if is_error(i) { "500" } else { "200" })],
+            }));
             checkout.push(json!({
                 "timeUnixNano": (t0 + 100_000_000).to_string(), "severityNumber": 9, "severityText": "INFO",
                 "body": { "stringValue": format!("order {i} placed") },
@@ -518,8 +526,10 @@ async fn ui_pages_in_a_real_browser() {
     let off: Vec<String> = b.find_all(".span-row:not(.critical)").await;
     assert_eq!(off.len(), 1, "exactly one span off the critical path");
     assert!(b.text(&off[0]).await.contains("render cart"));
-    let logs = b.wait_for("[data-test='trace-logs'] .log-line", 1).await;
-    assert!(b.text(&logs[0]).await.contains(&format!("order {KNOWN_TRACE} placed")));
+    // Its application log and the sidecar's access log, in time order.
+    let logs = b.wait_for("[data-test='trace-logs'] .log-line", 2).await;
+    assert!(b.text(&logs[0]).await.contains("POST /api/checkout 200"));
+    assert!(b.text(&logs[1]).await.contains(&format!("order {KNOWN_TRACE} placed")));
     // Span details: attributes and events of the payments span.
     let mut payments = None;
     for sp in &spans {

@@ -303,7 +303,7 @@ fn Waterfall(
             <div class="trace-side">
                 {detail}
                 <div class="card logs-card" data-test="trace-logs">
-                    <h3>"Logs of this trace"</h3>
+                    <h3>"Logs and access logs of this trace"</h3>
                     {move || match logs.get() {
                         None => view! { <Loading/> }.into_any(),
                         Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
