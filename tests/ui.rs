@@ -230,6 +230,7 @@ impl Browser {
         let profile = tempfile::tempdir().expect("profile dir");
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": { "browser": "ALL" },
             "goog:chromeOptions": {
                 "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -331,6 +332,18 @@ impl Browser {
 
     async fn js(&self, script: &str, args: Value) -> Value {
         self.call(reqwest::Method::POST, "/execute/sync", Some(json!({ "script": script, "args": args }))).await
+    }
+
+    /// The browser console's errors since the last call (chromedriver's log endpoint).
+    async fn console_errors(&self) -> Vec<String> {
+        let v = self.call(reqwest::Method::POST, "/se/log", Some(json!({ "type": "browser" }))).await;
+        let entries = v.as_array().unwrap_or_else(|| panic!("no browser log: {v}"));
+        eprintln!("browser console: {} entries", entries.len());
+        entries
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
     }
 
     async fn screenshot(&self, name: &str) {
@@ -594,6 +607,16 @@ async fn ui_pages_in_a_real_browser() {
     b.click(&run[0]).await;
     b.wait_for(".sql-main .chart polyline", 1).await;
     b.screenshot("sql").await;
+
+    // The error box above is the only failure: nothing else went wrong in the console
+    // (the bad query's 400 is logged by the browser as a failed request, nothing else).
+    let errors: Vec<String> = b
+        .console_errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("/api/v1/sql") || !e.contains("400"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
 
     if let Some(secs) = std::env::var("MESHSCOPE_UI_HOLD").ok().and_then(|s| s.parse().ok()) {
         eprintln!("UI at {} for {secs} s", server.url("/"));
