@@ -462,6 +462,22 @@ async fn ui_pages_in_a_real_browser() {
     }
     b.screenshot("topology-edge").await;
 
+    // Auto-refresh from the URL: the data reloads and the open panel stays in place.
+    b.goto(&server.url("/?range=15m&refresh=5s&sel=node%3Acheckout")).await;
+    b.wait_for("[data-test='signals-panel'] .chart polyline", 3).await;
+    let stamp = b.find_all(".updated").await;
+    let first = b.text(&stamp[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if b.text(&stamp[0]).await != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "auto-refresh did not reload ({first})");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(b.find_all("[data-test='signals-panel'] .chart polyline").await.len() >= 3);
+
     // Filter by namespace: the shop's services, not the web tier's.
     b.goto(&server.url("/?range=15m&namespace=shop")).await;
     b.wait_for("svg.graph g.node[data-id='payments']", 1).await;

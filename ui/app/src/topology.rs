@@ -204,6 +204,8 @@ pub fn TopologyPage() -> impl IntoView {
     };
     let search = RwSignal::new(url.get_untracked("q").unwrap_or_default());
     let selection = Memo::new(move |_| parse_sel(url.get("sel")));
+    // The panel opens once the graph is there (a shared link may name a selection).
+    let loaded = Memo::new(move |_| graph.get().is_some());
 
     view! {
         <div class="page topology-page">
@@ -272,10 +274,8 @@ pub fn TopologyPage() -> impl IntoView {
                         Some(Ok(g)) => view! { <GraphView graph=g search=search selection=selection/> }.into_any(),
                     }}
                 </div>
-                {move || selection.get().map(|sel| {
-                    let g = graph.get().and_then(Result::ok).unwrap_or(Value::Null);
-                    view! { <SidePanel sel=sel graph=g/> }
-                })}
+                // The panel lives as long as the selection; refreshes update it in place.
+                {move || selection.get().filter(|_| loaded.get()).map(|sel| view! { <SidePanel sel=sel graph=graph/> })}
             </div>
         </div>
     }
@@ -482,10 +482,24 @@ fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Sele
     .into_any()
 }
 
+/// The node's or edge's entry in the graph answer.
+fn lookup(graph: &Value, sel: &Selection) -> Value {
+    let found = match sel {
+        Selection::Node(id) => graph["nodes"].as_array().and_then(|a| a.iter().find(|n| s(n, "id") == *id)),
+        Selection::Edge(a, b) => graph["edges"]
+            .as_array()
+            .and_then(|x| x.iter().find(|e| s(e, "source") == *a && s(e, "target") == *b)),
+    };
+    found.cloned().unwrap_or(Value::Null)
+}
+
 #[component]
-fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
+fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> impl IntoView {
     let url = use_url();
     let close = move |_| go(&url.with(&[("sel", None)]), false);
+    let graph_now = graph.get_untracked().and_then(Result::ok).unwrap_or(Value::Null);
+    let graph_live = graph;
+    let graph = graph_now;
     let find_node = |id: &str| {
         graph["nodes"]
             .as_array()
@@ -534,11 +548,36 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
     };
     let no_series_note = (kind == "edge" && !seen_in_spans)
         .then(|| view! { <div class="muted small">"Seen only in the mesh's own telemetry: no spans to chart this edge over time."</div> });
-    let by_source = data["by_source"].as_object().cloned().unwrap_or_default();
-    let sources_row = data["sources"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).map(|s| source_label(s).to_string()).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default();
+    let sel_live = sel.clone();
+    let numbers = move || {
+        let g = graph_live.get().and_then(Result::ok).unwrap_or(Value::Null);
+        let data = lookup(&g, &sel_live);
+        let by_source = data["by_source"].as_object().cloned().unwrap_or_default();
+        let sources_row = data["sources"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).map(|s| source_label(s).to_string()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        view! {
+            <div class="kpis">
+                <Kpi label="Rate" value=fmt_rate(f(&data, "rate"))/>
+                <Kpi label="Errors" value=fmt_pct(f(&data, "error_rate")) class=health(f(&data, "error_rate"))/>
+                <Kpi label="p50" value=fmt_ms(f(&data, "p50_ms"))/>
+                <Kpi label="p99" value=fmt_ms(f(&data, "p99_ms"))/>
+            </div>
+            <div class="muted small">{format!("{} requests, {} errors in range", f(&data, "requests"), f(&data, "errors"))}</div>
+            {(!sources_row.is_empty()).then(|| view! { <div class="small sources">"Seen in: "<b>{sources_row}</b></div> })}
+            {(!by_source.is_empty()).then(|| view! {
+                <table class="mini-table">
+                    <thead><tr><th>"Source"</th><th>"Rate"</th><th>"Errors"</th><th>"p99"</th></tr></thead>
+                    <tbody>
+                        {by_source.into_iter().map(|(k, v)| view! {
+                            <tr><td>{source_label(&k).to_string()}</td><td>{fmt_rate(f(&v, "rate"))}</td><td>{fmt_pct(f(&v, "error_rate"))}</td><td>{fmt_ms(f(&v, "p99_ms"))}</td></tr>
+                        }).collect_view()}
+                    </tbody>
+                </table>
+            })}
+        }
+    };
     let p95 = f(&data, "p95_ms");
     let trace_links = caller.clone().map(|svc| {
         let slow = url.link("/traces", &[("service", svc.clone()), ("min_duration_ms", format!("{:.0}", p95.floor())), ("sort", "slowest".into())]);
@@ -568,24 +607,7 @@ fn SidePanel(sel: Selection, graph: Value) -> impl IntoView {
                 </div>
                 <button class="btn icon" on:click=close title="Close">"✕"</button>
             </div>
-            <div class="kpis">
-                <Kpi label="Rate" value=fmt_rate(f(&data, "rate"))/>
-                <Kpi label="Errors" value=fmt_pct(f(&data, "error_rate")) class=health(f(&data, "error_rate"))/>
-                <Kpi label="p50" value=fmt_ms(f(&data, "p50_ms"))/>
-                <Kpi label="p99" value=fmt_ms(f(&data, "p99_ms"))/>
-            </div>
-            <div class="muted small">{format!("{} requests, {} errors in range", f(&data, "requests"), f(&data, "errors"))}</div>
-            {(!sources_row.is_empty()).then(|| view! { <div class="small sources">"Seen in: "<b>{sources_row}</b></div> })}
-            {(!by_source.is_empty()).then(|| view! {
-                <table class="mini-table">
-                    <thead><tr><th>"Source"</th><th>"Rate"</th><th>"Errors"</th><th>"p99"</th></tr></thead>
-                    <tbody>
-                        {by_source.into_iter().map(|(k, v)| view! {
-                            <tr><td>{source_label(&k).to_string()}</td><td>{fmt_rate(f(&v, "rate"))}</td><td>{fmt_pct(f(&v, "error_rate"))}</td><td>{fmt_ms(f(&v, "p99_ms"))}</td></tr>
-                        }).collect_view()}
-                    </tbody>
-                </table>
-            })}
+            {numbers}
             {trace_links}
             {no_series_note}
             {detail.map(|res| view! {
