@@ -245,7 +245,9 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
-        .merge(meshscope_query::analysis::routes::router(engine.clone()));
+        .merge(meshscope_query::analysis::routes::router(engine.clone()))
+        // The web UI: `/`, `/assets/…`, and index.html for every other path (client routes).
+        .merge(meshscope_ui::router());
     let http = tokio::spawn(
         axum::serve(http_l, api)
             .with_graceful_shutdown(shutdown.wait())

@@ -1,0 +1,641 @@
+//! The web UI in a real browser: Debian's headless Chromium driven over WebDriver
+//! (chromedriver) against the real binary fed with a known mesh through OTLP/JSON.
+//!
+//! Each page is checked for what an engineer looks for (the nodes and edges of the mesh,
+//! a node's signals, a trace's spans, log filtering, SQL rows) and saved as a PNG under
+//! `target/ui-screenshots/`. `MESHSCOPE_UI_HOLD=<seconds>` keeps the fed server running
+//! afterwards (its address is printed) to look at it by hand.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use common::Server;
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------------------------------
+// The known data
+
+const TRACES: u64 = 60;
+/// The trace the test opens: 7 spans, frontend → checkout → payments and postgres.
+const KNOWN_TRACE: u64 = 3;
+
+fn trace_id(i: u64) -> String {
+    format!("{:032x}", 0x5eed_0000_0000_u64 + i)
+}
+
+fn span_id(i: u64, k: u64) -> String {
+    format!("{:016x}", (i + 1) * 64 + k)
+}
+
+fn is_checkout(i: u64) -> bool {
+    i % 3 != 2
+}
+
+fn is_error(i: u64) -> bool {
+    is_checkout(i) && i.is_multiple_of(10)
+}
+
+fn attr(k: &str, v: &str) -> Value {
+    json!({ "key": k, "value": { "stringValue": v } })
+}
+
+fn resource(service: &str, namespace: &str) -> Value {
+    json!({ "attributes": [attr("service.name", service), attr("service.namespace", namespace)] })
+}
+
+struct SpanSpec<'a> {
+    service: &'a str,
+    k: u64,
+    parent: Option<u64>,
+    name: &'a str,
+    kind: u8,
+    start_ms: u64,
+    dur_ms: u64,
+    error: bool,
+    attrs: Vec<Value>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+}
+
+/// OTLP/JSON for every trace, one resource per service.
+fn traces_payload(base_ns: u64) -> Value {
+    let mut by_service: std::collections::BTreeMap<&str, (&str, Vec<Value>)> = Default::default();
+    for i in 0..TRACES {
+        let t0 = base_ns + i * 8_000_000_000;
+        let jitter = (i % 7) * 4;
+        let specs: Vec<SpanSpec<'_>> = if is_checkout(i) {
+            let err = is_error(i);
+            vec![
+                SpanSpec { service: "frontend", k: 1, parent: None, name: "GET /checkout", kind: 2, start_ms: 0, dur_ms: 140 + jitter, error: err, attrs: vec![attr("http.route", "/checkout"), attr("http.request.method", "GET")] },
+                SpanSpec { service: "frontend", k: 2, parent: Some(1), name: "POST /api/checkout", kind: 3, start_ms: 6, dur_ms: 120 + jitter, error: err, attrs: vec![] },
+                SpanSpec { service: "checkout", k: 3, parent: Some(2), name: "POST /api/checkout", kind: 2, start_ms: 8, dur_ms: 115 + jitter, error: err, attrs: vec![attr("http.route", "/api/checkout")] },
+                SpanSpec { service: "checkout", k: 4, parent: Some(3), name: "charge", kind: 3, start_ms: 12, dur_ms: 60 + jitter, error: err, attrs: vec![] },
+                SpanSpec { service: "payments", k: 5, parent: Some(4), name: "POST /charge", kind: 2, start_ms: 14, dur_ms: 55 + jitter, error: err, attrs: vec![attr("http.route", "/charge"), attr("payment.provider", "acme")] },
+                SpanSpec { service: "checkout", k: 6, parent: Some(3), name: "INSERT orders", kind: 3, start_ms: 100, dur_ms: 20, error: false, attrs: vec![attr("peer.service", "postgres"), attr("db.system.name", "postgresql")] },
+                // In parallel with the checkout call, so off the critical path.
+                SpanSpec { service: "frontend", k: 7, parent: Some(1), name: "render cart", kind: 1, start_ms: 8, dur_ms: 20, error: false, attrs: vec![] },
+            ]
+        } else {
+            vec![
+                SpanSpec { service: "frontend", k: 1, parent: None, name: "GET /products", kind: 2, start_ms: 0, dur_ms: 40 + jitter, error: false, attrs: vec![attr("http.route", "/products")] },
+                SpanSpec { service: "frontend", k: 2, parent: Some(1), name: "GET /items", kind: 3, start_ms: 3, dur_ms: 30 + jitter, error: false, attrs: vec![] },
+                SpanSpec { service: "catalog", k: 3, parent: Some(2), name: "GET /items", kind: 2, start_ms: 4, dur_ms: 28 + jitter, error: false, attrs: vec![attr("http.route", "/items")] },
+            ]
+        };
+        for sp in specs {
+            let start = t0 + sp.start_ms * 1_000_000;
+            let end = start + sp.dur_ms * 1_000_000;
+            let mut span = json!({
+                "traceId": trace_id(i),
+                "spanId": span_id(i, sp.k),
+                "name": sp.name,
+                "kind": sp.kind,
+                "startTimeUnixNano": start.to_string(),
+                "endTimeUnixNano": end.to_string(),
+                "attributes": sp.attrs,
+                "status": { "code": if sp.error { 2 } else { 1 } },
+            });
+            if let Some(p) = sp.parent {
+                span["parentSpanId"] = json!(span_id(i, p));
+            }
+            if sp.k == 5 {
+                span["events"] = json!([{ "timeUnixNano": (start + 20_000_000).to_string(), "name": "card authorised", "attributes": [attr("card.brand", "visa")] }]);
+            }
+            let ns = if sp.service == "frontend" { "web" } else { "shop" };
+            by_service.entry(sp.service).or_insert((ns, Vec::new())).1.push(span);
+        }
+    }
+    let resource_spans: Vec<Value> = by_service
+        .into_iter()
+        .map(|(svc, (ns, spans))| {
+            json!({ "resource": resource(svc, ns), "scopeSpans": [{ "scope": { "name": "ui-test" }, "spans": spans }] })
+        })
+        .collect();
+    json!({ "resourceSpans": resource_spans })
+}
+
+/// Application logs that carry trace ids, and the mesh's access logs (which alone show
+/// the frontend → recommendations edge).
+fn logs_payload(base_ns: u64) -> Value {
+    let (mut checkout, mut payments, mut proxy) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..TRACES {
+        let t0 = base_ns + i * 8_000_000_000;
+        if is_checkout(i) {
+            // The sidecar's access log of the frontend → checkout call, with the trace id.
+            proxy.push(json!({
+                "timeUnixNano": (t0 + 6_000_000).to_string(), "severityNumber": 9, "severityText": "INFO",
+                "body": { "stringValue": format!("POST /api/checkout {}", if is_error(i) { 500 } else { 200 }) },
+                "traceId": trace_id(i),
+                "attributes": [attr("source_workload", "frontend"), attr("destination_workload", "checkout"),
+                               attr("duration_ms", "120"), attr("response_code", if is_error(i) { "500" } else { "200" })],
+            }));
+            checkout.push(json!({
+                "timeUnixNano": (t0 + 100_000_000).to_string(), "severityNumber": 9, "severityText": "INFO",
+                "body": { "stringValue": format!("order {i} placed") },
+                "traceId": trace_id(i), "spanId": span_id(i, 3),
+            }));
+        }
+        if is_error(i) {
+            payments.push(json!({
+                "timeUnixNano": (t0 + 60_000_000).to_string(), "severityNumber": 17, "severityText": "ERROR",
+                "body": { "stringValue": format!("card declined for order {i}") },
+                "traceId": trace_id(i), "spanId": span_id(i, 5),
+            }));
+        }
+        if i % 2 == 0 {
+            proxy.push(json!({
+                "timeUnixNano": (t0 + 1_000_000).to_string(), "severityNumber": 9, "severityText": "INFO",
+                "body": { "stringValue": "GET /recommendations 200" },
+                "attributes": [attr("source_workload", "frontend"), attr("destination_workload", "recommendations"),
+                               attr("duration_ms", "12"), attr("response_code", "200")],
+            }));
+        }
+    }
+    let rl = |svc: &str, ns: &str, recs: Vec<Value>| {
+        json!({ "resource": resource(svc, ns), "scopeLogs": [{ "scope": { "name": "ui-test" }, "logRecords": recs }] })
+    };
+    json!({ "resourceLogs": [rl("checkout", "shop", checkout), rl("payments", "shop", payments), rl("mesh-proxy", "web", proxy)] })
+}
+
+async fn feed(server: &Server) {
+    // Start 9 minutes ago so every record sits inside the default 15-minute range.
+    let base = now_ns() - 9 * 60 * 1_000_000_000;
+    let client = reqwest::Client::new();
+    for (path, body) in [("/v1/traces", traces_payload(base)), ("/v1/logs", logs_payload(base))] {
+        let r = client
+            .post(server.otlp_url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("OTLP/HTTP export");
+        assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap_or_default());
+    }
+    let spans = (0..TRACES).map(|i| if is_checkout(i) { 7 } else { 3 }).sum::<i64>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.scalar("SELECT count(*) FROM spans").await < spans {
+        assert!(Instant::now() < deadline, "spans did not become visible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A small W3C WebDriver client over chromedriver
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+    base: String,
+    http: reqwest::Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let driver = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (scripts/install-test-deps installs Debian's chromium-driver)");
+        let http = reqwest::Client::new();
+        let root = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(format!("{root}/status")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = tempfile::tempdir().expect("profile dir");
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:loggingPrefs": { "browser": "ALL" },
+            "goog:chromeOptions": {
+                "binary": std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--disable-dev-shm-usage", "--window-size=1600,1000", "--hide-scrollbars",
+                         format!("--user-data-dir={}", profile.path().display())],
+            },
+        }}});
+        let r: Value = http
+            .post(format!("{root}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("session JSON");
+        let id = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {r}"))
+            .to_string();
+        Browser {
+            driver,
+            port,
+            base: format!("{root}/session/{id}"),
+            session: id,
+            http,
+            _profile: profile,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let v: Value = req.send().await.expect("webdriver").json().await.expect("webdriver JSON");
+        v["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url }))).await;
+    }
+
+    async fn find_all(&self, css: &str) -> Vec<String> {
+        let v = self
+            .call(reqwest::Method::POST, "/elements", Some(json!({ "using": "css selector", "value": css })))
+            .await;
+        v.as_array()
+            .map(|a| a.iter().filter_map(|e| e[ELEMENT].as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `css` matches at least `n` elements; returns them.
+    async fn wait_for(&self, css: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.find_all(css).await;
+            if found.len() >= n {
+                return found;
+            }
+            if Instant::now() > deadline {
+                let body = self.js("return document.body.innerText", json!([])).await;
+                panic!("timed out waiting for {n} × {css} (found {}); page text:\n{body}", found.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn text(&self, el: &str) -> String {
+        self.call(reqwest::Method::GET, &format!("/element/{el}/text"), None)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn attr(&self, el: &str, name: &str) -> String {
+        self.call(reqwest::Method::GET, &format!("/element/{el}/attribute/{name}"), None)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn click(&self, el: &str) {
+        let r = self.call(reqwest::Method::POST, &format!("/element/{el}/click"), Some(json!({}))).await;
+        if r.get("error").is_some() {
+            // SVG groups are sometimes reported as not interactable: click through the DOM.
+            self.js("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", json!([{ ELEMENT: el }]))
+                .await;
+        }
+    }
+
+    async fn type_into(&self, el: &str, text: &str) {
+        self.call(reqwest::Method::POST, &format!("/element/{el}/clear"), Some(json!({}))).await;
+        self.call(reqwest::Method::POST, &format!("/element/{el}/value"), Some(json!({ "text": text }))).await;
+    }
+
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.call(reqwest::Method::POST, "/execute/sync", Some(json!({ "script": script, "args": args }))).await
+    }
+
+    /// The browser console's errors since the last call (chromedriver's log endpoint).
+    async fn console_errors(&self) -> Vec<String> {
+        let v = self.call(reqwest::Method::POST, "/se/log", Some(json!({ "type": "browser" }))).await;
+        let entries = v.as_array().unwrap_or_else(|| panic!("no browser log: {v}"));
+        eprintln!("browser console: {} entries", entries.len());
+        entries
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    async fn screenshot(&self, name: &str) {
+        // Let charts and fonts settle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b64 = self.call(reqwest::Method::GET, "/screenshot", None).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str().unwrap_or_default())
+            .expect("PNG");
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
+    }
+}
+
+impl Drop for Browser {
+    /// Ends the session first (chromedriver then quits Chromium; killing chromedriver
+    /// alone would leave the browser running), even when the test failed.
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                c,
+                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            let _ = c.read_to_end(&mut Vec::new());
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots")
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ui_pages_in_a_real_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"));
+    feed(&server).await;
+
+    // The binary serves the app itself: index.html for client routes, hashed assets.
+    let index = reqwest::get(server.url("/traces/abc")).await.expect("GET /traces/abc");
+    assert_eq!(index.status(), 200);
+    assert!(index.text().await.expect("body").contains("/assets/app-"));
+    let api404 = reqwest::get(server.url("/api/v1/nope")).await.expect("GET /api/v1/nope");
+    assert_eq!(api404.status(), 404, "unknown API paths must not answer the app");
+
+    let b = Browser::start().await;
+    b.call(reqwest::Method::POST, "/window/rect", Some(json!({ "width": 1600, "height": 1000 }))).await;
+
+    // Topology: every node and edge of the mesh.
+    b.goto(&server.url("/?range=15m")).await;
+    b.wait_for("svg.graph g.node[data-id='payments']", 1).await;
+    let mut nodes = BTreeSet::new();
+    for n in b.find_all("svg.graph g.node").await {
+        nodes.insert(format!("{}:{}", b.attr(&n, "data-kind").await, b.attr(&n, "data-id").await));
+    }
+    let expected_nodes: BTreeSet<String> = [
+        "user:user", "service:frontend", "service:checkout", "service:catalog", "service:payments",
+        "virtual:postgres", "service:recommendations",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(nodes, expected_nodes);
+    let mut edges = BTreeSet::new();
+    for e in b.find_all("svg.graph g.edge").await {
+        edges.insert(format!("{}>{}", b.attr(&e, "data-source").await, b.attr(&e, "data-target").await));
+    }
+    let expected_edges: BTreeSet<String> = [
+        "user>frontend", "frontend>checkout", "frontend>catalog", "checkout>payments", "checkout>postgres",
+        "frontend>recommendations",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(edges, expected_edges);
+    // The mesh-only edge says where it was seen.
+    let rec = b.find_all("g.edge[data-target='recommendations']").await;
+    assert!(b.text(&rec[0]).await.contains("access logs"));
+    b.screenshot("topology").await;
+
+    // Clicking a node opens its golden signals.
+    let checkout = b.find_all("svg.graph g.node[data-id='checkout']").await;
+    b.click(&checkout[0]).await;
+    let panel = b.wait_for("[data-test='signals-panel'] .chart polyline", 3).await;
+    assert!(!panel.is_empty());
+    let panel = b.find_all("[data-test='signals-panel']").await;
+    let text = b.text(&panel[0]).await.to_lowercase();
+    assert!(text.contains("checkout") && text.contains("rate") && text.contains("p99"), "{text}");
+    assert!(b.find_all("[data-test='failing-traces']").await.len() == 1);
+    b.screenshot("topology-node").await;
+    // The selection is in the URL, so the view can be shared.
+    let url = b.call(reqwest::Method::GET, "/url", None).await;
+    assert!(url.as_str().unwrap_or_default().contains("sel=node%3Acheckout"), "{url}");
+
+    // Clicking an edge charts the requests on it.
+    let edge = b.find_all("svg.graph g.edge[data-source='checkout'][data-target='payments'] path.edge-hit").await;
+    b.click(&edge[0]).await;
+    b.wait_for("[data-test='signals-panel'] .panel-title", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let title = b.find_all("[data-test='signals-panel'] .panel-title").await;
+        let charts = b.find_all("[data-test='signals-panel'] .chart polyline").await;
+        if b.text(&title[0]).await.contains("checkout → payments") && charts.len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "edge panel did not chart the edge");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    b.screenshot("topology-edge").await;
+
+    // Auto-refresh from the URL: the data reloads and the open panel stays in place.
+    b.goto(&server.url("/?range=15m&refresh=5s&sel=node%3Acheckout")).await;
+    b.wait_for("[data-test='signals-panel'] .chart polyline", 3).await;
+    let stamp = b.find_all(".updated").await;
+    let first = b.text(&stamp[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if b.text(&stamp[0]).await != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "auto-refresh did not reload ({first})");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(b.find_all("[data-test='signals-panel'] .chart polyline").await.len() >= 3);
+
+    // Filter by namespace: the shop's services, not the web tier's.
+    b.goto(&server.url("/?range=15m&namespace=shop")).await;
+    b.wait_for("svg.graph g.node[data-id='payments']", 1).await;
+    let mut shop = BTreeSet::new();
+    for n in b.find_all("svg.graph g.node[data-kind='service']").await {
+        shop.insert(b.attr(&n, "data-id").await);
+    }
+    assert!(shop.contains("checkout") && shop.contains("catalog") && !shop.contains("frontend"), "{shop:?}");
+    // A custom range puts both ends in the URL.
+    let custom = b.find_all("button[data-range='custom']").await;
+    b.click(&custom[0]).await;
+    b.wait_for(".custom-range input[type='datetime-local']", 2).await;
+    let url = b.call(reqwest::Method::GET, "/url", None).await;
+    let url = url.as_str().unwrap_or_default().to_string();
+    assert!(url.contains("range=custom") && url.contains("from=") && url.contains("to="), "{url}");
+
+    // The time range is shared by every page through the URL.
+    let hour = b.find_all("button[data-range='1h']").await;
+    b.click(&hour[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = b.call(reqwest::Method::GET, "/url", None).await;
+        let services_link = b.find_all("a.nav-link[href^='/services']").await;
+        let href = b.attr(&services_link[0], "href").await;
+        if url.as_str().unwrap_or_default().contains("range=1h") && href.contains("range=1h") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "range=1h not in the URL and links: {url} {href}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Services: one row per service with server spans, with sparklines.
+    b.goto(&server.url("/services?range=15m")).await;
+    b.wait_for("tr[data-service='payments'] svg.spark polyline", 1).await;
+    let rows = b.find_all("[data-test='services-table'] tbody tr").await;
+    let mut names = BTreeSet::new();
+    for r in &rows {
+        names.insert(b.attr(r, "data-service").await);
+    }
+    for s in ["frontend", "checkout", "catalog", "payments"] {
+        assert!(names.contains(s), "{names:?}");
+    }
+    b.screenshot("services").await;
+    // Sortable: by p50, slowest first.
+    let p50 = b.find_all("th[data-sort='p50_ms']").await;
+    b.click(&p50[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = b.find_all("[data-test='services-table'] tbody tr").await;
+        let first = b.attr(&rows[0], "data-service").await;
+        let last = b.attr(&rows[rows.len() - 1], "data-service").await;
+        if first == "frontend" && last == "catalog" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sorted by p50: {first} … {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    b.goto(&server.url("/services/checkout?range=15m")).await;
+    b.wait_for("[data-test='endpoints'] tbody tr", 1).await;
+    b.screenshot("service").await;
+
+    // Traces: search, open one, a waterfall with its seven spans and its logs.
+    b.goto(&server.url("/traces?range=15m&service=payments")).await;
+    let want = trace_id(KNOWN_TRACE);
+    let row = b.wait_for(&format!("tr.trace-row[data-trace-id='{want}'] a.trace-link"), 1).await;
+    let listed = b.find_all("tr.trace-row").await.len();
+    assert_eq!(listed as u64, (0..TRACES).filter(|i| is_checkout(*i)).count() as u64);
+    b.screenshot("traces").await;
+    b.click(&row[0]).await;
+    let spans = b.wait_for("[data-test='waterfall'] .span-row", 7).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.find_all("[data-test='waterfall'] .span-row").await.len(), 7);
+    // The parallel render span is the one span off the critical path.
+    let off: Vec<String> = b.find_all(".span-row:not(.critical)").await;
+    assert_eq!(off.len(), 1, "exactly one span off the critical path");
+    assert!(b.text(&off[0]).await.contains("render cart"));
+    // Its application log and the sidecar's access log, in time order.
+    let logs = b.wait_for("[data-test='trace-logs'] .log-line", 2).await;
+    assert!(b.text(&logs[0]).await.contains("POST /api/checkout 200"));
+    assert!(b.text(&logs[1]).await.contains(&format!("order {KNOWN_TRACE} placed")));
+    // Span details: attributes and events of the payments span.
+    let mut payments = None;
+    for sp in &spans {
+        if b.text(sp).await.contains("POST /charge") {
+            payments = Some(sp.clone());
+        }
+    }
+    b.click(&payments.expect("the payments span")).await;
+    let detail = b.wait_for("[data-test='span-detail']", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = b.text(&detail[0]).await;
+    assert!(text.contains("payment.provider") && text.contains("card authorised"), "{text}");
+    b.screenshot("trace").await;
+
+    // Logs: filtering by text keeps only the matching records; their trace ids link.
+    b.goto(&server.url("/logs?range=15m")).await;
+    b.wait_for("[data-test='log-results'] .log-row", 10).await;
+    b.screenshot("logs").await;
+    let input = b.find_all("[data-test='log-search'] input[name='text']").await;
+    b.type_into(&input[0], "declined").await;
+    let submit = b.find_all("[data-test='log-search'] button[type='submit']").await;
+    b.click(&submit[0]).await;
+    let declined = (0..TRACES).filter(|i| is_error(*i)).count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = b.find_all("[data-test='log-results'] .log-row").await;
+        let mut all = rows.len() == declined;
+        for r in &rows {
+            all &= b.text(r).await.contains("card declined");
+        }
+        if all {
+            assert!(!b.find_all("[data-test='log-results'] a.trace-chip").await.is_empty());
+            break;
+        }
+        assert!(Instant::now() < deadline, "log filter did not narrow to {declined} rows (got {})", rows.len());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    b.screenshot("logs-filtered").await;
+
+    // SQL: run a query and read its rows; a bad query shows a readable error.
+    b.goto(&server.url("/sql")).await;
+    b.wait_for("[data-test='schema'] .table-schema", 3).await;
+    let editor = b.wait_for("[data-test='sql-editor']", 1).await;
+    b.type_into(&editor[0], "SELECT service_name, count(*) AS spans FROM spans GROUP BY service_name ORDER BY service_name").await;
+    let run = b.find_all("[data-test='run-sql']").await;
+    b.click(&run[0]).await;
+    let rows = b.wait_for("[data-test='sql-results'] tbody tr", 4).await;
+    let mut got = Vec::new();
+    for r in &rows {
+        got.push(b.text(r).await.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    assert_eq!(got, ["catalog 20", "checkout 120", "frontend 160", "payments 40"]);
+    b.type_into(&editor[0], "SELECT nope FROM spans").await;
+    b.click(&run[0]).await;
+    let err = b.wait_for(".error-box", 1).await;
+    assert!(b.text(&err[0]).await.to_lowercase().contains("nope"));
+    b.type_into(
+        &editor[0],
+        "SELECT date_bin(INTERVAL '30 seconds', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS t,\n       count(*) AS spans,\n       avg(duration_ns) / 1e6 AS avg_ms\nFROM spans\nGROUP BY 1\nORDER BY 1",
+    )
+    .await;
+    b.click(&run[0]).await;
+    b.wait_for(".sql-main .chart polyline", 1).await;
+    b.screenshot("sql").await;
+
+    // The error box above is the only failure: nothing else went wrong in the console
+    // (the bad query's 400 is logged by the browser as a failed request, nothing else).
+    let errors: Vec<String> = b
+        .console_errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("/api/v1/sql") || !e.contains("400"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+
+    if let Some(secs) = std::env::var("MESHSCOPE_UI_HOLD").ok().and_then(|s| s.parse().ok()) {
+        eprintln!("UI at {} for {secs} s", server.url("/"));
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+}

@@ -1,0 +1,396 @@
+//! Trace search and the trace view: a waterfall with the critical path highlighted, span
+//! details (attributes, events, links) and the trace's logs beside it.
+
+use leptos::prelude::*;
+use leptos_router::hooks::use_params_map;
+use serde_json::Value;
+
+use crate::state::{go, tick, use_url};
+use crate::util::{self, enc, f, fmt_ms, lit, pairs, s, service_color, show};
+use crate::{ErrorBox, Loading};
+
+const FIELDS: [&str; 6] = ["service", "span_name", "status", "min_duration_ms", "attribute", "limit"];
+
+#[component]
+pub fn TracesPage() -> impl IntoView {
+    let url = use_url();
+    let services = LocalResource::new(move || {
+        let q = url.range().api();
+        util::get_json(format!("/api/v1/services?{q}"))
+    });
+    let form: Vec<RwSignal<String>> = FIELDS
+        .iter()
+        .map(|k| RwSignal::new(url.get_untracked(k).unwrap_or_default()))
+        .collect();
+    let [service, span_name, status, min_dur, attribute, limit] = [form[0], form[1], form[2], form[3], form[4], form[5]];
+    // Keep the form in step with the URL (back/forward, links from other pages).
+    Effect::new(move |_| {
+        for (k, sig) in FIELDS.iter().zip([service, span_name, status, min_dur, attribute, limit]) {
+            sig.set(url.get(k).unwrap_or_default());
+        }
+    });
+    let results = LocalResource::new(move || {
+        let mut q = url.range().api();
+        for k in FIELDS {
+            if let Some(v) = url.get(k) {
+                q.push_str(&format!("&{k}={}", enc(&v)));
+            }
+        }
+        if url.get("limit").is_none() {
+            q.push_str("&limit=50");
+        }
+        tick();
+        util::get_json(format!("/api/v1/traces?{q}"))
+    });
+    let submit = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        let updates: Vec<(&str, Option<String>)> = FIELDS
+            .iter()
+            .zip([service, span_name, status, min_dur, attribute, limit])
+            .map(|(k, sig)| (*k, Some(sig.get_untracked())))
+            .collect();
+        go(&url.with(&updates), false);
+    };
+    let input = move |sig: RwSignal<String>| move |e| sig.set(event_target_value(&e));
+    view! {
+        <div class="page">
+            <div class="toolbar"><h1>"Traces"</h1></div>
+            <form class="search-form card" on:submit=submit data-test="trace-search">
+                <label class="field">
+                    <span>"Service"</span>
+                    <select name="service" prop:value=move || service.get() on:change=input(service)>
+                        <option value="">"Any service"</option>
+                        {move || match services.get() {
+                            Some(Ok(Value::Array(a))) => a.iter().map(|v| { let n = s(v, "name"); let m = n.clone(); view! { <option value=n.clone() selected=move || service.get() == m>{n.clone()}</option> } }).collect_view().into_any(),
+                            _ => ().into_any(),
+                        }}
+                    </select>
+                </label>
+                <label class="field">
+                    <span>"Operation"</span>
+                    <input name="span_name" placeholder="span name" prop:value=move || span_name.get() on:input=input(span_name)/>
+                </label>
+                <label class="field">
+                    <span>"Status"</span>
+                    <select name="status" prop:value=move || status.get() on:change=input(status)>
+                        <option value="">"Any"</option>
+                        <option value="error">"Has errors"</option>
+                        <option value="ok">"No errors"</option>
+                    </select>
+                </label>
+                <label class="field">
+                    <span>"Min duration (ms)"</span>
+                    <input name="min_duration_ms" type="number" min="0" placeholder="0" prop:value=move || min_dur.get() on:input=input(min_dur)/>
+                </label>
+                <label class="field grow">
+                    <span>"Attribute"</span>
+                    <input name="attribute" placeholder="http.route=/checkout" prop:value=move || attribute.get() on:input=input(attribute)/>
+                </label>
+                <label class="field">
+                    <span>"Limit"</span>
+                    <input name="limit" type="number" min="1" max="1000" placeholder="50" prop:value=move || limit.get() on:input=input(limit)/>
+                </label>
+                <button class="btn primary" type="submit">"Search"</button>
+            </form>
+            {move || match results.get() {
+                None => view! { <Loading/> }.into_any(),
+                Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
+                Some(Ok(v)) => {
+                    let mut list = v.as_array().cloned().unwrap_or_default();
+                    let slowest = url.get("sort").as_deref() == Some("slowest");
+                    if slowest {
+                        list.sort_by(|a, b| f(b, "duration_ms").partial_cmp(&f(a, "duration_ms")).unwrap_or(std::cmp::Ordering::Equal));
+                    }
+                    if list.is_empty() {
+                        return view! { <div class="empty"><h2>"No traces match"</h2><p>"Widen the time range or loosen the filters."</p></div> }.into_any();
+                    }
+                    let max = list.iter().map(|t| f(t, "duration_ms")).fold(0.0, f64::max);
+                    view! {
+                        <div class="result-bar">
+                            <span class="muted small">{format!("{} traces", list.len())}</span>
+                            <div class="segmented small">
+                                <button class=if slowest { "seg" } else { "seg active" } on:click=move |_| go(&url.with(&[("sort", None)]), true)>"Newest first"</button>
+                                <button class=if slowest { "seg active" } else { "seg" } on:click=move |_| go(&url.with(&[("sort", Some("slowest".into()))]), true)>"Slowest first"</button>
+                            </div>
+                        </div>
+                        <table class="table traces-table" data-test="trace-results">
+                            <thead><tr><th>"Started"</th><th>"Root"</th><th>"Duration"</th><th class="num">"Spans"</th><th>"Services"</th></tr></thead>
+                            <tbody>
+                                {list.into_iter().map(|t| {
+                                    let id = s(&t, "trace_id");
+                                    let href = url.link(&format!("/traces/{id}"), &[]);
+                                    let d = f(&t, "duration_ms");
+                                    let errs = f(&t, "error_count");
+                                    let width = if max > 0.0 { (d / max * 100.0).max(1.0) } else { 1.0 };
+                                    let root = s(&t, "root_service");
+                                    let services = t["services"].as_array().cloned().unwrap_or_default();
+                                    view! {
+                                        <tr class="trace-row" data-trace-id=id.clone()>
+                                            <td class="mono small">{util::datetime(util::ts_ms(&t["start_time"]))}</td>
+                                            <td>
+                                                <a href=href class="trace-link"><b style=format!("color:{}", service_color(&root))>{root.clone()}</b>" "{s(&t, "root_span_name")}</a>
+                                                <div class="mono muted tiny">{id.clone()}</div>
+                                            </td>
+                                            <td>
+                                                <div class="dur-cell">
+                                                    <div class="dur-bar"><i class:err={errs > 0.0} style=format!("width:{width:.1}%")></i></div>
+                                                    <span>{fmt_ms(d)}</span>
+                                                </div>
+                                            </td>
+                                            <td class="num">
+                                                {f(&t, "span_count")}
+                                                {(errs > 0.0).then(|| view! { <span class="badge bad">{format!("{errs} err")}</span> })}
+                                            </td>
+                                            <td>{services.iter().map(|sv| { let n = show(sv); view! { <span class="chip" style=format!("border-color:{}", service_color(&n))>{n.clone()}</span> } }).collect_view()}</td>
+                                        </tr>
+                                    }
+                                }).collect_view()}
+                            </tbody>
+                        </table>
+                    }.into_any()
+                }
+            }}
+        </div>
+    }
+}
+
+#[derive(Clone)]
+struct Span {
+    v: Value,
+    id: String,
+    service: String,
+    name: String,
+    depth: f64,
+    start: f64,
+    dur: f64,
+    critical: bool,
+    error: bool,
+}
+
+#[component]
+pub fn TracePage() -> impl IntoView {
+    let url = use_url();
+    let params = use_params_map();
+    let id = move || params.with(|p| p.get("id")).unwrap_or_default();
+    let trace = LocalResource::new(move || {
+        let i = id();
+        util::get_json(format!("/api/v1/traces/{}", enc(&i)))
+    });
+    let logs = LocalResource::new(move || {
+        let i = id();
+        util::sql_rows(format!(
+            "SELECT time, severity_text, severity_number, service_name, body, span_id FROM logs WHERE trace_id = {} ORDER BY time LIMIT 500",
+            lit(&i.to_lowercase())
+        ))
+    });
+    let selected = RwSignal::new(Option::<String>::None);
+    view! {
+        <div class="page trace-page">
+            <div class="crumbs"><a href=move || url.link("/traces", &[])>"Traces"</a>" / "<span class="mono">{id}</span></div>
+            {move || match trace.get() {
+                None => view! { <Loading/> }.into_any(),
+                Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
+                Some(Ok(v)) => view! { <Waterfall trace=v selected=selected logs=logs/> }.into_any(),
+            }}
+        </div>
+    }
+}
+
+#[component]
+fn Waterfall(
+    trace: Value,
+    selected: RwSignal<Option<String>>,
+    logs: LocalResource<Result<Vec<serde_json::Map<String, Value>>, String>>,
+) -> impl IntoView {
+    let spans: Vec<Span> = trace["spans"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| Span {
+            id: s(&v, "span_id"),
+            service: s(&v, "service_name"),
+            name: s(&v, "span_name"),
+            depth: f(&v, "depth"),
+            start: util::ts_ns(&v["start_time"]),
+            dur: f(&v, "duration_ns"),
+            critical: v["critical_path"] == Value::Bool(true),
+            error: s(&v, "status_code") == "ERROR",
+            v,
+        })
+        .collect();
+    let t0 = spans.iter().map(|s| s.start).fold(f64::MAX, f64::min);
+    let t1 = spans.iter().map(|s| s.start + s.dur).fold(f64::MIN, f64::max);
+    let total = (t1 - t0).max(1.0);
+    let services: std::collections::BTreeSet<String> = spans.iter().map(|s| s.service.clone()).collect();
+    // Colours by order of appearance, so the services of one trace never share one.
+    let mut order: Vec<String> = Vec::new();
+    for sp in &spans {
+        if !order.contains(&sp.service) {
+            order.push(sp.service.clone());
+        }
+    }
+    let errors = spans.iter().filter(|s| s.error).count();
+    let root = spans.first().map(|s| format!("{}: {}", s.service, s.name)).unwrap_or_default();
+    if selected.get_untracked().is_none() {
+        selected.set(spans.first().map(|s| s.id.clone()));
+    }
+    let ticks = (0..=4)
+        .map(|i| {
+            let style = format!("left:{}%", i * 25);
+            view! { <span class="tick" style=style>{fmt_ms(total * i as f64 / 4.0 / 1e6)}</span> }
+        })
+        .collect_view();
+    let rows = spans
+        .iter()
+        .map(|sp| {
+            let left = (sp.start - t0) / total * 100.0;
+            let width = (sp.dur / total * 100.0).max(0.3);
+            let color = palette(&order, &sp.service);
+            let id = sp.id.clone();
+            let id2 = sp.id.clone();
+            let is_sel = move || selected.get().as_deref() == Some(id2.as_str());
+            let indent = format!("padding-left:{}px", 8.0 + sp.depth * 16.0);
+            let bar = format!("left:{left:.3}%;width:{width:.3}%;background:{color}");
+            let inside = left + width > 80.0;
+            let label = fmt_ms(sp.dur / 1e6);
+            let label_style = if inside {
+                format!("right:{:.3}%", 100.0 - left - width + 0.6)
+            } else {
+                format!("left:{:.3}%", left + width + 0.6)
+            };
+            view! {
+                <div class="span-row" class:critical=sp.critical class:error=sp.error class:selected=is_sel
+                    data-span-id=sp.id.clone() on:click=move |_| selected.set(Some(id.clone()))>
+                    <div class="span-name" style=indent>
+                        <i class="svc-swatch" style=format!("background:{color}")></i>
+                        <span class="svc">{sp.service.clone()}</span>
+                        <span class="op">{sp.name.clone()}</span>
+                        {sp.error.then(|| view! { <span class="badge bad">"error"</span> })}
+                    </div>
+                    <div class="span-track">
+                        <div class="span-bar" style=bar></div>
+                        <span class="span-dur" class:inside=inside style=label_style>{label}</span>
+                    </div>
+                </div>
+            }
+        })
+        .collect_view();
+    let spans_for_detail = spans.clone();
+    let detail = move || {
+        let sel = selected.get()?;
+        let sp = spans_for_detail.iter().find(|s| s.id == sel)?.clone();
+        Some(view! { <SpanDetail span=sp.v t0=t0/> })
+    };
+    let trace_id = s(&trace, "trace_id");
+    view! {
+        <div class="trace-head">
+            <h1 class="trace-title">{root}</h1>
+            <div class="trace-meta">
+                <span><b>{fmt_ms(total / 1e6)}</b>" total"</span>
+                <span><b data-test="span-count">{spans.len()}</b>" spans"</span>
+                <span><b>{services.len()}</b>" services"</span>
+                <span class:bad={errors > 0}><b>{errors}</b>" errors"</span>
+                <span class="legend-crit"><i></i>"critical path"</span>
+                <span class="mono muted small">{trace_id}</span>
+            </div>
+        </div>
+        <div class="trace-layout">
+            <div class="waterfall card" data-test="waterfall">
+                <div class="wf-head"><div class="span-name">"Service · operation"</div><div class="span-track ticks">{ticks}</div></div>
+                {rows}
+            </div>
+            <div class="trace-side">
+                {detail}
+                <div class="card logs-card" data-test="trace-logs">
+                    <h3>"Logs and access logs of this trace"</h3>
+                    {move || match logs.get() {
+                        None => view! { <Loading/> }.into_any(),
+                        Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
+                        Some(Ok(rows)) if rows.is_empty() => view! { <div class="muted small">"No logs carry this trace id."</div> }.into_any(),
+                        Some(Ok(rows)) => rows.into_iter().map(|r| {
+                            let r = Value::Object(r);
+                            let sev = s(&r, "severity_text");
+                            let span_id = s(&r, "span_id");
+                            let cls = format!("log-line sev-{}", severity_class(f(&r, "severity_number")));
+                            view! {
+                                <div class=cls on:click=move |_| if !span_id.is_empty() { selected.set(Some(span_id.clone())) }>
+                                    <span class="mono tiny muted">{util::clock(util::ts_ms(&r["time"]))}</span>
+                                    <span class="sev">{if sev.is_empty() { "LOG".to_string() } else { sev }}</span>
+                                    <span class="svc" style=format!("color:{}", service_color(&s(&r, "service_name")))>{s(&r, "service_name")}</span>
+                                    <span class="body">{s(&r, "body")}</span>
+                                </div>
+                            }
+                        }).collect_view().into_any(),
+                    }}
+                </div>
+            </div>
+        </div>
+    }
+}
+
+fn palette(order: &[String], service: &str) -> &'static str {
+    const P: [&str; 8] = ["#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#fb923c", "#2dd4bf", "#c084fc"];
+    order.iter().position(|s| s == service).map(|i| P[i % P.len()]).unwrap_or(P[0])
+}
+
+pub fn severity_class(n: f64) -> &'static str {
+    match n as i64 {
+        1..=8 => "debug",
+        9..=12 => "info",
+        13..=16 => "warn",
+        17.. => "error",
+        _ => "info",
+    }
+}
+
+#[component]
+fn SpanDetail(span: Value, t0: f64) -> impl IntoView {
+    let attrs = pairs(&span["span_attributes"]);
+    let res = pairs(&span["resource_attributes"]);
+    let events = span["events"].as_array().cloned().unwrap_or_default();
+    let links = span["links"].as_array().cloned().unwrap_or_default();
+    let url = use_url();
+    let kv = |rows: Vec<(String, String)>| {
+        rows.into_iter()
+            .map(|(k, v)| view! { <tr><td class="k">{k}</td><td class="v">{v}</td></tr> })
+            .collect_view()
+    };
+    let basics = vec![
+        ("service".to_string(), s(&span, "service_name")),
+        ("kind".to_string(), s(&span, "span_kind")),
+        ("status".to_string(), format!("{} {}", s(&span, "status_code"), s(&span, "status_message")).trim().to_string()),
+        ("start".to_string(), format!("+{}", fmt_ms((util::ts_ns(&span["start_time"]) - t0) / 1e6))),
+        ("duration".to_string(), fmt_ms(f(&span, "duration_ns") / 1e6)),
+        ("span id".to_string(), s(&span, "span_id")),
+        ("parent".to_string(), s(&span, "parent_span_id")),
+    ];
+    view! {
+        <div class="card span-detail" data-test="span-detail">
+            <h3>{s(&span, "span_name")}{(span["critical_path"] == Value::Bool(true)).then(|| view! { <span class="badge crit">"critical path"</span> })}</h3>
+            <table class="kv">{kv(basics)}</table>
+            <h4>"Attributes"</h4>
+            {if attrs.is_empty() { view! { <div class="muted small">"none"</div> }.into_any() } else { view! { <table class="kv">{kv(attrs)}</table> }.into_any() }}
+            <h4>{format!("Events ({})", events.len())}</h4>
+            {events.into_iter().map(|e| {
+                let when = fmt_ms((util::ts_ns(&e["time"]) - t0) / 1e6);
+                view! {
+                    <div class="event">
+                        <div><b>{s(&e, "name")}</b>" "<span class="muted small">{format!("+{when}")}</span></div>
+                        <table class="kv">{kv(pairs(&e["attributes"]))}</table>
+                    </div>
+                }
+            }).collect_view()}
+            <h4>{format!("Links ({})", links.len())}</h4>
+            {links.into_iter().map(|l| {
+                let tid = s(&l, "trace_id");
+                let href = url.link(&format!("/traces/{tid}"), &[]);
+                view! { <div class="link-row"><a class="mono small" href=href>{tid.clone()}</a>" "<span class="mono tiny muted">{s(&l, "span_id")}</span></div> }
+            }).collect_view()}
+            <details>
+                <summary>{format!("Resource ({})", res.len())}</summary>
+                <table class="kv">{kv(res)}</table>
+            </details>
+        </div>
+    }
+}
