@@ -1,7 +1,6 @@
 //! Starting and stopping the real `meshscope` binary for end-to-end tests.
 #![allow(dead_code)] // each test file uses a different part of this module
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,14 +12,6 @@ pub fn binary() -> PathBuf {
     std::env::var("MESHSCOPE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_meshscope")))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// A running `meshscope serve` child process on free loopback ports.
@@ -50,8 +41,11 @@ impl Server {
 
     /// Starts `meshscope <role>` with extra environment variables.
     pub fn start_env(role: &str, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let (grpc, otlp_http, http, pg) = (free_port(), free_port(), free_port(), free_port());
-        let log = data_dir.with_extension(format!("{role}.{http}.log"));
+        // Port 0 everywhere, and the ports read back from the log: picking free ports first
+        // races with every other process on the machine.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = data_dir.with_extension(format!("{role}.{}.{n}.log", std::process::id()));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -61,34 +55,52 @@ impl Server {
             .arg(role)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--otlp-grpc-addr", &format!("127.0.0.1:{grpc}")])
-            .args(["--otlp-http-addr", &format!("127.0.0.1:{otlp_http}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--pg-addr", &format!("127.0.0.1:{pg}")])
+            .args(["--otlp-grpc-addr", "127.0.0.1:0"])
+            .args(["--otlp-http-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--pg-addr", "127.0.0.1:0"])
             .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("start meshscope");
-        let server = Server {
+        let mut server = Server {
             child,
             data_dir: data_dir.to_path_buf(),
-            grpc,
-            otlp_http,
-            http,
-            pg,
+            grpc: 0,
+            otlp_http: 0,
+            http: 0,
+            pg: 0,
             log,
         };
         server.wait_ready();
         server
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits for the "ready" log line, reads the bound ports from the log, checks /readyz.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let port = |text: &str, what: &str| -> u16 {
+            text.find(&format!("{what} listening on 127.0.0.1:"))
+                .map(|i| &text[i + what.len() + " listening on 127.0.0.1:".len()..])
+                .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
+        };
         while Instant::now() < deadline {
-            if http_status(self.http, "/readyz").is_ok_and(|s| s == 200) {
-                return;
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(" ready") {
+                self.grpc = port(&text, "OTLP/gRPC");
+                self.otlp_http = port(&text, "OTLP/HTTP");
+                self.http = port(&text, "HTTP API");
+                self.pg = port(&text, "Postgres wire protocol");
+                if http_status(self.http, "/readyz").is_ok_and(|s| s == 200) {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("meshscope exited with {status}; log:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
