@@ -46,27 +46,27 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the data directory and replays each table's log.
     pub fn open(config: StoreConfig) -> Result<Self> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
-        let data_dir =
-            std::fs::canonicalize(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
-        let config = StoreConfig {
-            data_dir: data_dir.clone(),
-            ..config
-        };
-        let mut tables = BTreeMap::new();
-        for t in Table::ALL {
-            tables.insert(t, TableStore::open(t, config.clone())?);
-        }
-        Ok(Storage {
-            data_dir,
-            tables: Arc::new(tables),
-        })
+        Self::open_with(config, |t, config| TableStore::open(t, config.clone()))
     }
 
     /// Opens the data directory as a query node: spans, logs and metrics read every
     /// collector's Parquet files (what they have flushed); the rollups table is this node's
     /// own, written under `config.writer`.
     pub fn open_query(config: StoreConfig) -> Result<Self> {
+        Self::open_with(config, |t, config| {
+            if t == Table::Rollups {
+                TableStore::open(t, config.clone())
+            } else {
+                TableStore::open_reader(t, &config.data_dir, config.remote.clone())
+            }
+        })
+    }
+
+    /// Canonicalises the data directory, then opens each table with `open`.
+    fn open_with(
+        config: StoreConfig,
+        open: impl Fn(Table, &StoreConfig) -> Result<Arc<TableStore>>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
         let data_dir =
             std::fs::canonicalize(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
@@ -76,12 +76,7 @@ impl Storage {
         };
         let mut tables = BTreeMap::new();
         for t in Table::ALL {
-            let store = if t == Table::Rollups {
-                TableStore::open(t, config.clone())?
-            } else {
-                TableStore::open_reader(t, &data_dir, config.remote.clone())?
-            };
-            tables.insert(t, store);
+            tables.insert(t, open(t, &config)?);
         }
         Ok(Storage {
             data_dir,
