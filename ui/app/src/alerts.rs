@@ -311,14 +311,14 @@ pub fn AlertsPage() -> impl IntoView {
             view! {
                 <table class="table deliveries-table" data-test="deliveries-table">
                     <thead><tr>
-                        <th>"Time"</th><th>"Receiver"</th><th>"Format"</th><th>"Notification"</th><th>"Outcome"</th>
+                        <th>"Time"</th><th>"Receiver"</th><th>"Kind"</th><th>"Notification"</th><th>"Outcome"</th>
                         <th class="num">"HTTP"</th><th class="num">"Attempt"</th><th class="num">"Took"</th><th>"Error"</th>
                     </tr></thead>
                     <tbody>
                         {list.into_iter().map(|d| {
                             let receiver = s(&d, "receiver");
                             let (format, name) = match receiver.strip_prefix("alertmanager:") {
-                                Some(u) => ("alertmanager", u.to_string()),
+                                Some(_) => ("Alertmanager API", "alertmanager".to_string()),
                                 None => ("webhook", receiver.clone()),
                             };
                             let ok = d["ok"] == true;
