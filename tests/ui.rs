@@ -515,6 +515,23 @@ async fn ui_pages_in_a_real_browser() {
     let text = b.text(&failed[0]).await.to_lowercase();
     assert!(text.contains("failed") && text.contains("firing") && text.contains("127.0.0.1:9"), "{text}");
     b.screenshot("alerts").await;
+    // The delivery log filtered by receiver (through the API's `receiver=`).
+    let select = b.wait_for("[data-test='receiver-filter'] option[value='ops']", 1).await;
+    b.click(&select[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = b.find_all("[data-test='deliveries-table'] tr.delivery-row").await;
+        let mut receivers = BTreeSet::new();
+        for r in &rows {
+            receivers.insert(b.attr(r, "data-receiver").await);
+        }
+        let url = b.call(reqwest::Method::GET, "/url", None).await;
+        if url.as_str().unwrap_or_default().contains("receiver=ops") && receivers.len() == 1 && receivers.contains("ops") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries not filtered to ops: {receivers:?} {url}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     // Filtering by state: no resolved alerts, so the firing one is gone.
     let resolved = b.find_all("[data-test='state-filter'] button[data-state='resolved']").await;
     b.click(&resolved[0]).await;

@@ -1,9 +1,9 @@
 //! The alerts page: what fires now (with the value that crossed and traces that show it),
 //! the rules behind it, and every delivery attempt to the receivers. Reads the alerts API
 //! (`/api/v1/alerts`, `/api/v1/alerts/rules`, `/api/v1/alerts/deliveries`); the state
-//! filter is kept in the URL (`state=firing|pending|resolved`).
+//! filters are kept in the URL (`state=firing|pending|resolved`, `receiver=`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use leptos::prelude::*;
 use serde_json::Value;
@@ -39,6 +39,14 @@ fn ago(ms: f64) -> String {
         format!("{m}m {s}s ago")
     } else {
         format!("{s}s ago")
+    }
+}
+
+/// A trace id shortened to its first 6 and last 4 digits.
+fn short_id(id: &str) -> String {
+    match (id.get(..6), id.get(id.len().saturating_sub(4)..)) {
+        (Some(a), Some(b)) if id.len() > 12 => format!("{a}…{b}"),
+        _ => id.to_string(),
     }
 }
 
@@ -104,10 +112,39 @@ pub fn AlertsPage() -> impl IntoView {
         tick();
         util::get_json("/api/v1/alerts/rules".into())
     });
+    let receiver = move || url.get("receiver").unwrap_or_default();
     let deliveries = LocalResource::new(move || {
+        let r = receiver();
         tick();
-        util::get_json("/api/v1/alerts/deliveries?limit=100".into())
+        util::get_json(format!("/api/v1/alerts/deliveries?limit=100&receiver={}", enc(&r)))
     });
+    // Every receiver seen in the log so far, for the receiver filter.
+    let receivers = RwSignal::new(BTreeSet::<String>::new());
+    Effect::new(move |_| {
+        if let Some(Ok(v)) = deliveries.get() {
+            let seen: Vec<String> = v.as_array().map(|d| d.iter().map(|x| s(x, "receiver")).collect()).unwrap_or_default();
+            if seen.iter().any(|r| !receivers.with_untracked(|set| set.contains(r))) {
+                receivers.update(|set| set.extend(seen));
+            }
+        }
+    });
+    let receiver_filter = move || {
+        let current = receiver();
+        let mut names = receivers.get();
+        if !current.is_empty() {
+            names.insert(current.clone());
+        }
+        view! {
+            <select class="receiver-filter" data-test="receiver-filter" title="Receiver"
+                on:change=move |e| go(&url.with(&[("receiver", Some(event_target_value(&e)))]), false)>
+                <option value="" selected=current.is_empty()>"Every receiver"</option>
+                {names.into_iter().map(|n| {
+                    let sel = n == current;
+                    view! { <option value=n.clone() selected=sel>{n.clone()}</option> }
+                }).collect_view()}
+            </select>
+        }
+    };
     let state = move || url.get("state").unwrap_or_default();
     let filters = STATES
         .iter()
@@ -231,7 +268,7 @@ pub fn AlertsPage() -> impl IntoView {
                                         } else {
                                             traces.into_iter().map(|t| {
                                                 let href = url.link(&format!("/traces/{}", enc(&t)), &[]);
-                                                view! { <a class="trace-chip mono exemplar" href=href data-trace-id=t.clone() title="Open the trace">{format!("{}…", &t[..t.len().min(8)])}</a> }
+                                                view! { <a class="trace-chip mono exemplar" href=href data-trace-id=t.clone() title="Open the trace">{short_id(&t)}</a> }
                                             }).collect_view().into_any()
                                         }}
                                     </td>
@@ -368,7 +405,10 @@ pub fn AlertsPage() -> impl IntoView {
                 {rules_table}
             </section>
             <section class="card flush">
-                <h3 class="card-title">"Deliveries" <span class="muted tiny">"newest first, last 100"</span></h3>
+                <div class="card-head">
+                    <h3 class="card-title">"Deliveries" <span class="muted tiny">"newest first, last 100"</span></h3>
+                    {receiver_filter}
+                </div>
                 {deliveries_table}
             </section>
         </div>
