@@ -197,3 +197,69 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         log()
     );
 }
+
+/// The split deployment of docker-compose.yml on loopback: the demo mesh without a server of
+/// its own (`--collector`), a collector, and a query node reading the collector's files.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_mesh_feeds_a_collector_that_a_query_node_reads() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = dir.path().join("shared");
+    let collector = common::Server::start_role(
+        "collector",
+        &shared,
+        &["--node-id", "c1", "--flush-interval-secs", "1"],
+    );
+    let query = common::Server::start_role("query", &shared, &[]);
+    let out = dir.path().join("demo.out");
+    let mut child = Command::new(common::binary())
+        .args(["demo", "--collector", &collector.grpc_url()])
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut last = Value::Null;
+    loop {
+        if let Ok(r) = client.get(query.url("/api/v1/graph")).send().await
+            && let Ok(g) = r.json::<Value>().await
+        {
+            let has = |s: &str, t: &str| edges_of(&g).any(|e| e["source"] == s && e["target"] == t);
+            if has("user", "frontend") && has("frontend", "cart") && has("checkout", "payments") {
+                break;
+            }
+            last = g;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the query node's graph is incomplete after 45 s: {last:#}\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let printed = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        printed.contains(&format!("OTLP/gRPC to {}", collector.grpc_url())),
+        "{printed}"
+    );
+    assert!(!printed.contains("starting the server"), "{printed}");
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit {status}");
+    collector.terminate();
+    query.terminate();
+}

@@ -77,20 +77,129 @@ fn traces_payload(base_ns: u64) -> Value {
         let specs: Vec<SpanSpec<'_>> = if is_checkout(i) {
             let err = is_error(i);
             vec![
-                SpanSpec { service: "frontend", k: 1, parent: None, name: "GET /checkout", kind: 2, start_ms: 0, dur_ms: 140 + jitter, error: err, attrs: vec![attr("http.route", "/checkout"), attr("http.request.method", "GET")] },
-                SpanSpec { service: "frontend", k: 2, parent: Some(1), name: "POST /api/checkout", kind: 3, start_ms: 6, dur_ms: 120 + jitter, error: err, attrs: vec![] },
-                SpanSpec { service: "checkout", k: 3, parent: Some(2), name: "POST /api/checkout", kind: 2, start_ms: 8, dur_ms: 115 + jitter, error: err, attrs: vec![attr("http.route", "/api/checkout")] },
-                SpanSpec { service: "checkout", k: 4, parent: Some(3), name: "charge", kind: 3, start_ms: 12, dur_ms: 60 + jitter, error: err, attrs: vec![] },
-                SpanSpec { service: "payments", k: 5, parent: Some(4), name: "POST /charge", kind: 2, start_ms: 14, dur_ms: 55 + jitter, error: err, attrs: vec![attr("http.route", "/charge"), attr("payment.provider", "acme")] },
-                SpanSpec { service: "checkout", k: 6, parent: Some(3), name: "INSERT orders", kind: 3, start_ms: 100, dur_ms: 20, error: false, attrs: vec![attr("peer.service", "postgres"), attr("db.system.name", "postgresql")] },
+                SpanSpec {
+                    service: "frontend",
+                    k: 1,
+                    parent: None,
+                    name: "GET /checkout",
+                    kind: 2,
+                    start_ms: 0,
+                    dur_ms: 140 + jitter,
+                    error: err,
+                    attrs: vec![
+                        attr("http.route", "/checkout"),
+                        attr("http.request.method", "GET"),
+                    ],
+                },
+                SpanSpec {
+                    service: "frontend",
+                    k: 2,
+                    parent: Some(1),
+                    name: "POST /api/checkout",
+                    kind: 3,
+                    start_ms: 6,
+                    dur_ms: 120 + jitter,
+                    error: err,
+                    attrs: vec![],
+                },
+                SpanSpec {
+                    service: "checkout",
+                    k: 3,
+                    parent: Some(2),
+                    name: "POST /api/checkout",
+                    kind: 2,
+                    start_ms: 8,
+                    dur_ms: 115 + jitter,
+                    error: err,
+                    attrs: vec![attr("http.route", "/api/checkout")],
+                },
+                SpanSpec {
+                    service: "checkout",
+                    k: 4,
+                    parent: Some(3),
+                    name: "charge",
+                    kind: 3,
+                    start_ms: 12,
+                    dur_ms: 60 + jitter,
+                    error: err,
+                    attrs: vec![],
+                },
+                SpanSpec {
+                    service: "payments",
+                    k: 5,
+                    parent: Some(4),
+                    name: "POST /charge",
+                    kind: 2,
+                    start_ms: 14,
+                    dur_ms: 55 + jitter,
+                    error: err,
+                    attrs: vec![
+                        attr("http.route", "/charge"),
+                        attr("payment.provider", "acme"),
+                    ],
+                },
+                SpanSpec {
+                    service: "checkout",
+                    k: 6,
+                    parent: Some(3),
+                    name: "INSERT orders",
+                    kind: 3,
+                    start_ms: 100,
+                    dur_ms: 20,
+                    error: false,
+                    attrs: vec![
+                        attr("peer.service", "postgres"),
+                        attr("db.system.name", "postgresql"),
+                    ],
+                },
                 // In parallel with the checkout call, so off the critical path.
-                SpanSpec { service: "frontend", k: 7, parent: Some(1), name: "render cart", kind: 1, start_ms: 8, dur_ms: 20, error: false, attrs: vec![] },
+                SpanSpec {
+                    service: "frontend",
+                    k: 7,
+                    parent: Some(1),
+                    name: "render cart",
+                    kind: 1,
+                    start_ms: 8,
+                    dur_ms: 20,
+                    error: false,
+                    attrs: vec![],
+                },
             ]
         } else {
             vec![
-                SpanSpec { service: "frontend", k: 1, parent: None, name: "GET /products", kind: 2, start_ms: 0, dur_ms: 40 + jitter, error: false, attrs: vec![attr("http.route", "/products")] },
-                SpanSpec { service: "frontend", k: 2, parent: Some(1), name: "GET /items", kind: 3, start_ms: 3, dur_ms: 30 + jitter, error: false, attrs: vec![] },
-                SpanSpec { service: "catalog", k: 3, parent: Some(2), name: "GET /items", kind: 2, start_ms: 4, dur_ms: 28 + jitter, error: false, attrs: vec![attr("http.route", "/items")] },
+                SpanSpec {
+                    service: "frontend",
+                    k: 1,
+                    parent: None,
+                    name: "GET /products",
+                    kind: 2,
+                    start_ms: 0,
+                    dur_ms: 40 + jitter,
+                    error: false,
+                    attrs: vec![attr("http.route", "/products")],
+                },
+                SpanSpec {
+                    service: "frontend",
+                    k: 2,
+                    parent: Some(1),
+                    name: "GET /items",
+                    kind: 3,
+                    start_ms: 3,
+                    dur_ms: 30 + jitter,
+                    error: false,
+                    attrs: vec![],
+                },
+                SpanSpec {
+                    service: "catalog",
+                    k: 3,
+                    parent: Some(2),
+                    name: "GET /items",
+                    kind: 2,
+                    start_ms: 4,
+                    dur_ms: 28 + jitter,
+                    error: false,
+                    attrs: vec![attr("http.route", "/items")],
+                },
             ]
         };
         for sp in specs {
@@ -112,8 +221,16 @@ fn traces_payload(base_ns: u64) -> Value {
             if sp.k == 5 {
                 span["events"] = json!([{ "timeUnixNano": (start + 20_000_000).to_string(), "name": "card authorised", "attributes": [attr("card.brand", "visa")] }]);
             }
-            let ns = if sp.service == "frontend" { "web" } else { "shop" };
-            by_service.entry(sp.service).or_insert((ns, Vec::new())).1.push(span);
+            let ns = if sp.service == "frontend" {
+                "web"
+            } else {
+                "shop"
+            };
+            by_service
+                .entry(sp.service)
+                .or_insert((ns, Vec::new()))
+                .1
+                .push(span);
         }
     }
     let resource_spans: Vec<Value> = by_service
@@ -162,9 +279,7 @@ fn logs_payload(base_ns: u64) -> Value {
             }));
         }
     }
-    let rl = |svc: &str, ns: &str, recs: Vec<Value>| {
-        json!({ "resource": resource(svc, ns), "scopeLogs": [{ "scope": { "name": "ui-test" }, "logRecords": recs }] })
-    };
+    let rl = |svc: &str, ns: &str, recs: Vec<Value>| json!({ "resource": resource(svc, ns), "scopeLogs": [{ "scope": { "name": "ui-test" }, "logRecords": recs }] });
     json!({ "resourceLogs": [rl("checkout", "shop", checkout), rl("payments", "shop", payments), rl("mesh-proxy", "web", proxy)] })
 }
 
@@ -172,7 +287,10 @@ async fn feed(server: &Server) {
     // Start 9 minutes ago so every record sits inside the default 15-minute range.
     let base = now_ns() - 9 * 60 * 1_000_000_000;
     let client = reqwest::Client::new();
-    for (path, body) in [("/v1/traces", traces_payload(base)), ("/v1/logs", logs_payload(base))] {
+    for (path, body) in [
+        ("/v1/traces", traces_payload(base)),
+        ("/v1/logs", logs_payload(base)),
+    ] {
         let r = client
             .post(server.otlp_url(path))
             .header("content-type", "application/json")
@@ -180,9 +298,16 @@ async fn feed(server: &Server) {
             .send()
             .await
             .expect("OTLP/HTTP export");
-        assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap_or_default());
+        assert_eq!(
+            r.status(),
+            200,
+            "{path}: {}",
+            r.text().await.unwrap_or_default()
+        );
     }
-    let spans = (0..TRACES).map(|i| if is_checkout(i) { 7 } else { 3 }).sum::<i64>();
+    let spans = (0..TRACES)
+        .map(|i| if is_checkout(i) { 7 } else { 3 })
+        .sum::<i64>();
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.scalar("SELECT count(*) FROM spans").await < spans {
         assert!(Instant::now() < deadline, "spans did not become visible");
@@ -290,12 +415,15 @@ impl Browser {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let driver = Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (scripts/install-test-deps installs Debian's chromium-driver)");
+        let driver =
+            Command::new(std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into()))
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "chromedriver (scripts/install-test-deps installs Debian's chromium-driver)",
+                );
         let http = reqwest::Client::new();
         let root = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -348,20 +476,35 @@ impl Browser {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let v: Value = req.send().await.expect("webdriver").json().await.expect("webdriver JSON");
+        let v: Value = req
+            .send()
+            .await
+            .expect("webdriver")
+            .json()
+            .await
+            .expect("webdriver JSON");
         v["value"].clone()
     }
 
     async fn goto(&self, url: &str) {
-        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url }))).await;
+        self.call(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+            .await;
     }
 
     async fn find_all(&self, css: &str) -> Vec<String> {
         let v = self
-            .call(reqwest::Method::POST, "/elements", Some(json!({ "using": "css selector", "value": css })))
+            .call(
+                reqwest::Method::POST,
+                "/elements",
+                Some(json!({ "using": "css selector", "value": css })),
+            )
             .await;
         v.as_array()
-            .map(|a| a.iter().filter_map(|e| e[ELEMENT].as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e[ELEMENT].as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -375,7 +518,10 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 let body = self.js("return document.body.innerText", json!([])).await;
-                panic!("timed out waiting for {n} × {css} (found {}); page text:\n{body}", found.len());
+                panic!(
+                    "timed out waiting for {n} × {css} (found {}); page text:\n{body}",
+                    found.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -390,35 +536,71 @@ impl Browser {
     }
 
     async fn attr(&self, el: &str, name: &str) -> String {
-        self.call(reqwest::Method::GET, &format!("/element/{el}/attribute/{name}"), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.call(
+            reqwest::Method::GET,
+            &format!("/element/{el}/attribute/{name}"),
+            None,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
     }
 
     async fn click(&self, el: &str) {
-        let r = self.call(reqwest::Method::POST, &format!("/element/{el}/click"), Some(json!({}))).await;
+        let r = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/element/{el}/click"),
+                Some(json!({})),
+            )
+            .await;
         if r.get("error").is_some() {
             // SVG groups are sometimes reported as not interactable: click through the DOM.
-            self.js("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", json!([{ ELEMENT: el }]))
-                .await;
+            self.js(
+                "arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+                json!([{ ELEMENT: el }]),
+            )
+            .await;
         }
     }
 
     async fn type_into(&self, el: &str, text: &str) {
-        self.call(reqwest::Method::POST, &format!("/element/{el}/clear"), Some(json!({}))).await;
-        self.call(reqwest::Method::POST, &format!("/element/{el}/value"), Some(json!({ "text": text }))).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{el}/clear"),
+            Some(json!({})),
+        )
+        .await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{el}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
     }
 
     async fn js(&self, script: &str, args: Value) -> Value {
-        self.call(reqwest::Method::POST, "/execute/sync", Some(json!({ "script": script, "args": args }))).await
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": args })),
+        )
+        .await
     }
 
     /// The browser console's errors since the last call (chromedriver's log endpoint).
     async fn console_errors(&self) -> Vec<String> {
-        let v = self.call(reqwest::Method::POST, "/se/log", Some(json!({ "type": "browser" }))).await;
-        let entries = v.as_array().unwrap_or_else(|| panic!("no browser log: {v}"));
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/se/log",
+                Some(json!({ "type": "browser" })),
+            )
+            .await;
+        let entries = v
+            .as_array()
+            .unwrap_or_else(|| panic!("no browser log: {v}"));
         eprintln!("browser console: {} entries", entries.len());
         entries
             .iter()
@@ -474,14 +656,27 @@ async fn ui_pages_in_a_real_browser() {
     feed(&server).await;
 
     // The binary serves the app itself: index.html for client routes, hashed assets.
-    let index = reqwest::get(server.url("/traces/abc")).await.expect("GET /traces/abc");
+    let index = reqwest::get(server.url("/traces/abc"))
+        .await
+        .expect("GET /traces/abc");
     assert_eq!(index.status(), 200);
     assert!(index.text().await.expect("body").contains("/assets/app-"));
-    let api404 = reqwest::get(server.url("/api/v1/nope")).await.expect("GET /api/v1/nope");
-    assert_eq!(api404.status(), 404, "unknown API paths must not answer the app");
+    let api404 = reqwest::get(server.url("/api/v1/nope"))
+        .await
+        .expect("GET /api/v1/nope");
+    assert_eq!(
+        api404.status(),
+        404,
+        "unknown API paths must not answer the app"
+    );
 
     let b = Browser::start().await;
-    b.call(reqwest::Method::POST, "/window/rect", Some(json!({ "width": 1600, "height": 1000 }))).await;
+    b.call(
+        reqwest::Method::POST,
+        "/window/rect",
+        Some(json!({ "width": 1600, "height": 1000 })),
+    )
+    .await;
 
     // Alerts (first, while the unreachable receiver's failures are still few in the log):
     // the firing alert with its evidence and exemplar traces, the rule, and the
@@ -552,11 +747,20 @@ async fn ui_pages_in_a_real_browser() {
     b.wait_for("svg.graph g.node[data-id='payments']", 1).await;
     let mut nodes = BTreeSet::new();
     for n in b.find_all("svg.graph g.node").await {
-        nodes.insert(format!("{}:{}", b.attr(&n, "data-kind").await, b.attr(&n, "data-id").await));
+        nodes.insert(format!(
+            "{}:{}",
+            b.attr(&n, "data-kind").await,
+            b.attr(&n, "data-id").await
+        ));
     }
     let expected_nodes: BTreeSet<String> = [
-        "user:user", "service:frontend", "service:checkout", "service:catalog", "service:payments",
-        "virtual:postgres", "service:recommendations",
+        "user:user",
+        "service:frontend",
+        "service:checkout",
+        "service:catalog",
+        "service:payments",
+        "virtual:postgres",
+        "service:recommendations",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -564,10 +768,18 @@ async fn ui_pages_in_a_real_browser() {
     assert_eq!(nodes, expected_nodes);
     let mut edges = BTreeSet::new();
     for e in b.find_all("svg.graph g.edge").await {
-        edges.insert(format!("{}>{}", b.attr(&e, "data-source").await, b.attr(&e, "data-target").await));
+        edges.insert(format!(
+            "{}>{}",
+            b.attr(&e, "data-source").await,
+            b.attr(&e, "data-target").await
+        ));
     }
     let expected_edges: BTreeSet<String> = [
-        "user>frontend", "frontend>checkout", "frontend>catalog", "checkout>payments", "checkout>postgres",
+        "user>frontend",
+        "frontend>checkout",
+        "frontend>catalog",
+        "checkout>payments",
+        "checkout>postgres",
         "frontend>recommendations",
     ]
     .iter()
@@ -582,36 +794,56 @@ async fn ui_pages_in_a_real_browser() {
     // Clicking a node opens its golden signals.
     let checkout = b.find_all("svg.graph g.node[data-id='checkout']").await;
     b.click(&checkout[0]).await;
-    let panel = b.wait_for("[data-test='signals-panel'] .chart polyline", 3).await;
+    let panel = b
+        .wait_for("[data-test='signals-panel'] .chart polyline", 3)
+        .await;
     assert!(!panel.is_empty());
     let panel = b.find_all("[data-test='signals-panel']").await;
     let text = b.text(&panel[0]).await.to_lowercase();
-    assert!(text.contains("checkout") && text.contains("rate") && text.contains("p99"), "{text}");
+    assert!(
+        text.contains("checkout") && text.contains("rate") && text.contains("p99"),
+        "{text}"
+    );
     assert!(b.find_all("[data-test='failing-traces']").await.len() == 1);
     b.screenshot("topology-node").await;
     // The selection is in the URL, so the view can be shared.
     let url = b.call(reqwest::Method::GET, "/url", None).await;
-    assert!(url.as_str().unwrap_or_default().contains("sel=node%3Acheckout"), "{url}");
+    assert!(
+        url.as_str()
+            .unwrap_or_default()
+            .contains("sel=node%3Acheckout"),
+        "{url}"
+    );
 
     // Clicking an edge charts the requests on it.
-    let edge = b.find_all("svg.graph g.edge[data-source='checkout'][data-target='payments'] path.edge-hit").await;
+    let edge = b
+        .find_all("svg.graph g.edge[data-source='checkout'][data-target='payments'] path.edge-hit")
+        .await;
     b.click(&edge[0]).await;
-    b.wait_for("[data-test='signals-panel'] .panel-title", 1).await;
+    b.wait_for("[data-test='signals-panel'] .panel-title", 1)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let title = b.find_all("[data-test='signals-panel'] .panel-title").await;
-        let charts = b.find_all("[data-test='signals-panel'] .chart polyline").await;
+        let charts = b
+            .find_all("[data-test='signals-panel'] .chart polyline")
+            .await;
         if b.text(&title[0]).await.contains("checkout → payments") && charts.len() >= 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "edge panel did not chart the edge");
+        assert!(
+            Instant::now() < deadline,
+            "edge panel did not chart the edge"
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     b.screenshot("topology-edge").await;
 
     // Auto-refresh from the URL: the data reloads and the open panel stays in place.
-    b.goto(&server.url("/?range=15m&refresh=5s&sel=node%3Acheckout")).await;
-    b.wait_for("[data-test='signals-panel'] .chart polyline", 3).await;
+    b.goto(&server.url("/?range=15m&refresh=5s&sel=node%3Acheckout"))
+        .await;
+    b.wait_for("[data-test='signals-panel'] .chart polyline", 3)
+        .await;
     let stamp = b.find_all(".updated").await;
     let first = b.text(&stamp[0]).await;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -620,10 +852,18 @@ async fn ui_pages_in_a_real_browser() {
         if b.text(&stamp[0]).await != first {
             break;
         }
-        assert!(Instant::now() < deadline, "auto-refresh did not reload ({first})");
+        assert!(
+            Instant::now() < deadline,
+            "auto-refresh did not reload ({first})"
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(b.find_all("[data-test='signals-panel'] .chart polyline").await.len() >= 3);
+    assert!(
+        b.find_all("[data-test='signals-panel'] .chart polyline")
+            .await
+            .len()
+            >= 3
+    );
 
     // Filter by namespace: the shop's services, not the web tier's.
     b.goto(&server.url("/?range=15m&namespace=shop")).await;
@@ -632,14 +872,21 @@ async fn ui_pages_in_a_real_browser() {
     for n in b.find_all("svg.graph g.node[data-kind='service']").await {
         shop.insert(b.attr(&n, "data-id").await);
     }
-    assert!(shop.contains("checkout") && shop.contains("catalog") && !shop.contains("frontend"), "{shop:?}");
+    assert!(
+        shop.contains("checkout") && shop.contains("catalog") && !shop.contains("frontend"),
+        "{shop:?}"
+    );
     // A custom range puts both ends in the URL.
     let custom = b.find_all("button[data-range='custom']").await;
     b.click(&custom[0]).await;
-    b.wait_for(".custom-range input[type='datetime-local']", 2).await;
+    b.wait_for(".custom-range input[type='datetime-local']", 2)
+        .await;
     let url = b.call(reqwest::Method::GET, "/url", None).await;
     let url = url.as_str().unwrap_or_default().to_string();
-    assert!(url.contains("range=custom") && url.contains("from=") && url.contains("to="), "{url}");
+    assert!(
+        url.contains("range=custom") && url.contains("from=") && url.contains("to="),
+        "{url}"
+    );
 
     // The time range is shared by every page through the URL.
     let hour = b.find_all("button[data-range='1h']").await;
@@ -652,13 +899,17 @@ async fn ui_pages_in_a_real_browser() {
         if url.as_str().unwrap_or_default().contains("range=1h") && href.contains("range=1h") {
             break;
         }
-        assert!(Instant::now() < deadline, "range=1h not in the URL and links: {url} {href}");
+        assert!(
+            Instant::now() < deadline,
+            "range=1h not in the URL and links: {url} {href}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Services: one row per service with server spans, with sparklines.
     b.goto(&server.url("/services?range=15m")).await;
-    b.wait_for("tr[data-service='payments'] svg.spark polyline", 1).await;
+    b.wait_for("tr[data-service='payments'] svg.spark polyline", 1)
+        .await;
     let rows = b.find_all("[data-test='services-table'] tbody tr").await;
     let mut names = BTreeSet::new();
     for r in &rows {
@@ -679,7 +930,10 @@ async fn ui_pages_in_a_real_browser() {
         if first == "frontend" && last == "catalog" {
             break;
         }
-        assert!(Instant::now() < deadline, "not sorted by p50: {first} … {last}");
+        assert!(
+            Instant::now() < deadline,
+            "not sorted by p50: {first} … {last}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -688,16 +942,28 @@ async fn ui_pages_in_a_real_browser() {
     b.screenshot("service").await;
 
     // Traces: search, open one, a waterfall with its seven spans and its logs.
-    b.goto(&server.url("/traces?range=15m&service=payments")).await;
+    b.goto(&server.url("/traces?range=15m&service=payments"))
+        .await;
     let want = trace_id(KNOWN_TRACE);
-    let row = b.wait_for(&format!("tr.trace-row[data-trace-id='{want}'] a.trace-link"), 1).await;
+    let row = b
+        .wait_for(
+            &format!("tr.trace-row[data-trace-id='{want}'] a.trace-link"),
+            1,
+        )
+        .await;
     let listed = b.find_all("tr.trace-row").await.len();
-    assert_eq!(listed as u64, (0..TRACES).filter(|i| is_checkout(*i)).count() as u64);
+    assert_eq!(
+        listed as u64,
+        (0..TRACES).filter(|i| is_checkout(*i)).count() as u64
+    );
     b.screenshot("traces").await;
     b.click(&row[0]).await;
     let spans = b.wait_for("[data-test='waterfall'] .span-row", 7).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(b.find_all("[data-test='waterfall'] .span-row").await.len(), 7);
+    assert_eq!(
+        b.find_all("[data-test='waterfall'] .span-row").await.len(),
+        7
+    );
     // The parallel render span is the one span off the critical path.
     let off: Vec<String> = b.find_all(".span-row:not(.critical)").await;
     assert_eq!(off.len(), 1, "exactly one span off the critical path");
@@ -705,7 +971,11 @@ async fn ui_pages_in_a_real_browser() {
     // Its application log and the sidecar's access log, in time order.
     let logs = b.wait_for("[data-test='trace-logs'] .log-line", 2).await;
     assert!(b.text(&logs[0]).await.contains("POST /api/checkout 200"));
-    assert!(b.text(&logs[1]).await.contains(&format!("order {KNOWN_TRACE} placed")));
+    assert!(
+        b.text(&logs[1])
+            .await
+            .contains(&format!("order {KNOWN_TRACE} placed"))
+    );
     // Span details: attributes and events of the payments span.
     let mut payments = None;
     for sp in &spans {
@@ -717,16 +987,23 @@ async fn ui_pages_in_a_real_browser() {
     let detail = b.wait_for("[data-test='span-detail']", 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = b.text(&detail[0]).await;
-    assert!(text.contains("payment.provider") && text.contains("card authorised"), "{text}");
+    assert!(
+        text.contains("payment.provider") && text.contains("card authorised"),
+        "{text}"
+    );
     b.screenshot("trace").await;
 
     // Logs: filtering by text keeps only the matching records; their trace ids link.
     b.goto(&server.url("/logs?range=15m")).await;
     b.wait_for("[data-test='log-results'] .log-row", 10).await;
     b.screenshot("logs").await;
-    let input = b.find_all("[data-test='log-search'] input[name='text']").await;
+    let input = b
+        .find_all("[data-test='log-search'] input[name='text']")
+        .await;
     b.type_into(&input[0], "declined").await;
-    let submit = b.find_all("[data-test='log-search'] button[type='submit']").await;
+    let submit = b
+        .find_all("[data-test='log-search'] button[type='submit']")
+        .await;
     b.click(&submit[0]).await;
     let declined = (0..TRACES).filter(|i| is_error(*i)).count();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -737,10 +1014,18 @@ async fn ui_pages_in_a_real_browser() {
             all &= b.text(r).await.contains("card declined");
         }
         if all {
-            assert!(!b.find_all("[data-test='log-results'] a.trace-chip").await.is_empty());
+            assert!(
+                !b.find_all("[data-test='log-results'] a.trace-chip")
+                    .await
+                    .is_empty()
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "log filter did not narrow to {declined} rows (got {})", rows.len());
+        assert!(
+            Instant::now() < deadline,
+            "log filter did not narrow to {declined} rows (got {})",
+            rows.len()
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     b.screenshot("logs-filtered").await;
@@ -755,9 +1040,18 @@ async fn ui_pages_in_a_real_browser() {
     let rows = b.wait_for("[data-test='sql-results'] tbody tr", 4).await;
     let mut got = Vec::new();
     for r in &rows {
-        got.push(b.text(r).await.split_whitespace().collect::<Vec<_>>().join(" "));
+        got.push(
+            b.text(r)
+                .await
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
     }
-    assert_eq!(got, ["catalog 20", "checkout 120", "frontend 160", "payments 40"]);
+    assert_eq!(
+        got,
+        ["catalog 20", "checkout 120", "frontend 160", "payments 40"]
+    );
     b.type_into(&editor[0], "SELECT nope FROM spans").await;
     b.click(&run[0]).await;
     let err = b.wait_for(".error-box", 1).await;
@@ -782,7 +1076,10 @@ async fn ui_pages_in_a_real_browser() {
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 
-    if let Some(secs) = std::env::var("MESHSCOPE_UI_HOLD").ok().and_then(|s| s.parse().ok()) {
+    if let Some(secs) = std::env::var("MESHSCOPE_UI_HOLD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         eprintln!("UI at {} for {secs} s", server.url("/"));
         tokio::time::sleep(Duration::from_secs(secs)).await;
     }

@@ -127,7 +127,10 @@ fn ensure_wasm_target() -> Result<(), String> {
         .output()
         .map_err(|e| format!("cannot run {rustc}: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    let lib = Path::new(&sysroot).join("lib/rustlib").join(TARGET).join("lib");
+    let lib = Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .join("lib");
     if lib.is_dir() {
         return Ok(());
     }

@@ -63,6 +63,11 @@ pub struct DemoArgs {
     /// Requests per second from the traffic generator.
     #[arg(long, default_value_t = 20.0)]
     pub rps: f64,
+    /// Run only the mesh and send its telemetry to this OTLP/gRPC endpoint (a running
+    /// `meshscope serve` or `collector`, e.g. `http://collector-1:4317`) instead of starting
+    /// a server in-process.
+    #[arg(long, env = "MESHSCOPE_DEMO_COLLECTOR")]
+    pub collector: Option<String>,
 }
 
 /// Flags of the server roles. Unset flags fall back to the config file, then to defaults.

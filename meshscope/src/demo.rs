@@ -413,37 +413,42 @@ async fn wait_ready(http: SocketAddr) -> Result<(), String> {
 
 /// Runs the demo until `stop` (Ctrl-C / SIGTERM).
 pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), String> {
-    let mut serve_args = args.serve.clone();
-    if serve_args.data_dir.is_none() {
-        serve_args.data_dir = Some(PathBuf::from("./meshscope-demo-data"));
-    }
-    let mut config: ServeConfig = serve_args.resolve().map_err(|e| e.to_string())?;
-    config.otlp_grpc_addr = usable(config.otlp_grpc_addr);
-    config.otlp_http_addr = usable(config.otlp_http_addr);
-    config.http_addr = usable(config.http_addr);
-    config.pg_addr = usable(config.pg_addr);
-    let (http, grpc, pg) = (config.http_addr, config.otlp_grpc_addr, config.pg_addr);
-
-    println!(
-        "meshscope demo: starting the server (data in {})",
-        config.data_dir.display()
-    );
     let (stop_serve, serve_rx) = watch::channel(false);
-    let mut serve_stop = serve_rx.clone();
-    let server = tokio::spawn(crate::serve::run(config, async move {
-        let _ = serve_stop.wait_for(|s| *s).await;
-    }));
-    tokio::select! {
-        r = wait_ready(http) => r?,
-        () = async { while !server.is_finished() { tokio::time::sleep(Duration::from_millis(50)).await } } => {
-            return match server.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err("meshscope serve stopped during start-up".into()),
-            };
+    let mut server = None;
+    let otlp = if let Some(collector) = &args.collector {
+        println!("meshscope demo: sending the mesh's telemetry to {collector}");
+        collector.clone()
+    } else {
+        let mut serve_args = args.serve.clone();
+        if serve_args.data_dir.is_none() {
+            serve_args.data_dir = Some(PathBuf::from("./meshscope-demo-data"));
         }
-    }
-
-    let otlp = format!("http://{grpc}");
+        let mut config: ServeConfig = serve_args.resolve().map_err(|e| e.to_string())?;
+        config.otlp_grpc_addr = usable(config.otlp_grpc_addr);
+        config.otlp_http_addr = usable(config.otlp_http_addr);
+        config.http_addr = usable(config.http_addr);
+        config.pg_addr = usable(config.pg_addr);
+        let (http, grpc, pg) = (config.http_addr, config.otlp_grpc_addr, config.pg_addr);
+        println!(
+            "meshscope demo: starting the server (data in {})",
+            config.data_dir.display()
+        );
+        let mut serve_stop = serve_rx.clone();
+        let task = tokio::spawn(crate::serve::run(config, async move {
+            let _ = serve_stop.wait_for(|s| *s).await;
+        }));
+        tokio::select! {
+            r = wait_ready(http) => r?,
+            () = async { while !task.is_finished() { tokio::time::sleep(Duration::from_millis(50)).await } } => {
+                return match task.await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err("meshscope serve stopped during start-up".into()),
+                };
+            }
+        }
+        server = Some((task, http, grpc, pg));
+        format!("http://{grpc}")
+    };
     let specs = specs();
     println!(
         "meshscope demo: starting {} services, {} of them behind their own proxy",
@@ -524,17 +529,21 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         "meshscope demo is running ({} requests/s into the frontend)",
         args.rps
     );
-    println!("  UI:        http://{http}/");
-    println!("  API:       http://{http}/api/v1/graph   http://{http}/api/v1/services");
-    println!("  OTLP:      gRPC {grpc}");
-    println!(
-        "  Postgres:  psql -h {} -p {} -U meshscope -d meshscope",
-        pg.ip(),
-        pg.port()
-    );
-    println!(
-        "  Try:       meshscope sql --server http://{http} \"SELECT service_name, span_kind, count(*) AS spans, round(avg(duration_ns) / 1e6, 2) AS avg_ms FROM spans GROUP BY 1, 2 ORDER BY 1, 2\""
-    );
+    if let Some((_, http, grpc, pg)) = &server {
+        println!("  UI:        http://{http}/");
+        println!("  API:       http://{http}/api/v1/graph   http://{http}/api/v1/services");
+        println!("  OTLP:      gRPC {grpc}");
+        println!(
+            "  Postgres:  psql -h {} -p {} -U meshscope -d meshscope",
+            pg.ip(),
+            pg.port()
+        );
+        println!(
+            "  Try:       meshscope sql --server http://{http} \"SELECT service_name, span_kind, count(*) AS spans, round(avg(duration_ns) / 1e6, 2) AS avg_ms FROM spans GROUP BY 1, 2 ORDER BY 1, 2\""
+        );
+    } else {
+        println!("  Telemetry: OTLP/gRPC to {otlp}");
+    }
     println!(
         "  The graph and golden signals fill within about 10 seconds. Ctrl-C stops everything."
     );
@@ -553,9 +562,12 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         let _ = t.await;
     }
     let _ = stop_serve.send(true);
-    match server.await {
-        Ok(r) => r,
-        Err(e) => Err(e.to_string()),
+    match server {
+        Some((task, ..)) => match task.await {
+            Ok(r) => r,
+            Err(e) => Err(e.to_string()),
+        },
+        None => Ok(()),
     }
 }
 

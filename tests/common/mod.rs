@@ -84,7 +84,11 @@ impl Server {
         let port = |text: &str, what: &str| -> u16 {
             text.find(&format!("{what} listening on 127.0.0.1:"))
                 .map(|i| &text[i + what.len() + " listening on 127.0.0.1:".len()..])
-                .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0)
         };

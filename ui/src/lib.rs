@@ -50,9 +50,16 @@ pub fn router() -> Router {
 }
 
 /// Client routes get the app; unknown API paths and non-GET requests a plain 404.
-async fn fallback(method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap) -> Response {
+async fn fallback(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
     let path = uri.path();
-    if method != axum::http::Method::GET || path.starts_with("/api/") || path.starts_with("/assets/") {
+    if method != axum::http::Method::GET
+        || path.starts_with("/api/")
+        || path.starts_with("/assets/")
+    {
         return (StatusCode::NOT_FOUND, "not found").into_response();
     }
     serve(&INDEX, &headers, "no-cache")
@@ -89,7 +96,10 @@ fn serve(a: &Asset, headers: &HeaderMap, cache: &'static str) -> Response {
         a.plain.into_response()
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(a.content_type),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     resp
