@@ -3,7 +3,8 @@
 //!
 //! Each page is checked for what an engineer looks for (the nodes and edges of the mesh,
 //! a node's signals, a trace's spans, log filtering, SQL rows) and saved as a PNG under
-//! `target/ui-screenshots/`. `MESHSCOPE_UI_HOLD=<seconds>` keeps the fed server running
+//! `target/ui-screenshots/`. The server runs with an alert rule that fires on that mesh and
+//! two webhook receivers (one answering, one unreachable), for the Alerts page. `MESHSCOPE_UI_HOLD=<seconds>` keeps the fed server running
 //! afterwards (its address is printed) to look at it by hand.
 
 mod common;
@@ -315,6 +316,107 @@ async fn feed(server: &Server) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Alerting: a rule that fires on the known mesh and receivers for its notifications
+
+/// A webhook receiver on 127.0.0.1:0 that answers 200 and counts what it got.
+async fn webhook() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&got);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { axum::http::StatusCode::OK }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (addr, got)
+}
+
+/// checkout fails 4 of its 40 requests (10 %) over the fed 8 minutes: over 5 % at once.
+const RULE: &str = "checkout-errors";
+
+fn alert_config(dir: &std::path::Path, hook: std::net::SocketAddr) -> String {
+    // Port 9 (discard) on loopback: nothing listens, so each attempt fails and is logged.
+    let cfg = format!(
+        r#"
+[alerts]
+evaluation-interval-secs = 1
+
+[[alerts.rules]]
+name = "{RULE}"
+signal = "error_rate"
+service = "checkout"
+threshold = 0.05
+window-secs = 900
+for-secs = 0
+severity = "critical"
+annotations = {{ summary = "checkout fails {{{{ $value }}}} of its requests" }}
+
+[[alerts.receivers]]
+name = "ops"
+url = "http://{hook}/hook"
+
+[[alerts.receivers]]
+name = "pager"
+url = "http://127.0.0.1:9/hook"
+max-attempts = 2
+timeout-secs = 2
+"#
+    );
+    let path = dir.join("meshscope.toml");
+    std::fs::write(&path, cfg).expect("config");
+    path.to_string_lossy().into_owned()
+}
+
+/// Waits (up to 30 s) until the alerts API shows the rule firing and both receivers'
+/// attempts (a delivered one to `ops`, a failed one to `pager`).
+async fn wait_for_alert(server: &Server) {
+    let client = reqwest::Client::new();
+    let get = |path: &str| {
+        let req = client.get(server.url(path));
+        async move {
+            req.send()
+                .await
+                .expect("alerts API")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alerts = get("/api/v1/alerts?state=firing").await;
+        let deliveries = get("/api/v1/alerts/deliveries").await;
+        let list = deliveries.as_array().cloned().unwrap_or_default();
+        let firing = alerts
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["rule"] == RULE));
+        let delivered = list
+            .iter()
+            .any(|d| d["receiver"] == "ops" && d["ok"] == true);
+        let failed = list
+            .iter()
+            .any(|d| d["receiver"] == "pager" && d["ok"] == false);
+        if firing && delivered && failed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no firing {RULE} with deliveries: {alerts} {deliveries}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // A small W3C WebDriver client over chromedriver
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -569,7 +671,9 @@ fn screenshot_dir() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ui_pages_in_a_real_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&dir.path().join("data"));
+    let (hook, hook_got) = webhook().await;
+    let config = alert_config(dir.path(), hook);
+    let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
     feed(&server).await;
 
     // The binary serves the app itself: index.html for client routes, hashed assets.
@@ -594,6 +698,134 @@ async fn ui_pages_in_a_real_browser() {
         Some(json!({ "width": 1600, "height": 1000 })),
     )
     .await;
+
+    // Alerts (first, while the unreachable receiver's failures are still few in the log):
+    // the firing alert with its evidence and exemplar traces, the rule, and the
+    // delivery log with both outcomes.
+    wait_for_alert(&server).await;
+    assert!(
+        hook_got.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the webhook got nothing"
+    );
+    b.goto(&server.url("/alerts?range=15m")).await;
+    let nav = b.wait_for("a.nav-link.active[href^='/alerts']", 1).await;
+    assert_eq!(b.text(&nav[0]).await, "Alerts");
+    let row = b
+        .wait_for(
+            &format!("tr.alert-row[data-rule='{RULE}'][data-state='firing']"),
+            1,
+        )
+        .await;
+    let text = b.text(&row[0]).await;
+    assert!(
+        text.contains(RULE) && text.to_lowercase().contains("firing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("10%") && text.contains("> 5.0%"),
+        "value vs threshold: {text}"
+    );
+    assert!(text.contains("service=checkout"), "labels: {text}");
+    let summary = b
+        .wait_for("[data-test='alert-summary'] .kpi.bad .kpi-value", 1)
+        .await;
+    assert_eq!(b.text(&summary[0]).await, "1", "one firing alert");
+    let failing: BTreeSet<String> = (0..TRACES).filter(|i| is_error(*i)).map(trace_id).collect();
+    let exemplars = b
+        .find_all(&format!("tr.alert-row[data-rule='{RULE}'] a.exemplar"))
+        .await;
+    assert!(!exemplars.is_empty(), "exemplar trace links");
+    for e in &exemplars {
+        let id = b.attr(e, "data-trace-id").await;
+        assert!(
+            failing.contains(&id),
+            "exemplar {id} is not a failing checkout trace"
+        );
+        assert!(
+            b.attr(e, "href")
+                .await
+                .starts_with(&format!("/traces/{id}"))
+        );
+    }
+    let rule = b
+        .wait_for(
+            &format!("[data-test='rules-table'] tr[data-rule='{RULE}']"),
+            1,
+        )
+        .await;
+    let text = b.text(&rule[0]).await;
+    assert!(
+        text.contains("checkout") && text.contains("error_rate > 5.0%") && text.contains("config"),
+        "{text}"
+    );
+    let ok = b
+        .wait_for(
+            "[data-test='deliveries-table'] tr.delivery-row[data-receiver='ops'][data-ok='true']",
+            1,
+        )
+        .await;
+    assert!(
+        b.text(&ok[0]).await.contains("200"),
+        "the webhook's HTTP status"
+    );
+    let failed = b.wait_for("[data-test='deliveries-table'] tr.delivery-row[data-receiver='pager'][data-ok='false']", 1).await;
+    let text = b.text(&failed[0]).await.to_lowercase();
+    assert!(
+        text.contains("failed") && text.contains("firing") && text.contains("127.0.0.1:9"),
+        "{text}"
+    );
+    b.screenshot("alerts").await;
+    // The delivery log filtered by receiver (through the API's `receiver=`).
+    let select = b
+        .wait_for("[data-test='receiver-filter'] option[value='ops']", 1)
+        .await;
+    b.click(&select[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = b
+            .find_all("[data-test='deliveries-table'] tr.delivery-row")
+            .await;
+        let mut receivers = BTreeSet::new();
+        for r in &rows {
+            receivers.insert(b.attr(r, "data-receiver").await);
+        }
+        let url = b.call(reqwest::Method::GET, "/url", None).await;
+        if url.as_str().unwrap_or_default().contains("receiver=ops")
+            && receivers.len() == 1
+            && receivers.contains("ops")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deliveries not filtered to ops: {receivers:?} {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Filtering by state: no resolved alerts, so the firing one is gone.
+    let resolved = b
+        .find_all("[data-test='state-filter'] button[data-state='resolved']")
+        .await;
+    b.click(&resolved[0]).await;
+    b.wait_for("[data-test='alerts-page'] .empty", 1).await;
+    assert!(b.find_all("tr.alert-row").await.is_empty());
+    let url = b.call(reqwest::Method::GET, "/url", None).await;
+    assert!(
+        url.as_str().unwrap_or_default().contains("state=resolved"),
+        "{url}"
+    );
+    let firing = b
+        .find_all("[data-test='state-filter'] button[data-state='firing']")
+        .await;
+    b.click(&firing[0]).await;
+    b.wait_for(&format!("tr.alert-row[data-rule='{RULE}']"), 1)
+        .await;
+    // An exemplar opens its trace in the trace view.
+    let exemplars = b
+        .find_all(&format!("tr.alert-row[data-rule='{RULE}'] a.exemplar"))
+        .await;
+    b.click(&exemplars[0]).await;
+    b.wait_for("[data-test='waterfall'] .span-row", 7).await;
 
     // Topology: every node and edge of the mesh.
     b.goto(&server.url("/?range=15m")).await;

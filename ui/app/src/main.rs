@@ -2,8 +2,9 @@
 //!
 //! Layout: `state` (time range, auto-refresh and filters kept in the URL), `util` (API
 //! calls, formatting), `charts` (SVG sparklines and line charts), and one module per page:
-//! `topology`, `services`, `traces`, `logs`, `sql`.
+//! `topology`, `services`, `traces`, `logs`, `alerts`, `sql`.
 
+mod alerts;
 mod charts;
 mod logs;
 mod services;
@@ -49,6 +50,7 @@ fn Shell() -> impl IntoView {
                 <Route path=path!("/traces") view=traces::TracesPage/>
                 <Route path=path!("/traces/:id") view=traces::TracePage/>
                 <Route path=path!("/logs") view=logs::LogsPage/>
+                <Route path=path!("/alerts") view=alerts::AlertsPage/>
                 <Route path=path!("/sql") view=sql::SqlPage/>
             </Routes>
         </main>
@@ -148,6 +150,7 @@ fn TopBar() -> impl IntoView {
                 {nav("/services", "Services")}
                 {nav("/traces", "Traces")}
                 {nav("/logs", "Logs")}
+                {nav("/alerts", "Alerts")}
                 {nav("/sql", "SQL")}
             </nav>
             <div class="spacer"></div>
