@@ -12,7 +12,12 @@ use crate::state::{go, tick, use_url};
 use crate::util::{self, enc, f, fmt_ms, fmt_num, fmt_pct, s};
 use crate::{ErrorBox, Kpi, Loading};
 
-const STATES: [(&str, &str); 4] = [("", "All"), ("firing", "Firing"), ("pending", "Pending"), ("resolved", "Resolved")];
+const STATES: [(&str, &str); 4] = [
+    ("", "All"),
+    ("firing", "Firing"),
+    ("pending", "Pending"),
+    ("resolved", "Resolved"),
+];
 
 /// A signal's value as text: rates as percentages, latencies in ms.
 fn fmt_signal(signal: &str, v: f64) -> String {
@@ -116,14 +121,23 @@ pub fn AlertsPage() -> impl IntoView {
     let deliveries = LocalResource::new(move || {
         let r = receiver();
         tick();
-        util::get_json(format!("/api/v1/alerts/deliveries?limit=100&receiver={}", enc(&r)))
+        util::get_json(format!(
+            "/api/v1/alerts/deliveries?limit=100&receiver={}",
+            enc(&r)
+        ))
     });
     // Every receiver seen in the log so far, for the receiver filter.
     let receivers = RwSignal::new(BTreeSet::<String>::new());
     Effect::new(move |_| {
         if let Some(Ok(v)) = deliveries.get() {
-            let seen: Vec<String> = v.as_array().map(|d| d.iter().map(|x| s(x, "receiver")).collect()).unwrap_or_default();
-            if seen.iter().any(|r| !receivers.with_untracked(|set| set.contains(r))) {
+            let seen: Vec<String> = v
+                .as_array()
+                .map(|d| d.iter().map(|x| s(x, "receiver")).collect())
+                .unwrap_or_default();
+            if seen
+                .iter()
+                .any(|r| !receivers.with_untracked(|set| set.contains(r)))
+            {
                 receivers.update(|set| set.extend(seen));
             }
         }
@@ -206,7 +220,11 @@ pub fn AlertsPage() -> impl IntoView {
                 .filter(|a| want.is_empty() || s(a, "state") == want)
                 .collect();
             if list.is_empty() {
-                let what = if want.is_empty() { "No alerts".to_string() } else { format!("No {want} alerts") };
+                let what = if want.is_empty() {
+                    "No alerts".to_string()
+                } else {
+                    format!("No {want} alerts")
+                };
                 return view! { <div class="empty small-empty"><h2>{what}</h2><p>"Alerts appear here when a rule's condition holds."</p></div> }.into_any();
             }
             let ops = ops();

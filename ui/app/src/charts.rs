@@ -6,7 +6,10 @@ use crate::util::clock;
 
 /// A tiny line of `values` (oldest first), scaled to its own maximum.
 #[component]
-pub fn Sparkline(values: Vec<f64>, #[prop(default = "#38bdf8")] color: &'static str) -> impl IntoView {
+pub fn Sparkline(
+    values: Vec<f64>,
+    #[prop(default = "#38bdf8")] color: &'static str,
+) -> impl IntoView {
     let (w, h) = (72.0, 20.0);
     let max = values.iter().cloned().fold(0.0_f64, f64::max);
     let n = values.len();
@@ -14,8 +17,16 @@ pub fn Sparkline(values: Vec<f64>, #[prop(default = "#38bdf8")] color: &'static 
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let x = if n <= 1 { w / 2.0 } else { i as f64 * w / (n - 1) as f64 };
-            let y = if max > 0.0 { h - 2.0 - v / max * (h - 4.0) } else { h - 2.0 };
+            let x = if n <= 1 {
+                w / 2.0
+            } else {
+                i as f64 * w / (n - 1) as f64
+            };
+            let y = if max > 0.0 {
+                h - 2.0 - v / max * (h - 4.0)
+            } else {
+                h - 2.0
+            };
             (x, y)
         })
         .collect();
@@ -68,7 +79,8 @@ pub fn LineChart(
     #[prop(default = 200.0)] height: f64,
     /// The drawing's width in its own units; about the width it is shown at, so text
     /// keeps its size.
-    #[prop(default = 480.0)] width: f64,
+    #[prop(default = 480.0)]
+    width: f64,
 ) -> impl IntoView {
     let (w, h) = (width, height);
     let (l, r, t, b) = (56.0, 12.0, 10.0, 24.0);
@@ -102,7 +114,11 @@ pub fn LineChart(
                 let x = x0 + span * i as f64 / 4.0;
                 let label = clock(x);
                 let label = label.get(..5).unwrap_or("").to_string();
-                let anchor = match i { 0 => "start", 4 => "end", _ => "middle" };
+                let anchor = match i {
+                    0 => "start",
+                    4 => "end",
+                    _ => "middle",
+                };
                 view! { <text x=sx(x) y=h - 6.0 text-anchor=anchor class="axis">{label}</text> }
             })
             .collect::<Vec<_>>()

@@ -11,7 +11,13 @@ use crate::{ErrorBox, Loading};
 
 const FIELDS: [&str; 4] = ["service", "severity", "text", "trace_id"];
 
-fn filters(range_sql: String, service: Option<String>, severity: Option<String>, text: Option<String>, trace_id: Option<String>) -> String {
+fn filters(
+    range_sql: String,
+    service: Option<String>,
+    severity: Option<String>,
+    text: Option<String>,
+    trace_id: Option<String>,
+) -> String {
     let mut w = vec![range_sql];
     if let Some(sv) = service {
         w.push(format!("service_name = {}", lit(&sv)));
@@ -64,7 +70,11 @@ async fn volume(range: Range, filters: String) -> Result<Vec<[f64; 3]>, String> 
 #[component]
 fn Volume(bars: Vec<[f64; 3]>, range: Range) -> impl IntoView {
     let (w, h) = (1200.0, 70.0);
-    let max = bars.iter().map(|b| b[0] + b[1] + b[2]).fold(0.0, f64::max).max(1.0);
+    let max = bars
+        .iter()
+        .map(|b| b[0] + b[1] + b[2])
+        .fold(0.0, f64::max)
+        .max(1.0);
     let bw = w / BARS as f64;
     let rects = bars
         .iter()
@@ -99,7 +109,10 @@ fn Volume(bars: Vec<[f64; 3]>, range: Range) -> impl IntoView {
 #[component]
 pub fn LogsPage() -> impl IntoView {
     let url = use_url();
-    let sigs: Vec<RwSignal<String>> = FIELDS.iter().map(|k| RwSignal::new(url.get_untracked(k).unwrap_or_default())).collect();
+    let sigs: Vec<RwSignal<String>> = FIELDS
+        .iter()
+        .map(|k| RwSignal::new(url.get_untracked(k).unwrap_or_default()))
+        .collect();
     let [service, severity, text, trace_id] = [sigs[0], sigs[1], sigs[2], sigs[3]];
     Effect::new(move |_| {
         for (k, sig) in FIELDS.iter().zip([service, severity, text, trace_id]) {
@@ -108,9 +121,20 @@ pub fn LogsPage() -> impl IntoView {
     });
     let services = LocalResource::new(move || {
         let r = url.range();
-        util::sql_rows(format!("SELECT DISTINCT service_name FROM logs WHERE {} ORDER BY 1", r.sql("time")))
+        util::sql_rows(format!(
+            "SELECT DISTINCT service_name FROM logs WHERE {} ORDER BY 1",
+            r.sql("time")
+        ))
     });
-    let where_ = move || filters(url.range().sql("time"), url.get("service"), url.get("severity"), url.get("text"), url.get("trace_id"));
+    let where_ = move || {
+        filters(
+            url.range().sql("time"),
+            url.get("service"),
+            url.get("severity"),
+            url.get("text"),
+            url.get("trace_id"),
+        )
+    };
     let results = LocalResource::new(move || {
         let q = format!(
             "SELECT time, severity_text, severity_number, service_name, body, trace_id, span_id FROM logs WHERE {} ORDER BY time DESC LIMIT 500",

@@ -90,7 +90,11 @@ fn TopBar() -> impl IntoView {
     let nav = move |path: &'static str, label: &'static str| {
         let active = move || {
             let p = url.path.get();
-            if path == "/" { p == "/" } else { p.starts_with(path) }
+            if path == "/" {
+                p == "/"
+            } else {
+                p.starts_with(path)
+            }
         };
         view! { <A href=move || url.link(path, &[]) attr:class=move || if active() { "nav-link active" } else { "nav-link" }>{label}</A> }
     };
@@ -103,16 +107,33 @@ fn TopBar() -> impl IntoView {
             let (a, b) = url.range().bounds();
             from.set(util::iso(a)[..16].to_string());
             to.set(util::iso(b)[..16].to_string());
-            go(&url.with(&[("range", Some("custom".into())), ("from", Some(util::iso(a))), ("to", Some(util::iso(b)))]), false);
+            go(
+                &url.with(&[
+                    ("range", Some("custom".into())),
+                    ("from", Some(util::iso(a))),
+                    ("to", Some(util::iso(b))),
+                ]),
+                false,
+            );
         } else {
-            go(&url.with(&[("range", Some(p.into())), ("from", None), ("to", None)]), false);
+            go(
+                &url.with(&[("range", Some(p.into())), ("from", None), ("to", None)]),
+                false,
+            );
         }
     };
     let apply_custom = move |_| {
         let a = js_sys::Date::parse(&format!("{}:00Z", from.get_untracked()));
         let b = js_sys::Date::parse(&format!("{}:00Z", to.get_untracked()));
         if !a.is_nan() && !b.is_nan() && a < b {
-            go(&url.with(&[("range", Some("custom".into())), ("from", Some(util::iso(a))), ("to", Some(util::iso(b)))]), false);
+            go(
+                &url.with(&[
+                    ("range", Some("custom".into())),
+                    ("from", Some(util::iso(a))),
+                    ("to", Some(util::iso(b))),
+                ]),
+                false,
+            );
         }
     };
     Effect::new(move |_| {
@@ -198,6 +219,10 @@ pub fn ErrorBox(msg: String) -> impl IntoView {
 
 /// A number tile.
 #[component]
-pub fn Kpi(label: &'static str, value: String, #[prop(optional)] class: &'static str) -> impl IntoView {
+pub fn Kpi(
+    label: &'static str,
+    value: String,
+    #[prop(optional)] class: &'static str,
+) -> impl IntoView {
     view! { <div class=format!("kpi {class}")><div class="kpi-label">{label}</div><div class="kpi-value">{value}</div></div> }
 }

@@ -42,7 +42,9 @@ async fn sparklines(range: Range) -> Result<Sparks, String> {
             continue;
         }
         let n = f(&r, "n");
-        let v = out.entry(s(&r, "s")).or_insert_with(|| vec![[0.0; 5]; BUCKETS]);
+        let v = out
+            .entry(s(&r, "s"))
+            .or_insert_with(|| vec![[0.0; 5]; BUCKETS]);
         v[b as usize] = [
             n / bin_s,
             if n > 0.0 { f(&r, "e") / n } else { 0.0 },
@@ -274,4 +276,3 @@ pub fn ServicePage() -> impl IntoView {
         </div>
     }
 }
-

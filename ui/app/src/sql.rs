@@ -22,7 +22,9 @@ ORDER BY spans DESC";
 const COLORS: [&str; 5] = ["#38bdf8", "#f472b6", "#34d399", "#fbbf24", "#a78bfa"];
 
 fn is_numeric(t: &str) -> bool {
-    ["Int", "UInt", "Float", "Decimal"].iter().any(|p| t.starts_with(p))
+    ["Int", "UInt", "Float", "Decimal"]
+        .iter()
+        .any(|p| t.starts_with(p))
 }
 
 fn csv(result: &Value) -> String {
@@ -34,7 +36,10 @@ fn csv(result: &Value) -> String {
         }
     };
     let mut out = String::new();
-    let cols: Vec<String> = result["columns"].as_array().map(|c| c.iter().map(|c| esc(s(c, "name"))).collect()).unwrap_or_default();
+    let cols: Vec<String> = result["columns"]
+        .as_array()
+        .map(|c| c.iter().map(|c| esc(s(c, "name"))).collect())
+        .unwrap_or_default();
     out.push_str(&cols.join(","));
     out.push('\n');
     for r in result["rows"].as_array().cloned().unwrap_or_default() {
@@ -55,9 +60,17 @@ fn download(name: &str, text: &str) {
     let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(text));
     let opts = web_sys::BlobPropertyBag::new();
     opts.set_type("text/csv");
-    let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else { return };
-    let Ok(href) = web_sys::Url::create_object_url_with_blob(&blob) else { return };
-    if let Some(a) = document().create_element("a").ok().and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok()) {
+    let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else {
+        return;
+    };
+    let Ok(href) = web_sys::Url::create_object_url_with_blob(&blob) else {
+        return;
+    };
+    if let Some(a) = document()
+        .create_element("a")
+        .ok()
+        .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
+    {
         a.set_href(&href);
         a.set_download(name);
         a.click();
@@ -68,7 +81,10 @@ fn download(name: &str, text: &str) {
 #[component]
 pub fn SqlPage() -> impl IntoView {
     let url = use_url();
-    let editor = RwSignal::new(url.get_untracked("q").unwrap_or_else(|| DEFAULT.to_string()));
+    let editor = RwSignal::new(
+        url.get_untracked("q")
+            .unwrap_or_else(|| DEFAULT.to_string()),
+    );
     let schema = LocalResource::new(|| {
         util::sql_rows(
             "SELECT table_name, column_name, data_type FROM information_schema.columns
@@ -84,7 +100,9 @@ pub fn SqlPage() -> impl IntoView {
             match q {
                 Some(q) => {
                     let started = util::now_ms();
-                    util::sql(q).await.map(|v| Some((v, util::now_ms() - started)))
+                    util::sql(q)
+                        .await
+                        .map(|v| Some((v, util::now_ms() - started)))
                 }
                 None => Ok(None),
             }
@@ -104,12 +122,14 @@ pub fn SqlPage() -> impl IntoView {
             run();
         }
     };
-    let insert = move |text: String| editor.update(|v| {
-        if !v.ends_with(char::is_whitespace) && !v.is_empty() {
-            v.push(' ');
-        }
-        v.push_str(&text);
-    });
+    let insert = move |text: String| {
+        editor.update(|v| {
+            if !v.ends_with(char::is_whitespace) && !v.is_empty() {
+                v.push(' ');
+            }
+            v.push_str(&text);
+        })
+    };
     view! {
         <div class="page sql-page">
             <div class="toolbar"><h1>"SQL"</h1><span class="muted small">"Read-only SQL over spans, logs and metrics (DataFusion dialect). Ctrl+Enter runs."</span></div>
@@ -176,10 +196,15 @@ pub fn SqlPage() -> impl IntoView {
 
 #[component]
 fn ResultView(result: Value) -> impl IntoView {
-    let cols: Vec<(String, String)> = result["columns"].as_array().map(|c| c.iter().map(|c| (s(c, "name"), s(c, "type"))).collect()).unwrap_or_default();
+    let cols: Vec<(String, String)> = result["columns"]
+        .as_array()
+        .map(|c| c.iter().map(|c| (s(c, "name"), s(c, "type"))).collect())
+        .unwrap_or_default();
     let rows = result["rows"].as_array().cloned().unwrap_or_default();
     // A chart when there is a time column and at least one number column.
-    let time_col = cols.iter().position(|(_, t)| t.starts_with("Timestamp") || t.starts_with("Date"));
+    let time_col = cols
+        .iter()
+        .position(|(_, t)| t.starts_with("Timestamp") || t.starts_with("Date"));
     let chart = time_col.and_then(|tc| {
         let nums: Vec<usize> = cols.iter().enumerate().filter(|(i, (_, t))| *i != tc && is_numeric(t)).map(|(i, _)| i).collect();
         if nums.is_empty() || rows.len() < 2 {

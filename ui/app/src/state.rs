@@ -37,7 +37,11 @@ impl Range {
     /// `(start, end)` in epoch milliseconds, relative ranges ending now.
     pub fn bounds(&self) -> (f64, f64) {
         if self.preset == "custom" {
-            let p = |s: &Option<String>| s.as_deref().map(js_sys::Date::parse).filter(|v| !v.is_nan());
+            let p = |s: &Option<String>| {
+                s.as_deref()
+                    .map(js_sys::Date::parse)
+                    .filter(|v| !v.is_nan())
+            };
             if let (Some(a), Some(b)) = (p(&self.from), p(&self.to))
                 && a < b
             {
@@ -97,7 +101,9 @@ impl Url {
     }
 
     pub fn get_untracked(&self, k: &str) -> Option<String> {
-        self.query.with_untracked(|q| q.get(k)).filter(|v| !v.is_empty())
+        self.query
+            .with_untracked(|q| q.get(k))
+            .filter(|v| !v.is_empty())
     }
 
     pub fn range(&self) -> Range {

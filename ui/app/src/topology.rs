@@ -84,7 +84,11 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
     // Uninstrumented peers one column right of their deepest caller.
     for v in 0..nodes.len() {
         if nodes[v].kind == "virtual" {
-            let callers = pairs.iter().filter(|(_, b)| *b == v).map(|(a, _)| nodes[*a].layer).max();
+            let callers = pairs
+                .iter()
+                .filter(|(_, b)| *b == v)
+                .map(|(a, _)| nodes[*a].layer)
+                .max();
             nodes[v].layer = callers.map(|l| l + 1).unwrap_or(max_service + 1);
         }
     }
@@ -120,7 +124,11 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
                         }
                     })
                     .collect();
-                if ns.is_empty() { pos[i] } else { ns.iter().sum::<f64>() / ns.len() as f64 }
+                if ns.is_empty() {
+                    pos[i]
+                } else {
+                    ns.iter().sum::<f64>() / ns.len() as f64
+                }
             };
             let mut keyed: Vec<(f64, usize)> = layer.iter().map(|i| (bary(*i), *i)).collect();
             keyed.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
@@ -136,7 +144,11 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
     for (i, n) in nodes.iter_mut().enumerate() {
         n.x = PAD_X + n.layer as f64 * COL;
         n.y = height / 2.0 + pos[i] * ROW;
-        let rel = if max_rate > 0.0 { (f(&n.data, "rate") / max_rate).sqrt() } else { 0.0 };
+        let rel = if max_rate > 0.0 {
+            (f(&n.data, "rate") / max_rate).sqrt()
+        } else {
+            0.0
+        };
         n.r = 16.0 + 16.0 * rel;
     }
     (PAD_X * 2.0 + (layers as f64 - 1.0) * COL, height)
@@ -176,7 +188,11 @@ pub fn TopologyPage() -> impl IntoView {
             q.push_str(&format!("&namespace={}", enc(&ns)));
         }
         if let Some(svc) = url.get("service") {
-            q.push_str(&format!("&service={}&depth={}", enc(&svc), url.get("depth").unwrap_or_else(|| "1".into())));
+            q.push_str(&format!(
+                "&service={}&depth={}",
+                enc(&svc),
+                url.get("depth").unwrap_or_else(|| "1".into())
+            ));
         }
         tick();
         util::get_json(format!("/api/v1/graph?{q}"))
@@ -296,7 +312,11 @@ fn Legend() -> impl IntoView {
 }
 
 #[component]
-fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Selection>>) -> impl IntoView {
+fn GraphView(
+    graph: Value,
+    search: RwSignal<String>,
+    selection: Memo<Option<Selection>>,
+) -> impl IntoView {
     let url = use_url();
     let mut nodes: Vec<GNode> = graph["nodes"]
         .as_array()
@@ -335,7 +355,10 @@ fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Sele
         .into_any();
     }
     let (w, h) = layout(&mut nodes, &edges);
-    let at: HashMap<String, (f64, f64, f64)> = nodes.iter().map(|n| (n.id.clone(), (n.x, n.y, n.r))).collect();
+    let at: HashMap<String, (f64, f64, f64)> = nodes
+        .iter()
+        .map(|n| (n.id.clone(), (n.x, n.y, n.r)))
+        .collect();
     let max_edge_rate = edges.iter().map(|e| f(&e.data, "rate")).fold(0.0, f64::max);
 
     let edge_views = edges
@@ -485,10 +508,13 @@ fn GraphView(graph: Value, search: RwSignal<String>, selection: Memo<Option<Sele
 /// The node's or edge's entry in the graph answer.
 fn lookup(graph: &Value, sel: &Selection) -> Value {
     let found = match sel {
-        Selection::Node(id) => graph["nodes"].as_array().and_then(|a| a.iter().find(|n| s(n, "id") == *id)),
-        Selection::Edge(a, b) => graph["edges"]
+        Selection::Node(id) => graph["nodes"]
             .as_array()
-            .and_then(|x| x.iter().find(|e| s(e, "source") == *a && s(e, "target") == *b)),
+            .and_then(|a| a.iter().find(|n| s(n, "id") == *id)),
+        Selection::Edge(a, b) => graph["edges"].as_array().and_then(|x| {
+            x.iter()
+                .find(|e| s(e, "source") == *a && s(e, "target") == *b)
+        }),
     };
     found.cloned().unwrap_or(Value::Null)
 }
@@ -497,7 +523,10 @@ fn lookup(graph: &Value, sel: &Selection) -> Value {
 fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> impl IntoView {
     let url = use_url();
     let close = move |_| go(&url.with(&[("sel", None)]), false);
-    let graph_now = graph.get_untracked().and_then(Result::ok).unwrap_or(Value::Null);
+    let graph_now = graph
+        .get_untracked()
+        .and_then(Result::ok)
+        .unwrap_or(Value::Null);
     let graph_live = graph;
     let graph = graph_now;
     let find_node = |id: &str| {
@@ -513,7 +542,11 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
         Selection::Edge(a, b) => {
             let e = graph["edges"]
                 .as_array()
-                .and_then(|x| x.iter().find(|e| s(e, "source") == *a && s(e, "target") == *b).cloned())
+                .and_then(|x| {
+                    x.iter()
+                        .find(|e| s(e, "source") == *a && s(e, "target") == *b)
+                        .cloned()
+                })
                 .unwrap_or(Value::Null);
             (format!("{a} → {b}"), "edge".to_string(), e)
         }
@@ -555,7 +588,13 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
         let by_source = data["by_source"].as_object().cloned().unwrap_or_default();
         let sources_row = data["sources"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(|s| source_label(s).to_string()).collect::<Vec<_>>().join(", "))
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(|s| source_label(s).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
         view! {
             <div class="kpis">
@@ -580,8 +619,18 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
     };
     let p95 = f(&data, "p95_ms");
     let trace_links = caller.clone().map(|svc| {
-        let slow = url.link("/traces", &[("service", svc.clone()), ("min_duration_ms", format!("{:.0}", p95.floor())), ("sort", "slowest".into())]);
-        let failing = url.link("/traces", &[("service", svc.clone()), ("status", "error".into())]);
+        let slow = url.link(
+            "/traces",
+            &[
+                ("service", svc.clone()),
+                ("min_duration_ms", format!("{:.0}", p95.floor())),
+                ("sort", "slowest".into()),
+            ],
+        );
+        let failing = url.link(
+            "/traces",
+            &[("service", svc.clone()), ("status", "error".into())],
+        );
         let page = url.link(&format!("/services/{}", enc(&svc)), &[]);
         view! {
             <div class="panel-links">
@@ -625,7 +674,12 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
 /// One request per row on the edge `source → target`, as `graph.rs` on the server defines
 /// them (paired CLIENT→SERVER spans, unpaired callers of a virtual peer, entry SERVER
 /// spans for the users), then per-minute signals in the shape of a service's `series`.
-async fn edge_series(range: Range, source: String, target: String, target_kind: String) -> Result<Value, String> {
+async fn edge_series(
+    range: Range,
+    source: String,
+    target: String,
+    target_kind: String,
+) -> Result<Value, String> {
     let (src, dst) = (lit(&source), lit(&target));
     let requests = if source == "user" {
         format!(
@@ -685,7 +739,10 @@ async fn edge_series(range: Range, source: String, target: String, target_kind: 
 pub fn SignalCharts(detail: Value, #[prop(optional)] compact: bool) -> impl IntoView {
     let series = detail["series"].as_array().cloned().unwrap_or_default();
     let pts = |k: &str, scale: f64| -> Vec<(f64, f64)> {
-        series.iter().map(|p| (util::ts_ms(&p["time"]), f(p, k) * scale)).collect()
+        series
+            .iter()
+            .map(|p| (util::ts_ms(&p["time"]), f(p, k) * scale))
+            .collect()
     };
     let h = if compact { 130.0 } else { 190.0 };
     let w = if compact { 360.0 } else { 480.0 };

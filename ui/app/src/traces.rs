@@ -9,7 +9,14 @@ use crate::state::{go, tick, use_url};
 use crate::util::{self, enc, f, fmt_ms, lit, pairs, s, service_color, show};
 use crate::{ErrorBox, Loading};
 
-const FIELDS: [&str; 6] = ["service", "span_name", "status", "min_duration_ms", "attribute", "limit"];
+const FIELDS: [&str; 6] = [
+    "service",
+    "span_name",
+    "status",
+    "min_duration_ms",
+    "attribute",
+    "limit",
+];
 
 #[component]
 pub fn TracesPage() -> impl IntoView {
@@ -22,10 +29,14 @@ pub fn TracesPage() -> impl IntoView {
         .iter()
         .map(|k| RwSignal::new(url.get_untracked(k).unwrap_or_default()))
         .collect();
-    let [service, span_name, status, min_dur, attribute, limit] = [form[0], form[1], form[2], form[3], form[4], form[5]];
+    let [service, span_name, status, min_dur, attribute, limit] =
+        [form[0], form[1], form[2], form[3], form[4], form[5]];
     // Keep the form in step with the URL (back/forward, links from other pages).
     Effect::new(move |_| {
-        for (k, sig) in FIELDS.iter().zip([service, span_name, status, min_dur, attribute, limit]) {
+        for (k, sig) in FIELDS
+            .iter()
+            .zip([service, span_name, status, min_dur, attribute, limit])
+        {
             sig.set(url.get(k).unwrap_or_default());
         }
     });
@@ -220,9 +231,13 @@ fn Waterfall(
         })
         .collect();
     let t0 = spans.iter().map(|s| s.start).fold(f64::MAX, f64::min);
-    let t1 = spans.iter().map(|s| s.start + s.dur).fold(f64::MIN, f64::max);
+    let t1 = spans
+        .iter()
+        .map(|s| s.start + s.dur)
+        .fold(f64::MIN, f64::max);
     let total = (t1 - t0).max(1.0);
-    let services: std::collections::BTreeSet<String> = spans.iter().map(|s| s.service.clone()).collect();
+    let services: std::collections::BTreeSet<String> =
+        spans.iter().map(|s| s.service.clone()).collect();
     // Colours by order of appearance, so the services of one trace never share one.
     let mut order: Vec<String> = Vec::new();
     for sp in &spans {
@@ -231,7 +246,10 @@ fn Waterfall(
         }
     }
     let errors = spans.iter().filter(|s| s.error).count();
-    let root = spans.first().map(|s| format!("{}: {}", s.service, s.name)).unwrap_or_default();
+    let root = spans
+        .first()
+        .map(|s| format!("{}: {}", s.service, s.name))
+        .unwrap_or_default();
     if selected.get_untracked().is_none() {
         selected.set(spans.first().map(|s| s.id.clone()));
     }
@@ -330,8 +348,14 @@ fn Waterfall(
 }
 
 fn palette(order: &[String], service: &str) -> &'static str {
-    const P: [&str; 8] = ["#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#fb923c", "#2dd4bf", "#c084fc"];
-    order.iter().position(|s| s == service).map(|i| P[i % P.len()]).unwrap_or(P[0])
+    const P: [&str; 8] = [
+        "#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#fb923c", "#2dd4bf", "#c084fc",
+    ];
+    order
+        .iter()
+        .position(|s| s == service)
+        .map(|i| P[i % P.len()])
+        .unwrap_or(P[0])
 }
 
 pub fn severity_class(n: f64) -> &'static str {
@@ -359,9 +383,20 @@ fn SpanDetail(span: Value, t0: f64) -> impl IntoView {
     let basics = vec![
         ("service".to_string(), s(&span, "service_name")),
         ("kind".to_string(), s(&span, "span_kind")),
-        ("status".to_string(), format!("{} {}", s(&span, "status_code"), s(&span, "status_message")).trim().to_string()),
-        ("start".to_string(), format!("+{}", fmt_ms((util::ts_ns(&span["start_time"]) - t0) / 1e6))),
-        ("duration".to_string(), fmt_ms(f(&span, "duration_ns") / 1e6)),
+        (
+            "status".to_string(),
+            format!("{} {}", s(&span, "status_code"), s(&span, "status_message"))
+                .trim()
+                .to_string(),
+        ),
+        (
+            "start".to_string(),
+            format!("+{}", fmt_ms((util::ts_ns(&span["start_time"]) - t0) / 1e6)),
+        ),
+        (
+            "duration".to_string(),
+            fmt_ms(f(&span, "duration_ns") / 1e6),
+        ),
         ("span id".to_string(), s(&span, "span_id")),
         ("parent".to_string(), s(&span, "parent_span_id")),
     ];

@@ -163,9 +163,9 @@ pub fn service_color(name: &str) -> &'static str {
         "#38bdf8", "#a78bfa", "#34d399", "#fbbf24", "#f472b6", "#60a5fa", "#fb923c", "#2dd4bf",
         "#c084fc", "#facc15",
     ];
-    let h = name
-        .bytes()
-        .fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    let h = name.bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    });
     P[h as usize % P.len()]
 }
 
@@ -198,7 +198,10 @@ pub fn ts_ns(v: &Value) -> f64 {
         Some(r) => {
             let digits: String = r.chars().take_while(char::is_ascii_digit).collect();
             let padded = format!("{digits:0<9}");
-            (padded[..9].parse::<f64>().unwrap_or(0.0), &r[digits.len()..])
+            (
+                padded[..9].parse::<f64>().unwrap_or(0.0),
+                &r[digits.len()..],
+            )
         }
         None => (0.0, rest),
     };
@@ -208,7 +211,11 @@ pub fn ts_ns(v: &Value) -> f64 {
         let h: f64 = tz[1..3].parse().unwrap_or(0.0);
         let m: f64 = tz[4..6].parse().unwrap_or(0.0);
         let off = (h * 60.0 + m) * 60.0 * 1e9;
-        ns = if tz.starts_with('+') { ns - off } else { ns + off };
+        ns = if tz.starts_with('+') {
+            ns - off
+        } else {
+            ns + off
+        };
     }
     ns
 }
@@ -222,7 +229,11 @@ pub fn clock(ms: f64) -> String {
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
 pub fn datetime(ms: f64) -> String {
     let s = iso(ms);
-    format!("{} {}", s.get(..10).unwrap_or(""), s.get(11..23).unwrap_or(""))
+    format!(
+        "{} {}",
+        s.get(..10).unwrap_or(""),
+        s.get(11..23).unwrap_or("")
+    )
 }
 
 /// Any JSON value as short display text.
