@@ -12,8 +12,9 @@
 //!   span's duration (the server span's for `user` edges);
 //! - percentiles are exact (linear interpolation, DataFusion's `percentile_cont`).
 //!
-//! The pairing and aggregation run as one DataFusion query over the spans of the range;
-//! children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
+//! From raw spans, one DataFusion scan of the range feeds the pairing in Rust
+//! ([`super::pairing`]); rollups and metrics use the same semantics in SQL
+//! ([`requests_sql`]). Children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
 //! straddles the range's edge, or clock skew between services, does not break it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -24,7 +25,7 @@ use petgraph::visit::EdgeRef;
 use serde::Serialize;
 
 use super::range::{TimeRange, sql_str};
-use super::{f64_of, round3, rows, str_of, u64_of};
+use super::{f64_of, round3, u64_of};
 use crate::engine::{QueryEngine, QueryError};
 
 /// How far outside the range the other half of a pair may start.
@@ -230,21 +231,8 @@ impl ServiceGraph {
         range: &TimeRange,
     ) -> Result<ServiceGraph, QueryError> {
         let seconds = range.seconds();
-        let edges = super::pairing::edges(engine, range).await?;
-        let services = rows(engine, &services_sql(range, None))
-            .await?
-            .iter()
-            .map(|r| {
-                (
-                    str_of(r, "name"),
-                    r.get("namespace")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string),
-                    Signals::from_row(r, seconds),
-                )
-            })
-            .collect();
-        Ok(ServiceGraph::assemble(services, edges, seconds))
+        let found = super::pairing::analyse(engine, range).await?;
+        Ok(ServiceGraph::assemble(found.services, found.edges, seconds))
     }
 
     /// Computes the graph from per-minute rollups (sketch percentiles, within 1%).
