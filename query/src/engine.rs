@@ -34,6 +34,12 @@ pub enum QueryError {
     Internal(String),
 }
 
+impl From<meshscope_storage::Error> for QueryError {
+    fn from(e: meshscope_storage::Error) -> Self {
+        QueryError::Internal(e.to_string())
+    }
+}
+
 impl From<DataFusionError> for QueryError {
     fn from(e: DataFusionError) -> Self {
         let msg = e.to_string();
@@ -59,6 +65,7 @@ pub struct QueryResult {
 #[derive(Clone)]
 pub struct QueryEngine {
     ctx: Arc<SessionContext>,
+    storage: Storage,
     executor: Executor,
     stats: Arc<QueryStats>,
 }
@@ -132,6 +139,7 @@ impl QueryEngine {
         }
         Ok(QueryEngine {
             ctx: Arc::new(ctx),
+            storage: storage.clone(),
             executor,
             stats: Arc::default(),
         })
@@ -140,6 +148,11 @@ impl QueryEngine {
     /// The session, for the Postgres wire protocol and the analysis modules.
     pub fn context(&self) -> &Arc<SessionContext> {
         &self.ctx
+    }
+
+    /// The stored tables, for the analysis paths that scan them directly.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     pub fn executor(&self) -> &Executor {

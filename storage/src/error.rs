@@ -30,6 +30,9 @@ pub enum Error {
     /// The object store refused or failed a request.
     #[error("object storage error: {0}")]
     ObjectStore(#[from] object_store::Error),
+    /// DataFusion's file readers failed.
+    #[error("DataFusion error: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
     /// The object-storage location is misconfigured.
     #[error("{0}")]
     Remote(String),

@@ -16,11 +16,13 @@
 //! The guarantee: once [`Storage::write`] returns `Ok`, the rows survive `kill -9`
 //! (fsynced log) and appear in exactly one of the log or a Parquet file after a restart.
 
+pub mod bloom_cache;
 pub mod error;
 pub mod maintenance;
 pub mod parquet_file;
 pub mod provider;
 pub mod remote;
+pub mod scan;
 pub mod table_store;
 pub mod wal;
 
@@ -34,6 +36,7 @@ use meshscope_proto::Table;
 pub use error::{Error, Result};
 pub use maintenance::{Compacted, CompactionPolicy, Expired, Retention};
 pub use provider::StoredTable;
+pub use scan::{ColumnScan, ScanPart};
 pub use table_store::{Snapshot, Stats, StoreConfig, TableStore};
 
 /// Every table of one data directory.

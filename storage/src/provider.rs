@@ -11,16 +11,19 @@ use datafusion::common::{DFSchema, Result, project_schema};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
+use datafusion::datasource::physical_plan::parquet::{
+    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 
+use crate::bloom_cache::BloomCachingFactory;
 use crate::table_store::TableStore;
 
 /// A stored table as DataFusion sees it.
@@ -35,6 +38,21 @@ impl StoredTable {
         let schema = store.table().schema();
         StoredTable { store, schema }
     }
+}
+
+/// Readers of a table's Parquet files through the runtime's object store (local disk or
+/// the bucket) with footers cached in the runtime and bloom filters in the table across
+/// queries.
+pub fn reader_factory(
+    store: &TableStore,
+    runtime: &RuntimeEnv,
+) -> Result<Arc<dyn ParquetFileReaderFactory>> {
+    let objects = runtime.object_store(store.object_store_url())?;
+    let metadata_cache = runtime.cache_manager.get_file_metadata_cache();
+    Ok(Arc::new(BloomCachingFactory {
+        inner: Arc::new(CachedParquetFileReaderFactory::new(objects, metadata_cache)),
+        cache: Arc::clone(&store.blooms),
+    }))
 }
 
 /// Spreads items over at most `n` groups, balancing a weight.
@@ -80,18 +98,13 @@ impl TableProvider for StoredTable {
         if !snapshot.files.is_empty() {
             // The session's Parquet options (bloom filters, filter pushdown), and footers
             // cached across queries: a trace lookup touches every file's footer.
-            let url = match &self.store.shared.config.remote {
-                Some(r) => r.url().clone(),
-                None => ObjectStoreUrl::local_filesystem(),
-            };
-            let store = state.runtime_env().object_store(&url)?;
-            let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+            let url = self.store.object_store_url();
             let mut source = ParquetSource::new(Arc::clone(&self.schema))
                 .with_table_parquet_options(state.table_options().parquet.clone())
-                .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
-                    store,
-                    metadata_cache,
-                )));
+                .with_parquet_file_reader_factory(reader_factory(
+                    &self.store,
+                    state.runtime_env(),
+                )?);
             // Prune row groups and pages with the query's filters (statistics, bloom filters).
             if let Some(expr) = conjunction(filters.iter().cloned()) {
                 let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;

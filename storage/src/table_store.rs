@@ -176,6 +176,8 @@ impl Shared {
 /// One table: its log writer and flusher threads and its readable state.
 pub struct TableStore {
     pub(crate) shared: Arc<Shared>,
+    /// The Parquet files' bloom filters, kept for queries (see [`crate::bloom_cache`]).
+    pub(crate) blooms: Arc<crate::bloom_cache::BloomCache>,
     tx: Mutex<Option<SyncSender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -284,6 +286,9 @@ impl TableStore {
             .spawn(move || flusher(&s, flush_rx))
             .map_err(|e| Error::io(Path::new("thread"), e))?;
         Ok(Arc::new(TableStore {
+            blooms: Arc::new(crate::bloom_cache::BloomCache::new(
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
             shared,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![w, f]),
@@ -336,6 +341,9 @@ impl TableStore {
             });
         }
         Ok(Arc::new(TableStore {
+            blooms: Arc::new(crate::bloom_cache::BloomCache::new(
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
             shared,
             tx: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
@@ -347,6 +355,14 @@ impl TableStore {
     }
 
     /// Whether this is a query node's read-only view.
+    /// The URL DataFusion knows the table's files by: the bucket, or the local disk.
+    pub fn object_store_url(&self) -> datafusion::execution::object_store::ObjectStoreUrl {
+        match &self.shared.config.remote {
+            Some(r) => r.url().clone(),
+            None => datafusion::execution::object_store::ObjectStoreUrl::local_filesystem(),
+        }
+    }
+
     pub fn is_reader(&self) -> bool {
         self.shared.reader.is_some()
     }

@@ -21,9 +21,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Int64Type, TimestampNanosecondType};
-use futures::StreamExt;
+use arrow::array::{Array, AsArray, PrimitiveArray, RecordBatch, StringViewArray};
+use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, TimestampNanosecondType};
+use meshscope_proto::Table;
+use meshscope_storage::ColumnScan;
+use meshscope_storage::provider::reader_factory;
 
 use super::graph::{NodeKind, Signals};
 use super::range::TimeRange;
@@ -73,8 +75,29 @@ static HEX: [u8; 256] = {
     t
 };
 
+/// Eight ASCII hex digits, already checked, as a number: all eight at once in a `u64`
+/// (the digit of `'a'`/`'A'` is its low nibble plus 9, which bit 6 marks).
+fn hex8(b: [u8; 8]) -> u64 {
+    let v = u64::from_le_bytes(b);
+    let d = (v & 0x0F0F_0F0F_0F0F_0F0F) + ((v >> 6) & 0x0101_0101_0101_0101) * 9;
+    // Byte i holds digit i (the first the most significant): pair them, then the pairs.
+    let d = ((d & 0x000F_000F_000F_000F) << 4) | ((d & 0x0F00_0F00_0F00_0F00) >> 8);
+    let d = (d & 0x0000_00FF_0000_00FF) | ((d & 0x00FF_0000_00FF_0000) >> 8);
+    let d = (d & 0x0000_0000_0000_FFFF) | ((d & 0x0000_FFFF_0000_0000) >> 16);
+    u64::from((d as u32).swap_bytes())
+}
+
 /// Up to 16 hex digits as a number; `None` when empty, too long or not hex.
 fn hex_u64(s: &[u8]) -> Option<u64> {
+    if let Ok(full) = <&[u8; 16]>::try_from(s) {
+        // The common case: every id meshscope stores is 16 or 32 lowercase digits.
+        let ok = full.iter().fold(true, |ok, c| ok & c.is_ascii_hexdigit());
+        let (hi, lo) = full.split_at(8);
+        let (Ok(hi), Ok(lo)) = (<[u8; 8]>::try_from(hi), <[u8; 8]>::try_from(lo)) else {
+            return None;
+        };
+        return ok.then(|| (hex8(hi) << 32) | hex8(lo));
+    }
     if s.is_empty() || s.len() > 16 {
         return None;
     }
@@ -118,6 +141,42 @@ struct Span {
     flags: u8,
 }
 
+/// Spans in fixed-size chunks: growing never copies what is already there (a `Vec` of
+/// millions of spans would, at every doubling).
+#[derive(Default)]
+struct Chunks {
+    chunks: Vec<Vec<Span>>,
+}
+
+/// 4096 spans, 224 KiB: small enough for the allocator to reuse its pages rather than map
+/// (and the kernel zero) fresh ones for every chunk.
+const CHUNK: usize = 4 * 1024;
+
+impl Chunks {
+    fn push(&mut self, s: Span) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(s),
+            _ => {
+                let mut c = Vec::with_capacity(CHUNK);
+                c.push(s);
+                self.chunks.push(c);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
+    fn get(&self, i: usize) -> &Span {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Span> {
+        self.chunks.iter().flatten()
+    }
+}
+
 /// Interned strings (service and peer names), local to one decoder.
 #[derive(Default)]
 struct Names {
@@ -149,36 +208,71 @@ struct Own {
 #[derive(Default)]
 struct Decoded {
     names: Names,
-    shards: Vec<Vec<Span>>,
+    shards: Vec<Chunks>,
     /// By local service id.
     own: Vec<Own>,
 }
 
-/// The columns the decoder reads, in this order.
-fn scan_sql(wide: &TimeRange) -> String {
-    format!(
-        "SELECT trace_id, span_id, parent_span_id, service_name, service_namespace, span_kind,
-                status_code, duration_ns, start_time, peer_name
-         FROM spans WHERE {}",
-        wide.sql("start_time"),
-    )
+/// The columns the decoder reads, in this order, with the types it reads them as: ids as
+/// views into the decoded pages, low-cardinality names as dictionaries.
+fn scan_schema() -> Vec<Field> {
+    let spans = Table::Spans.schema();
+    let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    [
+        ("trace_id", Some(DataType::Utf8View)),
+        ("span_id", Some(DataType::Utf8View)),
+        ("parent_span_id", Some(DataType::Utf8View)),
+        ("service_name", Some(dict.clone())),
+        ("service_namespace", Some(dict.clone())),
+        ("span_kind", Some(dict.clone())),
+        ("status_code", Some(dict.clone())),
+        ("duration_ns", None),
+        ("start_time", None),
+        ("peer_name", Some(dict)),
+    ]
+    .into_iter()
+    .map(|(name, as_type)| {
+        let f = spans
+            .field_with_name(name)
+            .map(|f| f.as_ref().clone())
+            .unwrap_or_else(|_| Field::new(name, DataType::Utf8, true));
+        // Nullable: an older file without the column reads as nulls.
+        match as_type {
+            Some(t) => f.with_data_type(t),
+            None => f,
+        }
+        .with_nullable(true)
+    })
+    .collect()
 }
 
-fn utf8(b: &RecordBatch, i: usize) -> Result<StringArray, QueryError> {
-    let col = b.column(i);
-    let col = if col.data_type() == &DataType::Utf8 {
-        Arc::clone(col)
-    } else {
-        arrow::compute::cast(col, &DataType::Utf8)
-            .map_err(|e| QueryError::Internal(e.to_string()))?
-    };
-    Ok(col.as_string::<i32>().clone())
+/// A dictionary column's keys, and a value per dictionary entry.
+fn dict_map<T>(
+    b: &RecordBatch,
+    i: usize,
+    mut f: impl FnMut(&str) -> T,
+) -> Result<(PrimitiveArray<Int32Type>, Vec<T>), QueryError> {
+    let d = b
+        .column(i)
+        .as_dictionary_opt::<Int32Type>()
+        .ok_or_else(|| QueryError::Internal(format!("column {i} is not a dictionary")))?;
+    let values = d.values().as_string_opt::<i32>().ok_or_else(|| {
+        QueryError::Internal(format!("column {i} is not a dictionary of strings"))
+    })?;
+    let mapped = (0..values.len()).map(|k| f(values.value(k))).collect();
+    Ok((d.keys().clone(), mapped))
+}
+
+fn views(b: &RecordBatch, i: usize) -> Result<&StringViewArray, QueryError> {
+    b.column(i)
+        .as_string_view_opt()
+        .ok_or_else(|| QueryError::Internal(format!("column {i} is not a string view")))
 }
 
 impl Decoded {
     fn new() -> Self {
         Decoded {
-            shards: (0..SHARDS).map(|_| Vec::new()).collect(),
+            shards: (0..SHARDS).map(|_| Chunks::default()).collect(),
             ..Decoded::default()
         }
     }
@@ -191,45 +285,56 @@ impl Decoded {
         id
     }
 
-    fn add(&mut self, b: &RecordBatch, (lo, hi): (i64, i64)) -> Result<(), QueryError> {
-        let (trace, span, parent, service, namespace, kind, status, peer) = (
-            utf8(b, 0)?,
-            utf8(b, 1)?,
-            utf8(b, 2)?,
-            utf8(b, 3)?,
-            utf8(b, 4)?,
-            utf8(b, 5)?,
-            utf8(b, 6)?,
-            utf8(b, 9)?,
-        );
+    /// Adds a batch of [`scan_schema`]'s columns: the spans starting in `wide`, with those
+    /// in `range` marked.
+    fn add(
+        &mut self,
+        b: &RecordBatch,
+        (lo, hi): (i64, i64),
+        wide: (i64, i64),
+    ) -> Result<(), QueryError> {
+        let (trace, span, parent) = (views(b, 0)?, views(b, 1)?, views(b, 2)?);
+        let (service, services) = dict_map(b, 3, |s| self.service(s))?;
+        let (namespace, namespaces) = dict_map(b, 4, str::to_string)?;
+        let (kind, kinds) = dict_map(b, 5, |s| kind_code(s.as_bytes()))?;
+        let (status, errors) = dict_map(b, 6, |s| s == "ERROR")?;
+        let (peer, peers) = dict_map(b, 9, |s| self.names.id(s))?;
         let duration = b.column(7).as_primitive::<Int64Type>();
         let start = b.column(8).as_primitive::<TimestampNanosecondType>();
-        // Names repeat in runs (files are sorted by service): remember the last one.
-        let mut last_service: (&str, u32) = ("", u32::MAX);
+        let at = |keys: &PrimitiveArray<Int32Type>, i: usize| {
+            (!keys.is_null(i)).then(|| keys.value(i) as usize)
+        };
         for i in 0..b.num_rows() {
-            let name = service.value(i);
-            let svc = if last_service.1 != u32::MAX && last_service.0 == name {
-                last_service.1
-            } else {
-                let id = self.service(name);
-                last_service = (name, id);
-                id
-            };
-            let k = kind_code(kind.value(i).as_bytes());
-            let error = status.value(i) == "ERROR";
+            if start.is_null(i) {
+                continue;
+            }
             let t = start.value(i);
+            if t < wide.0 || t >= wide.1 {
+                continue;
+            }
+            let Some(svc) = at(&service, i).map(|k| services[k]) else {
+                continue;
+            };
+            let k = at(&kind, i).map_or(0, |k| kinds[k]);
+            let error = at(&status, i).is_some_and(|k| errors[k]);
             let in_range = t >= lo && t < hi;
-            let d = duration.value(i);
+            let d = if duration.is_null(i) {
+                0
+            } else {
+                duration.value(i)
+            };
             if in_range && (k == SERVER || k == CONSUMER) {
                 let own = &mut self.own[svc as usize];
                 own.durations.push(d);
                 own.errors += u64::from(error);
-                if !namespace.is_null(i) {
-                    let ns = namespace.value(i);
-                    if own.namespace.as_deref().is_none_or(|cur| ns > cur) {
-                        own.namespace = Some(ns.to_string());
-                    }
+                if let Some(ns) = at(&namespace, i).map(|k| &namespaces[k])
+                    && own.namespace.as_ref().is_none_or(|cur| ns > cur)
+                {
+                    own.namespace = Some(ns.clone());
                 }
+            }
+            if trace.is_null(i) || span.is_null(i) {
+                continue;
             }
             let (Some(tr), Some(sp)) = (
                 hex_u128(trace.value(i).as_bytes()),
@@ -242,10 +347,9 @@ impl Decoded {
             } else {
                 hex_u64(parent.value(i).as_bytes()).unwrap_or(0)
             };
-            let peer = if (k == CLIENT || k == PRODUCER) && in_range && !peer.is_null(i) {
-                self.names.id(peer.value(i))
-            } else {
-                NO_PEER
+            let peer = match at(&peer, i) {
+                Some(p) if (k == CLIENT || k == PRODUCER) && in_range => peers[p],
+                _ => NO_PEER,
             };
             self.shards[shard_of(tr)].push(Span {
                 trace: tr,
@@ -263,57 +367,171 @@ impl Decoded {
 }
 
 /// (source, target, kind) → (latencies, errors), over global name ids.
-type Tallies = HashMap<(u32, u32, NodeKind), (Vec<i64>, u64), Hasher>;
+type Tally = (Vec<i64>, u64);
+type EdgeKey = (u32, u32, NodeKind);
 
-/// Pairs the spans of one shard (all spans of its traces).
-fn pair_shard(spans: &[Span], user: u32) -> Tallies {
-    let mut index: HashMap<(u64, u64, u64), u32, Hasher> =
-        HashMap::with_capacity_and_hasher(spans.len(), Hasher::new());
-    for (i, s) in spans.iter().enumerate() {
-        index.insert((s.trace[0], s.trace[1], s.span), i as u32);
-    }
-    let mut tallies = Tallies::default();
-    let mut paired = vec![false; spans.len()];
-    for r in spans {
-        if r.kind != SERVER && r.kind != CONSUMER {
-            continue;
+/// (source, target, kind) → (latencies, errors), over global name ids: a flat table when
+/// the names are few (a mesh of tens of services), a hash map otherwise.
+struct Tallies {
+    names: usize,
+    slots: Vec<u32>,
+    entries: Vec<(EdgeKey, Tally)>,
+    map: HashMap<EdgeKey, u32, Hasher>,
+}
+
+/// Up to this many names, a shard's tallies are found by index.
+const DENSE_NAMES: usize = 256;
+
+impl Tallies {
+    fn new(names: usize) -> Self {
+        let dense = names <= DENSE_NAMES;
+        Tallies {
+            names,
+            slots: if dense {
+                vec![u32::MAX; names * names * 2]
+            } else {
+                Vec::new()
+            },
+            entries: Vec::new(),
+            map: HashMap::default(),
         }
-        let parent = if r.parent == 0 {
-            None
+    }
+
+    fn add(&mut self, key: EdgeKey, latency: i64, error: bool) {
+        let (s, t, k) = key;
+        let slot = if self.slots.is_empty() {
+            self.map.get(&key).copied()
         } else {
-            index
-                .get(&(r.trace[0], r.trace[1], r.parent))
-                .map(|i| *i as usize)
+            let i =
+                (s as usize * self.names + t as usize) * 2 + usize::from(k == NodeKind::Virtual);
+            Some(self.slots[i]).filter(|&e| e != u32::MAX)
         };
-        let caller_kind = if r.kind == SERVER { CLIENT } else { PRODUCER };
-        match parent {
-            Some(p) if spans[p].kind == caller_kind && spans[p].flags & IN_RANGE != 0 => {
-                let c = &spans[p];
-                paired[p] = true;
-                let e = tallies
-                    .entry((c.service, r.service, NodeKind::Service))
-                    .or_default();
-                e.0.push(c.duration);
-                e.1 += u64::from((c.flags | r.flags) & ERROR != 0);
+        let e = match slot {
+            Some(e) => e as usize,
+            None => {
+                let e = self.entries.len();
+                self.entries.push((key, Tally::default()));
+                if self.slots.is_empty() {
+                    self.map.insert(key, e as u32);
+                } else {
+                    let i = (s as usize * self.names + t as usize) * 2
+                        + usize::from(k == NodeKind::Virtual);
+                    self.slots[i] = e as u32;
+                }
+                e
             }
-            Some(_) => {}
-            None if r.kind == SERVER && r.flags & IN_RANGE != 0 => {
-                let e = tallies
-                    .entry((user, r.service, NodeKind::Service))
-                    .or_default();
-                e.0.push(r.duration);
-                e.1 += u64::from(r.flags & ERROR != 0);
+        };
+        let tally = &mut self.entries[e].1;
+        tally.0.push(latency);
+        tally.1 += u64::from(error);
+    }
+}
+
+/// One decoder's spans of a shard, with its name ids' global ids.
+struct Piece {
+    remap: Arc<Vec<u32>>,
+    spans: Chunks,
+}
+
+/// Pairs the spans of one shard (all spans of its traces), read where the decoders left
+/// them.
+///
+/// Only callers (CLIENT and PRODUCER spans) are indexed; a SERVER span whose parent is not
+/// a caller is checked against the other spans afterwards, which is rare in a mesh (an
+/// entry point, a parent outside the window, a gateway's INTERNAL span).
+fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
+    let callers: usize = pieces
+        .iter()
+        .map(|p| {
+            p.spans
+                .iter()
+                .filter(|s| s.kind == CLIENT || s.kind == PRODUCER)
+                .count()
+        })
+        .sum();
+    // (trace, span) → (piece, row)
+    let mut index: HashMap<(u64, u64, u64), (u32, u32), Hasher> =
+        HashMap::with_capacity_and_hasher(callers, Hasher::new());
+    for (pi, p) in pieces.iter().enumerate() {
+        for (i, s) in p.spans.iter().enumerate() {
+            if s.kind == CLIENT || s.kind == PRODUCER {
+                index.insert((s.trace[0], s.trace[1], s.span), (pi as u32, i as u32));
             }
-            None => {}
         }
     }
-    for (s, was_paired) in spans.iter().zip(paired) {
-        if s.peer != NO_PEER && !was_paired {
-            let e = tallies
-                .entry((s.service, s.peer, NodeKind::Virtual))
-                .or_default();
-            e.0.push(s.duration);
-            e.1 += u64::from(s.flags & ERROR != 0);
+    let mut tallies = Tallies::new(names);
+    let mut tally = |key: EdgeKey, latency: i64, error: bool| tallies.add(key, latency, error);
+    let mut paired: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.spans.len()]).collect();
+    // SERVER spans of the range whose parent is not a caller: (trace, parent) → services.
+    let mut orphans: HashMap<(u64, u64, u64), Vec<(u32, i64, bool)>, Hasher> = HashMap::default();
+    for p in pieces {
+        for r in p.spans.iter() {
+            if r.kind != SERVER && r.kind != CONSUMER {
+                continue;
+            }
+            let service = p.remap[r.service as usize];
+            let caller = if r.parent == 0 {
+                None
+            } else {
+                index.get(&(r.trace[0], r.trace[1], r.parent)).copied()
+            };
+            let caller_kind = if r.kind == SERVER { CLIENT } else { PRODUCER };
+            match caller {
+                Some((cp, ci)) => {
+                    let (cpiece, c) = (
+                        &pieces[cp as usize],
+                        pieces[cp as usize].spans.get(ci as usize),
+                    );
+                    if c.kind == caller_kind && c.flags & IN_RANGE != 0 {
+                        paired[cp as usize][ci as usize] = true;
+                        tally(
+                            (cpiece.remap[c.service as usize], service, NodeKind::Service),
+                            c.duration,
+                            (c.flags | r.flags) & ERROR != 0,
+                        );
+                    }
+                }
+                None if r.kind == SERVER && r.flags & IN_RANGE != 0 => {
+                    let entry = (service, r.duration, r.flags & ERROR != 0);
+                    if r.parent == 0 {
+                        tally((user, service, NodeKind::Service), entry.1, entry.2);
+                    } else {
+                        orphans
+                            .entry((r.trace[0], r.trace[1], r.parent))
+                            .or_default()
+                            .push(entry);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    if !orphans.is_empty() {
+        // A parent that is in the trace, whatever its kind, makes it not an entry point.
+        for p in pieces {
+            for s in p.spans.iter() {
+                if s.kind != CLIENT && s.kind != PRODUCER {
+                    orphans.remove(&(s.trace[0], s.trace[1], s.span));
+                }
+            }
+        }
+        for (service, latency, error) in orphans.into_values().flatten() {
+            tally((user, service, NodeKind::Service), latency, error);
+        }
+    }
+    for (p, paired) in pieces.iter().zip(paired) {
+        for (s, was_paired) in p.spans.iter().zip(paired) {
+            if s.peer != NO_PEER && !was_paired {
+                tally(
+                    (
+                        p.remap[s.service as usize],
+                        p.remap[s.peer as usize],
+                        NodeKind::Virtual,
+                    ),
+                    s.duration,
+                    s.flags & ERROR != 0,
+                );
+            }
         }
     }
     tallies
@@ -361,22 +579,26 @@ pub(crate) async fn analyse(
     let wide = range.widened(chrono::Duration::minutes(super::graph::PAIR_WINDOW));
     let ns = |t: chrono::DateTime<chrono::Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
     let bounds = (ns(range.start), ns(range.end));
+    let wide = (ns(wide.start), ns(wide.end));
     let seconds = range.seconds();
+    let table = Arc::clone(engine.storage().table(Table::Spans));
     let ctx = Arc::clone(engine.context());
-    let sql = scan_sql(&wide);
     engine
         .executor()
         .spawn(async move {
             let started = std::time::Instant::now();
-            let streams = ctx.sql(&sql).await?.execute_stream_partitioned().await?;
-            let tasks: Vec<_> = streams
+            let files = reader_factory(&table, &ctx.runtime_env())?;
+            let scan = Arc::new(ColumnScan::new(scan_schema(), "start_time", wide));
+            let partitions = ctx.state().config().target_partitions();
+            let tasks: Vec<_> = table
+                .scan_parts(partitions)
                 .into_iter()
-                .map(|mut stream| {
+                .map(|part| {
+                    let (scan, files) = (Arc::clone(&scan), Arc::clone(&files));
                     tokio::spawn(async move {
                         let mut d = Decoded::new();
-                        while let Some(batch) = stream.next().await {
-                            d.add(&batch?, bounds)?;
-                        }
+                        part.read(&scan, &files, |b| d.add(&b, bounds, wide))
+                            .await?;
                         Ok::<_, QueryError>(d)
                     })
                 })
@@ -414,8 +636,7 @@ async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryErro
 
     // Per-service signals.
     let mut own: HashMap<u32, Own, Hasher> = HashMap::default();
-    let mut shards: Vec<Vec<(Arc<Vec<u32>>, Vec<Span>)>> =
-        (0..SHARDS).map(|_| Vec::new()).collect();
+    let mut shards: Vec<Vec<Piece>> = (0..SHARDS).map(|_| Vec::new()).collect();
     for (part, remap) in parts.into_iter().zip(&remaps) {
         for (local, o) in part.own.into_iter().enumerate() {
             if o.durations.is_empty() {
@@ -429,32 +650,21 @@ async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryErro
             }
         }
         for (i, spans) in part.shards.into_iter().enumerate() {
-            shards[i].push((Arc::clone(remap), spans));
+            shards[i].push(Piece {
+                remap: Arc::clone(remap),
+                spans,
+            });
         }
     }
 
+    let count = names.names.len();
     let tasks: Vec<_> = shards
         .into_iter()
-        .map(|pieces| {
-            tokio::spawn(async move {
-                let mut spans: Vec<Span> =
-                    Vec::with_capacity(pieces.iter().map(|p| p.1.len()).sum());
-                for (remap, piece) in pieces {
-                    spans.extend(piece.into_iter().map(|mut s| {
-                        s.service = remap[s.service as usize];
-                        if s.peer != NO_PEER {
-                            s.peer = remap[s.peer as usize];
-                        }
-                        s
-                    }));
-                }
-                pair_shard(&spans, user)
-            })
-        })
+        .map(|pieces| tokio::spawn(async move { pair_shard(&pieces, user, count) }))
         .collect();
-    let mut tallies = Tallies::default();
+    let mut tallies: HashMap<EdgeKey, Tally, Hasher> = HashMap::default();
     for t in tasks {
-        for (key, (lat, errors)) in join(t).await? {
+        for (key, (lat, errors)) in join(t).await?.entries {
             let e = tallies.entry(key).or_default();
             if e.0.is_empty() {
                 e.0 = lat;
@@ -494,6 +704,8 @@ async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryErro
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -501,6 +713,19 @@ mod tests {
         assert_eq!(hex_u64(b"00f067aa0ba902b7"), Some(0x00f0_67aa_0ba9_02b7));
         assert_eq!(hex_u64(b"00F067AA0BA902B7"), Some(0x00f0_67aa_0ba9_02b7));
         assert_eq!(hex_u64(b"0g"), None);
+        assert_eq!(hex_u64(b"0123456789abcdef"), Some(0x0123_4567_89ab_cdef));
+        assert_eq!(hex_u64(b"FEDCBA9876543210"), Some(0xfedc_ba98_7654_3210));
+        assert_eq!(hex_u64(b"0123456789abcdeg"), None);
+        assert_eq!(hex_u64(b"0123456789abcde:"), None);
+        assert_eq!(hex_u64(b"G123456789abcdef"), None);
+        let mut seed = 1u64;
+        for _ in 0..1000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            assert_eq!(hex_u64(format!("{seed:016x}").as_bytes()), Some(seed));
+            assert_eq!(hex_u64(format!("{seed:016X}").as_bytes()), Some(seed));
+        }
         assert_eq!(hex_u64(b""), None);
         assert_eq!(hex_u64(b"00000000000000001"), None);
         assert_eq!(
@@ -535,5 +760,78 @@ mod tests {
             assert_eq!(percentiles(&mut v), want, "n = {n}");
         }
         assert_eq!(percentiles(&mut []), [0.0; 3]);
+    }
+
+    fn span(trace: u64, id: u64, parent: u64, service: u32, kind: u8, in_range: bool) -> Span {
+        Span {
+            trace: [0, trace],
+            span: id,
+            parent,
+            duration: (id * 10) as i64,
+            service,
+            peer: NO_PEER,
+            kind,
+            flags: if in_range { IN_RANGE } else { 0 },
+        }
+    }
+
+    /// Every rule of the contract's pairing, on spans spread over two decoders' pieces.
+    #[test]
+    fn pairing_follows_the_contract() {
+        const INTERNAL: u8 = 0;
+        // Names: 0 user, 1 a, 2 b, 3 db (local ids of both pieces map to themselves).
+        let (user, a, b, db) = (0, 1, 2, 3);
+        let remap = Arc::new(vec![0, 1, 2, 3]);
+        let mut one = Chunks::default();
+        let mut two = Chunks::default();
+        // Trace 1: a entry (no parent) → a CLIENT → b SERVER, in different pieces.
+        one.push(span(1, 10, 0, a, SERVER, true));
+        one.push(span(1, 11, 10, a, CLIENT, true));
+        two.push(span(1, 12, 11, b, SERVER, true));
+        // Trace 2: b SERVER under a parent never received → from user.
+        two.push(span(2, 20, 99, b, SERVER, true));
+        // Trace 3: b SERVER under an INTERNAL span of a → not an entry, no edge.
+        one.push(span(3, 30, 0, a, INTERNAL, true));
+        two.push(span(3, 31, 30, b, SERVER, true));
+        // Trace 4: a CLIENT with no child, naming its peer → virtual db; an errored one.
+        let mut c = span(4, 40, 0, a, CLIENT, true);
+        c.peer = db;
+        c.flags |= ERROR;
+        one.push(c);
+        // Trace 5: a CLIENT outside the range whose child is inside → nothing.
+        one.push(span(5, 50, 0, a, CLIENT, false));
+        two.push(span(5, 51, 50, b, SERVER, true));
+        // Trace 6: PRODUCER → CONSUMER; a SERVER under a PRODUCER is not a pair.
+        one.push(span(6, 60, 0, a, PRODUCER, true));
+        two.push(span(6, 61, 60, b, CONSUMER, true));
+        two.push(span(6, 62, 60, b, SERVER, true));
+        let pieces = [
+            Piece {
+                remap: Arc::clone(&remap),
+                spans: one,
+            },
+            Piece { remap, spans: two },
+        ];
+        let want: BTreeMap<_, _> = [
+            ((user, a, false), (vec![100], 0)),
+            ((user, b, false), (vec![200], 0)),
+            ((a, b, false), (vec![110, 600], 0)),
+            ((a, db, true), (vec![400], 1)),
+        ]
+        .into_iter()
+        .collect();
+        // The flat table and the hash map give the same.
+        for names in [4, DENSE_NAMES + 1] {
+            let t = pair_shard(&pieces, user, names);
+            let got: BTreeMap<_, _> = t
+                .entries
+                .into_iter()
+                .map(|((s, t, k), (mut lat, errors))| {
+                    lat.sort_unstable();
+                    ((s, t, k == NodeKind::Virtual), (lat, errors))
+                })
+                .collect();
+            assert_eq!(got, want, "{names} names");
+        }
     }
 }
