@@ -387,3 +387,72 @@ async fn retention_removes_old_files_and_counts_them() {
     );
     server.terminate();
 }
+
+/// Looking traces up by id when they live in many Parquet files (the trace index picks
+/// the files and row groups; none is missed), after a restart, and with an absent id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_lookup_by_id_over_many_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let args = [
+        "--flush-interval-secs",
+        "1",
+        "--compaction-interval-secs",
+        "0",
+    ];
+    let server = Server::start_with(&data, &args);
+    let spans = workload(60);
+    // Six rounds, each flushed to its own files.
+    let trace_ids: Vec<String> = spans["frontend"]
+        .iter()
+        .step_by(2)
+        .map(|s| hex(&s.trace_id))
+        .collect();
+    for round in 0..6 {
+        for (service, spans) in &spans {
+            let part: Vec<Span> = spans
+                .iter()
+                .skip(round * spans.len() / 6)
+                .take(spans.len() / 6)
+                .cloned()
+                .collect();
+            export(&server.otlp_url(""), service, &part).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    server.terminate();
+    let server = Server::start_with(&data, &args);
+    let files = std::fs::read_dir(data.join("spans"))
+        .expect("spans dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+        })
+        .count();
+    assert!(files >= 6, "the spans are spread over {files} files");
+    let client = reqwest::Client::new();
+    for id in &trace_ids {
+        let r = client
+            .get(server.url(&format!("/api/v1/traces/{id}")))
+            .send()
+            .await
+            .expect("lookup");
+        assert_eq!(r.status(), 200, "{id}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(
+            body["spans"].as_array().map(Vec::len),
+            Some(4),
+            "{id}: {body}"
+        );
+    }
+    let r = client
+        .get(server.url(&format!("/api/v1/traces/{}", "0".repeat(31) + "1")))
+        .send()
+        .await
+        .expect("lookup");
+    assert_eq!(r.status(), 404);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

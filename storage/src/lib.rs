@@ -24,6 +24,7 @@ pub mod provider;
 pub mod remote;
 pub mod scan;
 pub mod table_store;
+pub mod trace_index;
 pub mod wal;
 
 use std::collections::BTreeMap;

@@ -7,24 +7,25 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::catalog::TableProvider;
-use datafusion::common::{DFSchema, Result, project_schema};
+use datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue, project_schema};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::{
-    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+    CachedParquetFileReaderFactory, ParquetAccessPlan, ParquetFileReaderFactory,
 };
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 
 use crate::bloom_cache::BloomCachingFactory;
 use crate::table_store::TableStore;
+use crate::trace_index::TraceIndex;
 
 /// A stored table as DataFusion sees it.
 #[derive(Debug)]
@@ -53,6 +54,53 @@ pub fn reader_factory(
         inner: Arc::new(CachedParquetFileReaderFactory::new(objects, metadata_cache)),
         cache: Arc::clone(&store.blooms),
     }))
+}
+
+/// `v` when the filters include `trace_id = 'v'`.
+fn trace_id_literal(filters: &[Expr]) -> Option<String> {
+    filters.iter().find_map(|f| match f {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c))
+                if c.name == "trace_id" =>
+            {
+                match v {
+                    ScalarValue::Utf8(Some(s))
+                    | ScalarValue::Utf8View(Some(s))
+                    | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// The files that may hold trace `id`, each limited to the row groups that may.
+fn by_trace_id(
+    index: &TraceIndex,
+    files: Vec<crate::parquet_file::ParquetFile>,
+    id: &str,
+) -> Result<Vec<PartitionedFile>> {
+    let mut out = Vec::new();
+    for f in files {
+        let (total, groups) = index
+            .row_groups(&f.path, id)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        if groups.is_empty() {
+            continue;
+        }
+        let mut plan = ParquetAccessPlan::new_none(total);
+        for g in groups {
+            plan.scan(g);
+        }
+        out.push(PartitionedFile::new(f.path.to_string_lossy(), f.size).with_extension(plan));
+    }
+    Ok(out)
 }
 
 /// Spreads items over at most `n` groups, balancing a weight.
@@ -111,21 +159,32 @@ impl TableProvider for StoredTable {
                 let predicate = state.create_physical_expr(expr, &df_schema)?;
                 source = source.with_predicate(predicate);
             }
-            let files = snapshot
-                .files
-                .into_iter()
-                .map(|f| PartitionedFile::new(f.path.to_string_lossy(), f.size))
-                .collect::<Vec<_>>();
-            let groups = spread(files, partitions, |f| f.object_meta.size)
-                .into_iter()
-                .map(FileGroup::new)
-                .collect();
-            let config = FileScanConfigBuilder::new(url, Arc::new(source))
-                .with_file_groups(groups)
-                .with_projection_indices(projection.cloned())?
-                .with_limit(limit)
-                .build();
-            plans.push(DataSourceExec::from_data_source(config));
+            let files = match (trace_id_literal(filters), &self.store.shared.config.remote) {
+                // A lookup by trace id: only the files and row groups that may hold it.
+                (Some(id), None) => {
+                    let index = Arc::clone(&self.store.traces);
+                    tokio::task::spawn_blocking(move || by_trace_id(&index, snapshot.files, &id))
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))??
+                }
+                _ => snapshot
+                    .files
+                    .into_iter()
+                    .map(|f| PartitionedFile::new(f.path.to_string_lossy(), f.size))
+                    .collect::<Vec<_>>(),
+            };
+            if !files.is_empty() {
+                let groups = spread(files, partitions, |f| f.object_meta.size)
+                    .into_iter()
+                    .map(FileGroup::new)
+                    .collect();
+                let config = FileScanConfigBuilder::new(url, Arc::new(source))
+                    .with_file_groups(groups)
+                    .with_projection_indices(projection.cloned())?
+                    .with_limit(limit)
+                    .build();
+                plans.push(DataSourceExec::from_data_source(config));
+            }
         }
         if !snapshot.batches.is_empty() {
             let parts = spread(snapshot.batches, partitions, |b| b.num_rows() as u64);

@@ -178,6 +178,8 @@ pub struct TableStore {
     pub(crate) shared: Arc<Shared>,
     /// The Parquet files' bloom filters, kept for queries (see [`crate::bloom_cache`]).
     pub(crate) blooms: Arc<crate::bloom_cache::BloomCache>,
+    /// Which files can hold a trace id (see [`crate::trace_index`]).
+    pub(crate) traces: Arc<crate::trace_index::TraceIndex>,
     tx: Mutex<Option<SyncSender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -289,6 +291,10 @@ impl TableStore {
             blooms: Arc::new(crate::bloom_cache::BloomCache::new(
                 crate::bloom_cache::DEFAULT_BUDGET,
             )),
+            traces: Arc::new(crate::trace_index::TraceIndex::new(
+                "trace_id",
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
             shared,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![w, f]),
@@ -342,6 +348,10 @@ impl TableStore {
         }
         Ok(Arc::new(TableStore {
             blooms: Arc::new(crate::bloom_cache::BloomCache::new(
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
+            traces: Arc::new(crate::trace_index::TraceIndex::new(
+                "trace_id",
                 crate::bloom_cache::DEFAULT_BUDGET,
             )),
             shared,

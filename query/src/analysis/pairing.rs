@@ -42,6 +42,8 @@ const IN_RANGE: u8 = 2;
 /// Shards of the pairing; a trace's spans all go to one.
 pub(crate) const SHARDS: usize = 16;
 
+const MINUTE_NS: i64 = 60_000_000_000;
+
 /// No peer name.
 const NO_PEER: u32 = u32::MAX;
 
@@ -137,6 +139,8 @@ struct Span {
     duration: i64,
     service: u32,
     peer: u32,
+    /// Minutes since the first minute of the scanned window (for per-minute rollups).
+    minute: u32,
     kind: u8,
     flags: u8,
 }
@@ -358,6 +362,7 @@ impl Decoded {
                 duration: d,
                 service: svc,
                 peer,
+                minute: (t.div_euclid(MINUTE_NS) - wide.0.div_euclid(MINUTE_NS)) as u32,
                 kind: k,
                 flags: if error { ERROR } else { 0 } | if in_range { IN_RANGE } else { 0 },
             });
@@ -368,7 +373,8 @@ impl Decoded {
 
 /// (source, target, kind) → (latencies, errors), over global name ids.
 type Tally = (Vec<i64>, u64);
-type EdgeKey = (u32, u32, NodeKind);
+/// (source, target, target kind, minute — 0 unless bucketing by minute).
+type EdgeKey = (u32, u32, NodeKind, u32);
 
 /// (source, target, kind) → (latencies, errors), over global name ids: a flat table when
 /// the names are few (a mesh of tens of services), a hash map otherwise.
@@ -383,8 +389,8 @@ struct Tallies {
 const DENSE_NAMES: usize = 256;
 
 impl Tallies {
-    fn new(names: usize) -> Self {
-        let dense = names <= DENSE_NAMES;
+    fn new(names: usize, by_minute: bool) -> Self {
+        let dense = names <= DENSE_NAMES && !by_minute;
         Tallies {
             names,
             slots: if dense {
@@ -398,7 +404,7 @@ impl Tallies {
     }
 
     fn add(&mut self, key: EdgeKey, latency: i64, error: bool) {
-        let (s, t, k) = key;
+        let (s, t, k, _) = key;
         let slot = if self.slots.is_empty() {
             self.map.get(&key).copied()
         } else {
@@ -439,7 +445,7 @@ struct Piece {
 /// Only callers (CLIENT and PRODUCER spans) are indexed; a SERVER span whose parent is not
 /// a caller is checked against the other spans afterwards, which is rare in a mesh (an
 /// entry point, a parent outside the window, a gateway's INTERNAL span).
-fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
+fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tallies {
     let callers: usize = pieces
         .iter()
         .map(|p| {
@@ -459,11 +465,15 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
             }
         }
     }
-    let mut tallies = Tallies::new(names);
-    let mut tally = |key: EdgeKey, latency: i64, error: bool| tallies.add(key, latency, error);
+    let mut tallies = Tallies::new(names, by_minute);
+    let bucket = |s: &Span| if by_minute { s.minute } else { 0 };
+    let mut tally = |(s, t, k): (u32, u32, NodeKind), minute: u32, latency: i64, error: bool| {
+        tallies.add((s, t, k, minute), latency, error)
+    };
     let mut paired: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.spans.len()]).collect();
     // SERVER spans of the range whose parent is not a caller: (trace, parent) → services.
-    let mut orphans: HashMap<(u64, u64, u64), Vec<(u32, i64, bool)>, Hasher> = HashMap::default();
+    let mut orphans: HashMap<(u64, u64, u64), Vec<(u32, u32, i64, bool)>, Hasher> =
+        HashMap::default();
     for p in pieces {
         for r in p.spans.iter() {
             if r.kind != SERVER && r.kind != CONSUMER {
@@ -486,15 +496,21 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
                         paired[cp as usize][ci as usize] = true;
                         tally(
                             (cpiece.remap[c.service as usize], service, NodeKind::Service),
+                            bucket(c),
                             c.duration,
                             (c.flags | r.flags) & ERROR != 0,
                         );
                     }
                 }
                 None if r.kind == SERVER && r.flags & IN_RANGE != 0 => {
-                    let entry = (service, r.duration, r.flags & ERROR != 0);
+                    let entry = (service, bucket(r), r.duration, r.flags & ERROR != 0);
                     if r.parent == 0 {
-                        tally((user, service, NodeKind::Service), entry.1, entry.2);
+                        tally(
+                            (user, service, NodeKind::Service),
+                            entry.1,
+                            entry.2,
+                            entry.3,
+                        );
                     } else {
                         orphans
                             .entry((r.trace[0], r.trace[1], r.parent))
@@ -515,8 +531,8 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
                 }
             }
         }
-        for (service, latency, error) in orphans.into_values().flatten() {
-            tally((user, service, NodeKind::Service), latency, error);
+        for (service, minute, latency, error) in orphans.into_values().flatten() {
+            tally((user, service, NodeKind::Service), minute, latency, error);
         }
     }
     for (p, paired) in pieces.iter().zip(paired) {
@@ -528,6 +544,7 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize) -> Tallies {
                         p.remap[s.peer as usize],
                         NodeKind::Virtual,
                     ),
+                    bucket(s),
                     s.duration,
                     s.flags & ERROR != 0,
                 );
@@ -571,16 +588,95 @@ pub(crate) struct FromSpans {
     pub services: Vec<(String, Option<String>, Signals)>,
 }
 
-/// Scans the range (widened by the pairing window) once and pairs.
+/// What one scan and pairing found, over global name ids.
+struct Paired {
+    names: Vec<String>,
+    /// The epoch minute of [`EdgeKey`]'s minute 0.
+    base_minute: i64,
+    edges: HashMap<EdgeKey, Tally, Hasher>,
+    own: HashMap<u32, Own, Hasher>,
+}
+
+/// The graph from raw spans over `range`: edges and each service's own requests.
 pub(crate) async fn analyse(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<FromSpans, QueryError> {
+    let seconds = range.seconds();
+    let found = scan_and_pair(engine, range, false).await?;
+    let names = &found.names;
+    let edges = found
+        .edges
+        .into_iter()
+        .map(|((s, t, kind, _), (mut lat, errors))| {
+            let p = percentiles(&mut lat);
+            let signals = Signals::new(lat.len() as u64, errors, seconds, p);
+            (
+                names[s as usize].clone(),
+                names[t as usize].clone(),
+                kind,
+                signals,
+            )
+        })
+        .collect();
+    let services = found
+        .own
+        .into_iter()
+        .map(|(s, mut o)| {
+            let p = percentiles(&mut o.durations);
+            let signals = Signals::new(o.durations.len() as u64, o.errors, seconds, p);
+            (names[s as usize].clone(), o.namespace, signals)
+        })
+        .collect();
+    Ok(FromSpans { edges, services })
+}
+
+/// One edge's requests that started in one minute (the caller's start; the server's for
+/// `user` requests).
+pub(crate) struct MinuteRequests {
+    pub minute: chrono::DateTime<chrono::Utc>,
+    pub source: String,
+    pub target: String,
+    pub target_kind: NodeKind,
+    pub latencies_ns: Vec<i64>,
+    pub errors: u64,
+}
+
+/// The requests of `range` per edge and minute, for the rollups.
+pub(crate) async fn requests_by_minute(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<Vec<MinuteRequests>, QueryError> {
+    let found = scan_and_pair(engine, range, true).await?;
+    let names = &found.names;
+    Ok(found
+        .edges
+        .into_iter()
+        .map(
+            |((s, t, kind, minute), (latencies_ns, errors))| MinuteRequests {
+                minute: chrono::DateTime::from_timestamp_nanos(
+                    (found.base_minute + i64::from(minute)).saturating_mul(MINUTE_NS),
+                ),
+                source: names[s as usize].clone(),
+                target: names[t as usize].clone(),
+                target_kind: kind,
+                latencies_ns,
+                errors,
+            },
+        )
+        .collect())
+}
+
+/// Scans the range (widened by the pairing window) once and pairs.
+async fn scan_and_pair(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    by_minute: bool,
+) -> Result<Paired, QueryError> {
     let wide = range.widened(chrono::Duration::minutes(super::graph::PAIR_WINDOW));
     let ns = |t: chrono::DateTime<chrono::Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
     let bounds = (ns(range.start), ns(range.end));
     let wide = (ns(wide.start), ns(wide.end));
-    let seconds = range.seconds();
     let table = Arc::clone(engine.storage().table(Table::Spans));
     let ctx = Arc::clone(engine.context());
     engine
@@ -608,25 +704,27 @@ pub(crate) async fn analyse(
                 parts.push(join(t).await??);
             }
             let scanned = started.elapsed();
-            let found = merge(parts, seconds).await;
+            let mut found = merge(parts, by_minute).await?;
+            found.base_minute = wide.0.div_euclid(MINUTE_NS);
             tracing::debug!(
                 scan_ms = scanned.as_millis() as u64,
                 pair_ms = (started.elapsed() - scanned).as_millis() as u64,
-                "graph from raw spans"
+                by_minute,
+                "pairing of raw spans"
             );
-            found
+            Ok(found)
         })
         .await
-        .map_err(|e| QueryError::Internal(format!("graph task failed: {e}")))?
+        .map_err(|e| QueryError::Internal(format!("pairing task failed: {e}")))?
 }
 
 async fn join<T>(t: tokio::task::JoinHandle<T>) -> Result<T, QueryError> {
     t.await
-        .map_err(|e| QueryError::Internal(format!("graph task failed: {e}")))
+        .map_err(|e| QueryError::Internal(format!("pairing task failed: {e}")))
 }
 
 /// Gives every partition's names global ids, pairs the shards in parallel and merges.
-async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryError> {
+async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryError> {
     let mut names = Names::default();
     let user = names.id("user");
     let remaps: Vec<Arc<Vec<u32>>> = parts
@@ -660,12 +758,12 @@ async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryErro
     let count = names.names.len();
     let tasks: Vec<_> = shards
         .into_iter()
-        .map(|pieces| tokio::spawn(async move { pair_shard(&pieces, user, count) }))
+        .map(|pieces| tokio::spawn(async move { pair_shard(&pieces, user, count, by_minute) }))
         .collect();
-    let mut tallies: HashMap<EdgeKey, Tally, Hasher> = HashMap::default();
+    let mut edges: HashMap<EdgeKey, Tally, Hasher> = HashMap::default();
     for t in tasks {
         for (key, (lat, errors)) in join(t).await?.entries {
-            let e = tallies.entry(key).or_default();
+            let e = edges.entry(key).or_default();
             if e.0.is_empty() {
                 e.0 = lat;
             } else {
@@ -674,32 +772,12 @@ async fn merge(parts: Vec<Decoded>, seconds: f64) -> Result<FromSpans, QueryErro
             e.1 += errors;
         }
     }
-
-    let name = |i: u32| names.names[i as usize].clone();
-    let edges = tallies
-        .into_iter()
-        .map(|((s, t, kind), (mut lat, errors))| {
-            let p = percentiles(&mut lat);
-            (
-                name(s),
-                name(t),
-                kind,
-                Signals::new(lat.len() as u64, errors, seconds, p),
-            )
-        })
-        .collect();
-    let services = own
-        .into_iter()
-        .map(|(s, mut o)| {
-            let p = percentiles(&mut o.durations);
-            (
-                name(s),
-                o.namespace,
-                Signals::new(o.durations.len() as u64, o.errors, seconds, p),
-            )
-        })
-        .collect();
-    Ok(FromSpans { edges, services })
+    Ok(Paired {
+        names: names.names,
+        base_minute: 0,
+        edges,
+        own,
+    })
 }
 
 #[cfg(test)]
@@ -770,6 +848,7 @@ mod tests {
             duration: (id * 10) as i64,
             service,
             peer: NO_PEER,
+            minute: 0,
             kind,
             flags: if in_range { IN_RANGE } else { 0 },
         }
@@ -822,11 +901,11 @@ mod tests {
         .collect();
         // The flat table and the hash map give the same.
         for names in [4, DENSE_NAMES + 1] {
-            let t = pair_shard(&pieces, user, names);
+            let t = pair_shard(&pieces, user, names, false);
             let got: BTreeMap<_, _> = t
                 .entries
                 .into_iter()
-                .map(|((s, t, k), (mut lat, errors))| {
+                .map(|((s, t, k, _), (mut lat, errors))| {
                     lat.sort_unstable();
                     ((s, t, k == NodeKind::Virtual), (lat, errors))
                 })

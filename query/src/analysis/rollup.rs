@@ -24,7 +24,7 @@ use meshscope_proto::Table;
 use meshscope_storage::Storage;
 use serde_json::Value;
 
-use super::graph::{Signals, requests_sql};
+use super::graph::{NodeKind, Signals};
 use super::range::{TimeRange, ts_literal};
 use super::sketch::{Sketch, key_sql};
 use super::{f64_of, rows, str_of, u64_of};
@@ -169,17 +169,10 @@ pub async fn groups_from_spans(
     range: &TimeRange,
 ) -> Result<BTreeMap<(String, Key), Agg>, QueryError> {
     let minute = "date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z')";
-    let edge_rows = rows(
-        engine,
-        &format!(
-            "SELECT {minute} AS minute, source, target, target_kind, {k} AS k, count(*) AS n,
-                    sum(CASE WHEN error THEN 1 ELSE 0 END) AS errors, sum(CAST(latency_ns AS DOUBLE)) AS sum_ns
-             FROM ({req}) GROUP BY 1, 2, 3, 4, 5",
-            k = key_sql("latency_ns"),
-            req = requests_sql(range)
-        ),
-    )
-    .await?;
+    // Edges come from the same pairing as the graph (one scan, paired in memory), bucketed
+    // by the minute each request started.
+    let edge_minutes = super::pairing::requests_by_minute(engine, range).await?;
+    let canonical = |m: DateTime<Utc>| m.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let endpoint_rows = rows(
         engine,
         &format!(
@@ -194,7 +187,35 @@ pub async fn groups_from_spans(
     )
     .await?;
     let mut groups: BTreeMap<(String, Key), Agg> = BTreeMap::new();
+    for e in edge_minutes {
+        if e.minute < range.start || e.minute >= range.end {
+            continue;
+        }
+        let key = (
+            "edge".to_string(),
+            e.source,
+            Some(e.target),
+            Some(
+                match e.target_kind {
+                    NodeKind::Virtual => "virtual",
+                    _ => "service",
+                }
+                .to_string(),
+            ),
+            None,
+        );
+        let a = groups.entry((canonical(e.minute), key)).or_default();
+        a.requests += e.latencies_ns.len() as u64;
+        a.errors += e.errors;
+        for ns in e.latencies_ns {
+            a.latency_sum_ns += ns as f64;
+            a.sketch.add(ns as f64);
+        }
+    }
     let mut add = |minute: String, key: Key, r: &serde_json::Map<String, Value>| {
+        let minute = parse_minute(Some(&Value::String(minute)))
+            .map(canonical)
+            .unwrap_or_default();
         let a = groups.entry((minute, key)).or_default();
         let n = u64_of(r, "n");
         a.requests += n;
@@ -203,16 +224,6 @@ pub async fn groups_from_spans(
         a.sketch
             .add_bucket(r.get("k").and_then(Value::as_i64).unwrap_or(0) as i32, n);
     };
-    for r in &edge_rows {
-        let key = (
-            "edge".to_string(),
-            str_of(r, "source"),
-            Some(str_of(r, "target")),
-            Some(str_of(r, "target_kind")),
-            None,
-        );
-        add(str_of(r, "minute"), key, r);
-    }
     for r in &endpoint_rows {
         let ns = r
             .get("namespace")
