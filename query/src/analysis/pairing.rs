@@ -472,8 +472,9 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
     };
     let mut paired: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.spans.len()]).collect();
     // SERVER spans of the range whose parent is not a caller: (trace, parent) → services.
-    let mut orphans: HashMap<(u64, u64, u64), Vec<(u32, u32, i64, bool)>, Hasher> =
-        HashMap::default();
+    // (service, minute, latency, error) of each such SERVER span.
+    type Entry = (u32, u32, i64, bool);
+    let mut orphans: HashMap<(u64, u64, u64), Vec<Entry>, Hasher> = HashMap::default();
     for p in pieces {
         for r in p.spans.iter() {
             if r.kind != SERVER && r.kind != CONSUMER {
