@@ -12,14 +12,12 @@
 //!   span's duration (the server span's for `user` edges);
 //! - percentiles are exact (linear interpolation, DataFusion's `percentile_cont`).
 //!
-//! From raw spans, one DataFusion scan of the range feeds the pairing in Rust
-//! ([`super::pairing`]); rollups and metrics use the same semantics in SQL
-//! ([`requests_sql`]). Children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
+//! From raw spans, one scan of the range feeds the pairing in Rust ([`super::pairing`]),
+//! which the rollups and the `/metrics` counters use too. Children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
 //! straddles the range's edge, or clock skew between services, does not break it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use chrono::Duration;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use serde::Serialize;
@@ -153,44 +151,6 @@ pub struct Edge {
 pub struct ServiceGraph {
     pub graph: DiGraph<Node, Edge>,
     index: HashMap<(NodeKind, String), NodeIndex>,
-}
-
-/// The SQL of one request per row: `(source, target, target_kind, latency_ns, error,
-/// start_time)` (the caller's start; the server's for `user` requests).
-pub(crate) fn requests_sql(range: &TimeRange) -> String {
-    let wide = range.widened(Duration::minutes(PAIR_WINDOW));
-    format!(
-        "WITH s AS (
-            SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time,
-                   peer_name AS peer
-            FROM spans WHERE {wide}),
-        r AS (SELECT * FROM s WHERE {inrange}),
-        callers AS (SELECT * FROM r WHERE span_kind IN ('CLIENT', 'PRODUCER')),
-        callees AS (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')),
-        paired AS (
-            SELECT c.service_name AS source, p.service_name AS target, 'service' AS target_kind,
-                   c.duration_ns AS latency_ns,
-                   (c.status_code = 'ERROR' OR p.status_code = 'ERROR') AS error, c.start_time,
-                   c.span_id AS caller_id, c.trace_id AS caller_trace
-            FROM callers c JOIN callees p
-              ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id
-             AND ((c.span_kind = 'CLIENT' AND p.span_kind = 'SERVER') OR (c.span_kind = 'PRODUCER' AND p.span_kind = 'CONSUMER'))),
-        unpaired AS (
-            SELECT c.service_name AS source, c.peer AS target, 'virtual' AS target_kind, c.duration_ns AS latency_ns,
-                   c.status_code = 'ERROR' AS error, c.start_time
-            FROM callers c LEFT ANTI JOIN paired p ON p.caller_trace = c.trace_id AND p.caller_id = c.span_id
-            WHERE c.peer IS NOT NULL),
-        entries AS (
-            SELECT 'user' AS source, e.service_name AS target, 'service' AS target_kind, e.duration_ns AS latency_ns,
-                   e.status_code = 'ERROR' AS error, e.start_time
-            FROM (SELECT * FROM r WHERE span_kind = 'SERVER') e
-            LEFT ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id)
-        SELECT source, target, target_kind, latency_ns, error, start_time FROM paired
-        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM unpaired
-        UNION ALL SELECT source, target, target_kind, latency_ns, error, start_time FROM entries",
-        wide = wide.sql("start_time"),
-        inrange = range.sql("start_time"),
-    )
 }
 
 /// A service's own requests (its SERVER and CONSUMER spans), per service.

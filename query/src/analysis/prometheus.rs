@@ -2,10 +2,13 @@
 //! `servicegraph` and `spanmetrics` connectors.
 //!
 //! A background task calls [`SpanCounters::advance`] every few seconds: it computes the
-//! requests of the window since the last call (ending a delay (30 s by default) in the past, so that both
-//! halves of a pair have usually arrived) with the same SQL as the graph, and adds them to
-//! cumulative counters and histograms. Spans that arrive later than the delay are not
-//! counted here (they are in SQL, the graph and the API).
+//! requests of the window since the last call (ending a delay (30 s by default) in the past,
+//! so that both halves of a pair have usually arrived) with the graph's pairing, and adds
+//! them to cumulative counters and histograms. The other half of a pair is looked for
+//! [`PAIR_WINDOW`] either side of the window (not the graph's five minutes: this runs every
+//! few seconds), so a SERVER span whose CLIENT parent started more than that earlier counts
+//! as an entry here. Spans that arrive later than the delay are not counted here (they are
+//! in SQL, the graph and the API).
 //!
 //! Series are bounded: at most [`MAX_SERIES`] of each family; past that, new label sets are
 //! dropped and counted in `meshscope_metrics_series_dropped_total`.
@@ -16,13 +19,15 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::graph::requests_sql;
+use super::graph::NodeKind;
 use super::range::TimeRange;
 use super::{rows, str_of, u64_of};
 use crate::engine::{QueryEngine, QueryError};
 
 /// How far behind "now" a window ends, by default.
 pub const DEFAULT_DELAY: Duration = Duration::seconds(30);
+/// How far either side of a window the counters look for the other half of a pair.
+pub const PAIR_WINDOW: Duration = Duration::minutes(1);
 /// The most series one family holds.
 pub const MAX_SERIES: usize = 10_000;
 /// Histogram bucket bounds in seconds (the connectors' defaults).
@@ -48,6 +53,20 @@ impl Histogram {
         }
         for (i, b) in self.buckets.iter_mut().enumerate() {
             *b += u64_of(row, &format!("le{i}"));
+        }
+    }
+
+    fn add_requests(&mut self, latencies_ns: &[i64], failed: u64) {
+        self.count += latencies_ns.len() as u64;
+        self.failed += failed;
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; BUCKETS.len()];
+        }
+        for &ns in latencies_ns {
+            self.sum_seconds += ns as f64 / 1e9;
+            for (b, bound) in self.buckets.iter_mut().zip(BUCKETS) {
+                *b += u64::from(ns <= (bound * 1e9) as i64);
+            }
         }
     }
 }
@@ -116,17 +135,7 @@ impl SpanCounters {
             }
         };
         let range = TimeRange { start, end };
-        let edges = rows(
-            engine,
-            &format!(
-                "SELECT source, target, target_kind, count(*) AS n, sum(CASE WHEN error THEN 1 ELSE 0 END) AS failed,
-                        sum(latency_ns) AS sum_ns, {}
-                 FROM ({}) GROUP BY source, target, target_kind",
-                bucket_columns("latency_ns"),
-                requests_sql(&range)
-            ),
-        )
-        .await?;
+        let edges = super::pairing::requests_within(engine, &range, PAIR_WINDOW).await?;
         let calls = rows(
             engine,
             &format!(
@@ -140,17 +149,20 @@ impl SpanCounters {
         )
         .await?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        for r in &edges {
-            let key = (
-                str_of(r, "source"),
-                str_of(r, "target"),
-                str_of(r, "target_kind"),
-            );
+        for e in edges {
+            let kind = match e.target_kind {
+                NodeKind::Virtual => "virtual",
+                _ => "service",
+            };
+            let key = (e.source, e.target, kind.to_string());
             if st.edges.len() >= MAX_SERIES && !st.edges.contains_key(&key) {
                 st.dropped += 1;
                 continue;
             }
-            st.edges.entry(key).or_default().add(r);
+            st.edges
+                .entry(key)
+                .or_default()
+                .add_requests(&e.latencies_ns, e.errors);
         }
         for r in &calls {
             let key = (
