@@ -9,12 +9,15 @@
 //!    parsed from hex, service and peer names interned), put in one of [`SHARDS`] shards by
 //!    its trace id, so that a trace's spans all land in the same shard; the per-service
 //!    signals (SERVER and CONSUMER spans of the range) are tallied on the way;
-//! 2. **pair** (one task per shard): every span of the widened window goes into a hash map
-//!    by `(trace, span)`; a SERVER (CONSUMER) span whose parent is a CLIENT (PRODUCER) span
+//! 2. **pair** (one task per shard): the CLIENT and PRODUCER spans of the widened window go
+//!    into a hash map by `(trace, span)`; a SERVER (CONSUMER) span whose parent is a CLIENT
+//!    (PRODUCER) span
 //!    in the range is one request on the edge parent's service → its service, with the
 //!    caller's latency; an in-range CLIENT or PRODUCER span left unpaired is a request to its
-//!    virtual peer; an in-range SERVER span whose parent is not in the trace is a request
-//!    from `user`;
+//!    virtual peer; an in-range SERVER span without a parent, or whose parent is not in the
+//!    trace (checked against the other spans only for those few), is a request from `user`;
+//!    the same pairing bucketed by minute feeds the rollups, and over short windows the
+//!    `/metrics` counters;
 //! 3. **merge**: the shards' latencies per edge are joined and their percentiles taken by
 //!    selection (linear interpolation between the closest ranks, as `percentile_cont`),
 //!    which is linear where a sort is not.
