@@ -214,6 +214,45 @@ async fn parquet_lives_on_s3_through_flushes_compactions_restarts_and_split_role
     server.terminate();
     let server = Server::start_env("serve", &data, &flags, &env);
     assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 350);
+    // The graph's own column scan reads the files from S3 as well: every span is a
+    // parentless SERVER span, so one request each on user → inventory.
+    let at = |m: i64| {
+        (chrono::Utc::now() + chrono::Duration::minutes(m))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let client = reqwest::Client::new();
+    let graph: serde_json::Value = client
+        .get(server.url(&format!(
+            "/api/v1/graph?source=spans&start={}&end={}",
+            at(-30),
+            at(1)
+        )))
+        .send()
+        .await
+        .expect("graph")
+        .json()
+        .await
+        .expect("graph json");
+    let requests = graph["edges"]
+        .as_array()
+        .and_then(|edges| {
+            edges
+                .iter()
+                .find(|e| e["source"] == "user" && e["target"] == "inventory")
+        })
+        .and_then(|e| e["requests"].as_u64());
+    assert_eq!(requests, Some(350), "{graph}");
+    // And a trace by id, through the S3 file's statistics and bloom filter.
+    let trace = hex::encode([5u64.to_be_bytes(), [3; 8]].concat());
+    let found: serde_json::Value = client
+        .get(server.url(&format!("/api/v1/traces/{trace}")))
+        .send()
+        .await
+        .expect("trace")
+        .json()
+        .await
+        .expect("trace json");
+    assert_eq!(found["spans"].as_array().map(Vec::len), Some(1), "{found}");
     server.terminate();
 
     // Split roles over the same bucket: a collector writes, a query node reads.
