@@ -636,9 +636,10 @@ pub(crate) async fn analyse(
     Ok(FromSpans { edges, services })
 }
 
-/// One edge's requests that started in one minute (the caller's start; the server's for
-/// `user` requests).
-pub(crate) struct MinuteRequests {
+/// One edge's requests: those that started in one minute (the caller's start; the
+/// server's for `user` requests) when bucketed by minute.
+pub(crate) struct EdgeRequests {
+    /// The minute, when bucketed; otherwise the first minute of the scanned window.
     pub minute: chrono::DateTime<chrono::Utc>,
     pub source: String,
     pub target: String,
@@ -651,14 +652,31 @@ pub(crate) struct MinuteRequests {
 pub(crate) async fn requests_by_minute(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<Vec<MinuteRequests>, QueryError> {
-    let found = scan_and_pair(engine, range, true, pair_window()).await?;
+) -> Result<Vec<EdgeRequests>, QueryError> {
+    Ok(edge_requests(
+        scan_and_pair(engine, range, true, pair_window()).await?,
+    ))
+}
+
+/// The requests of `range` per edge, looking for the other half of a pair only `window`
+/// either side (for the short, frequent windows of the `/metrics` counters).
+pub(crate) async fn requests_within(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    window: chrono::Duration,
+) -> Result<Vec<EdgeRequests>, QueryError> {
+    Ok(edge_requests(
+        scan_and_pair(engine, range, false, window).await?,
+    ))
+}
+
+fn edge_requests(found: Paired) -> Vec<EdgeRequests> {
     let names = &found.names;
-    Ok(found
+    found
         .edges
         .into_iter()
         .map(
-            |((s, t, kind, minute), (latencies_ns, errors))| MinuteRequests {
+            |((s, t, kind, minute), (latencies_ns, errors))| EdgeRequests {
                 minute: chrono::DateTime::from_timestamp_nanos(
                     (found.base_minute + i64::from(minute)).saturating_mul(MINUTE_NS),
                 ),
@@ -669,42 +687,11 @@ pub(crate) async fn requests_by_minute(
                 errors,
             },
         )
-        .collect())
+        .collect()
 }
 
 fn pair_window() -> chrono::Duration {
     chrono::Duration::minutes(super::graph::PAIR_WINDOW)
-}
-
-/// One edge's requests in a range.
-pub(crate) struct EdgeRequests {
-    pub source: String,
-    pub target: String,
-    pub target_kind: NodeKind,
-    pub latencies_ns: Vec<i64>,
-    pub errors: u64,
-}
-
-/// The requests of `range` per edge, looking for the other half of a pair only `window`
-/// either side (for the short, frequent windows of the `/metrics` counters).
-pub(crate) async fn requests_within(
-    engine: &QueryEngine,
-    range: &TimeRange,
-    window: chrono::Duration,
-) -> Result<Vec<EdgeRequests>, QueryError> {
-    let found = scan_and_pair(engine, range, false, window).await?;
-    let names = &found.names;
-    Ok(found
-        .edges
-        .into_iter()
-        .map(|((s, t, kind, _), (latencies_ns, errors))| EdgeRequests {
-            source: names[s as usize].clone(),
-            target: names[t as usize].clone(),
-            target_kind: kind,
-            latencies_ns,
-            errors,
-        })
-        .collect())
 }
 
 /// Scans the range (widened by `window`) once and pairs.
