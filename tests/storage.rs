@@ -309,6 +309,50 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
         total
     );
 
+    // Other engines read the compacted file (times split into byte streams, ids at zstd
+    // level 1) and see the same rows and times as meshscope.
+    let ours = query
+        .sql(
+            "SELECT count(*), sum(duration_ns), min(CAST(start_time AS BIGINT)), \
+             sum(CAST(end_time AS BIGINT) - CAST(start_time AS BIGINT)) FROM spans",
+        )
+        .await["rows"][0]
+        .clone();
+    let ours: Vec<String> = ours
+        .as_array()
+        .expect("row")
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let glob = format!("{}/spans/*.parquet", shared.display());
+    let script = format!(
+        "import duckdb, pyarrow.parquet as pq, pyarrow.compute as pc, glob\n\
+         d = duckdb.connect().execute(\"SELECT count(*), sum(duration_ns), \
+         min(epoch_ns(start_time)), sum(epoch_ns(end_time) - epoch_ns(start_time)) \
+         FROM read_parquet('{glob}')\").fetchone()\n\
+         print(','.join(str(v) for v in d))\n\
+         t = pq.ParquetDataset(sorted(glob.glob('{glob}'))).read(columns=['start_time', 'duration_ns'])\n\
+         print(t.num_rows, pc.sum(t['duration_ns']).as_py(), \
+         pc.min(t['start_time'].cast('int64')).as_py())\n"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "DuckDB and pyarrow read the compacted files: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(ours.join(",").as_str()), "DuckDB");
+    assert_eq!(
+        lines.next(),
+        Some(format!("{} {} {}", ours[0], ours[1], ours[2]).as_str()),
+        "pyarrow"
+    );
+
     for s in [c1, c2, query, serve] {
         s.terminate();
     }

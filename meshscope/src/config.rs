@@ -131,7 +131,8 @@ pub struct ServeArgs {
     /// Fewest neighbouring small files worth one compaction [4].
     #[arg(long, env = "MESHSCOPE_COMPACTION_MIN_FILES")]
     pub compaction_min_files: Option<usize>,
-    /// zstd level of compacted files (1-22; higher: smaller, more CPU) [12].
+    /// zstd level of compacted files (1-22; higher: smaller, more CPU) [15]. Random ids
+    /// (trace and span ids) always use level 1, which suits them best.
     #[arg(long, env = "MESHSCOPE_COMPACTION_ZSTD_LEVEL", value_parser = clap::value_parser!(i32).range(1..=22))]
     pub compaction_zstd_level: Option<i32>,
     /// Keep spans, logs and metrics this many seconds (by their newest row) [forever].
@@ -319,7 +320,7 @@ impl ServeArgs {
             zstd_level: self
                 .compaction_zstd_level
                 .or(file.compaction_zstd_level)
-                .unwrap_or(12)
+                .unwrap_or(15)
                 .clamp(1, 22),
         };
         let signals = Retention {
@@ -494,7 +495,7 @@ pub struct BenchStorageArgs {
     #[arg(long, default_value_t = 200)]
     pub lookups: usize,
     /// zstd level of the compacted files.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 15)]
     pub zstd_level: i32,
     /// Retention's size bound as a share of the compacted spans table (0.5 keeps half).
     #[arg(long, default_value_t = 0.5)]

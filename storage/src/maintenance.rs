@@ -40,7 +40,7 @@ impl Default for CompactionPolicy {
         CompactionPolicy {
             target_bytes: 64 << 20,
             min_files: 4,
-            zstd_level: 12,
+            zstd_level: 15,
         }
     }
 }
