@@ -124,10 +124,12 @@ fn unique_columns(table: Table, layout: Layout) -> &'static [(&'static str, Opti
         // times jump about within the hour: zstd does better on the values split into byte
         // streams (the high bytes of nearby times alike) than on their deltas (-1.2 bytes
         // per span over plain deltas), and span ids pack better with their lengths
-        // delta-encoded apart from the digits (-1.3). pyarrow, DuckDB, polars and
+        // delta-encoded apart from the digits (-1.3); so do trace ids, whose repeats (a
+        // trace's spans in one service) zstd then finds whole (-0.5 against prefix
+        // sharing, and faster to decode for a lookup). pyarrow, DuckDB, polars and
         // parquet-java 1.14+ (Spark 4, Trino) read BYTE_STREAM_SPLIT integers.
         Table::Spans if matches!(layout, Layout::Compacted { .. }) => &[
-            ("trace_id", Some(Encoding::DELTA_BYTE_ARRAY)),
+            ("trace_id", Some(Encoding::DELTA_LENGTH_BYTE_ARRAY)),
             ("span_id", Some(Encoding::DELTA_LENGTH_BYTE_ARRAY)),
             ("parent_span_id", None),
             ("start_time", Some(Encoding::BYTE_STREAM_SPLIT)),
