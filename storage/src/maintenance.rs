@@ -162,6 +162,10 @@ impl TableStore {
     /// Removes this writer's files that fall outside `retention` at time `now` (nanoseconds
     /// since the epoch): first those whose newest row is too old, then the oldest until the
     /// total size fits. `summaries` caches footers across passes.
+    ///
+    /// The size bound covers the whole storage location: where several collectors share it,
+    /// each weighs its files against everyone's and removes its own among the oldest of
+    /// all, so together they keep the bound (each deletes only what it wrote).
     pub fn expire(
         &self,
         retention: Retention,
@@ -174,34 +178,55 @@ impl TableStore {
         }
         let _one_at_a_time = shared.maintenance.lock().unwrap_or_else(|p| p.into_inner());
         let files = shared.lock().files.clone();
-        let mut aged: Vec<(ParquetFile, FileSummary)> = Vec::with_capacity(files.len());
-        for f in files {
+        let others = match retention.max_bytes {
+            Some(_) => self.other_writers_files(),
+            None => Vec::new(),
+        };
+        let mut aged: Vec<(ParquetFile, FileSummary, bool)> = Vec::with_capacity(files.len());
+        for (f, own) in files
+            .into_iter()
+            .map(|f| (f, true))
+            .chain(others.into_iter().map(|f| (f, false)))
+        {
             let s = match summaries.get(&f.path) {
                 Some(s) => *s,
                 None => {
-                    let s =
-                        parquet_file::summary(shared.table, &f, shared.config.remote.as_deref())?;
+                    let s = match parquet_file::summary(
+                        shared.table,
+                        &f,
+                        shared.config.remote.as_deref(),
+                    ) {
+                        Ok(s) => s,
+                        // Another writer's file may go (compacted, expired) at any time.
+                        Err(_) if !own => continue,
+                        Err(e) => return Err(e),
+                    };
                     summaries.insert(f.path.clone(), s);
                     s
                 }
             };
-            aged.push((f, s));
+            aged.push((f, s, own));
         }
+        // Forget the footers of files that are gone (other writers' too).
+        summaries.retain(|p, _| aged.iter().any(|(f, _, _)| &f.path == p));
         // Oldest newest-row first.
-        aged.sort_by_key(|(f, s)| (s.max_time.unwrap_or(i64::MIN), f.first_seq));
+        aged.sort_by_key(|(f, s, _)| (s.max_time.unwrap_or(i64::MIN), f.first_seq));
         let mut doomed = Vec::new();
-        let mut total: u64 = aged.iter().map(|(f, _)| f.size).sum();
+        let mut total: u64 = aged.iter().map(|(f, _, _)| f.size).sum();
         let cutoff = retention
             .max_age
             .map(|age| now_ns.saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX)));
-        for (f, s) in &aged {
+        for (f, s, own) in &aged {
             let too_old = cutoff.is_some_and(|c| s.max_time.is_some_and(|t| t < c));
             let too_big = retention.max_bytes.is_some_and(|max| total > max);
             if !(too_old || too_big) {
                 break;
             }
+            // Another writer's file counts as gone: its writer removes it on its own pass.
             total -= f.size;
-            doomed.push((f.clone(), *s));
+            if *own {
+                doomed.push((f.clone(), *s));
+            }
         }
         let mut out = Expired::default();
         if doomed.is_empty() {
@@ -228,6 +253,27 @@ impl TableStore {
         stats.expired_bytes.fetch_add(out.bytes, Ordering::Relaxed);
         stats.expired_rows.fetch_add(out.rows, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// The live files other writers keep in this table's storage location (none where this
+    /// writer is alone). A listing that fails counts as none: the bound then holds per writer.
+    fn other_writers_files(&self) -> Vec<ParquetFile> {
+        let shared = &self.shared;
+        let listed = match shared.config.remote.as_deref() {
+            Some(remote) => remote.list(shared.table),
+            None => parquet_file::list(&shared.dir),
+        };
+        match listed {
+            Ok(files) => parquet_file::live(files)
+                .0
+                .into_iter()
+                .filter(|f| f.writer != shared.config.writer)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(table = %shared.table, error = %e, "retention: cannot list other writers' files");
+                Vec::new()
+            }
+        }
     }
 
     /// Deletes retired files whose grace period has passed (all of them with `force`).
@@ -497,6 +543,60 @@ mod tests {
         assert_eq!(left, BTreeSet::from([5, 6]), "the newest two remain");
         assert_eq!(store.stats().expired_rows.load(Ordering::Relaxed), 40);
         assert_eq!(store.delete_retired(false), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn collectors_sharing_a_location_keep_one_size_bound() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = |writer: &str| {
+            let mut c = StoreConfig::new(dir.path());
+            c.writer = writer.into();
+            c.retire_grace = Duration::ZERO;
+            c
+        };
+        // c1 holds hours 1000-1002; c2 holds hours 1010-1012.
+        let c1 = store_with_files(config("c1"), 3).await;
+        let c2 = TableStore::open(Table::Spans, config("c2")).expect("open");
+        let hour = 3_600_000_000_000u64;
+        for i in 0..3u32 {
+            c2.write(spans(
+                "cart",
+                100 + i * 10,
+                10,
+                (1_010 + u64::from(i)) * hour,
+            ))
+            .await
+            .expect("write");
+            c2.flush().await.expect("flush");
+        }
+        let sizes =
+            |s: &TableStore| -> Vec<u64> { s.snapshot().files.iter().map(|f| f.size).collect() };
+        let (s1, s2) = (sizes(&c1), sizes(&c2));
+        // Room for all of c2 and c1's newest file: c1 alone fits (three files), both don't.
+        let bound = s2.iter().sum::<u64>() + s1[2];
+        assert!(s1.iter().sum::<u64>() <= bound);
+        let retention = Retention {
+            max_age: None,
+            max_bytes: Some(bound),
+        };
+        let now = 2_000 * hour as i64;
+        let e = c2
+            .expire(retention, now, &mut HashMap::new())
+            .expect("expire");
+        assert_eq!(e.files, 0, "c2's files are the newest of all");
+        let e = c1
+            .expire(retention, now, &mut HashMap::new())
+            .expect("expire");
+        assert_eq!(
+            (e.files, e.rows),
+            (2, 20),
+            "c1 removes its two oldest files"
+        );
+        assert_eq!(c1.delete_retired(false), 2);
+        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        let left: u64 = reader.snapshot().files.iter().map(|f| f.size).sum();
+        assert!(left <= bound, "{left} bytes left under a bound of {bound}");
+        assert_eq!(span_ids(&reader).len(), 40);
     }
 
     #[tokio::test(flavor = "multi_thread")]
