@@ -171,8 +171,8 @@ impl Exposition {
                     .snapshot()
                     .files
                     .iter()
-                    .map(|f| f.size as f64)
-                    .sum()
+                    .map(|f| f.size)
+                    .sum::<u64>() as f64 // an empty f64 sum is -0
             }),
         );
         family(

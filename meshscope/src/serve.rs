@@ -99,16 +99,27 @@ async fn maintain(mut maintainer: Maintainer, every: Duration, shutdown: Shutdow
     let stop = shutdown.wait();
     tokio::pin!(stop);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // A pass can run for minutes under a backlog; shutdown ends it after the compaction
+    // under way.
+    let cancel = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-                match tokio::task::spawn_blocking(move || {
-                    let report = maintainer.run_once(now);
+                let flag = Arc::clone(&cancel);
+                let mut pass = tokio::task::spawn_blocking(move || {
+                    let report = maintainer.run_once(now, &flag);
                     (maintainer, report)
-                })
-                .await
-                {
+                });
+                let joined = tokio::select! {
+                    joined = &mut pass => joined,
+                    () = &mut stop => {
+                        cancel.store(true, Ordering::Relaxed);
+                        let _ = pass.await;
+                        return;
+                    }
+                };
+                match joined {
                     Ok((m, report)) => {
                         maintainer = m;
                         if report.compactions + report.expired.files as usize + report.deleted > 0 {

@@ -30,6 +30,7 @@ pub mod wal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::record_batch::RecordBatch;
 use meshscope_proto::Table;
@@ -167,26 +168,42 @@ impl Maintainer {
 
     /// One pass at wall-clock time `now_ns`: expire, compact, delete retired files.
     /// Blocking; errors are logged per table and do not stop the other tables.
-    pub fn run_once(&mut self, now_ns: i64) -> MaintenanceReport {
+    ///
+    /// Compactions go one at a time, table after table, with retention and the deletion of
+    /// retired files between them: under a backlog of small files (ingest faster than
+    /// compaction) the size bound still holds and the merged inputs still leave the disk.
+    /// `cancel` ends the pass after the compaction under way (at shutdown).
+    pub fn run_once(&mut self, now_ns: i64, cancel: &AtomicBool) -> MaintenanceReport {
         let mut report = MaintenanceReport::default();
-        for t in self.storage.tables() {
-            if let Some(r) = self.upkeep.retention.get(&t.table()) {
-                match t.expire(*r, now_ns, &mut self.summaries) {
-                    Ok(e) => {
-                        report.expired.files += e.files;
-                        report.expired.bytes += e.bytes;
-                        report.expired.rows += e.rows;
+        let mut merging: Vec<bool> = vec![true; self.storage.tables().count()];
+        while merging.iter().any(|&m| m) && !cancel.load(Ordering::Relaxed) {
+            for (t, merging) in self.storage.tables().zip(merging.iter_mut()) {
+                if let Some(r) = self.upkeep.retention.get(&t.table()) {
+                    match t.expire(*r, now_ns, &mut self.summaries) {
+                        Ok(e) => {
+                            report.expired.files += e.files;
+                            report.expired.bytes += e.bytes;
+                            report.expired.rows += e.rows;
+                        }
+                        Err(e) => {
+                            tracing::warn!(table = %t.table(), error = %e, "retention failed")
+                        }
                     }
-                    Err(e) => tracing::warn!(table = %t.table(), error = %e, "retention failed"),
                 }
+                *merging = *merging
+                    && match self.upkeep.compaction.map(|policy| t.compact_once(policy)) {
+                        Some(Ok(Some(_))) => {
+                            report.compactions += 1;
+                            true
+                        }
+                        Some(Ok(None)) | None => false,
+                        Some(Err(e)) => {
+                            tracing::warn!(table = %t.table(), error = %e, "compaction failed");
+                            false
+                        }
+                    };
+                report.deleted += t.delete_retired(false);
             }
-            if let Some(policy) = self.upkeep.compaction {
-                match t.compact(policy) {
-                    Ok(n) => report.compactions += n,
-                    Err(e) => tracing::warn!(table = %t.table(), error = %e, "compaction failed"),
-                }
-            }
-            report.deleted += t.delete_retired(false);
         }
         report
     }

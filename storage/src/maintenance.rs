@@ -346,8 +346,9 @@ mod tests {
     use meshscope_proto::otlp::common::v1::{AnyValue, KeyValue, any_value};
     use meshscope_proto::otlp::resource::v1::Resource;
     use meshscope_proto::otlp::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
 
     /// `n` spans of `service` with ids starting at `first`, all starting at `start_ns`.
     fn spans(service: &str, first: u32, n: u32, start_ns: u64) -> RecordBatch {
@@ -543,6 +544,76 @@ mod tests {
         assert_eq!(left, BTreeSet::from([5, 6]), "the newest two remain");
         assert_eq!(store.stats().expired_rows.load(Ordering::Relaxed), 40);
         assert_eq!(store.delete_retired(false), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_pass_compacts_expires_and_deletes_until_done_unless_cancelled() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut config = StoreConfig::new(dir.path());
+        config.retire_grace = Duration::ZERO;
+        let storage = crate::Storage::open(config).expect("open");
+        let table = Arc::clone(storage.table(Table::Spans));
+        let hour = 3_600_000_000_000u64;
+        for i in 0..8u32 {
+            table
+                .write(spans("cart", i * 10, 10, (1_000 + u64::from(i)) * hour))
+                .await
+                .expect("write");
+            table.flush().await.expect("flush");
+        }
+        let sizes: Vec<u64> = table.snapshot().files.iter().map(|f| f.size).collect();
+        let total: u64 = sizes.iter().sum();
+        // Pairs of neighbours merge (four compactions); half the bytes may stay.
+        let policy = CompactionPolicy {
+            target_bytes: sizes[0] * 5 / 2,
+            min_files: 2,
+            zstd_level: 3,
+        };
+        let upkeep = crate::Upkeep {
+            compaction: Some(policy),
+            retention: BTreeMap::from([(
+                Table::Spans,
+                Retention {
+                    max_age: None,
+                    max_bytes: Some(total / 2),
+                },
+            )]),
+        };
+        let now = 2_000 * hour as i64;
+        let mut maintainer = crate::Maintainer::new(storage.clone(), upkeep);
+        let cancelled = maintainer.run_once(now, &AtomicBool::new(true));
+        assert_eq!(cancelled.compactions + cancelled.expired.files as usize, 0);
+        assert_eq!(
+            table.snapshot().files.len(),
+            8,
+            "a cancelled pass does nothing"
+        );
+
+        let report = maintainer.run_once(now, &AtomicBool::new(false));
+        assert!(report.compactions >= 2, "{report:?}");
+        assert!(report.expired.files >= 1, "{report:?}");
+        let live = table.snapshot().files;
+        let live_bytes: u64 = live.iter().map(|f| f.size).sum();
+        assert!(live_bytes <= total / 2, "{live_bytes} > {}", total / 2);
+        // Whatever the pass merged or expired has left the disk too.
+        let on_disk = std::fs::read_dir(dir.path().join("spans"))
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+            })
+            .count();
+        assert_eq!(on_disk, live.len());
+        let kept = span_ids(&table);
+        assert!(
+            !kept.is_empty() && kept.len() < 80,
+            "{} spans kept",
+            kept.len()
+        );
+        assert!(
+            kept.contains(&"0000004f01010101".to_string()),
+            "the newest span stays"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -219,8 +219,7 @@ fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterPropert
 /// at 12; trace_id 4.99 against 5.28; parent_span_id 3.03 against 3.22), and are slower.
 const RANDOM_IDS: &[&str] = &["trace_id", "span_id", "parent_span_id"];
 
-/// Sorts a table's batches into one batch ready to write. Only the sort columns are
-/// concatenated; the rows are then gathered once from the original batches.
+/// Sorts a table's batches into one batch ready to write.
 pub fn prepare(
     table: Table,
     layout: Layout,
@@ -230,6 +229,20 @@ pub fn prepare(
     if batches.is_empty() {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }
+    let order = sort_order(table, layout, schema, batches)?;
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    Ok(interleave_record_batch(&refs, &order)?)
+}
+
+/// The order a table's rows are written in, as (batch, row within it). Only the sort
+/// columns are concatenated; the writer then gathers the rows from the original batches a
+/// slice at a time, so a compaction holds its inputs and one slice, not two copies.
+fn sort_order(
+    table: Table,
+    layout: Layout,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<(usize, usize)>> {
     let columns = sort_keys(table, layout)
         .iter()
         .map(|key| {
@@ -268,8 +281,29 @@ pub fn prepare(
             (b, i - starts[b])
         })
         .collect();
+    Ok(pairs)
+}
+
+/// Rows gathered into one batch at a time while writing.
+const WRITE_SLICE_ROWS: usize = 64 * 1024;
+
+/// Writes `batches` to `out` in the table's sort order, a slice at a time.
+fn write_sorted<W: std::io::Write + Send>(
+    out: &mut ArrowWriter<W>,
+    table: Table,
+    layout: Layout,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<()> {
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let order = sort_order(table, layout, schema, batches)?;
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    Ok(interleave_record_batch(&refs, &pairs)?)
+    for slice in order.chunks(WRITE_SLICE_ROWS) {
+        out.write(&interleave_record_batch(&refs, slice)?)?;
+    }
+    Ok(())
 }
 
 /// The hour (since the epoch) of each timestamp; nulls stay null.
@@ -309,16 +343,16 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
         layout,
     } = at;
     let schema = table.schema();
-    let batch = prepare(table, layout, &schema, batches)?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let name = file_name(first_seq, last_seq, writer);
     if let Some(remote) = remote {
         let mut buf = Vec::new();
         let mut out = ArrowWriter::try_new(
             &mut buf,
             Arc::clone(&schema),
-            Some(writer_properties(table, layout, batch.num_rows())),
+            Some(writer_properties(table, layout, rows)),
         )?;
-        out.write(&batch)?;
+        write_sorted(&mut out, table, layout, &schema, batches)?;
         out.close()?;
         let size = buf.len() as u64;
         let key = remote.put(table, &name, buf)?;
@@ -337,9 +371,9 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
     let mut out = ArrowWriter::try_new(
         file,
         Arc::clone(&schema),
-        Some(writer_properties(table, layout, batch.num_rows())),
+        Some(writer_properties(table, layout, rows)),
     )?;
-    out.write(&batch)?;
+    write_sorted(&mut out, table, layout, &schema, batches)?;
     let file = out.into_inner()?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let size = file.metadata().map_err(|e| Error::io(&tmp, e))?.len();
