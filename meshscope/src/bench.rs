@@ -714,12 +714,13 @@ pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String
         zstd_level: args.zstd_level,
     };
     let started = Instant::now();
-    let compacted = tokio::task::spawn_blocking(move || {
-        let mut n = 0usize;
+    let (compacted, compacted_rows) = tokio::task::spawn_blocking(move || {
+        let (mut n, mut rows) = (0usize, 0u64);
         loop {
             match spans.compact_once(policy) {
                 Ok(Some(c)) => {
                     n += 1;
+                    rows += c.rows;
                     eprintln!(
                         "  compaction {n}: {} files, {} rows, {:.1} MiB -> {:.1} MiB ({:.0} s so far)",
                         c.inputs,
@@ -734,7 +735,7 @@ pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String
             }
         }
         spans.delete_retired(true);
-        Ok(n)
+        Ok((n, rows))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -791,8 +792,8 @@ pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String
         before.graph_ms, after.graph_ms
     );
     println!(
-        "compaction                     {compacted} compactions in {compaction_secs:.1} s ({:.0} spans/s)",
-        after.spans as f64 / compaction_secs.max(1e-9)
+        "compaction                     {compacted} compactions of {compacted_rows} spans in {compaction_secs:.1} s ({:.0} spans/s)",
+        compacted_rows as f64 / compaction_secs.max(1e-9)
     );
     println!(
         "retention to {:.1} MiB          removed {} files, {} rows; {:.1} MiB on disk ({})",

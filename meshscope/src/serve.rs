@@ -28,7 +28,7 @@ use meshscope_query::analysis::prometheus::SpanCounters;
 use meshscope_query::analysis::rollup::Rollups;
 use meshscope_query::engine::EngineConfig;
 use meshscope_query::{Executor, QueryEngine};
-use meshscope_storage::{Maintainer, Storage, StoreConfig};
+use meshscope_storage::{Maintainer, Storage, StoreConfig, Upkeep};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -298,15 +298,39 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
         tracing::warn!("some connections did not finish within 10 s; closing anyway");
     }
     drop(ingest);
-    close(storage).await?;
+    close(storage, final_retention(&config)).await?;
     executor.shutdown();
     Ok(())
 }
 
-async fn close(storage: Storage) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || storage.close())
-        .await
-        .map_err(|e| e.to_string())?;
+/// Retention's last pass at shutdown, after the final flush (which may have taken a
+/// table past its size bound since the last maintenance pass).
+fn final_retention(config: &ServeConfig) -> Option<Upkeep> {
+    (config.compaction_interval.is_some() && !config.upkeep.retention.is_empty()).then(|| Upkeep {
+        compaction: None,
+        retention: config.upkeep.retention.clone(),
+    })
+}
+
+async fn close(storage: Storage, retention: Option<Upkeep>) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        storage.close();
+        if let Some(upkeep) = retention {
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+            let report =
+                Maintainer::new(storage.clone(), upkeep).run_once(now, &AtomicBool::new(false));
+            if report.expired.files > 0 {
+                tracing::info!(
+                    expired_files = report.expired.files,
+                    expired_bytes = report.expired.bytes,
+                    "retention after the final flush"
+                );
+            }
+            storage.close(); // deletes what it retired: no query is running any more
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!("stopped; every acknowledged row is in Parquet");
     Ok(())
 }
@@ -406,5 +430,5 @@ async fn run_collector(
         tracing::warn!("some connections did not finish within 10 s; closing anyway");
     }
     drop(ingest);
-    close(storage).await
+    close(storage, final_retention(&config)).await
 }
