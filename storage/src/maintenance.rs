@@ -208,7 +208,9 @@ impl TableStore {
             aged.push((f, s, own));
         }
         // Forget the footers of files that are gone (other writers' too).
-        summaries.retain(|p, _| aged.iter().any(|(f, _, _)| &f.path == p));
+        let present: std::collections::HashSet<&PathBuf> =
+            aged.iter().map(|(f, _, _)| &f.path).collect();
+        summaries.retain(|p, _| present.contains(p));
         // Oldest newest-row first.
         aged.sort_by_key(|(f, s, _)| (s.max_time.unwrap_or(i64::MIN), f.first_seq));
         let mut doomed = Vec::new();
