@@ -150,15 +150,6 @@ impl TableStore {
         }))
     }
 
-    /// Compacts until nothing is left worth merging; returns how many compactions ran.
-    pub fn compact(&self, policy: CompactionPolicy) -> Result<usize> {
-        let mut n = 0;
-        while self.compact_once(policy)?.is_some() {
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Removes this writer's files that fall outside `retention` at time `now` (nanoseconds
     /// since the epoch): first those whose newest row is too old, then the oldest until the
     /// total size fits. `summaries` caches footers across passes.
