@@ -257,21 +257,30 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
             .map(Vec::len),
         Some(5)
     );
-    let log: Value = http
-        .get(server.url("/api/v1/alerts/deliveries"))
-        .send()
-        .await
-        .expect("deliveries")
-        .json()
-        .await
-        .expect("json");
-    assert!(
+    // The attempt is logged once the receiver's answer is back, just after the receiver
+    // above got the payload.
+    let delivered = |log: &Value| {
         log.as_array()
             .expect("array")
             .iter()
-            .any(|d| d["ok"] == true && d["receiver"] == "ops"),
-        "{log}"
-    );
+            .any(|d| d["ok"] == true && d["receiver"] == "ops")
+    };
+    let started = Instant::now();
+    loop {
+        let log: Value = http
+            .get(server.url("/api/v1/alerts/deliveries"))
+            .send()
+            .await
+            .expect("deliveries")
+            .json()
+            .await
+            .expect("json");
+        if delivered(&log) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // meshscope's own /metrics counts them.
     let metrics = http
