@@ -267,14 +267,7 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
     };
     let started = Instant::now();
     loop {
-        let log: Value = http
-            .get(server.url("/api/v1/alerts/deliveries"))
-            .send()
-            .await
-            .expect("deliveries")
-            .json()
-            .await
-            .expect("json");
+        let log = deliveries(&http, &server).await;
         if delivered(&log) {
             break;
         }
@@ -494,20 +487,24 @@ async fn pushes_to_a_real_alertmanager() {
     assert_eq!(v["version"], "4");
     assert_eq!(v["alerts"][0]["labels"]["service"], "checkout");
 
-    let log: Value = http
-        .get(server.url("/api/v1/alerts/deliveries"))
-        .send()
-        .await
-        .expect("deliveries")
-        .json()
-        .await
-        .expect("json");
+    let log = deliveries(&http, &server).await;
     let first = &log[log.as_array().map(Vec::len).unwrap_or(1) - 1];
     assert_eq!(
         first["receiver"],
         format!("alertmanager:http://127.0.0.1:{}", am.port)
     );
     assert_eq!(first["ok"], true, "{log}");
+}
+
+/// `GET /api/v1/alerts/deliveries`: the logged delivery attempts.
+async fn deliveries(http: &reqwest::Client, server: &Server) -> Value {
+    http.get(server.url("/api/v1/alerts/deliveries"))
+        .send()
+        .await
+        .expect("deliveries")
+        .json()
+        .await
+        .expect("json")
 }
 
 #[test]
