@@ -136,7 +136,7 @@ impl<'a> Observer<'a> {
         // that function also computes the graph, the per-minute series and saturation,
         // which an endpoint rule does not need.
         let sql = format!(
-            "SELECT coalesce(http_route, span_name) AS endpoint, count(*) AS requests,
+            "SELECT {endpoint} AS endpoint, count(*) AS requests,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
@@ -144,7 +144,8 @@ impl<'a> Observer<'a> {
              FROM spans WHERE {} AND service_name = {} AND span_kind IN ('SERVER', 'CONSUMER')
              GROUP BY 1",
             range.sql("start_time"),
-            sql_str(service)
+            sql_str(service),
+            endpoint = meshscope_query::analysis::signals::ENDPOINT_SQL,
         );
         let seconds = range.seconds();
         let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
@@ -467,7 +468,8 @@ async fn exemplars(
             let (cond, order) = condition(signal, value, "status_code = 'ERROR'", "duration_ns");
             let endpoint = match scope {
                 Scope::Endpoint { .. } => format!(
-                    " AND coalesce(http_route, span_name) = {}",
+                    " AND {} = {}",
+                    meshscope_query::analysis::signals::ENDPOINT_SQL,
                     sql_str(&get("endpoint"))
                 ),
                 _ => String::new(),

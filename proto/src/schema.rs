@@ -130,6 +130,8 @@ static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         utf8("trace_state", true),
         utf8("service_name", false),
         utf8("service_namespace", true),
+        // The resource's `service.version`: the graph's per-version breakdown.
+        utf8("service_version", true),
         utf8("span_name", false),
         utf8("span_kind", false),
         utf8("status_code", false),
@@ -139,11 +141,15 @@ static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("http_status_code", DataType::Int32, true),
         utf8("peer_service", true),
         utf8("server_address", true),
-        // For CLIENT and PRODUCER spans: the peer as the service graph names an
-        // uninstrumented one (the first of peer.service, db.namespace, db.name,
-        // db.system.name, db.system, server.address, net.peer.name,
-        // messaging.destination.name), so the graph need not search the attribute map.
+        // For CLIENT and PRODUCER spans: the peer as the service graph names it when the
+        // span has no child (`convert::spans::PEER_ATTRIBUTES`, then Envoy's
+        // upstream_cluster and the host of http.url / url.full), so the graph need not
+        // search the attribute map.
         utf8("peer_name", true),
+        // Why a proxy answered the request itself (`circuit-open`, `rate-limited`,
+        // `fault-abort`, `timeout`, `connect-failed` …), from meshscope's
+        // `meshscope.proxy_response` or Envoy's `response_flags`; null otherwise.
+        utf8("proxy_reason", true),
         utf8("scope_name", true),
         utf8("scope_version", true),
         attrs("span_attributes"),
@@ -219,6 +225,13 @@ static ROLLUPS: LazyLock<SchemaRef> = LazyLock::new(|| {
         // For edges: `service` or `virtual`.
         utf8("target_kind", true),
         utf8("namespace", true),
+        // For edges: `user` when the source is the entry point, else `service` (null in
+        // rollups written before versions: then `source = 'user'` is the entry point).
+        utf8("source_kind", true),
+        // A service's version, or an edge's callee version (`service.version`).
+        utf8("version", true),
+        // For edges: why a proxy answered these requests itself, when one did.
+        utf8("reason", true),
         Field::new("requests", DataType::Int64, false),
         Field::new("errors", DataType::Int64, false),
         Field::new("latency_sum_ns", DataType::Float64, false),

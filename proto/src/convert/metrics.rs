@@ -80,6 +80,25 @@ struct Values<'a> {
     quantiles: Option<(Vec<f64>, Vec<f64>)>,
 }
 
+/// A point's start time, when it can be one: not 0, not before 2000 and not after the
+/// point's own time. Envoy 1.40's stats sink writes cumulative points' start in
+/// microseconds (a 1970 date read as nanoseconds): that is scaled when the result is
+/// plausible; anything else is stored as null, so a counter's increase is still counted
+/// (from its first point in the range) rather than mistaken for a restart.
+pub(crate) fn plausible_start(start: u64, time: u64) -> Option<i64> {
+    const Y2000_NS: u64 = 946_684_800_000_000_000;
+    let fits = |s: u64| (Y2000_NS..=time).contains(&s);
+    if start == 0 {
+        None
+    } else if fits(start) {
+        Some(ts_ns(start))
+    } else if start < Y2000_NS && fits(start.saturating_mul(1000)) {
+        Some(ts_ns(start * 1000))
+    } else {
+        None
+    }
+}
+
 fn counts(v: &[u64]) -> impl Iterator<Item = Option<i64>> + '_ {
     v.iter()
         .map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX)))
@@ -130,7 +149,7 @@ impl Rows {
     ) {
         self.time.append_value(ts_ns(p.time));
         self.start_time
-            .append_option((p.start != 0).then(|| ts_ns(p.start)));
+            .append_option(plausible_start(p.start, p.time));
         self.service.append_value(svc);
         self.name.append_value(&p.metric.name);
         self.description
@@ -419,6 +438,22 @@ mod tests {
     use opentelemetry_proto::tonic::metrics::v1::{
         Gauge, Histogram, HistogramDataPoint, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
     };
+
+    #[test]
+    fn implausible_start_times_are_scaled_or_dropped() {
+        let now = 1_764_000_000_000_000_000u64; // 2025-11
+        let hour_ago = now - 3_600_000_000_000;
+        assert_eq!(plausible_start(hour_ago, now), Some(hour_ago as i64));
+        // Envoy 1.40's stats sink: microseconds.
+        assert_eq!(
+            plausible_start(hour_ago / 1000, now),
+            Some((hour_ago / 1000 * 1000) as i64)
+        );
+        assert_eq!(plausible_start(0, now), None);
+        assert_eq!(plausible_start(5, now), None);
+        // After the point's own time.
+        assert_eq!(plausible_start(now + 1, now), None);
+    }
 
     #[test]
     fn one_row_per_data_point_of_each_type() {

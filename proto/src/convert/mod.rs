@@ -8,7 +8,7 @@
 mod attributes;
 mod logs;
 mod metrics;
-mod spans;
+pub mod spans;
 
 use arrow::record_batch::RecordBatch;
 

@@ -30,6 +30,88 @@ pub const PEER_ATTRIBUTES: &[&str] = &[
     "messaging.destination.name",
 ];
 
+/// Envoy's tracer names an egress span's peer only here (after [`PEER_ATTRIBUTES`]).
+pub const ENVOY_PEER_ATTRIBUTE: &str = "upstream_cluster";
+
+/// The span attributes whose URL's host names the peer last of all.
+pub const URL_ATTRIBUTES: &[&str] = &["url.full", "http.url"];
+
+/// The host of an absolute URL (`http://cart:8080/x` → `cart`), without user, port or
+/// path; `None` for a relative one.
+pub fn url_host(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        host.split(':').next()?
+    };
+    non_empty(host)
+}
+
+/// The path of an absolute or relative URL, without its query (`http://h/a/b?x` → `/a/b`).
+pub fn url_path(url: &str) -> Option<&str> {
+    let rest = match url.split_once("://") {
+        Some((_, rest)) => &rest[rest.find('/')?..],
+        None => url,
+    };
+    non_empty(rest.split(['?', '#']).next()?).filter(|p| p.starts_with('/'))
+}
+
+/// The peer a CLIENT or PRODUCER span names (the `peer_name` column): the first of
+/// [`PEER_ATTRIBUTES`], then Envoy's `upstream_cluster`, then the host of `url.full` /
+/// `http.url`.
+pub fn peer_name(attrs: &[KeyValue]) -> Option<String> {
+    find_str(attrs, PEER_ATTRIBUTES)
+        .or_else(|| find_str(attrs, &[ENVOY_PEER_ATTRIBUTE]))
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            let url = find_str(attrs, URL_ATTRIBUTES)?;
+            url_host(&url).map(str::to_string)
+        })
+}
+
+/// Why a proxy answered a request itself (the `proxy_reason` column): meshscope's proxy
+/// says so in `meshscope.proxy_response` (the `x-meshscope-proxy` answer it made or saw);
+/// Envoy in `response_flags`, mapped to the same names where one exists
+/// (`UO` circuit-open, `RL`/`RLSE` rate-limited, `FI` fault-abort, `UF`/`URX`
+/// connect-failed/retry-limit, `UH` no-healthy-upstream, `UT`/`SI` timeout, `NR`
+/// no-route, `UAEX` unauthorized, `DC`/`DPE`/…: the flag itself, lowercased).
+pub fn proxy_reason(attrs: &[KeyValue]) -> Option<String> {
+    if let Some(r) = find_str(attrs, &["meshscope.proxy_response"]).filter(|r| !r.is_empty()) {
+        return Some(r);
+    }
+    let flags = find_str(attrs, &["response_flags"])?;
+    envoy_reason(&flags).map(str::to_string)
+}
+
+/// Envoy's `%RESPONSE_FLAGS%` (comma-separated short flags, `-` for none) as a reason;
+/// flags that only mark a request (delay injected, downstream closed) are not one.
+pub fn envoy_reason(flags: &str) -> Option<&str> {
+    let mut other = None;
+    for flag in flags.split(',').map(str::trim) {
+        let named = match flag {
+            "UO" => "circuit-open",
+            "RL" | "RLSE" => "rate-limited",
+            "FI" => "fault-abort",
+            "UF" => "connect-failed",
+            "URX" => "retry-limit",
+            "UH" => "no-healthy-upstream",
+            "UT" | "SI" => "timeout",
+            "NR" | "NC" => "no-route",
+            "UAEX" | "RBAC" => "unauthorized",
+            "" | "-" | "DI" | "DC" | "UC" | "UR" | "LR" | "DPE" | "UPE" | "OM" => continue,
+            _ => {
+                other.get_or_insert(flag);
+                continue;
+            }
+        };
+        return Some(named);
+    }
+    other
+}
+
 /// The `span_kind` column's text for an OTLP kind.
 pub fn span_kind_name(kind: i32) -> &'static str {
     match SpanKind::try_from(kind).unwrap_or(SpanKind::Unspecified) {
@@ -109,6 +191,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
     let mut trace_state = StringBuilder::new();
     let mut service = StringBuilder::with_capacity(n, n * 16);
     let mut namespace = StringBuilder::new();
+    let mut version = StringBuilder::new();
     let mut name = StringBuilder::with_capacity(n, n * 24);
     let mut kind = StringBuilder::with_capacity(n, n * 6);
     let mut status = StringBuilder::with_capacity(n, n * 5);
@@ -117,7 +200,8 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
     let mut http_route = StringBuilder::new();
     let mut http_status = Int32Builder::with_capacity(n);
     let mut peer_service = StringBuilder::new();
-    let mut peer_name = StringBuilder::new();
+    let mut peer = StringBuilder::new();
+    let mut reason = StringBuilder::new();
     let mut server_address = StringBuilder::new();
     let mut scope_name = StringBuilder::new();
     let mut scope_version = StringBuilder::new();
@@ -147,6 +231,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
             .unwrap_or(&[]);
         let svc = service_name(rattrs);
         let ns = find_str(rattrs, &["service.namespace"]);
+        let ver = find_str(rattrs, &["service.version"]).filter(|v| !v.is_empty());
         for ss in &rs.scope_spans {
             let (sname, sversion) = match &ss.scope {
                 Some(s) => (Some(s.name.as_str()), Some(s.version.as_str())),
@@ -172,6 +257,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
                 trace_state.append_option(non_empty(&span.trace_state));
                 service.append_value(&svc);
                 namespace.append_option(ns.as_deref());
+                version.append_option(ver.as_deref());
                 name.append_value(&span.name);
                 kind.append_value(span_kind_name(span.kind));
                 let (code, msg) = span
@@ -191,10 +277,11 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
                 peer_service.append_option(find_str(a, &["peer.service"]));
                 let kind_code = SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified);
                 if matches!(kind_code, SpanKind::Client | SpanKind::Producer) {
-                    peer_name.append_option(find_str(a, PEER_ATTRIBUTES));
+                    peer.append_option(peer_name(a));
                 } else {
-                    peer_name.append_null();
+                    peer.append_null();
                 }
+                reason.append_option(proxy_reason(a));
                 server_address.append_option(find_str(a, &["server.address", "net.peer.name"]));
                 scope_name.append_option(sname.and_then(non_empty));
                 scope_version.append_option(sversion.and_then(non_empty));
@@ -256,6 +343,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
         Arc::new(trace_state.finish()),
         Arc::new(service.finish()),
         Arc::new(namespace.finish()),
+        Arc::new(version.finish()),
         Arc::new(name.finish()),
         Arc::new(kind.finish()),
         Arc::new(status.finish()),
@@ -265,7 +353,8 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
         Arc::new(http_status.finish()),
         Arc::new(peer_service.finish()),
         Arc::new(server_address.finish()),
-        Arc::new(peer_name.finish()),
+        Arc::new(peer.finish()),
+        Arc::new(reason.finish()),
         Arc::new(scope_name.finish()),
         Arc::new(scope_version.finish()),
         Arc::new(span_attrs.finish()),
@@ -343,6 +432,62 @@ mod tests {
                 ..Default::default()
             }],
         }
+    }
+
+    #[test]
+    fn peers_are_named_as_envoy_and_the_semantic_conventions_name_them() {
+        let s = |k: &str, v: &str| kv(k, Value::StringValue(v.into()));
+        assert_eq!(url_host("http://cart:8080/x?y"), Some("cart"));
+        assert_eq!(
+            url_host("https://user:pw@pay.example.com/charge"),
+            Some("pay.example.com")
+        );
+        assert_eq!(url_host("http://[::1]:9000/"), Some("::1"));
+        assert_eq!(url_host("/relative/path"), None);
+        assert_eq!(url_path("http://cart:8080/a/b?x=1#f"), Some("/a/b"));
+        assert_eq!(url_path("/stock?sku=1"), Some("/stock"));
+        assert_eq!(url_path("http://cart:8080"), None);
+        // The contract's order first, then Envoy's upstream cluster, then the URL's host.
+        assert_eq!(
+            peer_name(&[
+                s("http.url", "http://a/"),
+                s("upstream_cluster", "b"),
+                s("peer.service", "c")
+            ]),
+            Some("c".to_string())
+        );
+        assert_eq!(
+            peer_name(&[s("http.url", "http://a/"), s("upstream_cluster", "b")]),
+            Some("b".to_string())
+        );
+        assert_eq!(
+            peer_name(&[s("url.full", "https://a:443/")]),
+            Some("a".to_string())
+        );
+        assert_eq!(peer_name(&[s("peer.address", "10.0.0.1")]), None);
+    }
+
+    #[test]
+    fn proxy_reasons_from_meshscope_and_envoy() {
+        let s = |k: &str, v: &str| kv(k, Value::StringValue(v.into()));
+        assert_eq!(
+            proxy_reason(&[
+                s("meshscope.proxy_response", "circuit-open"),
+                s("response_flags", "RL")
+            ]),
+            Some("circuit-open".to_string())
+        );
+        assert_eq!(
+            proxy_reason(&[s("response_flags", "UO")]),
+            Some("circuit-open".to_string())
+        );
+        assert_eq!(proxy_reason(&[s("response_flags", "-")]), None);
+        assert_eq!(proxy_reason(&[]), None);
+        // Marks that are not an answer give way to one that is; unknown flags stay as they are.
+        assert_eq!(envoy_reason("DI,FI"), Some("fault-abort"));
+        assert_eq!(envoy_reason("DC"), None);
+        assert_eq!(envoy_reason("XYZ"), Some("XYZ"));
+        assert_eq!(envoy_reason("UF,URX"), Some("connect-failed"));
     }
 
     #[test]

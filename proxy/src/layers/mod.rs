@@ -83,6 +83,31 @@ pub struct Decisions {
     pub timed_out: bool,
     pub chosen: Option<split::Chosen>,
     pub upstream: Option<forward::Upstream>,
+    /// Why this proxy, or the proxy behind it, answered by itself (`x-meshscope-proxy`),
+    /// as one of [`PROXY_RESPONSES`].
+    pub proxy_response: Option<&'static str>,
+}
+
+/// The reasons `x-meshscope-proxy` may carry; any other value is not recorded (it comes
+/// from the network, and telemetry keeps its label values bounded).
+pub const PROXY_RESPONSES: &[&str] = &[
+    "circuit-open",
+    "rate-limited",
+    "fault-abort",
+    "timeout",
+    "no-route",
+    "no-endpoint",
+    "connect-failed",
+    "upstream-error",
+    "bad-uri",
+    "request-body-error",
+    "unauthorized",
+];
+
+/// The known reason a response's `x-meshscope-proxy` header names.
+pub fn proxy_response(headers: &http::HeaderMap) -> Option<&'static str> {
+    let v = headers.get("x-meshscope-proxy")?.as_bytes();
+    PROXY_RESPONSES.iter().copied().find(|r| r.as_bytes() == v)
 }
 
 impl Decisions {
@@ -95,6 +120,7 @@ impl Decisions {
             timed_out: x.get::<timeout::TimedOut>().is_some(),
             chosen: x.get::<split::Chosen>().cloned(),
             upstream: x.get::<forward::Upstream>().cloned(),
+            proxy_response: None,
         }
     }
 }

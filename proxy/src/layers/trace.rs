@@ -254,6 +254,7 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
             let mut finished = finished;
             finished.status = parts.status.as_u16();
             finished.decisions = Decisions::of(&parts.extensions);
+            finished.decisions.proxy_response = super::proxy_response(&parts.headers);
             let pending = Pending {
                 telemetry,
                 finished,

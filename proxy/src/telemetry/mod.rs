@@ -302,6 +302,9 @@ impl Telemetry {
         if d.timed_out {
             a.push(string_kv("error.type", "timeout"));
         }
+        if let Some(r) = d.proxy_response {
+            a.push(string_kv("meshscope.proxy_response", r));
+        }
         let error = f.status >= 500;
         Span {
             trace_id: f.context.trace_id.to_vec(),
@@ -371,6 +374,9 @@ impl Telemetry {
         }
         if let Some(fault) = &d.fault {
             a.push(string_kv("fault", &fault.describe()));
+        }
+        if let Some(r) = d.proxy_response {
+            a.push(string_kv("proxy_response", r));
         }
         let now = now_ns();
         LogRecord {

@@ -3,31 +3,45 @@
 //! Semantics (the contract, `interfaces.md`, "Service graph semantics"):
 //! - a CLIENT span of A whose child (same trace, `parent_span_id` = its `span_id`) is a
 //!   SERVER span of B is one request on edge A→B; likewise PRODUCER→CONSUMER;
-//! - a CLIENT or PRODUCER span with no such child is a request to a `virtual` node named by
-//!   the first present of `peer.service`, `db.namespace`/`db.name`,
+//! - a CLIENT or PRODUCER span with no such child is a request to the peer its `peer_name`
+//!   names (the first present of `peer.service`, `db.namespace`/`db.name`,
 //!   `db.system.name`/`db.system`, `server.address`/`net.peer.name`,
-//!   `messaging.destination.name`;
-//! - a SERVER span with no parent in the trace is a request from the `user` node;
+//!   `messaging.destination.name`, Envoy's `upstream_cluster`, the host of `url.full` /
+//!   `http.url`): the edge to that service when it is an instrumented service of the range
+//!   (its proxy answered by itself, or the call never reached it), else to a `virtual` node;
+//! - a SERVER span with no parent in the trace is a request from the `user` node (whose id
+//!   is `user (entry)` when a service is itself called `user`);
 //! - a request is an error when either side has status ERROR; its latency is the client
 //!   span's duration (the server span's for `user` edges);
-//! - percentiles are exact (linear interpolation, DataFusion's `percentile_cont`).
+//! - every node id appears once and every (source, target) once; each service carries its
+//!   `versions` (resource `service.version`), each edge `by_version` (the callee's) and
+//!   `reasons` (requests a proxy answered itself: `proxy_reason`);
+//! - percentiles are exact (linear interpolation, as `percentile_cont`).
 //!
 //! From raw spans, one scan of the range feeds the pairing in Rust ([`super::pairing`]),
 //! which the rollups and the `/metrics` counters use too. Children are looked for in a window widened by [`PAIR_WINDOW`] so that a pair that
-//! straddles the range's edge, or clock skew between services, does not break it.
+//! straddles the range's edge, or clock skew between services, does not break it. Both
+//! paths hand [`ServiceGraph::build`] the same cells (one per edge or service, version and
+//! reason), so the graph's rules are written once.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use serde::Serialize;
 
 use super::range::{TimeRange, sql_str};
+use super::rollup::Agg;
 use super::{f64_of, round3, u64_of};
 use crate::engine::{QueryEngine, QueryError};
 
 /// How far outside the range the other half of a pair may start.
 pub const PAIR_WINDOW: i64 = 5; // minutes
+
+/// The entry point's node id.
+pub const USER: &str = "user";
+/// The entry point's node id when a service is itself called `user`.
+pub const USER_ENTRY: &str = "user (entry)";
 
 /// Where a range's signals are computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +136,18 @@ impl Signals {
     }
 }
 
+/// The signals of one version of a service (or of an edge's callee).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionSignals {
+    pub version: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+/// The name under which requests of a service without `service.version` are listed
+/// beside versioned ones.
+pub const UNKNOWN_VERSION: &str = "unknown";
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Node {
     pub id: String,
@@ -130,6 +156,8 @@ pub struct Node {
     pub namespace: Option<String>,
     #[serde(flatten)]
     pub signals: Signals,
+    /// Per version, busiest first; empty when no span says a version.
+    pub versions: Vec<VersionSignals>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -138,6 +166,10 @@ pub struct Edge {
     pub target: String,
     #[serde(flatten)]
     pub signals: Signals,
+    /// Per version of the callee, busiest first; empty when it says none.
+    pub by_version: Vec<VersionSignals>,
+    /// Requests a proxy answered itself, per reason (`circuit-open`, `rate-limited` …).
+    pub reasons: BTreeMap<String, u64>,
     /// Where the edge was seen: `spans`, `metrics` (the proxies' request metrics),
     /// `access_logs`. The signals above come from the first of these.
     pub sources: Vec<&'static str>,
@@ -146,11 +178,11 @@ pub struct Edge {
     pub by_source: BTreeMap<&'static str, Signals>,
 }
 
-/// The graph as petgraph holds it.
+/// The graph as petgraph holds it; node ids are unique.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceGraph {
     pub graph: DiGraph<Node, Edge>,
-    index: HashMap<(NodeKind, String), NodeIndex>,
+    index: HashMap<String, NodeIndex>,
 }
 
 /// A service's own requests (its SERVER and CONSUMER spans), per service.
@@ -170,9 +202,129 @@ pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
     )
 }
 
+/// Requests that can be added together and summarised: exact latencies from raw spans,
+/// or a rollup's sketch.
+pub(crate) trait Measure: Default {
+    /// Adds `other`'s requests.
+    fn absorb(&mut self, other: Self);
+    fn requests(&self) -> u64;
+    fn signals(&mut self, seconds: f64) -> Signals;
+}
+
+/// Raw requests: every latency, and the errors.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Raw {
+    pub latencies_ns: Vec<i64>,
+    pub errors: u64,
+}
+
+impl Measure for Raw {
+    fn absorb(&mut self, other: Raw) {
+        if self.latencies_ns.is_empty() {
+            self.latencies_ns = other.latencies_ns;
+        } else {
+            self.latencies_ns.extend(other.latencies_ns);
+        }
+        self.errors += other.errors;
+    }
+
+    fn requests(&self) -> u64 {
+        self.latencies_ns.len() as u64
+    }
+
+    fn signals(&mut self, seconds: f64) -> Signals {
+        let p = super::pairing::percentiles(&mut self.latencies_ns);
+        Signals::new(self.requests(), self.errors, seconds, p)
+    }
+}
+
+impl Measure for Agg {
+    fn absorb(&mut self, other: Agg) {
+        self.merge(&other);
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    fn signals(&mut self, seconds: f64) -> Signals {
+        Agg::signals(self, seconds)
+    }
+}
+
+/// The requests of one edge with one callee version and one proxy reason.
+pub(crate) struct EdgeCell<M> {
+    /// `None` for the entry point.
+    pub source: Option<String>,
+    pub target: String,
+    pub target_kind: NodeKind,
+    pub version: Option<String>,
+    pub reason: Option<String>,
+    pub measure: M,
+}
+
+/// A service's own requests of one version.
+pub(crate) struct ServiceCell<M> {
+    pub service: String,
+    pub namespace: Option<String>,
+    pub version: Option<String>,
+    pub measure: M,
+}
+
+/// One node's or edge's cells summarised: the total, the versions (none when no cell
+/// names one) and the requests per reason.
+pub(crate) fn summarise<M: Measure>(
+    cells: Vec<(Option<String>, Option<String>, M)>,
+    seconds: f64,
+) -> (Signals, Vec<VersionSignals>, BTreeMap<String, u64>) {
+    let mut reasons = BTreeMap::new();
+    let mut by_version: BTreeMap<Option<String>, M> = BTreeMap::new();
+    for (version, reason, m) in cells {
+        if let Some(r) = reason {
+            *reasons.entry(r).or_insert(0) += m.requests();
+        }
+        by_version.entry(version).or_default().absorb(m);
+    }
+    let versioned = by_version.keys().any(Option::is_some);
+    if by_version.len() == 1 {
+        let Some((version, mut m)) = by_version.into_iter().next() else {
+            return (Signals::default(), Vec::new(), reasons);
+        };
+        let signals = m.signals(seconds);
+        let versions = version
+            .map(|version| {
+                vec![VersionSignals {
+                    version,
+                    signals: signals.clone(),
+                }]
+            })
+            .unwrap_or_default();
+        return (signals, versions, reasons);
+    }
+    let mut versions = Vec::with_capacity(by_version.len());
+    let mut total = M::default();
+    for (version, mut m) in by_version {
+        if versioned {
+            versions.push(VersionSignals {
+                version: version.unwrap_or_else(|| UNKNOWN_VERSION.to_string()),
+                signals: m.signals(seconds),
+            });
+        }
+        total.absorb(m);
+    }
+    versions.sort_by(|a, b| {
+        b.signals
+            .requests
+            .cmp(&a.signals.requests)
+            .then_with(|| a.version.cmp(&b.version))
+    });
+    (total.signals(seconds), versions, reasons)
+}
+
 impl ServiceGraph {
+    /// The node `id`, made with `kind` when it is new.
     fn node(&mut self, kind: NodeKind, id: &str) -> NodeIndex {
-        if let Some(i) = self.index.get(&(kind, id.to_string())) {
+        if let Some(i) = self.index.get(id) {
             return *i;
         }
         let i = self.graph.add_node(Node {
@@ -180,9 +332,15 @@ impl ServiceGraph {
             kind,
             namespace: None,
             signals: Signals::default(),
+            versions: Vec::new(),
         });
-        self.index.insert((kind, id.to_string()), i);
+        self.index.insert(id.to_string(), i);
         i
+    }
+
+    /// The node with this id, if there is one.
+    pub fn find(&self, id: &str) -> Option<&Node> {
+        self.index.get(id).map(|i| &self.graph[*i])
     }
 
     /// Computes the graph of a time range from the raw spans (exact percentiles).
@@ -190,9 +348,36 @@ impl ServiceGraph {
         engine: &QueryEngine,
         range: &TimeRange,
     ) -> Result<ServiceGraph, QueryError> {
-        let seconds = range.seconds();
         let found = super::pairing::analyse(engine, range).await?;
-        Ok(ServiceGraph::assemble(found.services, found.edges, seconds))
+        let services = found
+            .services
+            .into_iter()
+            .map(|s| ServiceCell {
+                service: s.service,
+                namespace: s.namespace,
+                version: s.version,
+                measure: Raw {
+                    latencies_ns: s.latencies_ns,
+                    errors: s.errors,
+                },
+            })
+            .collect();
+        let edges = found
+            .edges
+            .into_iter()
+            .map(|e| EdgeCell {
+                source: e.source,
+                target: e.target,
+                target_kind: e.target_kind,
+                version: e.version,
+                reason: e.reason,
+                measure: Raw {
+                    latencies_ns: e.latencies_ns,
+                    errors: e.errors,
+                },
+            })
+            .collect();
+        Ok(ServiceGraph::build(services, edges, range.seconds()))
     }
 
     /// Computes the graph from per-minute rollups (sketch percentiles, within 1%).
@@ -200,26 +385,38 @@ impl ServiceGraph {
         engine: &QueryEngine,
         range: &TimeRange,
     ) -> Result<ServiceGraph, QueryError> {
-        let seconds = range.seconds();
         let mut services = Vec::new();
         let mut edges = Vec::new();
-        for ((kind, source, target, target_kind, ns), agg) in
-            super::rollup::aggregates(engine, range).await?
-        {
-            match kind.as_str() {
-                "service" => services.push((source, ns, agg.signals(seconds))),
+        for (key, agg) in super::rollup::aggregates(engine, range).await? {
+            match key.kind.as_str() {
+                "service" => services.push(ServiceCell {
+                    service: key.source,
+                    namespace: key.namespace,
+                    version: key.version,
+                    measure: agg,
+                }),
                 "edge" => {
-                    let tk = if target_kind.as_deref() == Some("virtual") {
-                        NodeKind::Virtual
-                    } else {
-                        NodeKind::Service
+                    let entry = match key.source_kind.as_deref() {
+                        Some(kind) => kind == "user",
+                        None => key.source == USER,
                     };
-                    edges.push((source, target.unwrap_or_default(), tk, agg.signals(seconds)));
+                    edges.push(EdgeCell {
+                        source: (!entry).then_some(key.source),
+                        target: key.target.unwrap_or_default(),
+                        target_kind: if key.target_kind.as_deref() == Some("virtual") {
+                            NodeKind::Virtual
+                        } else {
+                            NodeKind::Service
+                        },
+                        version: key.version,
+                        reason: key.reason,
+                        measure: agg,
+                    });
                 }
                 _ => {}
             }
         }
-        Ok(ServiceGraph::assemble(services, edges, seconds))
+        Ok(ServiceGraph::build(services, edges, range.seconds()))
     }
 
     /// Computes the graph by the path the range calls for, with the edges the mesh's own
@@ -246,14 +443,13 @@ impl ServiceGraph {
 
     /// Adds what another source of telemetry saw: an edge it shares with what is already
     /// there gains the source's name and its signals under `by_source`; an edge only it saw
-    /// is added with its signals (its ends become service nodes).
+    /// is added with its signals, versions and reasons (its ends become service nodes
+    /// unless the graph already has them).
     pub fn add_source(&mut self, name: &'static str, edges: super::mesh_edges::EdgeSignals) {
-        for ((source, target), signals) in edges {
-            let existing = self
-                .graph
-                .edge_indices()
-                .find(|e| self.graph[*e].source == source && self.graph[*e].target == target);
-            match existing {
+        for ((source, target), seen) in edges {
+            let s = self.node(NodeKind::Service, &source);
+            let t = self.node(NodeKind::Service, &target);
+            match self.graph.find_edge(s, t) {
                 Some(e) => {
                     let edge = &mut self.graph[e];
                     if edge.by_source.is_empty() {
@@ -261,27 +457,25 @@ impl ServiceGraph {
                         edge.by_source.insert(first, edge.signals.clone());
                     }
                     edge.sources.push(name);
-                    edge.by_source.insert(name, signals);
+                    edge.by_source.insert(name, seen.signals);
+                    if edge.by_version.is_empty() {
+                        edge.by_version = seen.by_version;
+                    }
+                    for (reason, n) in seen.reasons {
+                        let r = edge.reasons.entry(reason).or_insert(0);
+                        *r = (*r).max(n);
+                    }
                 }
                 None => {
-                    // An end the spans already know (e.g. a database seen as a virtual
-                    // node) keeps its node; only unknown ends become services.
-                    let known = |g: &Self, id: &str| {
-                        [NodeKind::Service, NodeKind::Virtual]
-                            .into_iter()
-                            .find_map(|k| g.index.get(&(k, id.to_string())).copied())
-                    };
-                    let s = known(self, &source)
-                        .unwrap_or_else(|| self.node(NodeKind::Service, &source));
-                    let t = known(self, &target)
-                        .unwrap_or_else(|| self.node(NodeKind::Service, &target));
                     self.graph.add_edge(
                         s,
                         t,
                         Edge {
                             source,
                             target,
-                            signals,
+                            signals: seen.signals,
+                            by_version: seen.by_version,
+                            reasons: seen.reasons,
                             sources: vec![name],
                             by_source: BTreeMap::new(),
                         },
@@ -291,30 +485,70 @@ impl ServiceGraph {
         }
     }
 
-    fn assemble(
-        services: Vec<(String, Option<String>, Signals)>,
-        edges: Vec<(String, String, NodeKind, Signals)>,
+    /// The graph from cells of requests: services first, then every edge's cells summed,
+    /// its ends made nodes (one per id); virtual and user nodes carry the sum of their
+    /// edges' traffic.
+    pub(crate) fn build<M: Measure>(
+        services: Vec<ServiceCell<M>>,
+        edges: Vec<EdgeCell<M>>,
         seconds: f64,
     ) -> ServiceGraph {
         let mut g = ServiceGraph::default();
-        for (name, namespace, signals) in services {
-            let i = g.node(NodeKind::Service, &name);
-            g.graph[i].signals = signals;
-            g.graph[i].namespace = namespace;
+        let mut own: BTreeMap<String, (Option<String>, Vec<_>)> = BTreeMap::new();
+        for c in services {
+            let e = own.entry(c.service).or_default();
+            if c.namespace > e.0 {
+                e.0 = c.namespace;
+            }
+            e.1.push((c.version, None, c.measure));
         }
-        // Virtual and user nodes carry the sum of their edges' traffic.
-        let mut derived: BTreeMap<(NodeKind, String), (u64, u64)> = BTreeMap::new();
-        for (source, target, target_kind, signals) in edges {
-            let source_kind = if source == "user" {
-                NodeKind::User
-            } else {
+        // Every name a service goes by: its own requests, or calls it makes.
+        let mut service_names: BTreeSet<String> = own.keys().cloned().collect();
+        service_names.extend(edges.iter().filter_map(|e| e.source.clone()));
+        let entry = if service_names.contains(USER)
+            || edges
+                .iter()
+                .any(|e| e.target_kind == NodeKind::Virtual && e.target == USER)
+        {
+            USER_ENTRY
+        } else {
+            USER
+        };
+        for (name, (namespace, cells)) in own {
+            let (signals, versions, _) = summarise(cells, seconds);
+            let i = g.node(NodeKind::Service, &name);
+            let n = &mut g.graph[i];
+            n.signals = signals;
+            n.versions = versions;
+            n.namespace = namespace;
+        }
+        type EdgeId = (Option<String>, String, NodeKind);
+        let mut by_edge: BTreeMap<EdgeId, Vec<_>> = BTreeMap::new();
+        for e in edges {
+            // A virtual peer that is a service of the range is that service (rollups of
+            // older versions kept such requests apart).
+            let kind = if e.target_kind == NodeKind::Virtual && service_names.contains(&e.target) {
                 NodeKind::Service
+            } else {
+                e.target_kind
+            };
+            by_edge
+                .entry((e.source, e.target, kind))
+                .or_default()
+                .push((e.version, e.reason, e.measure));
+        }
+        let mut derived: BTreeMap<(NodeKind, String), (u64, u64)> = BTreeMap::new();
+        for ((source, target, target_kind), cells) in by_edge {
+            let (signals, by_version, reasons) = summarise(cells, seconds);
+            let (source_kind, source) = match source {
+                Some(s) => (NodeKind::Service, s),
+                None => (NodeKind::User, entry.to_string()),
             };
             for (kind, id) in [(source_kind, &source), (target_kind, &target)] {
                 if kind != NodeKind::Service {
-                    let e = derived.entry((kind, id.clone())).or_default();
-                    e.0 += signals.requests;
-                    e.1 += signals.errors;
+                    let d = derived.entry((kind, id.clone())).or_default();
+                    d.0 += signals.requests;
+                    d.1 += signals.errors;
                 }
             }
             let s = g.node(source_kind, &source);
@@ -326,6 +560,8 @@ impl ServiceGraph {
                     source,
                     target,
                     signals,
+                    by_version,
+                    reasons,
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
                 },
@@ -397,7 +633,7 @@ impl ServiceGraph {
         );
         let index = graph
             .node_indices()
-            .map(|i| ((graph[i].kind, graph[i].id.clone()), i))
+            .map(|i| (graph[i].id.clone(), i))
             .collect();
         ServiceGraph { graph, index }
     }
@@ -433,6 +669,8 @@ mod tests {
                     source: s.to_string(),
                     target: t.to_string(),
                     signals: Signals::default(),
+                    by_version: Vec::new(),
+                    reasons: BTreeMap::new(),
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
                 },

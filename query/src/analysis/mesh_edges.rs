@@ -5,9 +5,22 @@
 //!
 //! | source | requests | latency | ends | error |
 //! | --- | --- | --- | --- | --- |
-//! | Istio, and meshscope's proxy | `istio_requests_total` / `meshscope_requests_total` (counter) | `istio_request_duration_milliseconds` / `meshscope_request_duration_milliseconds` (histogram) | `source_workload` → `destination_workload` (or `destination_service_name`) | `response_code` ≥ 500 |
-//! | Linkerd | `response_total` with `direction="outbound"` (counter) | `response_latency_ms` (histogram) | `deployment` → `dst_deployment` (or `dst_service`) | `classification="failure"` |
-//! | access logs | one log record per request | its `duration_ms` | `source_workload` → `destination_workload` | `response_code` (or `http.response.status_code`) ≥ 500 |
+//! | Istio, and meshscope's proxy | `istio_requests_total` / `meshscope_requests_total` (counter) | `istio_request_duration_milliseconds` / `meshscope_request_duration_milliseconds` (histogram) | `source_workload` → `destination_service_name` (or `destination_workload`) | `response_code` ≥ 500 |
+//! | Linkerd | `response_total` with `direction="outbound"` (counter) | `response_latency_ms` (histogram) | `deployment` → `dst_service` (or `dst_deployment`) | `classification="failure"` |
+//! | Envoy's stats sink (`envoy.stat_sinks.open_telemetry`) | `cluster.upstream_rq_total` (counter) | `cluster.upstream_rq_time` (histogram, ms) | the resource's `service.name` → `envoy.cluster_name` | `cluster.upstream_rq_xx` with `envoy.response_code_class="5"` |
+//! | access logs | one log record per request | its `duration_ms` | `source_workload` → `destination_service_name` (or `destination_workload`) | `response_code` (or `http.response.status_code`) ≥ 500 |
+//!
+//! The callee is the *service*: a canary workload (`cart-v2`) counts on its service's edge,
+//! under its version (`destination_version`, Istio's `destination_canonical_revision`,
+//! Linkerd's `dst_version`). A caller named by its workload is mapped to its service by
+//! the `destination_workload` → `destination_service_name` pairs the same telemetry
+//! reports (Istio's `source_canonical_service` first, where it is present). Requests a
+//! proxy answered itself are counted per reason from `proxy_response` (meshscope) or
+//! `response_flags` (Envoy, Istio).
+//!
+//! Envoy's clusters that are not a call to another service are left out: the caller's own
+//! name, and names that start with `local` or `inbound`, or contain `admin`, `otel`,
+//! `otlp`, `opentelemetry`, `collector`, `telemetry` or `meshscope`.
 //!
 //! Istio reports each request twice (`reporter="source"` and `"destination"`); the source
 //! side's report is used where there is one. Counters are read as the increase over the
@@ -17,11 +30,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use meshscope_proto::convert::spans::envoy_reason;
 use serde_json::Value;
 
-use super::graph::Signals;
+use super::graph::{Raw, Signals, UNKNOWN_VERSION, VersionSignals, summarise};
 use super::range::TimeRange;
-use super::{rows, str_of};
+use super::{rows, str_of, u64_of};
 use crate::engine::{QueryEngine, QueryError};
 
 /// One family of request metrics.
@@ -45,7 +59,7 @@ const FAMILIES: &[Family] = &[
         counter: "istio_requests_total",
         histogram: "istio_request_duration_milliseconds",
         source: "source_workload",
-        targets: &["destination_workload", "destination_service_name"],
+        targets: &["destination_service_name", "destination_workload"],
         only: None,
         error: ErrorRule::StatusAtLeast500("response_code"),
     },
@@ -53,7 +67,7 @@ const FAMILIES: &[Family] = &[
         counter: "meshscope_requests_total",
         histogram: "meshscope_request_duration_milliseconds",
         source: "source_workload",
-        targets: &["destination_workload", "destination_service_name"],
+        targets: &["destination_service_name", "destination_workload"],
         only: None,
         error: ErrorRule::StatusAtLeast500("response_code"),
     },
@@ -61,21 +75,39 @@ const FAMILIES: &[Family] = &[
         counter: "response_total",
         histogram: "response_latency_ms",
         source: "deployment",
-        targets: &["dst_deployment", "dst_service"],
+        targets: &["dst_service", "dst_deployment"],
         only: Some(("direction", "outbound")),
         error: ErrorRule::ClassificationFailure,
     },
 ];
 
-/// `(source, target)` → signals, for one kind of telemetry.
-pub type EdgeSignals = BTreeMap<(String, String), Signals>;
+/// The version labels, in order.
+const VERSION_LABELS: &[&str] = &[
+    "destination_version",
+    "destination_canonical_revision",
+    "dst_version",
+];
 
-fn target_expr(targets: &[&str]) -> String {
-    let parts: Vec<String> = targets
-        .iter()
-        .map(|t| format!("attributes['{t}']"))
-        .collect();
+/// What one kind of telemetry saw of one edge.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeenEdge {
+    pub signals: Signals,
+    pub by_version: Vec<VersionSignals>,
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// `(source, target)` → what was seen, for one kind of telemetry.
+pub type EdgeSignals = BTreeMap<(String, String), SeenEdge>;
+
+fn coalesce(map: &str, keys: &[&str]) -> String {
+    let parts: Vec<String> = keys.iter().map(|t| format!("{map}['{t}']")).collect();
     format!("coalesce({})", parts.join(", "))
+}
+
+/// A version label's value, unless it says there is none.
+fn version_of(v: Option<&str>) -> Option<String> {
+    v.filter(|v| !v.is_empty() && *v != UNKNOWN_VERSION && *v != "latest")
+        .map(str::to_string)
 }
 
 /// Counter increase of one series from its points (ordered by time).
@@ -92,6 +124,30 @@ fn increase(points: &[(i64, i64, f64, bool)], range_start_ns: i64) -> f64 {
         last // the series started inside the range: it counted from zero
     } else {
         (last - first.2).max(0.0)
+    }
+}
+
+/// Bucket counts' increase of one histogram series from its points (ordered by time).
+fn bucket_increase(points: &[HistogramPoint]) -> Vec<f64> {
+    let Some((delta, first, _)) = points.first() else {
+        return Vec::new();
+    };
+    if *delta {
+        let mut sum = vec![0.0; first.len()];
+        for (_, c, _) in points {
+            for (s, v) in sum.iter_mut().zip(c) {
+                *s += v;
+            }
+        }
+        sum
+    } else if points.len() == 1 {
+        first.clone()
+    } else {
+        let last = &points[points.len() - 1].1;
+        last.iter()
+            .zip(first)
+            .map(|(l, f)| (l - f).max(0.0))
+            .collect()
     }
 }
 
@@ -117,6 +173,237 @@ pub fn histogram_quantile(q: f64, bounds: &[f64], counts: &[f64]) -> f64 {
     bounds.last().copied().unwrap_or(0.0)
 }
 
+/// (delta temporality, bucket counts, bounds)
+type HistogramPoint = (bool, Vec<f64>, Vec<f64>);
+
+/// Requests of one edge and callee version, added up over series.
+#[derive(Default)]
+struct Acc {
+    requests: f64,
+    errors: f64,
+    bounds: Vec<f64>,
+    buckets: Vec<f64>,
+    reasons: BTreeMap<String, f64>,
+}
+
+impl Acc {
+    fn add_buckets(&mut self, bounds: Vec<f64>, counts: &[f64]) {
+        if self.buckets.is_empty() {
+            self.bounds = bounds;
+            self.buckets = vec![0.0; counts.len()];
+        }
+        if self.buckets.len() == counts.len() {
+            for (a, c) in self.buckets.iter_mut().zip(counts) {
+                *a += c;
+            }
+        }
+    }
+
+    fn absorb(&mut self, other: &Acc) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.add_buckets(other.bounds.clone(), &other.buckets);
+        for (r, n) in &other.reasons {
+            *self.reasons.entry(r.clone()).or_default() += n;
+        }
+    }
+
+    fn signals(&self, seconds: f64) -> Signals {
+        // Bucket bounds are in milliseconds.
+        let ns = |p: f64| histogram_quantile(p, &self.bounds, &self.buckets) * 1e6;
+        Signals::new(
+            self.requests.round() as u64,
+            self.errors.round() as u64,
+            seconds,
+            [ns(0.5), ns(0.95), ns(0.99)],
+        )
+    }
+}
+
+/// `(source, target, version)` → requests.
+type Accs = BTreeMap<(String, String, Option<String>), Acc>;
+
+/// Sums each edge's versions into what the graph shows; callers named by a workload are
+/// mapped to their service through `workload → service`.
+fn seen_edges(accs: Accs, services: &HashMap<String, String>, seconds: f64) -> EdgeSignals {
+    let mut by_edge: BTreeMap<(String, String), BTreeMap<Option<String>, Acc>> = BTreeMap::new();
+    for ((src, dst, version), acc) in accs {
+        if acc.requests <= 0.0 {
+            continue;
+        }
+        let src = services.get(&src).cloned().unwrap_or(src);
+        by_edge
+            .entry((src, dst))
+            .or_default()
+            .entry(version)
+            .or_default()
+            .absorb(&acc);
+    }
+    by_edge
+        .into_iter()
+        .map(|(edge, versions)| {
+            let mut total = Acc::default();
+            let versioned = versions.keys().any(Option::is_some);
+            let mut by_version: Vec<VersionSignals> = Vec::new();
+            for (version, acc) in &versions {
+                total.absorb(acc);
+                if versioned {
+                    by_version.push(VersionSignals {
+                        version: version
+                            .clone()
+                            .unwrap_or_else(|| UNKNOWN_VERSION.to_string()),
+                        signals: acc.signals(seconds),
+                    });
+                }
+            }
+            by_version.sort_by(|a, b| {
+                b.signals
+                    .requests
+                    .cmp(&a.signals.requests)
+                    .then_with(|| a.version.cmp(&b.version))
+            });
+            let reasons = total
+                .reasons
+                .iter()
+                .map(|(r, n)| (r.clone(), n.round() as u64))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let seen = SeenEdge {
+                signals: total.signals(seconds),
+                by_version,
+                reasons,
+            };
+            (edge, seen)
+        })
+        .collect()
+}
+
+/// The reason a `response_flags` or `proxy_response` label gives, if any.
+fn reason_of(proxy_response: &str, flags: &str) -> Option<String> {
+    if !proxy_response.is_empty() {
+        return Some(proxy_response.to_string());
+    }
+    envoy_reason(flags).map(str::to_string)
+}
+
+/// Whether an Envoy cluster is a call to another service (not the local app, the admin
+/// or the telemetry exporter).
+pub fn envoy_service_cluster(caller: &str, cluster: &str) -> bool {
+    let c = cluster.to_ascii_lowercase();
+    !(c == caller.to_ascii_lowercase()
+        || c.starts_with("local")
+        || c.starts_with("inbound")
+        || [
+            "admin",
+            "otel",
+            "otlp",
+            "opentelemetry",
+            "collector",
+            "telemetry",
+            "meshscope",
+        ]
+        .iter()
+        .any(|w| c.contains(w)))
+}
+
+/// One row of a request-metric query.
+struct Point {
+    /// Service, whole label set and start: one series.
+    series: String,
+    src: String,
+    dst: String,
+    version: Option<String>,
+    reporter: String,
+    reason: Option<String>,
+    failed: bool,
+    counter: bool,
+    t: i64,
+    series_start: i64,
+    delta: bool,
+    value: f64,
+    buckets: Vec<f64>,
+    bounds: Vec<f64>,
+}
+
+fn point(r: &serde_json::Map<String, Value>, counter: bool) -> Point {
+    let floats = |k: &str| -> Vec<f64> {
+        r.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    Point {
+        series: format!("{}|{}", str_of(r, "service_name"), str_of(r, "series")),
+        src: str_of(r, "src"),
+        dst: str_of(r, "dst"),
+        version: version_of(r.get("version").and_then(Value::as_str)),
+        reporter: str_of(r, "reporter"),
+        reason: reason_of(&str_of(r, "proxy_response"), &str_of(r, "flags")),
+        failed: r.get("failed").and_then(Value::as_bool).unwrap_or(false),
+        counter,
+        t: r.get("t").and_then(Value::as_i64).unwrap_or(0),
+        series_start: r.get("series_start").and_then(Value::as_i64).unwrap_or(0),
+        delta: r.get("delta").and_then(Value::as_bool).unwrap_or(false),
+        value: r.get("value").and_then(Value::as_f64).unwrap_or(0.0),
+        buckets: floats("bucket_counts"),
+        bounds: floats("explicit_bounds"),
+    }
+}
+
+/// The columns every request-metric query selects besides `src`, `dst`, `failed`.
+const POINT_COLUMNS: &str = "array_to_string(map_keys(attributes), ',') || '=' || array_to_string(map_values(attributes), ',') AS series,
+    metric_name, service_name, CAST(start_time AS BIGINT) AS series_start, CAST(time AS BIGINT) AS t,
+    temporality = 'delta' AS delta, value, bucket_counts, explicit_bounds";
+
+/// Adds up points per series: counters' increase into requests (and errors, and
+/// reasons), histograms' bucket increase into latencies. `counted` says whether a
+/// series' (src, dst, reporter) counts.
+fn accumulate(
+    points: Vec<Point>,
+    start_ns: i64,
+    accs: &mut Accs,
+    counted: impl Fn(&Point) -> bool,
+) {
+    let mut series: HashMap<(String, bool, i64), Vec<Point>> = HashMap::new();
+    for p in points {
+        series
+            .entry((p.series.clone(), p.counter, p.series_start))
+            .or_default()
+            .push(p);
+    }
+    for ((_, counter, _), points) in series {
+        let Some(first) = points.first() else {
+            continue;
+        };
+        if !counted(first) {
+            continue;
+        }
+        let acc = accs
+            .entry((first.src.clone(), first.dst.clone(), first.version.clone()))
+            .or_default();
+        if counter {
+            let values: Vec<(i64, i64, f64, bool)> = points
+                .iter()
+                .map(|p| (p.t, p.series_start, p.value, p.delta))
+                .collect();
+            let n = increase(&values, start_ns);
+            acc.requests += n;
+            if first.failed {
+                acc.errors += n;
+            }
+            if let Some(r) = &first.reason {
+                *acc.reasons.entry(r.clone()).or_default() += n;
+            }
+        } else {
+            let hp: Vec<HistogramPoint> = points
+                .iter()
+                .map(|p| (p.delta, p.buckets.clone(), p.bounds.clone()))
+                .collect();
+            acc.add_buckets(first.bounds.clone(), &bucket_increase(&hp));
+        }
+    }
+}
+
 /// Edges from request metrics.
 pub async fn from_metrics(
     engine: &QueryEngine,
@@ -124,15 +411,8 @@ pub async fn from_metrics(
 ) -> Result<EdgeSignals, QueryError> {
     let seconds = range.seconds();
     let start_ns = range.start.timestamp_nanos_opt().unwrap_or(0);
-    #[derive(Default)]
-    struct Acc {
-        requests: f64,
-        errors: f64,
-        bounds: Vec<f64>,
-        buckets: Vec<f64>,
-        source_reported: bool,
-    }
-    let mut edges: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut accs = Accs::new();
+    let mut services: HashMap<String, String> = HashMap::new();
     for f in FAMILIES {
         let only = f
             .only
@@ -146,137 +426,90 @@ pub async fn from_metrics(
                 "attributes['classification'] = 'failure'".to_string()
             }
         };
+        let workload = f.targets.last().copied().unwrap_or_default();
         let sql = format!(
-            "SELECT attributes['{src}'] AS src, {dst} AS dst, coalesce(attributes['reporter'], '') AS reporter,
-                    array_to_string(map_keys(attributes), ',') || '=' || array_to_string(map_values(attributes), ',') AS series,
-                    coalesce({error_col}, false) AS failed, metric_name, service_name,
-                    CAST(start_time AS BIGINT) AS series_start, CAST(time AS BIGINT) AS t,
-                    temporality = 'delta' AS delta, value, bucket_counts, explicit_bounds
+            "SELECT coalesce(attributes['source_canonical_service'], attributes['{src}']) AS src,
+                    attributes['{src}'] AS src_workload,
+                    {dst} AS dst, attributes['{workload}'] AS dst_workload,
+                    {version} AS version, coalesce(attributes['reporter'], '') AS reporter,
+                    coalesce(attributes['response_flags'], '') AS flags,
+                    coalesce(attributes['proxy_response'], '') AS proxy_response,
+                    coalesce({error_col}, false) AS failed, {POINT_COLUMNS}
              FROM metrics
              WHERE {r} AND metric_name IN ('{c}', '{h}') AND attributes['{src}'] IS NOT NULL AND {dst} IS NOT NULL{only}
              ORDER BY t",
             src = f.source,
-            dst = target_expr(f.targets),
+            dst = coalesce("attributes", f.targets),
+            version = coalesce("attributes", VERSION_LABELS),
             r = range.sql("time"),
             c = f.counter,
             h = f.histogram,
         );
-        // A series is its service, its whole label set and its start; points in time order.
-        // (series, src, dst, reporter, failed, series start)
-        type SeriesKey = (String, String, String, String, bool, i64);
-        // (delta temporality, bucket counts, bounds)
-        type HistogramPoint = (bool, Vec<f64>, Vec<f64>);
-        let mut counters: HashMap<SeriesKey, Vec<(i64, i64, f64, bool)>> = HashMap::new();
-        let mut histos: HashMap<SeriesKey, Vec<HistogramPoint>> = HashMap::new();
+        let mut points = Vec::new();
         for r in rows(engine, &sql).await? {
-            let (src, dst, reporter) =
-                (str_of(&r, "src"), str_of(&r, "dst"), str_of(&r, "reporter"));
-            let series_start = r.get("series_start").and_then(Value::as_i64).unwrap_or(0);
-            let t = r.get("t").and_then(Value::as_i64).unwrap_or(0);
-            let delta = r.get("delta").and_then(Value::as_bool).unwrap_or(false);
-            let failed = r.get("failed").and_then(Value::as_bool).unwrap_or(false);
-            let key = (
-                format!("{}|{}", str_of(&r, "service_name"), str_of(&r, "series")),
-                src,
-                dst,
-                reporter,
-                failed,
-                series_start,
-            );
-            if str_of(&r, "metric_name") == f.counter {
-                let value = r.get("value").and_then(Value::as_f64).unwrap_or(0.0);
-                counters
-                    .entry(key)
-                    .or_default()
-                    .push((t, series_start, value, delta));
-            } else {
-                let floats = |k: &str| -> Vec<f64> {
-                    r.get(k)
-                        .and_then(Value::as_array)
-                        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                        .unwrap_or_default()
-                };
-                histos.entry(key).or_default().push((
-                    delta,
-                    floats("bucket_counts"),
-                    floats("explicit_bounds"),
-                ));
+            let (dst, workload) = (str_of(&r, "dst"), str_of(&r, "dst_workload"));
+            if !workload.is_empty() && workload != dst {
+                services.insert(workload, dst);
             }
+            points.push(point(&r, str_of(&r, "metric_name") == f.counter));
         }
         // Which edges have a source-side report (Istio reports twice).
-        let source_side: std::collections::HashSet<(String, String)> = counters
-            .keys()
-            .filter(|k| k.3 == "source")
-            .map(|k| (k.1.clone(), k.2.clone()))
+        let source_side: std::collections::HashSet<(String, String)> = points
+            .iter()
+            .filter(|p| p.counter && p.reporter == "source")
+            .map(|p| (p.src.clone(), p.dst.clone()))
             .collect();
-        let counted = |src: &str, dst: &str, reporter: &str| {
-            reporter.is_empty()
-                || reporter == "source"
-                || !source_side.contains(&(src.to_string(), dst.to_string()))
-        };
-        for ((_, src, dst, reporter, failed, _), points) in counters {
-            if !counted(&src, &dst, &reporter) {
-                continue;
-            }
-            let n = increase(&points, start_ns);
-            let acc = edges.entry((src, dst)).or_default();
-            acc.requests += n;
-            if failed {
-                acc.errors += n;
-            }
-            acc.source_reported |= reporter == "source";
+        accumulate(points, start_ns, &mut accs, |p| {
+            p.reporter.is_empty()
+                || p.reporter == "source"
+                || !source_side.contains(&(p.src.clone(), p.dst.clone()))
+        });
+    }
+    envoy_stats(engine, range, start_ns, &mut accs).await?;
+    Ok(seen_edges(accs, &services, seconds))
+}
+
+/// Envoy's stats sink: requests per upstream cluster of each sidecar, errors from the
+/// 5xx class counter, latency from `cluster.upstream_rq_time`.
+async fn envoy_stats(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    start_ns: i64,
+    accs: &mut Accs,
+) -> Result<(), QueryError> {
+    let sql = format!(
+        "SELECT service_name AS src, attributes['envoy.cluster_name'] AS dst, CAST(NULL AS VARCHAR) AS version,
+                '' AS reporter, '' AS flags, '' AS proxy_response,
+                metric_name = 'cluster.upstream_rq_xx' AS failed, {POINT_COLUMNS}
+         FROM metrics
+         WHERE {r} AND attributes['envoy.cluster_name'] IS NOT NULL
+           AND (metric_name IN ('cluster.upstream_rq_total', 'cluster.upstream_rq_time')
+                OR (metric_name = 'cluster.upstream_rq_xx' AND attributes['envoy.response_code_class'] = '5'))
+         ORDER BY t",
+        r = range.sql("time"),
+    );
+    let mut requests = Vec::new();
+    let mut failures = Vec::new();
+    for r in rows(engine, &sql).await? {
+        if !envoy_service_cluster(&str_of(&r, "src"), &str_of(&r, "dst")) {
+            continue;
         }
-        for ((_, src, dst, reporter, _, _), points) in histos {
-            if !counted(&src, &dst, &reporter) {
-                continue;
-            }
-            let Some((delta, _, bounds)) = points.first().cloned() else {
-                continue;
-            };
-            let counts: Vec<f64> = if delta {
-                let mut sum = vec![0.0; points[0].1.len()];
-                for (_, c, _) in &points {
-                    for (s, v) in sum.iter_mut().zip(c) {
-                        *s += v;
-                    }
-                }
-                sum
-            } else {
-                let first = &points[0].1;
-                let last = &points[points.len() - 1].1;
-                if points.len() == 1 {
-                    last.clone()
-                } else {
-                    last.iter()
-                        .zip(first)
-                        .map(|(l, f)| (l - f).max(0.0))
-                        .collect()
-                }
-            };
-            let acc = edges.entry((src, dst)).or_default();
-            if acc.buckets.is_empty() {
-                acc.bounds = bounds;
-                acc.buckets = vec![0.0; counts.len()];
-            }
-            if acc.buckets.len() == counts.len() {
-                for (a, c) in acc.buckets.iter_mut().zip(&counts) {
-                    *a += c;
-                }
-            }
+        match str_of(&r, "metric_name").as_str() {
+            "cluster.upstream_rq_xx" => failures.push(point(&r, true)),
+            "cluster.upstream_rq_total" => requests.push(point(&r, true)),
+            _ => requests.push(point(&r, false)),
         }
     }
-    Ok(edges
-        .into_iter()
-        .filter(|(_, a)| a.requests > 0.0)
-        .map(|(k, a)| {
-            let requests = a.requests.round() as u64;
-            let errors = a.errors.round() as u64;
-            // Bucket bounds are in milliseconds.
-            let ns = |p: f64| histogram_quantile(p, &a.bounds, &a.buckets) * 1e6;
-            let signals = Signals::new(requests, errors, seconds, [ns(0.5), ns(0.95), ns(0.99)]);
-            (k, signals)
-        })
-        .collect())
+    accumulate(requests, start_ns, accs, |_| true);
+    // 5xx responses: errors of the same edge, not more requests.
+    let mut errors = Accs::new();
+    accumulate(failures, start_ns, &mut errors, |_| true);
+    for (key, e) in errors {
+        if let Some(acc) = accs.get_mut(&key) {
+            acc.errors += e.errors;
+        }
+    }
+    Ok(())
 }
 
 /// Edges from access-log records (one record per request).
@@ -285,27 +518,73 @@ pub async fn from_access_logs(
     range: &TimeRange,
 ) -> Result<EdgeSignals, QueryError> {
     let seconds = range.seconds();
+    let la = |k: &str| format!("log_attributes['{k}']");
     let sql = format!(
-        "SELECT log_attributes['source_workload'] AS source, log_attributes['destination_workload'] AS target,
+        "SELECT {src} AS source, coalesce({dsn}, {dw}) AS target, {dw} AS workload,
+                {version} AS version,
+                coalesce({pr}, '') AS proxy_response, coalesce({rf}, '') AS flags,
                 count(*) AS requests,
-                sum(CASE WHEN TRY_CAST(coalesce(log_attributes['response_code'], log_attributes['http.response.status_code']) AS INT) >= 500
+                sum(CASE WHEN TRY_CAST(coalesce({rc}, log_attributes['http.response.status_code']) AS INT) >= 500
                          THEN 1 ELSE 0 END) AS errors,
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY TRY_CAST(log_attributes['duration_ms'] AS DOUBLE)) * 1e6 AS p50_ns,
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY TRY_CAST(log_attributes['duration_ms'] AS DOUBLE)) * 1e6 AS p95_ns,
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY TRY_CAST(log_attributes['duration_ms'] AS DOUBLE)) * 1e6 AS p99_ns
+                array_agg(TRY_CAST({dur} AS DOUBLE)) AS durations_ms
          FROM logs
-         WHERE {} AND log_attributes['source_workload'] IS NOT NULL AND log_attributes['destination_workload'] IS NOT NULL
-         GROUP BY 1, 2",
-        range.sql("time")
+         WHERE {r} AND {src} IS NOT NULL AND coalesce({dsn}, {dw}) IS NOT NULL
+         GROUP BY 1, 2, 3, 4, 5, 6",
+        src = la("source_workload"),
+        dsn = la("destination_service_name"),
+        dw = la("destination_workload"),
+        version = coalesce("log_attributes", VERSION_LABELS),
+        pr = la("proxy_response"),
+        rf = la("response_flags"),
+        rc = la("response_code"),
+        dur = la("duration_ms"),
+        r = range.sql("time")
     );
-    Ok(rows(engine, &sql)
-        .await?
-        .iter()
-        .map(|r| {
-            (
-                (str_of(r, "source"), str_of(r, "target")),
-                Signals::from_row(r, seconds),
-            )
+    // (source, target) → (version, reason, requests), as the spans' cells.
+    let mut cells: BTreeMap<(String, String), Vec<(Option<String>, Option<String>, Raw)>> =
+        BTreeMap::new();
+    let mut services: HashMap<String, String> = HashMap::new();
+    let found = rows(engine, &sql).await?;
+    for r in &found {
+        let (target, workload) = (str_of(r, "target"), str_of(r, "workload"));
+        if !workload.is_empty() && workload != target {
+            services.insert(workload, target);
+        }
+    }
+    for r in &found {
+        let source = str_of(r, "source");
+        let source = services.get(&source).cloned().unwrap_or(source);
+        let latencies_ns = r
+            .get("durations_ms")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|v| (v.as_f64().unwrap_or(0.0) * 1e6) as i64)
+                    .collect()
+            })
+            .unwrap_or_default();
+        cells
+            .entry((source, str_of(r, "target")))
+            .or_default()
+            .push((
+                version_of(r.get("version").and_then(Value::as_str)),
+                reason_of(&str_of(r, "proxy_response"), &str_of(r, "flags")),
+                Raw {
+                    latencies_ns,
+                    errors: u64_of(r, "errors"),
+                },
+            ));
+    }
+    Ok(cells
+        .into_iter()
+        .map(|(edge, cells)| {
+            let (signals, by_version, reasons) = summarise(cells, seconds);
+            let seen = SeenEdge {
+                signals,
+                by_version,
+                reasons,
+            };
+            (edge, seen)
         })
         .collect())
 }

@@ -31,7 +31,7 @@ use meshscope_proto::Table;
 use meshscope_storage::ColumnScan;
 use meshscope_storage::provider::reader_factory;
 
-use super::graph::{NodeKind, Signals};
+use super::graph::NodeKind;
 use super::range::TimeRange;
 use crate::engine::{QueryEngine, QueryError};
 
@@ -48,8 +48,8 @@ pub(crate) const SHARDS: usize = 16;
 
 const MINUTE_NS: i64 = 60_000_000_000;
 
-/// No peer name.
-const NO_PEER: u32 = u32::MAX;
+/// No name (no peer, no version, no reason).
+const NONE: u32 = u32::MAX;
 
 type Hasher = ahash::RandomState;
 
@@ -143,6 +143,10 @@ struct Span {
     duration: i64,
     service: u32,
     peer: u32,
+    /// The service's version (resource `service.version`), or [`NONE`].
+    version: u32,
+    /// Why a proxy answered the request itself (`proxy_reason`), or [`NONE`].
+    reason: u32,
     /// Minutes since the first minute of the scanned window (for per-minute rollups).
     minute: u32,
     kind: u8,
@@ -204,12 +208,70 @@ impl Names {
     }
 }
 
+/// The requests of one (version, reason) of an edge or a service: latencies and errors.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Cell {
+    version: u32,
+    reason: u32,
+    latencies: Vec<i64>,
+    errors: u64,
+}
+
+/// The requests of one edge or service, split by the callee's version and by the reason a
+/// proxy answered (a handful of cells at most, looked through in order).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Tally {
+    cells: Vec<Cell>,
+}
+
+impl Tally {
+    fn cell(&mut self, version: u32, reason: u32) -> &mut Cell {
+        let i = match self
+            .cells
+            .iter()
+            .position(|c| c.version == version && c.reason == reason)
+        {
+            Some(i) => i,
+            None => {
+                self.cells.push(Cell {
+                    version,
+                    reason,
+                    ..Cell::default()
+                });
+                self.cells.len() - 1
+            }
+        };
+        &mut self.cells[i]
+    }
+
+    fn add(&mut self, version: u32, reason: u32, latency: i64, error: bool) {
+        let c = self.cell(version, reason);
+        c.latencies.push(latency);
+        c.errors += u64::from(error);
+    }
+
+    /// Adds another tally's cells, with their names mapped by `remap`.
+    fn merge(&mut self, other: Tally, remap: impl Fn(u32) -> u32) {
+        for c in other.cells {
+            let into = self.cell(remap(c.version), remap(c.reason));
+            if into.latencies.is_empty() {
+                into.latencies = c.latencies;
+            } else {
+                into.latencies.extend(c.latencies);
+            }
+            into.errors += c.errors;
+        }
+    }
+}
+
 /// A service's own requests (SERVER and CONSUMER spans of the range).
 #[derive(Debug, Default)]
 struct Own {
-    durations: Vec<i64>,
-    errors: u64,
+    tally: Tally,
     namespace: Option<String>,
+    /// The service has a span of any kind in the range: it is instrumented, so a caller
+    /// naming it without a child span still called it.
+    seen: bool,
 }
 
 /// What one scan partition decoded.
@@ -236,7 +298,9 @@ fn scan_schema() -> Vec<Field> {
         ("status_code", Some(dict.clone())),
         ("duration_ns", None),
         ("start_time", None),
-        ("peer_name", Some(dict)),
+        ("peer_name", Some(dict.clone())),
+        ("service_version", Some(dict.clone())),
+        ("proxy_reason", Some(dict)),
     ]
     .into_iter()
     .map(|(name, as_type)| {
@@ -307,6 +371,8 @@ impl Decoded {
         let (kind, kinds) = dict_map(b, 5, |s| kind_code(s.as_bytes()))?;
         let (status, errors) = dict_map(b, 6, |s| s == "ERROR")?;
         let (peer, peers) = dict_map(b, 9, |s| self.names.id(s))?;
+        let (version, versions) = dict_map(b, 10, |s| self.names.id(s))?;
+        let (reason, reasons) = dict_map(b, 11, |s| self.names.id(s))?;
         let duration = b.column(7).as_primitive::<Int64Type>();
         let start = b.column(8).as_primitive::<TimestampNanosecondType>();
         let at = |keys: &PrimitiveArray<Int32Type>, i: usize| {
@@ -331,10 +397,14 @@ impl Decoded {
             } else {
                 duration.value(i)
             };
+            let ver = at(&version, i).map_or(NONE, |k| versions[k]);
+            let why = at(&reason, i).map_or(NONE, |k| reasons[k]);
+            if in_range {
+                self.own[svc as usize].seen = true;
+            }
             if in_range && (k == SERVER || k == CONSUMER) {
                 let own = &mut self.own[svc as usize];
-                own.durations.push(d);
-                own.errors += u64::from(error);
+                own.tally.add(ver, NONE, d, error);
                 if let Some(ns) = at(&namespace, i).map(|k| &namespaces[k])
                     && own.namespace.as_ref().is_none_or(|cur| ns > cur)
                 {
@@ -357,7 +427,7 @@ impl Decoded {
             };
             let peer = match at(&peer, i) {
                 Some(p) if (k == CLIENT || k == PRODUCER) && in_range => peers[p],
-                _ => NO_PEER,
+                _ => NONE,
             };
             self.shards[shard_of(tr)].push(Span {
                 trace: tr,
@@ -366,6 +436,8 @@ impl Decoded {
                 duration: d,
                 service: svc,
                 peer,
+                version: ver,
+                reason: why,
                 minute: (t.div_euclid(MINUTE_NS) - wide.0.div_euclid(MINUTE_NS)) as u32,
                 kind: k,
                 flags: if error { ERROR } else { 0 } | if in_range { IN_RANGE } else { 0 },
@@ -375,13 +447,11 @@ impl Decoded {
     }
 }
 
-/// (source, target, kind) → (latencies, errors), over global name ids.
-type Tally = (Vec<i64>, u64);
 /// (source, target, target kind, minute — 0 unless bucketing by minute).
 type EdgeKey = (u32, u32, NodeKind, u32);
 
-/// (source, target, kind) → (latencies, errors), over global name ids: a flat table when
-/// the names are few (a mesh of tens of services), a hash map otherwise.
+/// (source, target, kind) → tally, over global name ids: a flat table when the names are
+/// few (a mesh of tens of services), a hash map otherwise.
 struct Tallies {
     names: usize,
     slots: Vec<u32>,
@@ -391,6 +461,16 @@ struct Tallies {
 
 /// Up to this many names, a shard's tallies are found by index.
 const DENSE_NAMES: usize = 256;
+
+/// One request to tally: its callee's version, why a proxy answered it (or [`NONE`]),
+/// the latency and whether it failed.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    version: u32,
+    reason: u32,
+    latency: i64,
+    error: bool,
+}
 
 impl Tallies {
     fn new(names: usize, by_minute: bool) -> Self {
@@ -407,14 +487,15 @@ impl Tallies {
         }
     }
 
-    fn add(&mut self, key: EdgeKey, latency: i64, error: bool) {
+    fn add(&mut self, key: EdgeKey, r: Request) {
         let (s, t, k, _) = key;
+        let dense = |names: usize| {
+            (s as usize * names + t as usize) * 2 + usize::from(k == NodeKind::Virtual)
+        };
         let slot = if self.slots.is_empty() {
             self.map.get(&key).copied()
         } else {
-            let i =
-                (s as usize * self.names + t as usize) * 2 + usize::from(k == NodeKind::Virtual);
-            Some(self.slots[i]).filter(|&e| e != u32::MAX)
+            Some(self.slots[dense(self.names)]).filter(|&e| e != u32::MAX)
         };
         let e = match slot {
             Some(e) => e as usize,
@@ -424,16 +505,15 @@ impl Tallies {
                 if self.slots.is_empty() {
                     self.map.insert(key, e as u32);
                 } else {
-                    let i = (s as usize * self.names + t as usize) * 2
-                        + usize::from(k == NodeKind::Virtual);
+                    let i = dense(self.names);
                     self.slots[i] = e as u32;
                 }
                 e
             }
         };
-        let tally = &mut self.entries[e].1;
-        tally.0.push(latency);
-        tally.1 += u64::from(error);
+        self.entries[e]
+            .1
+            .add(r.version, r.reason, r.latency, r.error);
     }
 }
 
@@ -449,6 +529,9 @@ struct Piece {
 /// Only callers (CLIENT and PRODUCER spans) are indexed; a SERVER span whose parent is not
 /// a caller is checked against the other spans afterwards, which is rare in a mesh (an
 /// entry point, a parent outside the window, a gateway's INTERNAL span).
+///
+/// A request is tallied under the callee's version (none for a caller left unpaired) and
+/// the reason a proxy answered it by itself: the caller's side's, else the callee's.
 fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tallies {
     let callers: usize = pieces
         .iter()
@@ -471,13 +554,11 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
     }
     let mut tallies = Tallies::new(names, by_minute);
     let bucket = |s: &Span| if by_minute { s.minute } else { 0 };
-    let mut tally = |(s, t, k): (u32, u32, NodeKind), minute: u32, latency: i64, error: bool| {
-        tallies.add((s, t, k, minute), latency, error)
-    };
+    let global = |remap: &[u32], id: u32| if id == NONE { NONE } else { remap[id as usize] };
     let mut paired: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.spans.len()]).collect();
-    // SERVER spans of the range whose parent is not a caller: (trace, parent) → services.
-    // (service, minute, latency, error) of each such SERVER span.
-    type Entry = (u32, u32, i64, bool);
+    // SERVER spans of the range whose parent is not a caller: (trace, parent) → their
+    // (service, minute, request).
+    type Entry = (u32, u32, Request);
     let mut orphans: HashMap<(u64, u64, u64), Vec<Entry>, Hasher> = HashMap::default();
     for p in pieces {
         for r in p.spans.iter() {
@@ -493,34 +574,44 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
             let caller_kind = if r.kind == SERVER { CLIENT } else { PRODUCER };
             match caller {
                 Some((cp, ci)) => {
-                    let (cpiece, c) = (
-                        &pieces[cp as usize],
-                        pieces[cp as usize].spans.get(ci as usize),
-                    );
+                    let cpiece = &pieces[cp as usize];
+                    let c = cpiece.spans.get(ci as usize);
                     if c.kind == caller_kind && c.flags & IN_RANGE != 0 {
                         paired[cp as usize][ci as usize] = true;
-                        tally(
-                            (cpiece.remap[c.service as usize], service, NodeKind::Service),
-                            bucket(c),
-                            c.duration,
-                            (c.flags | r.flags) & ERROR != 0,
+                        let reason = match global(&cpiece.remap, c.reason) {
+                            NONE => global(&p.remap, r.reason),
+                            why => why,
+                        };
+                        tallies.add(
+                            (
+                                cpiece.remap[c.service as usize],
+                                service,
+                                NodeKind::Service,
+                                bucket(c),
+                            ),
+                            Request {
+                                version: global(&p.remap, r.version),
+                                reason,
+                                latency: c.duration,
+                                error: (c.flags | r.flags) & ERROR != 0,
+                            },
                         );
                     }
                 }
                 None if r.kind == SERVER && r.flags & IN_RANGE != 0 => {
-                    let entry = (service, bucket(r), r.duration, r.flags & ERROR != 0);
+                    let request = Request {
+                        version: global(&p.remap, r.version),
+                        reason: global(&p.remap, r.reason),
+                        latency: r.duration,
+                        error: r.flags & ERROR != 0,
+                    };
                     if r.parent == 0 {
-                        tally(
-                            (user, service, NodeKind::Service),
-                            entry.1,
-                            entry.2,
-                            entry.3,
-                        );
+                        tallies.add((user, service, NodeKind::Service, bucket(r)), request);
                     } else {
                         orphans
                             .entry((r.trace[0], r.trace[1], r.parent))
                             .or_default()
-                            .push(entry);
+                            .push((service, bucket(r), request));
                     }
                 }
                 None => {}
@@ -536,22 +627,26 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
                 }
             }
         }
-        for (service, minute, latency, error) in orphans.into_values().flatten() {
-            tally((user, service, NodeKind::Service), minute, latency, error);
+        for (service, minute, request) in orphans.into_values().flatten() {
+            tallies.add((user, service, NodeKind::Service, minute), request);
         }
     }
     for (p, paired) in pieces.iter().zip(paired) {
         for (s, was_paired) in p.spans.iter().zip(paired) {
-            if s.peer != NO_PEER && !was_paired {
-                tally(
+            if s.peer != NONE && !was_paired {
+                tallies.add(
                     (
                         p.remap[s.service as usize],
                         p.remap[s.peer as usize],
                         NodeKind::Virtual,
+                        bucket(s),
                     ),
-                    bucket(s),
-                    s.duration,
-                    s.flags & ERROR != 0,
+                    Request {
+                        version: NONE,
+                        reason: global(&p.remap, s.reason),
+                        latency: s.duration,
+                        error: s.flags & ERROR != 0,
+                    },
                 );
             }
         }
@@ -585,67 +680,104 @@ pub(crate) fn percentiles(values: &mut [i64]) -> [f64; 3] {
     out
 }
 
+/// The requests of one edge, one callee version and one proxy reason: those that started
+/// in one minute (the caller's start; the server's for `user` requests) when bucketed by
+/// minute. An edge is the sum of its cells.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeRequests {
+    /// The minute, when bucketed; otherwise the first minute of the scanned window.
+    pub minute: chrono::DateTime<chrono::Utc>,
+    /// The caller's service; `None` for the entry point (the `user` node).
+    pub source: Option<String>,
+    pub target: String,
+    pub target_kind: NodeKind,
+    /// The callee's `service.version`, when it has one.
+    pub version: Option<String>,
+    /// Why a proxy answered these requests itself, when one did.
+    pub reason: Option<String>,
+    pub latencies_ns: Vec<i64>,
+    pub errors: u64,
+}
+
+/// A service's own requests (SERVER and CONSUMER spans of the range) of one version.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceRequests {
+    pub service: String,
+    pub namespace: Option<String>,
+    pub version: Option<String>,
+    pub latencies_ns: Vec<i64>,
+    pub errors: u64,
+}
+
 /// The graph's ingredients from raw spans.
 pub(crate) struct FromSpans {
-    /// `(source, target, target kind, signals)`.
-    pub edges: Vec<(String, String, NodeKind, Signals)>,
-    /// `(service, namespace, signals)` of each service's own requests.
-    pub services: Vec<(String, Option<String>, Signals)>,
+    pub edges: Vec<EdgeRequests>,
+    pub services: Vec<ServiceRequests>,
 }
 
 /// What one scan and pairing found, over global name ids.
 struct Paired {
     names: Vec<String>,
+    /// The id of the entry point (`user`), which no service name shares.
+    user: u32,
     /// The epoch minute of [`EdgeKey`]'s minute 0.
     base_minute: i64,
     edges: HashMap<EdgeKey, Tally, Hasher>,
     own: HashMap<u32, Own, Hasher>,
 }
 
-/// The graph from raw spans over `range`: edges and each service's own requests.
+impl Paired {
+    fn name(&self, id: u32) -> Option<String> {
+        (id != NONE).then(|| self.names[id as usize].clone())
+    }
+
+    fn edge_requests(&self, edges: HashMap<EdgeKey, Tally, Hasher>) -> Vec<EdgeRequests> {
+        let mut out = Vec::with_capacity(edges.len());
+        for ((s, t, kind, minute), tally) in edges {
+            let minute = chrono::DateTime::from_timestamp_nanos(
+                (self.base_minute + i64::from(minute)).saturating_mul(MINUTE_NS),
+            );
+            for c in tally.cells {
+                out.push(EdgeRequests {
+                    minute,
+                    source: (s != self.user).then(|| self.names[s as usize].clone()),
+                    target: self.names[t as usize].clone(),
+                    target_kind: kind,
+                    version: self.name(c.version),
+                    reason: self.name(c.reason),
+                    latencies_ns: c.latencies,
+                    errors: c.errors,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The graph from raw spans over `range`: the requests of each edge and each service.
 pub(crate) async fn analyse(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<FromSpans, QueryError> {
-    let seconds = range.seconds();
-    let found = scan_and_pair(engine, range, false, pair_window()).await?;
-    let names = &found.names;
-    let edges = found
-        .edges
-        .into_iter()
-        .map(|((s, t, kind, _), (mut lat, errors))| {
-            let p = percentiles(&mut lat);
-            let signals = Signals::new(lat.len() as u64, errors, seconds, p);
-            (
-                names[s as usize].clone(),
-                names[t as usize].clone(),
-                kind,
-                signals,
-            )
-        })
-        .collect();
-    let services = found
-        .own
-        .into_iter()
-        .map(|(s, mut o)| {
-            let p = percentiles(&mut o.durations);
-            let signals = Signals::new(o.durations.len() as u64, o.errors, seconds, p);
-            (names[s as usize].clone(), o.namespace, signals)
-        })
-        .collect();
-    Ok(FromSpans { edges, services })
-}
-
-/// One edge's requests: those that started in one minute (the caller's start; the
-/// server's for `user` requests) when bucketed by minute.
-pub(crate) struct EdgeRequests {
-    /// The minute, when bucketed; otherwise the first minute of the scanned window.
-    pub minute: chrono::DateTime<chrono::Utc>,
-    pub source: String,
-    pub target: String,
-    pub target_kind: NodeKind,
-    pub latencies_ns: Vec<i64>,
-    pub errors: u64,
+    let mut found = scan_and_pair(engine, range, false, pair_window()).await?;
+    let edges = std::mem::take(&mut found.edges);
+    let own = std::mem::take(&mut found.own);
+    let mut services = Vec::new();
+    for (s, o) in own {
+        for c in o.tally.cells {
+            services.push(ServiceRequests {
+                service: found.names[s as usize].clone(),
+                namespace: o.namespace.clone(),
+                version: found.name(c.version),
+                latencies_ns: c.latencies,
+                errors: c.errors,
+            });
+        }
+    }
+    Ok(FromSpans {
+        edges: found.edge_requests(edges),
+        services,
+    })
 }
 
 /// The requests of `range` per edge and minute, for the rollups.
@@ -653,9 +785,9 @@ pub(crate) async fn requests_by_minute(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<Vec<EdgeRequests>, QueryError> {
-    Ok(edge_requests(
-        scan_and_pair(engine, range, true, pair_window()).await?,
-    ))
+    let mut found = scan_and_pair(engine, range, true, pair_window()).await?;
+    let edges = std::mem::take(&mut found.edges);
+    Ok(found.edge_requests(edges))
 }
 
 /// The requests of `range` per edge, looking for the other half of a pair only `window`
@@ -665,29 +797,9 @@ pub(crate) async fn requests_within(
     range: &TimeRange,
     window: chrono::Duration,
 ) -> Result<Vec<EdgeRequests>, QueryError> {
-    Ok(edge_requests(
-        scan_and_pair(engine, range, false, window).await?,
-    ))
-}
-
-fn edge_requests(found: Paired) -> Vec<EdgeRequests> {
-    let names = &found.names;
-    found
-        .edges
-        .into_iter()
-        .map(
-            |((s, t, kind, minute), (latencies_ns, errors))| EdgeRequests {
-                minute: chrono::DateTime::from_timestamp_nanos(
-                    (found.base_minute + i64::from(minute)).saturating_mul(MINUTE_NS),
-                ),
-                source: names[s as usize].clone(),
-                target: names[t as usize].clone(),
-                target_kind: kind,
-                latencies_ns,
-                errors,
-            },
-        )
-        .collect()
+    let mut found = scan_and_pair(engine, range, false, window).await?;
+    let edges = std::mem::take(&mut found.edges);
+    Ok(found.edge_requests(edges))
 }
 
 fn pair_window() -> chrono::Duration {
@@ -751,10 +863,39 @@ async fn join<T>(t: tokio::task::JoinHandle<T>) -> Result<T, QueryError> {
         .map_err(|e| QueryError::Internal(format!("pairing task failed: {e}")))
 }
 
-/// Gives every partition's names global ids, pairs the shards in parallel and merges.
+/// The instrumented service a peer name means, if any: the name itself, without its
+/// port, the host of an Istio cluster name (`outbound|8080||cart.shop.svc.cluster.local`),
+/// or the first label of a Kubernetes service name (`cart.shop.svc…`).
+pub(crate) fn instrumented<'a>(
+    peer: &'a str,
+    is_service: impl Fn(&str) -> bool,
+) -> Option<&'a str> {
+    let host = peer.rsplit('|').next().unwrap_or(peer);
+    let no_port = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let first_label = no_port
+        .split_once('.')
+        .filter(|(_, rest)| rest.contains("svc"))
+        .map(|(label, _)| label);
+    [Some(peer), Some(host), Some(no_port), first_label]
+        .into_iter()
+        .flatten()
+        .find(|candidate| is_service(candidate))
+}
+
+/// Gives every partition's names global ids, pairs the shards in parallel and merges;
+/// then a caller left unpaired whose peer is an instrumented service of the range counts
+/// on the edge to that service.
 async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryError> {
     let mut names = Names::default();
-    let user = names.id("user");
+    // The entry point's id: not interned, so a service called `user` has its own.
+    names.names.push("user".to_string());
+    let user = 0;
     let remaps: Vec<Arc<Vec<u32>>> = parts
         .iter()
         .map(|p| Arc::new(p.names.names.iter().map(|n| names.id(n)).collect()))
@@ -765,12 +906,15 @@ async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryErro
     let mut shards: Vec<Vec<Piece>> = (0..SHARDS).map(|_| Vec::new()).collect();
     for (part, remap) in parts.into_iter().zip(&remaps) {
         for (local, o) in part.own.into_iter().enumerate() {
-            if o.durations.is_empty() {
+            if !o.seen {
                 continue;
             }
             let g = own.entry(remap[local]).or_default();
-            g.durations.extend(o.durations);
-            g.errors += o.errors;
+            g.seen = true;
+            g.tally.merge(
+                o.tally,
+                |id| if id == NONE { NONE } else { remap[id as usize] },
+            );
             if o.namespace > g.namespace {
                 g.namespace = o.namespace;
             }
@@ -788,20 +932,35 @@ async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryErro
         .into_iter()
         .map(|pieces| tokio::spawn(async move { pair_shard(&pieces, user, count, by_minute) }))
         .collect();
+    // A virtual peer's name → the instrumented service it is, once per name.
+    let mut resolved: HashMap<u32, Option<u32>, Hasher> = HashMap::default();
+    let by_name: HashMap<&str, u32> = own
+        .keys()
+        .map(|&id| (names.names[id as usize].as_str(), id))
+        .collect();
     let mut edges: HashMap<EdgeKey, Tally, Hasher> = HashMap::default();
     for t in tasks {
-        for (key, (lat, errors)) in join(t).await?.entries {
-            let e = edges.entry(key).or_default();
-            if e.0.is_empty() {
-                e.0 = lat;
+        for ((s, t, kind, minute), tally) in join(t).await?.entries {
+            let key = if kind == NodeKind::Virtual {
+                let service = *resolved.entry(t).or_insert_with(|| {
+                    instrumented(&names.names[t as usize], |n| by_name.contains_key(n))
+                        .and_then(|n| by_name.get(n).copied())
+                });
+                match service {
+                    Some(svc) => (s, svc, NodeKind::Service, minute),
+                    None => (s, t, kind, minute),
+                }
             } else {
-                e.0.extend(lat);
-            }
-            e.1 += errors;
+                (s, t, kind, minute)
+            };
+            edges.entry(key).or_default().merge(tally, |id| id);
         }
     }
+    // Services that only answered nothing (no SERVER spans) need no own entry any more.
+    own.retain(|_, o| !o.tally.cells.is_empty());
     Ok(Paired {
         names: names.names,
+        user,
         base_minute: 0,
         edges,
         own,
@@ -813,6 +972,22 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn peer_names_resolve_to_instrumented_services() {
+        let services = ["cart", "inventory"];
+        let is = |n: &str| services.contains(&n);
+        assert_eq!(instrumented("cart", is), Some("cart"));
+        assert_eq!(instrumented("cart:8080", is), Some("cart"));
+        assert_eq!(
+            instrumented("outbound|8080||inventory.shop.svc.cluster.local", is),
+            Some("inventory")
+        );
+        assert_eq!(instrumented("cart.shop.svc", is), Some("cart"));
+        // A public host that merely starts like a service is not that service.
+        assert_eq!(instrumented("cart.example.com", is), None);
+        assert_eq!(instrumented("postgres", is), None);
+    }
 
     #[test]
     fn hex_ids_parse_in_either_case_and_refuse_the_rest() {
@@ -875,7 +1050,9 @@ mod tests {
             parent,
             duration: (id * 10) as i64,
             service,
-            peer: NO_PEER,
+            peer: NONE,
+            version: NONE,
+            reason: NONE,
             minute: 0,
             kind,
             flags: if in_range { IN_RANGE } else { 0 },
@@ -933,9 +1110,11 @@ mod tests {
             let got: BTreeMap<_, _> = t
                 .entries
                 .into_iter()
-                .map(|((s, t, k, _), (mut lat, errors))| {
-                    lat.sort_unstable();
-                    ((s, t, k == NodeKind::Virtual), (lat, errors))
+                .map(|((s, t, k, _), tally)| {
+                    assert_eq!(tally.cells.len(), 1);
+                    let mut c = tally.cells[0].clone();
+                    c.latencies.sort_unstable();
+                    ((s, t, k == NodeKind::Virtual), (c.latencies, c.errors))
                 })
                 .collect();
             assert_eq!(got, want, "{names} names");

@@ -154,7 +154,9 @@ impl SpanCounters {
                 NodeKind::Virtual => "virtual",
                 _ => "service",
             };
-            let key = (e.source, e.target, kind.to_string());
+            // The entry point is Tempo's `user` client.
+            let client = e.source.unwrap_or_else(|| super::graph::USER.to_string());
+            let key = (client, e.target, kind.to_string());
             if st.edges.len() >= MAX_SERIES && !st.edges.contains_key(&key) {
                 st.dropped += 1;
                 continue;

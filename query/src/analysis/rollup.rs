@@ -9,7 +9,7 @@
 //! repeats a minute. Spans arriving later than the delay are not in the rollups (they are
 //! in the raw path, which short ranges use).
 //!
-//! Long ranges read the rollups and merge the sketches ([`from_rollups`]); both paths agree
+//! Long ranges read the rollups and merge the sketches ([`aggregates`], [`by_minute`]); both paths agree
 //! within the sketch's 1%.
 
 use std::collections::BTreeMap;
@@ -61,14 +61,25 @@ impl Agg {
     }
 }
 
-/// `(kind, source, target, target_kind, namespace)`.
-pub type Key = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// What one rollup row aggregates (the rollups table's key columns).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    /// `service`, `endpoint` or `edge`.
+    pub kind: String,
+    /// The service, or the edge's caller (`user` for the entry point).
+    pub source: String,
+    /// The endpoint, or the edge's callee.
+    pub target: Option<String>,
+    /// For edges: `service` or `virtual`.
+    pub target_kind: Option<String>,
+    pub namespace: Option<String>,
+    /// For edges: `user` (the entry point) or `service`.
+    pub source_kind: Option<String>,
+    /// The service's, or the edge's callee's, version.
+    pub version: Option<String>,
+    /// For edges: why a proxy answered these requests itself.
+    pub reason: Option<String>,
+}
 
 /// The background roller.
 #[derive(Debug, Clone)]
@@ -176,11 +187,12 @@ pub async fn groups_from_spans(
     let endpoint_rows = rows(
         engine,
         &format!(
-            "SELECT {minute} AS minute, service_name, coalesce(http_route, span_name) AS endpoint,
+            "SELECT {minute} AS minute, service_name, {endpoint} AS endpoint, service_version AS version,
                     max(service_namespace) AS namespace, {k} AS k, count(*) AS n,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     sum(CAST(duration_ns AS DOUBLE)) AS sum_ns
-             FROM spans WHERE {r} AND span_kind IN ('SERVER', 'CONSUMER') GROUP BY 1, 2, 3, 5",
+             FROM spans WHERE {r} AND span_kind IN ('SERVER', 'CONSUMER') GROUP BY 1, 2, 3, 4, 6",
+            endpoint = super::signals::ENDPOINT_SQL,
             k = key_sql("duration_ns"),
             r = range.sql("start_time")
         ),
@@ -191,19 +203,29 @@ pub async fn groups_from_spans(
         if e.minute < range.start || e.minute >= range.end {
             continue;
         }
-        let key = (
-            "edge".to_string(),
-            e.source,
-            Some(e.target),
-            Some(
+        let key = Key {
+            kind: "edge".to_string(),
+            source_kind: Some(
+                if e.source.is_some() {
+                    "service"
+                } else {
+                    "user"
+                }
+                .to_string(),
+            ),
+            source: e.source.unwrap_or_else(|| super::graph::USER.to_string()),
+            target: Some(e.target),
+            target_kind: Some(
                 match e.target_kind {
                     NodeKind::Virtual => "virtual",
                     _ => "service",
                 }
                 .to_string(),
             ),
-            None,
-        );
+            namespace: None,
+            version: e.version,
+            reason: e.reason,
+        };
         let a = groups.entry((canonical(e.minute), key)).or_default();
         a.requests += e.latencies_ns.len() as u64;
         a.errors += e.errors;
@@ -230,20 +252,27 @@ pub async fn groups_from_spans(
             .and_then(Value::as_str)
             .map(str::to_string);
         let svc = str_of(r, "service_name");
+        let version = r.get("version").and_then(Value::as_str).map(str::to_string);
         add(
             str_of(r, "minute"),
-            (
-                "endpoint".into(),
-                svc.clone(),
-                Some(str_of(r, "endpoint")),
-                None,
-                ns.clone(),
-            ),
+            Key {
+                kind: "endpoint".into(),
+                source: svc.clone(),
+                target: Some(str_of(r, "endpoint")),
+                namespace: ns.clone(),
+                ..Key::default()
+            },
             r,
         );
         add(
             str_of(r, "minute"),
-            ("service".into(), svc, None, None, ns),
+            Key {
+                kind: "service".into(),
+                source: svc,
+                namespace: ns,
+                version,
+                ..Key::default()
+            },
             r,
         );
     }
@@ -261,6 +290,11 @@ fn to_batch(
         StringBuilder::new(),
         StringBuilder::new(),
     );
+    let (mut skind, mut version, mut reason) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
     let (mut requests, mut errors, mut sum) = (
         Int64Builder::new(),
         Int64Builder::new(),
@@ -268,16 +302,19 @@ fn to_batch(
     );
     let mut keys = ListBuilder::new(Int32Builder::new());
     let mut counts = ListBuilder::new(Int64Builder::new());
-    for ((m, (k, s, t, tk, n)), agg) in groups {
+    for ((m, key), agg) in groups {
         let Some(m) = parse_minute(Some(&Value::String(m.clone()))) else {
             continue;
         };
         minute.append_value(m.timestamp_nanos_opt().unwrap_or(0));
-        kind.append_value(k);
-        source.append_value(s);
-        target.append_option(t.as_deref());
-        tkind.append_option(tk.as_deref());
-        ns.append_option(n.as_deref());
+        kind.append_value(&key.kind);
+        source.append_value(&key.source);
+        target.append_option(key.target.as_deref());
+        tkind.append_option(key.target_kind.as_deref());
+        ns.append_option(key.namespace.as_deref());
+        skind.append_option(key.source_kind.as_deref());
+        version.append_option(key.version.as_deref());
+        reason.append_option(key.reason.as_deref());
         requests.append_value(i64::try_from(agg.requests).unwrap_or(i64::MAX));
         errors.append_value(i64::try_from(agg.errors).unwrap_or(i64::MAX));
         sum.append_value(agg.latency_sum_ns);
@@ -292,6 +329,9 @@ fn to_batch(
         Arc::new(target.finish()),
         Arc::new(tkind.finish()),
         Arc::new(ns.finish()),
+        Arc::new(skind.finish()),
+        Arc::new(version.finish()),
+        Arc::new(reason.finish()),
         Arc::new(requests.finish()),
         Arc::new(errors.finish()),
         Arc::new(sum.finish()),
@@ -301,20 +341,33 @@ fn to_batch(
     RecordBatch::try_new(Table::Rollups.schema(), columns)
 }
 
-/// The aggregates of `range` at minute granularity, per `(kind, source, target,
-/// target_kind, namespace)`: the stored rollups of every whole minute they cover, merged,
-/// plus the minutes after them computed from raw spans into the same sketches.
+/// The aggregates of `range` per key, merged over its minutes: the stored rollups of
+/// every whole minute they cover, plus the minutes after them computed from raw spans
+/// into the same sketches.
 pub async fn aggregates(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<BTreeMap<Key, Agg>, QueryError> {
+    let mut out: BTreeMap<Key, Agg> = BTreeMap::new();
+    for ((_, key), agg) in by_minute(engine, range).await? {
+        out.entry(key).or_default().merge(&agg);
+    }
+    Ok(out)
+}
+
+/// The aggregates of `range` per minute and key: stored rollups where they exist, raw
+/// spans (the same pairing) for the minutes after them.
+pub async fn by_minute(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
     let start = minute_floor(range.start);
     let covered = Rollups::covered_until(engine)
         .await?
         .unwrap_or(start)
         .clamp(start, range.end);
     let mut out = if covered > start {
-        from_rollups(
+        stored(
             engine,
             &TimeRange {
                 start,
@@ -326,7 +379,7 @@ pub async fn aggregates(
         BTreeMap::new()
     };
     if covered < range.end {
-        for ((_, key), agg) in groups_from_spans(
+        for ((minute, key), agg) in groups_from_spans(
             engine,
             &TimeRange {
                 start: covered,
@@ -335,36 +388,46 @@ pub async fn aggregates(
         )
         .await?
         {
-            out.entry(key).or_default().merge(&agg);
+            let Some(m) = parse_minute(Some(&Value::String(minute))) else {
+                continue;
+            };
+            out.entry((m, key)).or_default().merge(&agg);
         }
     }
     Ok(out)
 }
 
-/// Merges the stored rollups of every whole minute in `range`.
-pub async fn from_rollups(
+/// The stored rollups of every whole minute in `range`, per minute and key.
+async fn stored(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<BTreeMap<Key, Agg>, QueryError> {
+) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
     let rs = rows(
         engine,
         &format!(
-            "SELECT kind, source, target, target_kind, namespace, requests, errors, latency_sum_ns, sketch_keys, sketch_counts
+            "SELECT minute, kind, source, target, target_kind, namespace, source_kind, version, reason,
+                    requests, errors, latency_sum_ns, sketch_keys, sketch_counts
              FROM rollups WHERE {}",
             range.sql("minute")
         ),
     )
     .await?;
-    let mut out: BTreeMap<Key, Agg> = BTreeMap::new();
+    let mut out: BTreeMap<(DateTime<Utc>, Key), Agg> = BTreeMap::new();
     for r in rs {
+        let Some(minute) = parse_minute(r.get("minute")) else {
+            continue;
+        };
         let opt = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
-        let key = (
-            str_of(&r, "kind"),
-            str_of(&r, "source"),
-            opt("target"),
-            opt("target_kind"),
-            opt("namespace"),
-        );
+        let key = Key {
+            kind: str_of(&r, "kind"),
+            source: str_of(&r, "source"),
+            target: opt("target"),
+            target_kind: opt("target_kind"),
+            namespace: opt("namespace"),
+            source_kind: opt("source_kind"),
+            version: opt("version"),
+            reason: opt("reason"),
+        };
         let ints = |k: &str| -> Vec<i64> {
             r.get(k)
                 .and_then(Value::as_array)
@@ -377,7 +440,7 @@ pub async fn from_rollups(
             latency_sum_ns: f64_of(&r, "latency_sum_ns"),
             sketch: Sketch::from_parts(&ints("sketch_keys"), &ints("sketch_counts")),
         };
-        out.entry(key).or_default().merge(&agg);
+        out.entry((minute, key)).or_default().merge(&agg);
     }
     Ok(out)
 }

@@ -1,4 +1,5 @@
-//! The analysis API: `/api/v1/graph`, `/api/v1/services[/{name}]`, `/api/v1/traces[/{id}]`.
+//! The analysis API: `/api/v1/graph`, `/api/v1/services[/{name}]`, `/api/v1/series`,
+//! `/api/v1/traces[/{id}]`.
 
 use std::collections::HashMap;
 
@@ -30,6 +31,7 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
+        .route("/api/v1/series", get(series))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{id}", get(trace))
         .with_state(engine)
@@ -107,6 +109,27 @@ async fn service(
             StatusCode::NOT_FOUND,
             format!("no spans of service {name:?} in the range"),
         ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `?start&end&step&service` or `?start&end&step&source&target`, or neither: per-step
+/// golden signals (`signals::series`).
+async fn series(
+    State(engine): State<QueryEngine>,
+    q: Result<Query<signals::SeriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return QueryError::Invalid(e.body_text()).into_response(),
+    };
+    let r = async {
+        let r = TimeRange::parse(q.start.as_deref(), q.end.as_deref(), chrono::Utc::now())?;
+        signals::series(&engine, &r, &q).await
+    }
+    .await;
+    match r {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -3,7 +3,8 @@
 //! A service's requests are its SERVER and CONSUMER spans; an endpoint is a service's
 //! `http_route` (or the span name when there is none). Rate is requests per second over
 //! the range; percentiles are exact. Saturation comes from the proxies' gauges in
-//! `metrics` where they report it (`*in_flight*` / `*inflight*` / `*utilization*`).
+//! `metrics` where they report it (`*in_flight*` / `*inflight*` / `*utilization*`, and
+//! Envoy's `http.downstream_rq_active` / `cluster.upstream_rq_active` per listener or cluster).
 
 use serde_json::{Value, json};
 
@@ -11,6 +12,16 @@ use super::graph::{ComputedFrom, ServiceGraph, Signals, services_sql};
 use super::range::{TimeRange, sql_str};
 use super::{f64_of, round3, rows, str_of, u64_of};
 use crate::engine::{QueryEngine, QueryError};
+
+/// A span's endpoint: its `http_route`; else its name, unless that is one a proxy gives
+/// every span (Envoy's `ingress` / `egress <host>`), when the path of `url.path` /
+/// `http.url` says more.
+pub const ENDPOINT_SQL: &str = "coalesce(http_route,
+    CASE WHEN span_name = 'ingress' OR span_name = 'egress' OR span_name LIKE 'egress %' OR span_name LIKE 'ingress %'
+         THEN coalesce(span_attributes['url.path'],
+                       nullif(regexp_replace(regexp_replace(span_attributes['http.url'], '^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*', ''), '[?#].*$', ''), ''))
+    END,
+    span_name)";
 
 /// `GET /api/v1/services`: every service with its signals, busiest first.
 pub async fn services(
@@ -42,8 +53,18 @@ pub async fn services(
         ComputedFrom::Rollups => super::rollup::aggregates(engine, range)
             .await?
             .into_iter()
-            .filter(|((kind, ..), _)| kind == "service")
-            .map(|((_, name, _, _, ns), agg)| entry(name, ns, agg.signals(seconds)))
+            .filter(|(key, _)| key.kind == "service")
+            .fold(
+                std::collections::BTreeMap::<String, (Option<String>, super::rollup::Agg)>::new(),
+                |mut by, (key, agg)| {
+                    let e = by.entry(key.source).or_default();
+                    e.0 = e.0.take().or(key.namespace);
+                    e.1.merge(&agg);
+                    by
+                },
+            )
+            .into_iter()
+            .map(|(name, (ns, agg))| entry(name, ns, agg.signals(seconds)))
             .collect(),
     };
     out.sort_by(|a, b| {
@@ -84,7 +105,7 @@ pub async fn service(
     let endpoints = rows(
         engine,
         &format!(
-            "SELECT coalesce(http_route, span_name) AS endpoint, count(*) AS requests,
+            "SELECT {ENDPOINT_SQL} AS endpoint, count(*) AS requests,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
@@ -152,10 +173,12 @@ pub async fn service(
     let saturation = rows(
         engine,
         &format!(
-            "SELECT metric_name, avg(value) AS avg, max(value) AS max FROM metrics
+            "SELECT metric_name || coalesce('{{' || coalesce(attributes['envoy.cluster_name'], attributes['envoy.http_conn_manager_prefix']) || '}}', '') AS metric_name,
+                    avg(value) AS avg, max(value) AS max FROM metrics
              WHERE {} AND service_name = {svc} AND metric_type = 'gauge'
-               AND (metric_name LIKE '%in_flight%' OR metric_name LIKE '%inflight%' OR metric_name LIKE '%utilization%')
-             GROUP BY metric_name ORDER BY metric_name",
+               AND (metric_name LIKE '%in_flight%' OR metric_name LIKE '%inflight%' OR metric_name LIKE '%utilization%'
+                    OR metric_name LIKE '%rq_active')
+             GROUP BY 1 ORDER BY 1",
             range.sql("time")
         ),
     )
@@ -172,4 +195,139 @@ pub async fn service(
     v["series"] = json!(series);
     v["saturation"] = json!(saturation);
     Ok(Some(v))
+}
+
+/// What `GET /api/v1/series` is asked for (typed query parameters).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesQuery {
+    pub start: Option<String>,
+    pub end: Option<String>,
+    /// Seconds per point, a whole number of minutes (default: at most 60 points).
+    pub step: Option<u64>,
+    /// One service's own requests.
+    pub service: Option<String>,
+    /// One edge's requests: its source (`user` or `user (entry)` for the entry point) and
+    /// target, as `/api/v1/graph` names them.
+    pub source: Option<String>,
+    pub target: Option<String>,
+}
+
+/// One point of a series: the golden signals of `step` seconds from `time`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesPoint {
+    pub time: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+/// One series: a service's (`service`) or an edge's (`source`, `target`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Series {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub points: Vec<SeriesPoint>,
+}
+
+/// `GET /api/v1/series`'s answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesAnswer {
+    pub step: u64,
+    pub series: Vec<Series>,
+}
+
+/// Per-step golden signals of a service, an edge, or (asked for neither) every service,
+/// from the same cells the graph is built from: the per-minute rollups where they exist,
+/// the raw-span pairing for the minutes after them (percentiles within the sketch's 1%).
+pub async fn series(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    q: &SeriesQuery,
+) -> Result<SeriesAnswer, QueryError> {
+    use std::collections::BTreeMap;
+
+    use super::graph::{USER, USER_ENTRY};
+    use super::rollup::Agg;
+
+    let minutes = (range.seconds() / 60.0).ceil().max(1.0) as u64;
+    let step = match q.step {
+        Some(s) if s == 0 || s % 60 != 0 => {
+            return Err(QueryError::Invalid(format!(
+                "step must be a positive whole number of minutes in seconds (60, 120, …), got {s}"
+            )));
+        }
+        Some(s) => s,
+        None => minutes.div_ceil(60) * 60,
+    };
+    let edge = match (&q.source, &q.target) {
+        (Some(s), Some(t)) => Some((s.as_str(), t.as_str())),
+        (None, None) => None,
+        _ => {
+            return Err(QueryError::Invalid(
+                "an edge's series needs both source and target".into(),
+            ));
+        }
+    };
+    let cells = super::rollup::by_minute(engine, range).await?;
+    // With a service called `user`, `user` is that service and the entry is `user (entry)`.
+    let user_service = cells
+        .keys()
+        .any(|(_, k)| k.kind == "service" && k.source == USER);
+    let is_entry = |k: &super::rollup::Key| match k.source_kind.as_deref() {
+        Some(kind) => kind == "user",
+        None => k.source == USER,
+    };
+    let start_s = range.start.timestamp();
+    // series name → step index → aggregate
+    let mut by: BTreeMap<String, BTreeMap<i64, Agg>> = BTreeMap::new();
+    for ((minute, key), agg) in &cells {
+        let name = match (&q.service, edge) {
+            (Some(svc), _) => {
+                if key.kind != "service" || &key.source != svc {
+                    continue;
+                }
+                svc.clone()
+            }
+            (None, Some((source, target))) => {
+                let entry_asked = source == USER_ENTRY || (source == USER && !user_service);
+                let source_matches = if is_entry(key) {
+                    entry_asked
+                } else {
+                    !entry_asked && key.source == source
+                };
+                if key.kind != "edge" || key.target.as_deref() != Some(target) || !source_matches {
+                    continue;
+                }
+                String::new()
+            }
+            (None, None) => {
+                if key.kind != "service" {
+                    continue;
+                }
+                key.source.clone()
+            }
+        };
+        let i = (minute.timestamp() - start_s).div_euclid(step as i64);
+        by.entry(name).or_default().entry(i).or_default().merge(agg);
+    }
+    let point = |i: i64, agg: &Agg| SeriesPoint {
+        time: chrono::DateTime::from_timestamp(start_s + i * step as i64, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        signals: agg.signals(step as f64),
+    };
+    let series = by
+        .into_iter()
+        .map(|(name, steps)| Series {
+            service: (edge.is_none()).then_some(name),
+            source: edge.map(|(s, _)| s.to_string()),
+            target: edge.map(|(_, t)| t.to_string()),
+            points: steps.iter().map(|(i, agg)| point(*i, agg)).collect(),
+        })
+        .collect();
+    Ok(SeriesAnswer { step, series })
 }
