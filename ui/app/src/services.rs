@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::charts::Sparkline;
 use crate::state::{Range, tick, use_url};
-use crate::topology::SignalCharts;
+use crate::topology::{SignalCharts, versions_table};
 use crate::util::{self, enc, f, fmt_ms, fmt_num, fmt_pct, fmt_rate, health, s};
 use crate::{ErrorBox, Kpi, Loading};
 
@@ -17,41 +17,31 @@ const BUCKETS: usize = 30;
 /// Per-service buckets of (rate, error rate, p50, p95, p99) for the sparklines.
 type Sparks = HashMap<String, Vec<[f64; 5]>>;
 
+/// The sparklines from the API's per-step series of every service (`/api/v1/series`):
+/// whole minutes, at most [`BUCKETS`] of them.
 async fn sparklines(range: Range) -> Result<Sparks, String> {
     let (a, b) = range.bounds();
-    let bin_s = (((b - a) / 1000.0) / BUCKETS as f64).ceil().max(10.0);
-    let q = format!(
-        "SELECT service_name AS s,
-                CAST(floor((CAST(CAST(start_time AS BIGINT) AS DOUBLE) / 1e9 - {a0}) / {bin_s}) AS BIGINT) AS b,
-                count(*) AS n,
-                sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS e,
-                approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50,
-                approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95,
-                approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99
-         FROM spans WHERE {w} AND span_kind IN ('SERVER', 'CONSUMER')
-         GROUP BY 1, 2",
-        a0 = a / 1000.0,
-        w = range.sql("start_time"),
-    );
-    let rows = util::sql_rows(q).await?;
+    let minutes = ((b - a) / 60e3).ceil().max(1.0);
+    let step = (minutes / BUCKETS as f64).ceil().max(1.0) * 60.0;
+    let v = util::get_json(format!("/api/v1/series?{}&step={step:.0}", range.api())).await?;
     let mut out: Sparks = HashMap::new();
-    for r in rows {
-        let r = Value::Object(r);
-        let b = f(&r, "b");
-        if b < 0.0 || b as usize >= BUCKETS {
-            continue;
-        }
-        let n = f(&r, "n");
-        let v = out
-            .entry(s(&r, "s"))
+    for series in v["series"].as_array().cloned().unwrap_or_default() {
+        let buckets = out
+            .entry(s(&series, "service"))
             .or_insert_with(|| vec![[0.0; 5]; BUCKETS]);
-        v[b as usize] = [
-            n / bin_s,
-            if n > 0.0 { f(&r, "e") / n } else { 0.0 },
-            f(&r, "p50") / 1e6,
-            f(&r, "p95") / 1e6,
-            f(&r, "p99") / 1e6,
-        ];
+        for p in series["points"].as_array().cloned().unwrap_or_default() {
+            let i = ((util::ts_ms(&p["time"]) - a) / (step * 1e3)).floor();
+            if i < 0.0 || i as usize >= BUCKETS {
+                continue;
+            }
+            buckets[i as usize] = [
+                f(&p, "rate"),
+                f(&p, "error_rate"),
+                f(&p, "p50_ms"),
+                f(&p, "p95_ms"),
+                f(&p, "p99_ms"),
+            ];
+        }
     }
     Ok(out)
 }
@@ -220,6 +210,7 @@ pub fn ServicePage() -> impl IntoView {
                         let er = f(&v, "error_rate");
                         let endpoints = v["endpoints"].as_array().cloned().unwrap_or_default();
                         let saturation = v["saturation"].as_array().cloned().unwrap_or_default();
+                        let versions = v["versions"].as_array().cloned().unwrap_or_default();
                         let slow = url.link("/traces", &[("service", n.clone()), ("min_duration_ms", format!("{:.0}", f(&v, "p95_ms").floor())), ("sort", "slowest".into())]);
                         let failing = url.link("/traces", &[("service", n.clone()), ("status", "error".into())]);
                         let logs = url.link("/logs", &[("service", n.clone())]);
@@ -243,6 +234,12 @@ pub fn ServicePage() -> impl IntoView {
                                 {saturation.iter().map(|m| view! { <Kpi label="saturation" value=format!("{}: avg {} / max {}", s(m, "metric"), fmt_num(f(m, "avg")), fmt_num(f(m, "max")))/> }).collect_view()}
                             </div>
                             <SignalCharts detail=v.clone()/>
+                            {(!versions.is_empty()).then(|| view! {
+                                <div class="card">
+                                    <h3>"Versions"</h3>
+                                    {versions_table(&versions)}
+                                </div>
+                            })}
                             <div class="card">
                                 <h3>"Endpoints"</h3>
                                 <table class="table compact" data-test="endpoints">

@@ -467,6 +467,7 @@ fn GraphView(
                 !q.is_empty() && !id4.to_lowercase().contains(&q)
             };
             let click = move |_| go(&url.with(&[("sel", Some(format!("node:{id}")))]), false);
+            let split = version_split(n.data["versions"].as_array().map(Vec::as_slice).unwrap_or_default());
             let sub = match n.kind.as_str() {
                 "user" => "users".to_string(),
                 _ if f(&n.data, "requests") == 0.0 => "seen by the mesh only".to_string(),
@@ -479,6 +480,7 @@ fn GraphView(
                     {shape}
                     <text x=x y=y + r + 18.0 text-anchor="middle" class="node-label">{n.id.clone()}</text>
                     <text x=x y=y + r + 32.0 text-anchor="middle" class="node-sub">{sub}</text>
+                    {split.map(|t| view! { <text x=x y=y + r + 45.0 text-anchor="middle" class="node-versions" data-test="version-split">{t}</text> })}
                 </g>
             }
         })
@@ -570,11 +572,10 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
         }
         Selection::Edge(a, b) if seen_in_spans => {
             let (a, b) = (a.clone(), b.clone());
-            let target_kind = find_node(&b).map(|n| s(&n, "kind")).unwrap_or_default();
             Some(LocalResource::new(move || {
                 let r = url.range();
                 tick();
-                edge_series(r, a.clone(), b.clone(), target_kind.clone())
+                edge_series(r, a.clone(), b.clone())
             }))
         }
         _ => None,
@@ -586,6 +587,7 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
         let g = graph_live.get().and_then(Result::ok).unwrap_or(Value::Null);
         let data = lookup(&g, &sel_live);
         let by_source = data["by_source"].as_object().cloned().unwrap_or_default();
+        let reasons = data["reasons"].as_object().cloned().unwrap_or_default();
         let sources_row = data["sources"]
             .as_array()
             .map(|a| {
@@ -605,6 +607,12 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
             </div>
             <div class="muted small">{format!("{} requests, {} errors in range", f(&data, "requests"), f(&data, "errors"))}</div>
             {(!sources_row.is_empty()).then(|| view! { <div class="small sources">"Seen in: "<b>{sources_row}</b></div> })}
+            {versions_table(data["versions"].as_array().or(data["by_version"].as_array()).map(Vec::as_slice).unwrap_or_default())}
+            {(!reasons.is_empty()).then(|| view! {
+                <div class="small reasons" data-test="reasons">"Answered by a proxy: "
+                    {reasons.iter().map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0))).collect::<Vec<_>>().join(", ")}
+                </div>
+            })}
             {(!by_source.is_empty()).then(|| view! {
                 <table class="mini-table">
                     <thead><tr><th>"Source"</th><th>"Rate"</th><th>"Errors"</th><th>"p99"</th></tr></thead>
@@ -671,67 +679,55 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
     }
 }
 
-/// One request per row on the edge `source → target`, as `graph.rs` on the server defines
-/// them (paired CLIENT→SERVER spans, unpaired callers of a virtual peer, entry SERVER
-/// spans for the users), then per-minute signals in the shape of a service's `series`.
-async fn edge_series(
-    range: Range,
-    source: String,
-    target: String,
-    target_kind: String,
-) -> Result<Value, String> {
-    let (src, dst) = (lit(&source), lit(&target));
-    let requests = if source == "user" {
-        format!(
-            "SELECT e.start_time, e.duration_ns AS latency_ns, e.status_code = 'ERROR' AS error
-             FROM (SELECT * FROM s WHERE span_kind = 'SERVER' AND service_name = {dst}) e
-             LEFT ANTI JOIN s parent ON parent.trace_id = e.trace_id AND parent.span_id = e.parent_span_id"
-        )
-    } else if target_kind == "virtual" {
-        format!(
-            "SELECT c.start_time, c.duration_ns AS latency_ns, c.status_code = 'ERROR' AS error
-             FROM (SELECT * FROM s WHERE service_name = {src} AND span_kind IN ('CLIENT', 'PRODUCER') AND peer_name = {dst}) c
-             LEFT ANTI JOIN (SELECT * FROM s WHERE span_kind IN ('SERVER', 'CONSUMER')) p
-               ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id"
-        )
-    } else {
-        format!(
-            "SELECT c.start_time, c.duration_ns AS latency_ns, (c.status_code = 'ERROR' OR p.status_code = 'ERROR') AS error
-             FROM (SELECT * FROM s WHERE service_name = {src} AND span_kind IN ('CLIENT', 'PRODUCER')) c
-             JOIN (SELECT * FROM s WHERE service_name = {dst} AND span_kind IN ('SERVER', 'CONSUMER')) p
-               ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id"
-        )
-    };
-    let q = format!(
-        "WITH s AS (SELECT trace_id, span_id, parent_span_id, service_name, span_kind, status_code, duration_ns, start_time, peer_name
-                    FROM spans WHERE {wide}),
-              req AS ({requests})
-         SELECT date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS t, count(*) AS n,
-                sum(CASE WHEN error THEN 1 ELSE 0 END) AS e,
-                approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ns) AS p50,
-                approx_percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ns) AS p95,
-                approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ns) AS p99
-         FROM req WHERE {inrange} GROUP BY 1 ORDER BY 1",
-        wide = range.sql_widened("start_time", 5.0 * 60e3),
-        inrange = range.sql("start_time"),
-    );
-    let rows = util::sql_rows(q).await?;
-    let series: Vec<Value> = rows
-        .into_iter()
-        .map(|r| {
-            let r = Value::Object(r);
-            let n = f(&r, "n");
-            serde_json::json!({
-                "time": r["t"].clone(),
-                "rate": n / 60.0,
-                "error_rate": if n > 0.0 { f(&r, "e") / n } else { 0.0 },
-                "p50_ms": f(&r, "p50") / 1e6,
-                "p95_ms": f(&r, "p95") / 1e6,
-                "p99_ms": f(&r, "p99") / 1e6,
-            })
-        })
-        .collect();
-    Ok(serde_json::json!({ "series": series }))
+/// The edge's per-minute signals from the API (`/api/v1/series`), which follows the
+/// graph's own rules, in the shape of a service's `series`.
+async fn edge_series(range: Range, source: String, target: String) -> Result<Value, String> {
+    let v = util::get_json(format!(
+        "/api/v1/series?{}&source={}&target={}",
+        range.api(),
+        enc(&source),
+        enc(&target)
+    ))
+    .await?;
+    let points = v["series"][0]["points"].clone();
+    Ok(serde_json::json!({ "series": if points.is_null() { Value::Array(Vec::new()) } else { points } }))
+}
+
+/// A version breakdown (`versions` of a node, `by_version` of an edge) as a small table.
+pub fn versions_table(list: &[Value]) -> impl IntoView + use<> {
+    let total: f64 = list.iter().map(|v| f(v, "requests")).sum();
+    (!list.is_empty()).then(|| {
+        view! {
+            <table class="mini-table" data-test="versions">
+                <thead><tr><th>"Version"</th><th>"Share"</th><th>"Rate"</th><th>"Errors"</th><th>"p99"</th></tr></thead>
+                <tbody>
+                    {list.iter().map(|v| view! {
+                        <tr>
+                            <td class="mono">{s(v, "version")}</td>
+                            <td>{fmt_pct(if total > 0.0 { f(v, "requests") / total } else { 0.0 })}</td>
+                            <td>{fmt_rate(f(v, "rate"))}</td>
+                            <td>{fmt_pct(f(v, "error_rate"))}</td>
+                            <td>{fmt_ms(f(v, "p99_ms"))}</td>
+                        </tr>
+                    }).collect_view()}
+                </tbody>
+            </table>
+        }
+    })
+}
+
+/// `v1 90% · v2 10%`: a node's split across its versions, when it has more than one.
+fn version_split(list: &[Value]) -> Option<String> {
+    if list.len() < 2 {
+        return None;
+    }
+    let total: f64 = list.iter().map(|v| f(v, "requests")).sum();
+    (total > 0.0).then(|| {
+        list.iter()
+            .map(|v| format!("{} {:.0}%", s(v, "version"), 100.0 * f(v, "requests") / total))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    })
 }
 
 /// Charts of a service's per-minute series: rate, error rate, latency percentiles.
