@@ -141,11 +141,12 @@ impl<'a> Observer<'a> {
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {} AND span_kind IN ('SERVER', 'CONSUMER')
+             FROM spans WHERE {} AND service_name = {} AND {served}
              GROUP BY 1",
             range.sql("start_time"),
             sql_str(service),
             endpoint = meshscope_query::analysis::signals::ENDPOINT_SQL,
+            served = meshscope_query::analysis::signals::SERVED_SQL,
         );
         let seconds = range.seconds();
         let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
@@ -476,11 +477,12 @@ async fn exemplars(
             };
             let sql = format!(
                 "SELECT trace_id, start_time, duration_ns FROM spans
-                 WHERE {} AND service_name = {} AND span_kind IN ('SERVER', 'CONSUMER'){endpoint} AND {cond}
+                 WHERE {} AND service_name = {} AND {served}{endpoint} AND {cond}
                  ORDER BY {order} LIMIT {}",
                 range.sql("start_time"),
                 sql_str(&get("service")),
-                EXEMPLARS * 4
+                EXEMPLARS * 4,
+                served = meshscope_query::analysis::signals::SERVED_SQL,
             );
             Ok(trace_ids(json_rows(engine, &sql).await?))
         }

@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use super::range::{TimeRange, sql_str};
 use super::rollup::Agg;
-use super::{f64_of, round3, u64_of};
+use super::round3;
 use crate::engine::{QueryEngine, QueryError};
 
 /// How far outside the range the other half of a pair may start.
@@ -121,17 +121,29 @@ impl Signals {
             p99_ms: round3(p99_ns / 1e6),
         }
     }
+}
 
-    pub(crate) fn from_row(
-        row: &serde_json::Map<String, serde_json::Value>,
-        seconds: f64,
-    ) -> Signals {
-        let ns = |k: &str| f64_of(row, k);
+/// A row of signals as the SQL of [`services_sql`] (and the endpoint query) answers:
+/// a name, counts and exact percentiles in nanoseconds.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(crate) struct SignalsRow {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub requests: i64,
+    pub errors: i64,
+    pub p50_ns: Option<f64>,
+    pub p95_ns: Option<f64>,
+    pub p99_ns: Option<f64>,
+}
+
+impl SignalsRow {
+    pub(crate) fn signals(&self, seconds: f64) -> Signals {
+        let ns = |p: Option<f64>| p.unwrap_or(0.0);
         Signals::new(
-            u64_of(row, "requests"),
-            u64_of(row, "errors"),
+            u64::try_from(self.requests).unwrap_or(0),
+            u64::try_from(self.errors).unwrap_or(0),
             seconds,
-            [ns("p50_ns"), ns("p95_ns"), ns("p99_ns")],
+            [ns(self.p50_ns), ns(self.p95_ns), ns(self.p99_ns)],
         )
     }
 }
@@ -196,9 +208,10 @@ pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
                 percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-         FROM spans WHERE {} AND span_kind IN ('SERVER', 'CONSUMER'){only}
+         FROM spans WHERE {} AND {served}{only}
          GROUP BY service_name",
-        range.sql("start_time")
+        range.sql("start_time"),
+        served = super::signals::SERVED_SQL,
     )
 }
 

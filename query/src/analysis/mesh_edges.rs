@@ -31,11 +31,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use meshscope_proto::convert::spans::envoy_reason;
-use serde_json::Value;
 
 use super::graph::{Raw, Signals, UNKNOWN_VERSION, VersionSignals, summarise};
 use super::range::TimeRange;
-use super::{rows, str_of, u64_of};
+use super::typed;
 use crate::engine::{QueryEngine, QueryError};
 
 /// One family of request metrics.
@@ -325,28 +324,60 @@ struct Point {
     bounds: Vec<f64>,
 }
 
-fn point(r: &serde_json::Map<String, Value>, counter: bool) -> Point {
-    let floats = |k: &str| -> Vec<f64> {
-        r.get(k)
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default()
-    };
-    Point {
-        series: format!("{}|{}", str_of(r, "service_name"), str_of(r, "series")),
-        src: str_of(r, "src"),
-        dst: str_of(r, "dst"),
-        version: version_of(r.get("version").and_then(Value::as_str)),
-        reporter: str_of(r, "reporter"),
-        reason: reason_of(&str_of(r, "proxy_response"), &str_of(r, "flags")),
-        failed: r.get("failed").and_then(Value::as_bool).unwrap_or(false),
-        counter,
-        t: r.get("t").and_then(Value::as_i64).unwrap_or(0),
-        series_start: r.get("series_start").and_then(Value::as_i64).unwrap_or(0),
-        delta: r.get("delta").and_then(Value::as_bool).unwrap_or(false),
-        value: r.get("value").and_then(Value::as_f64).unwrap_or(0.0),
-        buckets: floats("bucket_counts"),
-        bounds: floats("explicit_bounds"),
+/// One row of a request-metric query, as DataFusion answers it.
+#[derive(Debug, serde::Deserialize)]
+struct MetricRow {
+    src: Option<String>,
+    dst: Option<String>,
+    dst_workload: Option<String>,
+    version: Option<String>,
+    reporter: String,
+    flags: String,
+    proxy_response: String,
+    failed: bool,
+    series: Option<String>,
+    metric_name: String,
+    service_name: String,
+    series_start: Option<i64>,
+    t: i64,
+    delta: Option<bool>,
+    value: Option<f64>,
+    bucket_counts: Option<Vec<Option<i64>>>,
+    explicit_bounds: Option<Vec<Option<f64>>>,
+}
+
+impl MetricRow {
+    fn point(self, counter: bool) -> Point {
+        Point {
+            series: format!(
+                "{}|{}",
+                self.service_name,
+                self.series.as_deref().unwrap_or_default()
+            ),
+            reason: reason_of(&self.proxy_response, &self.flags),
+            src: self.src.unwrap_or_default(),
+            dst: self.dst.unwrap_or_default(),
+            version: version_of(self.version.as_deref()),
+            reporter: self.reporter,
+            failed: self.failed,
+            counter,
+            t: self.t,
+            series_start: self.series_start.unwrap_or(0),
+            delta: self.delta.unwrap_or(false),
+            value: self.value.unwrap_or(0.0),
+            buckets: self
+                .bucket_counts
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.unwrap_or(0) as f64)
+                .collect(),
+            bounds: self
+                .explicit_bounds
+                .unwrap_or_default()
+                .into_iter()
+                .map(|b| b.unwrap_or(f64::INFINITY))
+                .collect(),
+        }
     }
 }
 
@@ -446,12 +477,14 @@ pub async fn from_metrics(
             h = f.histogram,
         );
         let mut points = Vec::new();
-        for r in rows(engine, &sql).await? {
-            let (dst, workload) = (str_of(&r, "dst"), str_of(&r, "dst_workload"));
-            if !workload.is_empty() && workload != dst {
-                services.insert(workload, dst);
+        for r in typed::<MetricRow>(engine, &sql).await? {
+            if let (Some(dst), Some(workload)) = (&r.dst, &r.dst_workload)
+                && workload != dst
+            {
+                services.insert(workload.clone(), dst.clone());
             }
-            points.push(point(&r, str_of(&r, "metric_name") == f.counter));
+            let counter = r.metric_name == f.counter;
+            points.push(r.point(counter));
         }
         // Which edges have a source-side report (Istio reports twice).
         let source_side: std::collections::HashSet<(String, String)> = points
@@ -478,7 +511,8 @@ async fn envoy_stats(
     accs: &mut Accs,
 ) -> Result<(), QueryError> {
     let sql = format!(
-        "SELECT service_name AS src, attributes['envoy.cluster_name'] AS dst, CAST(NULL AS VARCHAR) AS version,
+        "SELECT service_name AS src, attributes['envoy.cluster_name'] AS dst,
+                CAST(NULL AS VARCHAR) AS dst_workload, CAST(NULL AS VARCHAR) AS version,
                 '' AS reporter, '' AS flags, '' AS proxy_response,
                 metric_name = 'cluster.upstream_rq_xx' AS failed, {POINT_COLUMNS}
          FROM metrics
@@ -490,14 +524,15 @@ async fn envoy_stats(
     );
     let mut requests = Vec::new();
     let mut failures = Vec::new();
-    for r in rows(engine, &sql).await? {
-        if !envoy_service_cluster(&str_of(&r, "src"), &str_of(&r, "dst")) {
+    for r in typed::<MetricRow>(engine, &sql).await? {
+        let (src, dst) = (r.src.as_deref(), r.dst.as_deref());
+        if !envoy_service_cluster(src.unwrap_or_default(), dst.unwrap_or_default()) {
             continue;
         }
-        match str_of(&r, "metric_name").as_str() {
-            "cluster.upstream_rq_xx" => failures.push(point(&r, true)),
-            "cluster.upstream_rq_total" => requests.push(point(&r, true)),
-            _ => requests.push(point(&r, false)),
+        match r.metric_name.as_str() {
+            "cluster.upstream_rq_xx" => failures.push(r.point(true)),
+            "cluster.upstream_rq_total" => requests.push(r.point(true)),
+            _ => requests.push(r.point(false)),
         }
     }
     accumulate(requests, start_ns, accs, |_| true);
@@ -523,7 +558,6 @@ pub async fn from_access_logs(
         "SELECT {src} AS source, coalesce({dsn}, {dw}) AS target, {dw} AS workload,
                 {version} AS version,
                 coalesce({pr}, '') AS proxy_response, coalesce({rf}, '') AS flags,
-                count(*) AS requests,
                 sum(CASE WHEN TRY_CAST(coalesce({rc}, log_attributes['http.response.status_code']) AS INT) >= 500
                          THEN 1 ELSE 0 END) AS errors,
                 array_agg(TRY_CAST({dur} AS DOUBLE)) AS durations_ms
@@ -543,37 +577,41 @@ pub async fn from_access_logs(
     // (source, target) → (version, reason, requests), as the spans' cells.
     let mut cells: BTreeMap<(String, String), Vec<(Option<String>, Option<String>, Raw)>> =
         BTreeMap::new();
-    let mut services: HashMap<String, String> = HashMap::new();
-    let found = rows(engine, &sql).await?;
-    for r in &found {
-        let (target, workload) = (str_of(r, "target"), str_of(r, "workload"));
-        if !workload.is_empty() && workload != target {
-            services.insert(workload, target);
-        }
+    #[derive(serde::Deserialize)]
+    struct LogRow {
+        source: String,
+        target: String,
+        workload: Option<String>,
+        version: Option<String>,
+        proxy_response: String,
+        flags: String,
+        errors: i64,
+        durations_ms: Option<Vec<Option<f64>>>,
     }
-    for r in &found {
-        let source = str_of(r, "source");
-        let source = services.get(&source).cloned().unwrap_or(source);
+    let found = typed::<LogRow>(engine, &sql).await?;
+    let services: HashMap<String, String> = found
+        .iter()
+        .filter_map(|r| {
+            let w = r.workload.as_ref().filter(|w| **w != r.target)?;
+            Some((w.clone(), r.target.clone()))
+        })
+        .collect();
+    for r in found {
+        let source = services.get(&r.source).cloned().unwrap_or(r.source);
         let latencies_ns = r
-            .get("durations_ms")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|v| (v.as_f64().unwrap_or(0.0) * 1e6) as i64)
-                    .collect()
-            })
-            .unwrap_or_default();
-        cells
-            .entry((source, str_of(r, "target")))
-            .or_default()
-            .push((
-                version_of(r.get("version").and_then(Value::as_str)),
-                reason_of(&str_of(r, "proxy_response"), &str_of(r, "flags")),
-                Raw {
-                    latencies_ns,
-                    errors: u64_of(r, "errors"),
-                },
-            ));
+            .durations_ms
+            .unwrap_or_default()
+            .into_iter()
+            .map(|ms| (ms.unwrap_or(0.0) * 1e6) as i64)
+            .collect();
+        cells.entry((source, r.target)).or_default().push((
+            version_of(r.version.as_deref()),
+            reason_of(&r.proxy_response, &r.flags),
+            Raw {
+                latencies_ns,
+                errors: u64::try_from(r.errors).unwrap_or(0),
+            },
+        ));
     }
     Ok(cells
         .into_iter()

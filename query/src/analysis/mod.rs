@@ -29,6 +29,24 @@ use serde_json::Value;
 use crate::api::to_json;
 use crate::engine::{QueryEngine, QueryError};
 
+/// Runs internal SQL and reads its rows into `T` straight from the Arrow arrays
+/// (`serde_arrow`): a column that is missing or of another type is an error, never a
+/// silent zero.
+pub(crate) async fn typed<T: serde::de::DeserializeOwned>(
+    engine: &QueryEngine,
+    sql: &str,
+) -> Result<Vec<T>, QueryError> {
+    let result = engine.sql(sql).await?;
+    let mut out = Vec::new();
+    for b in &result.batches {
+        let rows: Vec<T> = serde_arrow::from_record_batch(b).map_err(|e| {
+            QueryError::Internal(format!("reading {}: {e}", std::any::type_name::<T>()))
+        })?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
 /// Runs internal SQL and returns its rows as JSON objects keyed by column name.
 pub(crate) async fn rows(
     engine: &QueryEngine,

@@ -5,22 +5,24 @@
 //! needed columns are read once, in parallel (`storage/src/scan.rs`), and plain functions
 //! pair them on binary ids:
 //!
-//! 1. **decode** (one task per scan partition): each span becomes a 56-byte [`Span`] (ids
+//! 1. **decode** (one task per scan partition): each span becomes a 64-byte [`Span`] (ids
 //!    parsed from hex, service and peer names interned), put in one of [`SHARDS`] shards by
 //!    its trace id, so that a trace's spans all land in the same shard; the per-service
 //!    signals (SERVER and CONSUMER spans of the range) are tallied on the way;
 //! 2. **pair** (one task per shard): the CLIENT and PRODUCER spans of the widened window go
 //!    into a hash map by `(trace, span)`; a SERVER (CONSUMER) span whose parent is a CLIENT
-//!    (PRODUCER) span
-//!    in the range is one request on the edge parent's service → its service, with the
-//!    caller's latency; an in-range CLIENT or PRODUCER span left unpaired is a request to its
-//!    virtual peer; an in-range SERVER span without a parent, or whose parent is not in the
-//!    trace (checked against the other spans only for those few), is a request from `user`;
-//!    the same pairing bucketed by minute feeds the rollups, and over short windows the
-//!    `/metrics` counters;
-//! 3. **merge**: the shards' latencies per edge are joined and their percentiles taken by
-//!    selection (linear interpolation between the closest ranks, as `percentile_cont`),
-//!    which is linear where a sort is not.
+//!    (PRODUCER) span in the range is one request on the edge parent's service → its
+//!    service, with the caller's latency; an in-range CLIENT or PRODUCER span left unpaired
+//!    is a request to its peer; an in-range SERVER span without a parent, or whose parent
+//!    is not in the trace (checked against the other spans only for those few), is a
+//!    request from the entry point (an id of its own, so a service called `user` stays
+//!    apart). Each request is tallied in a [`Cell`] of its edge: the callee's version and
+//!    the reason a proxy answered it, if one did. The same pairing bucketed by minute feeds
+//!    the rollups, and over short windows the `/metrics` counters;
+//! 3. **merge**: the shards' cells per edge are joined; an unpaired caller's peer that is
+//!    an instrumented service of the range ([`instrumented`]) is that service's edge, not
+//!    a virtual node; `graph.rs` takes the percentiles by selection (linear interpolation
+//!    between the closest ranks, as `percentile_cont`), which is linear where a sort is not.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -300,7 +302,8 @@ fn scan_schema() -> Vec<Field> {
         ("start_time", None),
         ("peer_name", Some(dict.clone())),
         ("service_version", Some(dict.clone())),
-        ("proxy_reason", Some(dict)),
+        ("proxy_reason", Some(dict.clone())),
+        ("span_name", Some(dict)),
     ]
     .into_iter()
     .map(|(name, as_type)| {
@@ -373,6 +376,9 @@ impl Decoded {
         let (peer, peers) = dict_map(b, 9, |s| self.names.id(s))?;
         let (version, versions) = dict_map(b, 10, |s| self.names.id(s))?;
         let (reason, reasons) = dict_map(b, 11, |s| self.names.id(s))?;
+        // Envoy's outbound listener, with `spawn_upstream_span`, makes a SERVER span per
+        // outgoing request (`egress <host>`): the app's call, not a request it served.
+        let (span_name, outbound) = dict_map(b, 12, |s| s.starts_with("egress "))?;
         let duration = b.column(7).as_primitive::<Int64Type>();
         let start = b.column(8).as_primitive::<TimestampNanosecondType>();
         let at = |keys: &PrimitiveArray<Int32Type>, i: usize| {
@@ -389,7 +395,10 @@ impl Decoded {
             let Some(svc) = at(&service, i).map(|k| services[k]) else {
                 continue;
             };
-            let k = at(&kind, i).map_or(0, |k| kinds[k]);
+            let k = match at(&kind, i).map_or(0, |k| kinds[k]) {
+                SERVER if at(&span_name, i).is_some_and(|n| outbound[n]) => 0,
+                k => k,
+            };
             let error = at(&status, i).is_some_and(|k| errors[k]);
             let in_range = t >= lo && t < hi;
             let d = if duration.is_null(i) {
@@ -972,6 +981,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_span_takes_64_bytes() {
+        // The README's memory figure for the raw-span graph.
+        assert_eq!(std::mem::size_of::<Span>(), 64);
+    }
 
     #[test]
     fn peer_names_resolve_to_instrumented_services() {

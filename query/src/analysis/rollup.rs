@@ -191,10 +191,11 @@ pub async fn groups_from_spans(
                     max(service_namespace) AS namespace, {k} AS k, count(*) AS n,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     sum(CAST(duration_ns AS DOUBLE)) AS sum_ns
-             FROM spans WHERE {r} AND span_kind IN ('SERVER', 'CONSUMER') GROUP BY 1, 2, 3, 4, 6",
+             FROM spans WHERE {r} AND {served} GROUP BY 1, 2, 3, 4, 6",
             endpoint = super::signals::ENDPOINT_SQL,
             k = key_sql("duration_ns"),
-            r = range.sql("start_time")
+            r = range.sql("start_time"),
+            served = super::signals::SERVED_SQL,
         ),
     )
     .await?;

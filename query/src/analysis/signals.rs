@@ -8,10 +8,16 @@
 
 use serde_json::{Value, json};
 
-use super::graph::{ComputedFrom, ServiceGraph, Signals, services_sql};
+use super::graph::{ComputedFrom, ServiceGraph, Signals, SignalsRow, services_sql};
 use super::range::{TimeRange, sql_str};
-use super::{f64_of, round3, rows, str_of, u64_of};
+use super::{f64_of, round3, rows, str_of, typed, u64_of};
 use crate::engine::{QueryEngine, QueryError};
+
+/// The spans that are a request a service served: SERVER and CONSUMER spans, except the
+/// SERVER span Envoy's outbound listener makes for each outgoing request when
+/// `spawn_upstream_span` is on (`egress <host>`: the app's own call, not one it answered).
+pub const SERVED_SQL: &str =
+    "span_kind IN ('SERVER', 'CONSUMER') AND span_name NOT LIKE 'egress %'";
 
 /// A span's endpoint: its `http_route`; else its name, unless that is one a proxy gives
 /// every span (Envoy's `ingress` / `egress <host>`), when the path of `url.path` /
@@ -37,17 +43,12 @@ pub async fn services(
         v
     };
     let mut out: Vec<Value> = match path {
-        ComputedFrom::Spans => rows(engine, &services_sql(range, None))
+        ComputedFrom::Spans => typed::<SignalsRow>(engine, &services_sql(range, None))
             .await?
-            .iter()
+            .into_iter()
             .map(|r| {
-                entry(
-                    str_of(r, "name"),
-                    r.get("namespace")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    Signals::from_row(r, seconds),
-                )
+                let signals = r.signals(seconds);
+                entry(r.name, r.namespace, signals)
             })
             .collect(),
         ComputedFrom::Rollups => super::rollup::aggregates(engine, range)
@@ -85,7 +86,7 @@ pub async fn service(
 ) -> Result<Option<Value>, QueryError> {
     let seconds = range.seconds();
     let svc = sql_str(name);
-    let own = rows(engine, &services_sql(range, Some(name))).await?;
+    let own = typed::<SignalsRow>(engine, &services_sql(range, Some(name))).await?;
     let seen = rows(
         engine,
         &format!(
@@ -97,34 +98,35 @@ pub async fn service(
     if seen.first().map(|r| u64_of(r, "n")).unwrap_or(0) == 0 {
         return Ok(None);
     }
-    let signals = own
-        .first()
-        .map(|r| Signals::from_row(r, seconds))
-        .unwrap_or_default();
+    let signals = own.first().map(|r| r.signals(seconds)).unwrap_or_default();
 
-    let endpoints = rows(
+    let endpoints = typed::<SignalsRow>(
         engine,
         &format!(
-            "SELECT {ENDPOINT_SQL} AS endpoint, count(*) AS requests,
+            "SELECT {ENDPOINT_SQL} AS name, CAST(NULL AS VARCHAR) AS namespace, count(*) AS requests,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {svc} AND span_kind IN ('SERVER', 'CONSUMER')
-             GROUP BY 1 ORDER BY requests DESC, endpoint",
+             FROM spans WHERE {} AND service_name = {svc} AND {SERVED_SQL}
+             GROUP BY 1 ORDER BY requests DESC, name",
             range.sql("start_time")
         ),
     )
     .await?
-    .iter()
+    .into_iter()
     .map(|r| {
-        let mut v = serde_json::to_value(Signals::from_row(r, seconds)).unwrap_or(Value::Null);
-        v["name"] = json!(str_of(r, "endpoint"));
+        let mut v = serde_json::to_value(r.signals(seconds)).unwrap_or(Value::Null);
+        v["name"] = json!(r.name);
         v
     })
     .collect::<Vec<_>>();
 
     let graph = ServiceGraph::compute_by(engine, range, ComputedFrom::Spans).await?;
+    let versions = graph
+        .find(name)
+        .map(|n| n.versions.clone())
+        .unwrap_or_default();
     let mut upstream = Vec::new();
     let mut downstream = Vec::new();
     for e in graph.graph.edge_weights() {
@@ -146,7 +148,7 @@ pub async fn service(
                     percentile_cont(0.9) WITHIN GROUP (ORDER BY duration_ns) AS p90_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {svc} AND span_kind IN ('SERVER', 'CONSUMER')
+             FROM spans WHERE {} AND service_name = {svc} AND {SERVED_SQL}
              GROUP BY 1 ORDER BY 1",
             range.sql("start_time")
         ),
@@ -194,6 +196,7 @@ pub async fn service(
     v["downstream"] = json!(downstream);
     v["series"] = json!(series);
     v["saturation"] = json!(saturation);
+    v["versions"] = json!(versions);
     Ok(Some(v))
 }
 
