@@ -547,6 +547,9 @@ async fn envoy_stats(
     Ok(())
 }
 
+/// (callee version, proxy reason, requests): what [`summarise`] adds up.
+type VersionReasonCell = (Option<String>, Option<String>, Raw);
+
 /// Edges from access-log records (one record per request).
 pub async fn from_access_logs(
     engine: &QueryEngine,
@@ -575,8 +578,7 @@ pub async fn from_access_logs(
         r = range.sql("time")
     );
     // (source, target) → (version, reason, requests), as the spans' cells.
-    let mut cells: BTreeMap<(String, String), Vec<(Option<String>, Option<String>, Raw)>> =
-        BTreeMap::new();
+    let mut cells: BTreeMap<(String, String), Vec<VersionReasonCell>> = BTreeMap::new();
     #[derive(serde::Deserialize)]
     struct LogRow {
         source: String,

@@ -875,10 +875,7 @@ async fn join<T>(t: tokio::task::JoinHandle<T>) -> Result<T, QueryError> {
 /// The instrumented service a peer name means, if any: the name itself, without its
 /// port, the host of an Istio cluster name (`outbound|8080||cart.shop.svc.cluster.local`),
 /// or the first label of a Kubernetes service name (`cart.shop.svc…`).
-pub(crate) fn instrumented<'a>(
-    peer: &'a str,
-    is_service: impl Fn(&str) -> bool,
-) -> Option<&'a str> {
+pub(crate) fn instrumented(peer: &str, is_service: impl Fn(&str) -> bool) -> Option<&str> {
     let host = peer.rsplit('|').next().unwrap_or(peer);
     let no_port = host.rsplit_once(':').map_or(host, |(h, port)| {
         if port.bytes().all(|b| b.is_ascii_digit()) {
