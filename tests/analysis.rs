@@ -724,6 +724,122 @@ async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
     );
 }
 
+/// The value of one exposition line (`name{labels} value`), if present.
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+async fn metrics_text(server: &Server) -> String {
+    reqwest::get(server.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Polls `/metrics` until `done` holds (at most 20 s).
+async fn wait_metrics(server: &Server, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = metrics_text(server).await;
+        if done(&text) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Spans that reach meshscope minutes after they started are counted in `/metrics` when
+/// they arrive, and each request once.
+#[tokio::test(flavor = "multi_thread")]
+async fn late_spans_are_counted_once_when_they_arrive() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
+    );
+    let windows = |t: &str| metric_value(t, "meshscope_metrics_windows_total").unwrap_or(0.0);
+    // The counters have passed some windows: everything below is behind them.
+    wait_metrics(&server, "the counters never advanced", |t| {
+        windows(t) >= 2.0
+    })
+    .await;
+    let series =
+        r#"traces_service_graph_request_total{client="api",server="db-proxy",connection_type=""}"#;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    // Three minutes ago, at the start of a minute (so both batches fall in one minute).
+    let minute_ns = 60_000_000_000;
+    let base_ns = (now_ns - 3 * minute_ns) / minute_ns * minute_ns + 1_000_000_000;
+    let mut mesh = Mesh {
+        rng: Rng(11),
+        base_ns,
+        spans: Vec::new(),
+    };
+    let pairs = |mesh: &mut Mesh, n: u64, at_ms: u64| {
+        for i in 0..n {
+            let trace = [mesh.rng.id8(), mesh.rng.id8()].concat();
+            let t = (at_ms + i) * 1_000_000;
+            let c = mesh.span(
+                "api",
+                &trace,
+                None,
+                CLIENT,
+                "GET db",
+                t,
+                3_000_000,
+                false,
+                vec![],
+            );
+            mesh.span(
+                "db-proxy",
+                &trace,
+                Some(&c),
+                SERVER,
+                "GET /q",
+                t + 100_000,
+                2_000_000,
+                false,
+                vec![],
+            );
+        }
+    };
+    pairs(&mut mesh, 10, 0);
+    let mut rng = Rng(5);
+    send(&server, &mesh.spans, &mut rng).await;
+    wait_metrics(&server, "late requests not counted", |t| {
+        metric_value(t, series) == Some(10.0)
+    })
+    .await;
+
+    // More late requests of the same minute: only they are added.
+    mesh.spans.clear();
+    pairs(&mut mesh, 5, 20_000);
+    send(&server, &mesh.spans, &mut rng).await;
+    let text = wait_metrics(&server, "second late batch not counted", |t| {
+        metric_value(t, series) == Some(15.0)
+    })
+    .await;
+    assert!(
+        metric_value(&text, "meshscope_metrics_late_minutes_recounted_total").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    // And nothing is counted twice as the counters go on.
+    let seen = windows(&text);
+    let text = wait_metrics(&server, "the counters stopped", |t| {
+        windows(t) >= seen + 3.0
+    })
+    .await;
+    assert_eq!(metric_value(&text, series), Some(15.0), "{text}");
+    let calls = r#"traces_span_metrics_calls_total{service_name="db-proxy",span_name="GET /q",span_kind="SPAN_KIND_SERVER",status_code="STATUS_CODE_UNSET"}"#;
+    assert_eq!(metric_value(&text, calls), Some(15.0), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rollups_agree_with_raw_spans_within_one_percent() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -16,6 +16,7 @@
 //! The guarantee: once [`Storage::write`] returns `Ok`, the rows survive `kill -9`
 //! (fsynced log) and appear in exactly one of the log or a Parquet file after a restart.
 
+pub mod arrivals;
 pub mod bloom_cache;
 pub mod error;
 pub mod maintenance;

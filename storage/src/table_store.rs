@@ -180,6 +180,8 @@ pub struct TableStore {
     pub(crate) blooms: Arc<crate::bloom_cache::BloomCache>,
     /// Which files can hold a trace id (see [`crate::trace_index`]).
     pub(crate) traces: Arc<crate::trace_index::TraceIndex>,
+    /// The minutes acknowledged writes touched (see [`crate::arrivals`]).
+    arrivals: crate::arrivals::WrittenMinutes,
     tx: Mutex<Option<SyncSender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -295,6 +297,7 @@ impl TableStore {
                 "trace_id",
                 crate::bloom_cache::DEFAULT_BUDGET,
             )),
+            arrivals: Default::default(),
             shared,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![w, f]),
@@ -354,6 +357,7 @@ impl TableStore {
                 "trace_id",
                 crate::bloom_cache::DEFAULT_BUDGET,
             )),
+            arrivals: Default::default(),
             shared,
             tx: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
@@ -434,6 +438,7 @@ impl TableStore {
                 return Err(e);
             }
         };
+        let minutes = crate::arrivals::minutes_of(&batch, table.time_column());
         let (ack, done) = oneshot::channel();
         let sender = match self.sender() {
             Ok(s) => s,
@@ -465,12 +470,22 @@ impl TableStore {
                 });
             }
         }
-        done.await.unwrap_or_else(|_| {
+        let written = done.await.unwrap_or_else(|_| {
             Err(Error::Closed {
                 table: table.name(),
                 why: "writer stopped".into(),
             })
-        })
+        });
+        if written.is_ok() {
+            self.arrivals.record(minutes);
+        }
+        written
+    }
+
+    /// The minutes of the table's time column that acknowledged writes touched since the
+    /// last call (writes of this process only; see [`crate::arrivals`]).
+    pub fn take_written_minutes(&self) -> std::collections::BTreeSet<i64> {
+        self.arrivals.take()
     }
 
     /// Writes everything buffered into Parquet and waits until it is durable there.

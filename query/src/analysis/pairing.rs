@@ -799,14 +799,14 @@ pub(crate) async fn requests_by_minute(
     Ok(found.edge_requests(edges))
 }
 
-/// The requests of `range` per edge, looking for the other half of a pair only `window`
-/// either side (for the short, frequent windows of the `/metrics` counters).
-pub(crate) async fn requests_within(
+/// The requests of `range` per edge and minute, looking for the other half of a pair only
+/// `window` either side (for the short, frequent windows of the `/metrics` counters).
+pub(crate) async fn requests_by_minute_within(
     engine: &QueryEngine,
     range: &TimeRange,
     window: chrono::Duration,
 ) -> Result<Vec<EdgeRequests>, QueryError> {
-    let mut found = scan_and_pair(engine, range, false, window).await?;
+    let mut found = scan_and_pair(engine, range, true, window).await?;
     let edges = std::mem::take(&mut found.edges);
     Ok(found.edge_requests(edges))
 }

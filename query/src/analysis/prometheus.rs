@@ -7,8 +7,17 @@
 //! them to cumulative counters and histograms. The other half of a pair is looked for
 //! [`PAIR_WINDOW`] either side of the window (not the graph's five minutes: this runs every
 //! few seconds), so a SERVER span whose CLIENT parent started more than that earlier counts
-//! as an entry here. Spans that arrive later than the delay are not counted here (they are
-//! in SQL, the graph and the API).
+//! as an entry here.
+//!
+//! Spans that arrive later than the delay are counted when they come: the spans table
+//! says which minutes acknowledged writes touched (`TableStore::take_written_minutes`),
+//! and a minute the counters had already counted is counted again and only what it gained
+//! is added (per series, requests, failures and buckets; counters never go down, so a
+//! late parent that turns an entry request into an edge request leaves the entry counted
+//! too). Minutes more than [`LATE_WINDOW`] behind the counters are not recounted
+//! (`meshscope_metrics_late_minutes_ignored_total`); at most [`LATE_PER_ADVANCE`] minutes
+//! are recounted per call, the rest on the next. Late arrivals are seen for writes of this
+//! process (the all-in-one `serve`); a query node of split roles counts as before.
 //!
 //! Series are bounded: at most [`MAX_SERIES`] of each family; past that, new label sets are
 //! dropped and counted in `meshscope_metrics_series_dropped_total`.
@@ -28,6 +37,10 @@ use crate::engine::{QueryEngine, QueryError};
 pub const DEFAULT_DELAY: Duration = Duration::seconds(30);
 /// How far either side of a window the counters look for the other half of a pair.
 pub const PAIR_WINDOW: Duration = Duration::minutes(1);
+/// How far behind the counters a late span's minute may be and still be counted.
+pub const LATE_WINDOW: Duration = Duration::minutes(10);
+/// The most late minutes counted again per [`SpanCounters::advance`].
+pub const LATE_PER_ADVANCE: usize = 5;
 /// The most series one family holds.
 pub const MAX_SERIES: usize = 10_000;
 /// Histogram bucket bounds in seconds (the connectors' defaults).
@@ -56,6 +69,45 @@ impl Histogram {
         }
     }
 
+    fn merge(&mut self, other: &Histogram) {
+        self.count += other.count;
+        self.failed += other.failed;
+        self.sum_seconds += other.sum_seconds;
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (b, o) in self.buckets.iter_mut().zip(&other.buckets) {
+            *b += o;
+        }
+    }
+
+    /// What `self` has beyond `before` (field by field, never negative).
+    fn gain_over(&self, before: &Histogram) -> Histogram {
+        Histogram {
+            count: self.count.saturating_sub(before.count),
+            failed: self.failed.saturating_sub(before.failed),
+            sum_seconds: (self.sum_seconds - before.sum_seconds).max(0.0),
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.saturating_sub(before.buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// The larger of the two, field by field.
+    fn max(&self, other: &Histogram) -> Histogram {
+        let n = self.buckets.len().max(other.buckets.len());
+        let at = |h: &Histogram, i: usize| h.buckets.get(i).copied().unwrap_or(0);
+        Histogram {
+            count: self.count.max(other.count),
+            failed: self.failed.max(other.failed),
+            sum_seconds: self.sum_seconds.max(other.sum_seconds),
+            buckets: (0..n).map(|i| at(self, i).max(at(other, i))).collect(),
+        }
+    }
+
     fn add_requests(&mut self, latencies_ns: &[i64], failed: u64) {
         self.count += latencies_ns.len() as u64;
         self.failed += failed;
@@ -71,13 +123,136 @@ impl Histogram {
     }
 }
 
+/// (client, server, target kind)
+type EdgeSeries = (String, String, String);
+/// (service, span name, span kind, status)
+type CallSeries = (String, String, String, String);
+
+/// What a stretch of time holds, per series.
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    edges: BTreeMap<EdgeSeries, Histogram>,
+    calls: BTreeMap<CallSeries, Histogram>,
+}
+
+impl Counts {
+    fn merge(&mut self, other: &Counts) {
+        for (k, h) in &other.edges {
+            self.edges.entry(k.clone()).or_default().merge(h);
+        }
+        for (k, h) in &other.calls {
+            self.calls.entry(k.clone()).or_default().merge(h);
+        }
+    }
+
+    /// What `self` has beyond `before`, and the larger of both (what is counted now).
+    fn gain_over(&self, before: &Counts) -> (Counts, Counts) {
+        let mut gain = Counts::default();
+        let mut now = before.clone();
+        for (k, h) in &self.edges {
+            let old = before.edges.get(k).cloned().unwrap_or_default();
+            gain.edges.insert(k.clone(), h.gain_over(&old));
+            now.edges.insert(k.clone(), h.max(&old));
+        }
+        for (k, h) in &self.calls {
+            let old = before.calls.get(k).cloned().unwrap_or_default();
+            gain.calls.insert(k.clone(), h.gain_over(&old));
+            now.calls.insert(k.clone(), h.max(&old));
+        }
+        (gain, now)
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     cursor: Option<DateTime<Utc>>,
-    edges: BTreeMap<(String, String, String), Histogram>,
-    calls: BTreeMap<(String, String, String, String), Histogram>,
+    edges: BTreeMap<EdgeSeries, Histogram>,
+    calls: BTreeMap<CallSeries, Histogram>,
+    /// What each recent minute (since the epoch) has been counted with.
+    counted: BTreeMap<i64, Counts>,
+    /// Minutes already counted that received spans since, not recounted yet.
+    late: std::collections::BTreeSet<i64>,
     dropped: u64,
     windows: u64,
+    late_recounted: u64,
+    late_ignored: u64,
+}
+
+impl State {
+    /// Adds counts to the exposed totals, within the series limit.
+    fn add(&mut self, counts: &Counts) {
+        for (key, h) in &counts.edges {
+            if self.edges.len() >= MAX_SERIES && !self.edges.contains_key(key) {
+                self.dropped += 1;
+                continue;
+            }
+            self.edges.entry(key.clone()).or_default().merge(h);
+        }
+        for (key, h) in &counts.calls {
+            if self.calls.len() >= MAX_SERIES && !self.calls.contains_key(key) {
+                self.dropped += 1;
+                continue;
+            }
+            self.calls.entry(key.clone()).or_default().merge(h);
+        }
+    }
+}
+
+const MINUTE: i64 = 60;
+
+fn minute_start(m: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(m * MINUTE, 0).unwrap_or_default()
+}
+
+/// The requests (pairs, from the graph's pairing) and spans of `range`, per minute.
+async fn tally(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<i64, Counts>, QueryError> {
+    let mut out: BTreeMap<i64, Counts> = BTreeMap::new();
+    for e in super::pairing::requests_by_minute_within(engine, range, PAIR_WINDOW).await? {
+        let kind = match e.target_kind {
+            NodeKind::Virtual => "virtual",
+            _ => "service",
+        };
+        // The entry point is Tempo's `user` client.
+        let client = e.source.unwrap_or_else(|| super::graph::USER.to_string());
+        out.entry(e.minute.timestamp().div_euclid(MINUTE))
+            .or_default()
+            .edges
+            .entry((client, e.target, kind.to_string()))
+            .or_default()
+            .add_requests(&e.latencies_ns, e.errors);
+    }
+    let calls = rows(
+        engine,
+        &format!(
+            "SELECT CAST(date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS BIGINT) / 60000000000 AS minute,
+                    service_name, span_name, span_kind, status_code, count(*) AS n,
+                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS failed,
+                    sum(duration_ns) AS sum_ns, {}
+             FROM spans WHERE {} GROUP BY 1, service_name, span_name, span_kind, status_code",
+            bucket_columns("duration_ns"),
+            range.sql("start_time")
+        ),
+    )
+    .await?;
+    for r in &calls {
+        let key = (
+            str_of(r, "service_name"),
+            str_of(r, "span_name"),
+            str_of(r, "span_kind"),
+            str_of(r, "status_code"),
+        );
+        let minute = r.get("minute").and_then(|v| v.as_i64()).unwrap_or(0);
+        out.entry(minute)
+            .or_default()
+            .calls
+            .entry(key)
+            .or_default()
+            .add(r);
+    }
+    Ok(out)
 }
 
 /// The cumulative counters behind `GET /metrics`.
@@ -115,70 +290,72 @@ impl SpanCounters {
         }
     }
 
-    /// Counts the window from the last call to `now - delay`. The first call starts the
-    /// counters at that point (like a connector started then).
+    /// Counts the window from the last call to `now - delay`, and what arrived since for
+    /// minutes already counted. The first call starts the counters at that point (like a
+    /// connector started then).
     pub async fn advance(
         &self,
         engine: &QueryEngine,
         now: DateTime<Utc>,
     ) -> Result<(), QueryError> {
         let end = now - self.delay;
-        let start = {
+        let written = engine
+            .storage()
+            .table(meshscope_proto::Table::Spans)
+            .take_written_minutes();
+        let (start, late) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            match st.cursor {
+            let start = match st.cursor {
                 None => {
                     st.cursor = Some(end);
                     return Ok(());
                 }
-                Some(c) if c >= end => return Ok(()),
+                Some(c) if c >= end => {
+                    // Nothing new to count now: keep the late minutes for the next call.
+                    st.late
+                        .extend(written.into_iter().filter(|m| minute_start(*m) < c));
+                    return Ok(());
+                }
                 Some(c) => c,
-            }
-        };
-        let range = TimeRange { start, end };
-        let edges = super::pairing::requests_within(engine, &range, PAIR_WINDOW).await?;
-        let calls = rows(
-            engine,
-            &format!(
-                "SELECT service_name, span_name, span_kind, status_code, count(*) AS n,
-                        sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS failed,
-                        sum(duration_ns) AS sum_ns, {}
-                 FROM spans WHERE {} GROUP BY service_name, span_name, span_kind, status_code",
-                bucket_columns("duration_ns"),
-                range.sql("start_time")
-            ),
-        )
-        .await?;
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        for e in edges {
-            let kind = match e.target_kind {
-                NodeKind::Virtual => "virtual",
-                _ => "service",
             };
-            // The entry point is Tempo's `user` client.
-            let client = e.source.unwrap_or_else(|| super::graph::USER.to_string());
-            let key = (client, e.target, kind.to_string());
-            if st.edges.len() >= MAX_SERIES && !st.edges.contains_key(&key) {
-                st.dropped += 1;
-                continue;
+            // Writes for minutes that began before the cursor: counted (partly) already.
+            st.late
+                .extend(written.into_iter().filter(|m| minute_start(*m) < start));
+            let oldest = (start - LATE_WINDOW).timestamp().div_euclid(MINUTE);
+            let too_old = st.late.iter().take_while(|m| **m < oldest).count();
+            st.late_ignored += too_old as u64;
+            st.late = st.late.split_off(&oldest);
+            let late: Vec<i64> = st.late.iter().copied().take(LATE_PER_ADVANCE).collect();
+            for m in &late {
+                st.late.remove(m);
             }
-            st.edges
-                .entry(key)
-                .or_default()
-                .add_requests(&e.latencies_ns, e.errors);
+            (start, late)
+        };
+        let fresh = tally(engine, &TimeRange { start, end }).await?;
+        let mut recounted = Vec::with_capacity(late.len());
+        for m in late {
+            // The part of the minute the counters have passed.
+            let range = TimeRange {
+                start: minute_start(m),
+                end: minute_start(m + 1).min(start),
+            };
+            let counts = tally(engine, &range).await?.remove(&m).unwrap_or_default();
+            recounted.push((m, counts));
         }
-        for r in &calls {
-            let key = (
-                str_of(r, "service_name"),
-                str_of(r, "span_name"),
-                str_of(r, "span_kind"),
-                str_of(r, "status_code"),
-            );
-            if st.calls.len() >= MAX_SERIES && !st.calls.contains_key(&key) {
-                st.dropped += 1;
-                continue;
-            }
-            st.calls.entry(key).or_default().add(r);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (m, counts) in recounted {
+            let before = st.counted.get(&m).cloned().unwrap_or_default();
+            let (gain, now_counted) = counts.gain_over(&before);
+            st.add(&gain);
+            st.counted.insert(m, now_counted);
+            st.late_recounted += 1;
         }
+        for (m, counts) in fresh {
+            st.add(&counts);
+            st.counted.entry(m).or_default().merge(&counts);
+        }
+        let oldest = (end - LATE_WINDOW).timestamp().div_euclid(MINUTE);
+        st.counted = st.counted.split_off(&oldest);
         st.cursor = Some(end);
         st.windows += 1;
         Ok(())
@@ -285,6 +462,32 @@ impl SpanCounters {
         );
         let _ = writeln!(out, "# TYPE meshscope_metrics_windows_total counter");
         let _ = writeln!(out, "meshscope_metrics_windows_total {}", st.windows);
+        let _ = writeln!(
+            out,
+            "# HELP meshscope_metrics_late_minutes_recounted_total Minutes counted again because spans for them arrived after they were counted."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE meshscope_metrics_late_minutes_recounted_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "meshscope_metrics_late_minutes_recounted_total {}",
+            st.late_recounted
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshscope_metrics_late_minutes_ignored_total Minutes that received spans too long after they were counted to count them."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE meshscope_metrics_late_minutes_ignored_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "meshscope_metrics_late_minutes_ignored_total {}",
+            st.late_ignored
+        );
     }
 }
 
