@@ -497,7 +497,8 @@ async fn exemplars(
     }
 }
 
-/// Up to 5 trace ids of requests on an edge (failing or slow ones when a signal says so).
+/// Up to 5 trace ids of requests on an edge (failing or slow ones when a signal says so):
+/// requests the graph counted on it, from its own pairing (`pairing::edge_exemplars`).
 async fn edge_exemplars(
     engine: &QueryEngine,
     e: &EdgeKey,
@@ -505,48 +506,34 @@ async fn edge_exemplars(
     signal: Option<(Signal, f64)>,
 ) -> Result<Vec<String>, QueryError> {
     let (signal, value) = signal.unwrap_or((Signal::Requests, 0.0));
-    let limit = EXEMPLARS * 4;
-    let sql = if e.source == "user" {
-        let (cond, order) = condition(signal, value, "status_code = 'ERROR'", "duration_ns");
-        format!(
-            "SELECT trace_id, start_time, duration_ns FROM spans
-             WHERE {} AND service_name = {} AND span_kind = 'SERVER' AND parent_span_id IS NULL AND {cond}
-             ORDER BY {order} LIMIT {limit}",
-            range.sql("start_time"),
-            sql_str(&e.target)
-        )
-    } else {
-        let wide = range.widened(chrono::Duration::minutes(5));
-        let (cond, _) = condition(
-            signal,
-            value,
-            "(c.status_code = 'ERROR' OR p.status_code = 'ERROR')",
-            "c.duration_ns",
-        );
-        let (vcond, _) = condition(signal, value, "c.status_code = 'ERROR'", "c.duration_ns");
-        let order = if signal.is_latency() {
-            "duration_ns DESC"
+    let mut found =
+        meshscope_query::analysis::pairing::edge_exemplars(engine, range, &e.source, &e.target)
+            .await?;
+    let ns = (value * 1e6).floor() as i64;
+    found.retain(|x| {
+        if signal.is_latency() {
+            x.latency_ns >= ns
+        } else if matches!(signal, Signal::ErrorRate | Signal::Errors) {
+            x.error
         } else {
-            "start_time DESC"
-        };
-        format!(
-            "SELECT trace_id, start_time, duration_ns FROM (
-               SELECT c.trace_id, c.start_time, c.duration_ns FROM spans c JOIN spans p
-                 ON p.trace_id = c.trace_id AND p.parent_span_id = c.span_id
-               WHERE {cr} AND {pr} AND c.service_name = {s} AND p.service_name = {t}
-                 AND c.span_kind IN ('CLIENT', 'PRODUCER') AND p.span_kind IN ('SERVER', 'CONSUMER') AND {cond}
-               UNION ALL
-               SELECT c.trace_id, c.start_time, c.duration_ns FROM spans c
-               WHERE {cr} AND c.service_name = {s} AND c.span_kind IN ('CLIENT', 'PRODUCER')
-                 AND c.peer_name = {t} AND {vcond})
-             ORDER BY {order} LIMIT {limit}",
-            cr = range.sql("c.start_time"),
-            pr = wide.sql("p.start_time"),
-            s = sql_str(&e.source),
-            t = sql_str(&e.target),
-        )
-    };
-    Ok(trace_ids(json_rows(engine, &sql).await?))
+            true
+        }
+    });
+    if signal.is_latency() {
+        found.sort_by(|a, b| b.latency_ns.cmp(&a.latency_ns));
+    } else {
+        found.sort_by(|a, b| b.minute.cmp(&a.minute));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for x in found {
+        if !out.contains(&x.trace_id) {
+            out.push(x.trace_id);
+        }
+        if out.len() == EXEMPLARS {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn label_name(column: &str) -> String {

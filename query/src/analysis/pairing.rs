@@ -466,6 +466,27 @@ struct Tallies {
     slots: Vec<u32>,
     entries: Vec<(EdgeKey, Tally)>,
     map: HashMap<EdgeKey, u32, Hasher>,
+    /// The edge whose requests are kept one by one, when one is wanted.
+    want: Option<Arc<Want>>,
+    exemplars: Vec<Exemplar>,
+}
+
+/// The edge [`edge_exemplars`] asks for, over global name ids: its source, and every
+/// target id that means its target (the service, and peer names that resolve to it).
+#[derive(Debug)]
+struct Want {
+    source: u32,
+    targets: std::collections::HashSet<u32>,
+}
+
+/// One request of the wanted edge: its trace (as the pairing holds it), latency, whether it
+/// failed, and the minute it started (since the scanned window's first).
+#[derive(Debug, Clone, Copy)]
+struct Exemplar {
+    trace: [u64; 2],
+    latency: i64,
+    error: bool,
+    minute: u32,
 }
 
 /// Up to this many names, a shard's tallies are found by index.
@@ -493,11 +514,25 @@ impl Tallies {
             },
             entries: Vec::new(),
             map: HashMap::default(),
+            want: None,
+            exemplars: Vec::new(),
         }
     }
 
-    fn add(&mut self, key: EdgeKey, r: Request) {
+    /// Tallies one request of `trace`, started in minute `started`.
+    fn add(&mut self, key: EdgeKey, r: Request, trace: [u64; 2], started: u32) {
         let (s, t, k, _) = key;
+        if let Some(w) = &self.want
+            && w.source == s
+            && w.targets.contains(&t)
+        {
+            self.exemplars.push(Exemplar {
+                trace,
+                latency: r.latency,
+                error: r.error,
+                minute: started,
+            });
+        }
         let dense = |names: usize| {
             (s as usize * names + t as usize) * 2 + usize::from(k == NodeKind::Virtual)
         };
@@ -541,7 +576,13 @@ struct Piece {
 ///
 /// A request is tallied under the callee's version (none for a caller left unpaired) and
 /// the reason a proxy answered it by itself: the caller's side's, else the callee's.
-fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tallies {
+fn pair_shard(
+    pieces: &[Piece],
+    user: u32,
+    names: usize,
+    by_minute: bool,
+    want: Option<Arc<Want>>,
+) -> Tallies {
     let callers: usize = pieces
         .iter()
         .map(|p| {
@@ -562,6 +603,7 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
         }
     }
     let mut tallies = Tallies::new(names, by_minute);
+    tallies.want = want;
     let bucket = |s: &Span| if by_minute { s.minute } else { 0 };
     let global = |remap: &[u32], id: u32| if id == NONE { NONE } else { remap[id as usize] };
     let mut paired: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.spans.len()]).collect();
@@ -604,6 +646,8 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
                                 latency: c.duration,
                                 error: (c.flags | r.flags) & ERROR != 0,
                             },
+                            c.trace,
+                            c.minute,
                         );
                     }
                 }
@@ -615,12 +659,17 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
                         error: r.flags & ERROR != 0,
                     };
                     if r.parent == 0 {
-                        tallies.add((user, service, NodeKind::Service, bucket(r)), request);
+                        tallies.add(
+                            (user, service, NodeKind::Service, bucket(r)),
+                            request,
+                            r.trace,
+                            r.minute,
+                        );
                     } else {
                         orphans
                             .entry((r.trace[0], r.trace[1], r.parent))
                             .or_default()
-                            .push((service, bucket(r), request));
+                            .push((service, r.minute, request));
                     }
                 }
                 None => {}
@@ -636,8 +685,16 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
                 }
             }
         }
-        for (service, minute, request) in orphans.into_values().flatten() {
-            tallies.add((user, service, NodeKind::Service, minute), request);
+        for ((t0, t1, _), entries) in orphans {
+            for (service, minute, request) in entries {
+                let bucketed = if by_minute { minute } else { 0 };
+                tallies.add(
+                    (user, service, NodeKind::Service, bucketed),
+                    request,
+                    [t0, t1],
+                    minute,
+                );
+            }
         }
     }
     for (p, paired) in pieces.iter().zip(paired) {
@@ -656,6 +713,8 @@ fn pair_shard(pieces: &[Piece], user: u32, names: usize, by_minute: bool) -> Tal
                         latency: s.duration,
                         error: s.flags & ERROR != 0,
                     },
+                    s.trace,
+                    s.minute,
                 );
             }
         }
@@ -733,6 +792,8 @@ struct Paired {
     base_minute: i64,
     edges: HashMap<EdgeKey, Tally, Hasher>,
     own: HashMap<u32, Own, Hasher>,
+    /// The wanted edge's requests, one by one.
+    exemplars: Vec<Exemplar>,
 }
 
 impl Paired {
@@ -768,7 +829,7 @@ pub(crate) async fn analyse(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<FromSpans, QueryError> {
-    let mut found = scan_and_pair(engine, range, false, pair_window()).await?;
+    let mut found = scan_and_pair(engine, range, false, pair_window(), None).await?;
     let edges = std::mem::take(&mut found.edges);
     let own = std::mem::take(&mut found.own);
     let mut services = Vec::new();
@@ -794,7 +855,7 @@ pub(crate) async fn requests_by_minute(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<Vec<EdgeRequests>, QueryError> {
-    let mut found = scan_and_pair(engine, range, true, pair_window()).await?;
+    let mut found = scan_and_pair(engine, range, true, pair_window(), None).await?;
     let edges = std::mem::take(&mut found.edges);
     Ok(found.edge_requests(edges))
 }
@@ -806,9 +867,45 @@ pub(crate) async fn requests_by_minute_within(
     range: &TimeRange,
     window: chrono::Duration,
 ) -> Result<Vec<EdgeRequests>, QueryError> {
-    let mut found = scan_and_pair(engine, range, true, window).await?;
+    let mut found = scan_and_pair(engine, range, true, window, None).await?;
     let edges = std::mem::take(&mut found.edges);
     Ok(found.edge_requests(edges))
+}
+
+/// One request of an edge, as an example of its traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeExemplar {
+    /// Lowercase hex, as the `spans` table has it.
+    pub trace_id: String,
+    pub latency_ns: i64,
+    pub error: bool,
+    /// The minute it started.
+    pub minute: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every request of the edge `source → target` in `range` (the graph's names of its ends:
+/// `user` or `user (entry)` for the entry point), found by the graph's own pairing, so
+/// examples of an edge (an alert's evidence) are requests the graph counted on it.
+pub async fn edge_exemplars(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    source: &str,
+    target: &str,
+) -> Result<Vec<EdgeExemplar>, QueryError> {
+    let wanted = Some((source.to_string(), target.to_string()));
+    let found = scan_and_pair(engine, range, false, pair_window(), wanted).await?;
+    Ok(found
+        .exemplars
+        .iter()
+        .map(|x| EdgeExemplar {
+            trace_id: format!("{:016x}{:016x}", x.trace[0], x.trace[1]),
+            latency_ns: x.latency,
+            error: x.error,
+            minute: chrono::DateTime::from_timestamp_nanos(
+                (found.base_minute + i64::from(x.minute)).saturating_mul(MINUTE_NS),
+            ),
+        })
+        .collect())
 }
 
 fn pair_window() -> chrono::Duration {
@@ -821,6 +918,7 @@ async fn scan_and_pair(
     range: &TimeRange,
     by_minute: bool,
     window: chrono::Duration,
+    wanted: Option<(String, String)>,
 ) -> Result<Paired, QueryError> {
     let wide = range.widened(window);
     let ns = |t: chrono::DateTime<chrono::Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
@@ -853,7 +951,8 @@ async fn scan_and_pair(
                 parts.push(join(t).await??);
             }
             let scanned = started.elapsed();
-            let mut found = merge(parts, by_minute).await?;
+            let wanted = wanted.as_ref().map(|(s, t)| (s.as_str(), t.as_str()));
+            let mut found = merge(parts, by_minute, wanted).await?;
             found.base_minute = wide.0.div_euclid(MINUTE_NS);
             tracing::debug!(
                 scan_ms = scanned.as_millis() as u64,
@@ -897,7 +996,11 @@ pub(crate) fn instrumented(peer: &str, is_service: impl Fn(&str) -> bool) -> Opt
 /// Gives every partition's names global ids, pairs the shards in parallel and merges;
 /// then a caller left unpaired whose peer is an instrumented service of the range counts
 /// on the edge to that service.
-async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryError> {
+async fn merge(
+    parts: Vec<Decoded>,
+    by_minute: bool,
+    wanted: Option<(&str, &str)>,
+) -> Result<Paired, QueryError> {
     let mut names = Names::default();
     // The entry point's id: not interned, so a service called `user` has its own.
     names.names.push("user".to_string());
@@ -934,19 +1037,41 @@ async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryErro
     }
 
     let count = names.names.len();
-    let tasks: Vec<_> = shards
-        .into_iter()
-        .map(|pieces| tokio::spawn(async move { pair_shard(&pieces, user, count, by_minute) }))
-        .collect();
-    // A virtual peer's name → the instrumented service it is, once per name.
-    let mut resolved: HashMap<u32, Option<u32>, Hasher> = HashMap::default();
     let by_name: HashMap<&str, u32> = own
         .keys()
         .map(|&id| (names.names[id as usize].as_str(), id))
         .collect();
+    // The edge whose requests are kept, by the graph's names of its ends.
+    let want = wanted.and_then(|(source, target)| {
+        let source = match source {
+            super::graph::USER_ENTRY => user,
+            super::graph::USER if !by_name.contains_key(super::graph::USER) => user,
+            s => *names.ids.get(s)?,
+        };
+        let targets = (0..count as u32)
+            .filter(|&id| {
+                let n = &names.names[id as usize];
+                id != user
+                    && (n == target || instrumented(n, |c| by_name.contains_key(c)) == Some(target))
+            })
+            .collect();
+        Some(Arc::new(Want { source, targets }))
+    });
+    let tasks: Vec<_> = shards
+        .into_iter()
+        .map(|pieces| {
+            let want = want.clone();
+            tokio::spawn(async move { pair_shard(&pieces, user, count, by_minute, want) })
+        })
+        .collect();
+    // A virtual peer's name → the instrumented service it is, once per name.
+    let mut resolved: HashMap<u32, Option<u32>, Hasher> = HashMap::default();
+    let mut exemplars = Vec::new();
     let mut edges: HashMap<EdgeKey, Tally, Hasher> = HashMap::default();
     for t in tasks {
-        for ((s, t, kind, minute), tally) in join(t).await?.entries {
+        let tallies = join(t).await?;
+        exemplars.extend(tallies.exemplars);
+        for ((s, t, kind, minute), tally) in tallies.entries {
             let key = if kind == NodeKind::Virtual {
                 let service = *resolved.entry(t).or_insert_with(|| {
                     instrumented(&names.names[t as usize], |n| by_name.contains_key(n))
@@ -970,6 +1095,7 @@ async fn merge(parts: Vec<Decoded>, by_minute: bool) -> Result<Paired, QueryErro
         base_minute: 0,
         edges,
         own,
+        exemplars,
     })
 }
 
@@ -1118,7 +1244,7 @@ mod tests {
         .collect();
         // The flat table and the hash map give the same.
         for names in [4, DENSE_NAMES + 1] {
-            let t = pair_shard(&pieces, user, names, false);
+            let t = pair_shard(&pieces, user, names, false, None);
             let got: BTreeMap<_, _> = t
                 .entries
                 .into_iter()
