@@ -27,7 +27,7 @@ use serde_json::Value;
 use super::graph::{NodeKind, Signals};
 use super::range::{TimeRange, ts_literal};
 use super::sketch::{Sketch, key_sql};
-use super::{f64_of, rows, str_of, u64_of};
+use super::{rows, typed};
 use crate::engine::{QueryEngine, QueryError};
 
 /// Minutes rolled up by one query at most.
@@ -184,11 +184,24 @@ pub async fn groups_from_spans(
     // by the minute each request started.
     let edge_minutes = super::pairing::requests_by_minute(engine, range).await?;
     let canonical = |m: DateTime<Utc>| m.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let endpoint_rows = rows(
+    /// One (minute, service, endpoint, version, sketch key) group of served spans.
+    #[derive(serde::Deserialize)]
+    struct EndpointRow {
+        minute_ns: i64,
+        service_name: String,
+        endpoint: String,
+        version: Option<String>,
+        namespace: Option<String>,
+        k: i64,
+        n: i64,
+        errors: i64,
+        sum_ns: Option<f64>,
+    }
+    let endpoint_rows = typed::<EndpointRow>(
         engine,
         &format!(
-            "SELECT {minute} AS minute, service_name, {endpoint} AS endpoint, service_version AS version,
-                    max(service_namespace) AS namespace, {k} AS k, count(*) AS n,
+            "SELECT CAST({minute} AS BIGINT) AS minute_ns, service_name, {endpoint} AS endpoint, service_version AS version,
+                    max(service_namespace) AS namespace, CAST({k} AS BIGINT) AS k, count(*) AS n,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     sum(CAST(duration_ns AS DOUBLE)) AS sum_ns
              FROM spans WHERE {r} AND {served} GROUP BY 1, 2, 3, 4, 6",
@@ -235,47 +248,30 @@ pub async fn groups_from_spans(
             a.sketch.add(ns as f64);
         }
     }
-    let mut add = |minute: String, key: Key, r: &serde_json::Map<String, Value>| {
-        let minute = parse_minute(Some(&Value::String(minute)))
-            .map(canonical)
-            .unwrap_or_default();
-        let a = groups.entry((minute, key)).or_default();
-        let n = u64_of(r, "n");
-        a.requests += n;
-        a.errors += u64_of(r, "errors");
-        a.latency_sum_ns += f64_of(r, "sum_ns");
-        a.sketch
-            .add_bucket(r.get("k").and_then(Value::as_i64).unwrap_or(0) as i32, n);
-    };
-    for r in &endpoint_rows {
-        let ns = r
-            .get("namespace")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let svc = str_of(r, "service_name");
-        let version = r.get("version").and_then(Value::as_str).map(str::to_string);
-        add(
-            str_of(r, "minute"),
-            Key {
-                kind: "endpoint".into(),
-                source: svc.clone(),
-                target: Some(str_of(r, "endpoint")),
-                namespace: ns.clone(),
-                ..Key::default()
-            },
-            r,
-        );
-        add(
-            str_of(r, "minute"),
-            Key {
-                kind: "service".into(),
-                source: svc,
-                namespace: ns,
-                version,
-                ..Key::default()
-            },
-            r,
-        );
+    for r in endpoint_rows {
+        let minute = canonical(DateTime::from_timestamp_nanos(r.minute_ns));
+        let n = u64::try_from(r.n).unwrap_or(0);
+        let service = Key {
+            kind: "service".into(),
+            source: r.service_name.clone(),
+            namespace: r.namespace.clone(),
+            version: r.version,
+            ..Key::default()
+        };
+        let endpoint = Key {
+            kind: "endpoint".into(),
+            source: r.service_name,
+            target: Some(r.endpoint),
+            namespace: r.namespace,
+            ..Key::default()
+        };
+        for key in [endpoint, service] {
+            let a = groups.entry((minute.clone(), key)).or_default();
+            a.requests += n;
+            a.errors += u64::try_from(r.errors).unwrap_or(0);
+            a.latency_sum_ns += r.sum_ns.unwrap_or(0.0);
+            a.sketch.add_bucket(r.k as i32, n);
+        }
     }
     Ok(groups)
 }
@@ -403,11 +399,29 @@ async fn stored(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
-    let rs = rows(
+    /// One stored rollup row.
+    #[derive(serde::Deserialize)]
+    struct RollupRow {
+        minute_ns: i64,
+        kind: String,
+        source: String,
+        target: Option<String>,
+        target_kind: Option<String>,
+        namespace: Option<String>,
+        source_kind: Option<String>,
+        version: Option<String>,
+        reason: Option<String>,
+        requests: i64,
+        errors: i64,
+        latency_sum_ns: f64,
+        sketch_keys: Option<Vec<Option<i64>>>,
+        sketch_counts: Option<Vec<Option<i64>>>,
+    }
+    let rs = typed::<RollupRow>(
         engine,
         &format!(
-            "SELECT minute, kind, source, target, target_kind, namespace, source_kind, version, reason,
-                    requests, errors, latency_sum_ns, sketch_keys, sketch_counts
+            "SELECT CAST(minute AS BIGINT) AS minute_ns, kind, source, target, target_kind, namespace,
+                    source_kind, version, reason, requests, errors, latency_sum_ns, sketch_keys, sketch_counts
              FROM rollups WHERE {}",
             range.sql("minute")
         ),
@@ -415,31 +429,25 @@ async fn stored(
     .await?;
     let mut out: BTreeMap<(DateTime<Utc>, Key), Agg> = BTreeMap::new();
     for r in rs {
-        let Some(minute) = parse_minute(r.get("minute")) else {
-            continue;
-        };
-        let opt = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+        let minute = DateTime::from_timestamp_nanos(r.minute_ns);
         let key = Key {
-            kind: str_of(&r, "kind"),
-            source: str_of(&r, "source"),
-            target: opt("target"),
-            target_kind: opt("target_kind"),
-            namespace: opt("namespace"),
-            source_kind: opt("source_kind"),
-            version: opt("version"),
-            reason: opt("reason"),
+            kind: r.kind,
+            source: r.source,
+            target: r.target,
+            target_kind: r.target_kind,
+            namespace: r.namespace,
+            source_kind: r.source_kind,
+            version: r.version,
+            reason: r.reason,
         };
-        let ints = |k: &str| -> Vec<i64> {
-            r.get(k)
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_i64).collect())
-                .unwrap_or_default()
+        let flat = |v: Option<Vec<Option<i64>>>| -> Vec<i64> {
+            v.unwrap_or_default().into_iter().flatten().collect()
         };
         let agg = Agg {
-            requests: u64_of(&r, "requests"),
-            errors: u64_of(&r, "errors"),
-            latency_sum_ns: f64_of(&r, "latency_sum_ns"),
-            sketch: Sketch::from_parts(&ints("sketch_keys"), &ints("sketch_counts")),
+            requests: u64::try_from(r.requests).unwrap_or(0),
+            errors: u64::try_from(r.errors).unwrap_or(0),
+            latency_sum_ns: r.latency_sum_ns,
+            sketch: Sketch::from_parts(&flat(r.sketch_keys), &flat(r.sketch_counts)),
         };
         out.entry((minute, key)).or_default().merge(&agg);
     }
