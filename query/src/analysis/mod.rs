@@ -75,10 +75,6 @@ pub(crate) async fn rows(
     Ok(out)
 }
 
-pub(crate) fn f64_of(row: &serde_json::Map<String, Value>, key: &str) -> f64 {
-    row.get(key).and_then(Value::as_f64).unwrap_or(0.0)
-}
-
 pub(crate) fn u64_of(row: &serde_json::Map<String, Value>, key: &str) -> u64 {
     row.get(key).and_then(Value::as_u64).unwrap_or(0)
 }

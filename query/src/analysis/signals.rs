@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::graph::{ComputedFrom, ServiceGraph, Signals, SignalsRow, services_sql};
 use super::range::{TimeRange, sql_str};
-use super::{f64_of, round3, rows, str_of, typed, u64_of};
+use super::{round3, typed};
 use crate::engine::{QueryEngine, QueryError};
 
 /// The spans that are a request a service served: SERVER and CONSUMER spans, except the
@@ -87,7 +87,11 @@ pub async fn service(
     let seconds = range.seconds();
     let svc = sql_str(name);
     let own = typed::<SignalsRow>(engine, &services_sql(range, Some(name))).await?;
-    let seen = rows(
+    #[derive(serde::Deserialize)]
+    struct Count {
+        n: i64,
+    }
+    let seen = typed::<Count>(
         engine,
         &format!(
             "SELECT count(*) AS n FROM spans WHERE service_name = {svc} AND {}",
@@ -95,7 +99,7 @@ pub async fn service(
         ),
     )
     .await?;
-    if seen.first().map(|r| u64_of(r, "n")).unwrap_or(0) == 0 {
+    if seen.first().map_or(0, |r| r.n) == 0 {
         return Ok(None);
     }
     let signals = own.first().map(|r| r.signals(seconds)).unwrap_or_default();
@@ -138,10 +142,21 @@ pub async fn service(
         }
     }
 
-    let series = rows(
+    /// One minute of a service's served spans.
+    #[derive(serde::Deserialize)]
+    struct Minute {
+        minute_ns: i64,
+        requests: i64,
+        errors: i64,
+        p50_ns: Option<f64>,
+        p90_ns: Option<f64>,
+        p95_ns: Option<f64>,
+        p99_ns: Option<f64>,
+    }
+    let series = typed::<Minute>(
         engine,
         &format!(
-            "SELECT date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS minute,
+            "SELECT CAST(date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS BIGINT) AS minute_ns,
                     count(*) AS requests,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
@@ -154,25 +169,33 @@ pub async fn service(
         ),
     )
     .await?
-    .iter()
+    .into_iter()
     .map(|r| {
-        let requests = u64_of(r, "requests");
-        let errors = u64_of(r, "errors");
+        let (requests, errors) = (r.requests.max(0) as u64, r.errors.max(0) as u64);
+        let ms = |ns: Option<f64>| round3(ns.unwrap_or(0.0) / 1e6);
         json!({
-            "time": r.get("minute").cloned().unwrap_or(Value::Null),
+            "time": chrono::DateTime::from_timestamp_nanos(r.minute_ns)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             "requests": requests,
             "rate": round3(requests as f64 / 60.0),
             "errors": errors,
             "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
-            "p50_ms": round3(f64_of(r, "p50_ns") / 1e6),
-            "p90_ms": round3(f64_of(r, "p90_ns") / 1e6),
-            "p95_ms": round3(f64_of(r, "p95_ns") / 1e6),
-            "p99_ms": round3(f64_of(r, "p99_ns") / 1e6),
+            "p50_ms": ms(r.p50_ns),
+            "p90_ms": ms(r.p90_ns),
+            "p95_ms": ms(r.p95_ns),
+            "p99_ms": ms(r.p99_ns),
         })
     })
     .collect::<Vec<_>>();
 
-    let saturation = rows(
+    /// One in-flight gauge of the service, over the range.
+    #[derive(serde::Deserialize)]
+    struct Gauge {
+        metric_name: String,
+        avg: Option<f64>,
+        max: Option<f64>,
+    }
+    let saturation = typed::<Gauge>(
         engine,
         &format!(
             "SELECT metric_name || coalesce('{{' || coalesce(attributes['envoy.cluster_name'], attributes['envoy.http_conn_manager_prefix']) || '}}', '') AS metric_name,
@@ -185,8 +208,8 @@ pub async fn service(
         ),
     )
     .await?
-    .iter()
-    .map(|r| json!({ "metric": str_of(r, "metric_name"), "avg": f64_of(r, "avg"), "max": f64_of(r, "max") }))
+    .into_iter()
+    .map(|r| json!({ "metric": r.metric_name, "avg": r.avg.unwrap_or(0.0), "max": r.max.unwrap_or(0.0) }))
     .collect::<Vec<_>>();
 
     let mut v = serde_json::to_value(signals).unwrap_or(Value::Null);
