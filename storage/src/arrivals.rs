@@ -2,12 +2,12 @@
 //! counts data by time (the `/metrics` golden-signal counters) and must re-read a minute
 //! it already counted when data for it arrives late.
 //!
-//! Every acknowledged write records the minutes its rows fall in (from the batch's
-//! smallest to its largest time when they are at most an hour apart, else each row's);
-//! the consumer takes the set with [`WrittenMinutes::take`]. The set is bounded: past
-//! [`MAX_MINUTES`] the oldest minutes leave first.
+//! Every acknowledged write records the minutes its rows fall in, each with the earliest
+//! time written into it, so a consumer can tell a late write (earlier than what it has
+//! counted) from one for the minute it is still counting; it takes them with
+//! [`WrittenMinutes::take`]. Bounded: past [`MAX_MINUTES`] the oldest minutes leave first.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -18,52 +18,53 @@ pub const MAX_MINUTES: usize = 10_000;
 
 const MINUTE_NS: i64 = 60_000_000_000;
 
-/// Minutes (since the epoch) that writes touched since the last [`WrittenMinutes::take`].
+/// Minute (since the epoch) → the earliest time (ns) written into it.
+pub type Minutes = BTreeMap<i64, i64>;
+
+/// The minutes writes touched since the last [`WrittenMinutes::take`].
 #[derive(Debug, Default)]
 pub struct WrittenMinutes {
-    minutes: Mutex<BTreeSet<i64>>,
+    minutes: Mutex<Minutes>,
 }
 
-/// The minutes a batch's time column covers.
-pub fn minutes_of(batch: &RecordBatch, time_column: &str) -> BTreeSet<i64> {
+/// The minutes a batch's time column falls in, each with its earliest time.
+pub fn minutes_of(batch: &RecordBatch, time_column: &str) -> Minutes {
+    let mut out = Minutes::new();
     let Some(times) = batch
         .column_by_name(time_column)
         .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
     else {
-        return BTreeSet::new();
+        return out;
     };
-    let (Some(lo), Some(hi)) = (
-        arrow::compute::min(times).map(|t| t.div_euclid(MINUTE_NS)),
-        arrow::compute::max(times).map(|t| t.div_euclid(MINUTE_NS)),
-    ) else {
-        return BTreeSet::new();
-    };
-    if hi - lo <= 60 {
-        (lo..=hi).collect()
-    } else {
-        times
-            .iter()
-            .flatten()
-            .map(|t| t.div_euclid(MINUTE_NS))
-            .collect()
+    for t in times.iter().flatten() {
+        let e = out.entry(t.div_euclid(MINUTE_NS)).or_insert(t);
+        *e = (*e).min(t);
+    }
+    out
+}
+
+fn merge(into: &mut Minutes, from: Minutes) {
+    for (m, t) in from {
+        let e = into.entry(m).or_insert(t);
+        *e = (*e).min(t);
     }
 }
 
 impl WrittenMinutes {
-    /// Notes minutes that an acknowledged write touched.
-    pub fn record(&self, minutes: BTreeSet<i64>) {
+    /// Notes the minutes an acknowledged write touched.
+    pub fn record(&self, minutes: Minutes) {
         if minutes.is_empty() {
             return;
         }
         let mut set = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
-        set.extend(minutes);
+        merge(&mut set, minutes);
         while set.len() > MAX_MINUTES {
             set.pop_first();
         }
     }
 
     /// The minutes written since the last call.
-    pub fn take(&self) -> BTreeSet<i64> {
+    pub fn take(&self) -> Minutes {
         std::mem::take(&mut *self.minutes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -91,30 +92,25 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_covers_the_minutes_between_its_times() {
+    fn a_batch_gives_each_minute_its_earliest_time() {
         let m = MINUTE_NS;
         assert_eq!(
-            minutes_of(&batch(&[3 * m + 5, 5 * m - 1]), "t"),
-            BTreeSet::from([3, 4])
-        );
-        // Far apart: only the minutes rows fall in.
-        assert_eq!(
-            minutes_of(&batch(&[m, 500 * m, m + 7]), "t"),
-            BTreeSet::from([1, 500])
+            minutes_of(&batch(&[3 * m + 50, 3 * m + 5, 5 * m - 1, 500 * m]), "t"),
+            Minutes::from([(3, 3 * m + 5), (4, 5 * m - 1), (500, 500 * m)])
         );
         assert!(minutes_of(&batch(&[m]), "other").is_empty());
     }
 
     #[test]
-    fn take_drains_and_the_set_is_bounded() {
+    fn take_drains_keeps_the_earliest_and_is_bounded() {
         let w = WrittenMinutes::default();
-        w.record(BTreeSet::from([7, 9]));
-        w.record(BTreeSet::from([8]));
-        assert_eq!(w.take(), BTreeSet::from([7, 8, 9]));
+        w.record(Minutes::from([(7, 700), (9, 900)]));
+        w.record(Minutes::from([(7, 650), (8, 800)]));
+        assert_eq!(w.take(), Minutes::from([(7, 650), (8, 800), (9, 900)]));
         assert!(w.take().is_empty());
-        w.record((0..(MAX_MINUTES as i64 + 5)).collect());
+        w.record((0..(MAX_MINUTES as i64 + 5)).map(|m| (m, m)).collect());
         let all = w.take();
         assert_eq!(all.len(), MAX_MINUTES);
-        assert_eq!(all.first(), Some(&5));
+        assert_eq!(all.first_key_value(), Some((&5, &5)));
     }
 }

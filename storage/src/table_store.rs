@@ -483,8 +483,9 @@ impl TableStore {
     }
 
     /// The minutes of the table's time column that acknowledged writes touched since the
-    /// last call (writes of this process only; see [`crate::arrivals`]).
-    pub fn take_written_minutes(&self) -> std::collections::BTreeSet<i64> {
+    /// last call, each with the earliest time written into it (writes of this process
+    /// only; see [`crate::arrivals`]).
+    pub fn take_written_minutes(&self) -> crate::arrivals::Minutes {
         self.arrivals.take()
     }
 

@@ -15,8 +15,8 @@
 //! is added (per series, requests, failures and buckets; counters never go down, so a
 //! late parent that turns an entry request into an edge request leaves the entry counted
 //! too). Minutes more than [`LATE_WINDOW`] behind the counters are not recounted
-//! (`meshscope_metrics_late_minutes_ignored_total`); at most [`LATE_PER_ADVANCE`] minutes
-//! are recounted per call, the rest on the next. Late arrivals are seen for writes of this
+//! (`meshscope_metrics_late_minutes_ignored_total`); at most [`LATE_PER_ADVANCE`] minute
+//! is recounted per call, the rest on the next ones. Late arrivals are seen for writes of this
 //! process (the all-in-one `serve`); a query node of split roles counts as before.
 //!
 //! Series are bounded: at most [`MAX_SERIES`] of each family; past that, new label sets are
@@ -39,8 +39,9 @@ pub const DEFAULT_DELAY: Duration = Duration::seconds(30);
 pub const PAIR_WINDOW: Duration = Duration::minutes(1);
 /// How far behind the counters a late span's minute may be and still be counted.
 pub const LATE_WINDOW: Duration = Duration::minutes(10);
-/// The most late minutes counted again per [`SpanCounters::advance`].
-pub const LATE_PER_ADVANCE: usize = 5;
+/// The most late minutes counted again per [`SpanCounters::advance`] (each costs a pairing
+/// of that minute and one either side, about what a tick's own window costs).
+pub const LATE_PER_ADVANCE: usize = 1;
 /// The most series one family holds.
 pub const MAX_SERIES: usize = 10_000;
 /// Histogram bucket bounds in seconds (the connectors' defaults).
@@ -200,6 +201,18 @@ impl State {
 
 const MINUTE: i64 = 60;
 
+/// The written minutes that received spans earlier than `t` (late for counters at `t`).
+fn earlier_than(
+    written: meshscope_storage::arrivals::Minutes,
+    t: DateTime<Utc>,
+) -> impl Iterator<Item = i64> {
+    let t = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    written
+        .into_iter()
+        .filter(move |(_, earliest)| *earliest < t)
+        .map(|(m, _)| m)
+}
+
 fn minute_start(m: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(m * MINUTE, 0).unwrap_or_default()
 }
@@ -312,15 +325,13 @@ impl SpanCounters {
                 }
                 Some(c) if c >= end => {
                     // Nothing new to count now: keep the late minutes for the next call.
-                    st.late
-                        .extend(written.into_iter().filter(|m| minute_start(*m) < c));
+                    st.late.extend(earlier_than(written, c));
                     return Ok(());
                 }
                 Some(c) => c,
             };
-            // Writes for minutes that began before the cursor: counted (partly) already.
-            st.late
-                .extend(written.into_iter().filter(|m| minute_start(*m) < start));
+            // Writes of spans earlier than the cursor: their minute is counted already.
+            st.late.extend(earlier_than(written, start));
             let oldest = (start - LATE_WINDOW).timestamp().div_euclid(MINUTE);
             let too_old = st.late.iter().take_while(|m| **m < oldest).count();
             st.late_ignored += too_old as u64;
