@@ -520,9 +520,9 @@ async fn edge_exemplars(
         }
     });
     if signal.is_latency() {
-        found.sort_by(|a, b| b.latency_ns.cmp(&a.latency_ns));
+        found.sort_by_key(|x| std::cmp::Reverse(x.latency_ns));
     } else {
-        found.sort_by(|a, b| b.minute.cmp(&a.minute));
+        found.sort_by_key(|x| std::cmp::Reverse(x.minute));
     }
     let mut out: Vec<String> = Vec::new();
     for x in found {
