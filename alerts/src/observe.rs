@@ -11,12 +11,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use meshscope_query::analysis::graph::{ComputedFrom, ServiceGraph, Signals};
 use meshscope_query::analysis::range::{TimeRange, sql_str};
 use meshscope_query::analysis::signals;
-use meshscope_query::api::to_json;
+use meshscope_query::analysis::typed;
 use meshscope_query::{QueryEngine, QueryError};
-use serde_json::Value;
 
 use crate::eval::{Evidence, Observation};
 use crate::rule::{Kind, Op, Rule, Scope, Signal, Structural, Threshold};
@@ -53,20 +57,6 @@ fn windows(now: DateTime<Utc>, w: Duration) -> (TimeRange, TimeRange) {
 /// 1%), as the API chooses by default.
 fn path(range: &TimeRange) -> ComputedFrom {
     ComputedFrom::choose(None, range).unwrap_or(ComputedFrom::Spans)
-}
-
-/// Signals from a JSON answer of the analysis API.
-fn signals_of(e: &Value) -> Signals {
-    let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
-    Signals {
-        requests: e["requests"].as_u64().unwrap_or(0),
-        errors: e["errors"].as_u64().unwrap_or(0),
-        error_rate: f("error_rate"),
-        rate: f("rate"),
-        p50_ms: f("p50_ms"),
-        p95_ms: f("p95_ms"),
-        p99_ms: f("p99_ms"),
-    }
 }
 
 /// Computes observations for rules, caching each window's graph.
@@ -107,18 +97,9 @@ impl<'a> Observer<'a> {
         }
         let list: Vec<(String, Signals)> = signals::services(self.engine, range, path(range))
             .await?
-            .as_array()
-            .map(|l| {
-                l.iter()
-                    .map(|e| {
-                        (
-                            e["name"].as_str().unwrap_or_default().to_string(),
-                            signals_of(e),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .into_iter()
+            .map(|s| (s.name, s.signals))
+            .collect();
         self.services.insert(k, list.clone());
         Ok(list)
     }
@@ -132,52 +113,10 @@ impl<'a> Observer<'a> {
         if let Some(v) = self.endpoints.get(&k) {
             return Ok(v.clone());
         }
-        // The endpoint query of `signals::service` (`GET /api/v1/services/{name}`), alone:
-        // that function also computes the graph, the per-minute series and saturation,
-        // which an endpoint rule does not need.
-        let sql = format!(
-            "SELECT {endpoint} AS endpoint, count(*) AS requests,
-                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {} AND {served}
-             GROUP BY 1",
-            range.sql("start_time"),
-            sql_str(service),
-            endpoint = meshscope_query::analysis::signals::ENDPOINT_SQL,
-            served = meshscope_query::analysis::signals::SERVED_SQL,
-        );
-        let seconds = range.seconds();
-        let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
-        let list: Vec<(String, Signals)> = json_rows(self.engine, &sql)
-            .await?
-            .iter()
-            .map(|r| {
-                let f = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-                let requests = r.get("requests").and_then(Value::as_u64).unwrap_or(0);
-                let errors = r.get("errors").and_then(Value::as_u64).unwrap_or(0);
-                (
-                    r.get("endpoint")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                    Signals {
-                        requests,
-                        errors,
-                        error_rate: if requests == 0 {
-                            0.0
-                        } else {
-                            errors as f64 / requests as f64
-                        },
-                        rate: round3(requests as f64 / seconds),
-                        p50_ms: round3(f("p50_ns") / 1e6),
-                        p95_ms: round3(f("p95_ns") / 1e6),
-                        p99_ms: round3(f("p99_ns") / 1e6),
-                    },
-                )
-            })
-            .collect();
+        // The endpoints of `GET /api/v1/services/{name}`, alone: `signals::service` also
+        // computes the graph, the per-minute series and saturation, which an endpoint rule
+        // does not need.
+        let list = signals::endpoints(self.engine, range, service).await?;
         self.endpoints.insert(k, list.clone());
         Ok(list)
     }
@@ -242,7 +181,7 @@ impl<'a> Observer<'a> {
                         break;
                     }
                     let g = self.graph(range).await?;
-                    for e in g.graph.edge_weights() {
+                    for e in g.edges() {
                         if source.as_ref().is_some_and(|s| *s != e.source)
                             || target.as_ref().is_some_and(|t| *t != e.target)
                         {
@@ -361,8 +300,7 @@ impl<'a> Observer<'a> {
             let requests = self
                 .graph(&graph_range)
                 .await?
-                .graph
-                .edge_weights()
+                .edges()
                 .find(|w| w.source == e.source && w.target == e.target)
                 .map(|w| w.signals.requests)
                 .unwrap_or(0);
@@ -397,46 +335,20 @@ impl<'a> Observer<'a> {
     }
 }
 
-/// The rows of a query as JSON objects.
-async fn json_rows(
-    engine: &QueryEngine,
-    sql: &str,
-) -> Result<Vec<serde_json::Map<String, Value>>, QueryError> {
-    let result = engine.sql(sql).await?;
-    let json = to_json(&result).map_err(|e| QueryError::Internal(e.to_string()))?;
-    let names: Vec<String> = result
-        .schema
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    Ok(json["rows"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .map(|row| {
-                    names
-                        .iter()
-                        .cloned()
-                        .zip(row.as_array().cloned().unwrap_or_default())
-                        .collect()
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-fn trace_ids(rows: Vec<serde_json::Map<String, Value>>) -> Vec<String> {
+/// The distinct trace ids of exemplar rows, at most [`EXEMPLARS`], in order.
+async fn trace_ids(engine: &QueryEngine, sql: &str) -> Result<Vec<String>, QueryError> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        trace_id: String,
+    }
     let mut out: Vec<String> = Vec::new();
-    for r in rows {
-        if let Some(id) = r.get("trace_id").and_then(Value::as_str)
-            && !out.iter().any(|x| x == id)
-        {
-            out.push(id.to_string());
+    for r in typed::<Row>(engine, sql).await? {
+        if !out.contains(&r.trace_id) {
+            out.push(r.trace_id);
         }
     }
     out.truncate(EXEMPLARS);
-    out
+    Ok(out)
 }
 
 /// What makes a request evidence: an error, or at least the percentile's latency.
@@ -476,7 +388,7 @@ async fn exemplars(
                 _ => String::new(),
             };
             let sql = format!(
-                "SELECT trace_id, start_time, duration_ns FROM spans
+                "SELECT trace_id FROM spans
                  WHERE {} AND service_name = {} AND {served}{endpoint} AND {cond}
                  ORDER BY {order} LIMIT {}",
                 range.sql("start_time"),
@@ -484,7 +396,7 @@ async fn exemplars(
                 EXEMPLARS * 4,
                 served = meshscope_query::analysis::signals::SERVED_SQL,
             );
-            Ok(trace_ids(json_rows(engine, &sql).await?))
+            trace_ids(engine, &sql).await
         }
         Scope::Edge { .. } => {
             let e = EdgeKey {
@@ -547,49 +459,83 @@ fn label_name(column: &str) -> String {
     s
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
 /// A SQL rule: every row is an instance; its columns are labels, except `value` (the
 /// evidence's value) and `trace_id` / `exemplar_trace_ids` (its exemplars).
 pub async fn sql_rule(engine: &QueryEngine, sql: &str) -> Result<Vec<Observation>, QueryError> {
+    let result = engine.sql(sql).await?;
     let mut out = Vec::new();
-    for row in json_rows(engine, sql).await? {
-        let mut labels = BTreeMap::new();
-        let mut evidence = Evidence {
-            signal: "sql".into(),
-            ..Default::default()
-        };
-        for (col, v) in row {
-            match col.as_str() {
-                "value" => {
-                    evidence.value = v
-                        .as_f64()
-                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                }
-                "trace_id" => evidence.exemplar_trace_ids.extend(text(&v)),
-                "exemplar_trace_ids" => match &v {
-                    Value::Array(ids) => evidence
-                        .exemplar_trace_ids
-                        .extend(ids.iter().filter_map(text)),
-                    other => evidence.exemplar_trace_ids.extend(text(other)),
-                },
-                _ => {
-                    if let Some(t) = text(&v) {
-                        labels.insert(label_name(&col), t);
-                    }
-                }
-            }
-        }
-        evidence.exemplar_trace_ids.truncate(EXEMPLARS);
-        out.push(Observation { labels, evidence });
+    for b in &result.batches {
+        out.extend(
+            observations(b)
+                .map_err(|e| QueryError::Invalid(format!("reading the rule's rows: {e}")))?,
+        );
     }
     Ok(out)
+}
+
+/// One observation per row of a SQL rule's result, read from the Arrow columns: labels as
+/// Arrow prints their values (nulls leave the label out), `value` cast to a number (text
+/// that is not one leaves it out), exemplars from a text column or a list of them.
+fn observations(b: &RecordBatch) -> Result<Vec<Observation>, ArrowError> {
+    let opts = FormatOptions::default();
+    let schema = b.schema();
+    let mut value = None;
+    let mut ids: Vec<&ArrayRef> = Vec::new();
+    let mut labels = Vec::new();
+    for (f, col) in schema.fields().iter().zip(b.columns()) {
+        match f.name().as_str() {
+            "value" => value = Some(cast(col, &DataType::Float64)?),
+            "trace_id" | "exemplar_trace_ids" => ids.push(col),
+            name => labels.push((
+                label_name(name),
+                col,
+                ArrayFormatter::try_new(col.as_ref(), &opts)?,
+            )),
+        }
+    }
+    let value = value.as_ref().map(|v| v.as_primitive::<Float64Type>());
+    (0..b.num_rows())
+        .map(|row| {
+            let mut evidence = Evidence {
+                signal: "sql".into(),
+                value: value.filter(|v| v.is_valid(row)).map(|v| v.value(row)),
+                ..Default::default()
+            };
+            for col in &ids {
+                evidence
+                    .exemplar_trace_ids
+                    .extend(cell_texts(col, row, &opts)?);
+            }
+            evidence.exemplar_trace_ids.truncate(EXEMPLARS);
+            let labels = labels
+                .iter()
+                .filter(|(_, col, _)| col.is_valid(row))
+                .map(|(name, _, fmt)| (name.clone(), fmt.value(row).to_string()))
+                .collect();
+            Ok(Observation { labels, evidence })
+        })
+        .collect()
+}
+
+/// The text of one cell, or of each item when the cell is a list.
+fn cell_texts(
+    col: &ArrayRef,
+    row: usize,
+    opts: &FormatOptions<'_>,
+) -> Result<Vec<String>, ArrowError> {
+    if col.is_null(row) {
+        return Ok(Vec::new());
+    }
+    let cell: ArrayRef = match col.data_type() {
+        DataType::List(_) => col.as_list::<i32>().value(row),
+        DataType::LargeList(_) => col.as_list::<i64>().value(row),
+        _ => col.slice(row, 1),
+    };
+    let f = ArrayFormatter::try_new(cell.as_ref(), opts)?;
+    Ok((0..cell.len())
+        .filter(|i| cell.is_valid(*i))
+        .map(|i| f.value(i).to_string())
+        .collect())
 }
 
 #[cfg(test)]
@@ -601,5 +547,47 @@ mod tests {
         assert_eq!(label_name("service_name"), "service_name");
         assert_eq!(label_name("count(*)"), "count___");
         assert_eq!(label_name("1x"), "_1x");
+    }
+
+    #[test]
+    fn a_sql_rules_rows_are_read_from_arrow() {
+        use datafusion::arrow::array::{Int64Array, ListBuilder, StringArray, StringBuilder};
+        use datafusion::arrow::datatypes::{Field, Schema};
+        use std::sync::Arc;
+        let mut ids = ListBuilder::new(StringBuilder::new());
+        ids.append_value([Some("t1"), None, Some("t2")]);
+        ids.append_null();
+        let ids = ids.finish();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("service_name", DataType::Utf8, true),
+            Field::new("count(*)", DataType::Int64, false),
+            Field::new("value", DataType::Utf8, true),
+            Field::new("trace_id", DataType::Utf8, true),
+            Field::new("exemplar_trace_ids", ids.data_type().clone(), true),
+        ]));
+        let b = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("cart"), None])),
+                Arc::new(Int64Array::from(vec![3, 4])),
+                Arc::new(StringArray::from(vec![Some("0.25"), Some("lots")])),
+                Arc::new(StringArray::from(vec![Some("t0"), None])),
+                Arc::new(ids),
+            ],
+        )
+        .unwrap();
+        let o = observations(&b).unwrap();
+        assert_eq!(o.len(), 2);
+        assert_eq!(
+            o[0].labels.get("service_name").map(String::as_str),
+            Some("cart")
+        );
+        assert_eq!(o[0].labels.get("count___").map(String::as_str), Some("3"));
+        assert_eq!(o[0].evidence.value, Some(0.25));
+        assert_eq!(o[0].evidence.exemplar_trace_ids, vec!["t0", "t1", "t2"]);
+        // A null label is left out; text that is no number gives no value.
+        assert!(!o[1].labels.contains_key("service_name"));
+        assert_eq!(o[1].evidence.value, None);
+        assert!(o[1].evidence.exemplar_trace_ids.is_empty());
     }
 }

@@ -25,16 +25,14 @@ pub struct EdgeKey {
 
 /// The edges with at least one request.
 pub fn edge_set(g: &ServiceGraph) -> BTreeSet<EdgeKey> {
-    g.graph
-        .edge_indices()
-        .filter_map(|e| {
-            let (_, t) = g.graph.edge_endpoints(e)?;
-            let w = &g.graph[e];
-            (w.signals.requests > 0).then(|| EdgeKey {
-                source: w.source.clone(),
-                target: w.target.clone(),
-                target_virtual: g.graph[t].kind == NodeKind::Virtual,
-            })
+    g.edges()
+        .filter(|e| e.signals.requests > 0)
+        .map(|e| EdgeKey {
+            source: e.source.clone(),
+            target: e.target.clone(),
+            target_virtual: g
+                .find(&e.target)
+                .is_some_and(|n| n.kind == NodeKind::Virtual),
         })
         .collect()
 }

@@ -451,7 +451,7 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         let g = ServiceGraph::compute(&engine, &range)
             .await
             .map_err(|e| e.to_string())?;
-        edges = g.graph.edge_count();
+        edges = g.edges().count();
         raw.push(t.elapsed().as_secs_f64() * 1e3);
         time("graph from raw spans")(t.elapsed());
     }

@@ -265,7 +265,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
             .into_future(),
     );
     let pg_serve = meshscope_query::pg::serve(pg_l, engine.clone(), shutdown.wait());
-    let pg = executor.spawn(async move {
+    let pg = executor.spawn_detached(async move {
         if let Err(e) = pg_serve.await {
             tracing::error!(error = %e, "the Postgres wire protocol server stopped");
         }

@@ -70,13 +70,19 @@ async fn sql(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains(ARROW_STREAM));
-    let rendered = if wants_arrow {
-        to_arrow_ipc(&result)
-    } else {
-        to_json(&result).map(|v| v.to_string().into_bytes())
-    };
+    // Encoding a large result is CPU work: on the query runtime, not the I/O threads.
+    let rendered = engine
+        .compute(move || {
+            if wants_arrow {
+                to_arrow_ipc(&result)
+            } else {
+                to_json(&result).map(|v| v.to_string().into_bytes())
+            }
+        })
+        .await;
     match rendered {
-        Ok(body) => {
+        Err(e) => e.into_response(),
+        Ok(Ok(body)) => {
             let ct = if wants_arrow {
                 ARROW_STREAM
             } else {
@@ -84,7 +90,7 @@ async fn sql(
             };
             (StatusCode::OK, [(header::CONTENT_TYPE, ct)], body).into_response()
         }
-        Err(e) => error_response(
+        Ok(Err(e)) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the result: {e}"),
         ),

@@ -159,6 +159,19 @@ impl QueryEngine {
         &self.executor
     }
 
+    /// Runs CPU-bound `f` on the query runtime and waits for it; it is cancelled when the
+    /// caller goes away before it starts.
+    pub async fn compute<T, F>(&self, f: F) -> Result<T, QueryError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.executor
+            .compute(f)
+            .await
+            .map_err(|e| QueryError::Internal(format!("analysis task failed: {e}")))
+    }
+
     pub fn stats(&self) -> &QueryStats {
         &self.stats
     }

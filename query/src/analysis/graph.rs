@@ -30,135 +30,13 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use serde::Serialize;
 
+pub use super::model::{
+    ComputedFrom, NodeKind, PAIR_WINDOW, Signals, UNKNOWN_VERSION, USER, USER_ENTRY, VersionSignals,
+};
+use super::model::{EdgeCell, Measure, Raw, SERVED_SQL, ServiceCell, summarise};
 use super::range::{TimeRange, sql_str};
-use super::rollup::Agg;
 use super::round3;
 use crate::engine::{QueryEngine, QueryError};
-
-/// How far outside the range the other half of a pair may start.
-pub const PAIR_WINDOW: i64 = 5; // minutes
-
-/// The entry point's node id.
-pub const USER: &str = "user";
-/// The entry point's node id when a service is itself called `user`.
-pub const USER_ENTRY: &str = "user (entry)";
-
-/// Where a range's signals are computed from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComputedFrom {
-    /// Raw spans: exact percentiles; the default for ranges up to an hour.
-    Spans,
-    /// Per-minute rollups (and raw spans for the minutes not rolled up yet): percentiles
-    /// within 1%; the default for longer ranges.
-    Rollups,
-}
-
-impl ComputedFrom {
-    /// From the `source` query parameter (`spans`, `rollups` or `auto`).
-    pub fn choose(param: Option<&str>, range: &TimeRange) -> Result<ComputedFrom, QueryError> {
-        match param {
-            Some("spans") | Some("raw") => Ok(ComputedFrom::Spans),
-            Some("rollups") => Ok(ComputedFrom::Rollups),
-            None | Some("") | Some("auto") => Ok(if range.seconds() > 3600.0 {
-                ComputedFrom::Rollups
-            } else {
-                ComputedFrom::Spans
-            }),
-            Some(other) => Err(QueryError::Invalid(format!(
-                "source must be spans, rollups or auto, got {other:?}"
-            ))),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ComputedFrom::Spans => "spans",
-            ComputedFrom::Rollups => "rollups",
-        }
-    }
-}
-
-/// The node kinds of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeKind {
-    Service,
-    Virtual,
-    User,
-}
-
-/// Request-level golden signals of a node or an edge.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Signals {
-    pub requests: u64,
-    pub errors: u64,
-    pub error_rate: f64,
-    pub rate: f64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-}
-
-impl Signals {
-    /// Signals of `requests` over `seconds`, with p50/p95/p99 latencies in nanoseconds.
-    pub(crate) fn new(
-        requests: u64,
-        errors: u64,
-        seconds: f64,
-        [p50_ns, p95_ns, p99_ns]: [f64; 3],
-    ) -> Signals {
-        Signals {
-            requests,
-            errors,
-            error_rate: if requests == 0 {
-                0.0
-            } else {
-                errors as f64 / requests as f64
-            },
-            rate: round3(requests as f64 / seconds),
-            p50_ms: round3(p50_ns / 1e6),
-            p95_ms: round3(p95_ns / 1e6),
-            p99_ms: round3(p99_ns / 1e6),
-        }
-    }
-}
-
-/// A row of signals as the SQL of [`services_sql`] (and the endpoint query) answers:
-/// a name, counts and exact percentiles in nanoseconds.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub(crate) struct SignalsRow {
-    pub name: String,
-    pub namespace: Option<String>,
-    pub requests: i64,
-    pub errors: i64,
-    pub p50_ns: Option<f64>,
-    pub p95_ns: Option<f64>,
-    pub p99_ns: Option<f64>,
-}
-
-impl SignalsRow {
-    pub(crate) fn signals(&self, seconds: f64) -> Signals {
-        let ns = |p: Option<f64>| p.unwrap_or(0.0);
-        Signals::new(
-            u64::try_from(self.requests).unwrap_or(0),
-            u64::try_from(self.errors).unwrap_or(0),
-            seconds,
-            [ns(self.p50_ns), ns(self.p95_ns), ns(self.p99_ns)],
-        )
-    }
-}
-
-/// The signals of one version of a service (or of an edge's callee).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VersionSignals {
-    pub version: String,
-    #[serde(flatten)]
-    pub signals: Signals,
-}
-
-/// The name under which requests of a service without `service.version` are listed
-/// beside versioned ones.
-pub const UNKNOWN_VERSION: &str = "unknown";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Node {
@@ -193,7 +71,7 @@ pub struct Edge {
 /// The graph as petgraph holds it; node ids are unique.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceGraph {
-    pub graph: DiGraph<Node, Edge>,
+    pub(crate) graph: DiGraph<Node, Edge>,
     index: HashMap<String, NodeIndex>,
 }
 
@@ -211,127 +89,8 @@ pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
          FROM spans WHERE {} AND {served}{only}
          GROUP BY service_name",
         range.sql("start_time"),
-        served = super::signals::SERVED_SQL,
+        served = SERVED_SQL,
     )
-}
-
-/// Requests that can be added together and summarised: exact latencies from raw spans,
-/// or a rollup's sketch.
-pub(crate) trait Measure: Default {
-    /// Adds `other`'s requests.
-    fn absorb(&mut self, other: Self);
-    fn requests(&self) -> u64;
-    fn signals(&mut self, seconds: f64) -> Signals;
-}
-
-/// Raw requests: every latency, and the errors.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Raw {
-    pub latencies_ns: Vec<i64>,
-    pub errors: u64,
-}
-
-impl Measure for Raw {
-    fn absorb(&mut self, other: Raw) {
-        if self.latencies_ns.is_empty() {
-            self.latencies_ns = other.latencies_ns;
-        } else {
-            self.latencies_ns.extend(other.latencies_ns);
-        }
-        self.errors += other.errors;
-    }
-
-    fn requests(&self) -> u64 {
-        self.latencies_ns.len() as u64
-    }
-
-    fn signals(&mut self, seconds: f64) -> Signals {
-        let p = super::pairing::percentiles(&mut self.latencies_ns);
-        Signals::new(self.requests(), self.errors, seconds, p)
-    }
-}
-
-impl Measure for Agg {
-    fn absorb(&mut self, other: Agg) {
-        self.merge(&other);
-    }
-
-    fn requests(&self) -> u64 {
-        self.requests
-    }
-
-    fn signals(&mut self, seconds: f64) -> Signals {
-        Agg::signals(self, seconds)
-    }
-}
-
-/// The requests of one edge with one callee version and one proxy reason.
-pub(crate) struct EdgeCell<M> {
-    /// `None` for the entry point.
-    pub source: Option<String>,
-    pub target: String,
-    pub target_kind: NodeKind,
-    pub version: Option<String>,
-    pub reason: Option<String>,
-    pub measure: M,
-}
-
-/// A service's own requests of one version.
-pub(crate) struct ServiceCell<M> {
-    pub service: String,
-    pub namespace: Option<String>,
-    pub version: Option<String>,
-    pub measure: M,
-}
-
-/// One node's or edge's cells summarised: the total, the versions (none when no cell
-/// names one) and the requests per reason.
-pub(crate) fn summarise<M: Measure>(
-    cells: Vec<(Option<String>, Option<String>, M)>,
-    seconds: f64,
-) -> (Signals, Vec<VersionSignals>, BTreeMap<String, u64>) {
-    let mut reasons = BTreeMap::new();
-    let mut by_version: BTreeMap<Option<String>, M> = BTreeMap::new();
-    for (version, reason, m) in cells {
-        if let Some(r) = reason {
-            *reasons.entry(r).or_insert(0) += m.requests();
-        }
-        by_version.entry(version).or_default().absorb(m);
-    }
-    let versioned = by_version.keys().any(Option::is_some);
-    if by_version.len() == 1 {
-        let Some((version, mut m)) = by_version.into_iter().next() else {
-            return (Signals::default(), Vec::new(), reasons);
-        };
-        let signals = m.signals(seconds);
-        let versions = version
-            .map(|version| {
-                vec![VersionSignals {
-                    version,
-                    signals: signals.clone(),
-                }]
-            })
-            .unwrap_or_default();
-        return (signals, versions, reasons);
-    }
-    let mut versions = Vec::with_capacity(by_version.len());
-    let mut total = M::default();
-    for (version, mut m) in by_version {
-        if versioned {
-            versions.push(VersionSignals {
-                version: version.unwrap_or_else(|| UNKNOWN_VERSION.to_string()),
-                signals: m.signals(seconds),
-            });
-        }
-        total.absorb(m);
-    }
-    versions.sort_by(|a, b| {
-        b.signals
-            .requests
-            .cmp(&a.signals.requests)
-            .then_with(|| a.version.cmp(&b.version))
-    });
-    (total.signals(seconds), versions, reasons)
 }
 
 impl ServiceGraph {
@@ -390,7 +149,11 @@ impl ServiceGraph {
                 },
             })
             .collect();
-        Ok(ServiceGraph::build(services, edges, range.seconds()))
+        // Percentiles and summaries: CPU work, on the query runtime.
+        let seconds = range.seconds();
+        engine
+            .compute(move || ServiceGraph::build(services, edges, seconds))
+            .await
     }
 
     /// Computes the graph from per-minute rollups (sketch percentiles, within 1%).
@@ -429,7 +192,11 @@ impl ServiceGraph {
                 _ => {}
             }
         }
-        Ok(ServiceGraph::build(services, edges, range.seconds()))
+        // Percentiles and summaries: CPU work, on the query runtime.
+        let seconds = range.seconds();
+        engine
+            .compute(move || ServiceGraph::build(services, edges, seconds))
+            .await
     }
 
     /// Computes the graph by the path the range calls for, with the edges the mesh's own
@@ -649,6 +416,16 @@ impl ServiceGraph {
             .map(|i| (graph[i].id.clone(), i))
             .collect();
         ServiceGraph { graph, index }
+    }
+
+    /// Every node, in no particular order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.graph.node_weights()
+    }
+
+    /// Every edge, in no particular order.
+    pub fn edges(&self) -> impl Iterator<Item = &Edge> {
+        self.graph.edge_weights()
     }
 
     /// `{"nodes": […], "edges": […]}`, sorted for stable output.

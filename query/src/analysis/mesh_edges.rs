@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use meshscope_proto::convert::spans::envoy_reason;
 
-use super::graph::{Raw, Signals, UNKNOWN_VERSION, VersionSignals, summarise};
+use super::model::{Raw, Signals, UNKNOWN_VERSION, VersionSignals, summarise};
 use super::range::TimeRange;
 use super::typed;
 use crate::engine::{QueryEngine, QueryError};
@@ -615,18 +615,23 @@ pub async fn from_access_logs(
             },
         ));
     }
-    Ok(cells
-        .into_iter()
-        .map(|(edge, cells)| {
-            let (signals, by_version, reasons) = summarise(cells, seconds);
-            let seen = SeenEdge {
-                signals,
-                by_version,
-                reasons,
-            };
-            (edge, seen)
+    // Percentiles over every record's latency: CPU work, on the query runtime.
+    engine
+        .compute(move || {
+            cells
+                .into_iter()
+                .map(|(edge, cells)| {
+                    let (signals, by_version, reasons) = summarise(cells, seconds);
+                    let seen = SeenEdge {
+                        signals,
+                        by_version,
+                        reasons,
+                    };
+                    (edge, seen)
+                })
+                .collect()
         })
-        .collect())
+        .await
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! What engineers come for: the service graph, golden signals and traces, computed with
 //! DataFusion over the stored spans and shaped in plain Rust.
 //!
+//! - [`model`]: the shared vocabulary (what a request is, node kinds, [`model::Signals`],
+//!   summaries per version and reason), a leaf the other modules meet in.
 //! - [`range`]: the `start` / `end` time range of every request (RFC 3339; last 15 minutes
 //!   by default) and safe SQL literals.
 //! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
@@ -15,6 +17,7 @@
 
 pub mod graph;
 pub mod mesh_edges;
+pub mod model;
 pub mod pairing;
 pub mod prometheus;
 pub mod range;
@@ -24,15 +27,12 @@ pub mod signals;
 pub mod sketch;
 pub mod traces;
 
-use serde_json::Value;
-
-use crate::api::to_json;
 use crate::engine::{QueryEngine, QueryError};
 
 /// Runs internal SQL and reads its rows into `T` straight from the Arrow arrays
 /// (`serde_arrow`): a column that is missing or of another type is an error, never a
 /// silent zero.
-pub(crate) async fn typed<T: serde::de::DeserializeOwned>(
+pub async fn typed<T: serde::de::DeserializeOwned>(
     engine: &QueryEngine,
     sql: &str,
 ) -> Result<Vec<T>, QueryError> {
@@ -45,45 +45,6 @@ pub(crate) async fn typed<T: serde::de::DeserializeOwned>(
         out.extend(rows);
     }
     Ok(out)
-}
-
-/// Runs internal SQL and returns its rows as JSON objects keyed by column name.
-pub(crate) async fn rows(
-    engine: &QueryEngine,
-    sql: &str,
-) -> Result<Vec<serde_json::Map<String, Value>>, QueryError> {
-    let result = engine.sql(sql).await?;
-    let json = to_json(&result).map_err(|e| QueryError::Internal(e.to_string()))?;
-    let names: Vec<String> = result
-        .schema
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let mut out = Vec::new();
-    if let Some(rows) = json["rows"].as_array() {
-        for row in rows {
-            let mut obj = serde_json::Map::new();
-            if let Some(cells) = row.as_array() {
-                for (name, cell) in names.iter().zip(cells) {
-                    obj.insert(name.clone(), cell.clone());
-                }
-            }
-            out.push(obj);
-        }
-    }
-    Ok(out)
-}
-
-pub(crate) fn u64_of(row: &serde_json::Map<String, Value>, key: &str) -> u64 {
-    row.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-pub(crate) fn str_of(row: &serde_json::Map<String, Value>, key: &str) -> String {
-    row.get(key)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Rounds to microsecond precision for readable JSON.

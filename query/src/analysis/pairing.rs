@@ -21,7 +21,7 @@
 //!    the rollups, and over short windows the `/metrics` counters;
 //! 3. **merge**: the shards' cells per edge are joined; an unpaired caller's peer that is
 //!    an instrumented service of the range ([`instrumented`]) is that service's edge, not
-//!    a virtual node; `graph.rs` takes the percentiles by selection (linear interpolation
+//!    a virtual node; `model.rs` takes the percentiles by selection (linear interpolation
 //!    between the closest ranks, as `percentile_cont`), which is linear where a sort is not.
 
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ use meshscope_proto::Table;
 use meshscope_storage::ColumnScan;
 use meshscope_storage::provider::reader_factory;
 
-use super::graph::NodeKind;
+use super::model::{NodeKind, PAIR_WINDOW, USER, USER_ENTRY};
 use super::range::TimeRange;
 use crate::engine::{QueryEngine, QueryError};
 
@@ -722,32 +722,6 @@ fn pair_shard(
     tallies
 }
 
-/// p50, p95 and p99 of `values` (reordered), interpolated as `percentile_cont`.
-pub(crate) fn percentiles(values: &mut [i64]) -> [f64; 3] {
-    let n = values.len();
-    if n == 0 {
-        return [0.0; 3];
-    }
-    let mut out = [0.0; 3];
-    // Each selection leaves everything at or above its rank to its right, so the next,
-    // higher rank is looked for only there.
-    let mut from = 0;
-    for (o, p) in out.iter_mut().zip([0.5, 0.95, 0.99]) {
-        let rank = p * (n - 1) as f64;
-        let lo = rank.floor() as usize;
-        let (_, at, right) = values[from..].select_nth_unstable(lo - from);
-        let a = *at;
-        let b = if rank > lo as f64 {
-            right.iter().copied().min().unwrap_or(a)
-        } else {
-            a
-        };
-        *o = a as f64 + (b - a) as f64 * (rank - lo as f64);
-        from = lo;
-    }
-    out
-}
-
 /// The requests of one edge, one callee version and one proxy reason: those that started
 /// in one minute (the caller's start; the server's for `user` requests) when bucketed by
 /// minute. An edge is the sum of its cells.
@@ -909,7 +883,7 @@ pub async fn edge_exemplars(
 }
 
 fn pair_window() -> chrono::Duration {
-    chrono::Duration::minutes(super::graph::PAIR_WINDOW)
+    chrono::Duration::minutes(PAIR_WINDOW)
 }
 
 /// Scans the range (widened by `window`) once and pairs.
@@ -1044,8 +1018,8 @@ async fn merge(
     // The edge whose requests are kept, by the graph's names of its ends.
     let want = wanted.and_then(|(source, target)| {
         let source = match source {
-            super::graph::USER_ENTRY => user,
-            super::graph::USER if !by_name.contains_key(super::graph::USER) => user,
+            USER_ENTRY => user,
+            USER if !by_name.contains_key(USER) => user,
             s => *names.ids.get(s)?,
         };
         let targets = (0..count as u32)
@@ -1153,32 +1127,6 @@ mod tests {
         );
         assert_eq!(hex_u128(b"ff"), Some([0, 0xff]));
         assert_eq!(hex_u128(b"4bf92f3577b34da6a3ce929d0e0e4736ff"), None);
-    }
-
-    /// The selection gives what sorting and interpolating gives.
-    #[test]
-    fn percentiles_match_sorting() {
-        let mut seed = 7u64;
-        for n in [1usize, 2, 3, 10, 101, 1000, 4097] {
-            let values: Vec<i64> = (0..n)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (seed >> 40) as i64 % 5000
-                })
-                .collect();
-            let mut sorted = values.clone();
-            sorted.sort_unstable();
-            let want = [0.5, 0.95, 0.99].map(|p| {
-                let rank = p * (n - 1) as f64;
-                let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-                sorted[lo] as f64 + (sorted[hi] - sorted[lo]) as f64 * (rank - lo as f64)
-            });
-            let mut v = values;
-            assert_eq!(percentiles(&mut v), want, "n = {n}");
-        }
-        assert_eq!(percentiles(&mut []), [0.0; 3]);
     }
 
     fn span(trace: u64, id: u64, parent: u64, service: u32, kind: u8, in_range: bool) -> Span {

@@ -28,9 +28,9 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::graph::NodeKind;
+use super::model::{NodeKind, USER};
 use super::range::TimeRange;
-use super::{rows, str_of, u64_of};
+use super::typed;
 use crate::engine::{QueryEngine, QueryError};
 
 /// How far behind "now" a window ends, by default.
@@ -58,15 +58,15 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn add(&mut self, row: &serde_json::Map<String, serde_json::Value>) {
-        self.count += u64_of(row, "n");
-        self.failed += u64_of(row, "failed");
-        self.sum_seconds += row.get("sum_ns").and_then(|v| v.as_f64()).unwrap_or(0.0) / 1e9;
+    fn add(&mut self, row: &CallRow) {
+        self.count += row.n.max(0) as u64;
+        self.failed += row.failed.unwrap_or(0).max(0) as u64;
+        self.sum_seconds += row.sum_ns.unwrap_or(0) as f64 / 1e9;
         if self.buckets.is_empty() {
             self.buckets = vec![0; BUCKETS.len()];
         }
-        for (i, b) in self.buckets.iter_mut().enumerate() {
-            *b += u64_of(row, &format!("le{i}"));
+        for (b, n) in self.buckets.iter_mut().zip(&row.buckets) {
+            *b += n.unwrap_or(0).max(0) as u64;
         }
     }
 
@@ -229,7 +229,7 @@ async fn tally(
             _ => "service",
         };
         // The entry point is Tempo's `user` client.
-        let client = e.source.unwrap_or_else(|| super::graph::USER.to_string());
+        let client = e.source.unwrap_or_else(|| USER.to_string());
         out.entry(e.minute.timestamp().div_euclid(MINUTE))
             .or_default()
             .edges
@@ -237,13 +237,13 @@ async fn tally(
             .or_default()
             .add_requests(&e.latencies_ns, e.errors);
     }
-    let calls = rows(
+    let calls = typed::<CallRow>(
         engine,
         &format!(
             "SELECT CAST(date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS BIGINT) / 60000000000 AS minute,
                     service_name, span_name, span_kind, status_code, count(*) AS n,
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS failed,
-                    sum(duration_ns) AS sum_ns, {}
+                    sum(duration_ns) AS sum_ns, make_array({}) AS buckets
              FROM spans WHERE {} GROUP BY 1, service_name, span_name, span_kind, status_code",
             bucket_columns("duration_ns"),
             range.sql("start_time")
@@ -252,13 +252,12 @@ async fn tally(
     .await?;
     for r in &calls {
         let key = (
-            str_of(r, "service_name"),
-            str_of(r, "span_name"),
-            str_of(r, "span_kind"),
-            str_of(r, "status_code"),
+            r.service_name.clone(),
+            r.span_name.clone(),
+            r.span_kind.clone(),
+            r.status_code.clone(),
         );
-        let minute = r.get("minute").and_then(|v| v.as_i64()).unwrap_or(0);
-        out.entry(minute)
+        out.entry(r.minute)
             .or_default()
             .calls
             .entry(key)
@@ -281,13 +280,28 @@ impl Default for SpanCounters {
     }
 }
 
+/// One minute of one span series (service, name, kind, status) as the calls SQL returns it.
+#[derive(Debug, serde::Deserialize)]
+struct CallRow {
+    minute: i64,
+    service_name: String,
+    span_name: String,
+    span_kind: String,
+    status_code: String,
+    n: i64,
+    failed: Option<i64>,
+    sum_ns: Option<i64>,
+    /// The spans at or under each of [`BUCKETS`], in order.
+    buckets: Vec<Option<i64>>,
+}
+
+/// The cumulative bucket counts as SQL expressions, one per bound of [`BUCKETS`].
 fn bucket_columns(expr: &str) -> String {
     BUCKETS
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
+        .map(|b| {
             format!(
-                "sum(CASE WHEN {expr} <= {} THEN 1 ELSE 0 END) AS le{i}",
+                "sum(CASE WHEN {expr} <= {} THEN 1 ELSE 0 END)",
                 (b * 1e9) as i64
             )
         })

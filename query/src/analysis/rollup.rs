@@ -22,12 +22,11 @@ use arrow::array::{
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use meshscope_proto::Table;
 use meshscope_storage::Storage;
-use serde_json::Value;
 
-use super::graph::{NodeKind, Signals};
+use super::model::{Measure, NodeKind, Signals, USER};
 use super::range::{TimeRange, ts_literal};
 use super::sketch::{Sketch, key_sql};
-use super::{rows, typed};
+use super::typed;
 use crate::engine::{QueryEngine, QueryError};
 
 /// Minutes rolled up by one query at most.
@@ -93,12 +92,18 @@ fn minute_floor(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
 }
 
-fn parse_minute(v: Option<&Value>) -> Option<DateTime<Utc>> {
-    let s = v?.as_str()?;
-    DateTime::parse_from_rfc3339(s)
-        .or_else(|_| DateTime::parse_from_rfc3339(&format!("{s}Z")))
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
+/// One nullable timestamp (nanoseconds) read back from SQL: `min(…)` or `max(…)`.
+#[derive(serde::Deserialize)]
+struct Instant {
+    ns: Option<i64>,
+}
+
+async fn instant(engine: &QueryEngine, sql: &str) -> Result<Option<DateTime<Utc>>, QueryError> {
+    Ok(typed::<Instant>(engine, sql)
+        .await?
+        .first()
+        .and_then(|r| r.ns)
+        .map(DateTime::from_timestamp_nanos))
 }
 
 impl Rollups {
@@ -120,16 +125,16 @@ impl Rollups {
         let mut written = 0;
         while cursor < limit {
             // Jump over minutes without spans.
-            let next = rows(
+            let next = instant(
                 &self.engine,
                 &format!(
-                    "SELECT min(start_time) AS t FROM spans WHERE start_time >= {} AND start_time < {}",
+                    "SELECT CAST(min(start_time) AS BIGINT) AS ns FROM spans WHERE start_time >= {} AND start_time < {}",
                     ts_literal(cursor.max(DateTime::from_timestamp_nanos(0))),
                     ts_literal(limit)
                 ),
             )
             .await?;
-            let Some(first) = next.first().and_then(|r| parse_minute(r.get("t"))) else {
+            let Some(first) = next else {
                 break;
             };
             let start = minute_floor(first);
@@ -156,7 +161,7 @@ impl Rollups {
         }
         let minutes = groups
             .keys()
-            .map(|(m, _)| m.clone())
+            .map(|(m, _)| *m)
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         let batch = to_batch(&groups).map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -165,11 +170,12 @@ impl Rollups {
 
     /// The minute up to which rollups exist (exclusive), if any.
     pub async fn covered_until(engine: &QueryEngine) -> Result<Option<DateTime<Utc>>, QueryError> {
-        let last = rows(engine, "SELECT max(minute) AS m FROM rollups").await?;
-        Ok(last
-            .first()
-            .and_then(|r| parse_minute(r.get("m")))
-            .map(|m| m + Duration::minutes(1)))
+        let last = instant(
+            engine,
+            "SELECT CAST(max(minute) AS BIGINT) AS ns FROM rollups",
+        )
+        .await?;
+        Ok(last.map(|m| m + Duration::minutes(1)))
     }
 }
 
@@ -178,12 +184,11 @@ impl Rollups {
 pub async fn groups_from_spans(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<BTreeMap<(String, Key), Agg>, QueryError> {
+) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
     let minute = "date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z')";
     // Edges come from the same pairing as the graph (one scan, paired in memory), bucketed
     // by the minute each request started.
     let edge_minutes = super::pairing::requests_by_minute(engine, range).await?;
-    let canonical = |m: DateTime<Utc>| m.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     /// One (minute, service, endpoint, version, sketch key) group of served spans.
     #[derive(serde::Deserialize)]
     struct EndpointRow {
@@ -205,14 +210,14 @@ pub async fn groups_from_spans(
                     sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                     sum(CAST(duration_ns AS DOUBLE)) AS sum_ns
              FROM spans WHERE {r} AND {served} GROUP BY 1, 2, 3, 4, 6",
-            endpoint = super::signals::ENDPOINT_SQL,
+            endpoint = super::model::ENDPOINT_SQL,
             k = key_sql("duration_ns"),
             r = range.sql("start_time"),
-            served = super::signals::SERVED_SQL,
+            served = super::model::SERVED_SQL,
         ),
     )
     .await?;
-    let mut groups: BTreeMap<(String, Key), Agg> = BTreeMap::new();
+    let mut groups: BTreeMap<(DateTime<Utc>, Key), Agg> = BTreeMap::new();
     for e in edge_minutes {
         if e.minute < range.start || e.minute >= range.end {
             continue;
@@ -227,7 +232,7 @@ pub async fn groups_from_spans(
                 }
                 .to_string(),
             ),
-            source: e.source.unwrap_or_else(|| super::graph::USER.to_string()),
+            source: e.source.unwrap_or_else(|| USER.to_string()),
             target: Some(e.target),
             target_kind: Some(
                 match e.target_kind {
@@ -240,7 +245,7 @@ pub async fn groups_from_spans(
             version: e.version,
             reason: e.reason,
         };
-        let a = groups.entry((canonical(e.minute), key)).or_default();
+        let a = groups.entry((e.minute, key)).or_default();
         a.requests += e.latencies_ns.len() as u64;
         a.errors += e.errors;
         for ns in e.latencies_ns {
@@ -249,7 +254,7 @@ pub async fn groups_from_spans(
         }
     }
     for r in endpoint_rows {
-        let minute = canonical(DateTime::from_timestamp_nanos(r.minute_ns));
+        let minute = DateTime::from_timestamp_nanos(r.minute_ns);
         let n = u64::try_from(r.n).unwrap_or(0);
         let service = Key {
             kind: "service".into(),
@@ -266,7 +271,7 @@ pub async fn groups_from_spans(
             ..Key::default()
         };
         for key in [endpoint, service] {
-            let a = groups.entry((minute.clone(), key)).or_default();
+            let a = groups.entry((minute, key)).or_default();
             a.requests += n;
             a.errors += u64::try_from(r.errors).unwrap_or(0);
             a.latency_sum_ns += r.sum_ns.unwrap_or(0.0);
@@ -277,7 +282,7 @@ pub async fn groups_from_spans(
 }
 
 fn to_batch(
-    groups: &BTreeMap<(String, Key), Agg>,
+    groups: &BTreeMap<(DateTime<Utc>, Key), Agg>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let mut minute = TimestampNanosecondBuilder::new().with_timezone("UTC");
     let (mut kind, mut source, mut target, mut tkind, mut ns) = (
@@ -300,9 +305,6 @@ fn to_batch(
     let mut keys = ListBuilder::new(Int32Builder::new());
     let mut counts = ListBuilder::new(Int64Builder::new());
     for ((m, key), agg) in groups {
-        let Some(m) = parse_minute(Some(&Value::String(m.clone()))) else {
-            continue;
-        };
         minute.append_value(m.timestamp_nanos_opt().unwrap_or(0));
         kind.append_value(&key.kind);
         source.append_value(&key.source);
@@ -385,10 +387,7 @@ pub async fn by_minute(
         )
         .await?
         {
-            let Some(m) = parse_minute(Some(&Value::String(minute))) else {
-                continue;
-            };
-            out.entry((m, key)).or_default().merge(&agg);
+            out.entry((minute, key)).or_default().merge(&agg);
         }
     }
     Ok(out)
@@ -452,4 +451,17 @@ async fn stored(
         out.entry((minute, key)).or_default().merge(&agg);
     }
     Ok(out)
+}
+impl Measure for Agg {
+    fn absorb(&mut self, other: Agg) {
+        self.merge(&other);
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    fn signals(&mut self, seconds: f64) -> Signals {
+        Agg::signals(self, seconds)
+    }
 }

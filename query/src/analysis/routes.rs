@@ -1,13 +1,15 @@
 //! The analysis API: `/api/v1/graph`, `/api/v1/services[/{name}]`, `/api/v1/series`,
 //! `/api/v1/traces[/{id}]`.
 
-use std::collections::HashMap;
+use std::str::FromStr;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::graph::{ComputedFrom, ServiceGraph};
 use super::range::TimeRange;
@@ -16,14 +18,108 @@ use super::traces::{self, TraceQuery};
 use crate::api::error_response;
 use crate::engine::{QueryEngine, QueryError};
 
-type Params = Query<HashMap<String, String>>;
+/// Query parameters as a typed struct; a malformed value is a 400 naming it.
+type Params<T> = Result<Query<T>, QueryRejection>;
 
-fn range(p: &HashMap<String, String>) -> Result<TimeRange, QueryError> {
-    TimeRange::parse(
-        p.get("start").map(String::as_str),
-        p.get("end").map(String::as_str),
-        chrono::Utc::now(),
-    )
+fn params<T>(p: Params<T>) -> Result<T, QueryError> {
+    p.map(|Query(t)| t)
+        .map_err(|e| QueryError::Invalid(e.body_text()))
+}
+
+/// An empty parameter (`?service=`, as HTML forms send) is the same as an absent one.
+fn empty_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    match Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
+    }
+}
+
+/// `start` and `end` (RFC 3339; the last 15 minutes by default) and, where the answer may
+/// come from the rollups, `source`.
+#[derive(Debug, Default, Deserialize)]
+struct RangeParams {
+    #[serde(default, deserialize_with = "empty_as_none")]
+    start: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    end: Option<String>,
+    /// `spans`, `rollups` or `auto` (the default: rollups past an hour).
+    #[serde(default, deserialize_with = "empty_as_none")]
+    source: Option<String>,
+}
+
+impl RangeParams {
+    fn range(&self) -> Result<TimeRange, QueryError> {
+        TimeRange::parse(
+            self.start.as_deref(),
+            self.end.as_deref(),
+            chrono::Utc::now(),
+        )
+    }
+}
+
+/// `GET /api/v1/graph`.
+#[derive(Debug, Default, Deserialize)]
+struct GraphParams {
+    #[serde(flatten)]
+    range: RangeParams,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    namespace: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    service: Option<String>,
+    /// Hops around `service` (default 1).
+    #[serde(default, deserialize_with = "empty_as_none")]
+    depth: Option<usize>,
+}
+
+/// `GET /api/v1/traces`.
+#[derive(Debug, Default, Deserialize)]
+struct TraceParams {
+    #[serde(flatten)]
+    range: RangeParams,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    service: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    span_name: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    status: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    min_duration_ms: Option<f64>,
+    /// `key=value` on a span attribute.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    attribute: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    limit: Option<usize>,
+}
+
+impl TraceParams {
+    fn query(self) -> Result<TraceQuery, QueryError> {
+        let attribute = match self.attribute {
+            Some(a) => Some(
+                a.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| {
+                        QueryError::Invalid(format!("attribute must be key=value, got {a:?}"))
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(TraceQuery {
+            service: self.service,
+            span_name: self.span_name,
+            status: self.status,
+            min_duration_ms: self.min_duration_ms,
+            attribute,
+            limit: self.limit.unwrap_or(20),
+        })
+    }
 }
 
 pub fn router(engine: QueryEngine) -> Router {
@@ -37,39 +133,31 @@ pub fn router(engine: QueryEngine) -> Router {
         .with_state(engine)
 }
 
-fn answer(r: Result<serde_json::Value, QueryError>) -> Response {
+fn answer<T: Serialize>(r: Result<T, QueryError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-/// `?start&end&namespace&service&depth&source` (depth: hops around `service`, default 1;
-/// source: `spans`, `rollups` or `auto`, the default, which uses rollups past an hour).
-async fn graph(State(engine): State<QueryEngine>, Query(p): Params) -> Response {
-    let r = match range(&p) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let path = match ComputedFrom::choose(p.get("source").map(String::as_str), &r) {
-        Ok(path) => path,
+async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Response {
+    let (p, r, path) = match params(p).and_then(|p| {
+        let r = p.range.range()?;
+        let path = ComputedFrom::choose(p.range.source.as_deref(), &r)?;
+        Ok((p, r, path))
+    }) {
+        Ok(v) => v,
         Err(e) => return e.into_response(),
     };
     with_path(
         path,
         async {
             let mut g = ServiceGraph::compute_by(&engine, &r, path).await?;
-            if let Some(ns) = p.get("namespace").filter(|s| !s.is_empty()) {
+            if let Some(ns) = &p.namespace {
                 g = g.in_namespace(ns);
             }
-            if let Some(svc) = p.get("service").filter(|s| !s.is_empty()) {
-                let depth = match p.get("depth") {
-                    Some(d) => d.parse().map_err(|_| {
-                        QueryError::Invalid(format!("depth must be a whole number, got {d:?}"))
-                    })?,
-                    None => 1,
-                };
-                g = g.around(svc, depth);
+            if let Some(svc) = &p.service {
+                g = g.around(svc, p.depth.unwrap_or(1));
             }
             Ok(g.to_json())
         }
@@ -77,19 +165,19 @@ async fn graph(State(engine): State<QueryEngine>, Query(p): Params) -> Response 
     )
 }
 
-async fn services(State(engine): State<QueryEngine>, Query(p): Params) -> Response {
-    let r = match range(&p) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match ComputedFrom::choose(p.get("source").map(String::as_str), &r) {
-        Ok(path) => with_path(path, signals::services(&engine, &r, path).await),
+async fn services(State(engine): State<QueryEngine>, p: Params<RangeParams>) -> Response {
+    let chosen = params(p).and_then(|p| {
+        let r = p.range()?;
+        Ok((ComputedFrom::choose(p.source.as_deref(), &r)?, r))
+    });
+    match chosen {
+        Ok((path, r)) => with_path(path, signals::services(&engine, &r, path).await),
         Err(e) => e.into_response(),
     }
 }
 
 /// The answer, with `x-meshscope-computed-from: spans|rollups`.
-fn with_path(path: ComputedFrom, r: Result<serde_json::Value, QueryError>) -> Response {
+fn with_path<T: Serialize>(path: ComputedFrom, r: Result<T, QueryError>) -> Response {
     let mut resp = answer(r);
     resp.headers_mut().insert(
         "x-meshscope-computed-from",
@@ -101,9 +189,9 @@ fn with_path(path: ComputedFrom, r: Result<serde_json::Value, QueryError>) -> Re
 async fn service(
     State(engine): State<QueryEngine>,
     Path(name): Path<String>,
-    Query(p): Params,
+    p: Params<RangeParams>,
 ) -> Response {
-    match async { signals::service(&engine, &range(&p)?, &name).await }.await {
+    match async { signals::service(&engine, &params(p)?.range()?, &name).await }.await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error_response(
             StatusCode::NOT_FOUND,
@@ -115,62 +203,23 @@ async fn service(
 
 /// `?start&end&step&service` or `?start&end&step&source&target`, or neither: per-step
 /// golden signals (`signals::series`).
-async fn series(
-    State(engine): State<QueryEngine>,
-    q: Result<Query<signals::SeriesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(q) = match q {
-        Ok(q) => q,
-        Err(e) => return QueryError::Invalid(e.body_text()).into_response(),
-    };
-    let r = async {
-        let r = TimeRange::parse(q.start.as_deref(), q.end.as_deref(), chrono::Utc::now())?;
-        signals::series(&engine, &r, &q).await
-    }
-    .await;
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn search(State(engine): State<QueryEngine>, Query(p): Params) -> Response {
+async fn series(State(engine): State<QueryEngine>, q: Params<signals::SeriesQuery>) -> Response {
     answer(
         async {
-            let r = range(&p)?;
-            let num = |k: &str| -> Result<Option<f64>, QueryError> {
-                p.get(k)
-                    .filter(|s| !s.is_empty())
-                    .map(|v| {
-                        v.parse::<f64>().map_err(|_| {
-                            QueryError::Invalid(format!("{k} must be a number, got {v:?}"))
-                        })
-                    })
-                    .transpose()
-            };
-            let attribute = match p
-                .get("attribute")
-                .or_else(|| p.get("attr"))
-                .filter(|s| !s.is_empty())
-            {
-                Some(a) => Some(
-                    a.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| {
-                            QueryError::Invalid(format!("attribute must be key=value, got {a:?}"))
-                        })?,
-                ),
-                None => None,
-            };
-            let q = TraceQuery {
-                service: p.get("service").filter(|s| !s.is_empty()).cloned(),
-                span_name: p.get("span_name").filter(|s| !s.is_empty()).cloned(),
-                status: p.get("status").filter(|s| !s.is_empty()).cloned(),
-                min_duration_ms: num("min_duration_ms")?,
-                attribute,
-                limit: num("limit")?.map(|l| l as usize).unwrap_or(20),
-            };
-            traces::search(&engine, &r, &q).await
+            let q = params(q)?;
+            let r = TimeRange::parse(q.start.as_deref(), q.end.as_deref(), chrono::Utc::now())?;
+            signals::series(&engine, &r, &q).await
+        }
+        .await,
+    )
+}
+
+async fn search(State(engine): State<QueryEngine>, p: Params<TraceParams>) -> Response {
+    answer(
+        async {
+            let p = params(p)?;
+            let r = p.range.range()?;
+            traces::search(&engine, &r, &p.query()?).await
         }
         .await,
     )
@@ -187,5 +236,63 @@ async fn trace(State(engine): State<QueryEngine>, Path(id): Path<String>) -> Res
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error_response(StatusCode::NOT_FOUND, format!("no trace {id}")),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(q: &str) -> Result<T, QueryError> {
+        let uri: axum::http::Uri = format!("/x?{q}").parse().unwrap();
+        params(Query::try_from_uri(&uri))
+    }
+
+    #[test]
+    fn empty_parameters_are_absent() {
+        let p: GraphParams = parse("service=&depth=&namespace=shop&start=").unwrap();
+        assert_eq!(p.service, None);
+        assert_eq!(p.depth, None);
+        assert_eq!(p.namespace.as_deref(), Some("shop"));
+        assert!(p.range.start.is_none());
+    }
+
+    #[test]
+    fn malformed_numbers_are_named() {
+        let err = parse::<GraphParams>("service=cart&depth=two").unwrap_err();
+        assert!(matches!(err, QueryError::Invalid(_)), "{err:?}");
+        assert!(err.to_string().contains("two"), "{err}");
+        let err = parse::<TraceParams>("min_duration_ms=slow").unwrap_err();
+        assert!(err.to_string().contains("slow"), "{err}");
+    }
+
+    #[test]
+    fn trace_search_parameters() {
+        let p: TraceParams =
+            parse("service=cart&status=error&min_duration_ms=2.5&attribute=http.route%3D%2Fcart%3Fa%3Db&limit=5&end=2026-12-01T10:00:00Z")
+                .unwrap();
+        assert_eq!(p.range.end.as_deref(), Some("2026-12-01T10:00:00Z"));
+        let q = p.query().unwrap();
+        assert_eq!(q.service.as_deref(), Some("cart"));
+        assert_eq!(q.status.as_deref(), Some("error"));
+        assert_eq!(q.min_duration_ms, Some(2.5));
+        // Only the first `=` splits: values may hold more.
+        assert_eq!(
+            q.attribute,
+            Some(("http.route".to_string(), "/cart?a=b".to_string()))
+        );
+        assert_eq!(q.limit, 5);
+        assert_eq!(parse::<TraceParams>("").unwrap().query().unwrap().limit, 20);
+        let err = parse::<TraceParams>("attribute=novalue")
+            .unwrap()
+            .query()
+            .unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn unknown_parameters_are_ignored_as_browsers_and_grafana_add_their_own() {
+        let p: RangeParams = parse("_=1764580000&source=rollups").unwrap();
+        assert_eq!(p.source.as_deref(), Some("rollups"));
     }
 }

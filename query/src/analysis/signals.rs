@@ -6,49 +6,40 @@
 //! `metrics` where they report it (`*in_flight*` / `*inflight*` / `*utilization*`, and
 //! Envoy's `http.downstream_rq_active` / `cluster.upstream_rq_active` per listener or cluster).
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
-use super::graph::{ComputedFrom, ServiceGraph, Signals, SignalsRow, services_sql};
+use super::graph::{Edge, ServiceGraph, services_sql};
+use super::model::{ComputedFrom, Signals, SignalsRow, VersionSignals};
 use super::range::{TimeRange, sql_str};
 use super::{round3, typed};
 use crate::engine::{QueryEngine, QueryError};
 
-/// The spans that are a request a service served: SERVER and CONSUMER spans, except the
-/// SERVER span Envoy's outbound listener makes for each outgoing request when
-/// `spawn_upstream_span` is on (`egress <host>`: the app's own call, not one it answered).
-pub const SERVED_SQL: &str =
-    "span_kind IN ('SERVER', 'CONSUMER') AND span_name NOT LIKE 'egress %'";
+pub use super::model::{ENDPOINT_SQL, SERVED_SQL};
 
-/// A span's endpoint: its `http_route`; else its name, unless that is one a proxy gives
-/// every span (Envoy's `ingress` / `egress <host>`), when the path of `url.path` /
-/// `http.url` says more.
-pub const ENDPOINT_SQL: &str = "coalesce(http_route,
-    CASE WHEN span_name = 'ingress' OR span_name = 'egress' OR span_name LIKE 'egress %' OR span_name LIKE 'ingress %'
-         THEN coalesce(span_attributes['url.path'],
-                       nullif(regexp_replace(regexp_replace(span_attributes['http.url'], '^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*', ''), '[?#].*$', ''), ''))
-    END,
-    span_name)";
+/// One service of `GET /api/v1/services`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ServiceSignals {
+    pub name: String,
+    pub namespace: Option<String>,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
 
 /// `GET /api/v1/services`: every service with its signals, busiest first.
 pub async fn services(
     engine: &QueryEngine,
     range: &TimeRange,
     path: ComputedFrom,
-) -> Result<Value, QueryError> {
+) -> Result<Vec<ServiceSignals>, QueryError> {
     let seconds = range.seconds();
-    let entry = |name: String, namespace: Option<String>, signals: Signals| {
-        let mut v = serde_json::to_value(signals).unwrap_or(Value::Null);
-        v["name"] = json!(name);
-        v["namespace"] = json!(namespace);
-        v
-    };
-    let mut out: Vec<Value> = match path {
+    let mut out: Vec<ServiceSignals> = match path {
         ComputedFrom::Spans => typed::<SignalsRow>(engine, &services_sql(range, None))
             .await?
             .into_iter()
-            .map(|r| {
-                let signals = r.signals(seconds);
-                entry(r.name, r.namespace, signals)
+            .map(|r| ServiceSignals {
+                signals: r.signals(seconds),
+                name: r.name,
+                namespace: r.namespace,
             })
             .collect(),
         ComputedFrom::Rollups => super::rollup::aggregates(engine, range)
@@ -65,16 +56,96 @@ pub async fn services(
                 },
             )
             .into_iter()
-            .map(|(name, (ns, agg))| entry(name, ns, agg.signals(seconds)))
+            .map(|(name, (namespace, agg))| ServiceSignals {
+                name,
+                namespace,
+                signals: agg.signals(seconds),
+            })
             .collect(),
     };
     out.sort_by(|a, b| {
-        b["requests"]
-            .as_u64()
-            .cmp(&a["requests"].as_u64())
-            .then_with(|| a["name"].as_str().cmp(&b["name"].as_str()))
+        b.signals
+            .requests
+            .cmp(&a.signals.requests)
+            .then_with(|| a.name.cmp(&b.name))
     });
-    Ok(Value::Array(out))
+    Ok(out)
+}
+
+/// A service's endpoints ([`ENDPOINT_SQL`]) with their signals, busiest first: the
+/// `endpoints` of `GET /api/v1/services/{name}` and what endpoint alert rules watch.
+pub async fn endpoints(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    service: &str,
+) -> Result<Vec<(String, Signals)>, QueryError> {
+    let seconds = range.seconds();
+    Ok(typed::<SignalsRow>(
+        engine,
+        &format!(
+            "SELECT {ENDPOINT_SQL} AS name, CAST(NULL AS VARCHAR) AS namespace, count(*) AS requests,
+                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
+             FROM spans WHERE {} AND service_name = {} AND {SERVED_SQL}
+             GROUP BY 1 ORDER BY requests DESC, name",
+            range.sql("start_time"),
+            sql_str(service),
+        ),
+    )
+    .await?
+    .into_iter()
+    .map(|r| {
+        let signals = r.signals(seconds);
+        (r.name, signals)
+    })
+    .collect())
+}
+
+/// An endpoint of a service with its signals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointSignals {
+    pub name: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+/// One minute of a service's own requests (exact percentiles, p90 too).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MinuteSignals {
+    pub time: String,
+    pub requests: u64,
+    pub rate: f64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One in-flight gauge of the service over the range (`metric{cluster or listener}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Saturation {
+    pub metric: String,
+    pub avg: f64,
+    pub max: f64,
+}
+
+/// `GET /api/v1/services/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceDetail {
+    pub name: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+    pub endpoints: Vec<EndpointSignals>,
+    /// The edges into the service and out of it, as `/api/v1/graph` has them.
+    pub upstream: Vec<Edge>,
+    pub downstream: Vec<Edge>,
+    pub series: Vec<MinuteSignals>,
+    pub saturation: Vec<Saturation>,
+    pub versions: Vec<VersionSignals>,
 }
 
 /// `GET /api/v1/services/{name}`: the service's signals, endpoints, edges and series.
@@ -83,7 +154,7 @@ pub async fn service(
     engine: &QueryEngine,
     range: &TimeRange,
     name: &str,
-) -> Result<Option<Value>, QueryError> {
+) -> Result<Option<ServiceDetail>, QueryError> {
     let seconds = range.seconds();
     let svc = sql_str(name);
     let own = typed::<SignalsRow>(engine, &services_sql(range, Some(name))).await?;
@@ -104,27 +175,11 @@ pub async fn service(
     }
     let signals = own.first().map(|r| r.signals(seconds)).unwrap_or_default();
 
-    let endpoints = typed::<SignalsRow>(
-        engine,
-        &format!(
-            "SELECT {ENDPOINT_SQL} AS name, CAST(NULL AS VARCHAR) AS namespace, count(*) AS requests,
-                    sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {svc} AND {SERVED_SQL}
-             GROUP BY 1 ORDER BY requests DESC, name",
-            range.sql("start_time")
-        ),
-    )
-    .await?
-    .into_iter()
-    .map(|r| {
-        let mut v = serde_json::to_value(r.signals(seconds)).unwrap_or(Value::Null);
-        v["name"] = json!(r.name);
-        v
-    })
-    .collect::<Vec<_>>();
+    let endpoints = endpoints(engine, range, name)
+        .await?
+        .into_iter()
+        .map(|(name, signals)| EndpointSignals { name, signals })
+        .collect();
 
     let graph = ServiceGraph::compute_by(engine, range, ComputedFrom::Spans).await?;
     let versions = graph
@@ -133,12 +188,12 @@ pub async fn service(
         .unwrap_or_default();
     let mut upstream = Vec::new();
     let mut downstream = Vec::new();
-    for e in graph.graph.edge_weights() {
+    for e in graph.edges() {
         if e.target == name {
-            upstream.push(serde_json::to_value(e).unwrap_or(Value::Null));
+            upstream.push(e.clone());
         }
         if e.source == name {
-            downstream.push(serde_json::to_value(e).unwrap_or(Value::Null));
+            downstream.push(e.clone());
         }
     }
 
@@ -173,20 +228,24 @@ pub async fn service(
     .map(|r| {
         let (requests, errors) = (r.requests.max(0) as u64, r.errors.max(0) as u64);
         let ms = |ns: Option<f64>| round3(ns.unwrap_or(0.0) / 1e6);
-        json!({
-            "time": chrono::DateTime::from_timestamp_nanos(r.minute_ns)
+        MinuteSignals {
+            time: chrono::DateTime::from_timestamp_nanos(r.minute_ns)
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            "requests": requests,
-            "rate": round3(requests as f64 / 60.0),
-            "errors": errors,
-            "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
-            "p50_ms": ms(r.p50_ns),
-            "p90_ms": ms(r.p90_ns),
-            "p95_ms": ms(r.p95_ns),
-            "p99_ms": ms(r.p99_ns),
-        })
+            requests,
+            rate: round3(requests as f64 / 60.0),
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            p50_ms: ms(r.p50_ns),
+            p90_ms: ms(r.p90_ns),
+            p95_ms: ms(r.p95_ns),
+            p99_ms: ms(r.p99_ns),
+        }
     })
-    .collect::<Vec<_>>();
+    .collect();
 
     /// One in-flight gauge of the service, over the range.
     #[derive(serde::Deserialize)]
@@ -209,18 +268,23 @@ pub async fn service(
     )
     .await?
     .into_iter()
-    .map(|r| json!({ "metric": r.metric_name, "avg": r.avg.unwrap_or(0.0), "max": r.max.unwrap_or(0.0) }))
-    .collect::<Vec<_>>();
+    .map(|r| Saturation {
+        metric: r.metric_name,
+        avg: r.avg.unwrap_or(0.0),
+        max: r.max.unwrap_or(0.0),
+    })
+    .collect();
 
-    let mut v = serde_json::to_value(signals).unwrap_or(Value::Null);
-    v["name"] = json!(name);
-    v["endpoints"] = json!(endpoints);
-    v["upstream"] = json!(upstream);
-    v["downstream"] = json!(downstream);
-    v["series"] = json!(series);
-    v["saturation"] = json!(saturation);
-    v["versions"] = json!(versions);
-    Ok(Some(v))
+    Ok(Some(ServiceDetail {
+        name: name.to_string(),
+        signals,
+        endpoints,
+        upstream,
+        downstream,
+        series,
+        saturation,
+        versions,
+    }))
 }
 
 /// What `GET /api/v1/series` is asked for (typed query parameters).
@@ -276,7 +340,7 @@ pub async fn series(
 ) -> Result<SeriesAnswer, QueryError> {
     use std::collections::BTreeMap;
 
-    use super::graph::{USER, USER_ENTRY};
+    use super::model::{USER, USER_ENTRY};
     use super::rollup::Agg;
 
     let minutes = (range.seconds() / 60.0).ceil().max(1.0) as u64;
