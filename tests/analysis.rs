@@ -712,7 +712,7 @@ async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     };
     assert!(text.contains(r#"traces_service_graph_request_failed_total{client="frontend",server="cart",connection_type=""} 2"#), "{text}");
-    assert!(text.contains(r#"traces_service_graph_request_client_seconds_bucket{client="frontend",server="cart",connection_type="",le="0.004"} 10"#), "{text}");
+    assert!(text.contains(r#"traces_service_graph_request_client_seconds_bucket{le="0.004",client="frontend",server="cart",connection_type=""} 10"#), "{text}");
     assert!(text.contains(r#"traces_span_metrics_calls_total{service_name="cart",span_name="GET /cart",span_kind="SPAN_KIND_SERVER",status_code="STATUS_CODE_ERROR"} 2"#), "{text}");
     assert!(
         text.contains(r#"meshscope_ingest_accepted_records_total{table="spans"} 20"#),

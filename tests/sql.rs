@@ -195,3 +195,64 @@ async fn postgres_wire_with_psql_and_a_driver() {
     );
     assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 1);
 }
+
+/// The value of an unlabelled series in the `/metrics` exposition.
+async fn gauge(server: &Server, name: &str) -> Option<f64> {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (at most `secs`) until the running-queries gauge reads `want`.
+async fn wait_running(server: &Server, want: f64, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let now = gauge(server, "meshscope_queries_running").await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "meshscope_queries_running stayed {now:?}, expected {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_whose_client_went_away_is_cancelled() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tmp");
+    // No background SQL (rollups, counters) to blur the count of running statements.
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--rollup-interval-secs",
+            "3600",
+            "--signals-interval-secs",
+            "3600",
+        ],
+    );
+    wait_running(&server, 0.0, 10).await;
+    // Hours of work for a debug build: a sum over 10^11 generated rows.
+    let body = r#"{"sql": "SELECT sum(value % 7) FROM range(100000000000)"}"#;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.http)).expect("connect");
+    write!(
+        conn,
+        "POST /api/v1/sql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    wait_running(&server, 1.0, 30).await;
+    // The client leaves; its query's task must go with it (not run for hours).
+    drop(conn);
+    wait_running(&server, 0.0, 30).await;
+    // The server still answers.
+    let v = server.sql("SELECT 1 AS one").await;
+    assert_eq!(v["rows"], serde_json::json!([[1]]));
+}

@@ -39,7 +39,7 @@ impl IntoResponse for AlertsError {
             AlertsError::Rule(_) | AlertsError::Receiver { .. } => StatusCode::BAD_REQUEST,
             AlertsError::NotFound(_) => StatusCode::NOT_FOUND,
             AlertsError::Duplicate(_) | AlertsError::FromConfig(_) => StatusCode::CONFLICT,
-            AlertsError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AlertsError::State(_) | AlertsError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut body = json!({ "error": self.to_string() });
         if let AlertsError::Rule(e) = &self {
@@ -115,7 +115,7 @@ async fn update_rule(
 }
 
 async fn delete_rule(State(a): State<Alerting>, Path(name): Path<String>) -> Response {
-    match a.delete_rule(&name) {
+    match a.delete_rule(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }

@@ -75,6 +75,9 @@ pub enum AlertsError {
     /// Reading or writing `<data-dir>/alerts/` failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The task writing the state did not finish (a panic, a shutdown).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Counters for meshscope's own `/metrics`.
@@ -114,6 +117,10 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// One delivery round at a time.
     delivering: tokio::sync::Mutex<()>,
+    /// One rule change (read, check, persist, replace) at a time.
+    changing_rules: tokio::sync::Mutex<()>,
+    /// One write of the state file at a time, each with the state as it is then.
+    saving: Mutex<()>,
     stats: AlertStats,
 }
 
@@ -219,6 +226,8 @@ impl Alerting {
                 state: Mutex::new(state),
                 wake: tokio::sync::Notify::new(),
                 delivering: tokio::sync::Mutex::new(()),
+                changing_rules: tokio::sync::Mutex::new(()),
+                saving: Mutex::new(()),
                 stats: AlertStats::default(),
             }),
         })
@@ -242,10 +251,21 @@ impl Alerting {
             .collect()
     }
 
-    fn save(&self) {
-        let snapshot = lock(&self.inner.state).clone();
-        if let Err(e) = self.inner.store.save_state(&snapshot) {
-            tracing::error!(error = %e, "cannot persist the alert state");
+    /// Persists the state (write, fsync, rename, fsync the directory) off the async
+    /// threads. Writes are serialised and each takes the state as it is when it runs, so
+    /// a later state is never overwritten by an earlier one.
+    async fn save(&self) {
+        let this = self.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let _one = lock(&this.inner.saving);
+            let snapshot = lock(&this.inner.state).clone();
+            this.inner.store.save_state(&snapshot)
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot persist the alert state"),
+            Err(e) => tracing::error!(error = %e, "persisting the alert state failed"),
         }
     }
 
@@ -323,7 +343,7 @@ impl Alerting {
         // Written when anything changed (states, values, evidence): nothing to write on
         // a quiet mesh.
         if lock(&self.inner.state).alerts != before {
-            self.save();
+            self.save().await;
         }
         moved
     }
@@ -434,7 +454,7 @@ impl Alerting {
             s.alerts != snapshot || s.deliveries.back() != attempts_before.as_ref()
         };
         if changed {
-            self.save();
+            self.save().await;
         }
         acknowledged
     }
@@ -478,7 +498,7 @@ impl Alerting {
             _ = futures::future::join(evaluator, deliverer) => {}
         }
         // What is persisted is all a restart needs; save the last delivery log lines too.
-        self.save();
+        self.save().await;
     }
 
     // ---- rules, alerts and deliveries, for the API ----
@@ -495,13 +515,18 @@ impl Alerting {
         self.rules().into_iter().find(|(r, _)| r.name == name)
     }
 
-    fn save_api_rules(&self, rules: &[Rule]) -> Result<(), AlertsError> {
+    /// Persists the rules made through the API, off the async threads.
+    async fn save_api_rules(&self, rules: &[Rule]) -> Result<(), AlertsError> {
         let specs: Vec<RuleSpec> = rules
             .iter()
             .filter(|r| r.origin == Origin::Api)
             .map(|r| r.spec.clone())
             .collect();
-        Ok(self.inner.store.save_rules(&specs)?)
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.inner.store.save_rules(&specs))
+            .await
+            .map_err(|e| AlertsError::Internal(format!("persisting the rules failed: {e}")))??;
+        Ok(())
     }
 
     /// Checks a rule against the engine; returns it with its warnings.
@@ -514,12 +539,13 @@ impl Alerting {
     /// Adds a rule (persisted in `<data-dir>/alerts/rules.json`).
     pub async fn create_rule(&self, spec: RuleSpec) -> Result<(Rule, Vec<String>), AlertsError> {
         let (rule, warnings) = self.check(spec).await?;
+        let _one = self.inner.changing_rules.lock().await;
         let mut rules = lock(&self.inner.rules).clone();
         if rules.iter().any(|r| r.name == rule.name) {
             return Err(AlertsError::Duplicate(rule.name));
         }
         rules.push(rule.clone());
-        self.save_api_rules(&rules)?;
+        self.save_api_rules(&rules).await?;
         *lock(&self.inner.rules) = rules;
         Ok((rule, warnings))
     }
@@ -541,6 +567,7 @@ impl Alerting {
             .into());
         }
         let (rule, warnings) = self.check(spec).await?;
+        let _one = self.inner.changing_rules.lock().await;
         let mut rules = lock(&self.inner.rules).clone();
         let Some(pos) = rules.iter().position(|r| r.name == name) else {
             return Err(AlertsError::NotFound(name.into()));
@@ -549,14 +576,15 @@ impl Alerting {
             return Err(AlertsError::FromConfig(name.into()));
         }
         rules[pos] = rule.clone();
-        self.save_api_rules(&rules)?;
+        self.save_api_rules(&rules).await?;
         *lock(&self.inner.rules) = rules;
         Ok((rule, warnings))
     }
 
     /// Deletes a rule made through the API; its firing alerts resolve (and receivers that
     /// heard them fire are told).
-    pub fn delete_rule(&self, name: &str) -> Result<(), AlertsError> {
+    pub async fn delete_rule(&self, name: &str) -> Result<(), AlertsError> {
+        let _one = self.inner.changing_rules.lock().await;
         let mut rules = lock(&self.inner.rules).clone();
         let Some(pos) = rules.iter().position(|r| r.name == name) else {
             return Err(AlertsError::NotFound(name.into()));
@@ -565,11 +593,11 @@ impl Alerting {
             return Err(AlertsError::FromConfig(name.into()));
         }
         rules.remove(pos);
-        self.save_api_rules(&rules)?;
+        self.save_api_rules(&rules).await?;
         *lock(&self.inner.rules) = rules;
         eval::resolve_rule(&mut lock(&self.inner.state).alerts, name, self.now());
         lock(&self.inner.health).remove(name);
-        self.save();
+        self.save().await;
         self.inner.wake.notify_one();
         Ok(())
     }

@@ -738,7 +738,7 @@ async fn plain_json_format_and_deleting_a_rule_resolves_its_alerts() {
     assert!(warnings.is_empty(), "{warnings:?}");
     a.evaluate().await;
     assert_eq!(a.deliver().await, 1);
-    a.delete_rule("made-by-api").expect("delete");
+    a.delete_rule("made-by-api").await.expect("delete");
     assert_eq!(states(&a), vec!["resolved"]);
     assert_eq!(a.deliver().await, 1);
     let bodies = got.bodies();

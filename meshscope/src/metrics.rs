@@ -1,21 +1,29 @@
-//! `GET /metrics`: Prometheus text exposition of meshscope's own health and of the golden
-//! signals per service and edge.
+//! `GET /metrics`: the OpenMetrics exposition (`prometheus-client`) of meshscope's own
+//! health and of the golden signals per service and edge.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use meshscope_collector::IngestStats;
+use meshscope_collector::ingest::SignalStats;
 use meshscope_proto::Table;
 use meshscope_query::QueryEngine;
 use meshscope_query::analysis::prometheus::SpanCounters;
 use meshscope_storage::Storage;
+use meshscope_storage::table_store::Stats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::serve::Shutdown;
 
@@ -29,251 +37,361 @@ pub struct Exposition {
     pub alerts: Option<meshscope_alerts::Alerting>,
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {v}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
+impl std::fmt::Debug for Exposition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exposition")
+            .field("ingest", &self.ingest.is_some())
+            .field("engine", &self.engine.is_some())
+            .field("alerts", &self.alerts.is_some())
+            .finish_non_exhaustive()
     }
 }
 
-impl Exposition {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let per = |tables: &[Table], f: &dyn Fn(Table) -> f64| -> Vec<(String, f64)> {
-            tables
-                .iter()
-                .map(|t| (format!("table=\"{}\"", t.name()), f(*t)))
-                .collect()
+/// The `table` label of the per-table families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TableLabel {
+    table: &'static str,
+}
+
+/// One family over tables: `(table, value)` samples.
+fn per_table<V: EncodeCounterValue + EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Table, V)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (t, v) in samples {
+        let labels = TableLabel { table: t.name() };
+        let mut m = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => m.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+            _ => m.encode_gauge(&v)?,
+        }
+    }
+    Ok(())
+}
+
+/// One unlabelled counter.
+fn counter<V: EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: V,
+) -> std::fmt::Result {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&v, None)
+}
+
+fn ld(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// meshscope's own health, read from the stats of ingest, storage and queries on each
+/// scrape.
+impl Collector for Exposition {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let signal = |t: Table, f: fn(&SignalStats) -> u64| {
+            (
+                t,
+                self.ingest
+                    .as_ref()
+                    .and_then(|i| i.for_table(t))
+                    .map_or(0, f),
+            )
         };
-        let per_signal =
-            |f: &dyn Fn(&meshscope_collector::ingest::SignalStats) -> f64| -> Vec<(String, f64)> {
-                per(&Table::SIGNALS, &|t| {
-                    self.ingest
-                        .as_ref()
-                        .and_then(|i| i.for_table(t))
-                        .map(f)
-                        .unwrap_or(0.0)
-                })
-            };
-        let per_table = |f: &dyn Fn(Table) -> f64| per(&Table::ALL, f);
+        let ingest: [(&str, &str, fn(&SignalStats) -> u64); 5] = [
+            (
+                "meshscope_ingest_requests",
+                "OTLP export requests received.",
+                |s| ld(&s.requests),
+            ),
+            (
+                "meshscope_ingest_accepted_records",
+                "Records (spans, data points, log records) acknowledged.",
+                |s| ld(&s.accepted),
+            ),
+            (
+                "meshscope_ingest_rejected_records",
+                "Invalid records answered with partial_success.",
+                |s| ld(&s.rejected),
+            ),
+            (
+                "meshscope_ingest_refused_requests",
+                "Requests refused as overloaded or shutting down (retryable).",
+                |s| ld(&s.refused_requests),
+            ),
+            (
+                "meshscope_ingest_bad_requests",
+                "Requests that could not be decoded.",
+                |s| ld(&s.bad_requests),
+            ),
+        ];
+        for (name, help, f) in ingest {
+            let samples = Table::SIGNALS.map(|t| signal(t, f));
+            per_table(&mut enc, name, help, Counter, samples)?;
+        }
+
         let store = |t: Table| self.storage.table(t).stats();
-        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-        family(
-            &mut out,
-            "meshscope_ingest_requests_total",
-            "counter",
-            "OTLP export requests received.",
-            &per_signal(&|s| ld(&s.requests)),
-        );
-        family(
-            &mut out,
-            "meshscope_ingest_accepted_records_total",
-            "counter",
-            "Records (spans, data points, log records) acknowledged.",
-            &per_signal(&|s| ld(&s.accepted)),
-        );
-        family(
-            &mut out,
-            "meshscope_ingest_rejected_records_total",
-            "counter",
-            "Invalid records answered with partial_success.",
-            &per_signal(&|s| ld(&s.rejected)),
-        );
-        family(
-            &mut out,
-            "meshscope_ingest_refused_requests_total",
-            "counter",
-            "Requests refused as overloaded or shutting down (retryable).",
-            &per_signal(&|s| ld(&s.refused_requests)),
-        );
-        family(
-            &mut out,
-            "meshscope_ingest_bad_requests_total",
-            "counter",
-            "Requests that could not be decoded.",
-            &per_signal(&|s| ld(&s.bad_requests)),
-        );
-        family(
-            &mut out,
-            "meshscope_wal_commits_total",
-            "counter",
-            "Group commits (fdatasync) of the write-ahead log.",
-            &per_table(&|t| ld(&store(t).commits)),
-        );
-        family(
-            &mut out,
-            "meshscope_wal_bytes_total",
-            "counter",
-            "Bytes appended to the write-ahead log.",
-            &per_table(&|t| ld(&store(t).wal_bytes)),
-        );
-        family(
-            &mut out,
-            "meshscope_buffered_bytes",
-            "gauge",
-            "Arrow bytes acknowledged or queued but not yet in Parquet (the WAL lag).",
-            &per_table(&|t| store(t).buffered_bytes.load(Ordering::Relaxed) as f64),
-        );
-        family(
-            &mut out,
-            "meshscope_unflushed_rows",
-            "gauge",
-            "Rows acknowledged but not yet in Parquet.",
-            &per_table(&|t| {
-                (store(t)
-                    .rows_written
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(store(t).rows_flushed.load(Ordering::Relaxed)))
-                    as f64
+        let stores: [(&str, &str, fn(&Stats) -> u64); 14] = [
+            (
+                "meshscope_wal_commits",
+                "Group commits (fdatasync) of the write-ahead log.",
+                |s| ld(&s.commits),
+            ),
+            (
+                "meshscope_wal_bytes",
+                "Bytes appended to the write-ahead log.",
+                |s| ld(&s.wal_bytes),
+            ),
+            (
+                "meshscope_parquet_files_written",
+                "Parquet files written.",
+                |s| ld(&s.files_written),
+            ),
+            (
+                "meshscope_parquet_bytes_written",
+                "Bytes of Parquet written.",
+                |s| ld(&s.parquet_bytes),
+            ),
+            (
+                "meshscope_parquet_rows_written",
+                "Rows written into Parquet files.",
+                |s| ld(&s.rows_flushed),
+            ),
+            ("meshscope_compactions", "Compactions finished.", |s| {
+                ld(&s.compactions)
             }),
-        );
-        family(
-            &mut out,
-            "meshscope_parquet_files_written_total",
-            "counter",
-            "Parquet files written.",
-            &per_table(&|t| ld(&store(t).files_written)),
-        );
-        family(
-            &mut out,
-            "meshscope_parquet_bytes_written_total",
-            "counter",
-            "Bytes of Parquet written.",
-            &per_table(&|t| ld(&store(t).parquet_bytes)),
-        );
-        family(
-            &mut out,
-            "meshscope_parquet_rows_written_total",
-            "counter",
-            "Rows written into Parquet files.",
-            &per_table(&|t| ld(&store(t).rows_flushed)),
-        );
-        family(
-            &mut out,
+            (
+                "meshscope_compacted_files",
+                "Parquet files merged by compactions.",
+                |s| ld(&s.compacted_files),
+            ),
+            (
+                "meshscope_compaction_bytes_in",
+                "Bytes of the files compactions merged.",
+                |s| ld(&s.compacted_bytes_in),
+            ),
+            (
+                "meshscope_compaction_bytes_out",
+                "Bytes of the files compactions wrote.",
+                |s| ld(&s.compacted_bytes_out),
+            ),
+            (
+                "meshscope_retention_removed_files",
+                "Parquet files removed by retention.",
+                |s| ld(&s.expired_files),
+            ),
+            (
+                "meshscope_retention_removed_bytes",
+                "Bytes of Parquet removed by retention.",
+                |s| ld(&s.expired_bytes),
+            ),
+            (
+                "meshscope_retention_removed_rows",
+                "Rows removed by retention.",
+                |s| ld(&s.expired_rows),
+            ),
+            (
+                "meshscope_buffered_bytes",
+                "Arrow bytes acknowledged or queued but not yet in Parquet (the WAL lag).",
+                |s| s.buffered_bytes.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "meshscope_unflushed_rows",
+                "Rows acknowledged but not yet in Parquet.",
+                |s| ld(&s.rows_written).saturating_sub(ld(&s.rows_flushed)),
+            ),
+        ];
+        for (name, help, f) in stores {
+            let kind = if name == "meshscope_buffered_bytes" || name == "meshscope_unflushed_rows" {
+                Gauge
+            } else {
+                Counter
+            };
+            let samples = Table::ALL.map(|t| (t, f(store(t))));
+            per_table(&mut enc, name, help, kind, samples)?;
+        }
+        // One snapshot per table per scrape (on a query node it lists the data directory).
+        let files = Table::ALL.map(|t| {
+            let snap = self.storage.table(t).snapshot();
+            (
+                t,
+                snap.files.len() as u64,
+                snap.files.iter().map(|f| f.size).sum::<u64>(),
+            )
+        });
+        per_table(
+            &mut enc,
             "meshscope_parquet_files",
-            "gauge",
             "Parquet files queries read now.",
-            &per_table(&|t| self.storage.table(t).snapshot().files.len() as f64),
-        );
-        family(
-            &mut out,
+            Gauge,
+            files.map(|(t, n, _)| (t, n)),
+        )?;
+        per_table(
+            &mut enc,
             "meshscope_parquet_bytes",
-            "gauge",
             "Bytes of the Parquet files queries read now.",
-            &per_table(&|t| {
-                self.storage
-                    .table(t)
-                    .snapshot()
-                    .files
-                    .iter()
-                    .map(|f| f.size)
-                    .sum::<u64>() as f64 // an empty f64 sum is -0
-            }),
-        );
-        family(
-            &mut out,
-            "meshscope_compactions_total",
-            "counter",
-            "Compactions finished.",
-            &per_table(&|t| ld(&store(t).compactions)),
-        );
-        family(
-            &mut out,
-            "meshscope_compacted_files_total",
-            "counter",
-            "Parquet files merged by compactions.",
-            &per_table(&|t| ld(&store(t).compacted_files)),
-        );
-        family(
-            &mut out,
-            "meshscope_compaction_bytes_in_total",
-            "counter",
-            "Bytes of the files compactions merged.",
-            &per_table(&|t| ld(&store(t).compacted_bytes_in)),
-        );
-        family(
-            &mut out,
-            "meshscope_compaction_bytes_out_total",
-            "counter",
-            "Bytes of the files compactions wrote.",
-            &per_table(&|t| ld(&store(t).compacted_bytes_out)),
-        );
-        family(
-            &mut out,
-            "meshscope_retention_removed_files_total",
-            "counter",
-            "Parquet files removed by retention.",
-            &per_table(&|t| ld(&store(t).expired_files)),
-        );
-        family(
-            &mut out,
-            "meshscope_retention_removed_bytes_total",
-            "counter",
-            "Bytes of Parquet removed by retention.",
-            &per_table(&|t| ld(&store(t).expired_bytes)),
-        );
-        family(
-            &mut out,
-            "meshscope_retention_removed_rows_total",
-            "counter",
-            "Rows removed by retention.",
-            &per_table(&|t| ld(&store(t).expired_rows)),
-        );
+            Gauge,
+            files.map(|(t, _, bytes)| (t, bytes)),
+        )?;
+
         let Some(engine) = &self.engine else {
-            return out;
+            return Ok(());
         };
         let q = engine.stats();
-        family(
-            &mut out,
-            "meshscope_queries_total",
-            "counter",
+        counter(
+            &mut enc,
+            "meshscope_queries",
             "SQL statements run through the HTTP API and analysis endpoints.",
-            &[(String::new(), ld(&q.queries))],
-        );
-        family(
-            &mut out,
-            "meshscope_queries_failed_total",
-            "counter",
+            ld(&q.queries),
+        )?;
+        counter(
+            &mut enc,
+            "meshscope_queries_failed",
             "SQL statements that failed.",
-            &[(String::new(), ld(&q.failed))],
-        );
-        family(
-            &mut out,
-            "meshscope_query_seconds_total",
-            "counter",
+            ld(&q.failed),
+        )?;
+        counter(
+            &mut enc,
+            "meshscope_query_seconds",
             "Time spent running SQL statements.",
-            &[(String::new(), q.nanos.load(Ordering::Relaxed) as f64 / 1e9)],
-        );
+            ld(&q.nanos) as f64 / 1e9,
+        )?;
+        enc.encode_descriptor(
+            "meshscope_queries_running",
+            "SQL statements running now (a statement whose caller went away is cancelled).",
+            None,
+            Gauge,
+        )?
+        .encode_gauge(&(q.running.load(Ordering::Relaxed) as i64))?;
+        Ok(())
+    }
+}
+
+/// The alerts' state and delivery counters.
+#[derive(Clone)]
+struct AlertsCollector(meshscope_alerts::Alerting);
+
+impl std::fmt::Debug for AlertsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AlertsCollector")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl Collector for AlertsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use meshscope_alerts::eval::AlertState;
+        let counts = self.0.counts();
+        let stats = self.0.stats();
+        let mut alerts = enc.encode_descriptor(
+            "meshscope_alerts",
+            "Alerts by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in [
+            AlertState::Pending,
+            AlertState::Firing,
+            AlertState::Resolved,
+        ] {
+            let n = counts.get(&s).copied().unwrap_or(0) as u64;
+            alerts
+                .encode_family(&StateLabel { state: s.name() })?
+                .encode_gauge(&n)?;
+        }
+        drop(alerts);
+        let mut evals = enc.encode_descriptor(
+            "meshscope_alert_rule_evaluations",
+            "Alert rule evaluations, and those whose query failed.",
+            None,
+            MetricType::Counter,
+        )?;
+        let failed = ld(&stats.evaluation_failures);
+        for (result, n) in [
+            ("ok", ld(&stats.evaluations).saturating_sub(failed)),
+            ("failed", failed),
+        ] {
+            evals
+                .encode_family(&ResultLabel { result })?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        drop(evals);
+        let mut attempts = enc.encode_descriptor(
+            "meshscope_alert_notification_attempts",
+            "Webhook and Alertmanager delivery attempts by outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in [
+            ("ok", ld(&stats.attempts_ok)),
+            ("failed", ld(&stats.attempts_failed)),
+        ] {
+            attempts
+                .encode_family(&OutcomeLabel { outcome })?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// The OpenMetrics content type `/metrics` answers with (Prometheus negotiates it).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+impl Exposition {
+    /// Every family, through one `prometheus-client` registry: meshscope's health, the
+    /// golden-signal counters and the alerts.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
         if let Some(c) = &self.counters {
-            c.render(&mut out);
+            registry.register_collector(Box::new(Arc::clone(c)));
         }
-        if let Some(alerts) = &self.alerts {
-            render_alerts(alerts, &mut out);
+        if let Some(a) = &self.alerts {
+            registry.register_collector(Box::new(AlertsCollector(a.clone())));
         }
-        out
+        registry
     }
 
     pub fn router(self) -> Router {
+        let registry = Arc::new(self.registry());
         Router::new()
             .route(
                 "/metrics",
-                get(|State(e): State<Exposition>| async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        e.render(),
-                    )
-                        .into_response()
+                get(|State(registry): State<Arc<Registry>>| async move {
+                    // A query node's file listing and the encoding are blocking work.
+                    let text = tokio::task::spawn_blocking(move || {
+                        let mut out = String::new();
+                        encode(&mut out, &registry).map(|()| out)
+                    })
+                    .await;
+                    match text {
+                        Ok(Ok(text)) => {
+                            ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+                        }
+                        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    }
                 }),
             )
-            .with_state(self)
+            .with_state(registry)
     }
 
     /// Advances the golden-signal counters every `every` until shutdown.
@@ -295,55 +413,4 @@ impl Exposition {
             }
         }
     }
-}
-
-fn render_alerts(alerts: &meshscope_alerts::Alerting, out: &mut String) {
-    use meshscope_alerts::eval::AlertState;
-    let counts = alerts.counts();
-    let stats = alerts.stats();
-
-    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    family(
-        out,
-        "meshscope_alerts",
-        "gauge",
-        "Alerts by state.",
-        &[
-            AlertState::Pending,
-            AlertState::Firing,
-            AlertState::Resolved,
-        ]
-        .map(|s| {
-            (
-                format!("state=\"{}\"", s.name()),
-                counts.get(&s).copied().unwrap_or(0) as f64,
-            )
-        }),
-    );
-    family(
-        out,
-        "meshscope_alert_rule_evaluations_total",
-        "counter",
-        "Alert rule evaluations, and those whose query failed.",
-        &[
-            (
-                "result=\"ok\"".to_string(),
-                ld(&stats.evaluations) - ld(&stats.evaluation_failures),
-            ),
-            (
-                "result=\"failed\"".to_string(),
-                ld(&stats.evaluation_failures),
-            ),
-        ],
-    );
-    family(
-        out,
-        "meshscope_alert_notification_attempts_total",
-        "counter",
-        "Webhook and Alertmanager delivery attempts by outcome.",
-        &[
-            ("outcome=\"ok\"".to_string(), ld(&stats.attempts_ok)),
-            ("outcome=\"failed\"".to_string(), ld(&stats.attempts_failed)),
-        ],
-    );
 }

@@ -1,12 +1,18 @@
 //! The admin endpoint: `GET /stats` (JSON: requests, telemetry pipeline counters, breaker
-//! states), `GET /metrics` (Prometheus text of the same), `GET /ready`.
+//! states), `GET /metrics` (OpenMetrics text of the same, through `prometheus-client`), `GET /ready`.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::outbound::SharedRoutes;
 use crate::telemetry::Telemetry;
@@ -54,40 +60,72 @@ async fn stats(State(a): State<Admin>) -> axum::Json<serde_json::Value> {
     axum::Json(v)
 }
 
-async fn metrics(State(a): State<Admin>) -> String {
-    let mut out = String::new();
-    a.telemetry.registry().prometheus(&mut out);
-    let s = a.telemetry.stats().json();
-    let _ = writeln!(
-        out,
-        "# TYPE meshscope_proxy_telemetry_dropped_total counter"
-    );
-    for signal in ["spans", "logs"] {
-        let _ = writeln!(
-            out,
-            "meshscope_proxy_telemetry_dropped_total{{signal=\"{signal}\"}} {}",
-            s[format!("{signal}_dropped")]
-        );
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
     }
-    let _ = writeln!(
-        out,
-        "# TYPE meshscope_proxy_telemetry_exported_total counter"
-    );
-    for signal in ["spans", "logs"] {
-        let _ = writeln!(
-            out,
-            "meshscope_proxy_telemetry_exported_total{{signal=\"{signal}\"}} {}",
-            s[format!("{signal}_exported")]
-        );
-    }
-    let _ = writeln!(out, "# TYPE meshscope_proxy_breaker_open gauge");
-    for (name, state) in breakers(&a) {
-        let _ = writeln!(
-            out,
-            "meshscope_proxy_breaker_open{{destination=\"{name}\"}} {}",
-            u8::from(state == "open")
-        );
-    }
-    let _ = Arc::strong_count(&a.routes);
-    out
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SignalLabel {
+    signal: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DestinationLabel {
+    destination: String,
+}
+
+/// The request metrics, the telemetry pipeline and the breakers, read on each scrape.
+impl Collector for Admin {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        self.telemetry.registry().encode(&mut enc)?;
+        let s = self.telemetry.stats();
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, spans, logs) in [
+            (
+                "meshscope_proxy_telemetry_dropped",
+                "Spans and log records dropped because the export queue was full.",
+                l(&s.spans_dropped),
+                l(&s.logs_dropped),
+            ),
+            (
+                "meshscope_proxy_telemetry_exported",
+                "Spans and log records exported over OTLP.",
+                l(&s.spans_exported),
+                l(&s.logs_exported),
+            ),
+        ] {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (signal, v) in [("spans", spans), ("logs", logs)] {
+                family
+                    .encode_family(&SignalLabel { signal })?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+            }
+        }
+        let mut open = enc.encode_descriptor(
+            "meshscope_proxy_breaker_open",
+            "1 while the route's circuit breaker is open.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (destination, state) in breakers(self) {
+            open.encode_family(&DestinationLabel { destination })?
+                .encode_gauge(&u64::from(state == "open"))?;
+        }
+        Ok(())
+    }
+}
+
+async fn metrics(State(a): State<Admin>) -> Response {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(a));
+    let mut out = String::new();
+    match encode(&mut out, &registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], out).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The OpenMetrics content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

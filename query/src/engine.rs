@@ -79,6 +79,25 @@ pub struct QueryStats {
     pub failed: AtomicU64,
     /// Wall-clock time spent in them, in nanoseconds.
     pub nanos: AtomicU64,
+    /// Statements running now: counted by a guard inside the query's task, so a statement
+    /// cancelled because its caller went away leaves this count when its task ends.
+    pub running: AtomicU64,
+}
+
+/// Counts a running statement for as long as it lives.
+struct Running(Arc<QueryStats>);
+
+impl Running {
+    fn start(stats: &Arc<QueryStats>) -> Running {
+        stats.running.fetch_add(1, Ordering::Relaxed);
+        Running(Arc::clone(stats))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -207,8 +226,10 @@ impl QueryEngine {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
+        let running = Running::start(&self.stats);
         self.executor
             .spawn(async move {
+                let _running = running;
                 let df = ctx.sql_with_options(&sql, options).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
                 let batches = df.collect().await?;

@@ -692,17 +692,22 @@ impl Writer {
     }
 
     fn freeze(&mut self, acks: Vec<oneshot::Sender<Result<()>>>, forced: bool) {
-        let mut st = self.shared.lock();
-        if !st.frozen.is_empty() {
-            return;
-        }
-        if st.active.is_empty() {
-            drop(st);
-            for ack in acks {
-                let _ = ack.send(Ok(()));
+        {
+            let st = self.shared.lock();
+            if !st.frozen.is_empty() {
+                return;
             }
-            return;
+            if st.active.is_empty() {
+                drop(st);
+                for ack in acks {
+                    let _ = ack.send(Ok(()));
+                }
+                return;
+            }
         }
+        // The rotation fsyncs the finished segment and the directory: outside the lock
+        // every query's `snapshot()` takes. Only this thread appends to `active` or
+        // freezes it, so what was checked above still holds after.
         let segments = match self.wal.rotate(self.next_seq) {
             Ok(s) => s,
             Err(e) => {
@@ -717,6 +722,7 @@ impl Writer {
                 return;
             }
         };
+        let mut st = self.shared.lock();
         let batches = std::mem::take(&mut st.active);
         st.frozen = batches.clone();
         let bytes = std::mem::take(&mut st.active_bytes);

@@ -501,8 +501,7 @@ mod tests {
             TraceLayer::new(Direction::Inbound, telemetry.clone()).layer(Script::new(&[500]));
         drop(call(&mut svc, get()).await);
         assert_eq!(telemetry.registry().requests(), 2);
-        let mut text = String::new();
-        telemetry.registry().prometheus(&mut text);
+        let text = crate::telemetry::metrics::exposition(telemetry.registry());
         assert!(
             text.contains("reporter=\"destination\",destination_workload=\"frontend\""),
             "{text}"

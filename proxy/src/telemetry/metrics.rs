@@ -11,6 +11,12 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -53,21 +59,6 @@ impl SeriesKey {
         }
         a
     }
-
-    fn prometheus_labels(&self) -> String {
-        let mut s = format!(
-            "reporter=\"{}\",destination_workload=\"{}\",destination_service_name=\"{}\",destination_version=\"{}\",response_code=\"{}\"",
-            self.reporter,
-            self.destination_workload,
-            self.destination_service,
-            self.destination_version,
-            self.response_code
-        );
-        if let Some(src) = &self.source_workload {
-            let _ = write!(s, ",source_workload=\"{src}\"");
-        }
-        s
-    }
 }
 
 struct Series {
@@ -83,10 +74,15 @@ struct GaugeKey {
     destination_service: Arc<str>,
 }
 
+/// The most request series (label sets) the proxy keeps; past it, new ones are counted
+/// in `meshscope_metrics_series_dropped_total` instead.
+pub const MAX_SERIES: usize = 10_000;
+
 #[derive(Default)]
 pub struct Registry {
     series: RwLock<HashMap<SeriesKey, Arc<Series>>>,
     in_flight: RwLock<HashMap<GaugeKey, Arc<AtomicI64>>>,
+    dropped: AtomicU64,
 }
 
 /// Decrements the in-flight gauge when the request ends (however it ends).
@@ -107,6 +103,10 @@ impl Registry {
                 let Ok(mut m) = self.series.write() else {
                     return;
                 };
+                if m.len() >= MAX_SERIES && !m.contains_key(&key) {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 Arc::clone(m.entry(key).or_insert_with(|| {
                     Arc::new(Series {
                         start_ns: now_ns(),
@@ -243,56 +243,137 @@ impl Registry {
         out
     }
 
-    /// The same as Prometheus text.
-    pub fn prometheus(&self, out: &mut String) {
-        let _ = writeln!(out, "# TYPE meshscope_requests_total counter");
+    /// Encodes the series (`GET /metrics` of the admin listener).
+    pub fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         if let Ok(m) = self.series.read() {
+            let mut total = enc.encode_descriptor(
+                "meshscope_requests",
+                "Requests through the proxy, by source, destination and status.",
+                None,
+                MetricType::Counter,
+            )?;
             for (k, s) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "meshscope_requests_total{{{}}} {}",
-                    k.prometheus_labels(),
-                    s.count.load(Ordering::Relaxed)
-                );
+                total
+                    .encode_family(k)?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.count.load(Ordering::Relaxed), None)?;
             }
-            let _ = writeln!(
-                out,
-                "# TYPE meshscope_request_duration_milliseconds histogram"
-            );
+            drop(total);
+            let mut histo = enc.encode_descriptor(
+                "meshscope_request_duration_milliseconds",
+                "Request duration seen by the proxy.",
+                None,
+                MetricType::Histogram,
+            )?;
             for (k, s) in m.iter() {
-                let labels = k.prometheus_labels();
-                let mut cum = 0;
-                for (i, b) in s.buckets.iter().enumerate() {
-                    cum += b.load(Ordering::Relaxed);
-                    let le = BOUNDS_MS
-                        .get(i)
-                        .map(|b| b.to_string())
-                        .unwrap_or_else(|| "+Inf".into());
-                    let _ = writeln!(
-                        out,
-                        "meshscope_request_duration_milliseconds_bucket{{{labels},le=\"{le}\"}} {cum}"
-                    );
-                }
-                let _ = writeln!(
-                    out,
-                    "meshscope_request_duration_milliseconds_sum{{{labels}}} {}\nmeshscope_request_duration_milliseconds_count{{{labels}}} {}",
+                let buckets: Vec<(f64, u64)> = s
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        let bound = BOUNDS_MS.get(i).copied().unwrap_or(f64::MAX);
+                        (bound, b.load(Ordering::Relaxed))
+                    })
+                    .collect();
+                histo.encode_family(k)?.encode_histogram::<NoLabelSet>(
                     s.sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
-                    s.count.load(Ordering::Relaxed)
-                );
+                    s.count.load(Ordering::Relaxed),
+                    &buckets,
+                    None,
+                )?;
             }
         }
-        let _ = writeln!(out, "# TYPE meshscope_requests_in_flight gauge");
         if let Ok(m) = self.in_flight.read() {
-            for (k, g) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "meshscope_requests_in_flight{{direction=\"{}\",destination_service_name=\"{}\"}} {}",
-                    k.direction,
-                    k.destination_service,
-                    g.load(Ordering::Relaxed)
-                );
+            let mut g = enc.encode_descriptor(
+                "meshscope_requests_in_flight",
+                "Requests the proxy is handling now.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (k, v) in m.iter() {
+                g.encode_family(k)?
+                    .encode_gauge(&v.load(Ordering::Relaxed))?;
             }
         }
+        enc.encode_descriptor(
+            "meshscope_metrics_series_dropped",
+            "Request series not kept because the proxy holds the most it keeps.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&self.dropped.load(Ordering::Relaxed), None)
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+/// The registry's families alone as OpenMetrics text (for tests and diagnostics).
+pub fn exposition(r: &Arc<Registry>) -> String {
+    #[derive(Debug)]
+    struct Alone(Arc<Registry>);
+    impl prometheus_client::collector::Collector for Alone {
+        fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+            self.0.encode(&mut e)
+        }
+    }
+    let mut reg = prometheus_client::registry::Registry::default();
+    reg.register_collector(Box::new(Alone(Arc::clone(r))));
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    out
+}
+
+/// A label value from traffic, escaped as the exposition format wants: `prometheus-client`
+/// writes label values as they are.
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EncodeLabelSet for SeriesKey {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        let code = self.response_code.to_string();
+        let mut labels = vec![
+            ("reporter", Escaped(self.reporter)),
+            ("destination_workload", Escaped(&self.destination_workload)),
+            (
+                "destination_service_name",
+                Escaped(&self.destination_service),
+            ),
+            ("destination_version", Escaped(&self.destination_version)),
+            ("response_code", Escaped(&code)),
+        ];
+        if let Some(s) = &self.source_workload {
+            labels.push(("source_workload", Escaped(s)));
+        }
+        labels.as_slice().encode(encoder)
+    }
+}
+
+impl EncodeLabelSet for GaugeKey {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        [
+            ("direction", Escaped(self.direction)),
+            (
+                "destination_service_name",
+                Escaped(&self.destination_service),
+            ),
+        ]
+        .encode(encoder)
     }
 }
 
@@ -373,9 +454,30 @@ mod tests {
             Some(number_data_point::Value::AsDouble(1.0))
         );
         drop(g);
-        let mut text = String::new();
-        r.prometheus(&mut text);
+        let text = exposition(&Arc::new(r));
         assert!(text.contains("meshscope_requests_in_flight{direction=\"outbound\",destination_service_name=\"cart\"} 0"), "{text}");
-        assert!(text.contains("le=\"+Inf\"} 1"), "{text}");
+        assert!(text.contains("_bucket{le=\"+Inf\",reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\"} 1"), "{text}");
+        assert!(text.contains("meshscope_requests_total{reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn series_are_capped_and_label_values_escaped() {
+        let r = Registry::default();
+        let mut k = key(200);
+        k.destination_service = Arc::from("ca\"rt\nx");
+        r.observe(k.clone(), Duration::from_millis(1));
+        for i in 0..MAX_SERIES as u16 + 5 {
+            let mut k = key(200);
+            k.destination_workload = Arc::from(format!("w{i}"));
+            r.observe(k, Duration::from_millis(1));
+        }
+        assert_eq!(r.series.read().unwrap().len(), MAX_SERIES);
+        assert_eq!(r.dropped.load(Ordering::Relaxed), 6);
+        let text = exposition(&Arc::new(r));
+        assert!(
+            text.contains(r#"destination_service_name="ca\"rt\nx""#),
+            "escaped"
+        );
+        assert!(text.contains("meshscope_metrics_series_dropped_total 6"));
     }
 }

@@ -138,7 +138,7 @@ struct Inner {
     resource: Resource,
     queue: Option<mpsc::Sender<Record>>,
     access_logs: bool,
-    registry: metrics::Registry,
+    registry: Arc<metrics::Registry>,
     stats: Stats,
 }
 
@@ -172,7 +172,7 @@ impl Telemetry {
                 resource: resource.clone(),
                 queue: config.otlp_endpoint.is_some().then_some(tx),
                 access_logs: config.access_logs,
-                registry: metrics::Registry::default(),
+                registry: Arc::default(),
                 stats: Stats::default(),
             }),
         };
@@ -192,7 +192,7 @@ impl Telemetry {
         &self.inner.stats
     }
 
-    pub fn registry(&self) -> &metrics::Registry {
+    pub fn registry(&self) -> &Arc<metrics::Registry> {
         &self.inner.registry
     }
 

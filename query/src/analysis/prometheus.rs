@@ -23,10 +23,15 @@
 //! dropped and counted in `meshscope_metrics_series_dropped_total`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
 
 use super::model::{NodeKind, USER};
 use super::range::TimeRange;
@@ -385,134 +390,203 @@ impl SpanCounters {
         st.windows += 1;
         Ok(())
     }
+}
 
-    /// Appends the exposition of the counters to `out`.
-    pub fn render(&self, out: &mut String) {
+/// A label value from traffic (a service or span name), escaped as the exposition format
+/// wants (`\\`, `\"`, `\n`): `prometheus-client` writes label values as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `traces_service_graph_*` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct EdgeLabels<'a> {
+    client: Escaped<'a>,
+    server: Escaped<'a>,
+    connection_type: &'static str,
+}
+
+impl EncodeLabelSet for EdgeLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        [
+            ("client", self.client.clone()),
+            ("server", self.server.clone()),
+            ("connection_type", Escaped(self.connection_type)),
+        ]
+        .encode(encoder)
+    }
+}
+
+/// `traces_span_metrics_*` labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CallLabels<'a> {
+    service_name: Escaped<'a>,
+    span_name: Escaped<'a>,
+    span_kind: String,
+    status_code: String,
+}
+
+impl EncodeLabelSet for CallLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        [
+            ("service_name", self.service_name.clone()),
+            ("span_name", self.span_name.clone()),
+            ("span_kind", Escaped(&self.span_kind)),
+            ("status_code", Escaped(&self.status_code)),
+        ]
+        .encode(encoder)
+    }
+}
+
+/// The exposition of the counters (`GET /metrics`), encoded by `prometheus-client` on
+/// every scrape from the state as it is.
+impl Collector for SpanCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP traces_service_graph_request_total Requests between two nodes of the service graph."
-        );
-        let _ = writeln!(out, "# TYPE traces_service_graph_request_total counter");
-        for ((c, s, kind), h) in &st.edges {
-            let _ = writeln!(
-                out,
-                "traces_service_graph_request_total{{client={},server={},connection_type={}}} {}",
-                q(c),
-                q(s),
-                q(conn(kind)),
-                h.count
-            );
+        let edges: Vec<(EdgeLabels<'_>, &Histogram)> = st
+            .edges
+            .iter()
+            .map(|((c, s, kind), h)| {
+                let labels = EdgeLabels {
+                    client: Escaped(c),
+                    server: Escaped(s),
+                    connection_type: conn(kind),
+                };
+                (labels, h)
+            })
+            .collect();
+        let calls: Vec<(CallLabels<'_>, &Histogram)> = st
+            .calls
+            .iter()
+            .map(|((svc, name, kind, status), h)| {
+                let labels = CallLabels {
+                    service_name: Escaped(svc),
+                    span_name: Escaped(name),
+                    span_kind: format!("SPAN_KIND_{kind}"),
+                    status_code: format!("STATUS_CODE_{status}"),
+                };
+                (labels, h)
+            })
+            .collect();
+        counters(
+            &mut encoder,
+            "traces_service_graph_request",
+            "Requests between two nodes of the service graph.",
+            edges.iter().map(|(l, h)| (l, h.count)),
+        )?;
+        counters(
+            &mut encoder,
+            "traces_service_graph_request_failed",
+            "Failed requests between two nodes.",
+            edges.iter().map(|(l, h)| (l, h.failed)),
+        )?;
+        histograms(
+            &mut encoder,
+            "traces_service_graph_request_client_seconds",
+            "Latency of requests as the client sees it.",
+            &edges,
+        )?;
+        counters(
+            &mut encoder,
+            "traces_span_metrics_calls",
+            "Spans per service, name, kind and status.",
+            calls.iter().map(|(l, h)| (l, h.count)),
+        )?;
+        histograms(
+            &mut encoder,
+            "traces_span_metrics_duration_seconds",
+            "Span durations per service, name, kind and status.",
+            &calls,
+        )?;
+        for (name, help, v) in [
+            (
+                "meshscope_metrics_series_dropped",
+                "Label sets not kept because a family reached its series limit.",
+                st.dropped,
+            ),
+            (
+                "meshscope_metrics_windows",
+                "Windows of spans counted into the golden-signal counters.",
+                st.windows,
+            ),
+            (
+                "meshscope_metrics_late_minutes_recounted",
+                "Minutes counted again because spans for them arrived after they were counted.",
+                st.late_recounted,
+            ),
+            (
+                "meshscope_metrics_late_minutes_ignored",
+                "Minutes that received spans too long after they were counted to count them.",
+                st.late_ignored,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP traces_service_graph_request_failed_total Failed requests between two nodes."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE traces_service_graph_request_failed_total counter"
-        );
-        for ((c, s, kind), h) in &st.edges {
-            let _ = writeln!(
-                out,
-                "traces_service_graph_request_failed_total{{client={},server={},connection_type={}}} {}",
-                q(c),
-                q(s),
-                q(conn(kind)),
-                h.failed
-            );
+        Ok(())
+    }
+}
+
+/// One counter family (`name_total{labels} value`).
+fn counters<'l, L: EncodeLabelSet + 'l>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (&'l L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        family
+            .encode_family(labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    Ok(())
+}
+
+/// One histogram family over [`BUCKETS`] (and `+Inf`).
+fn histograms<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: &[(L, &Histogram)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        family
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.per_bucket(), None)?;
+    }
+    Ok(())
+}
+
+impl Histogram {
+    /// Each bucket's own count (the encoder adds them up), the last one `+Inf`.
+    fn per_bucket(&self) -> Vec<(f64, u64)> {
+        let cumulative = |i: usize| self.buckets.get(i).copied().unwrap_or(0);
+        let mut out = Vec::with_capacity(BUCKETS.len() + 1);
+        let mut below = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let c = cumulative(i).max(below);
+            out.push((*bound, c - below));
+            below = c;
         }
-        let _ = writeln!(
-            out,
-            "# HELP traces_service_graph_request_client_seconds Latency of requests as the client sees it."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE traces_service_graph_request_client_seconds histogram"
-        );
-        for ((c, s, kind), h) in &st.edges {
-            let labels = format!(
-                "client={},server={},connection_type={}",
-                q(c),
-                q(s),
-                q(conn(kind))
-            );
-            histogram(
-                out,
-                "traces_service_graph_request_client_seconds",
-                &labels,
-                h,
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP traces_span_metrics_calls_total Spans per service, name, kind and status."
-        );
-        let _ = writeln!(out, "# TYPE traces_span_metrics_calls_total counter");
-        for ((svc, name, kind, status), h) in &st.calls {
-            let _ = writeln!(
-                out,
-                "traces_span_metrics_calls_total{{service_name={},span_name={},span_kind={},status_code={}}} {}",
-                q(svc),
-                q(name),
-                q(&format!("SPAN_KIND_{kind}")),
-                q(&format!("STATUS_CODE_{status}")),
-                h.count
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP traces_span_metrics_duration_seconds Span durations per service, name, kind and status."
-        );
-        let _ = writeln!(out, "# TYPE traces_span_metrics_duration_seconds histogram");
-        for ((svc, name, kind, status), h) in &st.calls {
-            let labels = format!(
-                "service_name={},span_name={},span_kind={},status_code={}",
-                q(svc),
-                q(name),
-                q(&format!("SPAN_KIND_{kind}")),
-                q(&format!("STATUS_CODE_{status}"))
-            );
-            histogram(out, "traces_span_metrics_duration_seconds", &labels, h);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP meshscope_metrics_series_dropped_total Label sets not kept because a family reached its series limit."
-        );
-        let _ = writeln!(out, "# TYPE meshscope_metrics_series_dropped_total counter");
-        let _ = writeln!(out, "meshscope_metrics_series_dropped_total {}", st.dropped);
-        let _ = writeln!(
-            out,
-            "# HELP meshscope_metrics_windows_total Windows of spans counted into the golden-signal counters."
-        );
-        let _ = writeln!(out, "# TYPE meshscope_metrics_windows_total counter");
-        let _ = writeln!(out, "meshscope_metrics_windows_total {}", st.windows);
-        let _ = writeln!(
-            out,
-            "# HELP meshscope_metrics_late_minutes_recounted_total Minutes counted again because spans for them arrived after they were counted."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE meshscope_metrics_late_minutes_recounted_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "meshscope_metrics_late_minutes_recounted_total {}",
-            st.late_recounted
-        );
-        let _ = writeln!(
-            out,
-            "# HELP meshscope_metrics_late_minutes_ignored_total Minutes that received spans too long after they were counted to count them."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE meshscope_metrics_late_minutes_ignored_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "meshscope_metrics_late_minutes_ignored_total {}",
-            st.late_ignored
-        );
+        out.push((f64::MAX, self.count.saturating_sub(below)));
+        out
     }
 }
 
@@ -524,51 +598,57 @@ fn conn(target_kind: &str) -> &'static str {
     }
 }
 
-fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
-    for (i, b) in BUCKETS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels},le=\"{b}\"}} {}",
-            h.buckets.get(i).copied().unwrap_or(0)
-        );
-    }
-    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_seconds);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
-}
-
-/// A quoted, escaped Prometheus label value.
-pub fn q(v: &str) -> String {
-    format!(
-        "\"{}\"",
-        v.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::registry::Registry;
 
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(q("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
+    fn exposition(counters: SpanCounters) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(counters));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
     }
 
     #[test]
-    fn histogram_lines_are_cumulative_with_inf() {
-        let mut h = Histogram {
-            count: 3,
-            failed: 1,
-            sum_seconds: 0.5,
-            buckets: vec![0; BUCKETS.len()],
-        };
-        h.buckets[4] = 2;
-        let mut out = String::new();
-        histogram(&mut out, "x", "a=\"b\"", &h);
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.01\"} 2"));
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3"));
-        assert!(out.contains("x_count{a=\"b\"} 3"));
+    fn families_are_encoded_with_escaped_labels_and_cumulative_buckets() {
+        let counters = SpanCounters::default();
+        {
+            let mut st = counters.state.lock().unwrap();
+            let mut h = Histogram::default();
+            h.add_requests(&[3_000_000, 3_000_000, 20_000_000_000], 1);
+            st.edges.insert(
+                ("fr\"ont".into(), "db\nx".into(), "virtual".into()),
+                h.clone(),
+            );
+            st.calls.insert(
+                (
+                    "cart".into(),
+                    "GET /".into(),
+                    "SERVER".into(),
+                    "ERROR".into(),
+                ),
+                h,
+            );
+            st.windows = 4;
+        }
+        let out = exposition(counters);
+        let edge = r#"client="fr\"ont",server="db\nx",connection_type="virtual_node""#;
+        for line in [
+            format!("traces_service_graph_request_total{{{edge}}} 3"),
+            format!("traces_service_graph_request_failed_total{{{edge}}} 1"),
+            format!("traces_service_graph_request_client_seconds_bucket{{le=\"0.002\",{edge}}} 0"),
+            format!("traces_service_graph_request_client_seconds_bucket{{le=\"0.004\",{edge}}} 2"),
+            format!("traces_service_graph_request_client_seconds_bucket{{le=\"15.0\",{edge}}} 2"),
+            format!("traces_service_graph_request_client_seconds_bucket{{le=\"+Inf\",{edge}}} 3"),
+            format!("traces_service_graph_request_client_seconds_count{{{edge}}} 3"),
+            r#"traces_span_metrics_calls_total{service_name="cart",span_name="GET /",span_kind="SPAN_KIND_SERVER",status_code="STATUS_CODE_ERROR"} 3"#.to_string(),
+            "# TYPE traces_span_metrics_duration_seconds histogram".to_string(),
+            "meshscope_metrics_windows_total 4".to_string(),
+            "# EOF".to_string(),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
+        }
     }
 }
