@@ -85,6 +85,9 @@ fn counter<V: EncodeCounterValue>(
         .encode_counter::<NoLabelSet, _, u64>(&v, None)
 }
 
+/// A family read from a stats struct: name, help, and the value it takes.
+type Family<S> = (&'static str, &'static str, fn(&S) -> u64);
+
 fn ld(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -103,7 +106,7 @@ impl Collector for Exposition {
                     .map_or(0, f),
             )
         };
-        let ingest: [(&str, &str, fn(&SignalStats) -> u64); 5] = [
+        let ingest: [Family<SignalStats>; 5] = [
             (
                 "meshscope_ingest_requests",
                 "OTLP export requests received.",
@@ -136,7 +139,7 @@ impl Collector for Exposition {
         }
 
         let store = |t: Table| self.storage.table(t).stats();
-        let stores: [(&str, &str, fn(&Stats) -> u64); 14] = [
+        let stores: [Family<Stats>; 14] = [
             (
                 "meshscope_wal_commits",
                 "Group commits (fdatasync) of the write-ahead log.",
@@ -302,39 +305,41 @@ impl Collector for AlertsCollector {
         use meshscope_alerts::eval::AlertState;
         let counts = self.0.counts();
         let stats = self.0.stats();
-        let mut alerts = enc.encode_descriptor(
-            "meshscope_alerts",
-            "Alerts by state.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for s in [
-            AlertState::Pending,
-            AlertState::Firing,
-            AlertState::Resolved,
-        ] {
-            let n = counts.get(&s).copied().unwrap_or(0) as u64;
-            alerts
-                .encode_family(&StateLabel { state: s.name() })?
-                .encode_gauge(&n)?;
+        {
+            let mut alerts = enc.encode_descriptor(
+                "meshscope_alerts",
+                "Alerts by state.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in [
+                AlertState::Pending,
+                AlertState::Firing,
+                AlertState::Resolved,
+            ] {
+                let n = counts.get(&s).copied().unwrap_or(0) as u64;
+                alerts
+                    .encode_family(&StateLabel { state: s.name() })?
+                    .encode_gauge(&n)?;
+            }
         }
-        drop(alerts);
-        let mut evals = enc.encode_descriptor(
-            "meshscope_alert_rule_evaluations",
-            "Alert rule evaluations, and those whose query failed.",
-            None,
-            MetricType::Counter,
-        )?;
-        let failed = ld(&stats.evaluation_failures);
-        for (result, n) in [
-            ("ok", ld(&stats.evaluations).saturating_sub(failed)),
-            ("failed", failed),
-        ] {
-            evals
-                .encode_family(&ResultLabel { result })?
-                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        {
+            let mut evals = enc.encode_descriptor(
+                "meshscope_alert_rule_evaluations",
+                "Alert rule evaluations, and those whose query failed.",
+                None,
+                MetricType::Counter,
+            )?;
+            let failed = ld(&stats.evaluation_failures);
+            for (result, n) in [
+                ("ok", ld(&stats.evaluations).saturating_sub(failed)),
+                ("failed", failed),
+            ] {
+                evals
+                    .encode_family(&ResultLabel { result })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
         }
-        drop(evals);
         let mut attempts = enc.encode_descriptor(
             "meshscope_alert_notification_attempts",
             "Webhook and Alertmanager delivery attempts by outcome.",

@@ -246,18 +246,22 @@ impl Registry {
     /// Encodes the series (`GET /metrics` of the admin listener).
     pub fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         if let Ok(m) = self.series.read() {
-            let mut total = enc.encode_descriptor(
-                "meshscope_requests",
-                "Requests through the proxy, by source, destination and status.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (k, s) in m.iter() {
-                total
-                    .encode_family(k)?
-                    .encode_counter::<NoLabelSet, _, u64>(&s.count.load(Ordering::Relaxed), None)?;
+            {
+                let mut total = enc.encode_descriptor(
+                    "meshscope_requests",
+                    "Requests through the proxy, by source, destination and status.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (k, s) in m.iter() {
+                    total
+                        .encode_family(k)?
+                        .encode_counter::<NoLabelSet, _, u64>(
+                            &s.count.load(Ordering::Relaxed),
+                            None,
+                        )?;
+                }
             }
-            drop(total);
             let mut histo = enc.encode_descriptor(
                 "meshscope_request_duration_milliseconds",
                 "Request duration seen by the proxy.",

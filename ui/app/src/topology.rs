@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::charts::{LineChart, Series};
 use crate::state::{Range, go, tick, use_url};
-use crate::util::{self, enc, f, fmt_ms, fmt_pct, fmt_rate, health, health_color, lit, s};
+use crate::util::{self, enc, f, fmt_ms, fmt_pct, fmt_rate, health, health_color, s};
 use crate::{ErrorBox, Kpi, Loading};
 
 #[derive(Clone, Debug)]
@@ -690,7 +690,9 @@ async fn edge_series(range: Range, source: String, target: String) -> Result<Val
     ))
     .await?;
     let points = v["series"][0]["points"].clone();
-    Ok(serde_json::json!({ "series": if points.is_null() { Value::Array(Vec::new()) } else { points } }))
+    Ok(
+        serde_json::json!({ "series": if points.is_null() { Value::Array(Vec::new()) } else { points } }),
+    )
 }
 
 /// A version breakdown (`versions` of a node, `by_version` of an edge) as a small table.
@@ -724,7 +726,13 @@ fn version_split(list: &[Value]) -> Option<String> {
     let total: f64 = list.iter().map(|v| f(v, "requests")).sum();
     (total > 0.0).then(|| {
         list.iter()
-            .map(|v| format!("{} {:.0}%", s(v, "version"), 100.0 * f(v, "requests") / total))
+            .map(|v| {
+                format!(
+                    "{} {:.0}%",
+                    s(v, "version"),
+                    100.0 * f(v, "requests") / total
+                )
+            })
             .collect::<Vec<_>>()
             .join(" · ")
     })
