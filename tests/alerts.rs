@@ -145,6 +145,9 @@ fn call(from: &'static str, to: &'static str, ago_secs: u64) -> Vec<(&'static st
     ]
 }
 
+/// The rules `write_config` writes.
+const RULES: usize = 2;
+
 fn write_config(dir: &Path, receivers: &str) -> String {
     let path = dir.join("meshscope.toml");
     std::fs::write(
@@ -330,7 +333,12 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
             .filter(|(_, v)| v["groupLabels"]["alertname"] == name && v["status"] == "firing")
             .count()
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let every rule be evaluated twice more (they run every second): no new notification.
+    let evaluations = r#"meshscope_alert_rule_evaluations_total{result="ok"}"#;
+    let before = server.wait_metric(evaluations, 10, |_| true).await;
+    server
+        .wait_metric(evaluations, 30, |n| n >= before + 2.0 * RULES as f64)
+        .await;
     assert_eq!(count("checkout-errors"), 1);
     assert_eq!(count("frontend-new-edge"), 1);
 

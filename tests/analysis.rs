@@ -655,8 +655,11 @@ async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
         &dir.path().join("data"),
         &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
     );
-    // The counters start counting at their first tick (start-up); send after it.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The counters start counting at their first tick (start-up); send after they have
+    // counted a window.
+    server
+        .wait_metric("meshscope_metrics_windows_total", 20, |w| w >= 1.0)
+        .await;
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")

@@ -3,19 +3,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 fn edges_of(g: &Value) -> impl Iterator<Item = &Value> {
     g["edges"].as_array().into_iter().flatten()
@@ -48,14 +39,13 @@ impl Drop for Demo {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c() {
     let dir = tempfile::tempdir().expect("tmp");
-    let http = free_port();
     let out = dir.path().join("demo.out");
     let err = dir.path().join("demo.err");
     let child = Command::new(common::binary())
         .arg("demo")
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--http-addr", "127.0.0.1:0"])
         .args(["--otlp-grpc-addr", "127.0.0.1:0"])
         .args(["--otlp-http-addr", "127.0.0.1:0"])
         .args(["--pg-addr", "127.0.0.1:0"])
@@ -98,10 +88,17 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         std::thread::sleep(Duration::from_millis(100));
     }
     let printed = std::fs::read_to_string(&out).unwrap_or_default();
-    assert!(
-        printed.contains(&format!("http://127.0.0.1:{http}/")),
-        "{printed}"
-    );
+    // The port the server bound (asked for port 0), as the demo prints it.
+    let http: u16 = printed
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("UI:")?
+                .trim()
+                .strip_prefix("http://127.0.0.1:")
+        })
+        .and_then(|rest| rest.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no UI address printed: {printed}"));
     assert!(printed.contains("meshscope sql --server"), "{printed}");
 
     let started = Instant::now();

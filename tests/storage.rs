@@ -223,7 +223,8 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
     // c1 gets frontend's spans in two halves, far enough apart to land in two files.
     let (a, b) = spans["frontend"].split_at(spans["frontend"].len() / 2);
     export(&c1.otlp_url(""), "frontend", a).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let files = r#"meshscope_parquet_files_written_total{table="spans"}"#;
+    c1.wait_metric(files, 30, |n| n >= 1.0).await;
     export(&c1.otlp_url(""), "frontend", b).await;
     export(&c2.otlp_url(""), "cart", &spans["cart"]).await;
     for (service, s) in &spans {
@@ -394,7 +395,8 @@ async fn retention_removes_old_files_and_counts_them() {
         &spans(now - 3 * hour, 40, 0),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let files = r#"meshscope_parquet_files_written_total{table="spans"}"#;
+    server.wait_metric(files, 30, |n| n >= 1.0).await;
     export(&server.otlp_url(""), "fresh", &spans(now, 25, 1000)).await;
     let started = Instant::now();
     loop {
@@ -511,7 +513,9 @@ async fn trace_lookup_by_id_over_many_files() {
                 .collect();
             export(&server.otlp_url(""), service, &part).await;
         }
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        // Each round in files of its own: wait until it is flushed.
+        let files = r#"meshscope_unflushed_rows{table="spans"}"#;
+        server.wait_metric(files, 30, |n| n == 0.0).await;
     }
     server.terminate();
     let server = Server::start_with(&data, &args);

@@ -942,13 +942,9 @@ async fn ui_pages_in_a_real_browser() {
             "auto-refresh did not reload ({first})"
         );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        b.find_all("[data-test='signals-panel'] .chart polyline")
-            .await
-            .len()
-            >= 3
-    );
+    // After the reload the open panel's charts are drawn again.
+    b.wait_for("[data-test='signals-panel'] .chart polyline", 3)
+        .await;
 
     // Filter by namespace: the shop's services, not the web tier's.
     b.goto(&server.url("/?range=15m&namespace=shop")).await;
@@ -1044,7 +1040,7 @@ async fn ui_pages_in_a_real_browser() {
     b.screenshot("traces").await;
     b.click(&row[0]).await;
     let spans = b.wait_for("[data-test='waterfall'] .span-row", 7).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The trace is rendered at once: seven rows, no more.
     assert_eq!(
         b.find_all("[data-test='waterfall'] .span-row").await.len(),
         7
@@ -1070,12 +1066,15 @@ async fn ui_pages_in_a_real_browser() {
     }
     b.click(&payments.expect("the payments span")).await;
     let detail = b.wait_for("[data-test='span-detail']", 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = b.text(&detail[0]).await;
-    assert!(
-        text.contains("payment.provider") && text.contains("card authorised"),
-        "{text}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = b.text(&detail[0]).await;
+        if text.contains("payment.provider") && text.contains("card authorised") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "span detail: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     b.screenshot("trace").await;
 
     // Logs: filtering by text keeps only the matching records; their trace ids link.

@@ -197,14 +197,13 @@ async fn downstream(
     }
 }
 
-/// A free loopback port: `addr` itself when it can be bound (and is not port 0).
+/// `addr` itself when it is free, else port 0: the server then binds a port the kernel
+/// chooses and reports it (`serve::Bound`).
 fn usable(addr: SocketAddr) -> SocketAddr {
     if addr.port() != 0 && StdListener::bind(addr).is_ok() {
         return addr;
     }
-    StdListener::bind(SocketAddr::new(addr.ip(), 0))
-        .and_then(|l| l.local_addr())
-        .unwrap_or(addr)
+    SocketAddr::new(addr.ip(), 0)
 }
 
 fn destination(name: &str, endpoints: Vec<Endpoint>, policy: Policy) -> Destination {
@@ -428,15 +427,34 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         config.otlp_http_addr = usable(config.otlp_http_addr);
         config.http_addr = usable(config.http_addr);
         config.pg_addr = usable(config.pg_addr);
-        let (http, grpc, pg) = (config.http_addr, config.otlp_grpc_addr, config.pg_addr);
         println!(
             "meshscope demo: starting the server (data in {})",
             config.data_dir.display()
         );
         let mut serve_stop = serve_rx.clone();
-        let task = tokio::spawn(crate::serve::run(config, async move {
-            let _ = serve_stop.wait_for(|s| *s).await;
-        }));
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let mut task = tokio::spawn(crate::serve::run_reporting(
+            config,
+            async move {
+                let _ = serve_stop.wait_for(|s| *s).await;
+            },
+            Some(bound_tx),
+        ));
+        // The addresses the server bound (a port 0 is the one the kernel chose).
+        let bound = tokio::select! {
+            b = bound_rx => b.ok(),
+            r = &mut task => return match r {
+                Ok(Err(e)) => Err(e),
+                _ => Err("meshscope serve stopped during start-up".into()),
+            },
+        };
+        let Some(bound) = bound else {
+            return Err("meshscope serve stopped during start-up".into());
+        };
+        let (http, pg) = (bound.http, bound.pg);
+        let grpc = bound
+            .otlp_grpc
+            .ok_or("the server has no OTLP/gRPC receiver")?;
         tokio::select! {
             r = wait_ready(http) => r?,
             () = async { while !task.is_finished() { tokio::time::sleep(Duration::from_millis(50)).await } } => {

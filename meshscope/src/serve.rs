@@ -139,8 +139,27 @@ async fn maintain(mut maintainer: Maintainer, every: Duration, shutdown: Shutdow
     }
 }
 
+/// The addresses a server bound (port 0 in the config becomes the port the kernel chose).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// `None` on a query node, which has no receivers.
+    pub otlp_grpc: Option<SocketAddr>,
+    pub http: SocketAddr,
+    pub pg: SocketAddr,
+}
+
 /// Runs a server role until `stop` resolves (SIGTERM / Ctrl-C in `main`).
 pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<(), String> {
+    run_reporting(config, stop, None).await
+}
+
+/// [`run`], telling `bound` which addresses it listens on once they are bound (the demo
+/// starts its mesh against them).
+pub async fn run_reporting(
+    config: ServeConfig,
+    stop: impl Future<Output = ()>,
+    bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     let role = config.role;
     let mut store_config = StoreConfig::new(&config.data_dir);
@@ -196,6 +215,14 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> Result<
     };
     let http_l = bind("HTTP API", config.http_addr).await?;
     let pg_l = bind("Postgres wire protocol", config.pg_addr).await?;
+    if let Some(tx) = bound {
+        let local = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
+        let _ = tx.send(Bound {
+            otlp_grpc: receivers.as_ref().map(|(g, _)| local(g)).transpose()?,
+            http: local(&http_l)?,
+            pg: local(&pg_l)?,
+        });
+    }
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
     // Checks the config file's alert rules before anything starts serving.
     let alerting = meshscope_alerts::Alerting::open(

@@ -152,6 +152,33 @@ impl Server {
             .unwrap_or_else(|| panic!("{sql}: no integer in {v}"))
     }
 
+    /// The value of one series of `/metrics` (`name` or `name{labels}` exactly as
+    /// exposed), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits (at most `secs`) until the series is present and `done` holds for its value;
+    /// returns the value.
+    pub async fn wait_metric(&self, series: &str, secs: u64, done: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.metric(series).await;
+            if let Some(v) = v.filter(|v| done(*v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{series} stayed {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `kill -9`.
     pub fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
