@@ -9,11 +9,8 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::Server;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
-use prost::Message;
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
@@ -45,15 +42,7 @@ struct GenSpan {
     span: Span,
 }
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
+use common::otlp::kv;
 
 struct Mesh {
     rng: Rng,
@@ -374,7 +363,7 @@ async fn send(server: &Server, spans: &[GenSpan], rng: &mut Rng) {
     for i in (1..shuffled.len()).rev() {
         shuffled.swap(i, rng.below(i as u64 + 1) as usize);
     }
-    let client = reqwest::Client::new();
+    let _client = reqwest::Client::new();
     let mut by_service: BTreeMap<&str, Vec<Span>> = BTreeMap::new();
     for s in shuffled {
         by_service
@@ -384,30 +373,11 @@ async fn send(server: &Server, spans: &[GenSpan], rng: &mut Rng) {
     }
     for (service, spans) in by_service {
         for chunk in spans.chunks(97) {
-            let req = ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(Resource {
-                        attributes: vec![
-                            kv("service.name", service),
-                            kv("service.namespace", "shop"),
-                        ],
-                        ..Default::default()
-                    }),
-                    scope_spans: vec![ScopeSpans {
-                        spans: chunk.to_vec(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            };
-            let r = client
-                .post(server.otlp_url("/v1/traces"))
-                .header("content-type", "application/x-protobuf")
-                .body(req.encode_to_vec())
-                .send()
-                .await
-                .expect("export");
-            assert_eq!(r.status(), 200);
+            let req = common::otlp::traces_of(
+                vec![kv("service.name", service), kv("service.namespace", "shop")],
+                chunk.to_vec(),
+            );
+            common::otlp::post(&server.otlp_url("/v1/traces"), &req).await;
         }
     }
 }
@@ -963,12 +933,11 @@ async fn rollups_agree_with_raw_spans_within_one_percent() {
 
 mod mesh_telemetry {
     use super::*;
-    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
     use opentelemetry_proto::tonic::metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-        ResourceMetrics, ScopeMetrics, Sum, metric::Data, number_data_point,
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, Sum,
+        metric::Data, number_data_point,
     };
 
     fn labels(pairs: &[(&str, &str)]) -> Vec<KeyValue> {
@@ -1123,27 +1092,8 @@ mod mesh_telemetry {
                 (lk("failure"), t1, t2, 4.0),
             ],
         ));
-        let req = ExportMetricsServiceRequest {
-            resource_metrics: vec![ResourceMetrics {
-                resource: Some(Resource {
-                    attributes: vec![kv("service.name", "mesh-proxy")],
-                    ..Default::default()
-                }),
-                scope_metrics: vec![ScopeMetrics {
-                    metrics,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let r = reqwest::Client::new()
-            .post(server.otlp_url("/v1/metrics"))
-            .header("content-type", "application/x-protobuf")
-            .body(req.encode_to_vec())
-            .send()
-            .await
-            .expect("metrics");
-        assert_eq!(r.status(), 200);
+        let req = common::otlp::metrics("mesh-proxy", metrics);
+        common::otlp::post(&server.otlp_url("/v1/metrics"), &req).await;
 
         // Access logs: inventory -> postgres, 3 requests, one 500.
         let logs: Vec<LogRecord> = [("200", "4"), ("200", "6"), ("500", "8")]
@@ -1159,23 +1109,8 @@ mod mesh_telemetry {
                 ..Default::default()
             })
             .collect();
-        let req = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                scope_logs: vec![ScopeLogs {
-                    log_records: logs,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let r = reqwest::Client::new()
-            .post(server.otlp_url("/v1/logs"))
-            .header("content-type", "application/x-protobuf")
-            .body(req.encode_to_vec())
-            .send()
-            .await
-            .expect("logs");
-        assert_eq!(r.status(), 200);
+        let req = common::otlp::logs_of(Vec::new(), logs);
+        common::otlp::post(&server.otlp_url("/v1/logs"), &req).await;
 
         let start = chrono::DateTime::from_timestamp_nanos((t0 + 1) as i64).to_rfc3339();
         let end = chrono::DateTime::from_timestamp_nanos(now as i64).to_rfc3339();

@@ -9,30 +9,18 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::Server;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric,
-    number_data_point,
+    AggregationTemporality, Metric, NumberDataPoint, Sum, metric, number_data_point,
 };
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use prost::Message;
 use serde_json::Value;
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
+use common::otlp::kv;
 
 /// Spans by (service, version) resource.
 #[derive(Default)]
@@ -348,19 +336,7 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
         if let Some(v) = version {
             attrs.push(kv("service.version", v));
         }
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: attrs,
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    spans: spans.clone(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
+        let req = common::otlp::traces_of(attrs, spans.clone());
         post(&server, "/v1/traces", req.encode_to_vec()).await;
     }
 
@@ -402,19 +378,7 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
             &labels,
         ));
     }
-    let req = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![kv("service.name", "mesh-proxies")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let req = common::otlp::metrics("mesh-proxies", metrics);
     post(&server, "/v1/metrics", req.encode_to_vec()).await;
 
     let start = chrono::DateTime::from_timestamp_nanos((m.base_ns - 30_000_000_000) as i64);

@@ -22,7 +22,7 @@ use opentelemetry_proto::tonic::common::v1::{
     AnyValue as PAnyValue, KeyValue as PKeyValue, KeyValueList, any_value,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource as PResource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span as PSpan};
+use opentelemetry_proto::tonic::trace::v1::Span as PSpan;
 use opentelemetry_sdk::Resource;
 use prost::Message;
 
@@ -372,25 +372,7 @@ fn span(trace: Vec<u8>, id: u8, name: &str) -> PSpan {
 }
 
 fn request(service: &str, spans: Vec<PSpan>) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(PResource {
-                attributes: vec![PKeyValue {
-                    key: "service.name".into(),
-                    value: Some(PAnyValue {
-                        value: Some(any_value::Value::StringValue(service.into())),
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    common::otlp::traces(service, spans)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,11 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Server;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-use prost::Message;
+use opentelemetry_proto::tonic::trace::v1::Span;
 
 /// A running S3 server on a free loopback port, stopped on drop.
 struct S3 {
@@ -94,16 +90,6 @@ impl Drop for S3 {
     }
 }
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
-
 /// Exports `n` spans with ids from `first` and waits for the acknowledgement.
 async fn export(server: &Server, first: u64, n: u64) {
     let now = chrono::Utc::now().timestamp_nanos_opt().expect("now") as u64;
@@ -118,27 +104,8 @@ async fn export(server: &Server, first: u64, n: u64) {
             ..Default::default()
         })
         .collect();
-    let req = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![kv("service.name", "inventory")],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
-    let r = reqwest::Client::new()
-        .post(server.otlp_url("/v1/traces"))
-        .header("content-type", "application/x-protobuf")
-        .body(req.encode_to_vec())
-        .send()
-        .await
-        .expect("export");
-    assert_eq!(r.status(), 200);
+    let req = common::otlp::traces("inventory", spans);
+    common::otlp::post(&server.otlp_url("/v1/traces"), &req).await;
 }
 
 async fn wait_for(what: &str, mut ok: impl AsyncFnMut() -> bool) {

@@ -10,25 +10,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::Server;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
-use prost::Message;
+use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use serde_json::Value;
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
+use common::otlp::kv;
 
 /// `traces` requests: frontend (entry) → cart → an uninstrumented postgres; every 7th
 /// fails at cart. Returns each service's spans.
@@ -116,29 +104,9 @@ fn workload(traces: u64) -> BTreeMap<&'static str, Vec<Span>> {
 }
 
 async fn export(otlp_http: &str, service: &str, spans: &[Span]) {
-    let client = reqwest::Client::new();
     for chunk in spans.chunks(50) {
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: vec![kv("service.name", service)],
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    spans: chunk.to_vec(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let r = client
-            .post(format!("{otlp_http}/v1/traces"))
-            .header("content-type", "application/x-protobuf")
-            .body(req.encode_to_vec())
-            .send()
-            .await
-            .expect("export");
-        assert_eq!(r.status(), 200);
+        let req = common::otlp::traces(service, chunk.to_vec());
+        common::otlp::post(&format!("{otlp_http}/v1/traces"), &req).await;
     }
 }
 

@@ -3,12 +3,10 @@
 //! half-open and lets one probe through: success closes it, failure opens it again.
 
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::{Body, BoxFuture, HttpService, local_response};
 use crate::config::BreakerConfig;
@@ -124,31 +122,10 @@ impl Drop for ProbeGuard {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BreakerLayer;
+policy_layer!(BreakerLayer, BreakerService);
 
-impl<S> Layer<S> for BreakerLayer {
-    type Service = BreakerService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        BreakerService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct BreakerService<S> {
-    inner: S,
-}
-
-impl<S: HttpService> Service<Request<Body>> for BreakerService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl<S: HttpService> BreakerService<S> {
+    fn handle(&mut self, req: Request<Body>) -> BoxFuture {
         let Some(breaker) = req.extensions().get::<Arc<Breaker>>().cloned() else {
             return Box::pin(self.inner.call(req));
         };
@@ -179,6 +156,7 @@ impl<S: HttpService> Service<Request<Body>> for BreakerService<S> {
 mod tests {
     use super::*;
     use crate::layers::testing::{Script, call, get};
+    use tower::Layer;
 
     fn req(b: &Arc<Breaker>) -> Request<Body> {
         let mut r = get();

@@ -2,11 +2,9 @@
 //! is not called) and delay `delay-percent` of them by `delay-ms` before sending.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use tower::{Layer, Service};
 
 use super::{Body, BoxFuture, HttpService, local_response};
 use crate::config::FaultConfig;
@@ -27,35 +25,14 @@ impl Injected {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FaultLayer;
-
-impl<S> Layer<S> for FaultLayer {
-    type Service = FaultService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        FaultService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct FaultService<S> {
-    inner: S,
-}
+policy_layer!(FaultLayer, FaultService);
 
 fn roll(percent: f64) -> bool {
     percent > 0.0 && rand::random_range(0.0..100.0) < percent
 }
 
-impl<S: HttpService> Service<Request<Body>> for FaultService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl<S: HttpService> FaultService<S> {
+    fn handle(&mut self, req: Request<Body>) -> BoxFuture {
         let Some(fault) = req.extensions().get::<Arc<FaultConfig>>().cloned() else {
             return Box::pin(self.inner.call(req));
         };
@@ -85,6 +62,7 @@ impl<S: HttpService> Service<Request<Body>> for FaultService<S> {
 mod tests {
     use super::*;
     use crate::layers::testing::{Script, call, get};
+    use tower::Layer;
 
     /// `n` Bernoulli(p) trials: the count must be within 5 standard deviations.
     fn within(count: usize, n: usize, p: f64) -> bool {

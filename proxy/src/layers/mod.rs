@@ -13,6 +13,47 @@
 //! Order on the outbound side, outermost first:
 //! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
 
+/// Declares a policy layer: the unit `$layer`, the `$service` it wraps a service in, and
+/// the tower `Service` impl, ready as soon as the inner service is, whose `call` is
+/// `$service::handle` (each layer writes only that).
+macro_rules! policy_layer {
+    ($layer:ident, $service:ident) => {
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $layer;
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> Self::Service {
+                $service { inner }
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        pub struct $service<S> {
+            inner: S,
+        }
+
+        impl<S: $crate::layers::HttpService> tower::Service<http::Request<$crate::layers::Body>>
+            for $service<S>
+        {
+            type Response = http::Response<$crate::layers::Body>;
+            type Error = std::convert::Infallible;
+            type Future = $crate::layers::BoxFuture;
+
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, req: http::Request<$crate::layers::Body>) -> Self::Future {
+                self.handle(req)
+            }
+        }
+    };
+}
+
 pub mod breaker;
 pub mod fault;
 pub mod forward;

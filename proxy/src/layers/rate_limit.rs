@@ -2,11 +2,9 @@
 //! `burst`; a request that finds the bucket empty is answered 429 by the proxy.
 
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use http::{Request, StatusCode};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::{Body, BoxFuture, HttpService, local_response};
 use crate::config::RateLimitConfig;
@@ -54,31 +52,10 @@ impl TokenBucket {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RateLimitLayer;
+policy_layer!(RateLimitLayer, RateLimitService);
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RateLimitService<S> {
-    inner: S,
-}
-
-impl<S: HttpService> Service<Request<Body>> for RateLimitService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl<S: HttpService> RateLimitService<S> {
+    fn handle(&mut self, req: Request<Body>) -> BoxFuture {
         if let Some(bucket) = req.extensions().get::<Arc<TokenBucket>>()
             && !bucket.try_take()
         {
@@ -97,6 +74,7 @@ impl<S: HttpService> Service<Request<Body>> for RateLimitService<S> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+    use tower::Layer;
 
     use super::*;
     use crate::layers::testing::{Script, call, get};

@@ -14,7 +14,6 @@
 //! `b = min(backoff-max, backoff-base · 2^(n-1))` ("equal jitter").
 
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +21,6 @@ use http::{Method, Request};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::{Body, BoxFuture, HttpService, full, local_response};
 use crate::config::RetryConfig;
@@ -119,31 +117,10 @@ impl RetryPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RetryLayer;
+policy_layer!(RetryLayer, RetryService);
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = RetryService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RetryService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RetryService<S> {
-    inner: S,
-}
-
-impl<S: HttpService> Service<Request<Body>> for RetryService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl<S: HttpService> RetryService<S> {
+    fn handle(&mut self, req: Request<Body>) -> BoxFuture {
         let policy = req
             .extensions()
             .get::<std::sync::Arc<RetryPolicy>>()
@@ -212,6 +189,7 @@ impl<S: HttpService> Service<Request<Body>> for RetryService<S> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use tower::Layer;
 
     use super::*;
     use crate::layers::testing::{Script, call, get};

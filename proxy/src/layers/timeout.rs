@@ -1,11 +1,9 @@
 //! Whole-request timeout: a request whose response headers have not come within the
 //! destination's `timeout-ms` is answered 504 by the proxy (and the attempt is dropped).
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use tower::{Layer, Service};
 
 use super::{Body, BoxFuture, HttpService, local_response};
 
@@ -17,31 +15,10 @@ pub struct Timeout(pub Duration);
 #[derive(Debug, Clone, Copy)]
 pub struct TimedOut;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TimeoutLayer;
+policy_layer!(TimeoutLayer, TimeoutService);
 
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = TimeoutService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        TimeoutService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TimeoutService<S> {
-    inner: S,
-}
-
-impl<S: HttpService> Service<Request<Body>> for TimeoutService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl<S: HttpService> TimeoutService<S> {
+    fn handle(&mut self, req: Request<Body>) -> BoxFuture {
         let limit = req.extensions().get::<Timeout>().copied();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -66,6 +43,8 @@ mod tests {
     use crate::layers::testing::{call, get};
     use crate::layers::{BoxFuture, empty};
     use std::convert::Infallible;
+    use std::task::{Context, Poll};
+    use tower::{Layer, Service};
 
     /// Answers 200 after `delay`.
     #[derive(Clone)]
