@@ -734,12 +734,33 @@ async fn late_spans_are_counted_once_when_they_arrive() {
         &dir.path().join("data"),
         &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
     );
+    late_spans_counted_once(&server, &server).await;
+}
+
+/// The same on a query node of split roles: it sees late spans when the collector's files
+/// with them appear.
+#[tokio::test(flavor = "multi_thread")]
+async fn late_spans_are_counted_once_on_a_query_node() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let shared = dir.path().join("shared");
+    let collector = Server::start_role(
+        "collector",
+        &shared,
+        &["--node-id", "c1", "--flush-interval-secs", "1"],
+    );
+    let query = Server::start_role(
+        "query",
+        &shared,
+        &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
+    );
+    late_spans_counted_once(&collector, &query).await;
+}
+
+/// Sends late spans to `ingest` and checks the counters of `server`.
+async fn late_spans_counted_once(ingest: &Server, server: &Server) {
     let windows = |t: &str| metric_value(t, "meshscope_metrics_windows_total").unwrap_or(0.0);
     // The counters have passed some windows: everything below is behind them.
-    wait_metrics(&server, "the counters never advanced", |t| {
-        windows(t) >= 2.0
-    })
-    .await;
+    wait_metrics(server, "the counters never advanced", |t| windows(t) >= 2.0).await;
     let series =
         r#"traces_service_graph_request_total{client="api",server="db-proxy",connection_type=""}"#;
     let now_ns = std::time::SystemTime::now()
@@ -784,8 +805,8 @@ async fn late_spans_are_counted_once_when_they_arrive() {
     };
     pairs(&mut mesh, 10, 0);
     let mut rng = Rng(5);
-    send(&server, &mesh.spans, &mut rng).await;
-    wait_metrics(&server, "late requests not counted", |t| {
+    send(ingest, &mesh.spans, &mut rng).await;
+    wait_metrics(server, "late requests not counted", |t| {
         metric_value(t, series) == Some(10.0)
     })
     .await;
@@ -793,8 +814,8 @@ async fn late_spans_are_counted_once_when_they_arrive() {
     // More late requests of the same minute: only they are added.
     mesh.spans.clear();
     pairs(&mut mesh, 5, 20_000);
-    send(&server, &mesh.spans, &mut rng).await;
-    let text = wait_metrics(&server, "second late batch not counted", |t| {
+    send(ingest, &mesh.spans, &mut rng).await;
+    let text = wait_metrics(server, "second late batch not counted", |t| {
         metric_value(t, series) == Some(15.0)
     })
     .await;
@@ -804,10 +825,7 @@ async fn late_spans_are_counted_once_when_they_arrive() {
     );
     // And nothing is counted twice as the counters go on.
     let seen = windows(&text);
-    let text = wait_metrics(&server, "the counters stopped", |t| {
-        windows(t) >= seen + 3.0
-    })
-    .await;
+    let text = wait_metrics(server, "the counters stopped", |t| windows(t) >= seen + 3.0).await;
     assert_eq!(metric_value(&text, series), Some(15.0), "{text}");
     let calls = r#"traces_span_metrics_calls_total{service_name="db-proxy",span_name="GET /q",span_kind="SPAN_KIND_SERVER",status_code="STATUS_CODE_UNSET"}"#;
     assert_eq!(metric_value(&text, calls), Some(15.0), "{text}");

@@ -43,6 +43,17 @@ pub fn minutes_of(batch: &RecordBatch, time_column: &str) -> Minutes {
     out
 }
 
+/// Every minute from `min_ns` to `max_ns` (a file's time range), each with its earliest
+/// possible time: `min_ns` in the first minute, the minute's start after it. At most
+/// [`MAX_MINUTES`] (the latest ones).
+pub fn minutes_between(min_ns: i64, max_ns: i64) -> Minutes {
+    let (first, last) = (min_ns.div_euclid(MINUTE_NS), max_ns.div_euclid(MINUTE_NS));
+    let first = first.max(last - MAX_MINUTES as i64 + 1);
+    (first..=last)
+        .map(|m| (m, (m * MINUTE_NS).max(min_ns)))
+        .collect()
+}
+
 fn merge(into: &mut Minutes, from: Minutes) {
     for (m, t) in from {
         let e = into.entry(m).or_insert(t);
@@ -66,6 +77,23 @@ impl WrittenMinutes {
     /// The minutes written since the last call.
     pub fn take(&self) -> Minutes {
         std::mem::take(&mut *self.minutes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn a_files_range_covers_its_minutes() {
+        let m = MINUTE_NS;
+        let got = minutes_between(5 * m + 7, 7 * m + 1);
+        assert_eq!(got, Minutes::from([(5, 5 * m + 7), (6, 6 * m), (7, 7 * m)]));
+        assert_eq!(minutes_between(3 * m, 3 * m + 9).len(), 1);
+        assert_eq!(
+            minutes_between(0, (MAX_MINUTES as i64 + 50) * m).len(),
+            MAX_MINUTES
+        );
     }
 }
 

@@ -48,7 +48,7 @@ pub struct ParquetFile {
 
 impl ParquetFile {
     /// Whether this file's sequence range lies inside `other`'s (same writer).
-    fn within(&self, other: &ParquetFile) -> bool {
+    pub(crate) fn within(&self, other: &ParquetFile) -> bool {
         self.writer == other.writer
             && self.path != other.path
             && other.first_seq <= self.first_seq

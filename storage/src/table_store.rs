@@ -518,7 +518,16 @@ impl TableStore {
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
             {
                 match parquet_file::list(&self.shared.dir) {
-                    Ok(files) => *cache = (Some(Instant::now()), parquet_file::live(files).0),
+                    Ok(files) => {
+                        let files = parquet_file::live(files).0;
+                        // Files that were not there before (not on the first listing: what
+                        // was there at start-up is no arrival) are what collectors wrote
+                        // since: their minutes arrived now.
+                        if cache.0.is_some() {
+                            self.note_arrivals(&cache.1, &files);
+                        }
+                        *cache = (Some(Instant::now()), files);
+                    }
                     Err(e) => {
                         tracing::warn!(table = %self.shared.table, error = %e, "cannot list Parquet files")
                     }
@@ -533,6 +542,29 @@ impl TableStore {
         Snapshot {
             files: st.files.clone(),
             batches: st.frozen.iter().chain(st.active.iter()).cloned().collect(),
+        }
+    }
+
+    /// Records the minutes of the files in `now` that a collector flushed since `before`
+    /// was listed (a query node's view of arrivals, for the `/metrics` counters): each
+    /// file's time range from its footer, every minute of it with the file's earliest
+    /// time. A compaction's output (it covers files listed before) brings nothing new.
+    fn note_arrivals(&self, before: &[ParquetFile], now: &[ParquetFile]) {
+        let known: std::collections::HashSet<&Path> =
+            before.iter().map(|f| f.path.as_path()).collect();
+        for f in now.iter().filter(|f| !known.contains(f.path.as_path())) {
+            let compacted = before.iter().any(|b| b.within(f));
+            if compacted {
+                continue;
+            }
+            let Ok(summary) = parquet_file::summary(self.shared.table, f, None) else {
+                continue;
+            };
+            let (Some(min), Some(max)) = (summary.min_time, summary.max_time) else {
+                continue;
+            };
+            self.arrivals
+                .record(crate::arrivals::minutes_between(min, max));
         }
     }
 

@@ -16,8 +16,9 @@
 //! late parent that turns an entry request into an edge request leaves the entry counted
 //! too). Minutes more than [`LATE_WINDOW`] behind the counters are not recounted
 //! (`meshscope_metrics_late_minutes_ignored_total`); at most [`LATE_PER_ADVANCE`] minute
-//! is recounted per call, the rest on the next ones. Late arrivals are seen for writes of this
-//! process (the all-in-one `serve`); a query node of split roles counts as before.
+//! is recounted per call, the rest on the next ones. The all-in-one `serve` sees late
+//! arrivals in its own writes; a query node of split roles in the collectors' new files
+//! (`TableStore::note_arrivals`), except on object storage.
 //!
 //! Series are bounded: at most [`MAX_SERIES`] of each family; past that, new label sets are
 //! dropped and counted in `meshscope_metrics_series_dropped_total`.
