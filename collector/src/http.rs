@@ -292,3 +292,98 @@ async fn logs(State(s): State<AppState>, headers: HeaderMap, raw: Bytes) -> Resp
         Err(e) => failed(enc, e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        Bytes::from(e.finish().unwrap())
+    }
+
+    #[test]
+    fn content_types_pick_the_encoding() {
+        let ct = |v: &str| encoding(&headers(&[(header::CONTENT_TYPE, v)]));
+        assert_eq!(ct("application/x-protobuf").unwrap(), Encoding::Protobuf);
+        assert_eq!(ct("application/protobuf").unwrap(), Encoding::Protobuf);
+        assert_eq!(
+            ct("Application/JSON; charset=utf-8").unwrap(),
+            Encoding::Json
+        );
+        let refused = ct("text/plain").unwrap_err();
+        assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let missing = encoding(&HeaderMap::new()).unwrap_err();
+        assert_eq!(missing.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn bodies_are_decompressed_within_the_limit() {
+        let plain = Bytes::from_static(b"0123456789");
+        let none = body(Encoding::Json, &HeaderMap::new(), plain.clone(), 100).unwrap();
+        assert_eq!(none, plain);
+        let gz = headers(&[(header::CONTENT_ENCODING, "gzip")]);
+        assert_eq!(body(Encoding::Json, &gz, gzip(&plain), 100).unwrap(), plain);
+        // A small body that inflates past the limit is refused, not inflated whole.
+        let bomb = gzip(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 10_000);
+        let r = body(Encoding::Protobuf, &gz, bomb, 1000).unwrap_err();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let r = body(Encoding::Json, &gz, plain.clone(), 100).unwrap_err();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "not gzip");
+        let br = headers(&[(header::CONTENT_ENCODING, "br")]);
+        let r = body(Encoding::Json, &br, plain, 100).unwrap_err();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn errors_carry_a_status_in_the_requests_encoding() {
+        let r = error(
+            Encoding::Protobuf,
+            StatusCode::SERVICE_UNAVAILABLE,
+            UNAVAILABLE,
+            "busy".into(),
+        );
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/x-protobuf");
+        assert_eq!(
+            r.headers()[header::RETRY_AFTER],
+            "1",
+            "retryable: when to come back"
+        );
+        let r = error(
+            Encoding::Json,
+            StatusCode::BAD_REQUEST,
+            INVALID_ARGUMENT,
+            "bad".into(),
+        );
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn otlp_json_and_protobuf_decode_and_garbage_is_an_error() {
+        let req: ExportTraceServiceRequest =
+            decode(Encoding::Json, br#"{"resourceSpans":[]}"#).unwrap();
+        assert!(req.resource_spans.is_empty());
+        let bytes = prost::Message::encode_to_vec(&req);
+        let back: ExportTraceServiceRequest = decode(Encoding::Protobuf, &bytes).unwrap();
+        assert_eq!(back, req);
+        let e = decode::<ExportTraceServiceRequest>(Encoding::Json, b"{nope").unwrap_err();
+        assert!(e.contains("invalid OTLP/JSON"), "{e}");
+        let e = decode::<ExportTraceServiceRequest>(Encoding::Protobuf, &[0xff, 0xff]).unwrap_err();
+        assert!(e.contains("invalid protobuf"), "{e}");
+    }
+}

@@ -130,3 +130,40 @@ pub async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    use super::*;
+
+    fn statement(sql: &str) -> Statement {
+        Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn writes_are_refused_with_sqlstate_25006_and_reads_pass() {
+        for sql in [
+            "DELETE FROM spans",
+            "INSERT INTO spans SELECT * FROM spans",
+            "CREATE TABLE t (a int)",
+            "DROP TABLE spans",
+            "COPY spans TO '/tmp/x'",
+        ] {
+            let Some(PgWireError::UserError(info)) = refused(&statement(sql)) else {
+                panic!("{sql} was not refused");
+            };
+            assert_eq!(info.code, "25006", "{sql}");
+        }
+        for sql in [
+            "SELECT count(*) FROM spans",
+            "WITH t AS (SELECT 1) SELECT * FROM t",
+            "EXPLAIN SELECT 1",
+        ] {
+            assert!(refused(&statement(sql)).is_none(), "{sql} was refused");
+        }
+    }
+}

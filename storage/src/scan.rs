@@ -232,3 +232,47 @@ fn touching(meta: &ArrowReaderMetadata, scan: &ColumnScan) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, AsArray, Int64Array, StringArray};
+
+    use super::*;
+
+    #[test]
+    fn batches_take_the_scans_shape() {
+        let scan = ColumnScan::new(
+            vec![
+                Field::new("name", DataType::Utf8View, true),
+                Field::new("n", DataType::Int64, true),
+                Field::new("absent", DataType::Utf8, true),
+            ],
+            "n",
+            (0, 10),
+        );
+        let batch = RecordBatch::try_from_iter([
+            ("extra", Arc::new(Int64Array::from(vec![7, 8])) as ArrayRef),
+            ("n", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            (
+                "name",
+                Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let shaped = scan.shape(&batch).unwrap();
+        assert_eq!(shaped.schema(), scan.schema);
+        // Cast to the wanted type, columns the batch lacks as nulls, the rest dropped.
+        assert_eq!(shaped.column(0).as_string_view().value(1), "b");
+        assert_eq!(shaped.column(2).null_count(), 2);
+        assert_eq!(shaped.num_rows(), 2);
+    }
+
+    #[test]
+    fn only_text_is_read_straight_into_dictionaries_and_views() {
+        let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        assert!(hintable(&DataType::Utf8, &dict));
+        assert!(hintable(&DataType::Utf8, &DataType::Utf8View));
+        assert!(!hintable(&DataType::Int64, &DataType::Utf8View));
+        assert!(!hintable(&DataType::Utf8, &DataType::Int64));
+    }
+}

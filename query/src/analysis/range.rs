@@ -85,6 +85,22 @@ pub fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// An empty parameter (`?service=`, as HTML forms send) is the same as an absent one.
+pub(crate) fn empty_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match <Option<String> as serde::Deserialize>::deserialize(d)?.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod range_limits {
     use super::*;

@@ -1,18 +1,16 @@
 //! The analysis API: `/api/v1/graph`, `/api/v1/services[/{name}]`, `/api/v1/series`,
 //! `/api/v1/traces[/{id}]`.
 
-use std::str::FromStr;
-
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use super::graph::{ComputedFrom, ServiceGraph};
-use super::range::TimeRange;
+use super::range::{TimeRange, empty_as_none};
 use super::signals;
 use super::traces::{self, TraceQuery};
 use crate::api::error_response;
@@ -24,22 +22,6 @@ type Params<T> = Result<Query<T>, QueryRejection>;
 fn params<T>(p: Params<T>) -> Result<T, QueryError> {
     p.map(|Query(t)| t)
         .map_err(|e| QueryError::Invalid(e.body_text()))
-}
-
-/// An empty parameter (`?service=`, as HTML forms send) is the same as an absent one.
-fn empty_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: std::fmt::Display,
-{
-    match Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()) {
-        None => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}"))),
-    }
 }
 
 /// `start` and `end` (RFC 3339; the last 15 minutes by default) and, where the answer may

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::graph::{Edge, ServiceGraph, services_sql};
 use super::model::{ComputedFrom, Signals, SignalsRow, VersionSignals};
-use super::range::{TimeRange, sql_str};
+use super::range::{TimeRange, empty_as_none, sql_str};
 use super::{round3, typed};
 use crate::engine::{QueryEngine, QueryError};
 
@@ -289,17 +289,22 @@ pub async fn service(
 
 /// What `GET /api/v1/series` is asked for (typed query parameters).
 #[derive(Debug, Default, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SeriesQuery {
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub start: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub end: Option<String>,
     /// Seconds per point, a whole number of minutes (default: at most 60 points).
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub step: Option<u64>,
     /// One service's own requests.
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub service: Option<String>,
     /// One edge's requests: its source (`user` or `user (entry)` for the entry point) and
     /// target, as `/api/v1/graph` names them.
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub source: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub target: Option<String>,
 }
 
