@@ -386,14 +386,6 @@ impl Drop for Alertmanager {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn alertmanager(dir: &Path, webhook: SocketAddr) -> Alertmanager {
     let cfg = dir.join("alertmanager.yml");
     std::fs::write(
@@ -403,26 +395,43 @@ fn alertmanager(dir: &Path, webhook: SocketAddr) -> Alertmanager {
         ),
     )
     .expect("alertmanager.yml");
-    let port = free_port();
     let storage = dir.join("am-data");
     std::fs::create_dir_all(&storage).expect("storage dir");
-    let log = std::fs::File::create(dir.join("alertmanager.log")).expect("log");
+    let log_path = dir.join("alertmanager.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    // Port 0: Alertmanager binds a free port and logs it (`msg="Listening on"
+    // address=127.0.0.1:PORT`); no bind-and-release race.
     let child = Command::new("/usr/bin/prometheus-alertmanager")
         .arg(format!("--config.file={}", cfg.display()))
         .arg(format!("--storage.path={}", storage.display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--web.listen-address=127.0.0.1:0")
         .arg("--cluster.listen-address=")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("prometheus-alertmanager (Debian package; scripts/install-test-deps installs it)");
-    let am = Alertmanager { child, port };
+    let mut am = Alertmanager { child, port: 0 };
     let deadline = Instant::now() + Duration::from_secs(30);
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    while am.port == 0 {
+        am.port = logged()
+            .lines()
+            .filter(|l| l.contains("msg=\"Listening on\""))
+            .find_map(|l| l.rsplit_once("address=127.0.0.1:")?.1.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(
+            Instant::now() < deadline,
+            "alertmanager did not listen: {}",
+            logged()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = am.port;
     while common::http_status(port, "/-/ready").ok() != Some(200) {
         assert!(
             Instant::now() < deadline,
             "alertmanager did not start: {}",
-            std::fs::read_to_string(dir.join("alertmanager.log")).unwrap_or_default()
+            logged()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

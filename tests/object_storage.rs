@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,28 +18,33 @@ struct S3 {
 
 impl S3 {
     fn start() -> S3 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
+        use std::io::BufRead as _;
+        // Port 0: the server binds a free port and says which (no bind-and-release race).
+        let script = "from moto.server import ThreadedMotoServer\n\
+                      import sys\n\
+                      s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n\
+                      s.start()\n\
+                      print(s.get_host_and_port()[1], flush=True)\n\
+                      sys.stdin.read()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start moto_server (scripts/install-test-deps installs moto[server])");
+            .expect("start moto's S3 server (scripts/install-test-deps installs moto[server])");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the S3 server's port");
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the S3 server did not start: {line:?}"));
         let endpoint = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while common::http_status(port, "/").is_err() {
-            assert!(Instant::now() < deadline, "the S3 server did not start");
+            assert!(Instant::now() < deadline, "the S3 server did not answer");
             std::thread::sleep(Duration::from_millis(100));
         }
         S3 { child, endpoint }
