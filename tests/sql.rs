@@ -196,32 +196,11 @@ async fn postgres_wire_with_psql_and_a_driver() {
     assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 1);
 }
 
-/// The value of an unlabelled series in the `/metrics` exposition.
-async fn gauge(server: &Server, name: &str) -> Option<f64> {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Waits (at most `secs`) until the running-queries gauge reads `want`.
 async fn wait_running(server: &Server, want: f64, secs: u64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        let now = gauge(server, "meshscope_queries_running").await;
-        if now == Some(want) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "meshscope_queries_running stayed {now:?}, expected {want}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    server
+        .wait_metric("meshscope_queries_running", secs, |v| v == want)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
