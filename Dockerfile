@@ -13,5 +13,8 @@ RUN apt-get update \
 COPY --from=build /usr/local/bin/meshscope /usr/local/bin/meshscope
 EXPOSE 4317 4318 8080 5433
 ENTRYPOINT ["meshscope"]
+# Beyond loopback meshscope wants tokens: mount an auth file and pass
+# `--auth-file /etc/meshscope/auth.toml` in place of --insecure-no-auth (README: security).
 CMD ["serve", "--data-dir", "/data", "--otlp-grpc-addr", "0.0.0.0:4317", \
-     "--otlp-http-addr", "0.0.0.0:4318", "--http-addr", "0.0.0.0:8080", "--pg-addr", "0.0.0.0:5433"]
+     "--otlp-http-addr", "0.0.0.0:4318", "--http-addr", "0.0.0.0:8080", "--pg-addr", "0.0.0.0:5433", \
+     "--insecure-no-auth"]

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use meshscope_auth::{Auth, Scope, Surface};
 use meshscope_proto::otlp::collector::logs::v1::logs_service_server::{
     LogsService, LogsServiceServer,
 };
@@ -22,6 +23,7 @@ use meshscope_proto::otlp::collector::trace::v1::{
 };
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
@@ -107,13 +109,37 @@ impl LogsService for Grpc {
     }
 }
 
-/// Serves OTLP/gRPC on `listener` until `shutdown` completes.
+/// Refuses a call without an `ingest` token before its message is decoded:
+/// UNAUTHENTICATED for a missing or unknown token, PERMISSION_DENIED without the scope.
+#[derive(Clone)]
+struct RequireIngest(Auth);
+
+impl tonic::service::Interceptor for RequireIngest {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let presented = req.metadata().get("authorization").map(|v| v.as_bytes());
+        match self
+            .0
+            .check_header(Surface::OtlpGrpc, presented, Scope::Ingest)
+        {
+            Ok(_) => Ok(req),
+            Err(denied) if denied.is_unauthenticated() => {
+                Err(Status::unauthenticated(denied.to_string()))
+            }
+            Err(denied) => Err(Status::permission_denied(denied.to_string())),
+        }
+    }
+}
+
+/// Serves OTLP/gRPC on `listener` until `shutdown` completes; every call needs an
+/// `ingest` token unless `auth` is open.
 pub async fn serve(
     listener: TcpListener,
     ingest: Ingest,
     limits: Limits,
+    auth: Auth,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let gate = RequireIngest(auth);
     let g = Grpc { ingest };
     let max = limits.max_body_bytes;
     let traces = TraceServiceServer::new(g.clone())
@@ -132,9 +158,9 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_argument,
         ))
-        .add_service(traces)
-        .add_service(metrics)
-        .add_service(logs)
+        .add_service(InterceptedService::new(traces, gate.clone()))
+        .add_service(InterceptedService::new(metrics, gate.clone()))
+        .add_service(InterceptedService::new(logs, gate))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
 }

@@ -29,6 +29,9 @@ use meshscope_proto::otlp::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
+use meshscope_auth::http::Gate;
+use meshscope_auth::{Auth, Scope, Surface};
+
 use crate::Limits;
 use crate::ingest::{Ingest, IngestError};
 
@@ -38,15 +41,34 @@ struct AppState {
     limits: Limits,
 }
 
-/// The OTLP/HTTP routes.
-pub fn router(ingest: Ingest, limits: Limits) -> Router {
-    Router::new()
+/// The OTLP/HTTP routes; every request needs an `ingest` token unless `auth` is open
+/// (401 / 403 before the body is read).
+pub fn router(ingest: Ingest, limits: Limits, auth: Auth) -> Router {
+    let routes = Router::new()
         .route("/v1/traces", post(traces))
         .route("/v1/metrics", post(metrics))
         .route("/v1/logs", post(logs))
         // The compressed body may not exceed the limit either.
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(AppState { ingest, limits })
+        .with_state(AppState { ingest, limits });
+    Gate {
+        auth,
+        surface: Surface::OtlpHttp,
+        scope_of: |_, _| Some(Scope::Ingest),
+        render: refusal,
+    }
+    .guard(routes)
+}
+
+/// A refused credential, as a `google.rpc.Status` in the request's encoding.
+fn refusal(headers: &HeaderMap, status: StatusCode, message: String) -> Response {
+    let enc = encoding(headers).unwrap_or(Encoding::Json);
+    let code = if status == StatusCode::UNAUTHORIZED {
+        UNAUTHENTICATED
+    } else {
+        PERMISSION_DENIED
+    };
+    error(enc, status, code, message)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +88,8 @@ struct RpcStatus {
 
 /// gRPC status codes used in error bodies.
 const INVALID_ARGUMENT: i32 = 3;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const INTERNAL: i32 = 13;
 const UNAVAILABLE: i32 = 14;

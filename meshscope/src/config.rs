@@ -155,6 +155,15 @@ pub struct ServeArgs {
     /// the `AWS_*` variables [local disk].
     #[arg(long, env = "MESHSCOPE_STORAGE_URL")]
     pub storage_url: Option<String>,
+    /// TOML file of `[[token]]` tables (name, secret or secret-sha256, scopes: ingest, read,
+    /// admin). With it every listener needs a token; without it everything is open, which
+    /// is allowed on loopback only [no tokens].
+    #[arg(long, env = "MESHSCOPE_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Listen on addresses other than loopback without tokens: anyone who reaches the server
+    /// can send data and read everything.
+    #[arg(long, env = "MESHSCOPE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 /// One table's retention in the config file (`[retention.spans]` …).
@@ -194,6 +203,10 @@ struct FileConfig {
     rollups_retention_max_bytes: Option<u64>,
     retire_grace_secs: Option<u64>,
     storage_url: Option<String>,
+    auth_file: Option<PathBuf>,
+    insecure_no_auth: Option<bool>,
+    /// `[[token]]` tables, as in the auth file.
+    token: Option<Vec<meshscope_auth::TokenSpec>>,
     /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
     retention: Option<BTreeMap<String, TableRetention>>,
     /// `[alerts]`: rules, receivers, evaluation interval (see meshscope-alerts).
@@ -238,6 +251,10 @@ pub struct ServeConfig {
     /// `s3://bucket/prefix`, or `None` for the data directory.
     pub storage_url: Option<String>,
     pub alerts: meshscope_alerts::AlertsConfig,
+    /// The tokens every listener checks ([`Auth::open`](meshscope_auth::Auth::open): none).
+    pub auth: meshscope_auth::Auth,
+    /// Whether listening beyond loopback without tokens was asked for.
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +273,10 @@ pub enum ConfigError {
     NodeId(String),
     #[error("unknown table {0:?} in [retention] (tables: spans, logs, metrics, rollups)")]
     RetentionTable(String),
+    #[error(transparent)]
+    Auth(#[from] meshscope_auth::AuthError),
+    #[error("tokens given twice: in {0} and as [[token]] in the config file; keep one")]
+    TokensTwice(PathBuf),
 }
 
 /// The host name, as a node id (other characters become `_`).
@@ -365,6 +386,18 @@ impl ServeArgs {
                 entry.max_bytes = r.max_bytes;
             }
         }
+        let auth = match (
+            self.auth_file.clone().or(file.auth_file.clone()),
+            file.token.clone(),
+        ) {
+            (Some(path), Some(_)) => return Err(ConfigError::TokensTwice(path)),
+            (Some(path), None) => meshscope_auth::Auth::load(&path)?,
+            (None, Some(tokens)) => match &self.config {
+                Some(config) => meshscope_auth::Auth::from_file_tokens(config, tokens)?,
+                None => meshscope_auth::Auth::from_specs(tokens)?,
+            },
+            (None, None) => meshscope_auth::Auth::open(),
+        };
         // Collectors flush often: a query node sees only what is in Parquet.
         let default_flush = if role == Role::Collector { 10 } else { 300 };
         Ok(ServeConfig {
@@ -426,6 +459,8 @@ impl ServeArgs {
                 .max(Duration::from_secs(1)),
             rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
             alerts: file.alerts.unwrap_or_default(),
+            auth,
+            insecure_no_auth: self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
         })
     }
 }
@@ -463,6 +498,9 @@ pub struct SqlArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
+    /// A token with the `read` scope, for a server started with `--auth-file`.
+    #[arg(long, env = "MESHSCOPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,

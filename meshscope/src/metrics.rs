@@ -35,6 +35,7 @@ pub struct Exposition {
     pub engine: Option<QueryEngine>,
     pub counters: Option<Arc<SpanCounters>>,
     pub alerts: Option<meshscope_alerts::Alerting>,
+    pub auth: meshscope_auth::Auth,
 }
 
 impl std::fmt::Debug for Exposition {
@@ -358,6 +359,52 @@ impl Collector for AlertsCollector {
     }
 }
 
+/// Requests accepted per token and refused per reason, on each listener.
+#[derive(Debug, Clone)]
+struct AuthCollector(meshscope_auth::Auth);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    surface: &'static str,
+    reason: &'static str,
+}
+
+impl Collector for AuthCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        {
+            let mut failures = enc.encode_descriptor(
+                "meshscope_auth_failures",
+                "Requests and logins refused: no token (missing), an unknown one (invalid), or \
+                 one without the scope (scope).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (surface, reason, n) in self.0.failures() {
+                failures
+                    .encode_family(&RefusalLabels {
+                        surface: surface.name(),
+                        reason,
+                    })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        let mut accepted = enc.encode_descriptor(
+            "meshscope_auth_accepted",
+            "Requests and logins accepted, by token name (never its secret).",
+            None,
+            MetricType::Counter,
+        )?;
+        for a in self.0.accepted() {
+            // Token names are letters, digits, `_`, `-` and `.`: nothing to escape.
+            let labels = [("token", a.token.as_str()), ("surface", a.surface.name())];
+            accepted
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&a.requests, None)?;
+        }
+        Ok(())
+    }
+}
+
 /// The OpenMetrics content type `/metrics` answers with (Prometheus negotiates it).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -372,6 +419,9 @@ impl Exposition {
         }
         if let Some(a) = &self.alerts {
             registry.register_collector(Box::new(AlertsCollector(a.clone())));
+        }
+        if !self.auth.is_open() {
+            registry.register_collector(Box::new(AuthCollector(self.auth.clone())));
         }
         registry
     }

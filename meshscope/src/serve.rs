@@ -34,6 +34,76 @@ use tokio::sync::watch;
 
 use crate::config::{Role, ServeConfig};
 
+/// The listeners a role opens: (what, address).
+fn listeners(config: &ServeConfig) -> Vec<(&'static str, SocketAddr)> {
+    let mut out = Vec::new();
+    if config.role != Role::Query {
+        out.push(("OTLP/gRPC", config.otlp_grpc_addr));
+        out.push(("OTLP/HTTP", config.otlp_http_addr));
+    }
+    out.push(("HTTP API", config.http_addr));
+    if config.role != Role::Collector {
+        out.push(("Postgres wire protocol", config.pg_addr));
+    }
+    out
+}
+
+/// Without tokens, meshscope answers anyone who reaches it: allowed on loopback, and beyond
+/// it only when `--insecure-no-auth` says so.
+fn check_exposure(config: &ServeConfig) -> Result<(), String> {
+    if !config.auth.is_open() {
+        return Ok(());
+    }
+    let exposed: Vec<String> = listeners(config)
+        .into_iter()
+        .filter(|(_, a)| !a.ip().is_loopback())
+        .map(|(what, a)| format!("{what} on {a}"))
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    if config.insecure_no_auth {
+        tracing::warn!(
+            listeners = %exposed.join(", "),
+            "--insecure-no-auth: listening beyond loopback without tokens; anyone who reaches \
+             these addresses can send data and read everything"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to listen beyond loopback without tokens ({}): give --auth-file (see the \
+         README's security section), or --insecure-no-auth to accept anyone who reaches it",
+        exposed.join(", ")
+    ))
+}
+
+/// The scope an HTTP API request needs: probes and the UI's files (which hold no data) are
+/// open; `/metrics` and every `/api/` read need `read`; changing alert rules needs `admin`.
+fn api_scope(method: &axum::http::Method, path: &str) -> Option<meshscope_auth::Scope> {
+    use meshscope_auth::Scope;
+    let reads = *method == axum::http::Method::GET || *method == axum::http::Method::HEAD;
+    if path == "/healthz" || path == "/readyz" {
+        None
+    } else if path.starts_with("/api/v1/alerts/rules") && !reads {
+        Some(Scope::Admin)
+    } else if path == "/metrics" || path.starts_with("/api/") {
+        Some(Scope::Read)
+    } else {
+        None
+    }
+}
+
+/// `router` behind the API's token check.
+fn guarded(router: Router, config: &ServeConfig) -> Router {
+    meshscope_auth::http::Gate {
+        auth: config.auth.clone(),
+        surface: meshscope_auth::Surface::Api,
+        scope_of: api_scope,
+        render: meshscope_auth::http::json_error,
+    }
+    .guard(router)
+}
+
 /// A shutdown signal every server task can await.
 #[derive(Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
@@ -161,6 +231,7 @@ pub async fn run_reporting(
     bound: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> Result<(), String> {
     let started = std::time::Instant::now();
+    check_exposure(&config)?;
     let role = config.role;
     let mut store_config = StoreConfig::new(&config.data_dir);
     store_config.flush_bytes = config.flush_bytes;
@@ -246,6 +317,7 @@ pub async fn run_reporting(
             otlp_http_l,
             &ingest,
             limits,
+            &config.auth,
             &shutdown,
         ));
     }
@@ -259,6 +331,7 @@ pub async fn run_reporting(
                 .unwrap_or(chrono::Duration::seconds(30)),
         ))),
         alerts: Some(alerting.clone()),
+        auth: config.auth.clone(),
     };
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
@@ -286,12 +359,14 @@ pub async fn run_reporting(
         .merge(meshscope_query::analysis::routes::router(engine.clone()))
         // The web UI: `/`, `/assets/…`, and index.html for every other path (client routes).
         .merge(meshscope_ui::router());
+    let api = guarded(api, &config);
     let http = tokio::spawn(
         axum::serve(http_l, api)
             .with_graceful_shutdown(shutdown.wait())
             .into_future(),
     );
-    let pg_serve = meshscope_query::pg::serve(pg_l, engine.clone(), shutdown.wait());
+    let pg_serve =
+        meshscope_query::pg::serve(pg_l, engine.clone(), config.auth.clone(), shutdown.wait());
     let pg = executor.spawn_detached(async move {
         if let Err(e) = pg_serve.await {
             tracing::error!(error = %e, "the Postgres wire protocol server stopped");
@@ -368,17 +443,19 @@ fn spawn_receivers(
     otlp_http_l: TcpListener,
     ingest: &Ingest,
     limits: Limits,
+    auth: &meshscope_auth::Auth,
     shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let grpc = tokio::spawn(meshscope_collector::grpc::serve(
         grpc_l,
         ingest.clone(),
         limits,
+        auth.clone(),
         shutdown.wait(),
     ));
     let http = axum::serve(
         otlp_http_l,
-        meshscope_collector::http::router(ingest.clone(), limits),
+        meshscope_collector::http::router(ingest.clone(), limits, auth.clone()),
     )
     .with_graceful_shutdown(shutdown.wait())
     .into_future();
@@ -411,7 +488,14 @@ async fn run_collector(
     let http_l = bind("HTTP API", config.http_addr).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
-    let mut tasks = spawn_receivers(grpc_l, otlp_http_l, &ingest, limits, &shutdown);
+    let mut tasks = spawn_receivers(
+        grpc_l,
+        otlp_http_l,
+        &ingest,
+        limits,
+        &config.auth,
+        &shutdown,
+    );
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
             Maintainer::new(storage.clone(), config.upkeep.clone()),
@@ -425,10 +509,12 @@ async fn run_collector(
         engine: None,
         counters: None,
         alerts: None,
+        auth: config.auth.clone(),
     };
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
         .merge(exposition.router());
+    let api = guarded(api, &config);
     tasks.push(tokio::spawn(
         axum::serve(http_l, api)
             .with_graceful_shutdown(shutdown.wait())

@@ -14,9 +14,11 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
         Format::Json => "application/json",
         Format::Table | Format::Csv => ARROW_STREAM,
     };
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .header("accept", accept)
+    let mut request = reqwest::Client::new().post(&url).header("accept", accept);
+    if let Some(token) = &args.token {
+        request = request.bearer_auth(token);
+    }
+    let resp = request
         .json(&serde_json::json!({ "sql": args.sql }))
         .send()
         .await

@@ -82,6 +82,9 @@ pub struct Listen {
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint (absent: telemetry is counted but not exported).
     pub otlp_endpoint: Option<String>,
+    /// A file holding the token (with the `ingest` scope) sent as `authorization: Bearer`
+    /// on every export, for a server started with `--auth-file` [none].
+    pub otlp_token_file: Option<std::path::PathBuf>,
     /// How often a batch is sent [1000 ms].
     pub batch_interval_ms: u64,
     /// Records (spans + log records) waiting to be sent; beyond it they are dropped and
@@ -100,6 +103,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             otlp_endpoint: None,
+            otlp_token_file: None,
             batch_interval_ms: 1000,
             queue_capacity: 20_000,
             max_batch: 512,

@@ -91,6 +91,7 @@ impl Proxy {
             return Err(ProxyError::NothingToDo);
         }
         let (telemetry, exporter) = Telemetry::new(&config.service, &config.telemetry);
+        exporter.check()?;
         let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(
             &config.destinations,
             None,

@@ -4,6 +4,10 @@
 //! query flows, the type mapping and the `pg_catalog` tables that psql and Grafana read.
 //! meshscope adds its read-only rule as the first query hook, and its own accept loop so
 //! that port 0 works and shutdown is clean. The loop runs on the query runtime.
+//!
+//! With tokens (`--auth-file`), a client logs in with a token's name as user and its secret
+//! as password (cleartext password authentication: put TLS in front of it on a shared
+//! network); the token needs the `read` scope.
 
 use std::sync::Arc;
 
@@ -18,11 +22,22 @@ use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::pgwire::api::auth::{
+    DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication,
+    protocol_negotiation, save_startup_parameters_to_metadata,
+};
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use datafusion_postgres::pgwire::api::results::Response;
 use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::{
+    PgWireConnectionState, PidSecretKeyGenerator, RandomPidSecretKeyGenerator,
+};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::startup::Authentication;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::{DfSessionService, QueryHook};
+use futures::{Sink, SinkExt};
+use meshscope_auth::{Auth, Scope};
 use tokio::net::TcpListener;
 
 use crate::engine::QueryEngine;
@@ -77,11 +92,103 @@ impl QueryHook for ReadOnlyHook {
     }
 }
 
+/// The start of a connection: open (no tokens), or a cleartext password that must be the
+/// secret of the token named by the user.
+struct Login {
+    auth: Auth,
+    pids: RandomPidSecretKeyGenerator,
+    parameters: DefaultServerParameterProvider,
+}
+
+/// A FATAL error during login, with its SQLSTATE.
+fn login_refused(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".into(),
+        code.into(),
+        message,
+    )))
+}
+
+impl Login {
+    /// AuthenticationOk, the server's parameters and ReadyForQuery.
+    async fn accept<C>(&self, client: &mut C) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (pid, secret_key) = self.pids.generate(client);
+        client.set_pid_and_secret_key(pid, secret_key);
+        finish_authentication(client, &self.parameters).await
+    }
+}
+
+#[async_trait]
+impl StartupHandler for Login {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if self.auth.is_open() {
+                    return self.accept(client).await;
+                }
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(
+                        Authentication::CleartextPassword,
+                    ))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
+                let pwd = pwd.into_password()?;
+                let login = LoginInfo::from_client_info(client);
+                let user = login.user().unwrap_or_default().to_owned();
+                match self.auth.check_login(
+                    meshscope_auth::Surface::Postgres,
+                    &user,
+                    pwd.password.as_bytes(),
+                    Scope::Read,
+                ) {
+                    Ok(_) => self.accept(client).await?,
+                    // 28P01 invalid_password; 42501 insufficient_privilege.
+                    Err(denied) if denied.is_unauthenticated() => {
+                        return Err(login_refused(
+                            "28P01",
+                            format!(
+                                "password authentication failed for user {user:?}: the user is a \
+                                 token's name and the password its secret"
+                            ),
+                        ));
+                    }
+                    Err(denied) => return Err(login_refused("42501", denied.to_string())),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 struct Handlers {
     service: Arc<DfSessionService>,
+    login: Arc<Login>,
 }
 
 impl PgWireServerHandlers for Handlers {
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.login)
+    }
+
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
         Arc::clone(&self.service)
     }
@@ -96,6 +203,7 @@ impl PgWireServerHandlers for Handlers {
 pub async fn serve(
     listener: std::net::TcpListener,
     engine: QueryEngine,
+    auth: Auth,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let ctx = Arc::clone(engine.context());
@@ -109,6 +217,11 @@ pub async fn serve(
     ];
     let handlers = Arc::new(Handlers {
         service: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+        login: Arc::new(Login {
+            auth,
+            pids: RandomPidSecretKeyGenerator::default(),
+            parameters: DefaultServerParameterProvider::default(),
+        }),
     });
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;

@@ -25,6 +25,8 @@ pub struct Server {
     pub http: u16,
     pub pg: u16,
     pub log: PathBuf,
+    /// The bearer token `sql*` and `metric*` send (a server started with `--auth-file`).
+    pub token: Option<String>,
 }
 
 impl Server {
@@ -53,14 +55,21 @@ impl Server {
             .append(true)
             .open(&log)
             .expect("log file");
+        // Loopback port 0 for every listener `extra` does not place itself.
+        let defaults = [
+            "--otlp-grpc-addr",
+            "--otlp-http-addr",
+            "--http-addr",
+            "--pg-addr",
+        ]
+        .into_iter()
+        .filter(|flag| !extra.contains(flag))
+        .flat_map(|flag| [flag, "127.0.0.1:0"]);
         let child = Command::new(binary())
             .arg(role)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--otlp-grpc-addr", "127.0.0.1:0"])
-            .args(["--otlp-http-addr", "127.0.0.1:0"])
-            .args(["--http-addr", "127.0.0.1:0"])
-            .args(["--pg-addr", "127.0.0.1:0"])
+            .args(defaults)
             .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -75,6 +84,7 @@ impl Server {
             http: 0,
             pg: 0,
             log,
+            token: None,
         };
         server.wait_ready();
         server
@@ -136,14 +146,22 @@ impl Server {
     }
 
     pub async fn sql_status(&self, sql: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(self.url("/api/v1/sql"))
+        let r = self
+            .authorized(reqwest::Client::new().post(self.url("/api/v1/sql")))
             .json(&serde_json::json!({ "sql": sql }))
             .send()
             .await
             .expect("POST /api/v1/sql");
         let status = r.status().as_u16();
         (status, r.json().await.expect("JSON answer"))
+    }
+
+    /// `request` with this server's token, if it has one.
+    pub fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
     }
 
     /// The single number a `SELECT count(*) …` style query returns.
@@ -157,7 +175,9 @@ impl Server {
     /// The value of one series of `/metrics` (`name` or `name{labels}` exactly as
     /// exposed), if present.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = reqwest::get(self.url("/metrics"))
+        let text = self
+            .authorized(reqwest::Client::new().get(self.url("/metrics")))
+            .send()
             .await
             .ok()?
             .text()

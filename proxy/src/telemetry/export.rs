@@ -20,6 +20,9 @@ use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tokio::sync::mpsc;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::{Record, Telemetry};
@@ -36,7 +39,39 @@ pub struct Exporter {
 pub enum ExportError {
     #[error("invalid OTLP endpoint {0:?}: {1}")]
     Endpoint(String, String),
+    #[error("cannot read the OTLP token file {0}: {1}")]
+    Token(String, String),
 }
+
+/// Adds `authorization: Bearer <token>` to every export (nothing without a token file).
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl Bearer {
+    fn from_file(path: Option<&std::path::Path>) -> Result<Bearer, ExportError> {
+        let Some(path) = path else {
+            return Ok(Bearer(None));
+        };
+        let shown = || path.display().to_string();
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| ExportError::Token(shown(), e.to_string()))?;
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ExportError::Token(shown(), "not a printable ASCII token".into()))?;
+        Ok(Bearer(Some(value)))
+    }
+}
+
+type Authorized = InterceptedService<Channel, Bearer>;
 
 fn scope() -> InstrumentationScope {
     InstrumentationScope {
@@ -67,9 +102,9 @@ fn batches<T>(mut v: Vec<T>, n: usize) -> Vec<Vec<T>> {
 }
 
 struct Clients {
-    traces: TraceServiceClient<Channel>,
-    metrics: MetricsServiceClient<Channel>,
-    logs: LogsServiceClient<Channel>,
+    traces: TraceServiceClient<Authorized>,
+    metrics: MetricsServiceClient<Authorized>,
+    logs: LogsServiceClient<Authorized>,
 }
 
 impl Exporter {
@@ -87,6 +122,11 @@ impl Exporter {
         }
     }
 
+    /// Checks the endpoint and reads the token file, so a mistake stops the proxy at start.
+    pub(crate) fn check(&self) -> Result<(), ExportError> {
+        self.clients().map(drop)
+    }
+
     fn clients(&self) -> Result<Option<Clients>, ExportError> {
         let Some(url) = &self.config.otlp_endpoint else {
             return Ok(None);
@@ -96,10 +136,11 @@ impl Exporter {
             .connect_timeout(Duration::from_millis(self.config.export_timeout_ms))
             .tcp_nodelay(true)
             .connect_lazy();
+        let bearer = Bearer::from_file(self.config.otlp_token_file.as_deref())?;
         Ok(Some(Clients {
-            traces: TraceServiceClient::new(channel.clone()),
-            metrics: MetricsServiceClient::new(channel.clone()),
-            logs: LogsServiceClient::new(channel),
+            traces: TraceServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            metrics: MetricsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            logs: LogsServiceClient::with_interceptor(channel, bearer),
         }))
     }
 

@@ -1,0 +1,496 @@
+//! A backend you can expose: tokens with scopes on every listener (the OpenTelemetry SDK over
+//! gRPC and HTTP, curl-like HTTP clients, psql), the refusal to listen beyond loopback
+//! without them, and the auth file's own checks. Everything against the real binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use serde_json::json;
+
+const INGEST: &str = "ingest-secret-for-the-proxies-0001";
+const READ: &str = "read-secret-for-grafana-000000002";
+const ADMIN: &str = "admin-secret-for-on-call-00000003";
+
+/// An auth file with three tokens: `proxies` (ingest, plaintext secret, so mode 0600),
+/// `grafana` (read, by its SHA-256) and `ops` (admin).
+fn auth_file(dir: &Path) -> std::path::PathBuf {
+    let digest = {
+        let out = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().expect("stdin").write_all(READ.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .expect("digest")
+            .to_string()
+    };
+    let path = dir.join("auth.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[token]]\nname = \"proxies\"\nsecret = \"{INGEST}\"\nscopes = [\"ingest\"]\n\n\
+             [[token]]\nname = \"grafana\"\nsecret-sha256 = \"{digest}\"\nscopes = [\"read\"]\n\n\
+             [[token]]\nname = \"ops\"\nsecret = \"{ADMIN}\"\nscopes = [\"admin\"]\n"
+        ),
+    )
+    .expect("write auth file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+fn resource(service: &str) -> Resource {
+    Resource::builder()
+        .with_service_name(service.to_string())
+        .build()
+}
+
+/// One SERVER span of `service` through the SDK's gRPC exporter, with `token` if given.
+fn sdk_grpc(endpoint: String, service: &str, token: Option<&str>) {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Some(t) = token {
+        metadata.insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("metadata value"),
+        );
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_metadata(metadata)
+        .build()
+        .expect("grpc exporter");
+    export_one(exporter, service);
+}
+
+/// The same through the SDK's HTTP/protobuf exporter.
+fn sdk_http(endpoint: String, service: &str, token: Option<&str>) {
+    let service = service.to_string();
+    let token = token.map(str::to_string);
+    // The blocking HTTP client may not run on the test's runtime.
+    std::thread::spawn(move || {
+        let headers: HashMap<String, String> = token
+            .map(|t| ("authorization".to_string(), format!("Bearer {t}")))
+            .into_iter()
+            .collect();
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .with_headers(headers)
+            .build()
+            .expect("http exporter");
+        export_one(exporter, &service);
+    })
+    .join()
+    .expect("http exporter thread");
+}
+
+fn export_one(exporter: opentelemetry_otlp::SpanExporter, service: &str) {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource(service))
+        .build();
+    let tracer = provider.tracer("security");
+    let mut span = tracer
+        .span_builder("GET /secure")
+        .with_kind(SpanKind::Server)
+        .with_attributes(vec![KeyValue::new("http.route", "/secure")])
+        .start(&tracer);
+    span.end();
+    // A refused export is the exporter's error, logged by the SDK; the rows tell.
+    let _ = provider.shutdown();
+}
+
+async fn status_of(request: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, String) {
+    let r = request.send().await.expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_with_scopes_guard_every_listener() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let auth = auth_file(dir.path());
+    let mut server = Server::start_with(
+        &dir.path().join("data"),
+        &["--auth-file", auth.to_str().expect("path")],
+    );
+    let http = reqwest::Client::new();
+
+    // OTLP: the SDK with the ingest token lands, without a token or with another scope's
+    // token nothing does.
+    sdk_grpc(server.grpc_url(), "grpc-with-token", Some(INGEST));
+    sdk_grpc(server.grpc_url(), "grpc-without-token", None);
+    sdk_grpc(server.grpc_url(), "grpc-read-token", Some(READ));
+    sdk_http(
+        server.otlp_url("/v1/traces"),
+        "http-with-token",
+        Some(INGEST),
+    );
+    sdk_http(server.otlp_url("/v1/traces"), "http-without-token", None);
+    sdk_http(
+        server.otlp_url("/v1/traces"),
+        "http-wrong-token",
+        Some("not-a-token"),
+    );
+
+    // Raw OTLP/HTTP: 401 with WWW-Authenticate, 403 for the wrong scope, in the request's
+    // encoding (`google.rpc.Status` as JSON here).
+    let body = common::testdata("trace.json");
+    let post = |token: Option<&str>| {
+        let r = http
+            .post(server.otlp_url("/v1/traces"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    };
+    let (s, h, b) = status_of(post(None)).await;
+    assert_eq!(s, 401, "{b}");
+    assert_eq!(h["www-authenticate"], "Bearer realm=\"meshscope\"");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&b).expect("json")["code"],
+        16
+    );
+    let (s, _, b) = status_of(post(Some(ADMIN))).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("does not have the ingest scope"), "{b}");
+
+    // The API: the read token reads, the ingest token may not, nothing without a token;
+    // probes and the UI's files stay open.
+    server.token = Some(READ.into());
+    let services = |token: Option<&str>| {
+        let r = http.get(server.url("/api/v1/services"));
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    };
+    assert_eq!(status_of(services(None)).await.0, 401);
+    assert_eq!(status_of(services(Some(INGEST))).await.0, 403);
+    assert_eq!(status_of(services(Some(READ))).await.0, 200);
+    assert_eq!(status_of(services(Some(ADMIN))).await.0, 200);
+    for open in ["/healthz", "/readyz", "/"] {
+        assert_eq!(status_of(http.get(server.url(open))).await.0, 200, "{open}");
+    }
+    let (s, _, b) = status_of(
+        http.post(server.url("/api/v1/sql"))
+            .json(&json!({"sql": "SELECT 1"})),
+    )
+    .await;
+    assert_eq!(s, 401, "{b}");
+    assert!(b.contains("authentication required"), "{b}");
+
+    // Exactly the accepted exports are rows; a wrong token never created one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sql = "SELECT service_name FROM spans GROUP BY service_name ORDER BY service_name";
+    let services = loop {
+        let v = server.sql(sql).await;
+        let got: Vec<String> = v["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| r[0].as_str().unwrap_or_default().to_string())
+            .collect();
+        if got.len() >= 2 || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        services,
+        ["grpc-with-token", "http-with-token"],
+        "only exports with the ingest token land"
+    );
+
+    // Changing alert rules needs admin.
+    let rule = json!({"name": "busy", "signal": "requests", "service": "checkout", "op": ">=",
+        "threshold": 10, "window-secs": 120});
+    let (s, _, b) = status_of(
+        http.post(server.url("/api/v1/alerts/rules"))
+            .bearer_auth(READ)
+            .json(&rule),
+    )
+    .await;
+    assert_eq!(s, 403, "{b}");
+    let (s, _, b) = status_of(
+        http.post(server.url("/api/v1/alerts/rules"))
+            .bearer_auth(ADMIN)
+            .json(&rule),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+
+    // psql: user = the token's name, password = its secret.
+    let psql = |user: &str, password: &str| {
+        Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &server.pg.to_string(), "-U", user])
+            .args(["-d", "meshscope", "-X", "-A", "-t", "-c"])
+            .arg("SELECT count(*) FROM spans WHERE service_name LIKE '%with-token'")
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql (Debian postgresql-client)")
+    };
+    let out = psql("grafana", READ);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    let out = psql("grafana", "wrong");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password authentication failed"), "{err}");
+    let out = psql("proxies", INGEST);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not have the read scope"), "{err}");
+
+    // Each refusal is counted by listener and reason, each acceptance by token name; no
+    // secret appears in /metrics or the log.
+    for (series, at_least) in [
+        (
+            "meshscope_auth_failures_total{surface=\"otlp_grpc\",reason=\"missing\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"otlp_grpc\",reason=\"scope\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"otlp_http\",reason=\"missing\"}",
+            2.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"otlp_http\",reason=\"invalid\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"otlp_http\",reason=\"scope\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"api\",reason=\"missing\"}",
+            2.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"api\",reason=\"scope\"}",
+            2.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"postgres\",reason=\"invalid\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_failures_total{surface=\"postgres\",reason=\"scope\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_accepted_total{token=\"proxies\",surface=\"otlp_grpc\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_accepted_total{token=\"proxies\",surface=\"otlp_http\"}",
+            1.0,
+        ),
+        (
+            "meshscope_auth_accepted_total{token=\"grafana\",surface=\"postgres\"}",
+            1.0,
+        ),
+    ] {
+        let v = server.metric(series).await;
+        assert!(v.is_some_and(|v| v >= at_least), "{series} = {v:?}");
+    }
+    let metrics = server
+        .authorized(http.get(server.url("/metrics")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let log = std::fs::read_to_string(&server.log).expect("log");
+    for secret in [INGEST, READ, ADMIN] {
+        assert!(!metrics.contains(secret) && !log.contains(secret));
+    }
+    assert!(log.contains("refused a request"), "{log}");
+}
+
+/// `meshscope serve` with `args`, expected to exit at start-up; its stderr.
+fn refused_start(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(common::binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run meshscope");
+    assert!(!out.status.success(), "started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tokens_means_loopback_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let err = refused_start(&data, &["--pg-addr", "0.0.0.0:0"]);
+    assert!(
+        err.contains("refusing to listen beyond loopback without tokens"),
+        "{err}"
+    );
+    assert!(err.contains("Postgres wire protocol on 0.0.0.0:0"), "{err}");
+
+    // Said out loud, it starts, and warns.
+    let server = Server::start_with(&data, &["--pg-addr", "0.0.0.0:0", "--insecure-no-auth"]);
+    let log = std::fs::read_to_string(&server.log).expect("log");
+    assert!(log.contains("--insecure-no-auth"), "{log}");
+    assert_eq!(
+        common::http_status(server.http, "/api/v1/services").expect("GET"),
+        200
+    );
+
+    // With tokens, any address is allowed.
+    let auth = auth_file(dir.path());
+    let server = Server::start_with(
+        &dir.path().join("data2"),
+        &[
+            "--pg-addr",
+            "0.0.0.0:0",
+            "--auth-file",
+            auth.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(
+        common::http_status(server.http, "/api/v1/services").expect("GET"),
+        401
+    );
+}
+
+#[test]
+fn auth_files_are_checked_at_start_up() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let auth = auth_file(dir.path());
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = refused_start(&data, &["--auth-file", auth.to_str().expect("path")]);
+    assert!(err.contains("chmod 600"), "{err}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[token]]\nname = \"x\"\nsecret-sha256 = \"abc\"\nscopes = [\"read\"]\n",
+    )
+    .expect("write");
+    let err = refused_start(&data, &["--auth-file", bad.to_str().expect("path")]);
+    assert!(err.contains("64 hex digits"), "{err}");
+
+    // The same tables in the --config file.
+    let config = dir.path().join("meshscope.toml");
+    std::fs::write(
+        &config,
+        format!("[[token]]\nname = \"ci\"\nsecret = \"{READ}\"\nscopes = [\"read\", \"delete\"]\n"),
+    )
+    .expect("write");
+    let err = refused_start(&data, &["--config", config.to_str().expect("path")]);
+    assert!(err.contains("delete"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bundled_proxy_exports_with_its_token_file() {
+    use meshscope_proxy::Proxy;
+    use meshscope_proxy::config::{Listen, ProxyConfig, ServiceIdentity, TelemetryConfig};
+    use std::net::SocketAddr;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let auth = auth_file(dir.path());
+    let mut server = Server::start_with(
+        &dir.path().join("data"),
+        &["--auth-file", auth.to_str().expect("path")],
+    );
+    server.token = Some(READ.into());
+    let app_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app_l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(app_l, axum::Router::new().fallback(|| async { "ok" })).await;
+    });
+    let token_file = dir.path().join("ingest.token");
+    std::fs::write(&token_file, format!("{INGEST}\n")).expect("write token");
+    let loopback = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let config = |token: std::path::PathBuf| ProxyConfig {
+        service: ServiceIdentity {
+            name: "secured-app".into(),
+            namespace: None,
+            version: None,
+            workload: None,
+        },
+        listen: Listen {
+            inbound: loopback,
+            app: Some(app_addr),
+            outbound: None,
+            admin: None,
+            app_h2c: false,
+        },
+        telemetry: TelemetryConfig {
+            otlp_endpoint: Some(server.grpc_url()),
+            otlp_token_file: Some(token),
+            batch_interval_ms: 100,
+            ..TelemetryConfig::default()
+        },
+        destinations: vec![],
+    };
+
+    // A token file that is not there stops the proxy at start, saying which file.
+    let err = Proxy::start(config(dir.path().join("missing.token")), None)
+        .await
+        .err()
+        .expect("a missing token file is an error");
+    assert!(err.to_string().contains("missing.token"), "{err}");
+
+    let proxy = Proxy::start(config(token_file), None).await.expect("proxy");
+    let inbound = proxy.inbound.expect("inbound");
+    let r = reqwest::get(format!("http://{inbound}/hello"))
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let sql = "SELECT count(*) FROM spans WHERE service_name = 'secured-app'";
+    while server.sql(sql).await["rows"][0][0].as_i64() != Some(1) {
+        assert!(Instant::now() < deadline, "the proxy's span did not land");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = "meshscope_auth_accepted_total{token=\"proxies\",surface=\"otlp_grpc\"}";
+    assert!(server.metric(accepted).await.is_some_and(|v| v >= 1.0));
+    proxy.stop().await;
+}
