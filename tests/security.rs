@@ -494,3 +494,216 @@ async fn the_bundled_proxy_exports_with_its_token_file() {
     assert!(server.metric(accepted).await.is_some_and(|v| v >= 1.0));
     proxy.stop().await;
 }
+
+/// `n` SERVER spans of `service`, posted over OTLP/HTTP in one request.
+async fn load_spans(server: &Server, service: &str, n: usize) {
+    use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let spans = (0..n)
+        .map(|i| OtlpSpan {
+            trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
+            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+            name: "GET /load".into(),
+            kind: 2,
+            start_time_unix_nano: now - 1_000_000,
+            end_time_unix_nano: now,
+            ..Default::default()
+        })
+        .collect();
+    common::otlp::post(
+        &server.otlp_url("/v1/traces"),
+        &common::otlp::traces(service, spans),
+    )
+    .await;
+}
+
+/// A sum over a three-way cross join of 2,000 spans: 8e9 rows, which no query timeout of a
+/// few seconds lets finish. (`count(*)` of the same join is answered from the files'
+/// statistics at once.)
+const ENDLESS: &str =
+    "SELECT sum(a.duration_ns + b.duration_ns + c.duration_ns) FROM spans a, spans b, spans c";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_are_bounded_in_time_rows_and_number() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--query-timeout-secs",
+            "2",
+            "--sql-max-rows",
+            "5",
+            "--max-concurrent-queries",
+            "2",
+        ],
+    );
+    load_spans(&server, "load", 2000).await;
+    let http = reqwest::Client::new();
+
+    // The row cap: a JSON answer says it was cut; a smaller one says it was not.
+    let v = server.sql("SELECT span_id FROM spans").await;
+    assert_eq!(v["rows"].as_array().map(Vec::len), Some(5), "{v}");
+    assert_eq!(v["truncated"], true);
+    let v = server.sql("SELECT span_id FROM spans LIMIT 3").await;
+    assert_eq!(v["rows"].as_array().map(Vec::len), Some(3));
+    assert_eq!(v["truncated"], false);
+    // The Arrow stream is not capped.
+    let bytes = http
+        .post(server.url("/api/v1/sql"))
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&json!({"sql": "SELECT span_id FROM spans"}))
+        .send()
+        .await
+        .expect("arrow")
+        .bytes()
+        .await
+        .expect("body");
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .expect("an Arrow IPC stream");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 2000);
+
+    // A query that cannot finish ends at the timeout, and another is served meanwhile.
+    let slow = {
+        let url = server.url("/api/v1/sql");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "sql": ENDLESS }))
+                .send()
+                .await
+                .expect("slow query");
+            (
+                r.status().as_u16(),
+                r.text().await.unwrap_or_default(),
+                started.elapsed(),
+            )
+        })
+    };
+    server
+        .wait_metric("meshscope_queries_running", 10, |v| v >= 1.0)
+        .await;
+    let started = Instant::now();
+    assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 2000);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the other query waited"
+    );
+    let (status, body, took) = slow.await.expect("join");
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("cancelled after 2."), "{body}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Its work stopped with it.
+    server
+        .wait_metric("meshscope_queries_running", 10, |v| v == 0.0)
+        .await;
+
+    // The Postgres wire: the same timeout, as SQLSTATE 57014.
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.pg.to_string(),
+            "-U",
+            "meshscope",
+        ])
+        .args([
+            "-d",
+            "meshscope",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            ENDLESS,
+        ])
+        .output()
+        .expect("psql");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("57014") && err.contains("cancelled after"),
+        "{err}"
+    );
+
+    // Concurrency: two places. Three more requests wait; when the two running ones end at
+    // the timeout, the first two waiting get their places and the last, whose wait (as long
+    // as the timeout) ends first, gets 503 with Retry-After.
+    let endless = |n: usize| {
+        let url = server.url("/api/v1/sql");
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "sql": ENDLESS }))
+                .send()
+                .await
+                .expect("query");
+            let retry = r.headers().get("retry-after").is_some();
+            (
+                n,
+                r.status().as_u16(),
+                retry,
+                r.text().await.unwrap_or_default(),
+            )
+        })
+    };
+    let mut queries = vec![endless(1), endless(2)];
+    server
+        .wait_metric("meshscope_queries_running", 10, |v| v >= 2.0)
+        .await;
+    for n in 3..=5 {
+        queries.push(endless(n));
+        server
+            .wait_metric("meshscope_queries_waiting", 10, |v| v >= (n - 2) as f64)
+            .await;
+    }
+    let mut statuses = Vec::new();
+    for q in queries {
+        statuses.push(q.await.expect("join"));
+    }
+    for s in &statuses[..4] {
+        assert_eq!(s.1, 408, "{statuses:?}");
+    }
+    let (_, status, retry, body) = &statuses[4];
+    assert_eq!(*status, 503, "{statuses:?}");
+    assert!(
+        *retry && body.contains("--max-concurrent-queries"),
+        "{body}"
+    );
+    assert!(server.metric("meshscope_queries_refused_busy_total").await >= Some(1.0));
+    assert!(server.metric("meshscope_queries_timed_out_total").await >= Some(4.0));
+    assert!(server.metric("meshscope_sql_answers_truncated_total").await >= Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_raw_span_graph_stays_within_the_query_memory_pool() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // 1 MB for all queries; 20,000 spans decode to about 1.4 MB in the pairing.
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--query-memory-bytes", "1000000"],
+    );
+    for i in 0..10 {
+        load_spans(&server, &format!("svc{i}"), 2000).await;
+    }
+    let r = reqwest::get(server.url("/api/v1/graph?source=spans"))
+        .await
+        .expect("graph");
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("choose a shorter range, or leave out source=spans"),
+        "{body}"
+    );
+    // The memory was given back: a small range is served.
+    let small = server
+        .url("/api/v1/graph?source=spans&start=2020-01-01T00:00:00Z&end=2020-01-01T00:01:00Z");
+    assert_eq!(reqwest::get(small).await.expect("graph").status(), 200);
+}

@@ -155,6 +155,17 @@ pub struct ServeArgs {
     /// the `AWS_*` variables [local disk].
     #[arg(long, env = "MESHSCOPE_STORAGE_URL")]
     pub storage_url: Option<String>,
+    /// A query (SQL, API request, Postgres statement) running longer is cancelled and
+    /// answered 408 / SQLSTATE 57014 [30].
+    #[arg(long, env = "MESHSCOPE_QUERY_TIMEOUT_SECS")]
+    pub query_timeout_secs: Option<u64>,
+    /// Rows a JSON answer of /api/v1/sql holds at most (`"truncated": true` beyond; the
+    /// Arrow stream is not cut) [100000].
+    #[arg(long, env = "MESHSCOPE_SQL_MAX_ROWS")]
+    pub sql_max_rows: Option<usize>,
+    /// Queries running at once; more wait up to the query timeout, then get 503 [8].
+    #[arg(long, env = "MESHSCOPE_MAX_CONCURRENT_QUERIES")]
+    pub max_concurrent_queries: Option<usize>,
     /// TOML file of `[[token]]` tables (name, secret or secret-sha256, scopes: ingest, read,
     /// admin). With it every listener needs a token; without it everything is open, which
     /// is allowed on loopback only [no tokens].
@@ -203,6 +214,9 @@ struct FileConfig {
     rollups_retention_max_bytes: Option<u64>,
     retire_grace_secs: Option<u64>,
     storage_url: Option<String>,
+    query_timeout_secs: Option<u64>,
+    sql_max_rows: Option<usize>,
+    max_concurrent_queries: Option<usize>,
     auth_file: Option<PathBuf>,
     insecure_no_auth: Option<bool>,
     /// `[[token]]` tables, as in the auth file.
@@ -251,6 +265,7 @@ pub struct ServeConfig {
     /// `s3://bucket/prefix`, or `None` for the data directory.
     pub storage_url: Option<String>,
     pub alerts: meshscope_alerts::AlertsConfig,
+    pub query_limits: meshscope_query::engine::QueryLimits,
     /// The tokens every listener checks ([`Auth::open`](meshscope_auth::Auth::open): none).
     pub auth: meshscope_auth::Auth,
     /// Whether listening beyond loopback without tokens was asked for.
@@ -459,6 +474,16 @@ impl ServeArgs {
                 .max(Duration::from_secs(1)),
             rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
             alerts: file.alerts.unwrap_or_default(),
+            query_limits: meshscope_query::engine::QueryLimits {
+                timeout: secs(self.query_timeout_secs.or(file.query_timeout_secs), 30)
+                    .max(Duration::from_secs(1)),
+                max_concurrent: self
+                    .max_concurrent_queries
+                    .or(file.max_concurrent_queries)
+                    .unwrap_or(8)
+                    .max(1),
+                sql_max_rows: self.sql_max_rows.or(file.sql_max_rows).unwrap_or(100_000),
+            },
             auth,
             insecure_no_auth: self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
         })

@@ -265,6 +265,33 @@ impl Collector for Exposition {
             "Time spent running SQL statements.",
             ld(&q.nanos) as f64 / 1e9,
         )?;
+        for (name, help, v) in [
+            (
+                "meshscope_queries_timed_out",
+                "Requests (SQL, API, Postgres) cancelled at --query-timeout-secs.",
+                &q.timed_out,
+            ),
+            (
+                "meshscope_queries_refused_busy",
+                "Requests refused (503) after waiting for a place among \
+                 --max-concurrent-queries.",
+                &q.refused_busy,
+            ),
+            (
+                "meshscope_sql_answers_truncated",
+                "/api/v1/sql JSON answers cut at --sql-max-rows.",
+                &q.truncated,
+            ),
+        ] {
+            counter(&mut enc, name, help, ld(v))?;
+        }
+        enc.encode_descriptor(
+            "meshscope_queries_waiting",
+            "Requests waiting now for a place among --max-concurrent-queries.",
+            None,
+            Gauge,
+        )?
+        .encode_gauge(&(q.waiting.load(Ordering::Relaxed) as i64))?;
         enc.encode_descriptor(
             "meshscope_queries_running",
             "SQL statements running now (a statement whose caller went away is cancelled).",

@@ -268,6 +268,7 @@ pub async fn run_reporting(
         EngineConfig {
             target_partitions: cores,
             memory_limit: config.query_memory_bytes,
+            limits: config.query_limits,
         },
     )
     .map_err(|e| format!("cannot set up the query engine: {e}"))?;
@@ -356,7 +357,10 @@ pub async fn run_reporting(
         .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
-        .merge(meshscope_query::analysis::routes::router(engine.clone()))
+        .merge(meshscope_query::api::bounded(
+            meshscope_query::analysis::routes::router(engine.clone()),
+            engine.clone(),
+        ))
         // The web UI: `/`, `/assets/…`, and index.html for every other path (client routes).
         .merge(meshscope_ui::router());
     let api = guarded(api, &config);

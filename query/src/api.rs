@@ -1,21 +1,26 @@
-//! `POST /api/v1/sql`: `{"sql": "…"}` → `{"columns":[{"name","type"}], "rows":[[…]]}`, or
-//! an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream`.
-//! Bad or writing SQL → 400 `{"error": "…"}`.
+//! `POST /api/v1/sql`: `{"sql": "…"}` → `{"columns":[{"name","type"}], "rows":[[…]],
+//! "truncated": false}` (at most `--sql-max-rows` rows; `"truncated": true` when there were
+//! more), or an Arrow IPC stream of every row with `Accept: application/vnd.apache.arrow.stream`
+//! (streamed batch by batch, in bounded memory).
+//! Bad or writing SQL → 400 `{"error": "…"}`; past `--query-timeout-secs` → 408; every place
+//! of `--max-concurrent-queries` taken for as long → 503 with `Retry-After`.
 
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, Schema};
 use arrow::ipc::writer::StreamWriter;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::engine::{QueryEngine, QueryError, QueryResult};
+use crate::engine::{Admitted, QueryEngine, QueryError, QueryResult};
 
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
@@ -41,10 +46,34 @@ impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         let status = match &self {
             QueryError::ReadOnly(_) | QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
-            QueryError::ResourcesExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::ResourcesExhausted(_) | QueryError::Busy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            QueryError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
             QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error_response(status, self.to_string())
+        let mut resp = error_response(status, self.to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// `router`'s requests within the engine's limits (a place among the running requests,
+/// the timeout): for the analysis routes, whose handlers run several queries.
+pub fn bounded(router: Router, engine: QueryEngine) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(engine, limit))
+}
+
+async fn limit(State(engine): State<QueryEngine>, req: Request, next: Next) -> Response {
+    match engine
+        .bounded(async { Ok::<_, QueryError>(next.run(req).await) })
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -62,34 +91,42 @@ async fn sql(
             );
         }
     };
-    let result = match engine.sql(&req.sql).await {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
     let wants_arrow = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains(ARROW_STREAM));
-    // Encoding a large result is CPU work: on the query runtime, not the I/O threads.
-    let rendered = engine
-        .compute(move || {
-            if wants_arrow {
-                to_arrow_ipc(&result)
-            } else {
-                to_json(&result).map(|v| v.to_string().into_bytes())
-            }
+    let admitted = match engine.admit().await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    if wants_arrow {
+        return arrow_stream(&engine, &req.sql, admitted)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+    }
+    let max_rows = engine.limits().sql_max_rows;
+    let answer = engine
+        .until(&admitted, async {
+            let (result, truncated) = engine.sql_capped(&req.sql, max_rows).await?;
+            // Encoding a large result is CPU work: on the query runtime, not the I/O threads.
+            engine
+                .compute(move || {
+                    to_json(&result).map(|mut v| {
+                        v["truncated"] = Value::Bool(truncated);
+                        v.to_string().into_bytes()
+                    })
+                })
+                .await
         })
         .await;
-    match rendered {
+    match answer {
         Err(e) => e.into_response(),
-        Ok(Ok(body)) => {
-            let ct = if wants_arrow {
-                ARROW_STREAM
-            } else {
-                "application/json"
-            };
-            (StatusCode::OK, [(header::CONTENT_TYPE, ct)], body).into_response()
-        }
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
         Ok(Err(e)) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the result: {e}"),
@@ -97,16 +134,47 @@ async fn sql(
     }
 }
 
-fn to_arrow_ipc(r: &QueryResult) -> Result<Vec<u8>, arrow::error::ArrowError> {
-    let mut out = Vec::new();
-    {
-        let mut w = StreamWriter::try_new(&mut out, &r.schema)?;
-        for b in &r.batches {
-            w.write(b)?;
+/// Every row as an Arrow IPC stream, encoded batch by batch as the query produces them. An
+/// error after the first batch ends the stream early (a reader sees it cut short, and the
+/// server logs why).
+async fn arrow_stream(
+    engine: &QueryEngine,
+    sql: &str,
+    admitted: Admitted,
+) -> Result<Response, QueryError> {
+    let (schema, batches) = engine.sql_stream(sql, admitted).await?;
+    let mut writer = StreamWriter::try_new(Vec::new(), &schema)
+        .map_err(|e| QueryError::Internal(format!("encoding the result: {e}")))?;
+    let head = std::mem::take(writer.get_mut());
+    let chunks = futures::stream::unfold(Some((writer, batches)), |state| async move {
+        let (mut writer, mut batches) = state?;
+        let chunk = match batches.recv().await {
+            Some(Ok(batch)) => writer.write(&batch).map(|()| true),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "an Arrow answer ended early");
+                return None;
+            }
+            None => writer.finish().map(|()| false),
+        };
+        match chunk {
+            Ok(more) => {
+                let bytes = axum::body::Bytes::from(std::mem::take(writer.get_mut()));
+                Some((
+                    Ok::<_, std::io::Error>(bytes),
+                    more.then_some((writer, batches)),
+                ))
+            }
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
         }
-        w.finish()?;
-    }
-    Ok(out)
+    });
+    let body =
+        futures::stream::once(async move { Ok(axum::body::Bytes::from(head)) }).chain(chunks);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, ARROW_STREAM)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 /// One JSON value per row of a single column, through arrow-json (so nested types,

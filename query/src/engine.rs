@@ -1,8 +1,9 @@
 //! The DataFusion session over meshscope's tables.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -10,9 +11,11 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
+use futures::StreamExt;
 use meshscope_proto::Table;
 use meshscope_storage::{Storage, StoredTable};
 use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::executor::Executor;
 use crate::readonly::{self, ReadOnly, Surface};
@@ -32,6 +35,19 @@ pub enum QueryError {
     /// A failure on meshscope's side (I/O, a bug).
     #[error("{0}")]
     Internal(String),
+    /// The query ran past `--query-timeout-secs` and was cancelled (HTTP 408, SQLSTATE 57014).
+    #[error(
+        "the query was cancelled after {:.1} s: queries may run for {} s \
+         (--query-timeout-secs); narrow its time range or filters",
+        .elapsed.as_secs_f64(), .limit.as_secs()
+    )]
+    Timeout { elapsed: Duration, limit: Duration },
+    /// `--max-concurrent-queries` were running for as long as the query could wait (HTTP 503).
+    #[error(
+        "{running} queries are running (--max-concurrent-queries) and none finished within \
+         {:.1} s; try again", .waited.as_secs_f64()
+    )]
+    Busy { running: usize, waited: Duration },
 }
 
 impl From<meshscope_storage::Error> for QueryError {
@@ -68,6 +84,8 @@ pub struct QueryEngine {
     storage: Storage,
     executor: Executor,
     stats: Arc<QueryStats>,
+    limits: QueryLimits,
+    admission: Arc<Semaphore>,
 }
 
 /// Counters of the query side, for `/metrics`.
@@ -82,6 +100,14 @@ pub struct QueryStats {
     /// Statements running now: counted by a guard inside the query's task, so a statement
     /// cancelled because its caller went away leaves this count when its task ends.
     pub running: AtomicU64,
+    /// Requests (SQL, API, Postgres) cancelled at `--query-timeout-secs`.
+    pub timed_out: AtomicU64,
+    /// Requests refused because `--max-concurrent-queries` stayed busy.
+    pub refused_busy: AtomicU64,
+    /// `/api/v1/sql` answers cut at `--sql-max-rows`.
+    pub truncated: AtomicU64,
+    /// Requests waiting now for a place among `--max-concurrent-queries`.
+    pub waiting: AtomicU64,
 }
 
 /// Counts a running statement for as long as it lives.
@@ -115,6 +141,29 @@ pub struct EngineConfig {
     pub target_partitions: usize,
     /// Memory all running queries may hold together, in bytes.
     pub memory_limit: usize,
+    pub limits: QueryLimits,
+}
+
+/// Bounds on what users ask (SQL, the API, the Postgres wire). meshscope's own work
+/// (rollups, `/metrics` counters, alert rules) is not bounded by them.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    /// A request running longer is cancelled [30 s].
+    pub timeout: Duration,
+    /// Requests running at once; more wait (as long as `timeout`) for one to finish [8].
+    pub max_concurrent: usize,
+    /// Rows a JSON answer of `/api/v1/sql` holds at most [100000].
+    pub sql_max_rows: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            timeout: Duration::from_secs(30),
+            max_concurrent: 8,
+            sql_max_rows: 100_000,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -124,8 +173,18 @@ impl Default for EngineConfig {
                 .map(|n| n.get())
                 .unwrap_or(2),
             memory_limit: 4 << 30,
+            limits: QueryLimits::default(),
         }
     }
+}
+
+/// A place among the running requests, held until the request's answer is sent.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    /// When the request must be finished.
+    pub deadline: tokio::time::Instant,
+    pub started: Instant,
 }
 
 impl QueryEngine {
@@ -161,7 +220,72 @@ impl QueryEngine {
             storage: storage.clone(),
             executor,
             stats: Arc::default(),
+            limits: config.limits,
+            admission: Arc::new(Semaphore::new(config.limits.max_concurrent.max(1))),
         })
+    }
+
+    pub fn limits(&self) -> &QueryLimits {
+        &self.limits
+    }
+
+    /// Waits (at most the query timeout) for a place among the running requests.
+    pub async fn admit(&self) -> Result<Admitted, QueryError> {
+        let started = Instant::now();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let wait = tokio::time::timeout(
+            self.limits.timeout,
+            Arc::clone(&self.admission).acquire_owned(),
+        )
+        .await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        match wait {
+            Ok(Ok(permit)) => Ok(Admitted {
+                _permit: permit,
+                deadline: tokio::time::Instant::now() + self.limits.timeout,
+                started: Instant::now(),
+            }),
+            Ok(Err(_)) => Err(QueryError::Internal(
+                "the query engine is shutting down".into(),
+            )),
+            Err(_) => {
+                self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                Err(QueryError::Busy {
+                    running: self.limits.max_concurrent,
+                    waited: started.elapsed(),
+                })
+            }
+        }
+    }
+
+    /// Runs a user's request within the limits: a place among the running ones, and the
+    /// timeout (dropping `fut` cancels the query jobs it awaits).
+    pub async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, QueryError>>,
+    ) -> Result<T, QueryError> {
+        let admitted = self.admit().await?;
+        self.until(&admitted, fut).await
+    }
+
+    /// `fut`, cancelled at the admitted request's deadline.
+    pub async fn until<T>(
+        &self,
+        admitted: &Admitted,
+        fut: impl Future<Output = Result<T, QueryError>>,
+    ) -> Result<T, QueryError> {
+        match tokio::time::timeout_at(admitted.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timed_out(admitted)),
+        }
+    }
+
+    fn timed_out(&self, admitted: &Admitted) -> QueryError {
+        self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+        QueryError::Timeout {
+            elapsed: admitted.started.elapsed(),
+            limit: self.limits.timeout,
+        }
     }
 
     /// The session, for the Postgres wire protocol and the analysis modules.
@@ -207,6 +331,158 @@ impl QueryEngine {
             .nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result
+    }
+
+    /// Runs one read-only statement, keeping at most `max_rows` rows of its answer (the
+    /// rest is not computed); says whether rows were left out.
+    pub async fn sql_capped(
+        &self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<(QueryResult, bool), QueryError> {
+        let started = Instant::now();
+        let result = self.run_capped(sql, max_rows).await;
+        self.count(started, result.is_err());
+        if matches!(result, Ok((_, true))) {
+            self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn count(&self, started: Instant, failed: bool) {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs one read-only statement and hands its batches over as they come (at most two
+    /// waiting), for answers of any size in bounded memory. The query runs on the query
+    /// runtime until its last batch, the receiver goes away, or `admitted`'s deadline.
+    pub async fn sql_stream(
+        &self,
+        sql: &str,
+        admitted: Admitted,
+    ) -> Result<(SchemaRef, mpsc::Receiver<Result<RecordBatch, QueryError>>), QueryError> {
+        let started = Instant::now();
+        let ctx = Arc::clone(&self.ctx);
+        let options = Self::read_only(sql)?;
+        let sql = sql.to_string();
+        let (schema_tx, schema_rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = mpsc::channel(2);
+        let running = Running::start(&self.stats);
+        let engine = self.clone();
+        self.executor.spawn_detached(async move {
+            let _running = running;
+            let deadline = admitted.deadline;
+            let work = async {
+                let df = ctx.sql_with_options(&sql, options).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let mut stream = df.execute_stream().await?;
+                if schema_tx.send(Ok(schema)).is_err() {
+                    return Ok(());
+                }
+                while let Some(batch) = stream.next().await {
+                    let failed = batch.is_err();
+                    if tx.send(batch.map_err(QueryError::from)).await.is_err() || failed {
+                        return Ok(());
+                    }
+                }
+                Ok::<_, DataFusionError>(())
+            };
+            let outcome = tokio::select! {
+                r = tokio::time::timeout_at(deadline, work) => r,
+                // The client went away: stop computing.
+                () = tx.closed() => Ok(Ok(())),
+            };
+            let failed = !matches!(outcome, Ok(Ok(())));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // Before the schema: the planning error; after: the stream's.
+                    let e = QueryError::from(e);
+                    let _ = tx.send(Err(QueryError::Invalid(e.to_string()))).await;
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(engine.timed_out(&admitted))).await;
+                }
+            }
+            engine.count(started, failed);
+            drop(admitted);
+            Ok::<(), QueryError>(())
+        });
+        match schema_rx.await {
+            Ok(Ok(schema)) => Ok((schema, rx)),
+            Ok(Err(e)) => Err(e),
+            // The task ended before a schema: its error is the first message.
+            Err(_) => {
+                let mut rx = rx;
+                match rx.recv().await {
+                    Some(Err(e)) => Err(e),
+                    _ => Err(QueryError::Internal(
+                        "the query ended without an answer".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    fn read_only(sql: &str) -> Result<SQLOptions, QueryError> {
+        let statements = DFParser::parse_sql(sql).map_err(QueryError::from)?;
+        match statements.len() {
+            0 => return Err(QueryError::Invalid("no SQL statement given".into())),
+            1 => readonly::check_df(&statements[0], Surface::Http)?,
+            n => {
+                return Err(QueryError::Invalid(format!(
+                    "one statement at a time, got {n}"
+                )));
+            }
+        }
+        Ok(SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false))
+    }
+
+    async fn run_capped(
+        &self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<(QueryResult, bool), QueryError> {
+        let options = Self::read_only(sql)?;
+        let ctx = Arc::clone(&self.ctx);
+        let sql = sql.to_string();
+        let running = Running::start(&self.stats);
+        self.executor
+            .spawn(async move {
+                let _running = running;
+                let df = ctx.sql_with_options(&sql, options).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let mut stream = df.execute_stream().await?;
+                let mut batches = Vec::new();
+                let mut rows = 0;
+                let mut truncated = false;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch?;
+                    let room = max_rows - rows;
+                    if batch.num_rows() > room {
+                        if room > 0 {
+                            batches.push(batch.slice(0, room));
+                        }
+                        truncated = true;
+                        break;
+                    }
+                    rows += batch.num_rows();
+                    batches.push(batch);
+                }
+                Ok::<_, DataFusionError>((QueryResult { schema, batches }, truncated))
+            })
+            .await
+            .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?
+            .map_err(QueryError::from)
     }
 
     async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {

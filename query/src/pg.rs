@@ -40,7 +40,15 @@ use futures::{Sink, SinkExt};
 use meshscope_auth::{Auth, Scope};
 use tokio::net::TcpListener;
 
-use crate::engine::QueryEngine;
+use std::future::Future;
+
+use datafusion_postgres::pgwire::api::ClientPortalStore;
+use datafusion_postgres::pgwire::api::portal::Portal;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::messages::extendedquery::Execute;
+use datafusion_postgres::pgwire::messages::simplequery::Query;
+
+use crate::engine::{QueryEngine, QueryError};
 use crate::readonly::{self, Surface};
 
 /// Refuses every statement that is not read-only, before any other hook sees it.
@@ -100,13 +108,18 @@ struct Login {
     parameters: DefaultServerParameterProvider,
 }
 
-/// A FATAL error during login, with its SQLSTATE.
-fn login_refused(code: &str, message: String) -> PgWireError {
+/// An error answer with its severity and SQLSTATE.
+fn user_error(severity: &str, code: &str, message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
-        "FATAL".into(),
+        severity.into(),
         code.into(),
         message,
     )))
+}
+
+/// A FATAL error during login.
+fn login_refused(code: &str, message: String) -> PgWireError {
+    user_error("FATAL", code, message)
 }
 
 impl Login {
@@ -179,8 +192,89 @@ impl StartupHandler for Login {
     }
 }
 
+/// The session service within the engine's limits: each statement (its planning and the
+/// sending of every row) takes a place among the running queries and is cancelled at the
+/// query timeout with SQLSTATE 57014, or refused with 53300 when no place frees up.
+struct Bounded {
+    inner: Arc<DfSessionService>,
+    engine: QueryEngine,
+}
+
+impl Bounded {
+    async fn run(&self, statement: impl Future<Output = PgWireResult<()>>) -> PgWireResult<()> {
+        let outcome = self
+            .engine
+            .bounded(async { Ok::<_, QueryError>(statement.await) })
+            .await;
+        match outcome {
+            Ok(r) => r,
+            Err(e @ QueryError::Timeout { .. }) => Err(user_error("ERROR", "57014", e.to_string())),
+            Err(e @ QueryError::Busy { .. }) => Err(user_error("ERROR", "53300", e.to_string())),
+            Err(e) => Err(user_error("ERROR", "XX000", e.to_string())),
+        }
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Bounded {
+    async fn on_query<C>(&self, client: &mut C, query: Query) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.run(self.inner.on_query(client, query)).await
+    }
+
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        SimpleQueryHandler::do_query(&*self.inner, client, query).await
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Bounded {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.inner.query_parser()
+    }
+
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.run(self._on_execute(client, message)).await
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        ExtendedQueryHandler::do_query(&*self.inner, client, portal, max_rows).await
+    }
+}
+
 struct Handlers {
-    service: Arc<DfSessionService>,
+    service: Arc<Bounded>,
     login: Arc<Login>,
 }
 
@@ -216,7 +310,10 @@ pub async fn serve(
         Arc::new(TransactionStatementHook),
     ];
     let handlers = Arc::new(Handlers {
-        service: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+        service: Arc::new(Bounded {
+            inner: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+            engine,
+        }),
         login: Arc::new(Login {
             auth,
             pids: RandomPidSecretKeyGenerator::default(),

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, PrimitiveArray, RecordBatch, StringViewArray};
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, TimestampNanosecondType};
+use datafusion::execution::memory_pool::MemoryConsumer;
 use meshscope_proto::Table;
 use meshscope_storage::ColumnScan;
 use meshscope_storage::provider::reader_factory;
@@ -283,6 +284,38 @@ struct Decoded {
     shards: Vec<Chunks>,
     /// By local service id.
     own: Vec<Own>,
+}
+
+/// Bytes a decoded span costs through the pairing: itself, and the latency its edge keeps.
+const HELD_PER_SPAN: usize = std::mem::size_of::<Span>() + std::mem::size_of::<i64>();
+
+impl Decoded {
+    /// The bytes this partition holds, as accounted in the query memory pool: its spans'
+    /// chunks (and their edges' latencies later) and the services' own latencies.
+    fn held(&self) -> usize {
+        let spans: usize = self
+            .shards
+            .iter()
+            .flat_map(|s| &s.chunks)
+            .map(Vec::capacity)
+            .sum();
+        let own: usize = self
+            .own
+            .iter()
+            .flat_map(|o| &o.tally.cells)
+            .map(|c| c.latencies.capacity())
+            .sum();
+        spans * HELD_PER_SPAN + own * std::mem::size_of::<i64>()
+    }
+}
+
+/// The refusal when the pairing would need more than the query memory pool has left.
+fn too_big(e: datafusion::error::DataFusionError) -> QueryError {
+    QueryError::ResourcesExhausted(format!(
+        "the service graph from raw spans over this range needs more query memory than is \
+         free (--query-memory-bytes, shared by all queries): choose a shorter range, or leave \
+         out source=spans to read the per-minute rollups ({e})"
+    ))
 }
 
 /// The columns the decoder reads, in this order, with the types it reads them as: ids as
@@ -904,7 +937,9 @@ async fn scan_and_pair(
         .executor()
         .spawn(async move {
             let started = std::time::Instant::now();
-            let files = reader_factory(&table, &ctx.runtime_env())?;
+            let runtime = ctx.runtime_env();
+            let pool = &runtime.memory_pool;
+            let files = reader_factory(&table, &runtime)?;
             let scan = Arc::new(ColumnScan::new(scan_schema(), "start_time", wide));
             let partitions = ctx.state().config().target_partitions();
             let tasks: Vec<_> = table
@@ -912,17 +947,32 @@ async fn scan_and_pair(
                 .into_iter()
                 .map(|part| {
                     let (scan, files) = (Arc::clone(&scan), Arc::clone(&files));
+                    // What the partition decodes is accounted in the query memory pool,
+                    // batch by batch: a range too large for it is refused, not grown into.
+                    let reservation = MemoryConsumer::new("service graph pairing").register(pool);
                     tokio::spawn(async move {
                         let mut d = Decoded::new();
-                        part.read(&scan, &files, |b| d.add(&b, bounds, wide))
-                            .await?;
-                        Ok::<_, QueryError>(d)
+                        part.read(&scan, &files, |b| {
+                            d.add(&b, bounds, wide)?;
+                            let held = d.held();
+                            if held > reservation.size() {
+                                reservation
+                                    .try_grow(held - reservation.size())
+                                    .map_err(too_big)?;
+                            }
+                            Ok::<(), QueryError>(())
+                        })
+                        .await?;
+                        Ok::<_, QueryError>((d, reservation))
                     })
                 })
                 .collect();
             let mut parts = Vec::with_capacity(tasks.len());
+            let mut reservations = Vec::with_capacity(tasks.len());
             for t in tasks {
-                parts.push(join(t).await??);
+                let (d, r) = join(t).await??;
+                parts.push(d);
+                reservations.push(r);
             }
             let scanned = started.elapsed();
             let wanted = wanted.as_ref().map(|(s, t)| (s.as_str(), t.as_str()));
