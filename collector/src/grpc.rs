@@ -130,13 +130,23 @@ impl tonic::service::Interceptor for RequireIngest {
     }
 }
 
-/// Serves OTLP/gRPC on `listener` until `shutdown` completes; every call needs an
-/// `ingest` token unless `auth` is open.
+/// The server's certificate chain and key, and the CA client certificates must chain to
+/// (PEM), for OTLP/gRPC over TLS.
+#[derive(Debug, Clone)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// Serves OTLP/gRPC on `listener` until `shutdown` completes, over TLS with `tls`; every
+/// call needs an `ingest` token unless `auth` is open.
 pub async fn serve(
     listener: TcpListener,
     ingest: Ingest,
     limits: Limits,
     auth: Auth,
+    tls: Option<TlsPem>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let gate = RequireIngest(auth);
@@ -154,7 +164,16 @@ pub async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(max);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let mut config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key));
+        if let Some(ca) = tls.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        server = server.tls_config(config)?;
+    }
+    server
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_argument,
         ))

@@ -171,6 +171,16 @@ pub struct ServeArgs {
     /// is allowed on loopback only [no tokens].
     #[arg(long, env = "MESHSCOPE_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
+    /// PEM certificate chain: serve every listener (OTLP gRPC and HTTP, the API and UI, the
+    /// Postgres wire) over TLS; goes with --tls-key [plaintext].
+    #[arg(long, env = "MESHSCOPE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MESHSCOPE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require client certificates signed by one of them [none].
+    #[arg(long, env = "MESHSCOPE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Listen on addresses other than loopback without tokens: anyone who reaches the server
     /// can send data and read everything.
     #[arg(long, env = "MESHSCOPE_INSECURE_NO_AUTH")]
@@ -219,6 +229,9 @@ struct FileConfig {
     max_concurrent_queries: Option<usize>,
     auth_file: Option<PathBuf>,
     insecure_no_auth: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     /// `[[token]]` tables, as in the auth file.
     token: Option<Vec<meshscope_auth::TokenSpec>>,
     /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
@@ -270,6 +283,8 @@ pub struct ServeConfig {
     pub auth: meshscope_auth::Auth,
     /// Whether listening beyond loopback without tokens was asked for.
     pub insecure_no_auth: bool,
+    /// TLS on every listener (`None`: plaintext).
+    pub tls: Option<meshscope_auth::tls::Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +307,12 @@ pub enum ConfigError {
     Auth(#[from] meshscope_auth::AuthError),
     #[error("tokens given twice: in {0} and as [[token]] in the config file; keep one")]
     TokensTwice(PathBuf),
+    #[error(transparent)]
+    Tls(#[from] meshscope_auth::tls::TlsError),
+    #[error("give both tls-cert and tls-key (or neither)")]
+    TlsHalf,
+    #[error("tls-client-ca needs tls-cert and tls-key")]
+    TlsClientCaAlone,
 }
 
 /// The host name, as a node id (other characters become `_`).
@@ -413,6 +434,22 @@ impl ServeArgs {
             },
             (None, None) => meshscope_auth::Auth::open(),
         };
+        let tls = match (
+            self.tls_cert.clone().or(file.tls_cert.clone()),
+            self.tls_key.clone().or(file.tls_key.clone()),
+            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(meshscope_auth::tls::Tls::load(
+                &meshscope_auth::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                },
+            )?),
+            (None, None, None) => None,
+            (None, None, Some(_)) => return Err(ConfigError::TlsClientCaAlone),
+            _ => return Err(ConfigError::TlsHalf),
+        };
         // Collectors flush often: a query node sees only what is in Parquet.
         let default_flush = if role == Role::Collector { 10 } else { 300 };
         Ok(ServeConfig {
@@ -486,6 +523,7 @@ impl ServeArgs {
             },
             auth,
             insecure_no_auth: self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+            tls,
         })
     }
 }

@@ -22,7 +22,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use futures::FutureExt;
 use meshscope_collector::{Ingest, Limits};
 use meshscope_query::analysis::prometheus::SpanCounters;
 use meshscope_query::analysis::rollup::Rollups;
@@ -318,7 +317,7 @@ pub async fn run_reporting(
             otlp_http_l,
             &ingest,
             limits,
-            &config.auth,
+            &config,
             &shutdown,
         ));
     }
@@ -364,13 +363,14 @@ pub async fn run_reporting(
         // The web UI: `/`, `/assets/…`, and index.html for every other path (client routes).
         .merge(meshscope_ui::router());
     let api = guarded(api, &config);
-    let http = tokio::spawn(
-        axum::serve(http_l, api)
-            .with_graceful_shutdown(shutdown.wait())
-            .into_future(),
+    let http = serve_http("HTTP API", http_l, api, &config, &shutdown);
+    let pg_serve = meshscope_query::pg::serve(
+        pg_l,
+        engine.clone(),
+        config.auth.clone(),
+        config.tls.as_ref().map(meshscope_auth::tls::Tls::postgres),
+        shutdown.wait(),
     );
-    let pg_serve =
-        meshscope_query::pg::serve(pg_l, engine.clone(), config.auth.clone(), shutdown.wait());
     let pg = executor.spawn_detached(async move {
         if let Err(e) = pg_serve.await {
             tracing::error!(error = %e, "the Postgres wire protocol server stopped");
@@ -441,37 +441,65 @@ async fn close(storage: Storage, retention: Option<Upkeep>) -> Result<(), String
     Ok(())
 }
 
+/// Serves `router` on `listener` until shutdown: over TLS when the config has it.
+fn serve_http(
+    what: &'static str,
+    listener: TcpListener,
+    router: Router,
+    config: &ServeConfig,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let stop = shutdown.wait();
+    match &config.tls {
+        Some(tls) => tokio::spawn(meshscope_auth::tls::serve_https(
+            listener,
+            tls.http(),
+            router,
+            stop,
+        )),
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "the {what} listener stopped");
+            }
+        }),
+    }
+}
+
 /// The OTLP/gRPC and OTLP/HTTP receivers, serving until shutdown.
 fn spawn_receivers(
     grpc_l: TcpListener,
     otlp_http_l: TcpListener,
     ingest: &Ingest,
     limits: Limits,
-    auth: &meshscope_auth::Auth,
+    config: &ServeConfig,
     shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let grpc = tokio::spawn(meshscope_collector::grpc::serve(
+    let grpc = meshscope_collector::grpc::serve(
         grpc_l,
         ingest.clone(),
         limits,
-        auth.clone(),
-        shutdown.wait(),
-    ));
-    let http = axum::serve(
-        otlp_http_l,
-        meshscope_collector::http::router(ingest.clone(), limits, auth.clone()),
-    )
-    .with_graceful_shutdown(shutdown.wait())
-    .into_future();
-    vec![
-        tokio::spawn(async move {
-            let _ = grpc.await;
-        }),
-        tokio::spawn(async move {
-            if let Err(e) = http.await {
-                tracing::error!(error = %e, "the OTLP/HTTP receiver stopped");
+        config.auth.clone(),
+        config.tls.as_ref().map(|t| {
+            let (cert, key) = t.identity_pem();
+            meshscope_collector::grpc::TlsPem {
+                cert: cert.to_vec(),
+                key: key.to_vec(),
+                client_ca: t.client_ca_pem().map(<[u8]>::to_vec),
             }
         }),
+        shutdown.wait(),
+    );
+    let router = meshscope_collector::http::router(ingest.clone(), limits, config.auth.clone());
+    vec![
+        tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "the OTLP/gRPC receiver stopped");
+            }
+        }),
+        serve_http("OTLP/HTTP", otlp_http_l, router, config, shutdown),
     ]
 }
 
@@ -492,14 +520,7 @@ async fn run_collector(
     let http_l = bind("HTTP API", config.http_addr).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
-    let mut tasks = spawn_receivers(
-        grpc_l,
-        otlp_http_l,
-        &ingest,
-        limits,
-        &config.auth,
-        &shutdown,
-    );
+    let mut tasks = spawn_receivers(grpc_l, otlp_http_l, &ingest, limits, &config, &shutdown);
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
             Maintainer::new(storage.clone(), config.upkeep.clone()),
@@ -519,12 +540,7 @@ async fn run_collector(
         .merge(health_routes(Arc::clone(&ready)))
         .merge(exposition.router());
     let api = guarded(api, &config);
-    tasks.push(tokio::spawn(
-        axum::serve(http_l, api)
-            .with_graceful_shutdown(shutdown.wait())
-            .into_future()
-            .map(|_| ()),
-    ));
+    tasks.push(serve_http("HTTP API", http_l, api, &config, &shutdown));
     ready.store(true, Ordering::Release);
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,

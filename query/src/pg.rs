@@ -104,6 +104,8 @@ impl QueryHook for ReadOnlyHook {
 /// secret of the token named by the user.
 struct Login {
     auth: Auth,
+    /// TLS is configured: a plaintext connection is refused.
+    require_tls: bool,
     pids: RandomPidSecretKeyGenerator,
     parameters: DefaultServerParameterProvider,
 }
@@ -150,6 +152,15 @@ impl StartupHandler for Login {
     {
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
+                if self.require_tls && !client.is_secure() {
+                    // 28000 invalid_authorization_specification, as PostgreSQL's hostssl.
+                    return Err(login_refused(
+                        "28000",
+                        "this server takes TLS connections only: connect with sslmode=require \
+                         (or verify-full with the server's CA)"
+                            .into(),
+                    ));
+                }
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
                 if self.auth.is_open() {
@@ -298,6 +309,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     engine: QueryEngine,
     auth: Auth,
+    tls: Option<datafusion_postgres::pgwire::tokio::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let ctx = Arc::clone(engine.context());
@@ -316,6 +328,7 @@ pub async fn serve(
         }),
         login: Arc::new(Login {
             auth,
+            require_tls: tls.is_some(),
             pids: RandomPidSecretKeyGenerator::default(),
             parameters: DefaultServerParameterProvider::default(),
         }),
@@ -328,8 +341,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let handlers = Arc::clone(&handlers);
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await {
+                        if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, tls, handlers).await {
                             tracing::debug!(%peer, error = %e, "postgres connection ended with an error");
                         }
                     });

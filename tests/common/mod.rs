@@ -27,6 +27,8 @@ pub struct Server {
     pub log: PathBuf,
     /// The bearer token `sql*` and `metric*` send (a server started with `--auth-file`).
     pub token: Option<String>,
+    /// Started with `--tls-cert`: readiness is read from the log only.
+    pub tls: bool,
 }
 
 impl Server {
@@ -85,6 +87,7 @@ impl Server {
             pg: 0,
             log,
             token: None,
+            tls: extra.contains(&"--tls-cert"),
         };
         server.wait_ready();
         server
@@ -111,7 +114,7 @@ impl Server {
                 self.otlp_http = port(&text, "OTLP/HTTP");
                 self.http = port(&text, "HTTP API");
                 self.pg = port(&text, "Postgres wire protocol");
-                if http_status(self.http, "/readyz").is_ok_and(|s| s == 200) {
+                if self.tls || http_status(self.http, "/readyz").is_ok_and(|s| s == 200) {
                     return;
                 }
             }
