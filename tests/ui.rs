@@ -284,6 +284,11 @@ fn logs_payload(base_ns: u64) -> Value {
 }
 
 async fn feed(server: &Server) {
+    feed_as(server, None).await;
+}
+
+/// [`feed`], sending `ingest_token` with each export.
+async fn feed_as(server: &Server, ingest_token: Option<&str>) {
     // Start 9 minutes ago so every record sits inside the default 15-minute range.
     let base = now_ns() - 9 * 60 * 1_000_000_000;
     let client = reqwest::Client::new();
@@ -291,8 +296,11 @@ async fn feed(server: &Server) {
         ("/v1/traces", traces_payload(base)),
         ("/v1/logs", logs_payload(base)),
     ] {
-        let r = client
-            .post(server.otlp_url(path))
+        let mut r = client.post(server.otlp_url(path));
+        if let Some(t) = ingest_token {
+            r = r.bearer_auth(t);
+        }
+        let r = r
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
@@ -1166,4 +1174,65 @@ async fn ui_pages_in_a_real_browser() {
         eprintln!("UI at {} for {secs} s", server.url("/"));
         tokio::time::sleep(Duration::from_secs(secs)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_asks_for_a_token_once_and_keeps_it_for_the_tab() {
+    use std::os::unix::fs::PermissionsExt;
+    const INGEST: &str = "ui-test-ingest-secret-0000000001";
+    const READ: &str = "ui-test-read-secret-00000000002";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[[token]]\nname = \"feeder\"\nsecret = \"{INGEST}\"\nscopes = [\"ingest\"]\n\n\
+             [[token]]\nname = \"browser\"\nsecret = \"{READ}\"\nscopes = [\"read\"]\n"
+        ),
+    )
+    .expect("auth file");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut server = Server::start_with(
+        &dir.path().join("data"),
+        &["--auth-file", auth.to_str().expect("path")],
+    );
+    server.token = Some(READ.into());
+    feed_as(&server, Some(INGEST)).await;
+
+    let b = Browser::start().await;
+    b.goto(&server.url("/services?range=15m")).await;
+    let input = b.wait_for("#token-input", 1).await;
+    b.screenshot("token-prompt").await;
+    // A wrong token is refused and asked for again.
+    b.type_into(&input[0], "not-the-token").await;
+    let submit = b.wait_for("#token-submit", 1).await;
+    b.click(&submit[0]).await;
+    let label = b.wait_for("label[for='token-input']", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.text(&label[0]).await.contains("refused") {
+        assert!(Instant::now() < deadline, "the wrong token was not refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let input = b.wait_for("#token-input", 1).await;
+    b.type_into(&input[0], READ).await;
+    let submit = b.wait_for("#token-submit", 1).await;
+    b.click(&submit[0]).await;
+    b.wait_for("tr[data-service='checkout']", 1).await;
+    assert!(b.find_all("[data-test='token-prompt']").await.is_empty());
+
+    // Another page load in the same tab: the token is kept, no prompt, data shown.
+    b.goto(&server.url("/services?range=15m")).await;
+    b.wait_for("tr[data-service='checkout']", 1).await;
+    assert!(b.find_all("[data-test='token-prompt']").await.is_empty());
+    let kept = b
+        .js(
+            "return sessionStorage.getItem('meshscope-token')",
+            json!([]),
+        )
+        .await;
+    assert_eq!(kept, json!(READ));
+    let refused = server
+        .metric("meshscope_auth_failures_total{surface=\"api\",reason=\"missing\"}")
+        .await;
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
 }

@@ -42,6 +42,7 @@ fn Shell() -> impl IntoView {
     state::install_navigate();
     view! {
         <TopBar/>
+        <TokenPrompt/>
         <main>
             <Routes fallback=|| view! { <div class="page"><h1>"Not found"</h1></div> }>
                 <Route path=path!("/") view=topology::TopologyPage/>
@@ -54,6 +55,45 @@ fn Shell() -> impl IntoView {
                 <Route path=path!("/sql") view=sql::SqlPage/>
             </Routes>
         </main>
+    }
+}
+
+/// Asked once when the server wants a token (started with `--auth-file`): a token with the
+/// `read` scope, kept in the tab's session storage and sent with every API call.
+#[component]
+fn TokenPrompt() -> impl IntoView {
+    let needs = util::needs_token();
+    let tick = expect_context::<Tick>().0;
+    let value = RwSignal::new(String::new());
+    let submit = move || {
+        let t = value.get_untracked();
+        if t.trim().is_empty() {
+            return;
+        }
+        util::set_token(&t);
+        value.set(String::new());
+        needs.set(false);
+        tick.update(|t| *t += 1);
+    };
+    view! {
+        <Show when=move || needs.get()>
+            <div class="token-prompt" data-test="token-prompt">
+                <form on:submit=move |ev| { ev.prevent_default(); submit(); }>
+                    <label for="token-input">
+                        {move || if util::token().is_some() {
+                            "That token was refused. API token (read scope):"
+                        } else {
+                            "This meshscope asks for an API token (read scope):"
+                        }}
+                    </label>
+                    <input id="token-input" type="password" autocomplete="off"
+                        prop:value=move || value.get()
+                        on:input=move |ev| value.set(event_target_value(&ev))/>
+                    <button id="token-submit" type="submit">"Use token"</button>
+                    <span class="muted">"Kept in this tab's session storage only."</span>
+                </form>
+            </div>
+        </Show>
     }
 }
 

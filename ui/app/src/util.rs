@@ -1,12 +1,51 @@
 //! Fetching JSON from the API, reading fields of answers, formatting numbers and times.
 
-use gloo_net::http::{Request, Response};
+use gloo_net::http::{Request, RequestBuilder, Response};
+use leptos::prelude::*;
 use serde_json::Value;
 use wasm_bindgen::JsValue;
 
+/// Where the API token lives: the tab's session storage (gone when the tab closes, never
+/// sent anywhere but this server).
+const TOKEN_KEY: &str = "meshscope-token";
+
+fn session_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.session_storage().ok()?
+}
+
+pub fn token() -> Option<String> {
+    session_storage()?
+        .get_item(TOKEN_KEY)
+        .ok()?
+        .filter(|t| !t.is_empty())
+}
+
+pub fn set_token(t: &str) {
+    if let Some(s) = session_storage() {
+        let _ = s.set_item(TOKEN_KEY, t.trim());
+    }
+}
+
+thread_local! {
+    /// Set when the server answered 401: the shell asks for a token.
+    static NEEDS_TOKEN: RwSignal<bool> = RwSignal::new(false);
+}
+
+pub fn needs_token() -> RwSignal<bool> {
+    NEEDS_TOKEN.with(|s| *s)
+}
+
+/// `req` with `authorization: Bearer <token>` when a token is kept.
+fn authorized(req: RequestBuilder) -> RequestBuilder {
+    match token() {
+        Some(t) => req.header("authorization", &format!("Bearer {t}")),
+        None => req,
+    }
+}
+
 /// `GET url` → the JSON answer, or the API's `{"error"}` message.
 pub async fn get_json(url: String) -> Result<Value, String> {
-    let resp = Request::get(&url)
+    let resp = authorized(Request::get(&url))
         .send()
         .await
         .map_err(|e| format!("cannot reach meshscope: {e}"))?;
@@ -15,7 +54,7 @@ pub async fn get_json(url: String) -> Result<Value, String> {
 
 /// `POST /api/v1/sql` → `{"columns", "rows"}`.
 pub async fn sql(q: String) -> Result<Value, String> {
-    let resp = Request::post("/api/v1/sql")
+    let resp = authorized(Request::post("/api/v1/sql"))
         .json(&serde_json::json!({ "sql": q }))
         .map_err(|e| e.to_string())?
         .send()
@@ -49,6 +88,9 @@ pub async fn sql_rows(q: String) -> Result<Vec<serde_json::Map<String, Value>>, 
 
 async fn decode(resp: Response) -> Result<Value, String> {
     let status = resp.status();
+    if status == 401 {
+        needs_token().set(true);
+    }
     let text = resp.text().await.map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     if (200..300).contains(&status) {
