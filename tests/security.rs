@@ -707,3 +707,55 @@ async fn the_raw_span_graph_stays_within_the_query_memory_pool() {
         .url("/api/v1/graph?source=spans&start=2020-01-01T00:00:00Z&end=2020-01-01T00:01:00Z");
     assert_eq!(reqwest::get(small).await.expect("graph").status(), 200);
 }
+
+/// A malformed Postgres message (a Parse whose fields run past its length, found by the
+/// fuzzer) ends its own connection with an error; the server goes on serving others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_postgres_message_ends_only_its_connection() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.pg)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut startup = 196_608i32.to_be_bytes().to_vec();
+    startup.extend_from_slice(b"user\0meshscope\0database\0meshscope\0\0");
+    let mut msg = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&startup);
+    s.write_all(&msg).expect("startup");
+    // Read until ReadyForQuery ('Z').
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(&b'Z') {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed during start-up");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Parse: its length says 15 bytes, its fields claim more.
+    s.write_all(b"P\x00\x00\x00\x0fthe-secret\x00Q\x00\"\x00\rSELECT 1\x00")
+        .expect("write");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    // The server answered with an error or closed; either way it still serves.
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.pg.to_string(),
+            "-U",
+            "meshscope",
+        ])
+        .args(["-d", "meshscope", "-X", "-A", "-t", "-c", "SELECT 41 + 1"])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    // (The contained panic is still printed by the panic hook: third_party/pgwire's README.)
+    let mut server = server;
+    assert!(server.is_running());
+}

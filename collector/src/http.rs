@@ -181,6 +181,22 @@ fn body(enc: Encoding, headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<
     }
 }
 
+/// Decodes an OTLP/HTTP body, protobuf or (`json`) OTLP/JSON, exactly as the receiver does
+/// (its error text is the 400 answer's message). Public for the fuzz targets.
+pub fn decode_otlp<T>(json: bool, bytes: &[u8]) -> Result<T, String>
+where
+    T: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    decode(
+        if json {
+            Encoding::Json
+        } else {
+            Encoding::Protobuf
+        },
+        bytes,
+    )
+}
+
 fn decode<T>(enc: Encoding, bytes: &[u8]) -> Result<T, String>
 where
     T: prost::Message + Default + serde::de::DeserializeOwned,
