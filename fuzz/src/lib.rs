@@ -364,6 +364,21 @@ mod tests {
         for t in targets() {
             assert!(!(t.seeds)().is_empty(), "{} has no seeds", t.name);
         }
+        // The OTLP targets start from the shared examples (three real payloads each,
+        // besides the empty ones), and those decode.
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        for name in ["otlp_json", "otlp_protobuf"] {
+            let t = targets().into_iter().find(|t| t.name == name).unwrap();
+            let seeds = (t.seeds)();
+            assert!(seeds.len() >= 6, "{name}: {} seeds", seeds.len());
+            let trace = seeds.iter().find(|s| s.len() > 100 && s[0] == 0).unwrap();
+            let decoded = meshscope_collector::http::decode_otlp::<ExportTraceServiceRequest>(
+                name == "otlp_json",
+                &trace[1..],
+            )
+            .unwrap();
+            assert!(!decoded.resource_spans.is_empty());
+        }
         let mut rng = StdRng::seed_from_u64(1);
         let mut v = vec![b'x'; MAX_LEN];
         for _ in 0..1000 {
