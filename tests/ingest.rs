@@ -674,3 +674,43 @@ async fn overload_is_a_retryable_answer_not_unbounded_memory() {
         "{metrics}"
     );
 }
+
+/// `meshscope bench overload` at a small scale: ten times the measured rate is refused
+/// retryably (`UNAVAILABLE`), the server takes exports again once the load stops, and
+/// every acknowledged span is stored. (The figures at full scale are in BENCHMARKS.md.)
+#[test]
+fn overload_is_refused_retryably_and_every_acknowledged_span_is_kept() {
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "bench",
+            "overload",
+            "--calibrate-secs",
+            "3",
+            "--seconds",
+            "5",
+        ])
+        .args(["--batch", "500", "--max-buffered-bytes", "16777216"])
+        .output()
+        .expect("meshscope bench overload");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key:?} in\n{text}"))
+            .to_string()
+    };
+    assert!(line("complete").contains("yes"), "{text}");
+    assert!(line("recovered").contains(" in "), "{text}");
+    assert!(line("failed otherwise").ends_with(" 0"), "{text}");
+    let refused: u64 = line("refused (UNAVAILABLE)")
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .expect("refused count");
+    assert!(refused > 0, "ten times the rate was never refused:\n{text}");
+}

@@ -25,6 +25,8 @@ use meshscope_proto::otlp::trace::v1::{
 
 use crate::config::BenchIngestArgs;
 
+pub mod overload;
+
 /// A small fast PRNG (xorshift64*): ids and choices, no dependency needed for a benchmark.
 struct Rng(u64);
 impl Rng {
@@ -222,9 +224,14 @@ fn dir_bytes(dir: &Path, ext: &str) -> u64 {
 struct Server {
     child: Child,
     grpc: String,
+    http: String,
 }
 
 fn start_server(data_dir: &Path) -> Result<Server, String> {
+    start_server_with(data_dir, &[])
+}
+
+fn start_server_with(data_dir: &Path, extra: &[String]) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (g, h, a, p) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let child = std::process::Command::new(exe)
@@ -235,12 +242,14 @@ fn start_server(data_dir: &Path) -> Result<Server, String> {
         .args(["--http-addr", &format!("127.0.0.1:{a}")])
         .args(["--pg-addr", &format!("127.0.0.1:{p}")])
         .args(["--log", "warn"])
+        .args(extra)
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
     Ok(Server {
         child,
         grpc: format!("http://127.0.0.1:{g}"),
+        http: format!("http://127.0.0.1:{a}"),
     })
 }
 

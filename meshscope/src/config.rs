@@ -578,6 +578,34 @@ pub enum BenchCommand {
     /// Compaction and retention over a stored data directory (which it changes): bytes per
     /// span and query times before and after.
     Storage(BenchStorageArgs),
+    /// Overload: the ingest rate measured, then many times that offered for a while; what
+    /// was refused, the server's RSS, recovery, and whether every acknowledged span is there.
+    Overload(BenchOverloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchOverloadArgs {
+    /// Seconds of closed-loop ingest that measure the rate the server sustains.
+    #[arg(long, default_value_t = 10)]
+    pub calibrate_secs: u64,
+    /// Seconds of overload.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Offered load as a multiple of the measured rate.
+    #[arg(long, default_value_t = 10.0)]
+    pub factor: f64,
+    /// Spans per export request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Requests in flight during calibration.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Requests in flight at most during overload (the load generator's own bound).
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// The server's --max-buffered-bytes (its flush size is a quarter of it).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_buffered_bytes: usize,
 }
 
 #[derive(Debug, Args)]

@@ -89,6 +89,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
             Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,
+            Command::Bench(BenchCommand::Overload(args)) => bench::overload::run(args).await,
             Command::Proxy(args) => meshscope_proxy::run(args.config, stop_signal())
                 .await
                 .map_err(|e| e.to_string()),
