@@ -323,13 +323,7 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
         let started = Instant::now();
         let result = self.run(sql).await;
-        self.stats.queries.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.stats
-            .nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.count(started, result.is_err());
         result
     }
 
@@ -486,33 +480,6 @@ impl QueryEngine {
     }
 
     async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        let statements = DFParser::parse_sql(sql).map_err(QueryError::from)?;
-        match statements.len() {
-            0 => return Err(QueryError::Invalid("no SQL statement given".into())),
-            1 => readonly::check_df(&statements[0], Surface::Http)?,
-            n => {
-                return Err(QueryError::Invalid(format!(
-                    "one statement at a time, got {n}"
-                )));
-            }
-        }
-        let ctx = Arc::clone(&self.ctx);
-        let sql = sql.to_string();
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let running = Running::start(&self.stats);
-        self.executor
-            .spawn(async move {
-                let _running = running;
-                let df = ctx.sql_with_options(&sql, options).await?;
-                let schema = Arc::new(df.schema().as_arrow().clone());
-                let batches = df.collect().await?;
-                Ok::<_, DataFusionError>(QueryResult { schema, batches })
-            })
-            .await
-            .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?
-            .map_err(QueryError::from)
+        self.run_capped(sql, usize::MAX).await.map(|(r, _)| r)
     }
 }
