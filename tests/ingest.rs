@@ -714,3 +714,63 @@ fn overload_is_refused_retryably_and_every_acknowledged_span_is_kept() {
         .expect("refused count");
     assert!(refused > 0, "ten times the rate was never refused:\n{text}");
 }
+
+/// `--max-inflight-exports`: an export beyond the bound is refused at once (503 with
+/// `Retry-After`, gRPC `UNAVAILABLE`) while the admitted one is still being received.
+#[tokio::test(flavor = "multi_thread")]
+async fn exports_beyond_the_inflight_bound_are_refused_at_once() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start_with(&dir.path().join("data"), &["--max-inflight-exports", "1"]);
+    // An export whose body has not arrived yet holds the only place.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", server.otlp_http)).expect("connect");
+    write!(
+        slow,
+        "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{"
+    )
+    .expect("headers");
+    slow.flush().expect("flush");
+    let body = common::testdata("trace.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = reqwest::Client::new()
+            .post(server.otlp_url("/v1/traces"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("POST");
+        if r.status() == 503 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "never refused: {}", r.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let text = refused.text().await.expect("body");
+    assert!(text.contains("--max-inflight-exports"), "{text}");
+    let mut client = TraceServiceClient::connect(server.grpc_url())
+        .await
+        .expect("connect");
+    let err = client
+        .export(request("busy", vec![span(vec![5; 16], 5, "x")]))
+        .await
+        .expect_err("no place");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(server.metric("meshscope_ingest_shed_requests_total").await >= Some(2.0));
+    // Once the slow export goes away, exports are taken again.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .export(request("again", vec![span(vec![6; 16], 6, "x")]))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Unavailable => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "the place was not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -144,6 +144,7 @@ pub struct TlsPem {
 pub async fn serve(
     listener: TcpListener,
     ingest: Ingest,
+    admission: crate::admission::Admission,
     limits: Limits,
     auth: Auth,
     tls: Option<TlsPem>,
@@ -177,6 +178,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_argument,
         ))
+        .layer(crate::admission::AdmissionLayer(admission))
         .add_service(InterceptedService::new(traces, gate.clone()))
         .add_service(InterceptedService::new(metrics, gate.clone()))
         .add_service(InterceptedService::new(logs, gate))

@@ -43,13 +43,19 @@ struct AppState {
 
 /// The OTLP/HTTP routes; every request needs an `ingest` token unless `auth` is open
 /// (401 / 403 before the body is read).
-pub fn router(ingest: Ingest, limits: Limits, auth: Auth) -> Router {
+pub fn router(
+    ingest: Ingest,
+    admission: crate::admission::Admission,
+    limits: Limits,
+    auth: Auth,
+) -> Router {
     let routes = Router::new()
         .route("/v1/traces", post(traces))
         .route("/v1/metrics", post(metrics))
         .route("/v1/logs", post(logs))
         // The compressed body may not exceed the limit either.
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(admission, admit))
         .with_state(AppState { ingest, limits });
     Gate {
         auth,
@@ -58,6 +64,30 @@ pub fn router(ingest: Ingest, limits: Limits, auth: Auth) -> Router {
         render: refusal,
     }
     .guard(routes)
+}
+
+/// 503 with `Retry-After` when every place for an export is taken (before the body is read).
+async fn admit(
+    axum::extract::State(admission): axum::extract::State<crate::admission::Admission>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match admission.try_admit() {
+        Some(place) => {
+            let resp = next.run(req).await;
+            drop(place);
+            resp
+        }
+        None => {
+            let enc = encoding(req.headers()).unwrap_or(Encoding::Json);
+            error(
+                enc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                UNAVAILABLE,
+                admission.message(),
+            )
+        }
+    }
 }
 
 /// A refused credential, as a `google.rpc.Status` in the request's encoding.

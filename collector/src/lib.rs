@@ -11,6 +11,7 @@
 //! - [`http`]: `POST /v1/traces|metrics|logs` on axum (port 4318), protobuf or JSON, gzip or
 //!   not, answered in the request's encoding; body limits before and after decompression.
 
+pub mod admission;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
@@ -22,12 +23,16 @@ pub use ingest::{Ingest, IngestError, IngestStats, Outcome};
 pub struct Limits {
     /// The largest request body accepted, after decompression (bytes).
     pub max_body_bytes: usize,
+    /// Exports in progress at once, over gRPC and HTTP together; more are refused at once
+    /// (`UNAVAILABLE` / 503 with `Retry-After`) before their bodies are read.
+    pub max_in_flight: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 16 << 20,
+            max_in_flight: 32,
         }
     }
 }

@@ -103,6 +103,10 @@ pub struct ServeArgs {
     /// Refuse ingest (retryable) while a table buffers this many bytes [1073741824].
     #[arg(long, env = "MESHSCOPE_MAX_BUFFERED_BYTES")]
     pub max_buffered_bytes: Option<usize>,
+    /// OTLP exports in progress at once (gRPC and HTTP together); more are refused at once,
+    /// retryably, before their bodies are read [32].
+    #[arg(long, env = "MESHSCOPE_MAX_INFLIGHT_EXPORTS")]
+    pub max_inflight_exports: Option<usize>,
     /// Memory all running queries may use together, in bytes [4294967296].
     #[arg(long, env = "MESHSCOPE_QUERY_MEMORY_BYTES")]
     pub query_memory_bytes: Option<usize>,
@@ -208,6 +212,7 @@ struct FileConfig {
     flush_bytes: Option<usize>,
     flush_interval_secs: Option<u64>,
     max_buffered_bytes: Option<usize>,
+    max_inflight_exports: Option<usize>,
     query_memory_bytes: Option<usize>,
     signals_interval_secs: Option<u64>,
     signals_delay_secs: Option<u64>,
@@ -263,6 +268,7 @@ pub struct ServeConfig {
     pub flush_bytes: usize,
     pub flush_interval: Duration,
     pub max_buffered_bytes: usize,
+    pub max_inflight_exports: usize,
     pub query_memory_bytes: usize,
     pub signals_interval: Duration,
     pub signals_delay: Duration,
@@ -497,6 +503,11 @@ impl ServeArgs {
                 .max_buffered_bytes
                 .or(file.max_buffered_bytes)
                 .unwrap_or(1 << 30),
+            max_inflight_exports: self
+                .max_inflight_exports
+                .or(file.max_inflight_exports)
+                .unwrap_or(32)
+                .max(1),
             query_memory_bytes: self
                 .query_memory_bytes
                 .or(file.query_memory_bytes)

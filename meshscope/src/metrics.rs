@@ -36,6 +36,8 @@ pub struct Exposition {
     pub counters: Option<Arc<SpanCounters>>,
     pub alerts: Option<meshscope_alerts::Alerting>,
     pub auth: meshscope_auth::Auth,
+    /// The receivers' bound on exports in progress (none on a query node).
+    pub admission: Option<meshscope_collector::admission::Admission>,
 }
 
 impl std::fmt::Debug for Exposition {
@@ -139,6 +141,14 @@ impl Collector for Exposition {
             per_table(&mut enc, name, help, Counter, samples)?;
         }
 
+        if let Some(a) = &self.admission {
+            counter(
+                &mut enc,
+                "meshscope_ingest_shed_requests",
+                "OTLP exports refused at once because --max-inflight-exports were in progress.",
+                a.shed(),
+            )?;
+        }
         let store = |t: Table| self.storage.table(t).stats();
         let stores: [Family<Stats>; 14] = [
             (

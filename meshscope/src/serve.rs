@@ -274,7 +274,9 @@ pub async fn run_reporting(
     let ingest = Ingest::new(storage.clone());
     let limits = Limits {
         max_body_bytes: config.max_body_bytes,
+        max_in_flight: config.max_inflight_exports,
     };
+    let admission = meshscope_collector::admission::Admission::new(limits.max_in_flight);
 
     let receivers = if role == Role::Serve {
         Some((
@@ -316,6 +318,7 @@ pub async fn run_reporting(
             grpc_l,
             otlp_http_l,
             &ingest,
+            &admission,
             limits,
             &config,
             &shutdown,
@@ -332,6 +335,7 @@ pub async fn run_reporting(
         ))),
         alerts: Some(alerting.clone()),
         auth: config.auth.clone(),
+        admission: Some(admission.clone()),
     };
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
@@ -473,6 +477,7 @@ fn spawn_receivers(
     grpc_l: TcpListener,
     otlp_http_l: TcpListener,
     ingest: &Ingest,
+    admission: &meshscope_collector::admission::Admission,
     limits: Limits,
     config: &ServeConfig,
     shutdown: &Shutdown,
@@ -480,6 +485,7 @@ fn spawn_receivers(
     let grpc = meshscope_collector::grpc::serve(
         grpc_l,
         ingest.clone(),
+        admission.clone(),
         limits,
         config.auth.clone(),
         config.tls.as_ref().map(|t| {
@@ -492,7 +498,12 @@ fn spawn_receivers(
         }),
         shutdown.wait(),
     );
-    let router = meshscope_collector::http::router(ingest.clone(), limits, config.auth.clone());
+    let router = meshscope_collector::http::router(
+        ingest.clone(),
+        admission.clone(),
+        limits,
+        config.auth.clone(),
+    );
     vec![
         tokio::spawn(async move {
             if let Err(e) = grpc.await {
@@ -514,13 +525,23 @@ async fn run_collector(
     let ingest = Ingest::new(storage.clone());
     let limits = Limits {
         max_body_bytes: config.max_body_bytes,
+        max_in_flight: config.max_inflight_exports,
     };
+    let admission = meshscope_collector::admission::Admission::new(limits.max_in_flight);
     let grpc_l = bind("OTLP/gRPC", config.otlp_grpc_addr).await?;
     let otlp_http_l = bind("OTLP/HTTP", config.otlp_http_addr).await?;
     let http_l = bind("HTTP API", config.http_addr).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
-    let mut tasks = spawn_receivers(grpc_l, otlp_http_l, &ingest, limits, &config, &shutdown);
+    let mut tasks = spawn_receivers(
+        grpc_l,
+        otlp_http_l,
+        &ingest,
+        &admission,
+        limits,
+        &config,
+        &shutdown,
+    );
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
             Maintainer::new(storage.clone(), config.upkeep.clone()),
@@ -535,6 +556,7 @@ async fn run_collector(
         counters: None,
         alerts: None,
         auth: config.auth.clone(),
+        admission: Some(admission.clone()),
     };
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))

@@ -81,7 +81,7 @@ pub async fn run(args: BenchOverloadArgs) -> Result<(), String> {
         .ok_or("the server did not come up")?
         .max_encoding_message_size(64 << 20);
     let counts = Arc::new(Counts::default());
-    let result = overload(&args, client, pid, &counts, &server.http).await;
+    let result = overload(&args, &server.grpc, client, pid, &counts, &server.http).await;
     let _ = server.child.kill();
     let _ = server.child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -90,6 +90,7 @@ pub async fn run(args: BenchOverloadArgs) -> Result<(), String> {
 
 async fn overload(
     args: &BenchOverloadArgs,
+    endpoint: &str,
     client: TraceServiceClient<Channel>,
     pid: u32,
     counts: &Arc<Counts>,
@@ -153,6 +154,17 @@ async fn overload(
         counts.acked_spans.load(Ordering::Relaxed),
         counts.refused.load(Ordering::Relaxed),
     );
+    // Many connections, as many proxies would have: one HTTP/2 connection would itself
+    // queue the bodies (flow control) and hide the server's answer times.
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let channel = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        clients.push(TraceServiceClient::new(channel).max_encoding_message_size(64 << 20));
+    }
     let mut sent = tokio::task::JoinSet::new();
     while start.elapsed() < load {
         tick.tick().await;
@@ -163,7 +175,8 @@ async fn overload(
                 unsent.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let (mut client, counts) = (client.clone(), Arc::clone(counts));
+            let mut client = clients[offered as usize % clients.len()].clone();
+            let counts = Arc::clone(counts);
             let req = mesh_request(&mut rng, batch, now_ns());
             sent.spawn(async move {
                 let _permit = permit;
