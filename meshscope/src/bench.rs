@@ -253,6 +253,23 @@ fn start_server_with(data_dir: &Path, extra: &[String]) -> Result<Server, String
     })
 }
 
+/// An OTLP/gRPC trace client of a server that is starting, once it answers (within `wait`).
+async fn connect(
+    url: &str,
+    wait: Duration,
+) -> Result<TraceServiceClient<tonic::transport::Channel>, String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(c) = TraceServiceClient::connect(url.to_string()).await {
+            return Ok(c.max_encoding_message_size(64 << 20));
+        }
+        if Instant::now() > deadline {
+            return Err("the server did not come up".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
     let tmp;
     let data_dir: PathBuf = match &args.data_dir {
@@ -265,17 +282,7 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&data_dir);
     let mut server = start_server(&data_dir)?;
     let pid = server.child.id();
-    let mut client = None;
-    for _ in 0..200 {
-        if let Ok(c) = TraceServiceClient::connect(server.grpc.clone()).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let client = client
-        .ok_or("the server did not come up")?
-        .max_encoding_message_size(64 << 20);
+    let client = connect(&server.grpc, Duration::from_secs(10)).await?;
     let batches = args.spans.div_ceil(args.batch);
     eprintln!(
         "bench ingest: {} spans in {batches} requests of {} over OTLP/gRPC, {} in flight, server pid {pid}, data {}",

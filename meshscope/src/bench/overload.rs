@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use meshscope_proto::otlp::collector::trace::v1::trace_service_client::TraceServiceClient;
 use tonic::transport::Channel;
 
-use super::{Rng, mesh_request, peak_rss_kib, start_server_with};
+use super::{Rng, connect, mesh_request, peak_rss_kib, start_server_with};
 use crate::config::BenchOverloadArgs;
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -69,17 +69,7 @@ pub async fn run(args: BenchOverloadArgs) -> Result<(), String> {
     ];
     let mut server = start_server_with(&dir, &extra)?;
     let pid = server.child.id();
-    let mut client = None;
-    for _ in 0..400 {
-        if let Ok(c) = TraceServiceClient::connect(server.grpc.clone()).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let client: TraceServiceClient<Channel> = client
-        .ok_or("the server did not come up")?
-        .max_encoding_message_size(64 << 20);
+    let client = connect(&server.grpc, Duration::from_secs(20)).await?;
     let counts = Arc::new(Counts::default());
     let result = overload(&args, &server.grpc, client, pid, &counts, &server.http).await;
     let _ = server.child.kill();
