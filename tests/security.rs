@@ -118,6 +118,27 @@ fn export_one(exporter: opentelemetry_otlp::SpanExporter, service: &str) {
     let _ = provider.shutdown();
 }
 
+/// `psql` against the server's Postgres port as `user` (with `password` if given), one
+/// statement, unaligned tuples only; `extra` goes before `-c`.
+fn psql(
+    server: &Server,
+    user: &str,
+    password: Option<&str>,
+    extra: &[&str],
+    sql: &str,
+) -> std::process::Output {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-h", "127.0.0.1", "-p", &server.pg.to_string(), "-U", user])
+        .args(["-d", "meshscope", "-X", "-A", "-t"])
+        .args(extra)
+        .args(["-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    cmd.output().expect("psql (Debian postgresql-client)")
+}
+
 async fn status_of(request: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, String) {
     let r = request.send().await.expect("request");
     let status = r.status().as_u16();
@@ -242,28 +263,20 @@ async fn tokens_with_scopes_guard_every_listener() {
     assert_eq!(s, 201, "{b}");
 
     // psql: user = the token's name, password = its secret.
-    let psql = |user: &str, password: &str| {
-        Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &server.pg.to_string(), "-U", user])
-            .args(["-d", "meshscope", "-X", "-A", "-t", "-c"])
-            .arg("SELECT count(*) FROM spans WHERE service_name LIKE '%with-token'")
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .output()
-            .expect("psql (Debian postgresql-client)")
-    };
-    let out = psql("grafana", READ);
+    let sql = "SELECT count(*) FROM spans WHERE service_name LIKE '%with-token'";
+    let login = |user: &str, password: &str| psql(&server, user, Some(password), &[], sql);
+    let out = login("grafana", READ);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
-    let out = psql("grafana", "wrong");
+    let out = login("grafana", "wrong");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("password authentication failed"), "{err}");
-    let out = psql("proxies", INGEST);
+    let out = login("proxies", INGEST);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not have the read scope"), "{err}");
@@ -603,28 +616,13 @@ async fn queries_are_bounded_in_time_rows_and_number() {
         .await;
 
     // The Postgres wire: the same timeout, as SQLSTATE 57014.
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.pg.to_string(),
-            "-U",
-            "meshscope",
-        ])
-        .args([
-            "-d",
-            "meshscope",
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "VERBOSITY=verbose",
-            "-c",
-            ENDLESS,
-        ])
-        .output()
-        .expect("psql");
+    let out = psql(
+        &server,
+        "meshscope",
+        None,
+        &["-v", "VERBOSITY=verbose"],
+        ENDLESS,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -737,18 +735,7 @@ async fn a_malformed_postgres_message_ends_only_its_connection() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     // The server answered with an error or closed; either way it still serves.
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.pg.to_string(),
-            "-U",
-            "meshscope",
-        ])
-        .args(["-d", "meshscope", "-X", "-A", "-t", "-c", "SELECT 41 + 1"])
-        .output()
-        .expect("psql");
+    let out = psql(&server, "meshscope", None, &[], "SELECT 41 + 1");
     assert!(
         out.status.success(),
         "{}",
