@@ -44,6 +44,29 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// `serve` plus a demo mesh (services behind bundled proxies) and a traffic generator.
     Demo(DemoArgs),
+    /// The mesh CA's bootstrap tokens.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Makes a bootstrap token that may ask the mesh CA for these workloads' certificates;
+    /// prints it once (only its SHA-256 is kept, in <data-dir>/ca/bootstrap-tokens.toml).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The server's data directory [./meshscope-data].
+    #[arg(long, env = "MESHSCOPE_DATA_DIR", default_value = "./meshscope-data")]
+    pub data_dir: PathBuf,
+    /// The workloads' namespace.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// A workload the token covers (repeat for more).
+    #[arg(long = "workload", required = true)]
+    pub workloads: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +126,13 @@ pub struct ServeArgs {
     /// Refuse ingest (retryable) while a table buffers this many bytes [1073741824].
     #[arg(long, env = "MESHSCOPE_MAX_BUFFERED_BYTES")]
     pub max_buffered_bytes: Option<usize>,
+    /// The mesh's trust domain: workload identities are
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<workload>` [meshscope.local].
+    #[arg(long, env = "MESHSCOPE_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Lifetime of the workload certificates the mesh CA signs, in seconds [86400].
+    #[arg(long, env = "MESHSCOPE_CERT_LIFETIME_SECS")]
+    pub cert_lifetime_secs: Option<u64>,
     /// OTLP exports in progress at once (gRPC and HTTP together); more are refused at once,
     /// retryably, before their bodies are read [32].
     #[arg(long, env = "MESHSCOPE_MAX_INFLIGHT_EXPORTS")]
@@ -213,6 +243,8 @@ struct FileConfig {
     flush_interval_secs: Option<u64>,
     max_buffered_bytes: Option<usize>,
     max_inflight_exports: Option<usize>,
+    trust_domain: Option<String>,
+    cert_lifetime_secs: Option<u64>,
     query_memory_bytes: Option<usize>,
     signals_interval_secs: Option<u64>,
     signals_delay_secs: Option<u64>,
@@ -291,6 +323,9 @@ pub struct ServeConfig {
     pub insecure_no_auth: bool,
     /// TLS on every listener (`None`: plaintext).
     pub tls: Option<meshscope_auth::tls::Tls>,
+    /// The mesh CA's trust domain and leaf lifetime (`serve` and `query`).
+    pub trust_domain: String,
+    pub cert_lifetime: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -535,6 +570,13 @@ impl ServeArgs {
             auth,
             insecure_no_auth: self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
             tls,
+            trust_domain: self
+                .trust_domain
+                .clone()
+                .or(file.trust_domain)
+                .unwrap_or_else(|| meshscope_identity::ca::DEFAULT_TRUST_DOMAIN.to_string()),
+            cert_lifetime: secs(self.cert_lifetime_secs.or(file.cert_lifetime_secs), 86_400)
+                .max(Duration::from_secs(1)),
         })
     }
 }

@@ -9,12 +9,14 @@
 //! - [`metrics`]: `GET /metrics` (own health and golden signals, Prometheus text).
 //! - [`sql_client`]: `meshscope sql "…"` against a running server.
 //! - [`bench`]: `meshscope bench ingest`.
+//! - [`identity`]: the mesh CA's HTTP API and `meshscope identity token`.
 //! - [`demo`]: `meshscope demo` (serve + a demo mesh behind bundled proxies + traffic).
 //! - `meshscope proxy` runs [`meshscope_proxy::run`].
 
 mod bench;
 mod config;
 mod demo;
+mod identity;
 mod metrics;
 mod serve;
 mod sql_client;
@@ -22,7 +24,7 @@ mod sql_client;
 use std::process::ExitCode;
 
 use clap::Parser;
-use config::{BenchCommand, Cli, Command, Role};
+use config::{BenchCommand, Cli, Command, IdentityCommand, Role};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: decoding OTLP makes many small allocations (a `String` per attribute key and
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| e.to_string()),
             Command::Demo(args) => demo::run(args, stop_signal()).await,
+            Command::Identity(IdentityCommand::Token(args)) => identity::token(args),
         }
     });
     match result {

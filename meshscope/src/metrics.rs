@@ -38,6 +38,8 @@ pub struct Exposition {
     pub auth: meshscope_auth::Auth,
     /// The receivers' bound on exports in progress (none on a query node).
     pub admission: Option<meshscope_collector::admission::Admission>,
+    /// The mesh CA (`serve` and `query`).
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl std::fmt::Debug for Exposition {
@@ -459,6 +461,10 @@ impl Exposition {
         }
         if !self.auth.is_open() {
             registry.register_collector(Box::new(AuthCollector(self.auth.clone())));
+        }
+        if let Some(i) = &self.identity {
+            registry
+                .register_collector(Box::new(crate::identity::IdentityCollector(Arc::clone(i))));
         }
         registry
     }

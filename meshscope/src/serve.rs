@@ -81,7 +81,7 @@ fn check_exposure(config: &ServeConfig) -> Result<(), String> {
 fn api_scope(method: &axum::http::Method, path: &str) -> Option<meshscope_auth::Scope> {
     use meshscope_auth::Scope;
     let reads = *method == axum::http::Method::GET || *method == axum::http::Method::HEAD;
-    if path == "/healthz" || path == "/readyz" {
+    if path == "/healthz" || path == "/readyz" || crate::identity::is_identity_path(path) {
         None
     } else if path.starts_with("/api/v1/alerts/rules") && !reads {
         Some(Scope::Admin)
@@ -297,6 +297,8 @@ pub async fn run_reporting(
         });
     }
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
+    // The mesh CA: its root is made on the first start and kept.
+    let identity = crate::identity::Identity::open(&config)?;
     // Checks the config file's alert rules before anything starts serving.
     let alerting = meshscope_alerts::Alerting::open(
         engine.clone(),
@@ -336,6 +338,7 @@ pub async fn run_reporting(
         alerts: Some(alerting.clone()),
         auth: config.auth.clone(),
         admission: Some(admission.clone()),
+        identity: Some(Arc::clone(&identity)),
     };
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
@@ -357,6 +360,7 @@ pub async fn run_reporting(
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
+        .merge(crate::identity::router(Arc::clone(&identity)))
         .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
@@ -557,6 +561,7 @@ async fn run_collector(
         alerts: None,
         auth: config.auth.clone(),
         admission: Some(admission.clone()),
+        identity: None,
     };
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
