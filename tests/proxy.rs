@@ -100,6 +100,8 @@ fn config(name: &str, app: Option<SocketAddr>, otlp: &str) -> ProxyConfig {
             batch_interval_ms: 200,
             ..TelemetryConfig::default()
         },
+        identity: Default::default(),
+        authorization: vec![],
         destinations: vec![],
     }
 }
@@ -110,6 +112,8 @@ fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> De
         aliases: vec![],
         db_system: None,
         h2c: false,
+        mtls: None,
+        namespace: None,
         endpoints: endpoints
             .iter()
             .map(|(a, v, w)| Endpoint {
@@ -117,6 +121,7 @@ fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> De
                 version: (*v).into(),
                 workload: (*v != "v1").then(|| format!("{name}-{v}")),
                 weight: *w,
+                identity: None,
             })
             .collect(),
         policy,

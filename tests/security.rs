@@ -481,6 +481,8 @@ async fn the_bundled_proxy_exports_with_its_token_file() {
             batch_interval_ms: 100,
             ..TelemetryConfig::default()
         },
+        identity: Default::default(),
+        authorization: vec![],
         destinations: vec![],
     };
 

@@ -29,8 +29,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
-    BreakerConfig, Destination, Endpoint, FaultConfig, Listen, Policy, ProxyConfig,
-    RateLimitConfig, RetryConfig, ServiceIdentity, TelemetryConfig,
+    AuthorizationRule, AuthzMode, BreakerConfig, Destination, Endpoint, FaultConfig,
+    IdentityConfig, Listen, MtlsMode, Policy, ProxyConfig, RateLimitConfig, RetryConfig,
+    ServiceIdentity, TelemetryConfig,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -75,6 +76,8 @@ const FRONTEND: &[(&str, &[Call])] = &[
         &[
             call("GET", "cart", "/cart", 1.0),
             call("GET", "inventory", "/stock", 0.5),
+            // Not allowed: payments admits checkout only, so its proxy answers 403.
+            call("GET", "payments", "/balance", 0.05),
         ],
     ),
 ];
@@ -212,6 +215,9 @@ fn destination(name: &str, endpoints: Vec<Endpoint>, policy: Policy) -> Destinat
         aliases: vec![],
         db_system: (name == "postgres").then(|| "postgresql".into()),
         h2c: false,
+        // The database and the external gateway have no sidecar: plaintext, and shown so.
+        mtls: Some(proxied(name)),
+        namespace: None,
         endpoints,
         policy,
     }
@@ -223,6 +229,7 @@ fn endpoint(address: SocketAddr, version: &str, workload: Option<String>, weight
         version: version.into(),
         workload,
         weight,
+        identity: None,
     }
 }
 
@@ -324,13 +331,68 @@ fn retry(max_retries: u32) -> RetryConfig {
     }
 }
 
-fn proxy_config(spec: &Spec, app: SocketAddr, otlp: &str) -> ProxyConfig {
+/// Where the demo's proxies get their certificates: the in-process server's mesh CA.
+#[derive(Clone)]
+struct DemoIdentity {
+    ca_url: String,
+    token_file: PathBuf,
+    trust_domain: String,
+}
+
+/// The workloads of the demo's proxies (the names their certificates carry).
+fn workload_of(spec: &Spec) -> String {
+    if spec.version == "v1" {
+        spec.name.to_string()
+    } else {
+        format!("{}-{}", spec.name, spec.version)
+    }
+}
+
+/// Strict mTLS everywhere but the frontend, which is the mesh's edge (like an ingress
+/// gateway) and takes the traffic generator's plaintext too; payments admits checkout only.
+fn identity_for(
+    spec: &Spec,
+    id: Option<&DemoIdentity>,
+) -> (IdentityConfig, Vec<AuthorizationRule>) {
+    let Some(id) = id else {
+        return (IdentityConfig::default(), vec![]);
+    };
+    let identity = IdentityConfig {
+        mode: if spec.name == "frontend" {
+            MtlsMode::Permissive
+        } else {
+            MtlsMode::Strict
+        },
+        ca_url: Some(id.ca_url.clone()),
+        token_file: Some(id.token_file.clone()),
+        ca_file: None,
+        trust_domain: Some(id.trust_domain.clone()),
+        namespace: Some("demo".into()),
+    };
+    let rules = if spec.name == "payments" {
+        vec![AuthorizationRule {
+            allow: vec!["ns/demo/sa/checkout".into()],
+            mode: AuthzMode::Enforce,
+        }]
+    } else {
+        vec![]
+    };
+    (identity, rules)
+}
+
+fn proxy_config(
+    spec: &Spec,
+    app: SocketAddr,
+    otlp: &str,
+    id: Option<&DemoIdentity>,
+) -> ProxyConfig {
+    let (identity, authorization) = identity_for(spec, id);
     ProxyConfig {
         service: ServiceIdentity {
             name: spec.name.into(),
             namespace: Some("demo".into()),
             version: Some(spec.version.into()),
-            workload: (spec.version != "v1").then(|| format!("{}-{}", spec.name, spec.version)),
+            workload: (spec.version != "v1").then(|| workload_of(spec)),
         },
         listen: Listen {
             inbound: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -344,6 +406,8 @@ fn proxy_config(spec: &Spec, app: SocketAddr, otlp: &str) -> ProxyConfig {
             batch_interval_ms: 1000,
             ..TelemetryConfig::default()
         },
+        identity,
+        authorization,
         destinations: vec![],
     }
 }
@@ -410,10 +474,36 @@ async fn wait_ready(http: SocketAddr) -> Result<(), String> {
     Err("meshscope serve did not become ready within 60 s".into())
 }
 
+/// A bootstrap token for every demo workload, in a private file under the data dir.
+fn demo_identity(
+    data_dir: &std::path::Path,
+    trust_domain: &str,
+    http: SocketAddr,
+) -> Result<DemoIdentity, String> {
+    let ca_dir = data_dir.join("ca");
+    let workloads: Vec<String> = specs()
+        .iter()
+        .filter(|s| proxied(s.name))
+        .map(workload_of)
+        .collect();
+    let token = meshscope_identity::tokens::BootstrapTokens::in_dir(&ca_dir)
+        .mint("demo", &workloads)
+        .map_err(|e| e.to_string())?;
+    let token_file = ca_dir.join("demo-proxies.token");
+    meshscope_identity::write_private(&token_file, token.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(DemoIdentity {
+        ca_url: format!("http://{http}"),
+        token_file,
+        trust_domain: trust_domain.to_string(),
+    })
+}
+
 /// Runs the demo until `stop` (Ctrl-C / SIGTERM).
 pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), String> {
     let (stop_serve, serve_rx) = watch::channel(false);
     let mut server = None;
+    // Only with the in-process server: a remote collector has no mesh CA.
+    let mut identity = None;
     let otlp = if let Some(collector) = &args.collector {
         println!("meshscope demo: sending the mesh's telemetry to {collector}");
         collector.clone()
@@ -423,6 +513,8 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
             serve_args.data_dir = Some(PathBuf::from("./meshscope-demo-data"));
         }
         let mut config: ServeConfig = serve_args.resolve().map_err(|e| e.to_string())?;
+        let data_dir = config.data_dir.clone();
+        let trust_domain = config.trust_domain.clone();
         config.otlp_grpc_addr = usable(config.otlp_grpc_addr);
         config.otlp_http_addr = usable(config.otlp_http_addr);
         config.http_addr = usable(config.http_addr);
@@ -465,6 +557,7 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
             }
         }
         server = Some((task, http, grpc, pg));
+        identity = Some(demo_identity(&data_dir, &trust_domain, http)?);
         format!("http://{grpc}")
     };
     let specs = specs();
@@ -490,9 +583,12 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
             .map_err(|e| e.to_string())?;
         let app_addr = l.local_addr().map_err(|e| e.to_string())?;
         let (outbound, reachable_at) = if proxied(spec.name) {
-            let proxy = Proxy::start(proxy_config(&spec, app_addr, &otlp), None)
-                .await
-                .map_err(|e| format!("cannot start the proxy of {}: {e}", spec.name))?;
+            let proxy = Proxy::start(
+                proxy_config(&spec, app_addr, &otlp, identity.as_ref()),
+                None,
+            )
+            .await
+            .map_err(|e| format!("cannot start the proxy of {}: {e}", spec.name))?;
             let inbound = proxy.inbound.ok_or("proxy without inbound address")?;
             let outbound = proxy.outbound;
             proxies.push(proxy);
@@ -562,6 +658,11 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
     } else {
         println!("  Telemetry: OTLP/gRPC to {otlp}");
     }
+    if identity.is_some() {
+        println!(
+            "  Security:  strict mTLS between the proxies (spiffe://…/ns/demo/sa/<workload>); the frontend is the edge and also takes plaintext; payments admits checkout only"
+        );
+    }
     println!(
         "  The graph and golden signals fill within about 10 seconds. Ctrl-C stops everything."
     );
@@ -627,6 +728,7 @@ mod tests {
                 &specs()[0],
                 SocketAddr::from(([127, 0, 0, 1], 1)),
                 "http://127.0.0.1:4317",
+                None,
             )
         };
         config.validate().expect("valid");

@@ -1,6 +1,7 @@
 //! The admin endpoint: `GET /stats` (JSON: requests, telemetry pipeline counters, breaker
-//! states), `GET /metrics` (OpenMetrics text of the same, through `prometheus-client`), `GET /ready`.
+//! states, identity and certificate expiry), `GET /metrics` (OpenMetrics text of the same, through `prometheus-client`), `GET /ready`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
@@ -14,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet}
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::identity::MeshIdentity;
 use crate::outbound::SharedRoutes;
 use crate::telemetry::Telemetry;
 
@@ -21,14 +23,23 @@ use crate::telemetry::Telemetry;
 struct Admin {
     telemetry: Telemetry,
     routes: SharedRoutes,
+    mesh: Option<Arc<MeshIdentity>>,
 }
 
-pub fn router(telemetry: Telemetry, routes: SharedRoutes) -> Router {
+pub fn router(
+    telemetry: Telemetry,
+    routes: SharedRoutes,
+    mesh: Option<Arc<MeshIdentity>>,
+) -> Router {
     Router::new()
         .route("/ready", get(|| async { "ready\n" }))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
-        .with_state(Admin { telemetry, routes })
+        .with_state(Admin {
+            telemetry,
+            routes,
+            mesh,
+        })
 }
 
 fn breakers(a: &Admin) -> Vec<(String, &'static str)> {
@@ -57,6 +68,16 @@ async fn stats(State(a): State<Admin>) -> axum::Json<serde_json::Value> {
         .map(|(k, s)| (k, serde_json::json!(s)))
         .collect();
     v["breakers"] = serde_json::Value::Object(b);
+    if let Some(m) = &a.mesh {
+        v["identity"] = serde_json::json!({
+            "spiffe_id": m.id().to_string(),
+            "mode": format!("{:?}", m.mode).to_ascii_lowercase(),
+            "certificate_expiry_unix": m.expiry_unix(),
+            "renewed": m.renewed.load(Ordering::Relaxed),
+            "renew_failures": m.renew_failures.load(Ordering::Relaxed),
+            "inbound_refused": m.inbound_refused.load(Ordering::Relaxed),
+        });
+    }
     axum::Json(v)
 }
 
@@ -112,6 +133,37 @@ impl Collector for Admin {
         for (destination, state) in breakers(self) {
             open.encode_family(&DestinationLabel { destination })?
                 .encode_gauge(&u64::from(state == "open"))?;
+        }
+        drop(open);
+        if let Some(m) = &self.mesh {
+            enc.encode_descriptor(
+                "meshscope_proxy_certificate_expiry_timestamp_seconds",
+                "When this proxy's workload certificate expires (Unix seconds).",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(m.expiry_unix() as i64))?;
+            for (name, help, v) in [
+                (
+                    "meshscope_proxy_certificate_renewals",
+                    "Workload certificates renewed.",
+                    l(&m.renewed),
+                ),
+                (
+                    "meshscope_proxy_certificate_renew_failures",
+                    "Renewal attempts that failed (retried while the certificate is valid).",
+                    l(&m.renew_failures),
+                ),
+                (
+                    "meshscope_proxy_inbound_tls_refused",
+                    "Inbound connections refused: plaintext on a strict listener, or a failed \
+                     mTLS handshake.",
+                    l(&m.inbound_refused),
+                ),
+            ] {
+                enc.encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+            }
         }
         Ok(())
     }

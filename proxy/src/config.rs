@@ -33,9 +33,71 @@ pub struct ProxyConfig {
     pub listen: Listen,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Workload identity and mutual TLS (absent: `mode = "off"`).
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Who may call the local app (inbound); reloaded with the registry.
+    #[serde(default, rename = "authorization")]
+    pub authorization: Vec<AuthorizationRule>,
     /// The static service registry: where the app's outbound calls may go.
     #[serde(default, rename = "destination")]
     pub destinations: Vec<Destination>,
+}
+
+/// How the inbound listener treats connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MtlsMode {
+    /// Only mutual TLS: a plaintext connection, or TLS without a mesh certificate, is refused.
+    Strict,
+    /// Mutual TLS or plaintext on the same port (told apart by the first byte).
+    Permissive,
+    /// No identity: plaintext in and out.
+    #[default]
+    Off,
+}
+
+/// `[identity]`: where the proxy gets its certificate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub mode: MtlsMode,
+    /// The mesh CA: meshscope's HTTP API, e.g. `http://127.0.0.1:8080` (https with `ca-file`).
+    pub ca_url: Option<String>,
+    /// A file holding the bootstrap token from `meshscope identity token`.
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM the CA URL's server certificate is verified with, for an `https://` CA URL.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// [meshscope.local]
+    pub trust_domain: Option<String>,
+    /// [service.namespace, else "default"]
+    pub namespace: Option<String>,
+}
+
+impl IdentityConfig {
+    pub fn trust_domain(&self) -> &str {
+        self.trust_domain.as_deref().unwrap_or("meshscope.local")
+    }
+}
+
+/// Whether a rule refuses (enforce) or only marks (audit) the calls it does not allow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthzMode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// One `[[authorization]]` rule: the client identities admitted to the local app.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AuthorizationRule {
+    /// `spiffe://…/ns/<ns>/sa/<workload>`, `ns/<ns>/sa/<workload>` or `ns/<ns>/*`.
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub mode: AuthzMode,
 }
 
 /// Resource attributes of everything the proxy reports.
@@ -126,9 +188,16 @@ pub struct Destination {
     /// `db.system` on the CLIENT span, for database-like peers.
     #[serde(default)]
     pub db_system: Option<String>,
-    /// Speak h2c (prior knowledge) upstream instead of HTTP/1.1.
+    /// Speak h2c (prior knowledge) upstream instead of HTTP/1.1 (over mTLS: h2 by ALPN).
     #[serde(default)]
     pub h2c: bool,
+    /// Call it over mutual TLS [true when `[identity]` is on]; `false` for a peer outside
+    /// the mesh (no sidecar), which is then called in plaintext and shows so.
+    #[serde(default)]
+    pub mtls: Option<bool>,
+    /// The namespace of its workloads' identities [this proxy's namespace].
+    #[serde(default)]
+    pub namespace: Option<String>,
     /// The versions (endpoints) and their weights.
     #[serde(rename = "endpoint")]
     pub endpoints: Vec<Endpoint>,
@@ -149,6 +218,10 @@ pub struct Endpoint {
     /// Share of traffic, relative to the other endpoints [1].
     #[serde(default = "one")]
     pub weight: u32,
+    /// The SPIFFE ID it must prove over mTLS
+    /// [`spiffe://<trust-domain>/ns/<namespace>/sa/<workload>`].
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 fn default_version() -> String {
@@ -295,8 +368,36 @@ impl ProxyConfig {
         if self.telemetry.batch_interval_ms == 0 || self.telemetry.max_batch == 0 {
             return bad("telemetry.batch-interval-ms and max-batch must be positive".into());
         }
+        let id = &self.identity;
+        if id.mode != MtlsMode::Off {
+            if id.ca_url.is_none() || id.token_file.is_none() {
+                return bad(
+                    "identity: a mode other than \"off\" needs ca-url and token-file".into(),
+                );
+            }
+            if let Err(e) = self.workload_identity() {
+                return bad(format!("identity: {e}"));
+            }
+        }
+        for (i, r) in self.authorization.iter().enumerate() {
+            if r.allow.is_empty() {
+                return bad(format!("authorization #{}: allow is empty", i + 1));
+            }
+            for a in &r.allow {
+                if let Err(e) = meshscope_identity::IdentityPattern::parse(a, id.trust_domain()) {
+                    return bad(format!("authorization #{}: {e}", i + 1));
+                }
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for d in &self.destinations {
+            if self.mtls_to(d) {
+                for e in &d.endpoints {
+                    if let Err(err) = self.expected_identity(d, e) {
+                        return bad(format!("destination {:?}: {err}", d.name));
+                    }
+                }
+            }
             for n in std::iter::once(&d.name).chain(&d.aliases) {
                 if !names.insert(n.to_ascii_lowercase()) {
                     return bad(format!("destination name {n:?} appears twice"));
@@ -354,6 +455,47 @@ impl ProxyConfig {
             }
         }
         Ok(())
+    }
+
+    /// This proxy's SPIFFE ID.
+    pub fn workload_identity(
+        &self,
+    ) -> Result<meshscope_identity::SpiffeId, meshscope_identity::spiffe::BadId> {
+        meshscope_identity::SpiffeId::new(
+            self.identity.trust_domain(),
+            self.namespace(),
+            self.service.workload(),
+        )
+    }
+
+    /// `[identity] namespace`, else `service.namespace`, else `default`.
+    pub fn namespace(&self) -> &str {
+        self.identity
+            .namespace
+            .as_deref()
+            .or(self.service.namespace.as_deref())
+            .unwrap_or("default")
+    }
+
+    /// Whether calls to `d` originate mutual TLS.
+    pub fn mtls_to(&self, d: &Destination) -> bool {
+        self.identity.mode != MtlsMode::Off && d.mtls.unwrap_or(true)
+    }
+
+    /// The identity endpoint `e` of `d` must prove.
+    pub fn expected_identity(
+        &self,
+        d: &Destination,
+        e: &Endpoint,
+    ) -> Result<meshscope_identity::SpiffeId, meshscope_identity::spiffe::BadId> {
+        match &e.identity {
+            Some(id) => id.parse(),
+            None => meshscope_identity::SpiffeId::new(
+                self.identity.trust_domain(),
+                d.namespace.as_deref().unwrap_or(self.namespace()),
+                e.workload.as_deref().unwrap_or(&d.name),
+            ),
+        }
     }
 
     pub fn batch_interval(&self) -> Duration {

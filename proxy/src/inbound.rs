@@ -1,5 +1,7 @@
 //! The inbound side: requests to the local app. Records the SERVER span, metrics
-//! (`reporter="destination"`) and the access log, and forwards to the app.
+//! (`reporter="destination"`) and the access log, applies the authorization rules to the
+//! caller's proven identity, and forwards to the app:
+//! `trace → authz → forward (to the app)`.
 
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
@@ -7,6 +9,7 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower::{Service, ServiceBuilder};
 
+use crate::layers::authz::{AuthzLayer, SharedAuthz};
 use crate::layers::forward::{Forward, H2c};
 use crate::layers::split::Target;
 use crate::layers::trace::TraceLayer;
@@ -44,9 +47,11 @@ pub fn stack(
     h2c: bool,
     telemetry: Telemetry,
     forward: Forward,
+    authz: SharedAuthz,
 ) -> impl HttpService {
     ServiceBuilder::new()
         .layer(TraceLayer::new(Direction::Inbound, telemetry))
+        .layer(AuthzLayer(authz))
         .service(ToApp {
             app,
             h2c,

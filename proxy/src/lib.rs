@@ -27,11 +27,13 @@
 
 pub mod admin;
 pub mod config;
+pub mod identity;
 pub mod inbound;
 pub mod layers;
 pub mod outbound;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,6 +62,8 @@ pub enum ProxyError {
     Export(#[from] telemetry::export::ExportError),
     #[error("the proxy config has neither an inbound nor an outbound listener")]
     NothingToDo,
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// A running proxy.
@@ -71,6 +75,8 @@ pub struct Proxy {
     telemetry: Telemetry,
     config: ProxyConfig,
     routes: SharedRoutes,
+    authz: layers::authz::SharedAuthz,
+    mesh: Option<Arc<identity::MeshIdentity>>,
     stop_listeners: watch::Sender<bool>,
     stop_exporter: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
@@ -92,14 +98,31 @@ impl Proxy {
         }
         let (telemetry, exporter) = Telemetry::new(&config.service, &config.telemetry);
         exporter.check()?;
-        let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(
-            &config.destinations,
-            None,
-        ))));
+        let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(&config, None))));
+        let authz: layers::authz::SharedAuthz =
+            Arc::new(RwLock::new(Arc::new(layers::authz::Authz::build(&config))));
         let (stop_listeners, stop_l) = watch::channel(false);
         let (stop_exporter, stop_e) = watch::channel(false);
-        let forward = layers::forward::Forward::new();
         let mut listeners = vec![];
+        // The certificate first: nothing meshed can be served without it.
+        let mesh = if config.identity.mode == config::MtlsMode::Off {
+            None
+        } else {
+            let id = config
+                .workload_identity()
+                .map_err(|e| config::ConfigError::Invalid(format!("identity: {e}")))?;
+            let (mesh, renewer) = identity::start(
+                &config.identity,
+                id,
+                Duration::from_secs(30),
+                stop_l.clone(),
+            )
+            .await?;
+            telemetry.set_principal(&mesh.id().to_string());
+            listeners.push(renewer);
+            Some(mesh)
+        };
+        let forward = layers::forward::Forward::with_identity(mesh.clone());
         let mut proxy_inbound = None;
         if let (Some(addr), Some(app)) = (config.listen.inbound, config.listen.app) {
             let l = server::bind("inbound", addr).await?;
@@ -109,11 +132,13 @@ impl Proxy {
                 config.listen.app_h2c,
                 telemetry.clone(),
                 forward.clone(),
+                Arc::clone(&authz),
             );
             listeners.push(tokio::spawn(server::serve(
                 l,
                 server::boxed(svc),
                 stopped(stop_l.clone()),
+                mesh.clone(),
             )));
         }
         let mut proxy_outbound = None;
@@ -121,17 +146,19 @@ impl Proxy {
             let l = server::bind("outbound", addr).await?;
             proxy_outbound = l.local_addr().ok();
             let svc = outbound::stack(Arc::clone(&routes), telemetry.clone(), forward.clone());
+            // The app calls its sidecar over loopback in plaintext.
             listeners.push(tokio::spawn(server::serve(
                 l,
                 server::boxed(svc),
                 stopped(stop_l.clone()),
+                None,
             )));
         }
         let mut proxy_admin = None;
         if let Some(addr) = config.listen.admin {
             let l = server::bind("admin", addr).await?;
             proxy_admin = l.local_addr().ok();
-            let router = admin::router(telemetry.clone(), Arc::clone(&routes));
+            let router = admin::router(telemetry.clone(), Arc::clone(&routes), mesh.clone());
             let stop = stopped(stop_l.clone());
             listeners.push(tokio::spawn(async move {
                 let _ = axum::serve(l, router).with_graceful_shutdown(stop).await;
@@ -141,6 +168,7 @@ impl Proxy {
             listeners.push(tokio::spawn(watch_file(
                 path,
                 Arc::clone(&routes),
+                Arc::clone(&authz),
                 Duration::from_millis(500),
                 stopped(stop_l.clone()),
             )));
@@ -158,6 +186,8 @@ impl Proxy {
             telemetry,
             config,
             routes,
+            authz,
+            mesh,
             stop_listeners,
             stop_exporter,
             listeners,
@@ -167,6 +197,25 @@ impl Proxy {
 
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
+    }
+
+    /// The workload identity, when `[identity]` is on.
+    pub fn identity(&self) -> Option<&Arc<identity::MeshIdentity>> {
+        self.mesh.as_ref()
+    }
+
+    /// Replaces the authorization rules now (what a file change does).
+    pub fn set_authorization(
+        &self,
+        rules: Vec<config::AuthorizationRule>,
+    ) -> Result<(), ProxyError> {
+        let config = ProxyConfig {
+            authorization: rules,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        swap_authz(&self.authz, &config);
+        Ok(())
     }
 
     /// Replaces the registry and policies now (what a file change does); the identity,
@@ -197,15 +246,23 @@ impl Proxy {
 
 fn swap_routes(routes: &SharedRoutes, config: &ProxyConfig) {
     let old = routes.read().ok().map(|r| Arc::clone(&r));
-    let new = Arc::new(Routes::build(&config.destinations, old.as_deref()));
+    let new = Arc::new(Routes::build(config, old.as_deref()));
     if let Ok(mut r) = routes.write() {
         *r = new;
+    }
+}
+
+fn swap_authz(authz: &layers::authz::SharedAuthz, config: &ProxyConfig) {
+    let new = Arc::new(layers::authz::Authz::build(config));
+    if let Ok(mut a) = authz.write() {
+        *a = new;
     }
 }
 
 async fn watch_file(
     path: PathBuf,
     routes: SharedRoutes,
+    authz: layers::authz::SharedAuthz,
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
@@ -226,7 +283,8 @@ async fn watch_file(
         match ProxyConfig::load(&path) {
             Ok(c) => {
                 swap_routes(&routes, &c);
-                tracing::info!(path = %path.display(), destinations = c.destinations.len(), "proxy config reloaded");
+                swap_authz(&authz, &c);
+                tracing::info!(path = %path.display(), destinations = c.destinations.len(), rules = c.authorization.len(), "proxy config reloaded");
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "proxy config not reloaded; keeping the previous one")

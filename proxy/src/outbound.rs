@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use tower::{Service, ServiceBuilder};
 
-use crate::config::Destination;
+use crate::config::{Destination, ProxyConfig};
 use crate::layers::breaker::{Breaker, BreakerLayer};
 use crate::layers::fault::FaultLayer;
 use crate::layers::forward::{Forward, H2c};
@@ -48,9 +48,11 @@ pub struct Routes {
 pub type SharedRoutes = Arc<RwLock<Arc<Routes>>>;
 
 impl Routes {
-    pub fn build(destinations: &[Destination], previous: Option<&Routes>) -> Routes {
+    /// The registry of `config`, meshed destinations' endpoints with their expected
+    /// identities; the stateful policy objects of `previous` are kept where unchanged.
+    pub fn build(config: &ProxyConfig, previous: Option<&Routes>) -> Routes {
         let mut routes = Routes::default();
-        for d in destinations {
+        for d in &config.destinations {
             let old = previous.and_then(|p| p.by_host.get(&d.name.to_ascii_lowercase()));
             let p = &d.policy;
             let keep = |same: bool| same && old.is_some();
@@ -80,7 +82,20 @@ impl Routes {
                     destination: Arc::from(d.name.as_str()),
                     db_system: d.db_system.as_deref().map(Arc::from),
                 },
-                split: Arc::new(Split::new(&d.name, &d.endpoints)),
+                split: Arc::new(Split::new(
+                    &d.name,
+                    &d.endpoints,
+                    d.endpoints
+                        .iter()
+                        .map(|e| {
+                            if config.mtls_to(d) {
+                                config.expected_identity(d, e).ok()
+                            } else {
+                                None
+                            }
+                        })
+                        .collect(),
+                )),
                 timeout: p.timeout_ms.map(|ms| Timeout(Duration::from_millis(ms))),
                 retry,
                 breaker,
@@ -180,7 +195,6 @@ pub fn stack(routes: SharedRoutes, telemetry: Telemetry, forward: Forward) -> im
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ProxyConfig;
 
     #[test]
     fn hosts_route_with_or_without_port_and_state_survives_an_unchanged_reload() {
@@ -196,7 +210,7 @@ policy = { breaker = { consecutive-failures = 3 }, timeout-ms = 100 }
 "#,
         )
         .expect("parse");
-        let r = Routes::build(&c.destinations, None);
+        let r = Routes::build(&c, None);
         for h in ["cart", "cart:8080", "CART.shop.svc"] {
             let req = Request::get("/").header("host", h).body(()).expect("req");
             let host = host_of(&req).expect("host");
@@ -205,14 +219,14 @@ policy = { breaker = { consecutive-failures = 3 }, timeout-ms = 100 }
         let req = Request::get("http://cart:80/x").body(()).expect("req");
         assert_eq!(host_of(&req).as_deref(), Some("cart"));
 
-        let again = Routes::build(&c.destinations, Some(&r));
+        let again = Routes::build(&c, Some(&r));
         let (a, b) = (r.get("cart").expect("a"), again.get("cart").expect("b"));
         assert!(Arc::ptr_eq(
             a.breaker.as_ref().expect("breaker"),
             b.breaker.as_ref().expect("breaker")
         ));
-        let mut changed = c.destinations.clone();
-        changed[0].policy.breaker = Some(crate::config::BreakerConfig {
+        let mut changed = c.clone();
+        changed.destinations[0].policy.breaker = Some(crate::config::BreakerConfig {
             consecutive_failures: 9,
             open_ms: 10,
         });

@@ -1,8 +1,12 @@
 //! The innermost service: sends the request to its [`Target`](super::split::Target) over
 //! a pooled keep-alive connection (hyper-util's client; HTTP/1.1, or h2c when the request
 //! carries [`H2c`]), streaming both bodies. No connection → 502 made by the proxy.
+//! A request carrying [`MeshTarget`] goes over mutual TLS instead, on a pool of its own
+//! per expected server identity (h2 by ALPN where the destination speaks h2c).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,7 +16,11 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use meshscope_identity::SpiffeId;
 use tower::Service;
+
+use crate::identity::MeshIdentity;
+use crate::tls::MtlsConnector;
 
 use super::split::Target;
 use super::{Body, BoxFuture, local_response};
@@ -29,6 +37,13 @@ pub struct ConnectFailed;
 #[derive(Debug, Clone, Copy)]
 pub struct H2c;
 
+/// Request extension set by the split: this endpoint is meshed and must prove this
+/// identity over mTLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshTarget(pub Arc<SpiffeId>);
+
+type MtlsClients = HashMap<(Arc<SpiffeId>, bool), Client<MtlsConnector, Body>>;
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
@@ -43,6 +58,8 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub struct Forward {
     http1: Client<HttpConnector, Body>,
     h2c: Client<HttpConnector, Body>,
+    mesh: Option<Arc<MeshIdentity>>,
+    mtls: Arc<Mutex<MtlsClients>>,
 }
 
 impl Default for Forward {
@@ -52,7 +69,13 @@ impl Default for Forward {
 }
 
 impl Forward {
+    /// Plaintext only.
     pub fn new() -> Forward {
+        Self::with_identity(None)
+    }
+
+    /// mTLS to [`MeshTarget`]s with `mesh`'s certificate.
+    pub fn with_identity(mesh: Option<Arc<MeshIdentity>>) -> Forward {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -63,7 +86,43 @@ impl Forward {
         let h2c = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
-        Forward { http1, h2c }
+        Forward {
+            http1,
+            h2c,
+            mesh,
+            mtls: Arc::default(),
+        }
+    }
+
+    /// The pooled mTLS client for one expected server identity.
+    fn mtls_client(
+        &self,
+        expected: &Arc<SpiffeId>,
+        h2: bool,
+    ) -> Option<Client<MtlsConnector, Body>> {
+        let mesh = self.mesh.as_ref()?;
+        let mut clients = self.mtls.lock().ok()?;
+        let key = (Arc::clone(expected), h2);
+        if let Some(c) = clients.get(&key) {
+            return Some(c.clone());
+        }
+        let connector = MtlsConnector {
+            config: Arc::clone(if h2 {
+                &mesh.client_h2
+            } else {
+                &mesh.client_http1
+            }),
+            expected: Arc::clone(expected),
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256);
+        if h2 {
+            b.http2_only(true);
+        }
+        let c = b.build(connector);
+        clients.insert(key, c.clone());
+        Some(c)
     }
 }
 
@@ -120,10 +179,14 @@ impl Service<Request<Body>> for Forward {
         } else {
             *req.version_mut() = http::Version::HTTP_11;
         }
-        let fut = if h2c {
-            self.h2c.request(req)
-        } else {
-            self.http1.request(req)
+        let mesh_client = req
+            .extensions()
+            .get::<MeshTarget>()
+            .and_then(|t| self.mtls_client(&t.0, h2c));
+        let fut = match mesh_client {
+            Some(c) => c.request(req),
+            None if h2c => self.h2c.request(req),
+            None => self.http1.request(req),
         };
         Box::pin(async move {
             let mut r = match fut.await {

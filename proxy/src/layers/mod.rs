@@ -54,6 +54,7 @@ macro_rules! policy_layer {
     };
 }
 
+pub mod authz;
 pub mod breaker;
 pub mod fault;
 pub mod forward;
@@ -127,6 +128,10 @@ pub struct Decisions {
     /// Why this proxy, or the proxy behind it, answered by itself (`x-meshscope-proxy`),
     /// as one of [`PROXY_RESPONSES`].
     pub proxy_response: Option<&'static str>,
+    /// Inbound: what authorization decided (none without rules).
+    pub authz: Option<authz::AuthzDecision>,
+    /// Outbound: the mTLS connection the request went over, when it went over one.
+    pub security: Option<crate::tls::PeerSecurity>,
 }
 
 /// The reasons `x-meshscope-proxy` may carry; any other value is not recorded (it comes
@@ -162,6 +167,8 @@ impl Decisions {
             chosen: x.get::<split::Chosen>().cloned(),
             upstream: x.get::<forward::Upstream>().cloned(),
             proxy_response: None,
+            authz: x.get::<authz::AuthzDecision>().copied(),
+            security: x.get::<crate::tls::PeerSecurity>().cloned(),
         }
     }
 }

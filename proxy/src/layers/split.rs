@@ -9,6 +9,9 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower::{Layer, Service};
 
+use meshscope_identity::SpiffeId;
+
+use super::forward::MeshTarget;
 use super::{Body, BoxFuture, HttpService};
 use crate::config::Endpoint;
 
@@ -22,6 +25,8 @@ pub struct Chosen {
     pub version: Arc<str>,
     pub workload: Arc<str>,
     pub address: SocketAddr,
+    /// The identity it must prove when the destination is meshed.
+    pub identity: Option<Arc<SpiffeId>>,
 }
 
 /// One destination's endpoints (request extension, `Arc`).
@@ -33,7 +38,13 @@ pub struct Split {
 }
 
 impl Split {
-    pub fn new(destination: &str, endpoints: &[Endpoint]) -> Split {
+    /// `identities[i]`: what endpoint `i` must prove over mTLS (`None`: plaintext).
+    pub fn new(
+        destination: &str,
+        endpoints: &[Endpoint],
+        identities: Vec<Option<SpiffeId>>,
+    ) -> Split {
+        let mut identities = identities.into_iter();
         let mut total = 0u64;
         let mut cumulative = Vec::with_capacity(endpoints.len());
         for e in endpoints {
@@ -47,6 +58,7 @@ impl Split {
                     version: Arc::from(e.version.as_str()),
                     workload: Arc::from(e.workload.as_deref().unwrap_or(destination)),
                     address: e.address,
+                    identity: identities.next().flatten().map(Arc::new),
                 })
                 .collect(),
             cumulative,
@@ -95,6 +107,10 @@ impl<S: HttpService> Service<Request<Body>> for SplitService<S> {
             .and_then(|s| s.choose().cloned());
         if let Some(c) = &chosen {
             req.extensions_mut().insert(Target(c.address));
+            match &c.identity {
+                Some(id) => req.extensions_mut().insert(MeshTarget(Arc::clone(id))),
+                None => req.extensions_mut().remove::<MeshTarget>(),
+            };
         }
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -120,15 +136,17 @@ mod tests {
                 version: "v1".into(),
                 workload: None,
                 weight: 90,
+                identity: None,
             },
             Endpoint {
                 address: "127.0.0.1:1002".parse().expect("addr"),
                 version: "v2".into(),
                 workload: Some("cart-v2".into()),
                 weight: 10,
+                identity: None,
             },
         ];
-        let split = Arc::new(Split::new("cart", &endpoints));
+        let split = Arc::new(Split::new("cart", &endpoints, vec![]));
         let mut svc = SplitLayer.layer(Script::new(&[200]));
         let n = 5000;
         let mut v2 = 0;
@@ -157,15 +175,17 @@ mod tests {
                 version: "v1".into(),
                 workload: None,
                 weight: 0,
+                identity: None,
             },
             Endpoint {
                 address: "127.0.0.1:2".parse().expect("addr"),
                 version: "v2".into(),
                 workload: None,
                 weight: 3,
+                identity: None,
             },
         ];
-        let s = Split::new("x", &endpoints);
+        let s = Split::new("x", &endpoints, vec![]);
         for _ in 0..100 {
             assert_eq!(s.choose().map(|c| c.address.port()), Some(2));
         }

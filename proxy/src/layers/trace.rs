@@ -22,10 +22,13 @@ use tower::{Layer, Service};
 
 use super::{Body, BoxError, BoxFuture, Decisions, HttpService};
 use crate::telemetry::{Direction, Finished, Telemetry};
+use crate::tls::PeerSecurity;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
-/// Set by the outbound proxy so the next hop knows its caller's workload.
+/// A header older meshscope proxies sent to name their caller's workload. It is never
+/// trusted: the caller's workload comes from its certificate, and the header is removed
+/// on both sides so an app never sees (or forges) it.
 pub const SOURCE_WORKLOAD: &str = "x-meshscope-source-workload";
 
 /// This hop's span in its trace.
@@ -189,27 +192,31 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
         if let Ok(v) = HeaderValue::from_str(&context.traceparent()) {
             parts.headers.insert(TRACEPARENT, v);
         }
-        let (destination, db_system, source_workload) = match self.direction {
+        parts.headers.remove(SOURCE_WORKLOAD);
+        let (destination, db_system, source_workload, security) = match self.direction {
             Direction::Outbound => {
                 let peer = parts.extensions.get::<Peer>().cloned();
                 let workload = Arc::clone(self.telemetry.workload());
-                if let Ok(v) = HeaderValue::from_str(&workload) {
-                    parts.headers.insert(SOURCE_WORKLOAD, v);
-                }
                 match peer {
-                    Some(p) => (p.destination, p.db_system, Some(workload)),
-                    None => (Arc::from("unknown"), None, Some(workload)),
+                    Some(p) => (p.destination, p.db_system, Some(workload), None),
+                    None => (Arc::from("unknown"), None, Some(workload), None),
                 }
             }
-            Direction::Inbound => (
-                Arc::from(self.telemetry.service()),
-                None,
-                parts
-                    .headers
-                    .get(SOURCE_WORKLOAD)
-                    .and_then(|v| v.to_str().ok())
-                    .map(Arc::from),
-            ),
+            Direction::Inbound => {
+                // Who called is what the caller's certificate proves, nothing else.
+                let security = parts
+                    .extensions
+                    .get::<PeerSecurity>()
+                    .cloned()
+                    .unwrap_or(PeerSecurity::PLAINTEXT);
+                let source = security.peer.as_ref().map(|id| Arc::from(id.workload()));
+                (
+                    Arc::from(self.telemetry.service()),
+                    None,
+                    source,
+                    Some(security),
+                )
+            }
         };
         let in_flight = self.telemetry.in_flight(self.direction, &destination);
         let request_bytes = Arc::new(AtomicU64::new(0));
@@ -245,6 +252,7 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
             response_bytes: 0,
             peer: parts.extensions.get::<RemoteAddr>().map(|r| r.0),
             decisions: Decisions::default(),
+            security,
         };
         let fut = self.inner.call(Request::from_parts(parts, body));
         let telemetry = self.telemetry.clone();
@@ -255,6 +263,20 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
             finished.status = parts.status.as_u16();
             finished.decisions = Decisions::of(&parts.extensions);
             finished.decisions.proxy_response = super::proxy_response(&parts.headers);
+            if finished.direction == Direction::Outbound {
+                // The endpoint's connection: mTLS as the pool reported it, plaintext when
+                // a connection was made without it, unknown when none was.
+                finished.security =
+                    match (&finished.decisions.security, &finished.decisions.upstream) {
+                        (Some(s), _) => Some(s.clone()),
+                        (None, Some(_))
+                            if finished.decisions.proxy_response != Some("connect-failed") =>
+                        {
+                            Some(PeerSecurity::PLAINTEXT)
+                        }
+                        _ => None,
+                    };
+            }
             let pending = Pending {
                 telemetry,
                 finished,
@@ -484,8 +506,9 @@ mod tests {
             "the CLIENT span's own id goes on"
         );
         assert_eq!(
-            r.headers().get("src").map(|v| v.as_bytes()),
-            Some(&b"frontend"[..])
+            r.headers().get("src"),
+            None,
+            "no workload header goes on: the next hop learns the caller from its certificate"
         );
         assert_eq!(
             telemetry.registry().requests(),

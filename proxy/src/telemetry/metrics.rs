@@ -43,6 +43,12 @@ pub struct SeriesKey {
     pub destination_service: Arc<str>,
     pub destination_version: Arc<str>,
     pub response_code: u16,
+    /// Istio's label: `mutual_tls`, `none`, or `unknown` (answered by the proxy itself
+    /// before any connection).
+    pub connection_security_policy: &'static str,
+    /// The SPIFFE IDs proven by certificates, when the connection was mTLS.
+    pub source_principal: Option<Arc<str>>,
+    pub destination_principal: Option<Arc<str>>,
 }
 
 impl SeriesKey {
@@ -56,6 +62,16 @@ impl SeriesKey {
         ];
         if let Some(s) = &self.source_workload {
             a.push(string_kv("source_workload", s));
+        }
+        a.push(string_kv(
+            "connection_security_policy",
+            self.connection_security_policy,
+        ));
+        if let Some(p) = &self.source_principal {
+            a.push(string_kv("source_principal", p));
+        }
+        if let Some(p) = &self.destination_principal {
+            a.push(string_kv("destination_principal", p));
         }
         a
     }
@@ -364,6 +380,16 @@ impl EncodeLabelSet for SeriesKey {
         if let Some(s) = &self.source_workload {
             labels.push(("source_workload", Escaped(s)));
         }
+        labels.push((
+            "connection_security_policy",
+            Escaped(self.connection_security_policy),
+        ));
+        if let Some(p) = &self.source_principal {
+            labels.push(("source_principal", Escaped(p)));
+        }
+        if let Some(p) = &self.destination_principal {
+            labels.push(("destination_principal", Escaped(p)));
+        }
         labels.as_slice().encode(encoder)
     }
 }
@@ -393,6 +419,9 @@ mod tests {
             destination_service: Arc::from("cart"),
             destination_version: Arc::from("v1"),
             response_code: code,
+            connection_security_policy: "none",
+            source_principal: None,
+            destination_principal: None,
         }
     }
 
@@ -460,8 +489,8 @@ mod tests {
         drop(g);
         let text = exposition(&Arc::new(r));
         assert!(text.contains("meshscope_requests_in_flight{direction=\"outbound\",destination_service_name=\"cart\"} 0"), "{text}");
-        assert!(text.contains("_bucket{le=\"+Inf\",reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\"} 1"), "{text}");
-        assert!(text.contains("meshscope_requests_total{reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\"} 1"), "{text}");
+        assert!(text.contains("_bucket{le=\"+Inf\",reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\",connection_security_policy=\"none\"} 1"), "{text}");
+        assert!(text.contains("meshscope_requests_total{reporter=\"source\",destination_workload=\"cart\",destination_service_name=\"cart\",destination_version=\"v1\",response_code=\"503\",source_workload=\"frontend\",connection_security_policy=\"none\"} 1"), "{text}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::config::{ServiceIdentity, TelemetryConfig};
 use crate::layers::Decisions;
 use crate::layers::trace::TraceContext;
+use crate::tls::PeerSecurity;
 
 pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
@@ -94,6 +95,20 @@ pub struct Finished {
     pub response_bytes: u64,
     pub peer: Option<SocketAddr>,
     pub decisions: Decisions,
+    /// How the connection was secured: inbound, the caller's; outbound, the one to the
+    /// endpoint (`None`: the proxy answered before connecting).
+    pub security: Option<PeerSecurity>,
+}
+
+impl Finished {
+    /// `mutual_tls`, `none`, or `unknown`.
+    pub fn security_policy(&self) -> &'static str {
+        match &self.security {
+            Some(s) if s.mtls => "mutual_tls",
+            Some(_) => "none",
+            None => "unknown",
+        }
+    }
 }
 
 /// Counters of the telemetry pipeline itself.
@@ -140,6 +155,8 @@ struct Inner {
     access_logs: bool,
     registry: Arc<metrics::Registry>,
     stats: Stats,
+    /// This proxy's SPIFFE ID, once it has a certificate.
+    principal: std::sync::OnceLock<Arc<str>>,
 }
 
 impl Telemetry {
@@ -174,10 +191,30 @@ impl Telemetry {
                 access_logs: config.access_logs,
                 registry: Arc::default(),
                 stats: Stats::default(),
+                principal: std::sync::OnceLock::new(),
             }),
         };
         let exporter = export::Exporter::new(config.clone(), resource, rx, telemetry.clone());
         (telemetry, exporter)
+    }
+
+    /// Names this proxy's own SPIFFE ID in its telemetry (set once, at start).
+    pub fn set_principal(&self, id: &str) {
+        let _ = self.inner.principal.set(Arc::from(id));
+    }
+
+    /// (source, destination) principals of a request: the peer's from its certificate,
+    /// this proxy's own when the connection was mTLS.
+    fn principals(&self, f: &Finished) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        let Some(sec) = f.security.as_ref().filter(|s| s.mtls) else {
+            return (None, None);
+        };
+        let own = self.inner.principal.get().cloned();
+        let peer = sec.peer.as_ref().map(|p| Arc::from(p.to_string().as_str()));
+        match f.direction {
+            Direction::Inbound => (peer, own),
+            Direction::Outbound => (own, peer),
+        }
     }
 
     pub fn workload(&self) -> &Arc<str> {
@@ -219,6 +256,7 @@ impl Telemetry {
                 Direction::Outbound => (Arc::clone(&f.destination_service), Arc::from("unknown")),
             },
         };
+        let (source_principal, destination_principal) = self.principals(f);
         self.inner.registry.observe(
             metrics::SeriesKey {
                 reporter: f.direction.reporter(),
@@ -227,13 +265,16 @@ impl Telemetry {
                 destination_service: Arc::clone(&f.destination_service),
                 destination_version: Arc::clone(&version),
                 response_code: f.status,
+                connection_security_policy: f.security_policy(),
+                source_principal: source_principal.clone(),
+                destination_principal: destination_principal.clone(),
             },
             f.duration,
         );
         let Some(queue) = &self.inner.queue else {
             return;
         };
-        let span = self.span(f, &version);
+        let span = self.span(f, &version, &source_principal, &destination_principal);
         if queue.try_send(Record::Span(span)).is_err() {
             self.inner
                 .stats
@@ -241,7 +282,13 @@ impl Telemetry {
                 .fetch_add(1, Ordering::Relaxed);
         }
         if self.inner.access_logs {
-            let log = self.access_log(f, &dest_workload, &version);
+            let log = self.access_log(
+                f,
+                &dest_workload,
+                &version,
+                &source_principal,
+                &destination_principal,
+            );
             if queue.try_send(Record::Log(log)).is_err() {
                 self.inner
                     .stats
@@ -251,7 +298,13 @@ impl Telemetry {
         }
     }
 
-    fn span(&self, f: &Finished, version: &str) -> Span {
+    fn span(
+        &self,
+        f: &Finished,
+        version: &str,
+        source_principal: &Option<Arc<str>>,
+        destination_principal: &Option<Arc<str>>,
+    ) -> Span {
         let start = f
             .start
             .duration_since(UNIX_EPOCH)
@@ -305,6 +358,23 @@ impl Telemetry {
         if let Some(r) = d.proxy_response {
             a.push(string_kv("meshscope.proxy_response", r));
         }
+        if let Some(s) = &f.security {
+            a.push(string_kv(
+                "meshscope.tls",
+                if s.mtls { "mtls" } else { "plaintext" },
+            ));
+        }
+        // The other end's identity, as its certificate proved it.
+        let peer_identity = match f.direction {
+            Direction::Inbound => source_principal,
+            Direction::Outbound => destination_principal,
+        };
+        if let Some(p) = peer_identity {
+            a.push(string_kv("meshscope.peer_identity", p));
+        }
+        if let Some(z) = d.authz {
+            a.push(string_kv("meshscope.authz", z.as_str()));
+        }
         let error = f.status >= 500;
         Span {
             trace_id: f.context.trace_id.to_vec(),
@@ -339,7 +409,14 @@ impl Telemetry {
     /// The access-log record. Only the source side (outbound) names both ends with
     /// `source_workload`/`destination_workload`, so the graph counts each request once;
     /// the inbound record names its caller `downstream_workload`.
-    fn access_log(&self, f: &Finished, dest_workload: &Arc<str>, version: &str) -> LogRecord {
+    fn access_log(
+        &self,
+        f: &Finished,
+        dest_workload: &Arc<str>,
+        version: &str,
+        source_principal: &Option<Arc<str>>,
+        destination_principal: &Option<Arc<str>>,
+    ) -> LogRecord {
         let d = &f.decisions;
         let ms = f.duration.as_secs_f64() * 1000.0;
         let mut a = vec![
@@ -377,6 +454,16 @@ impl Telemetry {
         }
         if let Some(r) = d.proxy_response {
             a.push(string_kv("proxy_response", r));
+        }
+        a.push(string_kv("connection_security_policy", f.security_policy()));
+        if let Some(p) = source_principal {
+            a.push(string_kv("source_principal", p));
+        }
+        if let Some(p) = destination_principal {
+            a.push(string_kv("destination_principal", p));
+        }
+        if let Some(z) = d.authz {
+            a.push(string_kv("authz", z.as_str()));
         }
         let now = now_ns();
         LogRecord {

@@ -1,0 +1,815 @@
+//! Zero-trust between the bundled proxies, end to end: the real `meshscope serve` (the
+//! binary) as the mesh CA, real proxies (the library, in this process) with certificates
+//! it signed, real TLS on loopback, and Debian's `openssl` as the stranger at the door.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use common::Server;
+use meshscope_proxy::Proxy;
+use meshscope_proxy::config::{
+    AuthorizationRule, AuthzMode, Destination, Endpoint, IdentityConfig, Listen, MtlsMode, Policy,
+    ProxyConfig, ServiceIdentity, TelemetryConfig,
+};
+use serde_json::Value;
+
+const TD: &str = "meshscope.local";
+
+/// `meshscope identity token`, as an operator runs it; the token in a private file.
+fn token_file(server: &Server, dir: &Path, namespace: &str, workloads: &[&str]) -> PathBuf {
+    let mut cmd = Command::new(common::binary());
+    cmd.args(["identity", "token", "--data-dir"])
+        .arg(&server.data_dir)
+        .args(["--namespace", namespace]);
+    for w in workloads {
+        cmd.args(["--workload", w]);
+    }
+    let out = cmd.output().expect("meshscope identity token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    assert!(token.starts_with("msb_"), "{token}");
+    let path = dir.join(format!("{namespace}-{}.token", workloads.join("-")));
+    std::fs::write(&path, &token).expect("write token");
+    path
+}
+
+/// An app that counts what reaches it and says which caller header it saw.
+struct App {
+    hits: AtomicU64,
+}
+
+async fn app_handler(State(app): State<Arc<App>>, req: Request) -> Response {
+    app.hits.fetch_add(1, Ordering::SeqCst);
+    let seen = req
+        .headers()
+        .get("x-meshscope-source-workload")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    axum::Json(serde_json::json!({ "source_header": seen })).into_response()
+}
+
+async fn start_app() -> (SocketAddr, Arc<App>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let app = Arc::new(App {
+        hits: AtomicU64::new(0),
+    });
+    let router = axum::Router::new()
+        .fallback(app_handler)
+        .with_state(Arc::clone(&app));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    (addr, app)
+}
+
+fn loopback() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+struct Mesh<'a> {
+    server: &'a Server,
+    token: PathBuf,
+}
+
+impl Mesh<'_> {
+    /// A proxy of `workload` in namespace `shop`: inbound in front of `app` (if any),
+    /// outbound to `destinations`.
+    fn config(
+        &self,
+        workload: &str,
+        app: Option<SocketAddr>,
+        mode: MtlsMode,
+        authorization: Vec<AuthorizationRule>,
+        destinations: Vec<Destination>,
+    ) -> ProxyConfig {
+        ProxyConfig {
+            service: ServiceIdentity {
+                name: workload.into(),
+                namespace: Some("shop".into()),
+                version: Some("v1".into()),
+                workload: None,
+            },
+            listen: Listen {
+                inbound: app.and(loopback()),
+                app,
+                outbound: loopback(),
+                admin: loopback(),
+                app_h2c: false,
+            },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: Some(self.server.grpc_url()),
+                batch_interval_ms: 200,
+                ..TelemetryConfig::default()
+            },
+            identity: IdentityConfig {
+                mode,
+                ca_url: Some(self.server.url("")),
+                token_file: Some(self.token.clone()),
+                ca_file: None,
+                trust_domain: None,
+                namespace: None,
+            },
+            authorization,
+            destinations,
+        }
+    }
+}
+
+fn to(name: &str, at: SocketAddr) -> Destination {
+    Destination {
+        name: name.into(),
+        aliases: vec![],
+        db_system: None,
+        h2c: false,
+        mtls: None,
+        namespace: None,
+        endpoints: vec![Endpoint {
+            address: at,
+            version: "v1".into(),
+            workload: None,
+            weight: 1,
+            identity: None,
+        }],
+        policy: Policy::default(),
+    }
+}
+
+async fn get(outbound: SocketAddr, host: &str, headers: &[(&str, &str)]) -> (u16, String, Value) {
+    let mut r = reqwest::Client::new()
+        .get(format!("http://{outbound}/orders"))
+        .header("host", host);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.expect("request through the proxy");
+    let status = r.status().as_u16();
+    let proxy = r
+        .headers()
+        .get("x-meshscope-proxy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = r.text().await.unwrap_or_default();
+    (
+        status,
+        proxy,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// `openssl …` with `input` on stdin; stdout and stderr together.
+fn openssl(args: &[&str], input: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl (Debian package openssl)");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().expect("openssl output");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const HTTP_GET: &str = "GET /orders HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n";
+
+/// `openssl s_client` sending one HTTP request; extra args for the client certificate.
+fn s_client(addr: SocketAddr, extra: &[&str]) -> String {
+    let connect = addr.to_string();
+    let mut args = vec![
+        "s_client", "-connect", &connect, "-tls1_3", "-quiet", "-ign_eof",
+    ];
+    args.extend_from_slice(extra);
+    openssl(&args, HTTP_GET)
+}
+
+/// A key and CSR made by openssl for `id`; the certificate from the CA's API.
+async fn openssl_certificate(
+    server: &Server,
+    dir: &Path,
+    id: &str,
+    token: &str,
+) -> (PathBuf, PathBuf, Value) {
+    let key = dir.join("openssl.key");
+    let csr = dir.join("openssl.csr");
+    let out = openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().expect("path"),
+            "-out",
+            csr.to_str().expect("path"),
+            "-subj",
+            "/CN=openssl",
+            "-addext",
+            &format!("subjectAltName=URI:{id}"),
+        ],
+        "",
+    );
+    assert!(csr.exists(), "{out}");
+    let r = reqwest::Client::new()
+        .post(server.url("/api/v1/identity/certify"))
+        .json(&serde_json::json!({
+            "csr": std::fs::read_to_string(&csr).expect("csr"),
+            "token": token,
+        }))
+        .send()
+        .await
+        .expect("certify");
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(status, 200, "{body}");
+    let chain = dir.join("openssl-chain.pem");
+    std::fs::write(&chain, body["certificate_chain"].as_str().expect("chain")).expect("write");
+    (key, chain, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_mesh_ca_signs_what_a_token_covers_refuses_the_rest_and_keeps_its_root() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let token = token_file(&server, dir.path(), "shop", &["cart"]);
+    let token = std::fs::read_to_string(token).expect("token");
+    let id = format!("spiffe://{TD}/ns/shop/sa/cart");
+    let (_, chain, issued) = openssl_certificate(&server, dir.path(), &id, &token).await;
+    assert_eq!(issued["identity"], id.as_str());
+    assert!(issued["not_after_unix"].as_u64().expect("expiry") > 0);
+
+    // openssl agrees: the leaf chains to the root, names the SPIFFE ID, serves both ends.
+    let root = dir.path().join("root.pem");
+    let anchors = reqwest::get(server.url("/api/v1/identity/trust-anchors"))
+        .await
+        .expect("trust anchors")
+        .text()
+        .await
+        .expect("pem");
+    assert_eq!(anchors, issued["trust_anchors"].as_str().expect("anchors"));
+    std::fs::write(&root, &anchors).expect("root");
+    let verify = openssl(
+        &[
+            "verify",
+            "-CAfile",
+            root.to_str().expect("p"),
+            chain.to_str().expect("p"),
+        ],
+        "",
+    );
+    assert!(verify.contains(": OK"), "{verify}");
+    let text = openssl(
+        &["x509", "-noout", "-text", "-in", chain.to_str().expect("p")],
+        "",
+    );
+    assert!(text.contains(&format!("URI:{id}")), "{text}");
+    assert!(text.contains("DNS:cart.shop.meshscope.local"), "{text}");
+    assert!(
+        text.contains("TLS Web Client Authentication")
+            && text.contains("TLS Web Server Authentication"),
+        "{text}"
+    );
+
+    // Refusals, each with its status and a reason a person can act on.
+    let certify = |body: Value| {
+        let url = server.url("/api/v1/identity/certify");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("post");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    };
+    let csr = std::fs::read_to_string(dir.path().join("openssl.csr")).expect("csr");
+    let (s, b) = certify(serde_json::json!({ "csr": csr })).await;
+    assert_eq!(s, 401, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .expect("error")
+            .contains("no bootstrap token"),
+        "{b}"
+    );
+    let (s, b) = certify(serde_json::json!({ "csr": csr, "token": "msb_forged" })).await;
+    assert_eq!(s, 401, "{b}");
+    let other = openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=x",
+            "-addext",
+            &format!("subjectAltName=URI:spiffe://{TD}/ns/shop/sa/payments"),
+        ],
+        "",
+    );
+    let other_csr = &other[other.find("-----BEGIN CERTIFICATE REQUEST").expect("csr")..];
+    let (s, b) = certify(serde_json::json!({ "csr": other_csr, "token": token })).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .expect("error")
+            .contains("does not cover"),
+        "{b}"
+    );
+    let (s, b) = certify(serde_json::json!({ "csr": "not a csr", "token": token })).await;
+    assert_eq!(s, 400, "{b}");
+    let r = reqwest::Client::new()
+        .post(server.url("/api/v1/identity/certify"))
+        .body("{")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+
+    assert_eq!(
+        server
+            .metric("meshscope_identity_certificates_issued_total")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        server
+            .metric("meshscope_identity_certify_refused_total{status=\"401\"}")
+            .await,
+        Some(2.0)
+    );
+    let expiry = server
+        .metric(&format!(
+            "meshscope_identity_certificate_expiry_timestamp_seconds{{identity=\"{id}\"}}"
+        ))
+        .await
+        .expect("expiry gauge");
+    assert_eq!(
+        expiry as u64,
+        issued["not_after_unix"].as_u64().expect("expiry")
+    );
+
+    // The key is private; a restart keeps the same root.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("ca/root.key"))
+            .expect("root.key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    server.terminate();
+    let again = Server::start(&data);
+    let anchors_again = reqwest::get(again.url("/api/v1/identity/trust-anchors"))
+        .await
+        .expect("trust anchors")
+        .text()
+        .await
+        .expect("pem");
+    assert_eq!(anchors_again, anchors, "the root survives a restart");
+}
+
+async fn proxy_metrics(proxy: &Proxy) -> String {
+    let admin = proxy.admin.expect("admin");
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn stats(proxy: &Proxy) -> Value {
+    let admin = proxy.admin.expect("admin");
+    reqwest::get(format!("http://{admin}/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Polls `sql` until its first cell satisfies `ok` (15 s at most).
+async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = server.sql(sql).await;
+        let n = v["rows"][0][0].as_i64().unwrap_or(-1);
+        if ok(n) || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denied_callers_from_the_app()
+ {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mesh = Mesh {
+        token: token_file(
+            &server,
+            dir.path(),
+            "shop",
+            &["payments", "checkout", "frontend"],
+        ),
+        server: &server,
+    };
+    let (app_addr, app) = start_app().await;
+    let allow_checkout = vec![AuthorizationRule {
+        allow: vec!["ns/shop/sa/checkout".into()],
+        mode: AuthzMode::Enforce,
+    }];
+    let payments = Proxy::start(
+        mesh.config(
+            "payments",
+            Some(app_addr),
+            MtlsMode::Strict,
+            allow_checkout,
+            vec![],
+        ),
+        None,
+    )
+    .await
+    .expect("payments proxy");
+    let inbound = payments.inbound.expect("inbound");
+    let checkout = Proxy::start(
+        mesh.config(
+            "checkout",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("payments", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("checkout proxy");
+    let frontend = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("payments", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("frontend proxy");
+
+    // The allowed caller gets through; a workload header its app forges is not passed on.
+    let (status, _, body) = get(
+        checkout.outbound.expect("out"),
+        "payments",
+        &[("x-meshscope-source-workload", "frontend")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["source_header"],
+        Value::Null,
+        "the app never sees the header"
+    );
+    assert_eq!(app.hits.load(Ordering::SeqCst), 1);
+
+    // A mesh identity the rule does not admit: 403 from the proxy, the app never sees it.
+    let (status, proxy_said, _) = get(frontend.outbound.expect("out"), "payments", &[]).await;
+    assert_eq!((status, proxy_said.as_str()), (403, "unauthorized"));
+    assert_eq!(
+        app.hits.load(Ordering::SeqCst),
+        1,
+        "a denied request never reaches the app"
+    );
+
+    // Strangers at the door: plain HTTP, TLS without a certificate, one from another CA.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{inbound}/orders"))
+        .header("host", "payments")
+        .send()
+        .await;
+    assert!(
+        plain.is_err(),
+        "plaintext to a strict inbound must fail: {plain:?}"
+    );
+    let no_cert = s_client(inbound, &[]);
+    assert!(!no_cert.contains("HTTP/1.1"), "{no_cert}");
+    assert!(no_cert.contains("alert"), "{no_cert}");
+    let fkey = dir.path().join("foreign.key");
+    let fcert = dir.path().join("foreign.pem");
+    let out = openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            fkey.to_str().expect("p"),
+            "-out",
+            fcert.to_str().expect("p"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=checkout",
+            "-addext",
+            &format!("subjectAltName=URI:spiffe://{TD}/ns/shop/sa/checkout"),
+        ],
+        "",
+    );
+    assert!(fcert.exists(), "{out}");
+    let foreign = s_client(
+        inbound,
+        &[
+            "-cert",
+            fcert.to_str().expect("p"),
+            "-key",
+            fkey.to_str().expect("p"),
+        ],
+    );
+    assert!(!foreign.contains("HTTP/1.1"), "{foreign}");
+    assert!(foreign.contains("alert"), "{foreign}");
+    // The positive control: openssl with a certificate from the mesh CA for checkout.
+    let token = std::fs::read_to_string(&mesh.token).expect("token");
+    let (key, chain, _) = openssl_certificate(
+        &server,
+        dir.path(),
+        &format!("spiffe://{TD}/ns/shop/sa/checkout"),
+        &token,
+    )
+    .await;
+    let ok = s_client(
+        inbound,
+        &[
+            "-cert",
+            chain.to_str().expect("p"),
+            "-key",
+            key.to_str().expect("p"),
+        ],
+    );
+    assert!(ok.contains("HTTP/1.1 200"), "{ok}");
+    assert_eq!(app.hits.load(Ordering::SeqCst), 2);
+    let refused = stats(&payments).await["identity"]["inbound_refused"]
+        .as_u64()
+        .expect("inbound_refused");
+    assert!(
+        refused >= 3,
+        "plaintext, no certificate, foreign CA: {refused}"
+    );
+
+    // What the proxies report: the principals from certificates, Istio's security label.
+    let checkout_id = format!("spiffe://{TD}/ns/shop/sa/checkout");
+    let payments_id = format!("spiffe://{TD}/ns/shop/sa/payments");
+    let m = proxy_metrics(&payments).await;
+    assert!(
+        m.contains(&format!("source_workload=\"checkout\",connection_security_policy=\"mutual_tls\",source_principal=\"{checkout_id}\",destination_principal=\"{payments_id}\"")),
+        "{m}"
+    );
+    assert!(!m.contains("source_workload=\"frontend\",connection_security_policy=\"mutual_tls\",source_principal=\"spiffe://meshscope.local/ns/shop/sa/checkout"), "{m}");
+    assert!(
+        m.contains("meshscope_proxy_certificate_expiry_timestamp_seconds "),
+        "{m}"
+    );
+    let spans = eventually(
+        &server,
+        &format!(
+            "SELECT count(*) FROM spans WHERE service_name = 'payments' AND span_kind = 'SERVER'
+               AND span_attributes['meshscope.tls'] = 'mtls'
+               AND span_attributes['meshscope.peer_identity'] = '{checkout_id}'
+               AND span_attributes['meshscope.source_workload'] = 'checkout'"
+        ),
+        |n| n >= 2,
+    )
+    .await;
+    assert!(spans >= 2, "{spans}");
+    let denied = eventually(
+        &server,
+        "SELECT count(*) FROM logs WHERE service_name = 'payments'
+           AND log_attributes['authz'] = 'deny' AND log_attributes['response_code'] = '403'
+           AND log_attributes['source_principal'] = 'spiffe://meshscope.local/ns/shop/sa/frontend'",
+        |n| n >= 1,
+    )
+    .await;
+    assert_eq!(denied, 1);
+    let client_side = eventually(
+        &server,
+        &format!(
+            "SELECT count(*) FROM spans WHERE service_name = 'checkout' AND span_kind = 'CLIENT'
+               AND span_attributes['meshscope.tls'] = 'mtls'
+               AND span_attributes['meshscope.peer_identity'] = '{payments_id}'"
+        ),
+        |n| n >= 1,
+    )
+    .await;
+    assert_eq!(client_side, 1);
+    // Nobody is named "frontend" as payments' caller but the one its certificate proves.
+    let forged = server
+        .scalar(
+            "SELECT count(*) FROM spans WHERE service_name = 'payments'
+               AND span_attributes['meshscope.source_workload'] = 'frontend'
+               AND (span_attributes['meshscope.authz'] IS NULL OR span_attributes['meshscope.authz'] <> 'deny')",
+        )
+        .await;
+    assert_eq!(forged, 0, "the forged header named no caller");
+
+    for p in [payments, checkout, frontend] {
+        p.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_audit_only_marks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mesh = Mesh {
+        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
+        server: &server,
+    };
+    let (app_addr, app) = start_app().await;
+    let audit = vec![AuthorizationRule {
+        allow: vec!["ns/shop/sa/frontend".into()],
+        mode: AuthzMode::Audit,
+    }];
+    let cart = Proxy::start(
+        mesh.config("cart", Some(app_addr), MtlsMode::Permissive, audit, vec![]),
+        None,
+    )
+    .await
+    .expect("cart proxy");
+    let inbound = cart.inbound.expect("inbound");
+    let frontend = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("cart", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("frontend proxy");
+    let (status, _, _) = get(frontend.outbound.expect("out"), "cart", &[]).await;
+    assert_eq!(status, 200);
+    // Plaintext on the same port, with a forged caller header: accepted (audit only
+    // marks), and the header names nobody.
+    let r = reqwest::Client::new()
+        .get(format!("http://{inbound}/orders"))
+        .header("host", "cart")
+        .header("x-meshscope-source-workload", "evil")
+        .send()
+        .await
+        .expect("plaintext to permissive");
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["source_header"], Value::Null);
+    assert_eq!(app.hits.load(Ordering::SeqCst), 2);
+    let m = proxy_metrics(&cart).await;
+    assert!(m.contains("connection_security_policy=\"mutual_tls\",source_principal=\"spiffe://meshscope.local/ns/shop/sa/frontend\""), "{m}");
+    assert!(
+        m.contains("response_code=\"200\",connection_security_policy=\"none\"} 1"),
+        "{m}"
+    );
+    assert!(!m.contains("evil"), "a header invents no caller: {m}");
+    let would_deny = eventually(
+        &server,
+        "SELECT count(*) FROM logs WHERE service_name = 'cart'
+           AND log_attributes['authz'] = 'would-deny'
+           AND log_attributes['connection_security_policy'] = 'none'",
+        |n| n >= 1,
+    )
+    .await;
+    assert_eq!(would_deny, 1);
+    let plaintext_span = eventually(
+        &server,
+        "SELECT count(*) FROM spans WHERE service_name = 'cart' AND span_kind = 'SERVER'
+           AND span_attributes['meshscope.tls'] = 'plaintext'
+           AND span_attributes['meshscope.source_workload'] IS NULL",
+        |n| n >= 1,
+    )
+    .await;
+    assert_eq!(plaintext_span, 1);
+    cart.stop().await;
+    frontend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_request() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start_with(&dir.path().join("data"), &["--cert-lifetime-secs", "10"]);
+    let mesh = Mesh {
+        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
+        server: &server,
+    };
+    let (app_addr, app) = start_app().await;
+    let cart = Proxy::start(
+        mesh.config("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![]),
+        None,
+    )
+    .await
+    .expect("cart proxy");
+    let inbound = cart.inbound.expect("inbound");
+    let frontend = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("cart", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("frontend proxy");
+    let first_expiry = cart.identity().expect("identity").expiry_unix();
+    // Steady traffic, on new connections as well as pooled ones, until both proxies have
+    // renewed twice (at 70% of 10 s, so about 14 s), bounded at 40 s.
+    let outbound = frontend.outbound.expect("out");
+    let (mut sent, mut failed) = (0u64, vec![]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let renewed = |p: &Proxy| {
+        p.identity()
+            .map_or(0, |i| i.renewed.load(Ordering::Relaxed))
+    };
+    while renewed(&cart) < 2 || renewed(&frontend) < 2 {
+        assert!(Instant::now() < deadline, "no second renewal within 40 s");
+        // A fresh client each time: a new connection to the outbound listener.
+        let (status, why, _) = get(outbound, "cart", &[]).await;
+        sent += 1;
+        if status != 200 {
+            failed.push((status, why));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
+    );
+    assert!(sent >= 100, "{sent}");
+    assert_eq!(app.hits.load(Ordering::SeqCst), sent);
+    let now_expiry = cart.identity().expect("identity").expiry_unix();
+    assert!(now_expiry > first_expiry, "{now_expiry} vs {first_expiry}");
+    // The first certificates have expired by now: a proxy that starts now and has no
+    // pooled connection still gets through, so new handshakes use the renewed ones.
+    let newcomer = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("cart", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("another frontend proxy");
+    let (status, why, _) = get(newcomer.outbound.expect("out"), "cart", &[]).await;
+    assert_eq!(status, 200, "{why}");
+    assert_eq!(stats(&cart).await["identity"]["renew_failures"], 0);
+    for p in [cart, frontend, newcomer] {
+        p.stop().await;
+    }
+}
