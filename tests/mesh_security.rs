@@ -428,6 +428,30 @@ async fn stats(proxy: &Proxy) -> Value {
         .expect("json")
 }
 
+fn edge<'a>(g: &'a Value, source: &str, target: &str) -> Option<&'a Value> {
+    g["edges"]
+        .as_array()?
+        .iter()
+        .find(|e| e["source"] == source && e["target"] == target)
+}
+
+/// Polls `/api/v1/graph` until `ok` holds (15 s at most); the last answer either way.
+async fn wait_graph(server: &Server, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let g: Value = reqwest::get(server.url("/api/v1/graph"))
+            .await
+            .expect("graph")
+            .json()
+            .await
+            .expect("json");
+        if ok(&g) || Instant::now() > deadline {
+            return g;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Polls `sql` until its first cell satisfies `ok` (15 s at most).
 async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -654,6 +678,26 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
         .await;
     assert_eq!(forged, 0, "the forged header named no caller");
 
+    // The graph: the padlock's numbers on each edge, from the proxies' own metrics.
+    let g = wait_graph(&server, |g| {
+        edge(g, "frontend", "payments").is_some_and(|e| e["denied"] == 1)
+            && edge(g, "checkout", "payments").is_some_and(|e| e["mtls_ratio"] == 1.0)
+    })
+    .await;
+    let allowed = edge(&g, "checkout", "payments").expect("checkout → payments");
+    assert_eq!(
+        allowed["client_identities"],
+        serde_json::json!([checkout_id])
+    );
+    assert_eq!(
+        allowed["server_identities"],
+        serde_json::json!([payments_id])
+    );
+    assert_eq!(allowed["denied"], 0);
+    let refused = edge(&g, "frontend", "payments").expect("frontend → payments");
+    assert_eq!(refused["mtls_ratio"], 1.0, "{refused}");
+    assert_eq!(refused["reasons"]["unauthorized"], 1, "{refused}");
+
     for p in [payments, checkout, frontend] {
         p.stop().await;
     }
@@ -709,7 +753,7 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
     let m = proxy_metrics(&cart).await;
     assert!(m.contains("connection_security_policy=\"mutual_tls\",source_principal=\"spiffe://meshscope.local/ns/shop/sa/frontend\""), "{m}");
     assert!(
-        m.contains("response_code=\"200\",connection_security_policy=\"none\"} 1"),
+        m.contains("response_code=\"200\",connection_security_policy=\"none\",authz=\"would-deny\"} 1"),
         "{m}"
     );
     assert!(!m.contains("evil"), "a header invents no caller: {m}");
@@ -731,6 +775,16 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
     )
     .await;
     assert_eq!(plaintext_span, 1);
+    // The plaintext caller has no proven name, so it is on no edge; the mTLS one is.
+    let g = wait_graph(&server, |g| {
+        edge(g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 1.0)
+    })
+    .await;
+    assert!(
+        edge(&g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 1.0),
+        "{g}"
+    );
+    assert!(!g.to_string().contains("evil"), "{g}");
     cart.stop().await;
     frontend.stop().await;
 }

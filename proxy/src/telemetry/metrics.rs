@@ -49,6 +49,9 @@ pub struct SeriesKey {
     /// The SPIFFE IDs proven by certificates, when the connection was mTLS.
     pub source_principal: Option<Arc<str>>,
     pub destination_principal: Option<Arc<str>>,
+    /// Inbound: `deny` or `would-deny` when authorization did not admit the caller
+    /// (absent when it did, or without rules).
+    pub authz: Option<&'static str>,
 }
 
 impl SeriesKey {
@@ -72,6 +75,9 @@ impl SeriesKey {
         }
         if let Some(p) = &self.destination_principal {
             a.push(string_kv("destination_principal", p));
+        }
+        if let Some(z) = self.authz {
+            a.push(string_kv("authz", z));
         }
         a
     }
@@ -390,6 +396,9 @@ impl EncodeLabelSet for SeriesKey {
         if let Some(p) = &self.destination_principal {
             labels.push(("destination_principal", Escaped(p)));
         }
+        if let Some(z) = self.authz {
+            labels.push(("authz", Escaped(z)));
+        }
         labels.as_slice().encode(encoder)
     }
 }
@@ -422,6 +431,7 @@ mod tests {
             connection_security_policy: "none",
             source_principal: None,
             destination_principal: None,
+            authz: None,
         }
     }
 

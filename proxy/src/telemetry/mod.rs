@@ -268,6 +268,10 @@ impl Telemetry {
                 connection_security_policy: f.security_policy(),
                 source_principal: source_principal.clone(),
                 destination_principal: destination_principal.clone(),
+                authz: d
+                    .authz
+                    .filter(|z| *z != crate::layers::authz::AuthzDecision::Allow)
+                    .map(|z| z.as_str()),
             },
             f.duration,
         );

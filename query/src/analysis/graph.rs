@@ -36,6 +36,7 @@ pub use super::model::{
 use super::model::{EdgeCell, Measure, Raw, SERVED_SQL, ServiceCell, summarise};
 use super::range::{TimeRange, sql_str};
 use super::round3;
+pub use super::security::EdgeSecurity;
 use crate::engine::{QueryEngine, QueryError};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -66,6 +67,9 @@ pub struct Edge {
     /// The signals each source saw, when more than one saw the edge.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub by_source: BTreeMap<&'static str, Signals>,
+    /// `mtls_ratio`, `client_identities`, `server_identities`, `denied`, `would_deny`.
+    #[serde(flatten)]
+    pub security: EdgeSecurity,
 }
 
 /// The graph as petgraph holds it; node ids are unique.
@@ -218,7 +222,20 @@ impl ServiceGraph {
             "access_logs",
             super::mesh_edges::from_access_logs(engine, range).await?,
         );
+        g.add_security(super::security::by_edge(engine, range).await?);
         Ok(g)
+    }
+
+    /// Puts each edge's security (mTLS share, identities, denials) on it.
+    pub fn add_security(&mut self, security: super::security::SecurityByEdge) {
+        for ((source, target), sec) in security {
+            let (Some(s), Some(t)) = (self.index.get(&source), self.index.get(&target)) else {
+                continue;
+            };
+            if let Some(e) = self.graph.find_edge(*s, *t) {
+                self.graph[e].security = sec;
+            }
+        }
     }
 
     /// Adds what another source of telemetry saw: an edge it shares with what is already
@@ -258,6 +275,7 @@ impl ServiceGraph {
                             reasons: seen.reasons,
                             sources: vec![name],
                             by_source: BTreeMap::new(),
+                            security: EdgeSecurity::default(),
                         },
                     );
                 }
@@ -344,6 +362,7 @@ impl ServiceGraph {
                     reasons,
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
+                    security: EdgeSecurity::default(),
                 },
             );
         }
@@ -463,6 +482,7 @@ mod tests {
                     reasons: BTreeMap::new(),
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
+                    security: EdgeSecurity::default(),
                 },
             );
         }

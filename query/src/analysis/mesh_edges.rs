@@ -110,7 +110,7 @@ fn version_of(v: Option<&str>) -> Option<String> {
 }
 
 /// Counter increase of one series from its points (ordered by time).
-fn increase(points: &[(i64, i64, f64, bool)], range_start_ns: i64) -> f64 {
+pub(super) fn increase(points: &[(i64, i64, f64, bool)], range_start_ns: i64) -> f64 {
     // (time, start_time, value, delta)
     let Some(first) = points.first() else {
         return 0.0;
@@ -382,7 +382,7 @@ impl MetricRow {
 }
 
 /// The columns every request-metric query selects besides `src`, `dst`, `failed`.
-const POINT_COLUMNS: &str = "array_to_string(map_keys(attributes), ',') || '=' || array_to_string(map_values(attributes), ',') AS series,
+pub(super) const POINT_COLUMNS: &str = "array_to_string(map_keys(attributes), ',') || '=' || array_to_string(map_values(attributes), ',') AS series,
     metric_name, service_name, CAST(start_time AS BIGINT) AS series_start, CAST(time AS BIGINT) AS t,
     temporality = 'delta' AS delta, value, bucket_counts, explicit_bounds";
 

@@ -23,6 +23,7 @@ pub mod prometheus;
 pub mod range;
 pub mod rollup;
 pub mod routes;
+pub mod security;
 pub mod signals;
 pub mod sketch;
 pub mod traces;

@@ -1,0 +1,303 @@
+//! Security on each edge: how much of its traffic was mutual TLS, which identities its
+//! certificates proved, and what authorization refused.
+//!
+//! | field | from request metrics (Istio, meshscope's proxy) | else from access logs |
+//! | --- | --- | --- |
+//! | `mtls_ratio` | `connection_security_policy` = `mutual_tls` over `mutual_tls` + `none` (the source side's report where there is one; `unknown`, answered before any connection, is left out) | outbound records' `connection_security_policy` |
+//! | `client_identities` / `server_identities` | `source_principal` / `destination_principal` | the same keys |
+//! | `denied` / `would_deny` | the callee side's `authz` = `deny` / `would-deny` | inbound records' `authz` |
+//!
+//! `mtls_ratio` is `null` when no source says (no proxy that reports it on that edge).
+//! Counters are read as increases over the range, as for the edges themselves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::mesh_edges::{POINT_COLUMNS, increase};
+use super::range::TimeRange;
+use super::typed;
+use crate::engine::{QueryEngine, QueryError};
+
+/// What the graph's edge says about security.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EdgeSecurity {
+    /// Share of requests over mutual TLS, 0–1; `null` when no source says.
+    pub mtls_ratio: Option<f64>,
+    /// SPIFFE IDs the callers' certificates proved.
+    pub client_identities: Vec<String>,
+    /// SPIFFE IDs the callee's certificates proved.
+    pub server_identities: Vec<String>,
+    /// Requests authorization refused (403 by the callee's proxy).
+    pub denied: u64,
+    /// Requests an audit-mode rule would have refused.
+    pub would_deny: u64,
+}
+
+/// `(source service, target service)` → its security.
+pub type SecurityByEdge = BTreeMap<(String, String), EdgeSecurity>;
+
+#[derive(Debug, Default)]
+struct Acc {
+    /// (mutual_tls, none) per reporter: 0 source, 1 destination.
+    tls: [(f64, f64); 2],
+    clients: BTreeSet<String>,
+    servers: BTreeSet<String>,
+    denied: f64,
+    would_deny: f64,
+}
+
+impl Acc {
+    fn finish(self) -> EdgeSecurity {
+        let (m, n) = if self.tls[0].0 + self.tls[0].1 > 0.0 {
+            self.tls[0]
+        } else {
+            self.tls[1]
+        };
+        EdgeSecurity {
+            mtls_ratio: (m + n > 0.0).then(|| super::round3(m / (m + n))),
+            client_identities: self.clients.into_iter().collect(),
+            server_identities: self.servers.into_iter().collect(),
+            denied: self.denied.round() as u64,
+            would_deny: self.would_deny.round() as u64,
+        }
+    }
+
+    fn add(&mut self, reporter_is_source: bool, row: &Labels, n: f64) {
+        let side = usize::from(!reporter_is_source);
+        match row.policy.as_str() {
+            "mutual_tls" => self.tls[side].0 += n,
+            "none" => self.tls[side].1 += n,
+            _ => {}
+        }
+        if n > 0.0 {
+            for (set, p) in [
+                (&mut self.clients, &row.client),
+                (&mut self.servers, &row.server),
+            ] {
+                if let Some(p) = p.as_ref().filter(|p| p.starts_with("spiffe://")) {
+                    set.insert(p.clone());
+                }
+            }
+        }
+        // What the callee's proxy decided (the caller's sees only the 403).
+        if !reporter_is_source || row.reporter.is_empty() {
+            match row.authz.as_str() {
+                "deny" => self.denied += n,
+                "would-deny" => self.would_deny += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Labels {
+    src: String,
+    dst: String,
+    dst_workload: Option<String>,
+    reporter: String,
+    policy: String,
+    client: Option<String>,
+    server: Option<String>,
+    authz: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MetricRow {
+    #[serde(flatten)]
+    labels: Labels,
+    series: Option<String>,
+    service_name: String,
+    series_start: Option<i64>,
+    t: i64,
+    delta: Option<bool>,
+    value: Option<f64>,
+}
+
+/// Per edge, from request metrics, else access logs.
+pub async fn by_edge(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<SecurityByEdge, QueryError> {
+    let start_ns = range.start.timestamp_nanos_opt().unwrap_or(0);
+    let a = |k: &str| format!("attributes['{k}']");
+    let sql = format!(
+        "SELECT coalesce({scs}, {sw}) AS src,
+                coalesce({dsn}, {dw}) AS dst, {dw} AS dst_workload,
+                coalesce({rep}, '') AS reporter, coalesce({csp}, '') AS policy,
+                {sp} AS client, {dp} AS server, coalesce({authz}, '') AS authz,
+                {POINT_COLUMNS}
+         FROM metrics
+         WHERE {r} AND metric_name IN ('istio_requests_total', 'meshscope_requests_total')
+           AND {sw} IS NOT NULL AND coalesce({dsn}, {dw}) IS NOT NULL
+           AND ({csp} IS NOT NULL OR {authz} IS NOT NULL)
+         ORDER BY t",
+        scs = a("source_canonical_service"),
+        sw = a("source_workload"),
+        dsn = a("destination_service_name"),
+        dw = a("destination_workload"),
+        rep = a("reporter"),
+        csp = a("connection_security_policy"),
+        sp = a("source_principal"),
+        dp = a("destination_principal"),
+        authz = a("authz"),
+        r = range.sql("time"),
+    );
+    let rows = typed::<MetricRow>(engine, &sql).await?;
+    let mut services: HashMap<String, String> = HashMap::new();
+    let mut series: HashMap<(String, i64), (Labels, Vec<(i64, i64, f64, bool)>)> = HashMap::new();
+    for r in rows {
+        if let Some(w) = r
+            .labels
+            .dst_workload
+            .as_ref()
+            .filter(|w| **w != r.labels.dst)
+        {
+            services.insert(w.clone(), r.labels.dst.clone());
+        }
+        let key = (
+            format!("{}|{}", r.service_name, r.series.unwrap_or_default()),
+            r.series_start.unwrap_or(0),
+        );
+        let start = r.series_start.unwrap_or(0);
+        series
+            .entry(key)
+            .or_insert_with(|| (r.labels.clone(), Vec::new()))
+            .1
+            .push((r.t, start, r.value.unwrap_or(0.0), r.delta.unwrap_or(false)));
+    }
+    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    for (labels, points) in series.into_values() {
+        let n = increase(&points, start_ns);
+        let src = services
+            .get(&labels.src)
+            .cloned()
+            .unwrap_or(labels.src.clone());
+        accs.entry((src, labels.dst.clone())).or_default().add(
+            labels.reporter != "destination",
+            &labels,
+            n,
+        );
+    }
+    if accs.is_empty() {
+        accs = from_access_logs(engine, range).await?;
+    }
+    Ok(accs.into_iter().map(|(k, a)| (k, a.finish())).collect())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogRow {
+    #[serde(flatten)]
+    labels: Labels,
+    direction: String,
+    n: i64,
+}
+
+async fn from_access_logs(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<(String, String), Acc>, QueryError> {
+    let la = |k: &str| format!("log_attributes['{k}']");
+    let sql = format!(
+        "SELECT coalesce({sw}, {down}) AS src, coalesce({dsn}, {dw}) AS dst, {dw} AS dst_workload,
+                coalesce({dir}, '') AS direction, '' AS reporter, coalesce({csp}, '') AS policy,
+                {sp} AS client, {dp} AS server, coalesce({authz}, '') AS authz, count(*) AS n
+         FROM logs
+         WHERE {r} AND {csp} IS NOT NULL AND coalesce({sw}, {down}) IS NOT NULL
+           AND coalesce({dsn}, {dw}) IS NOT NULL
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
+        sw = la("source_workload"),
+        down = la("downstream_workload"),
+        dsn = la("destination_service_name"),
+        dw = la("destination_workload"),
+        dir = la("direction"),
+        csp = la("connection_security_policy"),
+        sp = la("source_principal"),
+        dp = la("destination_principal"),
+        authz = la("authz"),
+        r = range.sql("time"),
+    );
+    let rows = typed::<LogRow>(engine, &sql).await?;
+    let services: HashMap<String, String> = rows
+        .iter()
+        .filter_map(|r| {
+            let w = r
+                .labels
+                .dst_workload
+                .as_ref()
+                .filter(|w| **w != r.labels.dst)?;
+            Some((w.clone(), r.labels.dst.clone()))
+        })
+        .collect();
+    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    for r in rows {
+        let src = services
+            .get(&r.labels.src)
+            .cloned()
+            .unwrap_or(r.labels.src.clone());
+        let acc = accs.entry((src, r.labels.dst.clone())).or_default();
+        let n = r.n as f64;
+        if r.direction == "inbound" {
+            // The callee's record: its authorization outcome; TLS only if no caller record.
+            acc.add(false, &r.labels, n);
+        } else {
+            let mut l = r.labels.clone();
+            l.authz.clear();
+            acc.add(true, &l, n);
+        }
+    }
+    Ok(accs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(policy: &str, client: Option<&str>, authz: &str, reporter: &str) -> Labels {
+        Labels {
+            src: "a".into(),
+            dst: "b".into(),
+            dst_workload: None,
+            reporter: reporter.into(),
+            policy: policy.into(),
+            client: client.map(str::to_string),
+            server: Some("spiffe://td/ns/x/sa/b".into()),
+            authz: authz.into(),
+        }
+    }
+
+    #[test]
+    fn the_source_side_decides_the_ratio_and_the_callee_the_denials() {
+        let mut acc = Acc::default();
+        acc.add(
+            true,
+            &labels("mutual_tls", Some("spiffe://td/ns/x/sa/a"), "", "source"),
+            3.0,
+        );
+        acc.add(true, &labels("none", None, "", "source"), 1.0);
+        acc.add(true, &labels("unknown", None, "", "source"), 5.0);
+        // The destination's own view (Istio reports twice) does not count twice.
+        acc.add(
+            false,
+            &labels(
+                "mutual_tls",
+                Some("spiffe://td/ns/x/sa/a"),
+                "deny",
+                "destination",
+            ),
+            2.0,
+        );
+        acc.add(
+            false,
+            &labels("mutual_tls", Some("unknown"), "would-deny", "destination"),
+            1.0,
+        );
+        let s = acc.finish();
+        assert_eq!(s.mtls_ratio, Some(0.75));
+        assert_eq!(s.client_identities, ["spiffe://td/ns/x/sa/a"]);
+        assert_eq!(s.server_identities, ["spiffe://td/ns/x/sa/b"]);
+        assert_eq!((s.denied, s.would_deny), (2, 1));
+        assert_eq!(Acc::default().finish().mtls_ratio, None);
+    }
+}
