@@ -186,8 +186,46 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
                 let share = cart_split.1 as f64 / (cart_split.0 + cart_split.1) as f64;
                 (0.04..0.2).contains(&share)
             };
+            // Zero trust on screen: every proxy-to-proxy edge all mTLS with the SPIFFE IDs
+            // of both ends, the external gateway plaintext, the denied caller counted.
+            let meshed = [
+                ("frontend", "cart"),
+                ("frontend", "checkout"),
+                ("checkout", "payments"),
+                ("frontend", "inventory"),
+            ];
+            let secure = meshed.iter().all(|(s, t)| {
+                edges_of(&g)
+                    .find(|e| e["source"] == *s && e["target"] == *t)
+                    .is_some_and(|e| {
+                        e["mtls_ratio"] == 1.0
+                            && e["client_identities"]
+                                == serde_json::json!([format!(
+                                    "spiffe://meshscope.local/ns/demo/sa/{s}"
+                                )])
+                            && e["server_identities"].as_array().is_some_and(|ids| {
+                                ids.iter().any(|i| {
+                                    i == &format!("spiffe://meshscope.local/ns/demo/sa/{t}")
+                                })
+                            })
+                    })
+            });
+            let plaintext_gateway = edges_of(&g)
+                .find(|e| e["source"] == "payments" && e["target"] == "payments-gateway")
+                .is_some_and(|e| e["mtls_ratio"] == 0.0);
+            let denied = edges_of(&g)
+                .find(|e| e["source"] == "frontend" && e["target"] == "payments")
+                .and_then(|e| e["denied"].as_u64())
+                .unwrap_or(0);
             last = g;
-            if has_nodes && has_edges && inventory_errors > 0 && canary_near_10 {
+            if has_nodes
+                && has_edges
+                && inventory_errors > 0
+                && canary_near_10
+                && secure
+                && plaintext_gateway
+                && denied > 0
+            {
                 break true;
             }
         }

@@ -753,7 +753,9 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
     let m = proxy_metrics(&cart).await;
     assert!(m.contains("connection_security_policy=\"mutual_tls\",source_principal=\"spiffe://meshscope.local/ns/shop/sa/frontend\""), "{m}");
     assert!(
-        m.contains("response_code=\"200\",connection_security_policy=\"none\",authz=\"would-deny\"} 1"),
+        m.contains(
+            "response_code=\"200\",connection_security_policy=\"none\",authz=\"would-deny\"} 1"
+        ),
         "{m}"
     );
     assert!(!m.contains("evil"), "a header invents no caller: {m}");
