@@ -428,6 +428,63 @@ async fn stats(proxy: &Proxy) -> Value {
         .expect("json")
 }
 
+/// A server whose alert rules watch the edges' security, evaluated every second.
+fn server_with_security_rules(dir: &Path) -> Server {
+    let config = dir.join("meshscope.toml");
+    std::fs::write(
+        &config,
+        r#"
+[alerts]
+evaluation-interval-secs = 1
+
+[[alerts.rules]]
+name = "plaintext-in-the-mesh"
+kind = "plaintext-edge"
+window-secs = 60
+
+[[alerts.rules]]
+name = "denied"
+kind = "denied-requests"
+window-secs = 60
+"#,
+    )
+    .expect("config");
+    Server::start_with(
+        &dir.join("data"),
+        &["--config", config.to_str().expect("p")],
+    )
+}
+
+/// Waits (15 s at most) for a firing alert of `rule` on `source → target`.
+async fn wait_alert(server: &Server, rule: &str, source: &str, target: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let alerts: Value = reqwest::get(server.url("/api/v1/alerts?state=firing"))
+            .await
+            .expect("alerts")
+            .json()
+            .await
+            .expect("json");
+        let found = alerts.as_array().and_then(|a| {
+            a.iter()
+                .find(|x| {
+                    x["rule"] == rule
+                        && x["labels"]["source"] == source
+                        && x["labels"]["target"] == target
+                })
+                .cloned()
+        });
+        if let Some(f) = found {
+            return f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {rule} alert on {source} → {target}: {alerts}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn edge<'a>(g: &'a Value, source: &str, target: &str) -> Option<&'a Value> {
     g["edges"]
         .as_array()?
@@ -469,7 +526,7 @@ async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64
 async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denied_callers_from_the_app()
  {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = server_with_security_rules(dir.path());
     let mesh = Mesh {
         token: token_file(
             &server,
@@ -697,6 +754,18 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     let refused = edge(&g, "frontend", "payments").expect("frontend → payments");
     assert_eq!(refused["mtls_ratio"], 1.0, "{refused}");
     assert_eq!(refused["reasons"]["unauthorized"], 1, "{refused}");
+    let alert = wait_alert(&server, "denied", "frontend", "payments").await;
+    assert_eq!(alert["evidence"]["value"], 1.0, "{alert}");
+    let none: Value = reqwest::get(server.url("/api/v1/alerts?state=firing"))
+        .await
+        .expect("alerts")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        !none.to_string().contains("plaintext-in-the-mesh"),
+        "all of it was mTLS: {none}"
+    );
 
     for p in [payments, checkout, frontend] {
         p.stop().await;
@@ -706,7 +775,7 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_audit_only_marks() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = server_with_security_rules(dir.path());
     let mesh = Mesh {
         token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
         server: &server,
@@ -787,6 +856,36 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         "{g}"
     );
     assert!(!g.to_string().contains("evil"), "{g}");
+
+    // A replica of frontend configured to call cart in plaintext (its own certificate
+    // notwithstanding): the edge between two meshed services is half plaintext, and said so.
+    let mut plain_to_cart = to("cart", inbound);
+    plain_to_cart.mtls = Some(false);
+    let replica = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![plain_to_cart],
+        ),
+        None,
+    )
+    .await
+    .expect("frontend replica");
+    let (status, _, _) = get(replica.outbound.expect("out"), "cart", &[]).await;
+    assert_eq!(status, 200);
+    let g = wait_graph(&server, |g| {
+        edge(g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 0.5)
+    })
+    .await;
+    assert!(
+        edge(&g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 0.5),
+        "{g}"
+    );
+    let alert = wait_alert(&server, "plaintext-in-the-mesh", "frontend", "cart").await;
+    assert_eq!(alert["evidence"]["value"], 0.5, "{alert}");
+    replica.stop().await;
     cart.stop().await;
     frontend.stop().await;
 }

@@ -283,12 +283,48 @@ impl<'a> Observer<'a> {
         Ok(out)
     }
 
+    /// `plaintext-edge` and `denied-requests`: the current window's edges.
+    async fn security(
+        &mut self,
+        s: &Structural,
+        cur: TimeRange,
+    ) -> Result<Vec<Observation>, QueryError> {
+        let found = structural::security_findings(s, self.graph(&cur).await?);
+        let mut out = Vec::new();
+        for (e, value) in found {
+            let labels: BTreeMap<String, String> = [
+                ("source".to_string(), e.source.clone()),
+                ("target".to_string(), e.target.clone()),
+            ]
+            .into();
+            let exemplar_trace_ids = edge_exemplars(self.engine, &e, &cur, None)
+                .await
+                .unwrap_or_default();
+            out.push(Observation {
+                labels,
+                evidence: Evidence {
+                    value: Some(value),
+                    threshold: None,
+                    signal: s.change.name().to_string(),
+                    exemplar_trace_ids,
+                },
+            });
+        }
+        Ok(out)
+    }
+
     async fn structural(
         &mut self,
         s: &Structural,
         now: DateTime<Utc>,
     ) -> Result<Vec<Observation>, QueryError> {
         let (cur, prev) = windows(now, s.window);
+        if matches!(
+            s.change,
+            crate::rule::Change::PlaintextEdge | crate::rule::Change::DeniedRequests
+        ) {
+            return self.security(s, cur).await;
+        }
         let current = structural::edge_set(self.graph(&cur).await?);
         let previous = structural::edge_set(self.graph(&prev).await?);
         let mut out = Vec::new();

@@ -8,7 +8,9 @@
 //!   against the window before);
 //! - `sql`: a read-only query run on every evaluation; each row is a firing instance;
 //! - `edge-appeared`, `edge-vanished`, `new-virtual-peer`: the graph's edges in the window
-//!   against the window before.
+//!   against the window before; `plaintext-edge` (plaintext requests between two meshed
+//!   services) and `denied-requests` (authorization refused requests): the edges' security
+//!   in the window.
 //!
 //! Checks that need no data ([`Rule::from_spec`]) give errors; checks against the engine
 //! ([`check_with_engine`]) plan a SQL rule read-only (errors) and look for the services a
@@ -31,7 +33,8 @@ pub struct RuleSpec {
     /// Unique; becomes the `alertname` label. Letters, digits, `_ - . :`.
     #[serde(default)]
     pub name: String,
-    /// `threshold` (the default), `sql`, `edge-appeared`, `edge-vanished`, `new-virtual-peer`.
+    /// `threshold` (the default), `sql`, `edge-appeared`, `edge-vanished`, `new-virtual-peer`,
+    /// `plaintext-edge`, `denied-requests`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// Threshold rules: which golden signal.
@@ -196,6 +199,8 @@ pub enum Change {
     EdgeAppeared,
     EdgeVanished,
     NewVirtualPeer,
+    PlaintextEdge,
+    DeniedRequests,
 }
 
 impl Change {
@@ -204,6 +209,8 @@ impl Change {
             Change::EdgeAppeared => "edge-appeared",
             Change::EdgeVanished => "edge-vanished",
             Change::NewVirtualPeer => "new-virtual-peer",
+            Change::PlaintextEdge => "plaintext-edge",
+            Change::DeniedRequests => "denied-requests",
         }
     }
 }
@@ -381,7 +388,8 @@ impl Rule {
                     }
                 }
             }
-            "edge-appeared" | "edge-vanished" | "new-virtual-peer" => {
+            "edge-appeared" | "edge-vanished" | "new-virtual-peer" | "plaintext-edge"
+            | "denied-requests" => {
                 for (f, present) in [
                     ("signal", spec.signal.is_some()),
                     ("threshold", spec.threshold.is_some()),
@@ -393,6 +401,8 @@ impl Rule {
                 let change = match kind_name.as_str() {
                     "edge-appeared" => Change::EdgeAppeared,
                     "edge-vanished" => Change::EdgeVanished,
+                    "plaintext-edge" => Change::PlaintextEdge,
+                    "denied-requests" => Change::DeniedRequests,
                     _ => Change::NewVirtualPeer,
                 };
                 // `service` is shorthand for "edges from this service".
@@ -406,7 +416,7 @@ impl Rule {
             }
             other => {
                 problems.push(format!(
-                    "unknown kind {other:?}; one of threshold, sql, edge-appeared, edge-vanished, new-virtual-peer"
+                    "unknown kind {other:?}; one of threshold, sql, edge-appeared, edge-vanished, new-virtual-peer, plaintext-edge, denied-requests"
                 ));
                 None
             }

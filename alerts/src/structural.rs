@@ -5,6 +5,10 @@
 //! - `new-virtual-peer`: an appeared edge whose target is a `virtual` node (a call to an
 //!   uninstrumented, often external, peer).
 //!
+//! - `plaintext-edge`: an edge between two meshed services (each named by a certificate
+//!   on some edge of the window) with requests that were not mutual TLS (`mtls_ratio` < 1);
+//! - `denied-requests`: an edge on which authorization refused requests (`denied` > 0).
+//!
 //! With no edge at all in the previous window there is no baseline (a fresh deployment, or
 //! meshscope just started), so nothing "appears". An alert stays firing while the change
 //! is visible (one window) and resolves when the windows agree again.
@@ -65,7 +69,66 @@ pub fn changes(
             .filter(wanted)
             .cloned()
             .collect(),
+        // Judged on the current graph alone: see [`security_findings`].
+        Change::PlaintextEdge | Change::DeniedRequests => Vec::new(),
     }
+}
+
+/// The workload a SPIFFE ID names (`…/sa/<workload>`).
+fn workload_of(id: &str) -> Option<&str> {
+    id.rsplit_once("/sa/").map(|(_, w)| w)
+}
+
+/// The edges a security rule reports in `g`, each with its value: the share of requests
+/// that were not mTLS, or the requests denied.
+pub fn security_findings(rule: &Structural, g: &ServiceGraph) -> Vec<(EdgeKey, f64)> {
+    let wanted = |source: &str, target: &str| {
+        rule.source.as_ref().is_none_or(|s| s == source)
+            && rule.target.as_ref().is_none_or(|t| t == target)
+    };
+    // Meshed: a certificate names the service (or one of its workloads) somewhere.
+    let meshed: BTreeSet<&str> = g
+        .edges()
+        .flat_map(|e| {
+            e.security
+                .client_identities
+                .iter()
+                .chain(&e.security.server_identities)
+        })
+        .filter_map(|id| workload_of(id))
+        .collect();
+    let is_meshed = |service: &str| {
+        meshed.contains(service)
+            || meshed
+                .iter()
+                .any(|w| w.strip_prefix(service).is_some_and(|v| v.starts_with('-')))
+    };
+    g.edges()
+        .filter(|e| wanted(&e.source, &e.target))
+        .filter_map(|e| {
+            let value = match rule.change {
+                Change::PlaintextEdge => {
+                    let ratio = e.security.mtls_ratio?;
+                    (ratio < 1.0 && is_meshed(&e.source) && is_meshed(&e.target))
+                        .then(|| 1.0 - ratio)?
+                }
+                Change::DeniedRequests => {
+                    (e.security.denied > 0).then_some(e.security.denied as f64)?
+                }
+                _ => return None,
+            };
+            Some((
+                EdgeKey {
+                    source: e.source.clone(),
+                    target: e.target.clone(),
+                    target_virtual: g
+                        .find(&e.target)
+                        .is_some_and(|n| n.kind == NodeKind::Virtual),
+                },
+                value,
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
