@@ -754,6 +754,43 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     let refused = edge(&g, "frontend", "payments").expect("frontend → payments");
     assert_eq!(refused["mtls_ratio"], 1.0, "{refused}");
     assert_eq!(refused["reasons"]["unauthorized"], 1, "{refused}");
+    // The README's per-minute SQL says the same.
+    let per_minute = server
+        .sql(
+            "SELECT date_trunc('minute', time) AS minute, log_attributes['downstream_workload'] AS source,
+                    service_name AS target, count(*) FILTER (WHERE log_attributes['authz'] = 'deny') AS denied
+             FROM logs WHERE log_attributes['direction'] = 'inbound' GROUP BY 1, 2, 3 ORDER BY 1",
+        )
+        .await;
+    let denied_rows: i64 = per_minute["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r[1] == "frontend" && r[2] == "payments")
+        .filter_map(|r| r[3].as_i64())
+        .sum();
+    assert_eq!(denied_rows, 1, "{per_minute}");
+    let mtls_rows = server
+        .sql(
+            "SELECT date_trunc('minute', time) AS minute,
+                    log_attributes['source_workload'] AS source, log_attributes['destination_service_name'] AS target,
+                    count(*) FILTER (WHERE log_attributes['connection_security_policy'] = 'mutual_tls') AS mtls,
+                    count(*) FILTER (WHERE log_attributes['connection_security_policy'] = 'none') AS plaintext
+             FROM logs WHERE log_attributes['direction'] = 'outbound' GROUP BY 1, 2, 3 ORDER BY 1",
+        )
+        .await;
+    let (mtls, plain): (i64, i64) = mtls_rows["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r[1] == "checkout" && r[2] == "payments")
+        .fold((0, 0), |(m, p), r| {
+            (
+                m + r[3].as_i64().unwrap_or(0),
+                p + r[4].as_i64().unwrap_or(0),
+            )
+        });
+    assert_eq!((mtls, plain), (1, 0), "{mtls_rows}");
     let alert = wait_alert(&server, "denied", "frontend", "payments").await;
     assert_eq!(alert["evidence"]["value"], 1.0, "{alert}");
     let none: Value = reqwest::get(server.url("/api/v1/alerts?state=firing"))
