@@ -1236,3 +1236,158 @@ async fn the_ui_asks_for_a_token_once_and_keeps_it_for_the_tab() {
         .await;
     assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
 }
+
+/// Access-log records a mesh's proxies write: `n` outbound calls `src → dst` over
+/// `policy`, and, for `denied`, the callee's inbound record of the refusal.
+fn access_logs(
+    base_ns: u64,
+    src: &str,
+    dst: &str,
+    policy: &str,
+    n: u64,
+    denied: bool,
+) -> Vec<Value> {
+    let id = |w: &str| format!("spiffe://meshscope.local/ns/shop/sa/{w}");
+    (0..n)
+        .flat_map(|i| {
+            let t = (base_ns + i * 1_000_000_000).to_string();
+            let status = if denied { "403" } else { "200" };
+            let mut out = vec![attr("source_workload", src), attr("destination_workload", dst),
+                attr("destination_service_name", dst), attr("direction", "outbound"),
+                attr("duration_ms", "3"), attr("response_code", status),
+                attr("connection_security_policy", policy)];
+            if policy == "mutual_tls" {
+                out.push(attr("source_principal", &id(src)));
+                out.push(attr("destination_principal", &id(dst)));
+            }
+            let mut recs = vec![json!({ "timeUnixNano": t, "severityNumber": 9, "body": { "stringValue": "access" }, "attributes": out })];
+            if denied {
+                recs.push(json!({ "timeUnixNano": t, "severityNumber": 9, "body": { "stringValue": "access" }, "attributes": [
+                    attr("downstream_workload", src), attr("local_workload", dst),
+                    attr("destination_service_name", dst), attr("direction", "inbound"),
+                    attr("duration_ms", "0.2"), attr("response_code", "403"),
+                    attr("connection_security_policy", policy), attr("source_principal", &id(src)),
+                    attr("destination_principal", &id(dst)), attr("authz", "deny")] }));
+            }
+            recs
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padlocks_on_the_topology_and_the_security_view_in_a_real_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"));
+    let base = now_ns() - 5 * 60 * 1_000_000_000;
+    let mut recs = access_logs(base, "frontend", "cart", "mutual_tls", 6, false);
+    recs.extend(access_logs(
+        base,
+        "payments",
+        "payments-gateway",
+        "none",
+        4,
+        false,
+    ));
+    recs.extend(access_logs(
+        base,
+        "frontend",
+        "payments",
+        "mutual_tls",
+        2,
+        true,
+    ));
+    recs.extend(access_logs(
+        base,
+        "checkout",
+        "cart",
+        "mutual_tls",
+        3,
+        false,
+    ));
+    recs.extend(access_logs(base, "checkout", "cart", "none", 1, false));
+    let body = json!({ "resourceLogs": [{ "resource": resource("mesh-proxy", "shop"),
+        "scopeLogs": [{ "scope": { "name": "ui-test" }, "logRecords": recs }] }] });
+    let r = reqwest::Client::new()
+        .post(server.otlp_url("/v1/logs"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("OTLP/HTTP logs");
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.scalar("SELECT count(*) FROM logs").await < 18 {
+        assert!(Instant::now() < deadline, "logs did not become visible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let b = Browser::start().await;
+    b.goto(&server.url("/?range=15m")).await;
+    let edge = |s: &str, t: &str, level: &str| {
+        format!(".edge[data-source='{s}'][data-target='{t}'] .lock[data-mtls='{level}']")
+    };
+    b.wait_for(&edge("frontend", "cart", "full"), 1).await;
+    b.wait_for(&edge("payments", "payments-gateway", "none"), 1)
+        .await;
+    b.wait_for(&edge("checkout", "cart", "partial"), 1).await;
+    let label = b
+        .find_all(".edge[data-source='checkout'][data-target='cart'] .el2")
+        .await;
+    assert!(b.text(&label[0]).await.contains("mTLS 75%"));
+
+    // The edge panel: the identities each side proved, and the denials.
+    let hit = b
+        .find_all(".edge[data-source='frontend'][data-target='payments'] path.edge-hit")
+        .await;
+    b.click(&hit[0]).await;
+    let panel = b
+        .wait_for("[data-test='edge-security'][data-mtls='full']", 1)
+        .await;
+    let text = b.text(&panel[0]).await;
+    assert!(
+        text.contains("spiffe://meshscope.local/ns/shop/sa/frontend")
+            && text.contains("spiffe://meshscope.local/ns/shop/sa/payments"),
+        "{text}"
+    );
+    let denied = b
+        .wait_for("[data-test='edge-security'] [data-test='denied']", 1)
+        .await;
+    assert!(b.text(&denied[0]).await.contains("Denied 2"));
+
+    // The Security view: every edge, worst first.
+    b.goto(&server.url("/security?range=15m")).await;
+    let nav = b.wait_for("a.nav-link.active[href^='/security']", 1).await;
+    assert_eq!(b.text(&nav[0]).await, "Security");
+    let rows = b.wait_for("[data-test='security-row']", 4).await;
+    let mut order = Vec::new();
+    for r in &rows {
+        order.push((
+            b.attr(r, "data-source").await,
+            b.attr(r, "data-target").await,
+            b.attr(r, "data-mtls").await,
+        ));
+    }
+    assert_eq!(
+        order[..3]
+            .iter()
+            .map(|(s, t, m)| format!("{s}>{t}:{m}"))
+            .collect::<Vec<_>>(),
+        [
+            "checkout>cart:partial",
+            "payments>payments-gateway:none",
+            "frontend>payments:full"
+        ],
+        "plaintext and denied edges first"
+    );
+    let denied_row = b.text(&rows[2]).await;
+    assert!(denied_row.contains("2 denied"), "{denied_row}");
+    let summary = b.find_all("[data-test='security-summary']").await;
+    let s = b.text(&summary[0]).await;
+    assert!(
+        s.contains("2 requests denied") && s.contains("1 plaintext"),
+        "{s}"
+    );
+    b.screenshot("security").await;
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}

@@ -2,11 +2,12 @@
 //!
 //! Layout: `state` (time range, auto-refresh and filters kept in the URL), `util` (API
 //! calls, formatting), `charts` (SVG sparklines and line charts), and one module per page:
-//! `topology`, `services`, `traces`, `logs`, `alerts`, `sql`.
+//! `topology`, `services`, `traces`, `logs`, `security`, `alerts`, `sql`.
 
 mod alerts;
 mod charts;
 mod logs;
+mod security;
 mod services;
 mod sql;
 mod state;
@@ -51,6 +52,7 @@ fn Shell() -> impl IntoView {
                 <Route path=path!("/traces") view=traces::TracesPage/>
                 <Route path=path!("/traces/:id") view=traces::TracePage/>
                 <Route path=path!("/logs") view=logs::LogsPage/>
+                <Route path=path!("/security") view=security::SecurityPage/>
                 <Route path=path!("/alerts") view=alerts::AlertsPage/>
                 <Route path=path!("/sql") view=sql::SqlPage/>
             </Routes>
@@ -211,6 +213,7 @@ fn TopBar() -> impl IntoView {
                 {nav("/services", "Services")}
                 {nav("/traces", "Traces")}
                 {nav("/logs", "Logs")}
+                {nav("/security", "Security")}
                 {nav("/alerts", "Alerts")}
                 {nav("/sql", "SQL")}
             </nav>

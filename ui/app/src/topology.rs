@@ -307,6 +307,9 @@ fn Legend() -> impl IntoView {
             <span class="lg"><i class="shape user"></i>"users"</span>
             <span class="lg"><i class="shape virtual"></i>"uninstrumented"</span>
             <span class="lg"><i class="line dashed"></i>"seen only by the mesh"</span>
+            <span class="lg"><i class="lock-dot full"></i>"mTLS"</span>
+            <span class="lg"><i class="lock-dot partial"></i>"partly"</span>
+            <span class="lg"><i class="lock-dot none"></i>"plaintext"</span>
         </div>
     }
 }
@@ -397,7 +400,11 @@ fn GraphView(
                 fmt_pct(er),
                 fmt_ms(f(&e.data, "p99_ms"))
             );
-            let line2 = sources.join(" + ");
+            let lock = util::mtls_level(&e.data);
+            let line2 = match util::mtls_text(&e.data) {
+                t if t.is_empty() => sources.join(" + "),
+                t => format!("{} · {t}", sources.join(" + ")),
+            };
             let lw = (line1.chars().count().max(line2.chars().count()) as f64) * 6.1 + 14.0;
             let (src, dst) = (e.source.clone(), e.target.clone());
             let (src2, dst2) = (e.source.clone(), e.target.clone());
@@ -417,6 +424,14 @@ fn GraphView(
                         <rect x=-lw / 2.0 y="-15" width=lw height="30" rx="6"></rect>
                         <text y="-2" text-anchor="middle" class="el1">{line1}</text>
                         <text y="10" text-anchor="middle" class="el2">{line2}</text>
+                        {lock.map(|level| view! {
+                            // A padlock at the label's left: closed and green (all mTLS),
+                            // amber (partly), open and red (plaintext).
+                            <g class=format!("lock lock-{level}") data-mtls=level transform=format!("translate({:.1},-6)", -lw / 2.0 - 12.0)>
+                                <path d=if level == "none" { "M-3,-1 v-4 a3,3 0 0 1 6,0" } else { "M-3,-1 v-3 a3,3 0 0 1 6,0 v3" } class="lock-shackle"></path>
+                                <rect x="-5" y="-1" width="10" height="8" rx="1.5" class="lock-body"></rect>
+                            </g>
+                        })}
                     </g>
                 </g>
             })
@@ -505,6 +520,35 @@ fn GraphView(
         </svg>
     }
     .into_any()
+}
+
+/// An edge's security in its panel: the mTLS share, the identities each side proved, and
+/// what authorization refused (nothing for a node, or an edge no source says about).
+pub fn security_block(edge: &Value) -> Option<impl IntoView + use<>> {
+    let level = util::mtls_level(edge)?;
+    let clients = util::identities(edge, "client_identities");
+    let servers = util::identities(edge, "server_identities");
+    let (denied, would) = (f(edge, "denied"), f(edge, "would_deny"));
+    let list = |ids: Vec<String>| {
+        if ids.is_empty() {
+            view! { <span class="muted">"none proven"</span> }.into_any()
+        } else {
+            ids.into_iter()
+                .map(|i| view! { <code class="identity">{i}</code> })
+                .collect_view()
+                .into_any()
+        }
+    };
+    Some(view! {
+        <div class="security" data-test="edge-security" data-mtls=level>
+            <div><span class=format!("tls-badge lock-{level}")>{util::mtls_text(edge)}</span></div>
+            <div class="small">"Client: "{list(clients)}</div>
+            <div class="small">"Server: "{list(servers)}</div>
+            {(denied > 0.0 || would > 0.0).then(|| view! {
+                <div class="small denied" data-test="denied">{format!("Denied {denied:.0} · would deny {would:.0}")}</div>
+            })}
+        </div>
+    })
 }
 
 /// The node's or edge's entry in the graph answer.
@@ -613,6 +657,7 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
                     {reasons.iter().map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0))).collect::<Vec<_>>().join(", ")}
                 </div>
             })}
+            {security_block(&data)}
             {(!by_source.is_empty()).then(|| view! {
                 <table class="mini-table">
                     <thead><tr><th>"Source"</th><th>"Rate"</th><th>"Errors"</th><th>"p99"</th></tr></thead>

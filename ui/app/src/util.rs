@@ -306,3 +306,39 @@ pub fn pairs(v: &Value) -> Vec<(String, String)> {
         _ => Vec::new(),
     }
 }
+
+/// An edge's padlock: `full` (all mTLS), `partial`, `none` (all plaintext), or `None` when
+/// no source says.
+pub fn mtls_level(edge: &Value) -> Option<&'static str> {
+    let r = edge["mtls_ratio"].as_f64()?;
+    Some(if r >= 1.0 {
+        "full"
+    } else if r > 0.0 {
+        "partial"
+    } else {
+        "none"
+    })
+}
+
+/// `mTLS`, `mTLS 60%`, `plaintext`, or `` when unknown.
+pub fn mtls_text(edge: &Value) -> String {
+    match (mtls_level(edge), edge["mtls_ratio"].as_f64()) {
+        (Some("full"), _) => "mTLS".into(),
+        (Some("partial"), Some(r)) => format!("mTLS {:.0}%", r * 100.0),
+        (Some(_), _) => "plaintext".into(),
+        (None, _) => String::new(),
+    }
+}
+
+/// The SPIFFE IDs of a list, short (`ns/<ns>/sa/<workload>`) for display.
+pub fn identities(edge: &Value, key: &str) -> Vec<String> {
+    edge[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
