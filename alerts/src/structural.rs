@@ -110,7 +110,7 @@ pub fn security_findings(rule: &Structural, g: &ServiceGraph) -> Vec<(EdgeKey, f
                 Change::PlaintextEdge => {
                     let ratio = e.security.mtls_ratio?;
                     (ratio < 1.0 && is_meshed(&e.source) && is_meshed(&e.target))
-                        .then(|| 1.0 - ratio)?
+                        .then_some(1.0 - ratio)?
                 }
                 Change::DeniedRequests => {
                     (e.security.denied > 0).then_some(e.security.denied as f64)?

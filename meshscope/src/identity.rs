@@ -17,8 +17,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use meshscope_identity::ca::{CertifyError, CertifyRequest, MeshCa};
+use meshscope_query::analysis::prometheus::Escaped;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 
 use crate::config::{ServeConfig, TokenArgs};
@@ -55,26 +56,6 @@ impl Identity {
     pub fn refusals(&self) -> [(u16, u64); 4] {
         let n = |i: usize| self.refused[i].load(Ordering::Relaxed);
         [(400, n(0)), (401, n(1)), (403, n(2)), (500, n(3))]
-    }
-}
-
-/// A label value written with `"`, `\\` and newlines escaped (SPIFFE IDs have none, but
-/// the encoder does not know that).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Escaped<'a>(&'a str);
-
-impl EncodeLabelValue for Escaped<'_> {
-    fn encode(&self, enc: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
-        use std::fmt::Write;
-        for c in self.0.chars() {
-            match c {
-                '"' => enc.write_str("\\\"")?,
-                '\\' => enc.write_str("\\\\")?,
-                '\n' => enc.write_str("\\n")?,
-                c => enc.write_char(c)?,
-            }
-        }
-        Ok(())
     }
 }
 

@@ -124,17 +124,18 @@ impl Collector for Admin {
                     .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
             }
         }
-        let mut open = enc.encode_descriptor(
-            "meshscope_proxy_breaker_open",
-            "1 while the route's circuit breaker is open.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (destination, state) in breakers(self) {
-            open.encode_family(&DestinationLabel { destination })?
-                .encode_gauge(&u64::from(state == "open"))?;
+        {
+            let mut open = enc.encode_descriptor(
+                "meshscope_proxy_breaker_open",
+                "1 while the route's circuit breaker is open.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (destination, state) in breakers(self) {
+                open.encode_family(&DestinationLabel { destination })?
+                    .encode_gauge(&u64::from(state == "open"))?;
+            }
         }
-        drop(open);
         if let Some(m) = &self.mesh {
             enc.encode_descriptor(
                 "meshscope_proxy_certificate_expiry_timestamp_seconds",

@@ -103,6 +103,9 @@ struct Labels {
     authz: String,
 }
 
+/// (time, series start, value, delta): what [`increase`] reads.
+type CounterPoint = (i64, i64, f64, bool);
+
 #[derive(Debug, serde::Deserialize)]
 struct MetricRow {
     #[serde(flatten)]
@@ -146,7 +149,7 @@ pub async fn by_edge(
     );
     let rows = typed::<MetricRow>(engine, &sql).await?;
     let mut services: HashMap<String, String> = HashMap::new();
-    let mut series: HashMap<(String, i64), (Labels, Vec<(i64, i64, f64, bool)>)> = HashMap::new();
+    let mut series: HashMap<(String, i64), (Labels, Vec<CounterPoint>)> = HashMap::new();
     for r in rows {
         if let Some(w) = r
             .labels
