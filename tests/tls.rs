@@ -364,3 +364,103 @@ fn half_a_tls_configuration_is_refused() {
         "{err}"
     );
 }
+
+/// `--tls-auto`: the mesh CA issues the server its own certificate; clients trust the
+/// mesh root from the data directory (or the API), and the certificate changes at restart
+/// while the root stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_auto_serves_every_listener_with_a_certificate_from_the_mesh_ca() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let server = Server::start_with(&data, &["--tls-auto"]);
+    let root = data.join("ca/root.pem");
+    for host in ["127.0.0.1", "localhost"] {
+        let out = curl(&[
+            "--cacert",
+            s(&root),
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            &format!(
+                "https://{host}:{}/api/v1/identity/trust-anchors",
+                server.http
+            ),
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = s_client(server.http, &["-CAfile", s(&root)]);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    assert!(text.contains("meshscope mesh CA"), "{text}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("ca/server.key"))
+            .expect("server.key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    // psql verifies the Postgres wire's certificate by host name.
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=localhost port={} user=meshscope dbname=meshscope sslmode=verify-full sslrootcert={}",
+            server.pg,
+            s(&root)
+        ))
+        .args(["-X", "-A", "-t", "-c", "SELECT 1"])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = std::fs::read_to_string(data.join("ca/server.pem")).expect("server.pem");
+    let root_pem = std::fs::read_to_string(&root).expect("root");
+    server.terminate();
+    let again = Server::start_with(&data, &["--tls-auto"]);
+    assert_ne!(
+        std::fs::read_to_string(data.join("ca/server.pem")).expect("server.pem"),
+        first,
+        "a new certificate at every start"
+    );
+    assert_eq!(std::fs::read_to_string(&root).expect("root"), root_pem);
+    let out = curl(&[
+        "--cacert",
+        s(&root),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &format!("https://localhost:{}/healthz", again.http),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    // With files as well it is refused, saying why.
+    let out = Command::new(common::binary())
+        .args([
+            "serve",
+            "--data-dir",
+            s(&dir.path().join("d2")),
+            "--tls-auto",
+        ])
+        .args([
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.key",
+        ])
+        .output()
+        .expect("meshscope");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls-auto") || err.contains("cannot be used with"),
+        "{err}"
+    );
+}

@@ -308,6 +308,58 @@ impl MeshCa {
     }
 }
 
+/// A server certificate the CA made for meshscope's own listeners (`--tls-auto`).
+#[derive(Debug, Clone)]
+pub struct ServerCertificate {
+    /// PEM: the leaf, then the root.
+    pub chain_pem: String,
+    /// PEM PKCS#8, made here and never sent anywhere.
+    pub key_pem: String,
+    pub not_after: SystemTime,
+}
+
+impl MeshCa {
+    /// Signs a server certificate for `dns_names` and `ips` (TLS server authentication
+    /// only), with a key made for it, valid for `lifetime`.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<ServerCertificate, IdentityError> {
+        let key = KeyPair::generate().map_err(rcgen_err("a server key"))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(
+            DnType::CommonName,
+            dns_names.first().map_or("meshscope", String::as_str),
+        );
+        let mut sans = Vec::new();
+        for n in dns_names {
+            sans.push(SanType::DnsName(
+                n.clone().try_into().map_err(rcgen_err("a DNS name"))?,
+            ));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.subject_alt_names = sans;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial());
+        let now = SystemTime::now();
+        let not_after = now + lifetime;
+        p.not_before = time::OffsetDateTime::from(now) - time::Duration::minutes(1);
+        p.not_after = time::OffsetDateTime::from(not_after);
+        let leaf = p
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_err("the server certificate"))?;
+        Ok(ServerCertificate {
+            chain_pem: format!("{}{}", leaf.pem(), self.root_pem),
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+}
+
 fn random_serial() -> SerialNumber {
     let mut b: [u8; 16] = rand::random();
     b[0] &= 0x7f; // positive

@@ -215,6 +215,11 @@ pub struct ServeArgs {
     /// PEM CA certificates: require client certificates signed by one of them [none].
     #[arg(long, env = "MESHSCOPE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// TLS on every listener with a certificate the mesh CA in <data-dir>/ca/ issues at
+    /// start for localhost, this host's name and the listen addresses (clients trust
+    /// <data-dir>/ca/root.pem, also at GET /api/v1/identity/trust-anchors) [off].
+    #[arg(long, env = "MESHSCOPE_TLS_AUTO", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls_auto: bool,
     /// Listen on addresses other than loopback without tokens: anyone who reaches the server
     /// can send data and read everything.
     #[arg(long, env = "MESHSCOPE_INSECURE_NO_AUTH")]
@@ -269,6 +274,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    tls_auto: Option<bool>,
     /// `[[token]]` tables, as in the auth file.
     token: Option<Vec<meshscope_auth::TokenSpec>>,
     /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
@@ -352,8 +358,12 @@ pub enum ConfigError {
     Tls(#[from] meshscope_auth::tls::TlsError),
     #[error("give both tls-cert and tls-key (or neither)")]
     TlsHalf,
-    #[error("tls-client-ca needs tls-cert and tls-key")]
+    #[error("tls-client-ca needs tls-cert and tls-key (or tls-auto)")]
     TlsClientCaAlone,
+    #[error("tls-auto makes the certificate itself: give it without tls-cert and tls-key")]
+    TlsAutoAndFiles,
+    #[error("tls-auto: {0}")]
+    TlsAuto(String),
 }
 
 /// The host name, as a node id (other characters become `_`).
@@ -475,11 +485,18 @@ impl ServeArgs {
             },
             (None, None) => meshscope_auth::Auth::open(),
         };
+        let tls_auto = self.tls_auto || file.tls_auto.unwrap_or(false);
+        let client_ca = self.tls_client_ca.clone().or(file.tls_client_ca.clone());
         let tls = match (
             self.tls_cert.clone().or(file.tls_cert.clone()),
             self.tls_key.clone().or(file.tls_key.clone()),
-            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+            client_ca.clone(),
         ) {
+            (Some(_), _, _) | (_, Some(_), _) if tls_auto => {
+                return Err(ConfigError::TlsAutoAndFiles);
+            }
+            // Issued below, once the data directory is known.
+            (None, None, _) if tls_auto => None,
             (Some(cert), Some(key), client_ca) => Some(meshscope_auth::tls::Tls::load(
                 &meshscope_auth::tls::TlsFiles {
                     cert,
@@ -493,7 +510,7 @@ impl ServeArgs {
         };
         // Collectors flush often: a query node sees only what is in Parquet.
         let default_flush = if role == Role::Collector { 10 } else { 300 };
-        Ok(ServeConfig {
+        let mut resolved = ServeConfig {
             role,
             node_id,
             compaction_interval: (!compaction_interval.is_zero()).then_some(compaction_interval),
@@ -577,8 +594,58 @@ impl ServeArgs {
                 .unwrap_or_else(|| meshscope_identity::ca::DEFAULT_TRUST_DOMAIN.to_string()),
             cert_lifetime: secs(self.cert_lifetime_secs.or(file.cert_lifetime_secs), 86_400)
                 .max(Duration::from_secs(1)),
-        })
+        };
+        if tls_auto {
+            resolved.tls = Some(auto_tls(&resolved, client_ca)?);
+        }
+        Ok(resolved)
     }
+}
+
+/// How long the server's own `--tls-auto` certificate lives; a new one is made at every
+/// start.
+const AUTO_TLS_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+
+/// `--tls-auto`: a server certificate from the mesh CA for localhost, this host's name and
+/// every listen address that is a specific IP, written to `<data-dir>/ca/server.pem` and
+/// `server.key` (0600) and loaded like `--tls-cert`/`--tls-key`.
+fn auto_tls(
+    c: &ServeConfig,
+    client_ca: Option<PathBuf>,
+) -> Result<meshscope_auth::tls::Tls, ConfigError> {
+    let dir = c.data_dir.join("ca");
+    let ca = meshscope_identity::ca::MeshCa::open(&dir, &c.trust_domain, c.cert_lifetime)
+        .map_err(|e| ConfigError::TlsAuto(e.to_string()))?;
+    let mut names = vec!["localhost".to_string()];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim().to_ascii_lowercase();
+        if !h.is_empty() && h != "localhost" {
+            names.push(h);
+        }
+    }
+    let mut ips: Vec<std::net::IpAddr> = vec![
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    for a in [c.otlp_grpc_addr, c.otlp_http_addr, c.http_addr, c.pg_addr] {
+        if !a.ip().is_unspecified() && !ips.contains(&a.ip()) {
+            ips.push(a.ip());
+        }
+    }
+    let issued = ca
+        .issue_server(&names, &ips, AUTO_TLS_LIFETIME)
+        .map_err(|e| ConfigError::TlsAuto(e.to_string()))?;
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    meshscope_identity::write_private(&key, issued.key_pem.as_bytes())
+        .map_err(|e| ConfigError::TlsAuto(e.to_string()))?;
+    std::fs::write(&cert, &issued.chain_pem).map_err(|e| ConfigError::TlsAuto(e.to_string()))?;
+    Ok(meshscope_auth::tls::Tls::load(
+        &meshscope_auth::tls::TlsFiles {
+            cert,
+            key,
+            client_ca,
+        },
+    )?)
 }
 
 fn secs(v: Option<u64>, default: u64) -> Duration {

@@ -27,7 +27,7 @@ pub struct Server {
     pub log: PathBuf,
     /// The bearer token `sql*` and `metric*` send (a server started with `--auth-file`).
     pub token: Option<String>,
-    /// Started with `--tls-cert`: readiness is read from the log only.
+    /// Started with `--tls-cert` or `--tls-auto`: readiness is read from the log only.
     pub tls: bool,
 }
 
@@ -87,7 +87,7 @@ impl Server {
             pg: 0,
             log,
             token: None,
-            tls: extra.contains(&"--tls-cert"),
+            tls: extra.contains(&"--tls-cert") || extra.contains(&"--tls-auto"),
         };
         server.wait_ready();
         server
