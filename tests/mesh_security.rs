@@ -1005,3 +1005,92 @@ async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_re
         p.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authorization_rules_reload_with_the_file_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let token = token_file(&server, dir.path(), "shop", &["cart", "frontend"]);
+    let (app_addr, app) = start_app().await;
+    let file = dir.path().join("cart.toml");
+    let write = |allow: &str| {
+        let text = format!(
+            "[service]\nname = \"cart\"\nnamespace = \"shop\"\n\
+             [listen]\ninbound = \"127.0.0.1:0\"\napp = \"{app_addr}\"\n\
+             [identity]\nmode = \"strict\"\nca-url = \"{}\"\ntoken-file = \"{}\"\n\
+             [[authorization]]\nallow = [\"{allow}\"]\n",
+            server.url(""),
+            token.display()
+        );
+        // A new file renamed over the old: the watcher never reads half of it.
+        let tmp = dir.path().join("cart.toml.tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+    };
+    write("ns/shop/sa/nobody");
+    let cart = Proxy::start(
+        ProxyConfig::load(&file).expect("config"),
+        Some(file.clone()),
+    )
+    .await
+    .expect("cart proxy");
+    let inbound = cart.inbound.expect("inbound");
+    let mesh = Mesh {
+        server: &server,
+        token: token.clone(),
+    };
+    let frontend = Proxy::start(
+        mesh.config(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("cart", inbound)],
+        ),
+        None,
+    )
+    .await
+    .expect("frontend proxy");
+    let out = frontend.outbound.expect("out");
+    assert_eq!(get(out, "cart", &[]).await.0, 403);
+    // The file's mtime has a resolution of a second on some file systems: wait for it to
+    // move on before rewriting, then for the new rule to apply (5 s at most).
+    let before = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        write("ns/shop/sa/frontend");
+        if std::fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+            != before
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the file's mtime does not change"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, _) = get(out, "cart", &[]).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new rule did not apply: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.hits.load(Ordering::SeqCst),
+        1,
+        "only the allowed request reached the app"
+    );
+    cart.stop().await;
+    frontend.stop().await;
+}
