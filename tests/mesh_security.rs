@@ -1094,3 +1094,67 @@ async fn authorization_rules_reload_with_the_file_without_a_restart() {
     cart.stop().await;
     frontend.stop().await;
 }
+
+/// A mesh that sends only traces: the proxies' spans alone put the security on the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_alone_say_how_an_edge_is_secured() {
+    use common::otlp::{kv, post, traces};
+    use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+        - 60_000_000_000;
+    let id = |w: &str| format!("spiffe://{TD}/ns/shop/sa/{w}");
+    let span = |trace: u8, span: u8, parent: Option<u8>, kind: SpanKind, attrs: Vec<_>| Span {
+        trace_id: vec![trace; 16],
+        span_id: vec![span; 8],
+        parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+        name: "GET /cart".into(),
+        kind: kind as i32,
+        start_time_unix_nano: now + u64::from(trace) * 1_000_000,
+        end_time_unix_nano: now + u64::from(trace) * 1_000_000 + 2_000_000,
+        attributes: attrs,
+        ..Default::default()
+    };
+    // Three calls over mTLS (both sides' spans) and one in plaintext.
+    let mut frontend = Vec::new();
+    let mut cart = Vec::new();
+    for t in 1..=4u8 {
+        let tls = if t == 4 { "plaintext" } else { "mtls" };
+        let mut client = vec![kv("peer.service", "cart"), kv("meshscope.tls", tls)];
+        let mut server_side = vec![kv("meshscope.tls", tls)];
+        if tls == "mtls" {
+            client.push(kv("meshscope.peer_identity", &id("cart")));
+            server_side.push(kv("meshscope.peer_identity", &id("frontend")));
+            server_side.push(kv("meshscope.source_workload", "frontend"));
+        }
+        frontend.push(span(t, 1, None, SpanKind::Client, client));
+        cart.push(span(t, 2, Some(1), SpanKind::Server, server_side));
+    }
+    post(
+        &server.otlp_url("/v1/traces"),
+        &traces("frontend", frontend),
+    )
+    .await;
+    post(&server.otlp_url("/v1/traces"), &traces("cart", cart)).await;
+    let g = wait_graph(&server, |g| {
+        edge(g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 0.75)
+    })
+    .await;
+    let e = edge(&g, "frontend", "cart").expect("frontend → cart");
+    assert_eq!(e["mtls_ratio"], 0.75, "{e}");
+    assert_eq!(
+        e["client_identities"],
+        serde_json::json!([id("frontend")]),
+        "{e}"
+    );
+    assert_eq!(
+        e["server_identities"],
+        serde_json::json!([id("cart")]),
+        "{e}"
+    );
+    assert_eq!(e["sources"], serde_json::json!(["spans"]), "{e}");
+}

@@ -7,7 +7,8 @@
 //! | `client_identities` / `server_identities` | `source_principal` / `destination_principal` | the same keys |
 //! | `denied` / `would_deny` | the callee side's `authz` = `deny` / `would-deny` | inbound records' `authz` |
 //!
-//! `mtls_ratio` is `null` when no source says (no proxy that reports it on that edge).
+//! With neither, the proxies' spans (`meshscope.tls`, `meshscope.peer_identity`,
+//! `meshscope.authz`) give the same. `mtls_ratio` is `null` when no source says (no proxy that reports it on that edge).
 //! Counters are read as increases over the range, as for the edges themselves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -186,7 +187,71 @@ pub async fn by_edge(
     if accs.is_empty() {
         accs = from_access_logs(engine, range).await?;
     }
+    if accs.is_empty() {
+        accs = from_spans(engine, range).await?;
+    }
     Ok(accs.into_iter().map(|(k, a)| (k, a.finish())).collect())
+}
+
+/// The last resort, for a mesh that sends only traces: the proxies' CLIENT spans
+/// (`meshscope.tls`, the server's `meshscope.peer_identity`, `peer.service` as the callee)
+/// and SERVER spans (the caller from its certificate, `meshscope.authz`).
+async fn from_spans(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<BTreeMap<(String, String), Acc>, QueryError> {
+    let sa = |k: &str| format!("span_attributes['{k}']");
+    let sql = format!(
+        "SELECT CASE WHEN span_kind = 'CLIENT' THEN service_name ELSE {src} END AS src,
+                CASE WHEN span_kind = 'CLIENT' THEN {peer} ELSE service_name END AS dst,
+                CAST(NULL AS VARCHAR) AS dst_workload,
+                CASE WHEN span_kind = 'CLIENT' THEN '' ELSE 'destination' END AS reporter,
+                CASE {tls} WHEN 'mtls' THEN 'mutual_tls' WHEN 'plaintext' THEN 'none' ELSE '' END AS policy,
+                CASE WHEN span_kind = 'SERVER' THEN {pid} END AS client,
+                CASE WHEN span_kind = 'CLIENT' THEN {pid} END AS server,
+                coalesce({authz}, '') AS authz, span_kind = 'CLIENT' AS outbound, count(*) AS n
+         FROM spans
+         WHERE {r} AND {tls} IS NOT NULL AND span_kind IN ('CLIENT', 'SERVER')
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
+        src = sa("meshscope.source_workload"),
+        peer = sa("peer.service"),
+        tls = sa("meshscope.tls"),
+        pid = sa("meshscope.peer_identity"),
+        authz = sa("meshscope.authz"),
+        r = range.sql("start_time"),
+    );
+    #[derive(Debug, serde::Deserialize)]
+    struct SpanRow {
+        src: Option<String>,
+        dst: Option<String>,
+        reporter: String,
+        policy: String,
+        client: Option<String>,
+        server: Option<String>,
+        authz: String,
+        outbound: bool,
+        n: i64,
+    }
+    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    for r in typed::<SpanRow>(engine, &sql).await? {
+        let (Some(src), Some(dst)) = (r.src, r.dst) else {
+            continue;
+        };
+        let labels = Labels {
+            src: src.clone(),
+            dst: dst.clone(),
+            dst_workload: None,
+            reporter: r.reporter,
+            policy: r.policy,
+            client: r.client,
+            server: r.server,
+            authz: if r.outbound { String::new() } else { r.authz },
+        };
+        accs.entry((src, dst))
+            .or_default()
+            .add(r.outbound, &labels, r.n as f64);
+    }
+    Ok(accs)
 }
 
 #[derive(Debug, serde::Deserialize)]
