@@ -557,3 +557,104 @@ fn a_bad_rule_in_the_config_file_stops_start_up_with_its_problems() {
     assert!(err.contains("unknown signal \"latency\""), "{err}");
     assert!(err.contains("threshold is required"), "{err}");
 }
+
+/// An `https://` webhook: the notification arrives over TLS when the receiver's
+/// certificate verifies (here against its `ca-file`), and a receiver whose certificate does
+/// not verify gets nothing, with the reason in the delivery log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_receivers_verify_the_certificate_against_the_system_roots_and_a_ca_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // The receiver's certificate, from a CA of its own (the mesh CA code, in a directory
+    // of the test's).
+    let ca = meshscope_identity::ca::MeshCa::open(
+        &dir.path().join("receiver-ca"),
+        "receiver.test",
+        Duration::from_secs(3600),
+    )
+    .expect("CA");
+    let cert = ca
+        .issue_server(
+            &["localhost".into()],
+            &["127.0.0.1".parse().expect("ip")],
+            Duration::from_secs(3600),
+        )
+        .expect("certificate");
+    let (cert_path, key_path, root) = (
+        dir.path().join("hook.pem"),
+        dir.path().join("hook.key"),
+        dir.path().join("hook-ca.pem"),
+    );
+    std::fs::write(&cert_path, &cert.chain_pem).expect("write");
+    std::fs::write(&key_path, &cert.key_pem).expect("write");
+    std::fs::write(&root, ca.root_pem()).expect("write");
+    let tls = meshscope_auth::tls::Tls::load(&meshscope_auth::tls::TlsFiles {
+        cert: cert_path,
+        key: key_path,
+        client_ca: None,
+    })
+    .expect("tls");
+    let inbox = Inbox::default();
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(Arc::clone(&inbox));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(meshscope_auth::tls::serve_https(
+        l,
+        tls.http(),
+        app,
+        std::future::pending(),
+    ));
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[alerts.receivers]]\nname = \"secure\"\nurl = \"https://localhost:{port}/hook\"\nca-file = \"{}\"\n\n\
+             [[alerts.receivers]]\nname = \"untrusted\"\nurl = \"https://localhost:{port}/hook\"\nmax-attempts = 1\n",
+            root.display()
+        ),
+    );
+    let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
+    checkout_requests(&server, 10, 6).await;
+    let (_, v) = wait_for(&inbox, "a notification over https", |got| {
+        got.iter()
+            .find(|(_, v)| {
+                v["receiver"] == "secure" && v["groupLabels"]["alertname"] == "checkout-errors"
+            })
+            .cloned()
+    })
+    .await;
+    assert_eq!(v["status"], "firing");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let log = deliveries(&http, &server).await;
+        let found = log.as_array().and_then(|a| {
+            a.iter()
+                .find(|d| d["receiver"] == "untrusted" && d["ok"] == false)
+                .cloned()
+        });
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed attempt for untrusted: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let why = refused["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        why.contains("certificate") || why.contains("issuer"),
+        "{refused}"
+    );
+    assert!(
+        inbox
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|(_, v)| v["receiver"] != "untrusted"),
+        "nothing reached the receiver through an unverified connection"
+    );
+}

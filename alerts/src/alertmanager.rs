@@ -27,6 +27,7 @@ pub fn target(am: &AlertmanagerConfig) -> Target {
         initial_backoff: Duration::from_millis(am.initial_backoff_ms),
         max_backoff: Duration::from_millis(am.max_backoff_ms),
         hmac_secret: None,
+        ca_file: am.ca_file.clone(),
     }
 }
 

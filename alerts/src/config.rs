@@ -86,8 +86,11 @@ pub enum Format {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ReceiverConfig {
     pub name: String,
-    /// `http://…` (loopback and plain-HTTP receivers; TLS is not built in).
+    /// `http://…` or `https://…` (verified against the system's roots and `ca-file`).
     pub url: String,
+    /// PEM CA certificates an `https://` receiver is also verified against [none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[serde(default = "default_format")]
     pub format: Format,
     /// Alerts with the same values of these labels go out together [["alertname"]].
@@ -149,6 +152,7 @@ impl ReceiverConfig {
             initial_backoff_ms: default_backoff(),
             max_backoff_ms: default_max_backoff(),
             hmac_secret: None,
+            ca_file: None,
         }
     }
 }
@@ -157,8 +161,11 @@ impl ReceiverConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AlertmanagerConfig {
-    /// Its base URL, e.g. `http://127.0.0.1:9093`.
+    /// Its base URL, e.g. `http://127.0.0.1:9093` or `https://alertmanager.internal:9093`.
     pub url: String,
+    /// PEM CA certificates an `https://` Alertmanager is also verified against [none].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
     #[serde(default = "default_attempts")]

@@ -29,6 +29,7 @@ pub mod alertmanager;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod eval;
 pub mod notify;
 pub mod observe;
@@ -108,7 +109,7 @@ struct Inner {
     external_url: String,
     clock: Arc<dyn Clock>,
     sleeper: Arc<dyn Sleeper>,
-    client: reqwest::Client,
+    delivery: delivery::Delivery,
     store: StateStore,
     rules: Mutex<Vec<Rule>>,
     health: Mutex<BTreeMap<String, RuleHealth>>,
@@ -157,10 +158,10 @@ impl Alerting {
         let store = StateStore::open(data_dir)?;
         let mut names = std::collections::HashSet::new();
         for r in &config.receivers {
-            if !r.url.starts_with("http://") {
+            if !r.url.starts_with("http://") && !r.url.starts_with("https://") {
                 return Err(AlertsError::Receiver {
                     name: r.name.clone(),
-                    problem: format!("url must start with http:// (got {:?})", r.url),
+                    problem: format!("url must start with http:// or https:// (got {:?})", r.url),
                 });
             }
             if !names.insert(r.name.clone()) || r.name.starts_with("alertmanager:") {
@@ -200,11 +201,21 @@ impl Alerting {
             receivers = config.receivers.len(),
             "alerting ready"
         );
-        let client = reqwest::Client::builder()
-            .build()
-            .map_err(|e| AlertsError::Receiver {
+        let ca_files: Vec<&Path> = config
+            .receivers
+            .iter()
+            .filter_map(|r| r.ca_file.as_deref())
+            .chain(
+                config
+                    .alertmanagers
+                    .iter()
+                    .filter_map(|a| a.ca_file.as_deref()),
+            )
+            .collect();
+        let delivery =
+            delivery::Delivery::new(ca_files).map_err(|problem| AlertsError::Receiver {
                 name: "*".into(),
-                problem: format!("cannot build the HTTP client: {e}"),
+                problem,
             })?;
         let external_url = config
             .external_url
@@ -219,7 +230,7 @@ impl Alerting {
                 external_url,
                 clock,
                 sleeper,
-                client,
+                delivery,
                 store,
                 rules: Mutex::new(rules),
                 health: Mutex::new(BTreeMap::new()),
@@ -464,7 +475,7 @@ impl Alerting {
         let now = move || clock.now();
         let mut record = |a: DeliveryAttempt| self.record(a);
         notify::send(
-            &self.inner.client,
+            &self.inner.delivery,
             self.inner.sleeper.as_ref(),
             target,
             body,

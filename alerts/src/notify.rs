@@ -240,6 +240,8 @@ pub struct Target {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub hmac_secret: Option<String>,
+    /// PEM CAs an `https://` receiver's certificate is also verified against.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Target {
@@ -252,6 +254,7 @@ impl Target {
             initial_backoff: Duration::from_millis(r.initial_backoff_ms),
             max_backoff: Duration::from_millis(r.max_backoff_ms),
             hmac_secret: r.hmac_secret.clone(),
+            ca_file: r.ca_file.clone(),
         }
     }
 
@@ -275,7 +278,7 @@ pub struct Carried {
 /// Posts `body` as JSON, retrying with backoff; `record` sees every attempt. True once the
 /// receiver answered 2xx.
 pub async fn send(
-    client: &reqwest::Client,
+    delivery: &crate::delivery::Delivery,
     sleeper: &dyn Sleeper,
     target: &Target,
     body: Vec<u8>,
@@ -283,47 +286,45 @@ pub async fn send(
     now: &(dyn Fn() -> DateTime<Utc> + Sync),
     record: &mut (dyn FnMut(DeliveryAttempt) + Send),
 ) -> bool {
+    use crate::delivery::Posted;
     let signature = target.hmac_secret.as_deref().map(|s| signature(s, &body));
+    let agent = concat!("meshscope/", env!("CARGO_PKG_VERSION"));
     for attempt in 1..=target.max_attempts {
         let started = Instant::now();
-        let mut req = client
-            .post(&target.url)
-            .timeout(target.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                reqwest::header::USER_AGENT,
-                concat!("meshscope/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(body.clone());
+        let mut headers = vec![("content-type", "application/json"), ("user-agent", agent)];
         if let Some(sig) = &signature {
-            req = req.header(SIGNATURE_HEADER, sig);
+            headers.push((SIGNATURE_HEADER, sig.as_str()));
         }
-        let result = req.send().await;
-        let (ok, retry, http_status, error) = match result {
-            Ok(resp) => {
-                let status = resp.status();
-                let code = status.as_u16();
-                if status.is_success() {
-                    (true, false, Some(code), None)
+        let posted = delivery
+            .post(
+                &target.url,
+                target.ca_file.as_deref(),
+                &headers,
+                body.clone(),
+                target.timeout,
+            )
+            .await;
+        let (ok, retry, http_status, error) = match posted {
+            Posted::Answered { status, text } => {
+                if (200..300).contains(&status) {
+                    (true, false, Some(status), None)
                 } else {
-                    let text = resp.text().await.unwrap_or_default();
-                    let retry = status.is_server_error() || code == 429 || code == 408;
-                    let mut msg = format!("HTTP {code}");
+                    let retry = status >= 500 || status == 429 || status == 408;
+                    let mut msg = format!("HTTP {status}");
                     if !text.is_empty() {
                         msg.push_str(": ");
-                        msg.extend(text.chars().take(200));
+                        msg.push_str(&text);
                     }
-                    (false, retry, Some(code), Some(msg))
+                    (false, retry, Some(status), Some(msg))
                 }
             }
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    format!("timed out after {:?}", target.timeout)
-                } else {
-                    format!("{e}")
-                };
-                (false, true, None, Some(what))
-            }
+            Posted::TimedOut => (
+                false,
+                true,
+                None,
+                Some(format!("timed out after {:?}", target.timeout)),
+            ),
+            Posted::Failed(e) => (false, true, None, Some(e)),
         };
         record(DeliveryAttempt {
             time: now(),
