@@ -1334,6 +1334,10 @@ async fn padlocks_on_the_topology_and_the_security_view_in_a_real_browser() {
         .find_all(".edge[data-source='checkout'][data-target='cart'] .el2")
         .await;
     assert!(b.text(&label[0]).await.contains("mTLS 75%"));
+    // No users edge in this mesh: its entry rate is zero, not "-0.00/s".
+    let summary = b.find_all(".graph-summary").await;
+    let text = b.text(&summary[0]).await;
+    assert!(text.contains("entry rate 0.00/s"), "{text}");
 
     // The edge panel: the identities each side proved, and the denials.
     let hit = b

@@ -130,6 +130,8 @@ pub fn lit(s: &str) -> String {
 }
 
 pub fn fmt_rate(r: f64) -> String {
+    // A sum over nothing is -0.0 (f64's `Sum` starts there): no "-0.00/s".
+    let r = if r == 0.0 { 0.0 } else { r };
     if r >= 100.0 {
         format!("{r:.0}/s")
     } else if r >= 10.0 {
