@@ -133,6 +133,25 @@ impl Mesh<'_> {
     }
 }
 
+impl Mesh<'_> {
+    /// [`Mesh::config`], started.
+    async fn start(
+        &self,
+        workload: &str,
+        app: Option<SocketAddr>,
+        mode: MtlsMode,
+        authorization: Vec<AuthorizationRule>,
+        destinations: Vec<Destination>,
+    ) -> Proxy {
+        Proxy::start(
+            self.config(workload, app, mode, authorization, destinations),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the {workload} proxy: {e}"))
+    }
+}
+
 fn to(name: &str, at: SocketAddr) -> Destination {
     Destination {
         name: name.into(),
@@ -541,43 +560,34 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
         allow: vec!["ns/shop/sa/checkout".into()],
         mode: AuthzMode::Enforce,
     }];
-    let payments = Proxy::start(
-        mesh.config(
+    let payments = mesh
+        .start(
             "payments",
             Some(app_addr),
             MtlsMode::Strict,
             allow_checkout,
             vec![],
-        ),
-        None,
-    )
-    .await
-    .expect("payments proxy");
+        )
+        .await;
     let inbound = payments.inbound.expect("inbound");
-    let checkout = Proxy::start(
-        mesh.config(
+    let checkout = mesh
+        .start(
             "checkout",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("payments", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("checkout proxy");
-    let frontend = Proxy::start(
-        mesh.config(
+        )
+        .await;
+    let frontend = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("payments", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("frontend proxy");
+        )
+        .await;
 
     // The allowed caller gets through; a workload header its app forges is not passed on.
     let (status, _, body) = get(
@@ -822,25 +832,19 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         allow: vec!["ns/shop/sa/frontend".into()],
         mode: AuthzMode::Audit,
     }];
-    let cart = Proxy::start(
-        mesh.config("cart", Some(app_addr), MtlsMode::Permissive, audit, vec![]),
-        None,
-    )
-    .await
-    .expect("cart proxy");
+    let cart = mesh
+        .start("cart", Some(app_addr), MtlsMode::Permissive, audit, vec![])
+        .await;
     let inbound = cart.inbound.expect("inbound");
-    let frontend = Proxy::start(
-        mesh.config(
+    let frontend = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("cart", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("frontend proxy");
+        )
+        .await;
     let (status, _, _) = get(frontend.outbound.expect("out"), "cart", &[]).await;
     assert_eq!(status, 200);
     // Plaintext on the same port, with a forged caller header: accepted (audit only
@@ -898,18 +902,15 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
     // notwithstanding): the edge between two meshed services is half plaintext, and said so.
     let mut plain_to_cart = to("cart", inbound);
     plain_to_cart.mtls = Some(false);
-    let replica = Proxy::start(
-        mesh.config(
+    let replica = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![plain_to_cart],
-        ),
-        None,
-    )
-    .await
-    .expect("frontend replica");
+        )
+        .await;
     let (status, _, _) = get(replica.outbound.expect("out"), "cart", &[]).await;
     assert_eq!(status, 200);
     let g = wait_graph(&server, |g| {
@@ -936,25 +937,19 @@ async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_re
         server: &server,
     };
     let (app_addr, app) = start_app().await;
-    let cart = Proxy::start(
-        mesh.config("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![]),
-        None,
-    )
-    .await
-    .expect("cart proxy");
+    let cart = mesh
+        .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
+        .await;
     let inbound = cart.inbound.expect("inbound");
-    let frontend = Proxy::start(
-        mesh.config(
+    let frontend = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("cart", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("frontend proxy");
+        )
+        .await;
     let first_expiry = cart.identity().expect("identity").expiry_unix();
     // Steady traffic, on new connections as well as pooled ones, until both proxies have
     // renewed twice (at 70% of 10 s, so about 14 s), bounded at 40 s.
@@ -986,18 +981,15 @@ async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_re
     assert!(now_expiry > first_expiry, "{now_expiry} vs {first_expiry}");
     // The first certificates have expired by now: a proxy that starts now and has no
     // pooled connection still gets through, so new handshakes use the renewed ones.
-    let newcomer = Proxy::start(
-        mesh.config(
+    let newcomer = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("cart", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("another frontend proxy");
+        )
+        .await;
     let (status, why, _) = get(newcomer.outbound.expect("out"), "cart", &[]).await;
     assert_eq!(status, 200, "{why}");
     assert_eq!(stats(&cart).await["identity"]["renew_failures"], 0);
@@ -1039,18 +1031,15 @@ async fn authorization_rules_reload_with_the_file_without_a_restart() {
         server: &server,
         token: token.clone(),
     };
-    let frontend = Proxy::start(
-        mesh.config(
+    let frontend = mesh
+        .start(
             "frontend",
             None,
             MtlsMode::Strict,
             vec![],
             vec![to("cart", inbound)],
-        ),
-        None,
-    )
-    .await
-    .expect("frontend proxy");
+        )
+        .await;
     let out = frontend.outbound.expect("out");
     assert_eq!(get(out, "cart", &[]).await.0, 403);
     // The file's mtime has a resolution of a second on some file systems: wait for it to
