@@ -1147,3 +1147,77 @@ async fn spans_alone_say_how_an_edge_is_secured() {
     );
     assert_eq!(e["sources"], serde_json::json!(["spans"]), "{e}");
 }
+
+/// Proxies that report metrics beside one that writes only access logs: each edge gets its
+/// security from what saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_logs_fill_the_edges_the_metrics_do_not_cover() {
+    use common::otlp::{kv, logs_of, post};
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mesh = Mesh {
+        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
+        server: &server,
+    };
+    let (app_addr, _app) = start_app().await;
+    let cart = mesh
+        .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
+        .await;
+    let frontend = mesh
+        .start(
+            "frontend",
+            None,
+            MtlsMode::Strict,
+            vec![],
+            vec![to("cart", cart.inbound.expect("inbound"))],
+        )
+        .await;
+    assert_eq!(
+        get(frontend.outbound.expect("out"), "cart", &[]).await.0,
+        200
+    );
+    // A legacy sidecar of another make, logging its calls only, in plaintext.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let record = LogRecord {
+        time_unix_nano: now,
+        attributes: vec![
+            kv("source_workload", "legacy"),
+            kv("destination_workload", "billing"),
+            kv("destination_service_name", "billing"),
+            kv("direction", "outbound"),
+            kv("response_code", "200"),
+            kv("duration_ms", "4"),
+            kv("connection_security_policy", "none"),
+        ],
+        ..Default::default()
+    };
+    post(
+        &server.otlp_url("/v1/logs"),
+        &logs_of(
+            vec![kv("service.name", "legacy")],
+            vec![record.clone(), record],
+        ),
+    )
+    .await;
+    let g = wait_graph(&server, |g| {
+        edge(g, "frontend", "cart").is_some_and(|e| e["mtls_ratio"] == 1.0)
+            && edge(g, "legacy", "billing").is_some_and(|e| e["mtls_ratio"] == 0.0)
+    })
+    .await;
+    assert_eq!(
+        edge(&g, "frontend", "cart").expect("frontend → cart")["mtls_ratio"],
+        1.0,
+        "{g}"
+    );
+    assert_eq!(
+        edge(&g, "legacy", "billing").expect("legacy → billing")["mtls_ratio"],
+        0.0,
+        "{g}"
+    );
+    cart.stop().await;
+    frontend.stop().await;
+}

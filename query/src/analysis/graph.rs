@@ -222,7 +222,17 @@ impl ServiceGraph {
             "access_logs",
             super::mesh_edges::from_access_logs(engine, range).await?,
         );
-        g.add_security(super::security::by_edge(engine, range).await?);
+        // Access logs fill the edges they saw that the metrics say nothing about.
+        let log_edges: Vec<(String, String)> = g
+            .edges()
+            .filter(|e| e.sources.contains(&"access_logs"))
+            .map(|e| (e.source.clone(), e.target.clone()))
+            .collect();
+        let security = super::security::by_edge_filling(engine, range, |found| {
+            log_edges.iter().any(|k| !found.contains_key(k))
+        })
+        .await?;
+        g.add_security(security);
         Ok(g)
     }
 

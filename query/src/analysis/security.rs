@@ -7,7 +7,8 @@
 //! | `client_identities` / `server_identities` | `source_principal` / `destination_principal` | the same keys |
 //! | `denied` / `would_deny` | the callee side's `authz` = `deny` / `would-deny` | inbound records' `authz` |
 //!
-//! With neither, the proxies' spans (`meshscope.tls`, `meshscope.peer_identity`,
+//! The access logs also fill the graph's edges the metrics say nothing about (a proxy that
+//! writes access logs only, beside ones that report metrics). With neither, the proxies' spans (`meshscope.tls`, `meshscope.peer_identity`,
 //! `meshscope.authz`) give the same. `mtls_ratio` is `null` when no source says (no proxy that reports it on that edge).
 //! Counters are read as increases over the range, as for the edges themselves.
 
@@ -184,13 +185,36 @@ pub async fn by_edge(
             n,
         );
     }
-    if accs.is_empty() {
-        accs = from_access_logs(engine, range).await?;
+    let mut found: SecurityByEdge = accs.into_iter().map(|(k, a)| (k, a.finish())).collect();
+    if found.is_empty() {
+        for (k, a) in from_access_logs(engine, range).await? {
+            found.entry(k).or_insert_with(|| a.finish());
+        }
     }
-    if accs.is_empty() {
-        accs = from_spans(engine, range).await?;
+    if found.is_empty() {
+        found = from_spans(engine, range)
+            .await?
+            .into_iter()
+            .map(|(k, a)| (k, a.finish()))
+            .collect();
     }
-    Ok(accs.into_iter().map(|(k, a)| (k, a.finish())).collect())
+    Ok(found)
+}
+
+/// [`by_edge`], with the access logs read for `uncovered` edges too (edges the graph has
+/// whose security the metrics do not give) — what the graph calls.
+pub async fn by_edge_filling(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    uncovered: impl Fn(&SecurityByEdge) -> bool,
+) -> Result<SecurityByEdge, QueryError> {
+    let mut found = by_edge(engine, range).await?;
+    if !found.is_empty() && uncovered(&found) {
+        for (k, a) in from_access_logs(engine, range).await? {
+            found.entry(k).or_insert_with(|| a.finish());
+        }
+    }
+    Ok(found)
 }
 
 /// The last resort, for a mesh that sends only traces: the proxies' CLIENT spans
