@@ -216,6 +216,28 @@ fn openssl(args: &[&str], input: &str) -> String {
     )
 }
 
+/// `openssl req` with a new P-256 key (to `key`) for the SPIFFE ID `id` (its URI SAN):
+/// with `-new` a CSR, with `-x509` a self-signed certificate, written to `out` (`-`: the
+/// output returned).
+fn openssl_req(mode: &[&str], key: &str, out: &str, cn: &str, id: &str) -> String {
+    let (subject, san) = (format!("/CN={cn}"), format!("subjectAltName=URI:{id}"));
+    let mut args = vec!["req"];
+    args.extend_from_slice(mode);
+    args.extend([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ]);
+    args.extend(["-keyout", key]);
+    if out != "-" {
+        args.extend(["-out", out]);
+    }
+    args.extend(["-subj", &subject, "-addext", &san]);
+    openssl(&args, "")
+}
+
 const HTTP_GET: &str = "GET /orders HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n";
 
 /// `openssl s_client` sending one HTTP request; extra args for the client certificate.
@@ -237,25 +259,12 @@ async fn openssl_certificate(
 ) -> (PathBuf, PathBuf, Value) {
     let key = dir.join("openssl.key");
     let csr = dir.join("openssl.csr");
-    let out = openssl(
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().expect("path"),
-            "-out",
-            csr.to_str().expect("path"),
-            "-subj",
-            "/CN=openssl",
-            "-addext",
-            &format!("subjectAltName=URI:{id}"),
-        ],
-        "",
+    let out = openssl_req(
+        &["-new"],
+        key.to_str().expect("path"),
+        csr.to_str().expect("path"),
+        "openssl",
+        id,
     );
     assert!(csr.exists(), "{out}");
     let r = reqwest::Client::new()
@@ -345,23 +354,12 @@ async fn the_mesh_ca_signs_what_a_token_covers_refuses_the_rest_and_keeps_its_ro
     );
     let (s, b) = certify(serde_json::json!({ "csr": csr, "token": "msb_forged" })).await;
     assert_eq!(s, 401, "{b}");
-    let other = openssl(
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "/dev/null",
-            "-subj",
-            "/CN=x",
-            "-addext",
-            &format!("subjectAltName=URI:spiffe://{TD}/ns/shop/sa/payments"),
-        ],
-        "",
+    let other = openssl_req(
+        &["-new"],
+        "/dev/null",
+        "-",
+        "x",
+        &format!("spiffe://{TD}/ns/shop/sa/payments"),
     );
     let other_csr = &other[other.find("-----BEGIN CERTIFICATE REQUEST").expect("csr")..];
     let (s, b) = certify(serde_json::json!({ "csr": other_csr, "token": token })).await;
@@ -628,27 +626,12 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     assert!(no_cert.contains("alert"), "{no_cert}");
     let fkey = dir.path().join("foreign.key");
     let fcert = dir.path().join("foreign.pem");
-    let out = openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            fkey.to_str().expect("p"),
-            "-out",
-            fcert.to_str().expect("p"),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=checkout",
-            "-addext",
-            &format!("subjectAltName=URI:spiffe://{TD}/ns/shop/sa/checkout"),
-        ],
-        "",
+    let out = openssl_req(
+        &["-x509", "-days", "1"],
+        fkey.to_str().expect("p"),
+        fcert.to_str().expect("p"),
+        "checkout",
+        &format!("spiffe://{TD}/ns/shop/sa/checkout"),
     );
     assert!(fcert.exists(), "{out}");
     let foreign = s_client(

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ pub struct Forward {
     http1: Client<HttpConnector, Body>,
     h2c: Client<HttpConnector, Body>,
     mesh: Option<Arc<MeshIdentity>>,
-    mtls: Arc<Mutex<MtlsClients>>,
+    mtls: Arc<RwLock<MtlsClients>>,
 }
 
 impl Default for Forward {
@@ -101,8 +101,12 @@ impl Forward {
         h2: bool,
     ) -> Option<Client<MtlsConnector, Body>> {
         let mesh = self.mesh.as_ref()?;
-        let mut clients = self.mtls.lock().ok()?;
         let key = (Arc::clone(expected), h2);
+        // Every request reads; only the first to an identity writes.
+        if let Some(c) = self.mtls.read().ok()?.get(&key) {
+            return Some(c.clone());
+        }
+        let mut clients = self.mtls.write().ok()?;
         if let Some(c) = clients.get(&key) {
             return Some(c.clone());
         }
