@@ -90,6 +90,7 @@ impl IngestStats {
 pub struct Ingest {
     storage: Storage,
     stats: Arc<IngestStats>,
+    tap: crate::tap::Tap,
     clock: Arc<dyn Fn() -> i64 + Send + Sync>,
 }
 
@@ -111,6 +112,7 @@ impl Ingest {
         Ingest {
             storage,
             stats: Arc::default(),
+            tap: crate::tap::Tap::default(),
             clock: Arc::new(system_now_ns),
         }
     }
@@ -119,6 +121,11 @@ impl Ingest {
     pub fn with_clock(mut self, clock: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
         self.clock = Arc::new(clock);
         self
+    }
+
+    /// The live tap every durable batch of spans is shown to.
+    pub fn tap(&self) -> &crate::tap::Tap {
+        &self.tap
     }
 
     pub fn stats(&self) -> &Arc<IngestStats> {
@@ -144,12 +151,18 @@ impl Ingest {
         let c =
             converted.map_err(|e| IngestError::Internal(format!("converting to Arrow: {e}")))?;
         let accepted = c.batch.num_rows() as u64;
+        // Arrow arrays are shared, not copied: the tap sees the batch after it is durable.
+        let tapped = (table == Table::Spans && self.tap.stats().subscribers > 0)
+            .then(|| c.batch.clone());
         if let Err(e) = self.storage.write(table, c.batch).await {
             let e = IngestError::from(e);
             if matches!(e, IngestError::Overloaded(_) | IngestError::Unavailable(_)) {
                 s.refused_requests.fetch_add(1, Ordering::Relaxed);
             }
             return Err(e);
+        }
+        if let Some(b) = tapped {
+            self.tap.publish(&b);
         }
         s.accepted.fetch_add(accepted, Ordering::Relaxed);
         s.rejected.fetch_add(c.rejected, Ordering::Relaxed);

@@ -10,11 +10,14 @@
 //!   accepted, message size limited.
 //! - [`http`]: `POST /v1/traces|metrics|logs` on axum (port 4318), protobuf or JSON, gzip or
 //!   not, answered in the request's encoding; body limits before and after decompression.
+//! - [`tap`]: the live tap, `GET /api/v1/tap`: each request span, once durable, streamed
+//!   as Server-Sent Events to the tappers whose filters it passes.
 
 pub mod admission;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod tap;
 
 pub use ingest::{Ingest, IngestError, IngestStats, Outcome};
 

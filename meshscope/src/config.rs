@@ -37,6 +37,8 @@ pub enum Command {
     Query(ServeArgs),
     /// Runs SQL against a running server and prints the result.
     Sql(SqlArgs),
+    /// Prints each request span as a running server ingests it (like `linkerd viz tap`).
+    Tap(TapArgs),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -668,6 +670,48 @@ pub enum Format {
     Table,
     Json,
     Csv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TapFormat {
+    /// One line per request: time, caller → callee, kind, method, path, status, latency.
+    Text,
+    /// The API's events, one JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    /// The server's HTTP address (a `serve` or `collector` node).
+    #[arg(
+        long,
+        env = "MESHSCOPE_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// A token with the `read` scope, for a server started with `--auth-file`.
+    #[arg(long, env = "MESHSCOPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Only spans of this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only requests with this peer (the callee of a client span, the caller of a server span).
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Only paths starting with this.
+    #[arg(long)]
+    pub path_prefix: Option<String>,
+    /// Only this HTTP method.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only this status: a code (503), a class (5xx) or `error`.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Stop after this many requests (default: until Ctrl-C).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = TapFormat::Text)]
+    pub format: TapFormat,
 }
 
 #[derive(Debug, Args)]

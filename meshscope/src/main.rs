@@ -8,6 +8,7 @@
 //!   deployment (storage, OTLP receivers, HTTP API, Postgres wire, compaction, retention).
 //! - [`metrics`]: `GET /metrics` (own health and golden signals, Prometheus text).
 //! - [`sql_client`]: `meshscope sql "…"` against a running server.
+//! - [`tap_client`]: `meshscope tap`, the live stream of requests in the terminal.
 //! - [`bench`]: `meshscope bench ingest`.
 //! - [`identity`]: the mesh CA's HTTP API and `meshscope identity token`.
 //! - [`demo`]: `meshscope demo` (serve + a demo mesh behind bundled proxies + traffic).
@@ -20,6 +21,7 @@ mod identity;
 mod metrics;
 mod serve;
 mod sql_client;
+mod tap_client;
 
 use std::process::ExitCode;
 
@@ -88,6 +90,10 @@ fn main() -> ExitCode {
                 serve::run(config, stop_signal()).await
             }
             Command::Sql(args) => sql_client::run(args).await,
+            Command::Tap(args) => tokio::select! {
+                r = tap_client::run(args) => r,
+                () = stop_signal() => Ok(()),
+            },
             Command::Bench(BenchCommand::Ingest(args)) => bench::ingest(args).await,
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
             Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,

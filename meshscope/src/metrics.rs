@@ -38,6 +38,8 @@ pub struct Exposition {
     pub auth: meshscope_auth::Auth,
     /// The receivers' bound on exports in progress (none on a query node).
     pub admission: Option<meshscope_collector::admission::Admission>,
+    /// The live tap (where spans are ingested).
+    pub tap: Option<meshscope_collector::tap::Tap>,
     /// The mesh CA (`serve` and `query`).
     pub identity: Option<Arc<crate::identity::Identity>>,
 }
@@ -149,6 +151,28 @@ impl Collector for Exposition {
                 "meshscope_ingest_shed_requests",
                 "OTLP exports refused at once because --max-inflight-exports were in progress.",
                 a.shed(),
+            )?;
+        }
+        if let Some(t) = &self.tap {
+            let t = t.stats();
+            enc.encode_descriptor(
+                "meshscope_tap_subscribers",
+                "Clients watching the live tap (/api/v1/tap) now.",
+                None,
+                Gauge,
+            )?
+            .encode_gauge(&(t.subscribers as i64))?;
+            counter(
+                &mut enc,
+                "meshscope_tap_events",
+                "Span events streamed to tap clients.",
+                t.events,
+            )?;
+            counter(
+                &mut enc,
+                "meshscope_tap_dropped_events",
+                "Span events a tap client's full queue had no room for (it reads too slowly).",
+                t.dropped,
             )?;
         }
         let store = |t: Table| self.storage.table(t).stats();

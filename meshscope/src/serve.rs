@@ -338,6 +338,7 @@ pub async fn run_reporting(
         alerts: Some(alerting.clone()),
         auth: config.auth.clone(),
         admission: Some(admission.clone()),
+        tap: (role == Role::Serve).then(|| ingest.tap().clone()),
         identity: Some(Arc::clone(&identity)),
     };
     if let Some(every) = config.compaction_interval {
@@ -361,6 +362,7 @@ pub async fn run_reporting(
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
         .merge(crate::identity::router(Arc::clone(&identity)))
+        .merge(tap_routes(role, &ingest))
         .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())
         .merge(meshscope_query::api::router(engine.clone()))
@@ -415,6 +417,25 @@ pub async fn run_reporting(
     close(storage, final_retention(&config)).await?;
     executor.shutdown();
     Ok(())
+}
+
+/// `GET /api/v1/tap` where spans are ingested; a query node sees no spans arrive, so it
+/// says where to tap instead of streaming nothing.
+fn tap_routes(role: Role, ingest: &Ingest) -> Router {
+    if role == Role::Serve {
+        return meshscope_collector::tap::router(ingest.tap().clone());
+    }
+    Router::new().route(
+        "/api/v1/tap",
+        get(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({
+                    "error": "a query node ingests no spans: tap the HTTP address of a collector node"
+                })),
+            )
+        }),
+    )
 }
 
 /// Retention's last pass at shutdown, after the final flush (which may have taken a
@@ -561,10 +582,12 @@ async fn run_collector(
         alerts: None,
         auth: config.auth.clone(),
         admission: Some(admission.clone()),
+        tap: Some(ingest.tap().clone()),
         identity: None,
     };
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
+        .merge(meshscope_collector::tap::router(ingest.tap().clone()))
         .merge(exposition.router());
     let api = guarded(api, &config);
     tasks.push(serve_http("HTTP API", http_l, api, &config, &shutdown));
