@@ -7,6 +7,8 @@
 //!   by default) and safe SQL literals.
 //! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
 //!   namespace and neighbourhood filters.
+//! - [`diff`]: the graph of one window against a base window, node by node, edge by edge.
+//! - [`dot`]: the graph as Graphviz DOT, namespaces as clusters.
 //! - [`pairing`]: the graph's edges from raw spans in one scan, paired in Rust.
 //! - [`mesh_edges`]: edges from the proxies' request metrics and access logs.
 //! - [`signals`]: golden signals per service, endpoint and edge, with per-minute series.
@@ -15,6 +17,8 @@
 //! - [`prometheus`]: golden signals as servicegraph / spanmetrics style counters.
 //! - [`routes`]: the HTTP API over all of them.
 
+pub mod diff;
+pub mod dot;
 pub mod graph;
 pub mod mesh_edges;
 pub mod model;

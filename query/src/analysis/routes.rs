@@ -1,4 +1,4 @@
-//! The analysis API: `/api/v1/graph`, `/api/v1/services[/{name}]`, `/api/v1/series`,
+//! The analysis API: `/api/v1/graph[/diff]`, `/api/v1/services[/{name}]`, `/api/v1/series`,
 //! `/api/v1/traces[/{id}]`.
 
 use axum::extract::rejection::QueryRejection;
@@ -9,6 +9,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::diff::{self, Thresholds};
+use super::dot::EdgeLabel;
 use super::graph::{ComputedFrom, ServiceGraph};
 use super::range::{TimeRange, empty_as_none};
 use super::signals;
@@ -59,6 +61,84 @@ struct GraphParams {
     /// Hops around `service` (default 1).
     #[serde(default, deserialize_with = "empty_as_none")]
     depth: Option<usize>,
+    /// `json` (the default) or `dot` (Graphviz).
+    #[serde(default, deserialize_with = "empty_as_none")]
+    format: Option<String>,
+    /// The DOT edge labels: `rate` (default), `errors`, `p99`, `mtls`, `none`.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    label: Option<String>,
+}
+
+impl GraphParams {
+    /// The graph of `g` that the namespace and neighbourhood filters keep.
+    fn filtered(&self, mut g: ServiceGraph) -> ServiceGraph {
+        if let Some(ns) = &self.namespace {
+            g = g.in_namespace(ns);
+        }
+        if let Some(svc) = &self.service {
+            g = g.around(svc, self.depth.unwrap_or(1));
+        }
+        g
+    }
+}
+
+/// `GET /api/v1/graph/diff`: the window `start`–`end` against `base_start`–`base_end`
+/// (by default the window of the same length just before).
+#[derive(Debug, Default, Deserialize)]
+struct DiffParams {
+    #[serde(flatten)]
+    graph: GraphParams,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    base_start: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    base_end: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    error_rate_delta: Option<f64>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    p99_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    p99_floor_ms: Option<f64>,
+}
+
+impl DiffParams {
+    fn windows(&self) -> Result<(TimeRange, TimeRange), QueryError> {
+        let now = self.graph.range.range()?;
+        let base = match (&self.base_start, &self.base_end) {
+            (None, None) => {
+                let len = now.end - now.start;
+                TimeRange {
+                    start: now.start - len,
+                    end: now.start,
+                }
+            }
+            (Some(s), Some(e)) => TimeRange::parse(Some(s), Some(e), chrono::Utc::now())?,
+            _ => {
+                return Err(QueryError::Invalid(
+                    "give both base_start and base_end, or neither (the window just before)"
+                        .into(),
+                ));
+            }
+        };
+        Ok((now, base))
+    }
+
+    fn thresholds(&self) -> Result<Thresholds, QueryError> {
+        let d = Thresholds::default();
+        let t = Thresholds {
+            error_rate_delta: self.error_rate_delta.unwrap_or(d.error_rate_delta),
+            p99_ratio: self.p99_ratio.unwrap_or(d.p99_ratio),
+            p99_floor_ms: self.p99_floor_ms.unwrap_or(d.p99_floor_ms),
+        };
+        if [t.error_rate_delta, t.p99_ratio, t.p99_floor_ms]
+            .iter()
+            .any(|v| !v.is_finite() || *v < 0.0)
+        {
+            return Err(QueryError::Invalid(
+                "error_rate_delta, p99_ratio and p99_floor_ms must be non-negative numbers".into(),
+            ));
+        }
+        Ok(t)
+    }
 }
 
 /// `GET /api/v1/traces`.
@@ -107,6 +187,7 @@ impl TraceParams {
 pub fn router(engine: QueryEngine) -> Router {
     Router::new()
         .route("/api/v1/graph", get(graph))
+        .route("/api/v1/graph/diff", get(graph_diff))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/series", get(series))
@@ -123,25 +204,84 @@ fn answer<T: Serialize>(r: Result<T, QueryError>) -> Response {
 }
 
 async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Response {
-    let (p, r, path) = match params(p).and_then(|p| {
+    let (p, r, path, dot) = match params(p).and_then(|p| {
         let r = p.range.range()?;
         let path = ComputedFrom::choose(p.range.source.as_deref(), &r)?;
-        Ok((p, r, path))
+        let dot = match p.format.as_deref() {
+            None | Some("json") => None,
+            Some("dot") => Some(
+                p.label
+                    .as_deref()
+                    .map(str::parse::<EdgeLabel>)
+                    .transpose()
+                    .map_err(QueryError::Invalid)?
+                    .unwrap_or_default(),
+            ),
+            Some(other) => {
+                return Err(QueryError::Invalid(format!(
+                    "format must be json or dot, got {other:?}"
+                )));
+            }
+        };
+        Ok((p, r, path, dot))
     }) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let g = ServiceGraph::compute_by(&engine, &r, path)
+        .await
+        .map(|g| p.filtered(g));
+    match (g, dot) {
+        (Ok(g), Some(label)) => {
+            let mut resp = (
+                [(axum::http::header::CONTENT_TYPE, "text/vnd.graphviz; charset=utf-8")],
+                g.to_dot(label),
+            )
+                .into_response();
+            resp.headers_mut().insert(
+                "x-meshscope-computed-from",
+                axum::http::HeaderValue::from_static(path.name()),
+            );
+            resp
+        }
+        (g, _) => with_path(path, g.map(|g| g.to_json())),
+    }
+}
+
+async fn graph_diff(State(engine): State<QueryEngine>, p: Params<DiffParams>) -> Response {
+    let chosen = params(p).and_then(|p| {
+        let (now, base) = p.windows()?;
+        let t = p.thresholds()?;
+        // Both windows by one path, chosen by the longer: a like-for-like comparison.
+        let longer = if base.seconds() > now.seconds() {
+            &base
+        } else {
+            &now
+        };
+        let path = ComputedFrom::choose(p.graph.range.source.as_deref(), longer)?;
+        Ok((p, now, base, t, path))
+    });
+    let (p, now, base, t, path) = match chosen {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
     with_path(
         path,
         async {
-            let mut g = ServiceGraph::compute_by(&engine, &r, path).await?;
-            if let Some(ns) = &p.namespace {
-                g = g.in_namespace(ns);
-            }
-            if let Some(svc) = &p.service {
-                g = g.around(svc, p.depth.unwrap_or(1));
-            }
-            Ok(g.to_json())
+            let g = ServiceGraph::compute_by(&engine, &now, path).await?;
+            let b = ServiceGraph::compute_by(&engine, &base, path).await?;
+            let d = diff::diff(&p.graph.filtered(g), &p.graph.filtered(b), t);
+            Ok(serde_json::json!({
+                "start": now.start.to_rfc3339(),
+                "end": now.end.to_rfc3339(),
+                "base_start": base.start.to_rfc3339(),
+                "base_end": base.end.to_rfc3339(),
+                "nodes": d.nodes,
+                "edges": d.edges,
+                "thresholds": d.thresholds,
+                "node_changes": d.node_changes,
+                "edge_changes": d.edge_changes,
+            }))
         }
         .await,
     )
