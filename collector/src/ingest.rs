@@ -152,8 +152,8 @@ impl Ingest {
             converted.map_err(|e| IngestError::Internal(format!("converting to Arrow: {e}")))?;
         let accepted = c.batch.num_rows() as u64;
         // Arrow arrays are shared, not copied: the tap sees the batch after it is durable.
-        let tapped = (table == Table::Spans && self.tap.stats().subscribers > 0)
-            .then(|| c.batch.clone());
+        let tapped =
+            (table == Table::Spans && self.tap.stats().subscribers > 0).then(|| c.batch.clone());
         if let Err(e) = self.storage.write(table, c.batch).await {
             let e = IngestError::from(e);
             if matches!(e, IngestError::Overloaded(_) | IngestError::Unavailable(_)) {

@@ -117,10 +117,11 @@ impl TapFilter {
         };
         eq(&self.service, Some(&e.service))
             && eq(&self.peer, e.peer.as_deref())
-            && self
-                .method
-                .as_deref()
-                .is_none_or(|m| e.method.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(m)))
+            && self.method.as_deref().is_none_or(|m| {
+                e.method
+                    .as_deref()
+                    .is_some_and(|h| h.eq_ignore_ascii_case(m))
+            })
             && self
                 .path_prefix
                 .as_deref()
@@ -442,10 +443,7 @@ fn bad_request(status: StatusCode, message: String) -> Response {
 /// each request span ingested after the tap began that passes the filters; after `limit`
 /// of them an `event: end` with `{"events": n, "dropped": d}` and the stream closes.
 async fn tap(State(tap): State<Tap>, q: Result<Query<TapParams>, QueryRejection>) -> Response {
-    let (filter, limit) = match q
-        .map_err(|e| e.body_text())
-        .and_then(|Query(p)| p.filter())
-    {
+    let (filter, limit) = match q.map_err(|e| e.body_text()).and_then(|Query(p)| p.filter()) {
         Ok(v) => v,
         Err(e) => return bad_request(StatusCode::BAD_REQUEST, e),
     };
@@ -482,7 +480,9 @@ async fn tap(State(tap): State<Tap>, q: Result<Query<TapParams>, QueryRejection>
 
 /// `GET /api/v1/tap` over `tap`.
 pub fn router(tap: Tap) -> Router {
-    Router::new().route("/api/v1/tap", get(self::tap)).with_state(tap)
+    Router::new()
+        .route("/api/v1/tap", get(self::tap))
+        .with_state(tap)
 }
 
 #[cfg(test)]

@@ -114,8 +114,7 @@ impl DiffParams {
             (Some(s), Some(e)) => TimeRange::parse(Some(s), Some(e), chrono::Utc::now())?,
             _ => {
                 return Err(QueryError::Invalid(
-                    "give both base_start and base_end, or neither (the window just before)"
-                        .into(),
+                    "give both base_start and base_end, or neither (the window just before)".into(),
                 ));
             }
         };
@@ -234,7 +233,10 @@ async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Res
     match (g, dot) {
         (Ok(g), Some(label)) => {
             let mut resp = (
-                [(axum::http::header::CONTENT_TYPE, "text/vnd.graphviz; charset=utf-8")],
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/vnd.graphviz; charset=utf-8",
+                )],
                 g.to_dot(label),
             )
                 .into_response();
