@@ -1395,3 +1395,437 @@ async fn padlocks_on_the_topology_and_the_security_view_in_a_real_browser() {
     let errors = b.console_errors().await;
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 }
+
+/// OTLP/JSON of `n` requests `caller → callee` starting at `t0_ns` (a root SERVER span of
+/// the caller, its CLIENT span and the callee's SERVER span), one resource per service.
+fn calls(
+    t0_ns: u64,
+    seed: u64,
+    (caller, caller_ns): (&str, &str),
+    (callee, callee_ns): (&str, &str),
+    n: u64,
+) -> Value {
+    let span = |trace: &str, id: &str, parent: Option<&str>, kind: u8, start: u64, path: &str| {
+        json!({
+            "traceId": trace, "spanId": id, "parentSpanId": parent.unwrap_or(""),
+            "name": format!("GET {path}"), "kind": kind,
+            "startTimeUnixNano": start.to_string(), "endTimeUnixNano": (start + 4_000_000).to_string(),
+            "attributes": [attr("url.path", path), attr("http.request.method", "GET")],
+        })
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let trace = format!("{:032x}", (seed << 32) + i);
+        let t = t0_ns + i * 50_000_000;
+        let (root, client, server) = (
+            format!("{:016x}", (seed << 40) + i * 4 + 1),
+            format!("{:016x}", (seed << 40) + i * 4 + 2),
+            format!("{:016x}", (seed << 40) + i * 4 + 3),
+        );
+        a.push(span(&trace, &root, None, 2, t, "/"));
+        a.push(span(
+            &trace,
+            &client,
+            Some(&root),
+            3,
+            t + 100_000,
+            &format!("/{callee}"),
+        ));
+        b.push(span(
+            &trace,
+            &server,
+            Some(&client),
+            2,
+            t + 200_000,
+            &format!("/{callee}"),
+        ));
+    }
+    json!({ "resourceSpans": [
+        { "resource": resource(caller, caller_ns), "scopeSpans": [{ "spans": a }] },
+        { "resource": resource(callee, callee_ns), "scopeSpans": [{ "spans": b }] },
+    ]})
+}
+
+async fn post_json(server: &Server, body: &Value) {
+    let r = reqwest::Client::new()
+        .post(server.otlp_url("/v1/traces"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("OTLP/HTTP traces");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"));
+    let minute = 60 * 1_000_000_000;
+    let (now, hour_ago) = (now_ns() - 5 * minute, now_ns() - 65 * minute);
+    let frontend = ("frontend", "shop");
+    // The hour before: frontend → cart → legacy; now: frontend → cart → inventory.
+    for (t, seed, from, to) in [
+        (hour_ago, 1, frontend, ("cart", "shop")),
+        (hour_ago, 2, ("cart", "shop"), ("legacy", "shop")),
+        (now, 3, frontend, ("cart", "shop")),
+        (now, 4, ("cart", "shop"), ("inventory", "stock")),
+    ] {
+        post_json(&server, &calls(t, seed, from, to, 20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.scalar("SELECT count(*) FROM spans").await < 240 {
+        assert!(Instant::now() < deadline, "spans did not become visible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let b = Browser::start().await;
+    b.goto(&server.url("/?range=15m")).await;
+    b.wait_for(".edge[data-source='cart'][data-target='inventory']", 1)
+        .await;
+    let transform = || async {
+        let v = b.find_all("[data-test='viewport']").await;
+        b.attr(&v[0], "transform").await
+    };
+    let fit = "translate(0.0,0.0) scale(1.000)";
+    assert_eq!(transform().await, fit);
+    // Zoom with the button, then with the wheel, pan by dragging, and fit again.
+    let zoom_in = b.find_all("[data-test='zoom-in']").await;
+    b.click(&zoom_in[0]).await;
+    let zoomed = transform().await;
+    assert!(zoomed.ends_with("scale(1.300)"), "{zoomed}");
+    b.js(
+        "const s = document.querySelector('svg.graph'); const r = s.getBoundingClientRect();
+         s.dispatchEvent(new WheelEvent('wheel', {deltaY: -100, clientX: r.left + 100, clientY: r.top + 100, bubbles: true, cancelable: true}));",
+        json!([]),
+    )
+    .await;
+    let wheeled = transform().await;
+    assert!(wheeled.ends_with("scale(1.495)"), "{wheeled}");
+    b.js(
+        "const s = document.querySelector('svg.graph'); const r = s.getBoundingClientRect();
+         const at = (type, x) => s.dispatchEvent(new PointerEvent(type, {clientX: r.left + x, clientY: r.top + 200, button: 0, bubbles: true}));
+         at('pointerdown', 200); at('pointermove', 260); at('pointermove', 320); at('pointerup', 320);",
+        json!([]),
+    )
+    .await;
+    let panned = transform().await;
+    assert_ne!(panned, wheeled, "dragging pans");
+    assert!(panned.ends_with("scale(1.495)"), "{panned}");
+    b.screenshot("topology-zoomed").await;
+    let fit_button = b.find_all("[data-test='zoom-fit']").await;
+    b.click(&fit_button[0]).await;
+    assert_eq!(transform().await, fit);
+
+    // Edge labels as chosen: p99 only, or none (the hover card keeps the numbers).
+    b.goto(&server.url("/?range=15m&label=p99")).await;
+    let l1 = b
+        .wait_for(".edge[data-source='frontend'][data-target='cart'] .el1", 1)
+        .await;
+    assert!(b.text(&l1[0]).await.starts_with("p99 "));
+    b.goto(&server.url("/?range=15m&label=none")).await;
+    b.wait_for(".edge[data-source='frontend'][data-target='cart'] title", 1)
+        .await;
+    assert!(b.find_all(".edge-label").await.is_empty(), "labels hidden");
+
+    // Hide a node from its panel; hide a namespace; show them again.
+    b.goto(&server.url("/?range=15m")).await;
+    let node = b
+        .wait_for(".node[data-id='legacy'], .node[data-id='inventory']", 1)
+        .await;
+    b.click(&node[0]).await;
+    let hide = b.wait_for("[data-test='hide-node']", 1).await;
+    let tap = b.find_all("[data-test='tap-link']").await;
+    assert!(b.attr(&tap[0], "href").await.contains("/tap?"));
+    b.click(&hide[0]).await;
+    b.wait_for("[data-test='show-hidden']", 1).await;
+    assert!(b.find_all(".node[data-id='inventory']").await.is_empty());
+    assert!(
+        b.find_all(".edge[data-target='inventory']")
+            .await
+            .is_empty(),
+        "its edges go with it"
+    );
+    b.goto(&server.url("/?range=15m&hide=ns:stock")).await;
+    b.wait_for(".node[data-id='cart']", 1).await;
+    assert!(b.find_all(".node[data-namespace='stock']").await.is_empty());
+    let show = b.wait_for("[data-test='show-hidden']", 1).await;
+    b.click(&show[0]).await;
+    b.wait_for(".node[data-id='inventory']", 1).await;
+
+    // Against the hour before: inventory's edge added, legacy's removed, cart's the same.
+    b.goto(&server.url("/?range=15m&compare=hour")).await;
+    b.wait_for(
+        ".edge[data-source='cart'][data-target='inventory'][data-change='added']",
+        1,
+    )
+    .await;
+    b.wait_for(
+        ".edge[data-source='cart'][data-target='legacy'][data-change='removed']",
+        1,
+    )
+    .await;
+    b.wait_for(
+        ".edge[data-source='frontend'][data-target='cart'][data-change='same']",
+        1,
+    )
+    .await;
+    b.wait_for(".node[data-id='legacy'][data-change='removed']", 1)
+        .await;
+    let summary = b.wait_for("[data-test='diff-summary']", 1).await;
+    let text = b.text(&summary[0]).await;
+    assert!(
+        text.contains("the hour before: 1 added, 1 removed, 0 changed"),
+        "{text}"
+    );
+    b.screenshot("topology-diff").await;
+
+    // The live tap: requests appear as they are ingested; leaving the page ends the tap.
+    b.goto(&server.url("/tap?service=cart")).await;
+    server
+        .wait_metric("meshscope_tap_subscribers", 20, |v| v == 1.0)
+        .await;
+    post_json(
+        &server,
+        &calls(now_ns(), 5, ("cart", "shop"), ("inventory", "stock"), 3),
+    )
+    .await;
+    let rows = b.wait_for("[data-test='tap-row']", 6).await;
+    let text = b.text(&rows[0]).await;
+    assert!(text.contains("cart") && text.contains("GET /"), "{text}");
+    let trace = b.find_all("[data-test='tap-row'] a").await;
+    assert!(b.attr(&trace[0], "href").await.starts_with("/traces/"));
+    let live = b
+        .js(
+            "return document.querySelector(\"[data-test='tap-state']\").textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(live, "live · 6 requests");
+    let pause = b.find_all("[data-test='tap-pause']").await;
+    b.click(&pause[0]).await;
+    post_json(
+        &server,
+        &calls(now_ns(), 6, ("cart", "shop"), ("inventory", "stock"), 1),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = b
+            .js(
+                "return document.querySelector(\"[data-test='tap-pause']\").textContent",
+                json!([]),
+            )
+            .await;
+        if text == "Resume (2 held)" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.find_all("[data-test='tap-row']").await.len(), 6, "paused");
+    b.screenshot("tap").await;
+    // Leaving the page (through the app's navigation) ends its tap.
+    let services = b.find_all("a.nav-link[href^='/services']").await;
+    b.click(&services[0]).await;
+    b.wait_for("a.nav-link.active[href^='/services']", 1).await;
+    server
+        .wait_metric("meshscope_tap_subscribers", 20, |v| v == 0.0)
+        .await;
+    // And so does leaving the app (the page may stay in the back/forward cache).
+    b.goto(&server.url("/tap")).await;
+    server
+        .wait_metric("meshscope_tap_subscribers", 20, |v| v == 1.0)
+        .await;
+    b.goto("about:blank").await;
+    server
+        .wait_metric("meshscope_tap_subscribers", 20, |v| v == 0.0)
+        .await;
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}
+
+/// A generated mesh: 50 services in 5 namespaces (`ns0`…`ns4`, `ns<k>-svc<i>`), 163 edges
+/// (each service calls the next three of its namespace and one of the next namespace;
+/// users call three), with two versions of every fifth service.
+fn big_mesh(t0_ns: u64) -> Value {
+    let name = |k: usize, i: usize| format!("ns{k}-svc{i}");
+    let mut by_service: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    let mut seed = 100u64;
+    let span = |trace: &str, id: String, parent: Option<&str>, kind: u8, start: u64, ms: u64| {
+        json!({
+            "traceId": trace, "spanId": id, "parentSpanId": parent.unwrap_or(""),
+            "name": "GET /", "kind": kind,
+            "startTimeUnixNano": start.to_string(), "endTimeUnixNano": (start + ms * 1_000_000).to_string(),
+            "attributes": [attr("http.request.method", "GET")],
+        })
+    };
+    let mut call =
+        |from: Option<String>,
+         to: String,
+         by_service: &mut std::collections::BTreeMap<String, Vec<Value>>| {
+            for r in 0..3u64 {
+                seed += 1;
+                let trace = format!("{:032x}", seed);
+                let t = t0_ns + seed * 1_000_000;
+                let (client, server) = (
+                    format!("{:016x}", seed * 2),
+                    format!("{:016x}", seed * 2 + 1),
+                );
+                let callee = span(
+                    &trace,
+                    server,
+                    from.as_ref().map(|_| client.as_str()),
+                    2,
+                    t,
+                    3 + r,
+                );
+                if let Some(f) = &from {
+                    by_service.entry(f.clone()).or_default().push(span(
+                        &trace,
+                        client.clone(),
+                        None,
+                        3,
+                        t,
+                        4 + r,
+                    ));
+                }
+                by_service.entry(to.clone()).or_default().push(callee);
+            }
+        };
+    for k in 0..5 {
+        for i in 0..10 {
+            if k == 0 && i < 3 {
+                call(None, name(0, i), &mut by_service);
+            }
+            for j in [i + 1, i + 2, i + 3] {
+                if j < 10 {
+                    call(Some(name(k, i)), name(k, j), &mut by_service);
+                }
+            }
+            if k < 4 {
+                call(Some(name(k, i)), name(k + 1, (i * 3) % 10), &mut by_service);
+            }
+        }
+    }
+    let resources: Vec<Value> = by_service
+        .into_iter()
+        .flat_map(|(svc, spans)| {
+            let ns = svc.split('-').next().unwrap_or_default().to_string();
+            let versioned = svc.ends_with("svc0") || svc.ends_with("svc5");
+            // Every third span of a versioned service is v2's.
+            let (b, a): (Vec<(usize, Value)>, Vec<(usize, Value)>) = spans
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| versioned && i % 3 == 2);
+            let strip = |v: Vec<(usize, Value)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+            [("v1", strip(a)), ("v2", strip(b))]
+                .into_iter()
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(v, s)| {
+                    let mut r = resource(&svc, &ns);
+                    r["attributes"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(attr("service.version", v));
+                    json!({ "resource": r, "scopeSpans": [{ "spans": s }] })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    json!({ "resourceSpans": resources })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_services_stay_legible_in_a_real_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"));
+    post_json(&server, &big_mesh(now_ns() - 5 * 60 * 1_000_000_000)).await;
+    let graph = || async {
+        reqwest::get(server.url("/api/v1/graph"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let edges = loop {
+        let g = graph().await;
+        let n = g["edges"].as_array().map(Vec::len).unwrap_or(0);
+        if g["nodes"].as_array().map(Vec::len) == Some(51) && n == 163 {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mesh did not arrive: {n} edges"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let b = Browser::start().await;
+    b.call(
+        reqwest::Method::POST,
+        "/window/rect",
+        Some(json!({ "width": 1400, "height": 900 })),
+    )
+    .await;
+    b.goto(&server.url("/?range=15m")).await;
+    b.wait_for(".node.kind-service", 50).await;
+    b.wait_for(".ns-box", 5).await;
+    // Bounding boxes as drawn: node labels never overlap one another, and no edge label
+    // covers a node's shape or label, or another edge label.
+    let measure = "
+        const boxes = sel => [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect())
+            .filter(r => r.width > 0 && r.height > 0);
+        const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+        const pairs = (xs, ys, same) => { let n = 0; xs.forEach((a, i) => ys.forEach((b, j) => {
+            if ((!same || j > i) && hit(a, b)) n++; })); return n; };
+        const names = boxes('.node .node-label'), shapes = boxes('.node circle.service-shape, .node rect.user-shape, .node polygon');
+        const labels = boxes('.edge-label rect');
+        return { names: names.length, labels: labels.length, locks: document.querySelectorAll('.lock').length,
+                 name_pairs: pairs(names, names, true), label_on_name: pairs(labels, names, false),
+                 label_on_shape: pairs(labels, shapes, false), label_pairs: pairs(labels, labels, true),
+                 versions: document.querySelectorAll(\"[data-test='version-split']\").length };";
+    let m = b.js(measure, json!([])).await;
+    eprintln!("50 services, {edges} edges: {m}");
+    assert_eq!(m["names"], 51, "{m}");
+    assert_eq!(m["name_pairs"], 0, "overlapping node labels: {m}");
+    assert_eq!(m["label_on_name"], 0, "edge labels over node labels: {m}");
+    assert_eq!(m["label_on_shape"], 0, "edge labels over nodes: {m}");
+    assert_eq!(m["label_pairs"], 0, "overlapping edge labels: {m}");
+    assert!(
+        m["labels"].as_u64().unwrap() >= 40,
+        "most edges keep a label: {m}"
+    );
+    assert_eq!(
+        m["versions"], 10,
+        "the version split of each two-version service: {m}"
+    );
+    b.screenshot("topology-50").await;
+
+    // Focus on one service and its neighbours; hide a namespace.
+    b.goto(&server.url("/?range=15m&service=ns2-svc4&depth=1"))
+        .await;
+    b.wait_for(".node[data-id='ns2-svc4']", 1).await;
+    // Itself, the three it calls and ns3-svc2, its three callers and ns1-svc8.
+    let focused = b.find_all(".node").await;
+    let mut ids = Vec::new();
+    for n in &focused {
+        ids.push(b.attr(n, "data-id").await);
+    }
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "ns1-svc8", "ns2-svc1", "ns2-svc2", "ns2-svc3", "ns2-svc4", "ns2-svc5", "ns2-svc6",
+            "ns2-svc7", "ns3-svc2"
+        ]
+    );
+    b.goto(&server.url("/?range=15m&hide=ns:ns4")).await;
+    b.wait_for(".node[data-id='ns3-svc0']", 1).await;
+    assert_eq!(b.find_all(".node.kind-service").await.len(), 40);
+    assert!(b.find_all(".ns-box[data-namespace='ns4']").await.is_empty());
+    let errors = b.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}

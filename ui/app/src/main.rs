@@ -2,7 +2,7 @@
 //!
 //! Layout: `state` (time range, auto-refresh and filters kept in the URL), `util` (API
 //! calls, formatting), `charts` (SVG sparklines and line charts), and one module per page:
-//! `topology`, `services`, `traces`, `logs`, `security`, `alerts`, `sql`.
+//! `topology`, `services`, `traces`, `logs`, `security`, `tap`, `alerts`, `sql`.
 
 mod alerts;
 mod charts;
@@ -11,6 +11,7 @@ mod security;
 mod services;
 mod sql;
 mod state;
+mod tap;
 mod topology;
 mod traces;
 mod util;
@@ -53,6 +54,7 @@ fn Shell() -> impl IntoView {
                 <Route path=path!("/traces/:id") view=traces::TracePage/>
                 <Route path=path!("/logs") view=logs::LogsPage/>
                 <Route path=path!("/security") view=security::SecurityPage/>
+                <Route path=path!("/tap") view=tap::TapPage/>
                 <Route path=path!("/alerts") view=alerts::AlertsPage/>
                 <Route path=path!("/sql") view=sql::SqlPage/>
             </Routes>
@@ -214,6 +216,7 @@ fn TopBar() -> impl IntoView {
                 {nav("/traces", "Traces")}
                 {nav("/logs", "Logs")}
                 {nav("/security", "Security")}
+                {nav("/tap", "Tap")}
                 {nav("/alerts", "Alerts")}
                 {nav("/sql", "SQL")}
             </nav>

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use leptos::prelude::*;
 use serde_json::Value;
+use wasm_bindgen::JsCast;
 
 use crate::charts::{LineChart, Series};
 use crate::state::{Range, go, tick, use_url};
@@ -32,28 +33,37 @@ struct GEdge {
     data: Value,
 }
 
-const COL: f64 = 270.0;
+const COL: f64 = 300.0;
+/// Columns before a deep mesh wraps onto further lines (see [`layout`]).
+const MAX_COLS: usize = 6;
 const ROW: f64 = 118.0;
 const PAD_X: f64 = 90.0;
 const PAD_Y: f64 = 70.0;
 
-/// Assigns layers (longest call path from the users, virtual peers last) and positions
-/// (barycentre ordering within a layer). Returns the drawing's width and height.
-fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
-    let idx: HashMap<String, usize> = nodes
+/// A namespace's box in the drawing.
+#[derive(Clone, Debug, PartialEq)]
+struct NsBox {
+    name: String,
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+}
+
+/// Assigns layers (longest call path from the users, virtual peers last), then rows: each
+/// namespace is a band of rows of its own across the drawing (as tall as its busiest
+/// layer), and within a band nodes are ordered by the barycentre of their neighbours, so
+/// namespaces become boxes that never overlap. Returns the drawing's width and height and
+/// the namespace boxes.
+fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
+    let idx: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| (format!("{}\u{0}{}", n.kind, n.id), i))
+        .map(|(i, n)| (n.id.as_str(), i))
         .collect();
-    let find = |id: &str, nodes: &[GNode]| -> Option<usize> {
-        ["user", "service", "virtual"]
-            .iter()
-            .find_map(|k| idx.get(&format!("{k}\u{0}{id}")).copied())
-            .filter(|i| nodes[*i].id == id)
-    };
     let pairs: Vec<(usize, usize)> = edges
         .iter()
-        .filter_map(|e| Some((find(&e.source, nodes)?, find(&e.target, nodes)?)))
+        .filter_map(|e| Some((*idx.get(e.source.as_str())?, *idx.get(e.target.as_str())?)))
         .collect();
     for n in nodes.iter_mut() {
         n.layer = if n.kind == "user" { 0 } else { 1 };
@@ -93,35 +103,127 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
         }
     }
     let layers = nodes.iter().map(|n| n.layer).max().unwrap_or(0) + 1;
-    let mut by_layer: Vec<Vec<usize>> = vec![Vec::new(); layers];
+    // Bands: the namespaces in name order; nodes without one (users, virtual peers) share
+    // an unboxed band first.
+    // Namespaces in call order: by the mean layer of their nodes, then by name.
+    let mut mean: HashMap<&str, (f64, f64)> = HashMap::new();
+    for n in nodes.iter() {
+        let m = mean.entry(n.namespace.as_str()).or_default();
+        m.0 += n.layer as f64;
+        m.1 += 1.0;
+    }
+    let mut bands: Vec<(f64, String)> = mean
+        .into_iter()
+        .map(|(ns, (sum, count))| {
+            (
+                if ns.is_empty() { -1.0 } else { sum / count },
+                ns.to_string(),
+            )
+        })
+        .collect();
+    bands.sort_by(|a, b| {
+        a.0.partial_cmp(&b.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.1.cmp(&b.1))
+    });
+    let bands: Vec<String> = bands.into_iter().map(|(_, ns)| ns).collect();
+    let band_of: HashMap<String, usize> = bands
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.clone(), i))
+        .collect();
+    // A node's column: its layer, unless the mesh is deeper than MAX_COLS; then each band
+    // numbers the layers it uses and wraps them onto further rows of the band, so a long
+    // chain of calls reads left to right, line by line, instead of growing ever wider.
+    let wrap = layers > MAX_COLS;
+    let mut slot: Vec<(usize, usize)> = vec![(0, 0); nodes.len()]; // (line, column)
+    if wrap {
+        for band in &bands {
+            let mut used: Vec<usize> = nodes
+                .iter()
+                .filter(|n| &n.namespace == band)
+                .map(|n| n.layer)
+                .collect();
+            used.sort_unstable();
+            used.dedup();
+            for (i, n) in nodes.iter().enumerate() {
+                if &n.namespace == band {
+                    let k = used.iter().position(|l| *l == n.layer).unwrap_or(0);
+                    slot[i] = (k / MAX_COLS, k % MAX_COLS);
+                }
+            }
+        }
+    } else {
+        for (i, n) in nodes.iter().enumerate() {
+            slot[i] = (0, n.layer);
+        }
+    }
+    let columns = if wrap { MAX_COLS } else { layers };
+    // cells[band][line][column] = the nodes there, in order.
+    let lines_of = |b: usize| {
+        (0..nodes.len())
+            .filter(|i| band_of[&nodes[*i].namespace] == b)
+            .map(|i| slot[i].0 + 1)
+            .max()
+            .unwrap_or(1)
+    };
+    let mut cells: Vec<Vec<Vec<Vec<usize>>>> = (0..bands.len())
+        .map(|b| vec![vec![Vec::new(); columns]; lines_of(b)])
+        .collect();
     for (i, n) in nodes.iter().enumerate() {
-        by_layer[n.layer].push(i);
+        let (line, col) = slot[i];
+        cells[band_of[&n.namespace]][line][col].push(i);
     }
-    for l in &mut by_layer {
-        l.sort_by(|a, b| nodes[*a].id.cmp(&nodes[*b].id));
+    for cell in cells.iter_mut().flatten().flatten() {
+        cell.sort_by(|a, b| nodes[*a].id.cmp(&nodes[*b].id));
     }
+    // Rows of each line of each band (its fullest cell), and where each starts.
+    let line_rows: Vec<Vec<usize>> = cells
+        .iter()
+        .map(|band| {
+            band.iter()
+                .map(|line| line.iter().map(Vec::len).max().unwrap_or(0).max(1))
+                .collect()
+        })
+        .collect();
+    let mut line_top: Vec<Vec<f64>> = Vec::new();
+    let mut acc = 0.0;
+    for rows in &line_rows {
+        line_top.push(
+            rows.iter()
+                .map(|r| {
+                    let top = acc;
+                    acc += *r as f64;
+                    top
+                })
+                .collect(),
+        );
+    }
+    let total_rows = acc;
+    // A node's row (in units of ROW) from its band, its line and its place in its cell.
     let mut pos: Vec<f64> = vec![0.0; nodes.len()];
-    let place = |by_layer: &Vec<Vec<usize>>, pos: &mut Vec<f64>| {
-        for l in by_layer {
-            for (k, i) in l.iter().enumerate() {
-                pos[*i] = k as f64 - (l.len() as f64 - 1.0) / 2.0;
+    let place = |cells: &Vec<Vec<Vec<Vec<usize>>>>, pos: &mut Vec<f64>| {
+        for (b, band) in cells.iter().enumerate() {
+            for (l, line) in band.iter().enumerate() {
+                for cell in line {
+                    let offset = (line_rows[b][l] as f64 - cell.len() as f64) / 2.0;
+                    for (k, i) in cell.iter().enumerate() {
+                        pos[*i] = line_top[b][l] + offset + k as f64;
+                    }
+                }
             }
         }
     };
-    place(&by_layer, &mut pos);
-    for _ in 0..3 {
-        for layer in by_layer.iter_mut().skip(1) {
+    place(&cells, &mut pos);
+    for _ in 0..4 {
+        for cell in cells.iter_mut().flatten().flatten() {
             let bary = |i: usize| {
                 let ns: Vec<f64> = pairs
                     .iter()
                     .filter_map(|&(a, b)| {
-                        if b == i {
-                            Some(pos[a])
-                        } else if a == i {
-                            Some(pos[b])
-                        } else {
-                            None
-                        }
+                        (b == i)
+                            .then_some(pos[a])
+                            .or_else(|| (a == i).then_some(pos[b]))
                     })
                     .collect();
                 if ns.is_empty() {
@@ -130,20 +232,17 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
                     ns.iter().sum::<f64>() / ns.len() as f64
                 }
             };
-            let mut keyed: Vec<(f64, usize)> = layer.iter().map(|i| (bary(*i), *i)).collect();
+            let mut keyed: Vec<(f64, usize)> = cell.iter().map(|i| (bary(*i), *i)).collect();
             keyed.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
-            *layer = keyed.into_iter().map(|(_, i)| i).collect();
-            for (k, i) in layer.iter().enumerate() {
-                pos[*i] = k as f64 - (layer.len() as f64 - 1.0) / 2.0;
-            }
+            *cell = keyed.into_iter().map(|(_, i)| i).collect();
         }
+        place(&cells, &mut pos);
     }
-    let tallest = by_layer.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let height = PAD_Y * 2.0 + (tallest as f64 - 1.0) * ROW;
+    let height = PAD_Y * 2.0 + (total_rows - 1.0).max(0.0) * ROW;
     let max_rate = nodes.iter().map(|n| f(&n.data, "rate")).fold(0.0, f64::max);
     for (i, n) in nodes.iter_mut().enumerate() {
-        n.x = PAD_X + n.layer as f64 * COL;
-        n.y = height / 2.0 + pos[i] * ROW;
+        n.x = PAD_X + slot[i].1 as f64 * COL;
+        n.y = PAD_Y + pos[i] * ROW;
         let rel = if max_rate > 0.0 {
             (f(&n.data, "rate") / max_rate).sqrt()
         } else {
@@ -151,7 +250,68 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64) {
         };
         n.r = 16.0 + 16.0 * rel;
     }
-    (PAD_X * 2.0 + (layers as f64 - 1.0) * COL, height)
+    let boxes = bands
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| !name.is_empty())
+        .filter_map(|(b, name)| {
+            let used: Vec<usize> = (0..columns)
+                .filter(|c| cells[b].iter().any(|line| !line[*c].is_empty()))
+                .collect();
+            let (first, last) = (*used.first()?, *used.last()?);
+            let rows: usize = line_rows[b].iter().sum();
+            Some(NsBox {
+                name: name.clone(),
+                x: PAD_X + first as f64 * COL - COL * 0.42,
+                y: PAD_Y + line_top[b][0] * ROW - ROW * 0.45,
+                w: (last - first) as f64 * COL + COL * 0.84,
+                h: rows as f64 * ROW - ROW * 0.06,
+            })
+        })
+        .collect();
+    (PAD_X * 2.0 + (columns as f64 - 1.0) * COL, height, boxes)
+}
+
+/// An axis-aligned box: left, top, right, bottom.
+type Rect = (f64, f64, f64, f64);
+
+fn overlaps(a: &Rect, b: &Rect) -> bool {
+    a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3
+}
+
+/// The point at `t` of the cubic Bézier `p`.
+fn bezier(p: &[(f64, f64); 4], t: f64) -> (f64, f64) {
+    let u = 1.0 - t;
+    let (a, b, c, d) = (u * u * u, 3.0 * u * u * t, 3.0 * u * t * t, t * t * t);
+    (
+        a * p[0].0 + b * p[1].0 + c * p[2].0 + d * p[3].0,
+        a * p[0].1 + b * p[1].1 + c * p[2].1 + d * p[3].1,
+    )
+}
+
+/// Places edge labels (`(curve, width)`, busiest first) along their curves where they
+/// cover no node (`obstacles`) and no label placed before; `None` where there is no room
+/// (the edge's hover card still tells its numbers).
+fn place_labels(labels: &[([(f64, f64); 4], f64)], obstacles: &[Rect]) -> Vec<Option<(f64, f64)>> {
+    const TS: [f64; 9] = [0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78, 0.15, 0.85];
+    let mut placed: Vec<Rect> = Vec::new();
+    labels
+        .iter()
+        .map(|(curve, w)| {
+            let spot = TS.iter().find_map(|t| {
+                let (x, y) = bezier(curve, *t);
+                // The padlock sits left of the label.
+                let r = (x - w / 2.0 - 20.0, y - 16.0, x + w / 2.0 + 2.0, y + 16.0);
+                (!obstacles.iter().any(|o| overlaps(o, &r))
+                    && !placed.iter().any(|p| overlaps(p, &r)))
+                .then_some((x, y, r))
+            });
+            spot.map(|(x, y, r)| {
+                placed.push(r);
+                (x, y)
+            })
+        })
+        .collect()
 }
 
 fn source_label(src: &str) -> &str {
@@ -160,6 +320,85 @@ fn source_label(src: &str) -> &str {
         "metrics" => "proxy metrics",
         "access_logs" => "access logs",
         other => other,
+    }
+}
+
+/// `compare=hour|day`: the graph drawn against the same window an hour or a day earlier.
+#[derive(Clone, Copy, PartialEq)]
+enum Compare {
+    Hour,
+    Day,
+}
+
+impl Compare {
+    fn of(v: Option<&str>) -> Option<Compare> {
+        match v {
+            Some("hour") => Some(Compare::Hour),
+            Some("day") => Some(Compare::Day),
+            _ => None,
+        }
+    }
+
+    fn shift_ms(self) -> f64 {
+        match self {
+            Compare::Hour => 3600e3,
+            Compare::Day => 86400e3,
+        }
+    }
+}
+
+/// The nodes hidden from the drawing (`hide=a,b`; `ns:<namespace>` hides a namespace).
+fn hidden_of(url: &crate::state::Url) -> Vec<String> {
+    url.get("hide")
+        .map(|h| {
+            h.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `hide` with `item` added.
+fn hide_more(url: &crate::state::Url, item: &str) -> String {
+    let mut h = hidden_of(url);
+    if !h.iter().any(|x| x == item) {
+        h.push(item.to_string());
+    }
+    url.with(&[("hide", Some(h.join(","))), ("sel", None)])
+}
+
+/// The pan and zoom of the drawing: `translate(x, y) scale(k)` in drawing units.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct View {
+    x: f64,
+    y: f64,
+    k: f64,
+}
+
+impl View {
+    const FIT: View = View {
+        x: 0.0,
+        y: 0.0,
+        k: 1.0,
+    };
+
+    /// Zoomed by `factor` around the drawing point `(px, py)`, which stays put.
+    fn zoom(self, factor: f64, px: f64, py: f64) -> View {
+        let k = (self.k * factor).clamp(0.2, 8.0);
+        let f = k / self.k;
+        View {
+            x: px - (px - self.x) * f,
+            y: py - (py - self.y) * f,
+            k,
+        }
+    }
+
+    fn transform(self) -> String {
+        format!(
+            "translate({:.1},{:.1}) scale({:.3})",
+            self.x, self.y, self.k
+        )
     }
 }
 
@@ -195,7 +434,22 @@ pub fn TopologyPage() -> impl IntoView {
             ));
         }
         tick();
-        util::get_json(format!("/api/v1/graph?{q}"))
+        let compare = Compare::of(url.get("compare").as_deref());
+        async move {
+            match compare {
+                None => util::get_json(format!("/api/v1/graph?{q}")).await,
+                Some(c) => {
+                    let (a, b) = url.range().bounds();
+                    let shift = c.shift_ms();
+                    let base = format!(
+                        "&base_start={}&base_end={}",
+                        enc(&util::iso(a - shift)),
+                        enc(&util::iso(b - shift))
+                    );
+                    util::get_json(format!("/api/v1/graph/diff?{q}{base}")).await
+                }
+            }
+        }
     });
     let services = LocalResource::new(move || {
         let q = url.range().api();
@@ -220,6 +474,8 @@ pub fn TopologyPage() -> impl IntoView {
     };
     let search = RwSignal::new(url.get_untracked("q").unwrap_or_default());
     let selection = Memo::new(move |_| parse_sel(url.get("sel")));
+    // Pan and zoom outlive refreshes (the layout is the same for the same graph).
+    let pan = RwSignal::new(View::FIT);
     // The panel opens once the graph is there (a shared link may name a selection).
     let loaded = Memo::new(move |_| graph.get().is_some());
 
@@ -261,6 +517,36 @@ pub fn TopologyPage() -> impl IntoView {
                             go(&url.with(&[("q", Some(v))]), true);
                         }/>
                 </label>
+                <label class="field">
+                    <span>"Edge labels"</span>
+                    <select data-test="edge-labels" prop:value=move || url.get("label").unwrap_or_else(|| "all".into())
+                        on:change=move |e| go(&url.with(&[("label", Some(event_target_value(&e)).filter(|v| v != "all"))]), true)>
+                        {[("all", "Rate · errors · p99"), ("rate", "Rate"), ("errors", "Errors"), ("p99", "p99"), ("mtls", "mTLS"), ("none", "None (hover)")].into_iter().map(|(v, l)| view! { <option value=v selected=move || url.get("label").unwrap_or_else(|| "all".into()) == v>{l}</option> }).collect_view()}
+                    </select>
+                </label>
+                <label class="field">
+                    <span>"Compare"</span>
+                    <select data-test="compare" prop:value=move || url.get("compare").unwrap_or_default()
+                        on:change=move |e| go(&url.with(&[("compare", Some(event_target_value(&e))), ("sel", None)]), false)>
+                        <option value="">"No comparison"</option>
+                        <option value="hour" selected=move || url.get("compare").as_deref() == Some("hour")>"With the hour before"</option>
+                        <option value="day" selected=move || url.get("compare").as_deref() == Some("day")>"With the day before"</option>
+                    </select>
+                </label>
+                <label class="check">
+                    <input type="checkbox" data-test="idle-edges" prop:checked=move || url.get("idle").as_deref() != Some("hide")
+                        on:change=move |e| go(&url.with(&[("idle", (!event_target_checked(&e)).then(|| "hide".to_string()))]), true)/>
+                    " idle edges"
+                </label>
+                {move || {
+                    let hidden = hidden_of(&url);
+                    (!hidden.is_empty()).then(|| view! {
+                        <button class="btn ghost" data-test="show-hidden" title=hidden.join(", ")
+                            on:click=move |_| go(&url.with(&[("hide", None)]), false)>
+                            {format!("{} hidden · show all", hidden.len())}
+                        </button>
+                    })
+                }}
                 <Legend/>
             </div>
             <div class="topology-body">
@@ -274,8 +560,13 @@ pub fn TopologyPage() -> impl IntoView {
                         let (req, err) = entry.iter().fold((0.0, 0.0), |(r, e), x| (r + f(x, "requests"), e + f(x, "errors")));
                         let rate: f64 = entry.iter().map(|e| f(e, "rate")).sum();
                         let er = if req > 0.0 { err / req } else { 0.0 };
+                        let diff = g.get("edge_changes").cloned().map(|c| {
+                            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                            format!("against {}: {} added, {} removed, {} changed", if url.get("compare").as_deref() == Some("day") { "the day before" } else { "the hour before" }, n("added"), n("removed"), n("changed"))
+                        });
                         view! {
                             <div class="graph-summary">
+                                {diff.map(|d| view! { <span class="diff-summary" data-test="diff-summary">{d}</span> })}
                                 <span><b>{count("service")}</b>" services"</span>
                                 <span><b>{count("virtual")}</b>" uninstrumented"</span>
                                 <span><b>{edges}</b>" edges"</span>
@@ -284,10 +575,16 @@ pub fn TopologyPage() -> impl IntoView {
                             </div>
                         }
                     })}
-                    {move || match graph.get() {
-                        None => view! { <Loading/> }.into_any(),
-                        Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
-                        Some(Ok(g)) => view! { <GraphView graph=g search=search selection=selection/> }.into_any(),
+                    {move || {
+                        // Drawing choices redraw without refetching.
+                        url.get("label");
+                        url.get("hide");
+                        url.get("idle");
+                        match graph.get() {
+                            None => view! { <Loading/> }.into_any(),
+                            Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
+                            Some(Ok(g)) => view! { <GraphView graph=g search=search selection=selection view=pan/> }.into_any(),
+                        }
                     }}
                 </div>
                 // The panel lives as long as the selection; refreshes update it in place.
@@ -319,8 +616,17 @@ fn GraphView(
     graph: Value,
     search: RwSignal<String>,
     selection: Memo<Option<Selection>>,
+    view: RwSignal<View>,
 ) -> impl IntoView {
     let url = use_url();
+    let hidden = hidden_of(&url);
+    let hide_idle = url.get_untracked("idle").as_deref() == Some("hide");
+    let label_mode = url.get_untracked("label").unwrap_or_else(|| "all".into());
+    let is_hidden = |id: &str, ns: &str| {
+        hidden
+            .iter()
+            .any(|h| h == id || (!ns.is_empty() && h.strip_prefix("ns:") == Some(ns)))
+    };
     let mut nodes: Vec<GNode> = graph["nodes"]
         .as_array()
         .cloned()
@@ -336,7 +642,9 @@ fn GraphView(
             y: 0.0,
             r: 20.0,
         })
+        .filter(|n| !is_hidden(&n.id, &n.namespace))
         .collect();
+    let shown: std::collections::HashSet<String> = nodes.iter().map(|n| n.id.clone()).collect();
     let edges: Vec<GEdge> = graph["edges"]
         .as_array()
         .cloned()
@@ -347,6 +655,8 @@ fn GraphView(
             target: s(&v, "target"),
             data: v,
         })
+        .filter(|e| shown.contains(&e.source) && shown.contains(&e.target))
+        .filter(|e| !hide_idle || f(&e.data, "requests") > 0.0 || s(&e.data, "change") == "removed")
         .collect();
     if nodes.is_empty() {
         return view! {
@@ -357,55 +667,89 @@ fn GraphView(
         }
         .into_any();
     }
-    let (w, h) = layout(&mut nodes, &edges);
+    let (w, h, boxes) = layout(&mut nodes, &edges);
     let at: HashMap<String, (f64, f64, f64)> = nodes
         .iter()
         .map(|n| (n.id.clone(), (n.x, n.y, n.r)))
         .collect();
     let max_edge_rate = edges.iter().map(|e| f(&e.data, "rate")).fold(0.0, f64::max);
 
+    // Geometry and text of every edge first, so that labels can be placed together.
+    let curve_of = |e: &GEdge| -> Option<(String, [(f64, f64); 4])> {
+        let (x1, y1, r1) = *at.get(&e.source)?;
+        let (x2, y2, r2) = *at.get(&e.target)?;
+        Some(if x2 > x1 + 1.0 {
+            let (sx, tx) = (x1 + r1, x2 - r2 - 6.0);
+            let mx = (sx + tx) / 2.0;
+            (
+                format!("M{sx:.1},{y1:.1} C{mx:.1},{y1:.1} {mx:.1},{y2:.1} {tx:.1},{y2:.1}"),
+                [(sx, y1), (mx, y1), (mx, y2), (tx, y2)],
+            )
+        } else {
+            // Same layer or backwards: an arc below.
+            let (sx, sy) = (x1, y1 + r1);
+            let (tx, ty) = (x2, y2 + r2 + 6.0);
+            let dip = sy.max(ty) + 70.0;
+            (
+                format!("M{sx:.1},{sy:.1} C{sx:.1},{dip:.1} {tx:.1},{dip:.1} {tx:.1},{ty:.1}"),
+                [(sx, sy), (sx, dip), (tx, dip), (tx, ty)],
+            )
+        })
+    };
+    let texts: Vec<EdgeText> = edges
+        .iter()
+        .map(|e| edge_text(&e.data, &label_mode))
+        .collect();
+    let curves: Vec<Option<(String, [(f64, f64); 4])>> = edges.iter().map(curve_of).collect();
+    // Nodes and their labels are obstacles; the busiest edges choose first.
+    // Each node's shape, and the name and numbers under it.
+    let obstacles: Vec<Rect> = nodes
+        .iter()
+        .flat_map(|n| {
+            let text = n.id.chars().count().max(16) as f64 * 4.2 + 4.0;
+            [
+                (
+                    n.x - n.r - 6.0,
+                    n.y - n.r - 6.0,
+                    n.x + n.r + 6.0,
+                    n.y + n.r + 6.0,
+                ),
+                (n.x - text, n.y + n.r + 6.0, n.x + text, n.y + n.r + 48.0),
+            ]
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..edges.len())
+        .filter(|i| curves[*i].is_some() && texts[*i].shown)
+        .collect();
+    order.sort_by(|a, b| {
+        f(&edges[*b].data, "rate")
+            .partial_cmp(&f(&edges[*a].data, "rate"))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let wanted: Vec<([(f64, f64); 4], f64)> = order
+        .iter()
+        .filter_map(|i| Some((curves[*i].as_ref()?.1, texts[*i].width)))
+        .collect();
+    let mut spot: Vec<Option<(f64, f64)>> = vec![None; edges.len()];
+    for (i, p) in order.iter().zip(place_labels(&wanted, &obstacles)) {
+        spot[*i] = p;
+    }
+
     let edge_views = edges
         .iter()
-        .filter_map(|e| {
-            let (x1, y1, r1) = *at.get(&e.source)?;
-            let (x2, y2, r2) = *at.get(&e.target)?;
-            let forward = x2 > x1 + 1.0;
-            let (sx, sy, tx, ty, d) = if forward {
-                let (sx, tx) = (x1 + r1, x2 - r2 - 6.0);
-                let mx = (sx + tx) / 2.0;
-                (sx, y1, tx, y2, format!("M{sx:.1},{y1:.1} C{mx:.1},{y1:.1} {mx:.1},{y2:.1} {tx:.1},{y2:.1}"))
-            } else {
-                // Same layer or backwards: an arc below.
-                let (sx, sy) = (x1, y1 + r1);
-                let (tx, ty) = (x2, y2 + r2 + 6.0);
-                let dip = sy.max(ty) + 70.0;
-                (sx, sy, tx, ty, format!("M{sx:.1},{sy:.1} C{sx:.1},{dip:.1} {tx:.1},{dip:.1} {tx:.1},{ty:.1}"))
-            };
-            let (lx, ly) = if forward {
-                ((sx + tx) / 2.0, (sy + ty) / 2.0)
-            } else {
-                ((sx + tx) / 2.0, sy.max(ty) + 52.0)
-            };
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let (d, curve) = curves[i].clone()?;
+            let EdgeText { line1, line2, hover, width: lw, .. } = texts[i].clone();
+            let label_at = spot[i];
             let er = f(&e.data, "error_rate");
             let color = health_color(er);
             let width = 1.5 + if max_edge_rate > 0.0 { 4.0 * (f(&e.data, "rate") / max_edge_rate).sqrt() } else { 0.0 };
-            let sources: Vec<String> = e.data["sources"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(|s| source_label(s).to_string()).collect())
-                .unwrap_or_default();
-            let mesh_only = !sources.iter().any(|s| s == "spans");
-            let line1 = format!(
-                "{} · {} · p99 {}",
-                fmt_rate(f(&e.data, "rate")),
-                fmt_pct(er),
-                fmt_ms(f(&e.data, "p99_ms"))
-            );
+            let change = s(&e.data, "change");
+            let mesh_only = change.is_empty()
+                && !e.data["sources"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some("spans")));
             let lock = util::mtls_level(&e.data);
-            let line2 = match util::mtls_text(&e.data) {
-                t if t.is_empty() => sources.join(" + "),
-                t => format!("{} · {t}", sources.join(" + ")),
-            };
-            let lw = (line1.chars().count().max(line2.chars().count()) as f64) * 6.1 + 14.0;
+            let hover = format!("{} → {}\n{hover}", e.source, e.target);
             let (src, dst) = (e.source.clone(), e.target.clone());
             let (src2, dst2) = (e.source.clone(), e.target.clone());
             let selected = move || selection.get() == Some(Selection::Edge(src2.clone(), dst2.clone()));
@@ -416,23 +760,25 @@ fn GraphView(
             };
             let click = move |_| go(&url.with(&[("sel", Some(format!("edge:{src}>{dst}")))]), false);
             Some(view! {
-                <g class="edge" class:selected=selected class:dim=dim class:mesh-only=mesh_only
-                    data-source=e.source.clone() data-target=e.target.clone() on:click=click>
+                <g class=format!("edge change-{}", if change.is_empty() { "none" } else { change.as_str() }) class:selected=selected class:dim=dim class:mesh-only=mesh_only
+                    data-source=e.source.clone() data-target=e.target.clone() data-change=change.clone() on:click=click>
+                    <title>{hover}</title>
                     <path d=d.clone() class="edge-hit"></path>
                     <path d=d stroke=color stroke-width=width class="edge-line" marker-end=format!("url(#arrow-{})", health(er))></path>
+                    {label_at.map(|(lx, ly)| view! {
                     <g class="edge-label" transform=format!("translate({lx:.1},{ly:.1})")>
                         <rect x=-lw / 2.0 y="-15" width=lw height="30" rx="6"></rect>
                         <text y="-2" text-anchor="middle" class="el1">{line1}</text>
                         <text y="10" text-anchor="middle" class="el2">{line2}</text>
-                        {lock.map(|level| view! {
-                            // A padlock at the label's left: closed and green (all mTLS),
-                            // amber (partly), open and red (plaintext).
-                            <g class=format!("lock lock-{level}") data-mtls=level transform=format!("translate({:.1},-6)", -lw / 2.0 - 12.0)>
-                                <path d=if level == "none" { "M-3,-1 v-4 a3,3 0 0 1 6,0" } else { "M-3,-1 v-3 a3,3 0 0 1 6,0 v3" } class="lock-shackle"></path>
-                                <rect x="-5" y="-1" width="10" height="8" rx="1.5" class="lock-body"></rect>
-                            </g>
-                        })}
+                        // At the label's left.
+                        {lock.map(|level| padlock(level, -lw / 2.0 - 12.0, -6.0))}
                     </g>
+                    })}
+                    // No room for the label: the padlock alone, on the curve's middle.
+                    {lock.filter(|_| label_at.is_none()).map(|level| {
+                        let (x, y) = bezier(&curve, 0.5);
+                        padlock(level, x, y - 4.0)
+                    })}
                 </g>
             })
         })
@@ -482,16 +828,18 @@ fn GraphView(
                 !q.is_empty() && !id4.to_lowercase().contains(&q)
             };
             let click = move |_| go(&url.with(&[("sel", Some(format!("node:{id}")))]), false);
+            let node_change = s(&n.data, "change");
             let split = version_split(n.data["versions"].as_array().map(Vec::as_slice).unwrap_or_default());
             let sub = match n.kind.as_str() {
+                _ if node_change == "removed" => format!("gone · was {}", fmt_rate(f(&n.data, "base_rate"))),
                 "user" => "users".to_string(),
                 _ if f(&n.data, "requests") == 0.0 => "seen by the mesh only".to_string(),
                 _ if f(&n.data, "p99_ms") == 0.0 => fmt_rate(f(&n.data, "rate")),
                 _ => format!("{} · p99 {}", fmt_rate(f(&n.data, "rate")), fmt_ms(f(&n.data, "p99_ms"))),
             };
             view! {
-                <g class=format!("node kind-{}", n.kind) class:selected=selected class:match=matched class:dim=dim
-                    data-id=n.id.clone() data-kind=n.kind.clone() data-namespace=n.namespace.clone() on:click=click>
+                <g class=format!("node kind-{} change-{}", n.kind, if node_change.is_empty() { "none" } else { node_change.as_str() }) class:selected=selected class:match=matched class:dim=dim
+                    data-id=n.id.clone() data-kind=n.kind.clone() data-namespace=n.namespace.clone() data-change=node_change.clone() on:click=click>
                     {shape}
                     <text x=x y=y + r + 18.0 text-anchor="middle" class="node-label">{n.id.clone()}</text>
                     <text x=x y=y + r + 32.0 text-anchor="middle" class="node-sub">{sub}</text>
@@ -512,14 +860,182 @@ fn GraphView(
             }
         })
         .collect_view();
+    let (vw, vh) = (w, h + 40.0);
+    // Client pixels → drawing units (the viewBox is fitted, centred, into the element).
+    let to_drawing = move |e: &web_sys::MouseEvent| -> Option<(f64, f64, f64)> {
+        let el: web_sys::Element = e.current_target()?.dyn_into().ok()?;
+        let r = el.get_bounding_client_rect();
+        let scale = (vw / r.width()).max(vh / r.height());
+        let ox = (r.width() * scale - vw) / 2.0;
+        let oy = (r.height() * scale - vh) / 2.0;
+        Some((
+            (f64::from(e.client_x()) - r.left()) * scale - ox,
+            (f64::from(e.client_y()) - r.top()) * scale - oy,
+            scale,
+        ))
+    };
+    let wheel = move |e: web_sys::WheelEvent| {
+        e.prevent_default();
+        if let Some((px, py, _)) = to_drawing(&e) {
+            let factor = if e.delta_y() < 0.0 { 1.15 } else { 1.0 / 1.15 };
+            view.update(|v| *v = v.zoom(factor, px, py));
+        }
+    };
+    let drag: StoredValue<Option<(f64, f64)>> = StoredValue::new(None);
+    let down = move |e: web_sys::PointerEvent| {
+        if e.button() == 0 {
+            drag.set_value(to_drawing(&e).map(|(x, y, _)| (x, y)));
+        }
+    };
+    let moved = move |e: web_sys::PointerEvent| {
+        if let (Some((x0, y0)), Some((x, y, _))) = (drag.get_value(), to_drawing(&e)) {
+            if (x - x0).abs() + (y - y0).abs() > 2.0 {
+                view.update(|v| {
+                    v.x += x - x0;
+                    v.y += y - y0;
+                });
+                drag.set_value(Some((x, y)));
+            }
+        }
+    };
+    let up = move |_| drag.set_value(None);
+    let centre = (vw / 2.0, vh / 2.0);
     view! {
-        <svg class="graph" data-test="topology" viewBox=format!("0 0 {w:.0} {:.0}", h + 40.0) width=w height=h + 40.0>
+        <div class="zoom-controls">
+            <button class="btn icon" data-test="zoom-in" title="Zoom in" on:click=move |_| view.update(|v| *v = v.zoom(1.3, centre.0, centre.1))>"+"</button>
+            <button class="btn icon" data-test="zoom-out" title="Zoom out" on:click=move |_| view.update(|v| *v = v.zoom(1.0 / 1.3, centre.0, centre.1))>"−"</button>
+            <button class="btn icon" data-test="zoom-fit" title="Fit to screen" on:click=move |_| view.set(View::FIT)>"⤢"</button>
+        </div>
+        <svg class="graph" data-test="topology" viewBox=format!("0 0 {vw:.0} {vh:.0}") preserveAspectRatio="xMidYMid meet"
+            on:wheel=wheel on:pointerdown=down on:pointermove=moved on:pointerup=up on:pointerleave=up>
             <defs>{markers}</defs>
-            <g class="edges">{edge_views}</g>
-            <g class="nodes">{node_views}</g>
+            <g class="viewport" data-test="viewport" transform=move || view.get().transform()>
+                <g class="namespaces">
+                    {boxes.into_iter().map(|b| { let ns = b.name.clone(); view! {
+                        <g class="ns-box" data-namespace=ns>
+                            <rect x=b.x y=b.y width=b.w height=b.h rx="14"></rect>
+                            <text x=b.x + 12.0 y=b.y + 18.0 class="ns-label">{b.name}</text>
+                        </g>
+                    }}).collect_view()}
+                </g>
+                <g class="edges">{edge_views}</g>
+                <g class="nodes">{node_views}</g>
+            </g>
         </svg>
     }
     .into_any()
+}
+
+/// A padlock at `(x, y)`: closed and green (all mTLS), amber (partly), open and red
+/// (plaintext).
+fn padlock(level: &'static str, x: f64, y: f64) -> impl IntoView + use<> {
+    view! {
+        <g class=format!("lock lock-{level}") data-mtls=level transform=format!("translate({x:.1},{y:.1})")>
+            <path d=if level == "none" { "M-3,-1 v-4 a3,3 0 0 1 6,0" } else { "M-3,-1 v-3 a3,3 0 0 1 6,0 v3" } class="lock-shackle"></path>
+            <rect x="-5" y="-1" width="10" height="8" rx="1.5" class="lock-body"></rect>
+        </g>
+    }
+}
+
+/// An edge's label lines as `label=` chooses, its hover card, and the label's width.
+#[derive(Clone)]
+struct EdgeText {
+    line1: String,
+    line2: String,
+    hover: String,
+    width: f64,
+    /// False for `label=none` (or nothing to say): the hover card only.
+    shown: bool,
+}
+
+fn edge_text(data: &Value, mode: &str) -> EdgeText {
+    let sources: Vec<String> = data["sources"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(|s| source_label(s).to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let change = s(data, "change");
+    let er = f(data, "error_rate");
+    let full = if change == "removed" {
+        format!(
+            "was {} · {} · p99 {}",
+            fmt_rate(f(data, "base_rate")),
+            fmt_pct(f(data, "base_error_rate")),
+            fmt_ms(f(data, "base_p99_ms"))
+        )
+    } else {
+        format!(
+            "{} · {} · p99 {}",
+            fmt_rate(f(data, "rate")),
+            fmt_pct(er),
+            fmt_ms(f(data, "p99_ms"))
+        )
+    };
+    let line1 = match mode {
+        "rate" => fmt_rate(f(data, "rate")),
+        "errors" => format!("{} errors", fmt_pct(er)),
+        "p99" => format!("p99 {}", fmt_ms(f(data, "p99_ms"))),
+        "mtls" => util::mtls_text(data),
+        _ => full.clone(),
+    };
+    let line2 = if !change.is_empty() {
+        change_text(data)
+    } else if mode == "all" {
+        match util::mtls_text(data) {
+            t if t.is_empty() => sources.join(" + "),
+            t => format!("{} · {t}", sources.join(" + ")),
+        }
+    } else {
+        String::new()
+    };
+    let detail = if change.is_empty() {
+        sources.join(" + ")
+    } else {
+        change_text(data)
+    };
+    EdgeText {
+        width: (line1.chars().count().max(line2.chars().count()) as f64) * 6.1 + 14.0,
+        shown: mode != "none" && !(line1.is_empty() && line2.is_empty()),
+        hover: format!("{full}\n{detail}"),
+        line1,
+        line2,
+    }
+}
+
+/// What changed on a node or edge of a diff: `added`, `removed`, or what moved.
+fn change_text(v: &Value) -> String {
+    match s(v, "change").as_str() {
+        "added" => "new in this window".into(),
+        "removed" => format!("gone ({} requests before)", f(v, "base_requests")),
+        "changed" => {
+            let moved: Vec<String> = v["moved"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(Value::as_str)
+                        .map(|k| match k {
+                            "error_rate" => format!(
+                                "errors {} → {}",
+                                fmt_pct(f(v, "base_error_rate")),
+                                fmt_pct(f(v, "error_rate"))
+                            ),
+                            _ => format!(
+                                "p99 {} → {}",
+                                fmt_ms(f(v, "base_p99_ms")),
+                                fmt_ms(f(v, "p99_ms"))
+                            ),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            moved.join(", ")
+        }
+        _ => "unchanged".into(),
+    }
 }
 
 /// An edge's security in its panel: the mTLS share, the identities each side proved, and
@@ -693,6 +1209,34 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
             </div>
         }
     });
+    // The live requests of this node or edge, and hiding a node or its namespace.
+    let tap_query: Vec<(&str, String)> = match &sel {
+        Selection::Node(id) if kind == "service" => vec![("service", id.clone())],
+        Selection::Node(_) => Vec::new(),
+        Selection::Edge(a, b) if a == "user" || a == "user (entry)" => vec![("service", b.clone())],
+        Selection::Edge(a, b) => vec![("service", a.clone()), ("peer", b.clone())],
+    };
+    let tap_link = (!tap_query.is_empty()).then(|| {
+        let href = url.link("/tap", &tap_query);
+        view! { <a class="btn" href=href data-test="tap-link">"Live tap ›"</a> }
+    });
+    let hide_buttons = match &sel {
+        Selection::Node(id) => {
+            let namespace = s(&data, "namespace");
+            let id = id.clone();
+            Some(view! {
+                <div class="panel-links">
+                    <button class="btn ghost" data-test="hide-node" on:click=move |_| go(&hide_more(&url, &id), false)>"Hide node"</button>
+                    {(!namespace.is_empty()).then(|| {
+                        let label = format!("Hide namespace {namespace}");
+                        let item = format!("ns:{namespace}");
+                        view! { <button class="btn ghost" data-test="hide-namespace" on:click=move |_| go(&hide_more(&url, &item), false)>{label}</button> }
+                    })}
+                </div>
+            })
+        }
+        Selection::Edge(..) => None,
+    };
     let kind_label = match kind.as_str() {
         "service" => "Service",
         "virtual" => "Uninstrumented peer",
@@ -711,6 +1255,8 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
             </div>
             {numbers}
             {trace_links}
+            <div class="panel-links">{tap_link}</div>
+            {hide_buttons}
             {no_series_note}
             {detail.map(|res| view! {
                 <h3 class="panel-sub">{if kind == "edge" { "Requests on this edge over time" } else { "Golden signals over time" }}</h3>
