@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::Server;
-use common::otlp::{kv, post, traces};
+use common::otlp::{kv, post, traces, traces_of};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
@@ -112,7 +112,7 @@ async fn open_tap(server: &Server, query: &str) -> reqwest::Response {
         .expect("tap");
     assert_eq!(resp.status(), 200, "tap?{query}");
     assert_eq!(
-        resp.headers()["content-type"].to_str().unwrap(),
+        resp.headers()["content-type"].to_str().expect("ASCII"),
         "text/event-stream"
     );
     resp
@@ -323,9 +323,9 @@ impl Crafted {
             let t = at + i * 10_000_000;
             // Roots last 100 ms whatever they call, so the entry edges stay alike.
             let root = self.span(trace, None, 2, t, 100, false);
-            let root_id = u64::from_be_bytes(root.span_id[..8].try_into().unwrap());
+            let root_id = self.next;
             let client = self.span(trace, Some(root_id), 3, t + 500_000, ms, i < errors);
-            let client_id = u64::from_be_bytes(client.span_id[..8].try_into().unwrap());
+            let client_id = self.next;
             let server = self.span(
                 trace,
                 Some(client_id),
@@ -349,13 +349,10 @@ impl Crafted {
         let mut req = traces("x", Vec::new());
         req.resource_spans.clear();
         for (s, spans) in by_service {
-            let mut r = traces(s, spans);
-            r.resource_spans[0]
-                .resource
-                .as_mut()
-                .unwrap()
-                .attributes
-                .push(kv("service.namespace", "shop"));
+            let r = traces_of(
+                vec![kv("service.name", s), kv("service.namespace", "shop")],
+                spans,
+            );
             req.resource_spans.extend(r.resource_spans);
         }
         post(&server.otlp_url("/v1/traces"), &req).await;

@@ -1714,20 +1714,20 @@ fn big_mesh(t0_ns: u64) -> Value {
             let ns = svc.split('-').next().unwrap_or_default().to_string();
             let versioned = svc.ends_with("svc0") || svc.ends_with("svc5");
             // Every third span of a versioned service is v2's.
-            let (b, a): (Vec<(usize, Value)>, Vec<(usize, Value)>) = spans
-                .into_iter()
-                .enumerate()
-                .partition(|(i, _)| versioned && i % 3 == 2);
-            let strip = |v: Vec<(usize, Value)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
-            [("v1", strip(a)), ("v2", strip(b))]
+            let (mut v1, mut v2) = (Vec::new(), Vec::new());
+            for (i, s) in spans.into_iter().enumerate() {
+                if versioned && i % 3 == 2 {
+                    v2.push(s)
+                } else {
+                    v1.push(s)
+                }
+            }
+            [("v1", v1), ("v2", v2)]
                 .into_iter()
                 .filter(|(_, s)| !s.is_empty())
                 .map(|(v, s)| {
-                    let mut r = resource(&svc, &ns);
-                    r["attributes"]
-                        .as_array_mut()
-                        .unwrap()
-                        .push(attr("service.version", v));
+                    let r = json!({ "attributes": [attr("service.name", &svc),
+                        attr("service.namespace", &ns), attr("service.version", v)] });
                     json!({ "resource": r, "scopeSpans": [{ "spans": s }] })
                 })
                 .collect::<Vec<_>>()

@@ -272,6 +272,9 @@ fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
     (PAD_X * 2.0 + (columns as f64 - 1.0) * COL, height, boxes)
 }
 
+/// A cubic Bézier's four points.
+type Curve = [(f64, f64); 4];
+
 /// An axis-aligned box: left, top, right, bottom.
 type Rect = (f64, f64, f64, f64);
 
@@ -280,7 +283,7 @@ fn overlaps(a: &Rect, b: &Rect) -> bool {
 }
 
 /// The point at `t` of the cubic Bézier `p`.
-fn bezier(p: &[(f64, f64); 4], t: f64) -> (f64, f64) {
+fn bezier(p: &Curve, t: f64) -> (f64, f64) {
     let u = 1.0 - t;
     let (a, b, c, d) = (u * u * u, 3.0 * u * u * t, 3.0 * u * t * t, t * t * t);
     (
@@ -292,7 +295,7 @@ fn bezier(p: &[(f64, f64); 4], t: f64) -> (f64, f64) {
 /// Places edge labels (`(curve, width)`, busiest first) along their curves where they
 /// cover no node (`obstacles`) and no label placed before; `None` where there is no room
 /// (the edge's hover card still tells its numbers).
-fn place_labels(labels: &[([(f64, f64); 4], f64)], obstacles: &[Rect]) -> Vec<Option<(f64, f64)>> {
+fn place_labels(labels: &[(Curve, f64)], obstacles: &[Rect]) -> Vec<Option<(f64, f64)>> {
     const TS: [f64; 9] = [0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78, 0.15, 0.85];
     let mut placed: Vec<Rect> = Vec::new();
     labels
@@ -675,7 +678,7 @@ fn GraphView(
     let max_edge_rate = edges.iter().map(|e| f(&e.data, "rate")).fold(0.0, f64::max);
 
     // Geometry and text of every edge first, so that labels can be placed together.
-    let curve_of = |e: &GEdge| -> Option<(String, [(f64, f64); 4])> {
+    let curve_of = |e: &GEdge| -> Option<(String, Curve)> {
         let (x1, y1, r1) = *at.get(&e.source)?;
         let (x2, y2, r2) = *at.get(&e.target)?;
         Some(if x2 > x1 + 1.0 {
@@ -700,9 +703,9 @@ fn GraphView(
         .iter()
         .map(|e| edge_text(&e.data, &label_mode))
         .collect();
-    let curves: Vec<Option<(String, [(f64, f64); 4])>> = edges.iter().map(curve_of).collect();
-    // Nodes and their labels are obstacles; the busiest edges choose first.
-    // Each node's shape, and the name and numbers under it.
+    let curves: Vec<Option<(String, Curve)>> = edges.iter().map(curve_of).collect();
+    // Obstacles: each node's shape, and the name and numbers under it; the busiest edges
+    // choose their label's place first.
     let obstacles: Vec<Rect> = nodes
         .iter()
         .flat_map(|n| {
@@ -726,7 +729,7 @@ fn GraphView(
             .partial_cmp(&f(&edges[*a].data, "rate"))
             .unwrap_or(std::cmp::Ordering::Equal)
     });
-    let wanted: Vec<([(f64, f64); 4], f64)> = order
+    let wanted: Vec<(Curve, f64)> = order
         .iter()
         .filter_map(|i| Some((curves[*i].as_ref()?.1, texts[*i].width)))
         .collect();
@@ -888,14 +891,14 @@ fn GraphView(
         }
     };
     let moved = move |e: web_sys::PointerEvent| {
-        if let (Some((x0, y0)), Some((x, y, _))) = (drag.get_value(), to_drawing(&e)) {
-            if (x - x0).abs() + (y - y0).abs() > 2.0 {
-                view.update(|v| {
-                    v.x += x - x0;
-                    v.y += y - y0;
-                });
-                drag.set_value(Some((x, y)));
-            }
+        if let (Some((x0, y0)), Some((x, y, _))) = (drag.get_value(), to_drawing(&e))
+            && (x - x0).abs() + (y - y0).abs() > 2.0
+        {
+            view.update(|v| {
+                v.x += x - x0;
+                v.y += y - y0;
+            });
+            drag.set_value(Some((x, y)));
         }
     };
     let up = move |_| drag.set_value(None);
