@@ -618,6 +618,17 @@ impl Browser {
         .await
     }
 
+    /// Runs `script` as an async WebDriver script: it ends by calling
+    /// `arguments[arguments.length - 1](value)`.
+    async fn js_async(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/async",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
     /// The browser console's errors since the last call (chromedriver's log endpoint).
     async fn console_errors(&self) -> Vec<String> {
         let v = self
@@ -1516,6 +1527,52 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     let fit_button = b.find_all("[data-test='zoom-fit']").await;
     b.click(&fit_button[0]).await;
     assert_eq!(transform().await, fit);
+
+    // Export: each button saves a file (the page's downloads are caught and read back).
+    b.js(
+        "window.__saved = [];
+         URL.revokeObjectURL = () => {};
+         HTMLAnchorElement.prototype.click = function () { window.__saved.push([this.download, this.href]); };",
+        json!([]),
+    )
+    .await;
+    for what in ["svg", "json", "png"] {
+        let button = b.find_all(&format!("[data-test='export-{what}']")).await;
+        b.click(&button[0]).await;
+    }
+    let saved = b
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             const wait = () => window.__saved.length < 3 ? setTimeout(wait, 50) :
+                 Promise.all(window.__saved.map(([name, href]) => fetch(href).then(r => r.blob())
+                     .then(async b => [name, b.type, b.size, b.type.startsWith('image/png') ? '' : await b.text()])))
+                 .then(done);
+             wait();",
+        )
+        .await;
+    let saved = saved.as_array().expect("downloads");
+    let file = |name: &str| {
+        saved
+            .iter()
+            .find(|f| f[0] == name)
+            .unwrap_or_else(|| panic!("no {name} in {saved:?}"))
+            .clone()
+    };
+    let svg = file("meshscope-topology.svg");
+    let text = svg[3].as_str().unwrap();
+    assert!(text.starts_with("<svg") && text.contains("xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(
+        text.contains("<style>") && text.contains("data-id=\"inventory\""),
+        "{}",
+        &text[..200]
+    );
+    let json: Value =
+        serde_json::from_str(file("meshscope-topology.json")[3].as_str().unwrap()).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 4, "{json}");
+    assert_eq!(json["edges"].as_array().unwrap().len(), 4, "{json}");
+    let png = file("meshscope-topology.png");
+    assert_eq!(png[1], "image/png");
+    assert!(png[2].as_u64().unwrap() > 5_000, "{png:?}");
 
     // Edge labels as chosen: p99 only, or none (the hover card keeps the numbers).
     b.goto(&server.url("/?range=15m&label=p99")).await;

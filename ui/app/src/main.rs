@@ -6,6 +6,7 @@
 
 mod alerts;
 mod charts;
+mod export;
 mod logs;
 mod security;
 mod services;

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use leptos::prelude::*;
 use serde_json::Value;
-use wasm_bindgen::JsCast;
 
 use crate::charts::{LineChart, Series};
 use crate::state::{go, use_url};
@@ -54,28 +53,6 @@ fn csv(result: &Value) -> String {
         out.push('\n');
     }
     out
-}
-
-fn download(name: &str, text: &str) {
-    let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(text));
-    let opts = web_sys::BlobPropertyBag::new();
-    opts.set_type("text/csv");
-    let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else {
-        return;
-    };
-    let Ok(href) = web_sys::Url::create_object_url_with_blob(&blob) else {
-        return;
-    };
-    if let Some(a) = document()
-        .create_element("a")
-        .ok()
-        .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
-    {
-        a.set_href(&href);
-        a.set_download(name);
-        a.click();
-    }
-    let _ = web_sys::Url::revoke_object_url(&href);
 }
 
 #[component]
@@ -175,7 +152,7 @@ pub fn SqlPage() -> impl IntoView {
                                     let v2 = v.clone();
                                     view! {
                                         <span class="muted small">{format!("{n} rows in {ms:.0} ms")}</span>
-                                        <button class="btn" on:click=move |_| download("meshscope-query.csv", &csv(&v2))>"Download CSV"</button>
+                                        <button class="btn" on:click=move |_| util::download("meshscope-query.csv", "text/csv", &csv(&v2))>"Download CSV"</button>
                                     }.into_any()
                                 }
                                 _ => ().into_any(),

@@ -671,6 +671,8 @@ fn GraphView(
         .into_any();
     }
     let (w, h, boxes) = layout(&mut nodes, &edges);
+    let shown_nodes: Vec<Value> = nodes.iter().map(|n| n.data.clone()).collect();
+    let shown_edges: Vec<Value> = edges.iter().map(|e| e.data.clone()).collect();
     let at: HashMap<String, (f64, f64, f64)> = nodes
         .iter()
         .map(|n| (n.id.clone(), (n.x, n.y, n.r)))
@@ -908,6 +910,11 @@ fn GraphView(
             <button class="btn icon" data-test="zoom-in" title="Zoom in" on:click=move |_| view.update(|v| *v = v.zoom(1.3, centre.0, centre.1))>"+"</button>
             <button class="btn icon" data-test="zoom-out" title="Zoom out" on:click=move |_| view.update(|v| *v = v.zoom(1.0 / 1.3, centre.0, centre.1))>"−"</button>
             <button class="btn icon" data-test="zoom-fit" title="Fit to screen" on:click=move |_| view.set(View::FIT)>"⤢"</button>
+        </div>
+        <div class="export-controls">
+            <button class="btn ghost small" data-test="export-svg" title="Save the drawing as SVG" on:click=move |_| crate::export::save_svg()>"SVG"</button>
+            <button class="btn ghost small" data-test="export-png" title="Save the drawing as PNG" on:click=move |_| crate::export::save_png()>"PNG"</button>
+            <button class="btn ghost small" data-test="export-json" title="Save the nodes and edges shown as JSON" on:click=move |_| crate::export::save_json(&shown_nodes, &shown_edges)>"JSON"</button>
         </div>
         <svg class="graph" data-test="topology" viewBox=format!("0 0 {vw:.0} {vh:.0}") preserveAspectRatio="xMidYMid meet"
             on:wheel=wheel on:pointerdown=down on:pointermove=moved on:pointerup=up on:pointerleave=up>

@@ -344,3 +344,31 @@ pub fn identities(edge: &Value, key: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Saves `text` as a file called `name` (through a Blob and a clicked link).
+pub fn download(name: &str, mime: &str, text: &str) {
+    let parts = js_sys::Array::of1(&JsValue::from_str(text));
+    let opts = web_sys::BlobPropertyBag::new();
+    opts.set_type(mime);
+    if let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) {
+        download_blob(name, &blob);
+    }
+}
+
+/// Saves a Blob as a file called `name`.
+pub fn download_blob(name: &str, blob: &web_sys::Blob) {
+    use wasm_bindgen::JsCast;
+    let Ok(href) = web_sys::Url::create_object_url_with_blob(blob) else {
+        return;
+    };
+    if let Some(a) = document()
+        .create_element("a")
+        .ok()
+        .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
+    {
+        a.set_href(&href);
+        a.set_download(name);
+        a.click();
+    }
+    let _ = web_sys::Url::revoke_object_url(&href);
+}
