@@ -1473,7 +1473,9 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"));
     let minute = 60 * 1_000_000_000;
-    let (now, hour_ago) = (now_ns() - 5 * minute, now_ns() - 65 * minute);
+    // 10 s into a minute, so that each window's calls (a second long) stay in one minute.
+    let start = (now_ns() - 5 * minute) / minute * minute + 10_000_000_000;
+    let (now, hour_ago) = (start, start - 60 * minute);
     let frontend = ("frontend", "shop");
     // The hour before: frontend → cart → legacy; now: frontend → cart → inventory.
     for (t, seed, from, to) in [
@@ -1636,6 +1638,26 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
         "{text}"
     );
     b.screenshot("topology-diff").await;
+
+    // Replay, minute by minute: the minute of the traffic shows it, the one before is empty.
+    let minute_of = |ns: u64| {
+        chrono::DateTime::from_timestamp_nanos((ns / minute * minute) as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    b.goto(&server.url(&format!("/?range=15m&at={}", minute_of(now))))
+        .await;
+    b.wait_for(".edge[data-source='cart'][data-target='inventory']", 1)
+        .await;
+    let replay = b.wait_for("[data-test='replay'] span", 1).await;
+    let label = b.text(&replay[0]).await;
+    assert!(label.to_lowercase().starts_with("replay · "), "{label}");
+    b.goto(&server.url(&format!("/?range=15m&at={}", minute_of(now - 2 * minute))))
+        .await;
+    b.wait_for(".empty", 1).await;
+    let whole = b.wait_for("[data-test='replay-off']", 1).await;
+    b.click(&whole[0]).await;
+    b.wait_for(".edge[data-source='cart'][data-target='inventory']", 1)
+        .await;
 
     // The live tap: requests appear as they are ingested; leaving the page ends the tap.
     b.goto(&server.url("/tap?service=cart")).await;

@@ -425,7 +425,8 @@ fn parse_sel(v: Option<String>) -> Option<Selection> {
 pub fn TopologyPage() -> impl IntoView {
     let url = use_url();
     let graph = LocalResource::new(move || {
-        let mut q = url.range().api();
+        let range_q = url.range().api();
+        let mut q = range_q.clone();
         if let Some(ns) = url.get("namespace") {
             q.push_str(&format!("&namespace={}", enc(&ns)));
         }
@@ -437,6 +438,19 @@ pub fn TopologyPage() -> impl IntoView {
             ));
         }
         tick();
+        // Replay: one minute of the range (`at=`), from the rollups.
+        if let Some(at) = url
+            .get("at")
+            .map(|a| js_sys::Date::parse(&a))
+            .filter(|a| !a.is_nan())
+        {
+            let minute = format!(
+                "start={}&end={}&source=rollups",
+                enc(&util::iso(at)),
+                enc(&util::iso(at + 60e3))
+            );
+            q = q.replacen(&range_q, &minute, 1);
+        }
         let compare = Compare::of(url.get("compare").as_deref());
         async move {
             match compare {
@@ -536,6 +550,7 @@ pub fn TopologyPage() -> impl IntoView {
                         <option value="day" selected=move || url.get("compare").as_deref() == Some("day")>"With the day before"</option>
                     </select>
                 </label>
+                <Replay/>
                 <label class="check">
                     <input type="checkbox" data-test="idle-edges" prop:checked=move || url.get("idle").as_deref() != Some("hide")
                         on:change=move |e| go(&url.with(&[("idle", (!event_target_checked(&e)).then(|| "hide".to_string()))]), true)/>
@@ -592,6 +607,89 @@ pub fn TopologyPage() -> impl IntoView {
                 </div>
                 // The panel lives as long as the selection; refreshes update it in place.
                 {move || selection.get().filter(|_| loaded.get()).map(|sel| view! { <SidePanel sel=sel graph=graph/> })}
+            </div>
+        </div>
+    }
+}
+
+/// The minutes of the range, as epoch milliseconds of each minute's start.
+fn minutes_of(range: &crate::state::Range) -> Vec<f64> {
+    let (a, b) = range.bounds();
+    let first = (a / 60e3).floor() * 60e3;
+    let n = ((b - first) / 60e3).ceil().clamp(1.0, 1440.0) as usize;
+    (0..n).map(|i| first + i as f64 * 60e3).collect()
+}
+
+/// Replays the topology minute by minute over the range (`at=` the minute shown): a slider,
+/// and play / pause stepping a minute every second and a half.
+#[component]
+fn Replay() -> impl IntoView {
+    let url = use_url();
+    let minutes = Memo::new(move |_| minutes_of(&url.range()));
+    let index = move || {
+        let at = url.get("at").map(|a| js_sys::Date::parse(&a))?;
+        minutes.get().iter().position(|m| (*m - at).abs() < 1.0)
+    };
+    let show = move |i: usize| {
+        if let Some(m) = minutes.get_untracked().get(i) {
+            go(
+                &url.with(&[("at", Some(util::iso(*m))), ("compare", None)]),
+                true,
+            );
+        }
+    };
+    let playing: StoredValue<Option<IntervalHandle>, LocalStorage> = StoredValue::new_local(None);
+    let is_playing = RwSignal::new(false);
+    let stop = move || {
+        if let Some(h) = playing.get_value() {
+            h.clear();
+        }
+        playing.set_value(None);
+        is_playing.set(false);
+    };
+    let play = move |_| {
+        if is_playing.get_untracked() {
+            stop();
+            return;
+        }
+        if index().is_none() {
+            show(0);
+        }
+        let h = set_interval_with_handle(
+            move || {
+                let n = minutes.get_untracked().len();
+                match index() {
+                    Some(i) if i + 1 < n => show(i + 1),
+                    _ => stop(),
+                }
+            },
+            std::time::Duration::from_millis(1500),
+        )
+        .ok();
+        playing.set_value(h);
+        is_playing.set(true);
+    };
+    on_cleanup(move || {
+        if let Some(h) = playing.try_get_value().flatten() {
+            h.clear();
+        }
+    });
+    view! {
+        <div class="field replay" data-test="replay">
+            <span>{move || match index() {
+                Some(i) => format!("Replay · {}", util::iso(minutes.get()[i]).get(11..16).unwrap_or("").to_string()),
+                None => "Replay".to_string(),
+            }}</span>
+            <div class="replay-row">
+                <button class="btn icon" data-test="replay-play" title="Play the range minute by minute" on:click=play>
+                    {move || if is_playing.get() { "❚❚" } else { "▶" }}
+                </button>
+                <input type="range" min="0" data-test="replay-slider" prop:max=move || minutes.get().len().saturating_sub(1).to_string()
+                    prop:value=move || index().unwrap_or(0).to_string()
+                    on:input=move |e| { if let Ok(i) = event_target_value(&e).parse::<usize>() { show(i) } }/>
+                <Show when=move || url.get("at").is_some()>
+                    <button class="btn ghost small" data-test="replay-off" on:click=move |_| { stop(); go(&url.with(&[("at", None)]), true) }>"Whole range"</button>
+                </Show>
             </div>
         </div>
     }
