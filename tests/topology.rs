@@ -549,3 +549,70 @@ async fn graph_diff_marks_what_changed_between_two_windows() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_are_searched_by_several_attributes_of_one_span() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let at = now_ns() - 60_000_000_000;
+    let span = |n: u64, route: &str, region: &str| PSpan {
+        trace_id: (1000 + n).to_be_bytes().repeat(2),
+        span_id: (1000 + n).to_be_bytes().to_vec(),
+        name: "GET".into(),
+        kind: 2,
+        start_time_unix_nano: at + n,
+        end_time_unix_nano: at + n + 1_000_000,
+        attributes: vec![kv("http.route", route), kv("region", region)],
+        ..Default::default()
+    };
+    let req = traces(
+        "cart",
+        vec![
+            span(1, "/cart", "eu west"),
+            span(2, "/cart", "us"),
+            span(3, "/pay", "eu west"),
+        ],
+    );
+    post(&server.otlp_url("/v1/traces"), &req).await;
+    let search = |attrs: &str| {
+        let url = reqwest::Url::parse_with_params(
+            &server.url("/api/v1/traces"),
+            &[
+                ("attribute", attrs),
+                ("start", &rfc3339(at - 60_000_000_000)),
+            ],
+        )
+        .expect("url");
+        async move {
+            let r = reqwest::get(url).await.expect("search");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = v
+            .as_array()
+            .expect("traces")
+            .iter()
+            .map(|t| t["trace_id"].as_str().expect("id")[28..].to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = search(r#"http.route=/cart region="eu west""#).await;
+        assert_eq!(s, 200, "{v}");
+        if !ids(&v).is_empty() {
+            // Both on one span: trace 1 only (1001 = 0x3e9).
+            assert_eq!(ids(&v), ["03e9"], "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "spans did not become visible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ids(&search("http.route=/cart").await.1), ["03e9", "03ea"]);
+    let (s, v) = search(r#"region="eu"#).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("key=value"), "{v}");
+}

@@ -891,9 +891,9 @@ async fn ui_pages_in_a_real_browser() {
     .collect();
     assert_eq!(edges, expected_edges);
     // The mesh-only edge says where it was seen.
+    b.screenshot("topology").await;
     let rec = b.find_all("g.edge[data-target='recommendations']").await;
     assert!(b.text(&rec[0]).await.contains("access logs"));
-    b.screenshot("topology").await;
 
     // Clicking a node opens its golden signals.
     let checkout = b.find_all("svg.graph g.node[data-id='checkout']").await;
@@ -1095,6 +1095,54 @@ async fn ui_pages_in_a_real_browser() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     b.screenshot("trace").await;
+    // The minimap has a bar per span; collapsing the root hides the six below it.
+    assert_eq!(b.find_all("[data-test='minimap'] .mini-bar").await.len(), 7);
+    let visible_rows = "return [...document.querySelectorAll('[data-test=waterfall] .span-row')]
+        .filter(r => r.style.display !== 'none').length";
+    let twisty = b.find_all("[data-test='collapse']").await;
+    b.click(&twisty[0]).await;
+    assert_eq!(b.js(visible_rows, json!([])).await, 1);
+    b.click(&twisty[0]).await;
+    assert_eq!(b.js(visible_rows, json!([])).await, 7);
+    // Download as JSON (the download is caught and read back).
+    b.js(
+        "window.__saved = []; URL.revokeObjectURL = () => {};
+         HTMLAnchorElement.prototype.click = function () { window.__saved.push([this.download, this.href]); };",
+        json!([]),
+    )
+    .await;
+    let button = b.find_all("[data-test='trace-json']").await;
+    b.click(&button[0]).await;
+    let saved = b
+        .js_async(
+            "const done = arguments[arguments.length - 1];
+             const [name, href] = window.__saved[0];
+             fetch(href).then(r => r.text()).then(t => done([name, t]));",
+        )
+        .await;
+    assert_eq!(saved[0], format!("trace-{want}.json"));
+    let json: Value = serde_json::from_str(saved[1].as_str().expect("text")).expect("JSON");
+    assert_eq!(json["spans"].as_array().map(Vec::len), Some(7));
+    // Against a trace that never reached checkout: its operations are missing there.
+    let other = trace_id(5);
+    b.goto(&server.url(&format!("/traces/{want}?compare={other}")))
+        .await;
+    b.wait_for("[data-test='trace-compare'] [data-test='compare-row']", 1)
+        .await;
+    let missing = b
+        .find_all("[data-test='compare-row'][data-change='missing']")
+        .await;
+    let mut names = Vec::new();
+    for r in &missing {
+        names.push(b.text(r).await);
+    }
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("payments") && n.contains("POST /charge")),
+        "{names:?}"
+    );
+    b.screenshot("trace-compare").await;
 
     // Logs: filtering by text keeps only the matching records; their trace ids link.
     b.goto(&server.url("/logs?range=15m")).await;

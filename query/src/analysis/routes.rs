@@ -153,7 +153,8 @@ struct TraceParams {
     status: Option<String>,
     #[serde(default, deserialize_with = "empty_as_none")]
     min_duration_ms: Option<f64>,
-    /// `key=value` on a span attribute.
+    /// `key=value` pairs one span must all hold, logfmt style (as Jaeger's tag search):
+    /// `http.route=/cart region="eu west"`.
     #[serde(default, deserialize_with = "empty_as_none")]
     attribute: Option<String>,
     #[serde(default, deserialize_with = "empty_as_none")]
@@ -162,25 +163,82 @@ struct TraceParams {
 
 impl TraceParams {
     fn query(self) -> Result<TraceQuery, QueryError> {
-        let attribute = match self.attribute {
-            Some(a) => Some(
-                a.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .ok_or_else(|| {
-                        QueryError::Invalid(format!("attribute must be key=value, got {a:?}"))
-                    })?,
-            ),
-            None => None,
+        let attributes = match &self.attribute {
+            Some(a) => logfmt(a)?,
+            None => Vec::new(),
         };
         Ok(TraceQuery {
             service: self.service,
             span_name: self.span_name,
             status: self.status,
             min_duration_ms: self.min_duration_ms,
-            attribute,
+            attributes,
             limit: self.limit.unwrap_or(20),
         })
     }
+}
+
+/// `k=v k2="v 2"`: pairs separated by spaces, a value in double quotes when it holds
+/// spaces (`\"` for a quote inside); only the first `=` of a pair splits it.
+fn logfmt(text: &str) -> Result<Vec<(String, String)>, QueryError> {
+    let bad = || {
+        QueryError::Invalid(format!(
+            "attribute must be key=value pairs separated by spaces, got {text:?}"
+        ))
+    };
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        let mut has_eq = false;
+        for c in chars.by_ref() {
+            if c == '=' {
+                has_eq = true;
+                break;
+            }
+            key.push(c);
+        }
+        if !has_eq || key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            if !closed || chars.peek().is_some_and(|c| !c.is_whitespace()) {
+                return Err(bad());
+            }
+        } else {
+            while let Some(c) = chars.peek().copied() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.push((key, value));
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 pub fn router(engine: QueryEngine) -> Router {
@@ -402,8 +460,8 @@ mod tests {
         assert_eq!(q.min_duration_ms, Some(2.5));
         // Only the first `=` splits: values may hold more.
         assert_eq!(
-            q.attribute,
-            Some(("http.route".to_string(), "/cart?a=b".to_string()))
+            q.attributes,
+            vec![("http.route".to_string(), "/cart?a=b".to_string())]
         );
         assert_eq!(q.limit, 5);
         assert_eq!(parse::<TraceParams>("").unwrap().query().unwrap().limit, 20);
@@ -412,6 +470,28 @@ mod tests {
             .query()
             .unwrap_err();
         assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn several_attributes_logfmt_style() {
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            logfmt(r#"http.route=/cart  region="eu \"west\"" empty="" a=b=c"#).unwrap(),
+            pairs(&[
+                ("http.route", "/cart"),
+                ("region", "eu \"west\""),
+                ("empty", ""),
+                ("a", "b=c")
+            ])
+        );
+        for bad in ["novalue", "a=\"open", "=x", "a=\"x\"y", "  "] {
+            let e = logfmt(bad).unwrap_err();
+            assert!(e.to_string().contains("key=value"), "{bad}: {e}");
+        }
     }
 
     #[test]

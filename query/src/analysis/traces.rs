@@ -25,8 +25,8 @@ pub struct TraceQuery {
     /// `error` keeps traces with at least one ERROR span; `ok` those without.
     pub status: Option<String>,
     pub min_duration_ms: Option<f64>,
-    /// `key=value` on a span attribute.
-    pub attribute: Option<(String, String)>,
+    /// `key=value` pairs one span's attributes must all hold.
+    pub attributes: Vec<(String, String)>,
     pub limit: usize,
 }
 
@@ -76,7 +76,7 @@ pub async fn search(
     if let Some(ms) = q.min_duration_ms {
         span_filters.push(format!("duration_ns >= {}", (ms * 1e6) as i64));
     }
-    if let Some((k, v)) = &q.attribute {
+    for (k, v) in &q.attributes {
         span_filters.push(format!("span_attributes[{}] = {}", sql_str(k), sql_str(v)));
     }
     let having = match q.status.as_deref() {

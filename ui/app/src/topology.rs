@@ -296,13 +296,19 @@ fn bezier(p: &Curve, t: f64) -> (f64, f64) {
 /// cover no node (`obstacles`) and no label placed before; `None` where there is no room
 /// (the edge's hover card still tells its numbers).
 fn place_labels(labels: &[(Curve, f64)], obstacles: &[Rect]) -> Vec<Option<(f64, f64)>> {
-    const TS: [f64; 9] = [0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78, 0.15, 0.85];
+    const TS: [f64; 11] = [
+        0.5, 0.42, 0.58, 0.34, 0.66, 0.26, 0.74, 0.2, 0.8, 0.14, 0.86,
+    ];
+    // On the curve first, then just above or below it.
+    const DY: [f64; 3] = [0.0, -18.0, 18.0];
     let mut placed: Vec<Rect> = Vec::new();
     labels
         .iter()
         .map(|(curve, w)| {
-            let spot = TS.iter().find_map(|t| {
-                let (x, y) = bezier(curve, *t);
+            let candidates = DY.iter().flat_map(|dy| TS.iter().map(move |t| (*t, *dy)));
+            let spot = candidates.into_iter().find_map(|(t, dy)| {
+                let (x, y) = bezier(curve, t);
+                let y = y + dy;
                 // The padlock sits left of the label.
                 let r = (x - w / 2.0 - 20.0, y - 16.0, x + w / 2.0 + 2.0, y + 16.0);
                 (!obstacles.iter().any(|o| overlaps(o, &r))
@@ -809,7 +815,8 @@ fn GraphView(
     let obstacles: Vec<Rect> = nodes
         .iter()
         .flat_map(|n| {
-            let text = n.id.chars().count().max(16) as f64 * 4.2 + 4.0;
+            // The name (13 px, bold) or the numbers under it (about 20 characters of 11 px).
+            let text = (n.id.chars().count() as f64 * 3.9).max(60.0) + 2.0;
             [
                 (
                     n.x - n.r - 6.0,

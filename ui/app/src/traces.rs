@@ -95,7 +95,7 @@ pub fn TracesPage() -> impl IntoView {
                 </label>
                 <label class="field grow">
                     <span>"Attribute"</span>
-                    <input name="attribute" placeholder="http.route=/checkout" prop:value=move || attribute.get() on:input=input(attribute)/>
+                    <input name="attribute" placeholder="http.route=/checkout region=eu" prop:value=move || attribute.get() on:input=input(attribute)/>
                 </label>
                 <label class="field">
                     <span>"Limit"</span>
@@ -169,6 +169,7 @@ pub fn TracesPage() -> impl IntoView {
 struct Span {
     v: Value,
     id: String,
+    parent: String,
     service: String,
     name: String,
     depth: f64,
@@ -195,9 +196,45 @@ pub fn TracePage() -> impl IntoView {
         ))
     });
     let selected = RwSignal::new(Option::<String>::None);
+    // `compare=<trace id>`: this trace against another, by service and operation.
+    let other = LocalResource::new(move || {
+        let c = url.get("compare");
+        async move {
+            match c {
+                Some(c) => util::get_json(format!("/api/v1/traces/{}", enc(c.trim())))
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        }
+    });
+    let compare_input = RwSignal::new(url.get_untracked("compare").unwrap_or_default());
+    let download = move |_| {
+        if let Some(Ok(v)) = trace.get_untracked() {
+            util::download(
+                &format!("trace-{}.json", id()),
+                "application/json",
+                &serde_json::to_string_pretty(&v).unwrap_or_default(),
+            );
+        }
+    };
     view! {
         <div class="page trace-page">
             <div class="crumbs"><a href=move || url.link("/traces", &[])>"Traces"</a>" / "<span class="mono">{id}</span></div>
+            <div class="toolbar trace-tools">
+                <button class="btn ghost" data-test="trace-json" on:click=download>"Download JSON"</button>
+                <label class="field grow">
+                    <span>"Compare with trace"</span>
+                    <input type="text" data-test="compare-trace" placeholder="another trace id…" prop:value=move || compare_input.get()
+                        on:input=move |e| compare_input.set(event_target_value(&e))
+                        on:change=move |e| go(&url.with(&[("compare", Some(event_target_value(&e)))]), false)/>
+                </label>
+            </div>
+            {move || match (trace.get(), other.get()) {
+                (Some(Ok(a)), Some(Ok(Some(b)))) => Some(view! { <TraceCompare a=a b=b/> }.into_any()),
+                (_, Some(Err(e))) => Some(view! { <ErrorBox msg=format!("the trace to compare with: {e}")/> }.into_any()),
+                _ => None,
+            }}
             {move || match trace.get() {
                 None => view! { <Loading/> }.into_any(),
                 Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
@@ -220,6 +257,7 @@ fn Waterfall(
         .into_iter()
         .map(|v| Span {
             id: s(&v, "span_id"),
+            parent: s(&v, "parent_span_id"),
             service: s(&v, "service_name"),
             name: s(&v, "span_name"),
             depth: f(&v, "depth"),
@@ -253,6 +291,43 @@ fn Waterfall(
     if selected.get_untracked().is_none() {
         selected.set(spans.first().map(|s| s.id.clone()));
     }
+    // Collapsible subtrees: a row is hidden while any of its ancestors is collapsed.
+    let collapsed: RwSignal<std::collections::HashSet<String>> = RwSignal::new(Default::default());
+    let parent_of: std::collections::HashMap<String, String> = spans
+        .iter()
+        .map(|sp| (sp.id.clone(), sp.parent.clone()))
+        .collect();
+    let ancestors = |id: &str| {
+        let mut out = Vec::new();
+        let mut at = parent_of.get(id).cloned().unwrap_or_default();
+        while !at.is_empty() && !out.contains(&at) && parent_of.contains_key(&at) {
+            out.push(at.clone());
+            at = parent_of.get(&at).cloned().unwrap_or_default();
+        }
+        out
+    };
+    let has_children: std::collections::HashSet<String> =
+        spans.iter().map(|sp| sp.parent.clone()).collect();
+    // The minimap: every span as a thin bar, the whole trace at a glance.
+    let n_spans = spans.len().max(1) as f64;
+    let minimap = spans
+        .iter()
+        .enumerate()
+        .map(|(i, sp)| {
+            let style = format!(
+                "left:{:.3}%;width:{:.3}%;top:{:.2}%;background:{}",
+                (sp.start - t0) / total * 100.0,
+                (sp.dur / total * 100.0).max(0.2),
+                i as f64 / n_spans * 100.0,
+                if sp.error {
+                    "#ef4444"
+                } else {
+                    palette(&order, &sp.service)
+                }
+            );
+            view! { <div class="mini-bar" style=style></div> }
+        })
+        .collect_view();
     let ticks = (0..=4)
         .map(|i| {
             let style = format!("left:{}%", i * 25);
@@ -269,6 +344,22 @@ fn Waterfall(
             let id2 = sp.id.clone();
             let is_sel = move || selected.get().as_deref() == Some(id2.as_str());
             let indent = format!("padding-left:{}px", 8.0 + sp.depth * 16.0);
+            let above = ancestors(&sp.id);
+            let hidden = move || collapsed.with(|c| above.iter().any(|a| c.contains(a)));
+            let toggle = has_children.contains(&sp.id).then(|| {
+                let (me, me2) = (sp.id.clone(), sp.id.clone());
+                let open = move || !collapsed.with(|c| c.contains(&me2));
+                view! {
+                    <button class="twisty" data-test="collapse" title="Collapse or expand the spans below"
+                        on:click=move |e| {
+                            e.stop_propagation();
+                            let me = me.clone();
+                            collapsed.update(|c| if !c.remove(&me) { c.insert(me); });
+                        }>
+                        {move || if open() { "▾" } else { "▸" }}
+                    </button>
+                }
+            });
             let bar = format!("left:{left:.3}%;width:{width:.3}%;background:{color}");
             let inside = left + width > 80.0;
             let label = fmt_ms(sp.dur / 1e6);
@@ -279,8 +370,10 @@ fn Waterfall(
             };
             view! {
                 <div class="span-row" class:critical=sp.critical class:error=sp.error class:selected=is_sel
+                    style:display=move || if hidden() { "none" } else { "" }
                     data-span-id=sp.id.clone() on:click=move |_| selected.set(Some(id.clone()))>
                     <div class="span-name" style=indent>
+                        {toggle}
                         <i class="svc-swatch" style=format!("background:{color}")></i>
                         <span class="svc">{sp.service.clone()}</span>
                         <span class="op">{sp.name.clone()}</span>
@@ -315,6 +408,7 @@ fn Waterfall(
         </div>
         <div class="trace-layout">
             <div class="waterfall card" data-test="waterfall">
+                <div class="minimap" data-test="minimap">{minimap}</div>
                 <div class="wf-head"><div class="span-name">"Service · operation"</div><div class="span-track ticks">{ticks}</div></div>
                 {rows}
             </div>
@@ -343,6 +437,69 @@ fn Waterfall(
                     }}
                 </div>
             </div>
+        </div>
+    }
+}
+
+/// Per (service, operation): how many spans and how long in all, in one trace.
+fn by_operation(trace: &Value) -> std::collections::BTreeMap<(String, String), (f64, f64)> {
+    let mut out: std::collections::BTreeMap<(String, String), (f64, f64)> = Default::default();
+    for sp in trace["spans"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let e = out
+            .entry((s(sp, "service_name"), s(sp, "span_name")))
+            .or_default();
+        e.0 += 1.0;
+        e.1 += f(sp, "duration_ns") / 1e6;
+    }
+    out
+}
+
+/// Two traces side by side by service and operation: spans only in the other (added),
+/// only in this one (missing), slower or faster by at least a fifth, or alike.
+#[component]
+fn TraceCompare(a: Value, b: Value) -> impl IntoView {
+    let (ours, theirs) = (by_operation(&a), by_operation(&b));
+    let mut keys: Vec<(String, String)> = ours.keys().chain(theirs.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    let rows = keys
+        .into_iter()
+        .map(|k| {
+            let (na, da) = ours.get(&k).copied().unwrap_or_default();
+            let (nb, db) = theirs.get(&k).copied().unwrap_or_default();
+            let change = if na == 0.0 {
+                "added"
+            } else if nb == 0.0 {
+                "missing"
+            } else if db > da * 1.2 && db - da >= 0.1 {
+                "slower"
+            } else if da > db * 1.2 && da - db >= 0.1 {
+                "faster"
+            } else {
+                "same"
+            };
+            view! {
+                <tr class=format!("cmp-{change}") data-test="compare-row" data-change=change>
+                    <td>{k.0.clone()}</td>
+                    <td class="mono">{k.1.clone()}</td>
+                    <td class="num">{format!("{na:.0} → {nb:.0}")}</td>
+                    <td class="num">{format!("{} → {}", fmt_ms(da), fmt_ms(db))}</td>
+                    <td>{change}</td>
+                </tr>
+            }
+        })
+        .collect_view();
+    view! {
+        <div class="card trace-compare" data-test="trace-compare">
+            <h3>{format!("This trace → {}", s(&b, "trace_id"))}</h3>
+            <table class="table">
+                <thead><tr><th>"Service"</th><th>"Operation"</th><th>"Spans"</th><th>"Time"</th><th>"Change"</th></tr></thead>
+                <tbody>{rows}</tbody>
+            </table>
         </div>
     }
 }
