@@ -1908,12 +1908,15 @@ async fn fifty_services_stay_legible_in_a_real_browser() {
         const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
         const pairs = (xs, ys, same) => { let n = 0; xs.forEach((a, i) => ys.forEach((b, j) => {
             if ((!same || j > i) && hit(a, b)) n++; })); return n; };
-        const names = boxes('.node .node-label'), shapes = boxes('.node circle.service-shape, .node rect.user-shape, .node polygon');
+        const names = boxes('.node .node-label'),
+              shapes = boxes('.node circle.service-shape, .node rect.user-shape, .node polygon, .version-dot circle');
         const labels = boxes('.edge-label rect');
         return { names: names.length, labels: labels.length, locks: document.querySelectorAll('.lock').length,
                  name_pairs: pairs(names, names, true), label_on_name: pairs(labels, names, false),
                  label_on_shape: pairs(labels, shapes, false), label_pairs: pairs(labels, labels, true),
-                 versions: document.querySelectorAll(\"[data-test='version-split']\").length };";
+                 versions: document.querySelectorAll(\"[data-test='version-split']\").length,
+                 version_nodes: document.querySelectorAll(\"[data-test='version-nodes'] .version-dot\").length,
+                 split_on_edges: [...document.querySelectorAll('.edge .el2')].filter(t => t.textContent.includes('v2 ')).length };";
     let m = b.js(measure, json!([])).await;
     eprintln!("50 services, {edges} edges: {m}");
     assert_eq!(m["names"], 51, "{m}");
@@ -1930,6 +1933,11 @@ async fn fifty_services_stay_legible_in_a_real_browser() {
         "the version split of each two-version service: {m}"
     );
     b.screenshot("topology-50").await;
+    let zoom_in = b.find_all("[data-test='zoom-in']").await;
+    for _ in 0..3 {
+        b.click(&zoom_in[0]).await;
+    }
+    b.screenshot("topology-50-zoomed").await;
 
     // Focus on one service and its neighbours; hide a namespace.
     b.goto(&server.url("/?range=15m&service=ns2-svc4&depth=1"))

@@ -817,13 +817,16 @@ fn GraphView(
         .flat_map(|n| {
             // The name (13 px, bold) or the numbers under it (about 20 characters of 11 px).
             let text = (n.id.chars().count() as f64 * 3.9).max(60.0) + 2.0;
+            // A service with versions has them drawn above it.
+            let versioned = n.data["versions"].as_array().is_some_and(|v| v.len() > 1);
+            let above = if versioned { 38.0 } else { 6.0 };
+            let half = if versioned {
+                (n.r + 6.0).max(52.0)
+            } else {
+                n.r + 6.0
+            };
             [
-                (
-                    n.x - n.r - 6.0,
-                    n.y - n.r - 6.0,
-                    n.x + n.r + 6.0,
-                    n.y + n.r + 6.0,
-                ),
+                (n.x - half, n.y - n.r - above, n.x + half, n.y + n.r + 6.0),
                 (n.x - text, n.y + n.r + 6.0, n.x + text, n.y + n.r + 48.0),
             ]
         })
@@ -954,6 +957,7 @@ fn GraphView(
                     <text x=x y=y + r + 18.0 text-anchor="middle" class="node-label">{n.id.clone()}</text>
                     <text x=x y=y + r + 32.0 text-anchor="middle" class="node-sub">{sub}</text>
                     {split.map(|t| view! { <text x=x y=y + r + 45.0 text-anchor="middle" class="node-versions" data-test="version-split">{t}</text> })}
+                    {version_dots(&n.data, x, y, r)}
                 </g>
             }
         })
@@ -1097,8 +1101,16 @@ fn edge_text(data: &Value, mode: &str) -> EdgeText {
         "mtls" => util::mtls_text(data),
         _ => full.clone(),
     };
+    let split = version_split(
+        data["by_version"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+    );
     let line2 = if !change.is_empty() {
         change_text(data)
+    } else if let Some(split) = split.filter(|_| mode == "all") {
+        split
     } else if mode == "all" {
         match util::mtls_text(data) {
             t if t.is_empty() => sources.join(" + "),
@@ -1422,6 +1434,41 @@ pub fn versions_table(list: &[Value]) -> impl IntoView + use<> {
             </table>
         }
     })
+}
+
+/// A service's versions as small nodes in an arc above it, each sized by its share of the
+/// requests and coloured by its own error rate, with its name: where the canary is and
+/// how it fares at a glance. Nothing for a service with one version.
+fn version_dots(data: &Value, x: f64, y: f64, r: f64) -> Option<impl IntoView + use<>> {
+    let list = data["versions"].as_array().filter(|l| l.len() > 1)?;
+    let total: f64 = list.iter().map(|v| f(v, "requests")).sum::<f64>().max(1.0);
+    let shown = list.len().min(4);
+    let dots = list
+        .iter()
+        .take(shown)
+        .enumerate()
+        .map(|(i, v)| {
+            let dx = (i as f64 - (shown as f64 - 1.0) / 2.0) * 26.0;
+            let (cx, cy) = (x + dx, y - r - 13.0);
+            let share = f(v, "requests") / total;
+            let dot = 3.0 + 6.0 * share.sqrt();
+            let color = health_color(f(v, "error_rate"));
+            let title = format!(
+                "{} · {} of requests · {} errors",
+                s(v, "version"),
+                fmt_pct(share),
+                fmt_pct(f(v, "error_rate"))
+            );
+            view! {
+                <g class="version-dot" data-version=s(v, "version")>
+                    <title>{title}</title>
+                    <circle cx=cx cy=cy r=dot fill=color></circle>
+                    <text x=cx y=cy - dot - 3.0 text-anchor="middle" class="version-label">{s(v, "version")}</text>
+                </g>
+            }
+        })
+        .collect_view();
+    Some(view! { <g class="versions" data-test="version-nodes">{dots}</g> })
 }
 
 /// `v1 90% · v2 10%`: a node's split across its versions, when it has more than one.
