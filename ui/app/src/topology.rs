@@ -683,7 +683,7 @@ fn Replay() -> impl IntoView {
     view! {
         <div class="field replay" data-test="replay">
             <span>{move || match index() {
-                Some(i) => format!("Replay · {}", util::iso(minutes.get()[i]).get(11..16).unwrap_or("").to_string()),
+                Some(i) => format!("Replay · {}", util::iso(minutes.get()[i]).get(11..16).unwrap_or("")),
                 None => "Replay".to_string(),
             }}</span>
             <div class="replay-row">
