@@ -168,6 +168,7 @@ fn to(name: &str, at: SocketAddr) -> Destination {
             identity: None,
         }],
         policy: Policy::default(),
+        routes: vec![],
     }
 }
 

@@ -125,6 +125,7 @@ fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> De
             })
             .collect(),
         policy,
+        routes: vec![],
     }
 }
 
@@ -740,4 +741,129 @@ async fn h2c_upstreams_timeouts_and_the_rate_limit_work_through_real_sockets() {
         .expect("request");
     assert_eq!(r.status(), 404);
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_by_request_match_path_method_headers_and_query_first_match_winning() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mut addrs = Vec::new();
+    for v in ["v1", "v2", "v3"] {
+        let (l, a) = bind_app().await;
+        serve_app(l, app(&format!("shop {v}"), None));
+        addrs.push(a);
+    }
+    let text = format!(
+        r#"
+[service]
+name = "caller"
+[listen]
+outbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[telemetry]
+otlp-endpoint = "{otlp}"
+batch-interval-ms = 200
+[[destination]]
+name = "shop"
+endpoint = [{{ address = "{a1}", version = "v1" }}, {{ address = "{a2}", version = "v2", weight = 0 }},
+            {{ address = "{a3}", version = "v3", weight = 0 }}]
+[[destination.route]]
+name = "beta"
+match = [{{ headers = [{{ name = "x-user-group", value = "beta" }}] }}]
+backends = [{{ version = "v2" }}]
+[[destination.route]]
+name = "api"
+match = [{{ path = {{ prefix = "/api" }} }}, {{ method = "DELETE" }}]
+backends = [{{ version = "v3" }}]
+[[destination.route]]
+name = "search"
+match = [{{ path = {{ exact = "/search" }}, query = [{{ name = "q", regex = "[a-z]+" }}] }}]
+backends = [{{ version = "v2", weight = 1 }}, {{ version = "v3", weight = 1 }}]
+"#,
+        otlp = server.grpc_url(),
+        a1 = addrs[0],
+        a2 = addrs[1],
+        a3 = addrs[2],
+    );
+    let c = ProxyConfig::parse(&text).expect("config");
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, beta: bool| {
+        let mut r = client
+            .request(method, format!("http://{out}{path}"))
+            .header("host", "shop");
+        if beta {
+            r = r.header("x-user-group", "beta");
+        }
+        async move {
+            let r = r.send().await.expect("through the proxy");
+            assert_eq!(r.status(), 200);
+            r.text().await.expect("body")
+        }
+    };
+    use reqwest::Method;
+    assert_eq!(
+        send(Method::GET, "/", false).await,
+        "shop v1",
+        "no route: the split"
+    );
+    assert_eq!(
+        send(Method::GET, "/api/items", true).await,
+        "shop v2",
+        "first match wins"
+    );
+    assert_eq!(send(Method::GET, "/api/items", false).await, "shop v3");
+    assert_eq!(send(Method::GET, "/api", false).await, "shop v3");
+    assert_eq!(
+        send(Method::GET, "/apix", false).await,
+        "shop v1",
+        "prefixes by segment"
+    );
+    assert_eq!(
+        send(Method::DELETE, "/other", false).await,
+        "shop v3",
+        "any match of a route"
+    );
+    assert_eq!(
+        send(Method::GET, "/search?q=123", false).await,
+        "shop v1",
+        "regex on the whole value"
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        *seen
+            .entry(send(Method::GET, "/search?x=1&q=abc", false).await)
+            .or_insert(0u64) += 1;
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["shop v2", "shop v3"],
+        "{seen:?}"
+    );
+    assert!(binomial_ok(seen["shop v2"], 200, 0.5), "{seen:?}");
+
+    // The CLIENT spans name the route that took them.
+    let routed = |name: &str| {
+        format!(
+            "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.route'] = '{name}'"
+        )
+    };
+    assert_eq!(
+        eventually(&server, &routed("search"), |n| n == 200).await,
+        200
+    );
+    assert_eq!(eventually(&server, &routed("api"), |n| n == 3).await, 3);
+    assert_eq!(eventually(&server, &routed("beta"), |n| n == 1).await, 1);
+    p.stop().await;
+
+    // A bad route is refused with every problem named.
+    let bad = text
+        .replace(r#"regex = "[a-z]+""#, r#"regex = "[a-z""#)
+        .replace(
+            r#"backends = [{ version = "v3" }]"#,
+            r#"backends = [{ version = "v9" }]"#,
+        );
+    let e = ProxyConfig::parse(&bad).expect_err("refused").to_string();
+    assert!(e.contains("regex") && e.contains("\"v9\""), "{e}");
 }

@@ -220,6 +220,7 @@ fn destination(name: &str, endpoints: Vec<Endpoint>, policy: Policy) -> Destinat
         namespace: None,
         endpoints,
         policy,
+        routes: vec![],
     }
 }
 

@@ -203,6 +203,10 @@ pub struct Destination {
     pub endpoints: Vec<Endpoint>,
     #[serde(default)]
     pub policy: Policy,
+    /// Routes by request (`[[destination.route]]`), first match wins; requests no route
+    /// matches take the endpoints' split and the policy above.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<crate::routes::RouteConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -452,6 +456,11 @@ impl ProxyConfig {
             }
             if p.timeout_ms == Some(0) {
                 return bad(format!("destination {:?}: timeout-ms is 0", d.name));
+            }
+            let versions: Vec<&str> = d.endpoints.iter().map(|e| e.version.as_str()).collect();
+            let problems = crate::routes::validate(&d.name, &d.routes, &versions);
+            if !problems.is_empty() {
+                return bad(problems.join("; "));
             }
         }
         Ok(())

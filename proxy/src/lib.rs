@@ -31,6 +31,7 @@ pub mod identity;
 pub mod inbound;
 pub mod layers;
 pub mod outbound;
+pub mod routes;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! The outbound side: the app's calls to other services. The router picks the destination
-//! by `Host` / `:authority` (port ignored) from the static registry and attaches its policy
-//! to the request; the layer stack then applies it:
+//! by `Host` / `:authority` (port ignored) from the static registry, then the first of its
+//! routes by request that matches (`crate::routes`: backends, timeout, retries of its own),
+//! and attaches the policy to the request; the layer stack then applies it:
 //! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use crate::layers::split::{Split, SplitLayer};
 use crate::layers::timeout::{Timeout, TimeoutLayer};
 use crate::layers::trace::{Peer, TraceLayer};
 use crate::layers::{Body, BoxFuture, HttpService, local_response};
+use crate::routes::{Match, RouteName, first_match};
 use crate::telemetry::{Direction, Telemetry};
 
 /// One destination with its policy objects. The stateful ones (breaker, bucket, retry
@@ -35,6 +37,19 @@ pub struct Route {
     pub breaker: Option<Arc<Breaker>>,
     pub bucket: Option<Arc<TokenBucket>>,
     pub fault: Option<Arc<crate::config::FaultConfig>>,
+    /// Routes by request, in order (`[[destination.route]]`).
+    pub http_routes: Vec<HttpRoute>,
+}
+
+/// One of a destination's routes by request, compiled: its matches, its backends as a
+/// split of their own, its timeout and retries (the destination's when it has none).
+#[derive(Debug)]
+pub struct HttpRoute {
+    pub name: RouteName,
+    pub matches: Vec<Match>,
+    pub split: Arc<Split>,
+    pub timeout: Option<Timeout>,
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 /// The registry, by lower-case host name.
@@ -77,25 +92,72 @@ impl Routes {
                     Some(b) if keep(b.config == c) => b,
                     _ => Arc::new(TokenBucket::new(c)),
                 });
+            let identities = |endpoints: &[crate::config::Endpoint]| {
+                endpoints
+                    .iter()
+                    .map(|e| {
+                        if config.mtls_to(d) {
+                            config.expected_identity(d, e).ok()
+                        } else {
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            let http_routes = d
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    // A route's backends: every endpoint of each version named, weighted by
+                    // the backend's weight times its own.
+                    let endpoints: Vec<crate::config::Endpoint> = if r.backends.is_empty() {
+                        d.endpoints.clone()
+                    } else {
+                        r.backends
+                            .iter()
+                            .flat_map(|b| {
+                                d.endpoints
+                                    .iter()
+                                    .filter(|e| e.version == b.version)
+                                    .map(|e| crate::config::Endpoint {
+                                        weight: b.weight.saturating_mul(e.weight.max(1)),
+                                        ..e.clone()
+                                    })
+                            })
+                            .collect()
+                    };
+                    let retry = r
+                        .retry
+                        .clone()
+                        .map(|c| Arc::new(RetryPolicy::new(c)))
+                        .or_else(|| retry.clone());
+                    HttpRoute {
+                        name: RouteName(Arc::from(
+                            r.name.clone().unwrap_or_else(|| format!("route-{}", i + 1)),
+                        )),
+                        // Validated with the config.
+                        matches: r
+                            .matches
+                            .iter()
+                            .filter_map(|m| Match::compile(m).ok())
+                            .collect(),
+                        split: Arc::new(Split::new(&d.name, &endpoints, identities(&endpoints))),
+                        timeout: r
+                            .timeout_ms
+                            .or(p.timeout_ms)
+                            .map(|ms| Timeout(Duration::from_millis(ms))),
+                        retry,
+                    }
+                })
+                .collect();
             let route = Arc::new(Route {
                 peer: Peer {
                     destination: Arc::from(d.name.as_str()),
                     db_system: d.db_system.as_deref().map(Arc::from),
                 },
-                split: Arc::new(Split::new(
-                    &d.name,
-                    &d.endpoints,
-                    d.endpoints
-                        .iter()
-                        .map(|e| {
-                            if config.mtls_to(d) {
-                                config.expected_identity(d, e).ok()
-                            } else {
-                                None
-                            }
-                        })
-                        .collect(),
-                )),
+                split: Arc::new(Split::new(&d.name, &d.endpoints, identities(&d.endpoints))),
+                http_routes,
                 timeout: p.timeout_ms.map(|ms| Timeout(Duration::from_millis(ms))),
                 retry,
                 breaker,
@@ -153,13 +215,23 @@ impl<S: HttpService> Service<Request<Body>> for Router<S> {
         let Some(route) = route else {
             return Box::pin(async { Ok(local_response(StatusCode::NOT_FOUND, "no-route")) });
         };
+        // The first route by request that matches, else the destination's own.
+        let by_request = first_match(&route.http_routes, |r| &r.matches, &req);
+        let (split, timeout, retry) = match by_request {
+            Some(r) => (&r.split, r.timeout, r.retry.as_ref()),
+            None => (&route.split, route.timeout, route.retry.as_ref()),
+        };
+        let name = by_request.map(|r| r.name.clone());
         let x = req.extensions_mut();
         x.insert(route.peer.clone());
-        x.insert(Arc::clone(&route.split));
-        if let Some(t) = route.timeout {
+        x.insert(Arc::clone(split));
+        if let Some(n) = name {
+            x.insert(n);
+        }
+        if let Some(t) = timeout {
             x.insert(t);
         }
-        if let Some(r) = &route.retry {
+        if let Some(r) = retry {
             x.insert(Arc::clone(r));
         }
         if let Some(b) = &route.breaker {

@@ -253,6 +253,10 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
             peer: parts.extensions.get::<RemoteAddr>().map(|r| r.0),
             decisions: Decisions::default(),
             security,
+            route: parts
+                .extensions
+                .get::<crate::routes::RouteName>()
+                .map(|r| Arc::clone(&r.0)),
         };
         let fut = self.inner.call(Request::from_parts(parts, body));
         let telemetry = self.telemetry.clone();

@@ -98,6 +98,8 @@ pub struct Finished {
     /// How the connection was secured: inbound, the caller's; outbound, the one to the
     /// endpoint (`None`: the proxy answered before connecting).
     pub security: Option<PeerSecurity>,
+    /// Outbound: the destination's route that matched the request (`meshscope.route`).
+    pub route: Option<Arc<str>>,
 }
 
 impl Finished {
@@ -334,6 +336,9 @@ impl Telemetry {
         }
         if let Some(src) = &f.source_workload {
             a.push(string_kv("meshscope.source_workload", src));
+        }
+        if let Some(r) = &f.route {
+            a.push(string_kv("meshscope.route", r));
         }
         if let Some(u) = &d.upstream {
             a.push(string_kv("network.peer.address", &u.0.ip().to_string()));
