@@ -261,6 +261,32 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         .filter_map(|v| v["version"].as_str())
         .collect();
     assert_eq!(versions, vec!["v1", "v2"], "{cart}");
+    // The A/B rule: beta users' calls to cart took the `beta` route, to v2 only.
+    let beta = "SELECT count(*) AS n, count(*) FILTER (WHERE span_attributes['meshscope.version'] = 'v2') AS v2
+                FROM spans WHERE span_attributes['meshscope.route'] = 'beta'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = client
+            .post(format!("http://127.0.0.1:{http}/api/v1/sql"))
+            .json(&serde_json::json!({ "sql": beta }))
+            .send()
+            .await
+            .expect("sql")
+            .json()
+            .await
+            .expect("json");
+        let (n, v2) = (v["rows"][0][0].as_i64(), v["rows"][0][1].as_i64());
+        if n.is_some_and(|n| n > 0) {
+            assert_eq!(n, v2, "every beta call went to v2: {v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no beta-routed calls: {v}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // Ctrl-C: everything stops and the process exits 0.
     let ok = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

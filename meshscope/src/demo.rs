@@ -33,6 +33,7 @@ use meshscope_proxy::config::{
     IdentityConfig, Listen, MtlsMode, Policy, ProxyConfig, RateLimitConfig, RetryConfig,
     ServiceIdentity, TelemetryConfig,
 };
+use meshscope_proxy::routes::{BackendConfig, MatchConfig, RouteConfig, ValueMatch};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -182,7 +183,7 @@ async fn downstream(
     let mut r = client
         .request(method, format!("http://{outbound}{}", c.path))
         .header(reqwest::header::HOST, c.host);
-    for h in ["traceparent", "tracestate"] {
+    for h in ["traceparent", "tracestate", BETA_HEADER] {
         if let Some(v) = incoming.get(h) {
             r = r.header(h, v.as_bytes());
         }
@@ -240,7 +241,7 @@ fn registry(addrs: &HashMap<(String, String), SocketAddr>) -> Vec<Destination> {
     let at = |n: &str, v: &str| addrs.get(&(n.to_string(), v.to_string())).copied();
     let mut d = vec![];
     if let (Some(v1), Some(v2)) = (at("cart", "v1"), at("cart", "v2")) {
-        d.push(destination(
+        let mut cart = destination(
             "cart",
             vec![
                 endpoint(v1, "v1", None, 90),
@@ -251,7 +252,26 @@ fn registry(addrs: &HashMap<(String, String), SocketAddr>) -> Vec<Destination> {
                 retry: Some(retry(2)),
                 ..Default::default()
             },
-        ));
+        );
+        // A/B by header: the beta users always get the new cart.
+        cart.routes = vec![RouteConfig {
+            name: Some("beta".into()),
+            matches: vec![MatchConfig {
+                headers: vec![ValueMatch {
+                    name: BETA_HEADER.into(),
+                    value: Some("beta".into()),
+                    regex: None,
+                }],
+                ..MatchConfig::default()
+            }],
+            backends: vec![BackendConfig {
+                version: "v2".into(),
+                weight: 1,
+            }],
+            timeout_ms: None,
+            retry: None,
+        }];
+        d.push(cart);
     }
     if let Some(a) = at("inventory", "v1") {
         d.push(destination(
@@ -413,6 +433,9 @@ fn proxy_config(
     }
 }
 
+/// The header of the demo's A/B rule, carried along by every demo app.
+const BETA_HEADER: &str = "x-user-group";
+
 /// Sends the traffic mix to the frontend until `stop`: 60% browse, 25% cart, 15% checkout.
 async fn traffic(frontend: SocketAddr, rps: f64, mut stop: watch::Receiver<bool>) {
     let client = reqwest::Client::new();
@@ -442,10 +465,14 @@ async fn traffic(frontend: SocketAddr, rps: f64, mut stop: watch::Receiver<bool>
         } else {
             (reqwest::Method::POST, "/checkout")
         };
-        let req = client
+        let mut req = client
             .request(method, format!("http://{frontend}{path}"))
             .header(reqwest::header::HOST, "frontend")
             .header(reqwest::header::USER_AGENT, "meshscope-demo-traffic");
+        // 5% of the users are in the beta group (routed to cart v2 by header).
+        if rand::random_range(0.0..1.0) < 0.05 {
+            req = req.header(BETA_HEADER, "beta");
+        }
         let (sent, failed) = (Arc::clone(&sent), Arc::clone(&failed));
         tokio::spawn(async move {
             sent.fetch_add(1, Ordering::Relaxed);
@@ -722,6 +749,8 @@ mod tests {
             cart.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
             [90, 10]
         );
+        assert_eq!(cart.routes.len(), 1);
+        assert_eq!(cart.routes[0].backends[0].version, "v2");
         assert_eq!(d[5].db_system.as_deref(), Some("postgresql"));
         let config = ProxyConfig {
             destinations: d,
