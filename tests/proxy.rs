@@ -27,11 +27,17 @@ struct App {
     hits: AtomicU64,
     failing: AtomicBool,
     flaky: bool,
+    /// Answers this late.
+    delay_ms: AtomicU64,
     next: Option<(String, SocketAddr)>,
 }
 
 async fn app_handler(State(app): State<Arc<App>>, req: Request) -> Response {
     let n = app.hits.fetch_add(1, Ordering::SeqCst);
+    let delay = app.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if app.failing.load(Ordering::SeqCst) || (app.flaky && n % 2 == 0) {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }
@@ -72,6 +78,7 @@ fn app(name: &str, next: Option<(String, SocketAddr)>) -> Arc<App> {
         hits: AtomicU64::new(0),
         failing: AtomicBool::new(false),
         flaky: false,
+        delay_ms: AtomicU64::new(0),
         next,
     })
 }
@@ -350,6 +357,7 @@ async fn retries_hide_a_flaky_upstream_and_are_counted() {
         hits: AtomicU64::new(0),
         failing: AtomicBool::new(false),
         flaky: true,
+        delay_ms: AtomicU64::new(0),
         next: None,
     });
     serve_app(l, Arc::clone(&flaky));
@@ -866,4 +874,107 @@ backends = [{{ version = "v2", weight = 1 }}, {{ version = "v3", weight = 1 }}]
         );
     let e = ProxyConfig::parse(&bad).expect_err("refused").to_string();
     assert!(e.contains("regex") && e.contains("\"v9\""), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_load() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (apps, mut addrs) = (
+        [
+            app("shop a", None),
+            app("shop b", None),
+            app("shop c", None),
+        ],
+        Vec::new(),
+    );
+    for a in &apps {
+        let (l, at) = bind_app().await;
+        serve_app(l, Arc::clone(a));
+        addrs.push(at);
+    }
+    let [a, b, c] = &apps;
+    a.failing.store(true, Ordering::SeqCst);
+    c.delay_ms.store(30, Ordering::SeqCst);
+    let mut config = config("caller", None, &server.grpc_url());
+    config.destinations = vec![dest(
+        "shop",
+        &[
+            (addrs[0], "v1", 1),
+            (addrs[1], "v1", 1),
+            (addrs[2], "v1", 1),
+        ],
+        Policy {
+            outlier: Some(meshscope_proxy::config::OutlierConfig {
+                consecutive_5xx: 3,
+                base_ejection_ms: 4000,
+                max_ejection_percent: 50,
+            }),
+            ..Default::default()
+        },
+    )];
+    // Every endpoint is v1 (the helper names the workload of other versions only).
+    let p = Proxy::start(config, None).await.expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let mut failures = 0;
+    for _ in 0..150 {
+        if get_via(&client, out, "shop").await.0 != 200 {
+            failures += 1;
+        }
+    }
+    // Three failures in a row ejected it; P2C rarely picks it before that.
+    assert!(failures >= 3 && failures <= 12, "{failures} failures");
+    let hits = |x: &App| x.hits.load(Ordering::SeqCst);
+    assert_eq!(hits(a), failures);
+    // Peak EWMA: the 30 ms endpoint gets far less than the fast one.
+    assert!(
+        hits(c) * 4 < hits(b),
+        "fast {} vs slow {}",
+        hits(b),
+        hits(c)
+    );
+    let admin = p.admin.expect("admin");
+    let metrics = || async {
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
+    let m = metrics().await;
+    assert!(
+        m.contains("meshscope_proxy_ejections_total{destination=\"shop\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("meshscope_proxy_endpoints_ejected{destination=\"shop\"} 1"),
+        "{m}"
+    );
+    // Healthy again, it returns after its ejection.
+    a.failing.store(false, Ordering::SeqCst);
+    let before = hits(a);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hits(a) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the ejected endpoint never came back"
+        );
+        assert_eq!(get_via(&client, out, "shop").await.0, 200);
+    }
+    assert!(
+        metrics()
+            .await
+            .contains("meshscope_proxy_endpoints_ejected{destination=\"shop\"} 0")
+    );
+    // The ejection is on the span of the request that caused it.
+    let ejected = format!(
+        "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.ejected'] = '{}'",
+        addrs[0]
+    );
+    assert_eq!(eventually(&server, &ejected, |n| n == 1).await, 1);
+    let events = "SELECT count(*) FROM (SELECT unnest(events) AS e FROM spans WHERE service_name = 'caller') WHERE e['name'] = 'meshscope.ejection'";
+    assert_eq!(eventually(&server, events, |n| n == 1).await, 1);
+    p.stop().await;
 }

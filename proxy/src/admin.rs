@@ -136,6 +136,63 @@ impl Collector for Admin {
                     .encode_gauge(&u64::from(state == "open"))?;
             }
         }
+        {
+            let routes = self
+                .routes
+                .read()
+                .map(|r| r.routes.clone())
+                .unwrap_or_default();
+            let mut ejections = enc.encode_descriptor(
+                "meshscope_proxy_ejections",
+                "Endpoints taken out of rotation by outlier ejection.",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in &routes {
+                ejections
+                    .encode_family(&DestinationLabel {
+                        destination: r.config.name.clone(),
+                    })?
+                    .encode_counter::<NoLabelSet, _, u64>(
+                        &r.splits()
+                            .map(|s| s.ejections.load(Ordering::Relaxed))
+                            .sum::<u64>(),
+                        None,
+                    )?;
+            }
+            drop(ejections);
+            let mut ejected = enc.encode_descriptor(
+                "meshscope_proxy_endpoints_ejected",
+                "Endpoints out of rotation now.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for r in &routes {
+                ejected
+                    .encode_family(&DestinationLabel {
+                        destination: r.config.name.clone(),
+                    })?
+                    .encode_gauge(&(r.splits().map(|s| s.ejected()).sum::<usize>() as i64))?;
+            }
+            drop(ejected);
+            let mut exhausted = enc.encode_descriptor(
+                "meshscope_proxy_retry_budget_exhausted",
+                "Retries that were due but refused by the retry budget.",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in routes.iter().filter(|r| r.retry.is_some()) {
+                let n = r
+                    .retry
+                    .as_ref()
+                    .map_or(0, |p| p.exhausted.load(Ordering::Relaxed));
+                exhausted
+                    .encode_family(&DestinationLabel {
+                        destination: r.config.name.clone(),
+                    })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
         if let Some(m) = &self.mesh {
             enc.encode_descriptor(
                 "meshscope_proxy_certificate_expiry_timestamp_seconds",

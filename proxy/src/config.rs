@@ -246,6 +246,30 @@ pub struct Policy {
     pub breaker: Option<BreakerConfig>,
     pub rate_limit: Option<RateLimitConfig>,
     pub fault: Option<FaultConfig>,
+    /// Outlier ejection of endpoints (Envoy's outlier detection).
+    pub outlier: Option<OutlierConfig>,
+}
+
+/// Takes an endpoint out of rotation after failures in a row.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OutlierConfig {
+    /// 5xx answers (connection failures included) in a row that eject it [5].
+    #[serde(default = "five")]
+    pub consecutive_5xx: u32,
+    /// The first ejection's length; the n-th lasts n times as long, up to 10× [30000].
+    #[serde(default = "base_ejection")]
+    pub base_ejection_ms: u64,
+    /// At most this share of the destination's endpoints out at once [50].
+    #[serde(default = "fifty")]
+    pub max_ejection_percent: u32,
+}
+
+fn base_ejection() -> u64 {
+    30_000
+}
+fn fifty() -> u32 {
+    50
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -456,6 +480,16 @@ impl ProxyConfig {
             }
             if p.timeout_ms == Some(0) {
                 return bad(format!("destination {:?}: timeout-ms is 0", d.name));
+            }
+            if let Some(o) = &p.outlier
+                && (o.consecutive_5xx == 0
+                    || o.base_ejection_ms == 0
+                    || o.max_ejection_percent > 100)
+            {
+                return bad(format!(
+                    "destination {:?}: outlier needs consecutive-5xx and base-ejection-ms above 0 and max-ejection-percent within 0–100",
+                    d.name
+                ));
             }
             let versions: Vec<&str> = d.endpoints.iter().map(|e| e.version.as_str()).collect();
             let problems = crate::routes::validate(&d.name, &d.routes, &versions);

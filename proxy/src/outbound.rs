@@ -52,6 +52,13 @@ pub struct HttpRoute {
     pub retry: Option<Arc<RetryPolicy>>,
 }
 
+impl Route {
+    /// Its own split and those of its routes by request (each keeps its endpoints' state).
+    pub fn splits(&self) -> impl Iterator<Item = &Arc<Split>> {
+        std::iter::once(&self.split).chain(self.http_routes.iter().map(|r| &r.split))
+    }
+}
+
 /// The registry, by lower-case host name.
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -142,7 +149,12 @@ impl Routes {
                             .iter()
                             .filter_map(|m| Match::compile(m).ok())
                             .collect(),
-                        split: Arc::new(Split::new(&d.name, &endpoints, identities(&endpoints))),
+                        split: Arc::new(Split::with_outlier(
+                            &d.name,
+                            &endpoints,
+                            identities(&endpoints),
+                            p.outlier.clone(),
+                        )),
                         timeout: r
                             .timeout_ms
                             .or(p.timeout_ms)
@@ -156,7 +168,12 @@ impl Routes {
                     destination: Arc::from(d.name.as_str()),
                     db_system: d.db_system.as_deref().map(Arc::from),
                 },
-                split: Arc::new(Split::new(&d.name, &d.endpoints, identities(&d.endpoints))),
+                split: Arc::new(Split::with_outlier(
+                    &d.name,
+                    &d.endpoints,
+                    identities(&d.endpoints),
+                    p.outlier.clone(),
+                )),
                 http_routes,
                 timeout: p.timeout_ms.map(|ms| Timeout(Duration::from_millis(ms))),
                 retry,

@@ -132,6 +132,10 @@ pub struct Decisions {
     pub authz: Option<authz::AuthzDecision>,
     /// Outbound: the mTLS connection the request went over, when it went over one.
     pub security: Option<crate::tls::PeerSecurity>,
+    /// The attempt's failure put this endpoint out of rotation (outlier ejection).
+    pub ejected: Option<std::net::SocketAddr>,
+    /// A retry was due but the retry budget had none left.
+    pub budget_exhausted: bool,
 }
 
 /// The reasons `x-meshscope-proxy` may carry; any other value is not recorded (it comes
@@ -169,6 +173,8 @@ impl Decisions {
             proxy_response: None,
             authz: x.get::<authz::AuthzDecision>().copied(),
             security: x.get::<crate::tls::PeerSecurity>().cloned(),
+            ejected: x.get::<split::Ejected>().map(|e| e.0),
+            budget_exhausted: x.get::<retry::BudgetExhausted>().is_some(),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct BudgetExhausted;
 pub struct RetryPolicy {
     pub config: RetryConfig,
     budget: Mutex<Budget>,
+    /// Retries the budget refused (`meshscope_proxy_retry_budget_exhausted_total`).
+    pub exhausted: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -53,6 +55,7 @@ impl RetryPolicy {
                 tokens: config.budget_min_per_sec.max(1.0),
                 last: Instant::now(),
             }),
+            exhausted: Default::default(),
             config,
         }
     }
@@ -174,6 +177,9 @@ impl<S: HttpService> RetryService<S> {
                     return Ok(r);
                 }
                 if !policy.withdraw() {
+                    policy
+                        .exhausted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     r.extensions_mut().insert(Retries(retries));
                     r.extensions_mut().insert(BudgetExhausted);
                     return Ok(r);

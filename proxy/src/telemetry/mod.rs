@@ -384,6 +384,32 @@ impl Telemetry {
         if let Some(z) = d.authz {
             a.push(string_kv("meshscope.authz", z.as_str()));
         }
+        // What the resilience layers did, as events at the request's end.
+        let end = start + f.duration.as_nanos() as u64;
+        let mut events = Vec::new();
+        if let Some(e) = d.ejected {
+            a.push(string_kv("meshscope.ejected", &e.to_string()));
+            events.push(span::Event {
+                time_unix_nano: end,
+                name: "meshscope.ejection".into(),
+                attributes: vec![string_kv("network.peer.address", &e.to_string())],
+                ..Default::default()
+            });
+        }
+        if d.budget_exhausted {
+            a.push(KeyValue {
+                key: "meshscope.retry_budget_exhausted".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::BoolValue(true)),
+                }),
+                ..Default::default()
+            });
+            events.push(span::Event {
+                time_unix_nano: end,
+                name: "meshscope.retry_budget_exhausted".into(),
+                ..Default::default()
+            });
+        }
         let error = f.status >= 500;
         Span {
             trace_id: f.context.trace_id.to_vec(),
@@ -397,8 +423,9 @@ impl Telemetry {
                 Direction::Outbound => span::SpanKind::Client as i32,
             },
             start_time_unix_nano: start,
-            end_time_unix_nano: start + f.duration.as_nanos() as u64,
+            end_time_unix_nano: end,
             attributes: a,
+            events,
             status: Some(Status {
                 code: if error {
                     status::StatusCode::Error as i32
