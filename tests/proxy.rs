@@ -978,3 +978,126 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
     assert_eq!(eventually(&server, events, |n| n == 1).await, 1);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_copies_its_share_to_the_shadow_without_delaying_the_caller() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (l1, primary_at) = bind_app().await;
+    let primary = app("checkout v1", None);
+    serve_app(l1, Arc::clone(&primary));
+    // The shadow, behind its own proxy, answers differently and two seconds late.
+    let (l2, shadow_app_at) = bind_app().await;
+    let shadow = app("checkout v2-shadow", None);
+    shadow.delay_ms.store(2000, Ordering::SeqCst);
+    serve_app(l2, Arc::clone(&shadow));
+    let shadow_proxy = Proxy::start(
+        config("checkout-shadow", Some(shadow_app_at), &server.grpc_url()),
+        None,
+    )
+    .await
+    .expect("shadow proxy");
+    let shadow_at = shadow_proxy.inbound.expect("inbound");
+    let text = format!(
+        r#"
+[service]
+name = "caller"
+[listen]
+outbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[telemetry]
+otlp-endpoint = "{otlp}"
+batch-interval-ms = 200
+[[destination]]
+name = "checkout"
+endpoint = [{{ address = "{primary_at}", version = "v1" }}, {{ address = "{shadow_at}", version = "v2-shadow", weight = 0 }}]
+[[destination.route]]
+name = "all"
+mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
+"#,
+        otlp = server.grpc_url(),
+    );
+    let p = Proxy::start(ProxyConfig::parse(&text).expect("config"), None)
+        .await
+        .expect("proxy");
+    let out = p.outbound.expect("out");
+    let client = reqwest::Client::new();
+    let n = 200u64;
+    for i in 0..n {
+        let started = Instant::now();
+        let r = client
+            .post(format!("http://{out}/pay"))
+            .header("host", "checkout")
+            .body(format!("order {i}"))
+            .send()
+            .await
+            .expect("through the proxy");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().await.expect("body"),
+            "checkout v1",
+            "the caller sees the primary"
+        );
+        // The shadow sleeps 2 s; the caller never waits for it.
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // A body over the bound is not copied.
+    let big = client
+        .post(format!("http://{out}/pay"))
+        .header("host", "checkout")
+        .body("x".repeat(100))
+        .send()
+        .await
+        .expect("big");
+    assert_eq!(big.status(), 200);
+    assert_eq!(primary.hits.load(Ordering::SeqCst), n + 1);
+
+    // Once every primary request's span is in, count the mirrored ones.
+    let primaries =
+        "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT'
+                     AND coalesce(span_attributes['meshscope.mirror'], 'primary') = 'primary'";
+    assert_eq!(
+        eventually(&server, primaries, |k| k == n as i64 + 1).await,
+        n as i64 + 1
+    );
+    let mirrored = server
+        .scalar("SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.mirror'] = 'primary'")
+        .await as u64;
+    assert!(
+        binomial_ok(mirrored, n, 0.5),
+        "{mirrored} of {n} mirrored, configured 50%"
+    );
+    // Every copy reached the shadow, marked on both sides of it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shadow.hits.load(Ordering::SeqCst) < mirrored {
+        assert!(Instant::now() < deadline, "copies missing at the shadow");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(shadow.hits.load(Ordering::SeqCst), mirrored);
+    let client_side = "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT' AND span_attributes['meshscope.mirror'] = 'shadow'";
+    assert_eq!(
+        eventually(&server, client_side, |k| k == mirrored as i64).await,
+        mirrored as i64
+    );
+    let server_side = "SELECT count(*) FROM spans WHERE service_name = 'checkout-shadow' AND span_kind = 'SERVER' AND span_attributes['meshscope.mirror'] = 'shadow'";
+    assert_eq!(
+        eventually(&server, server_side, |k| k == mirrored as i64).await,
+        mirrored as i64
+    );
+    // Each pair (same trace, same parent) hashed its answers: different bodies, different hashes.
+    let pairs = "SELECT count(*) FROM spans p JOIN spans s
+                   ON p.trace_id = s.trace_id AND p.parent_span_id IS NOT DISTINCT FROM s.parent_span_id
+                 WHERE p.span_attributes['meshscope.mirror'] = 'primary' AND s.span_attributes['meshscope.mirror'] = 'shadow'
+                   AND p.span_kind = 'CLIENT' AND s.span_kind = 'CLIENT'
+                   AND p.span_attributes['meshscope.body_hash'] <> s.span_attributes['meshscope.body_hash']";
+    assert_eq!(
+        eventually(&server, pairs, |k| k == mirrored as i64).await,
+        mirrored as i64
+    );
+    p.stop().await;
+    shadow_proxy.stop().await;
+}

@@ -270,6 +270,7 @@ fn registry(addrs: &HashMap<(String, String), SocketAddr>) -> Vec<Destination> {
             }],
             timeout_ms: None,
             retry: None,
+            mirror: None,
         }];
         d.push(cart);
     }

@@ -2,7 +2,7 @@
 //! by `Host` / `:authority` (port ignored) from the static registry, then the first of its
 //! routes by request that matches (`crate::routes`: backends, timeout, retries of its own),
 //! and attaches the policy to the request; the layer stack then applies it:
-//! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
+//! `mirror → trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -16,6 +16,7 @@ use crate::config::{Destination, ProxyConfig};
 use crate::layers::breaker::{Breaker, BreakerLayer};
 use crate::layers::fault::FaultLayer;
 use crate::layers::forward::{Forward, H2c};
+use crate::layers::mirror::{MirrorLayer, MirrorPolicy};
 use crate::layers::rate_limit::{RateLimitLayer, TokenBucket};
 use crate::layers::retry::{RetryLayer, RetryPolicy};
 use crate::layers::split::{Split, SplitLayer};
@@ -50,6 +51,7 @@ pub struct HttpRoute {
     pub split: Arc<Split>,
     pub timeout: Option<Timeout>,
     pub retry: Option<Arc<RetryPolicy>>,
+    pub mirror: Option<Arc<MirrorPolicy>>,
 }
 
 impl Route {
@@ -139,7 +141,25 @@ impl Routes {
                         .clone()
                         .map(|c| Arc::new(RetryPolicy::new(c)))
                         .or_else(|| retry.clone());
+                    let mirror = r.mirror.as_ref().map(|m| {
+                        // The shadow's endpoints, in the split whatever their weight.
+                        let shadows: Vec<crate::config::Endpoint> = d
+                            .endpoints
+                            .iter()
+                            .filter(|e| e.version == m.version)
+                            .map(|e| crate::config::Endpoint {
+                                weight: e.weight.max(1),
+                                ..e.clone()
+                            })
+                            .collect();
+                        Arc::new(MirrorPolicy {
+                            split: Arc::new(Split::new(&d.name, &shadows, identities(&shadows))),
+                            percent: m.percent,
+                            max_body_bytes: m.max_body_bytes,
+                        })
+                    });
                     HttpRoute {
+                        mirror,
                         name: RouteName(Arc::from(
                             r.name.clone().unwrap_or_else(|| format!("route-{}", i + 1)),
                         )),
@@ -239,7 +259,11 @@ impl<S: HttpService> Service<Request<Body>> for Router<S> {
             None => (&route.split, route.timeout, route.retry.as_ref()),
         };
         let name = by_request.map(|r| r.name.clone());
+        let mirror = by_request.and_then(|r| r.mirror.clone());
         let x = req.extensions_mut();
+        if let Some(m) = mirror {
+            x.insert(m);
+        }
         x.insert(route.peer.clone());
         x.insert(Arc::clone(split));
         if let Some(n) = name {
@@ -269,7 +293,13 @@ impl<S: HttpService> Service<Request<Body>> for Router<S> {
 
 /// The whole outbound stack.
 pub fn stack(routes: SharedRoutes, telemetry: Telemetry, forward: Forward) -> impl HttpService {
+    // Mirrored copies: traced and split to the shadow, no other policy.
+    let shadow = ServiceBuilder::new()
+        .layer(TraceLayer::new(Direction::Outbound, telemetry.clone()))
+        .layer(SplitLayer)
+        .service(forward.clone());
     let inner = ServiceBuilder::new()
+        .layer(MirrorLayer::new(shadow))
         .layer(TraceLayer::new(Direction::Outbound, telemetry))
         .layer(RateLimitLayer)
         .layer(FaultLayer)

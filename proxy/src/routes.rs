@@ -33,6 +33,30 @@ pub struct RouteConfig {
     /// Retries for this route [the destination's].
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// A share of this route's requests copied to a shadow version, fire-and-forget.
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MirrorConfig {
+    /// The shadow: a `version` of the destination's endpoints (usually weight 0).
+    pub version: String,
+    /// Share of the route's requests copied, 0–100 [100].
+    #[serde(default = "hundred")]
+    pub percent: f64,
+    /// Requests with a larger (or unknown-length) body are not copied [65536].
+    #[serde(default = "max_mirror_body")]
+    pub max_body_bytes: u64,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+fn max_mirror_body() -> u64 {
+    64 * 1024
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -250,6 +274,18 @@ pub fn validate(destination: &str, routes: &[RouteConfig], versions: &[&str]) ->
         }
         if r.timeout_ms == Some(0) {
             problems.push(format!("{at}: timeout-ms is 0"));
+        }
+        if let Some(m) = &r.mirror {
+            if !versions.contains(&m.version.as_str()) {
+                problems.push(format!(
+                    "{at}: mirror version {:?} is none of the destination's endpoints' ({})",
+                    m.version,
+                    versions.join(", ")
+                ));
+            }
+            if !(0.0..=100.0).contains(&m.percent) {
+                problems.push(format!("{at}: mirror percent must be within 0–100"));
+            }
         }
     }
     problems

@@ -11,7 +11,8 @@
 //! token bucket, retry budget). A request without the layer's policy passes untouched.
 //!
 //! Order on the outbound side, outermost first:
-//! `trace → rate_limit → fault → timeout → breaker → retry → split → forward`.
+//! `mirror → trace → rate_limit → fault → timeout → breaker → retry → split → forward`
+//! (a mirrored copy goes `trace → split → forward` on a task of its own).
 
 /// Declares a policy layer: the unit `$layer`, the `$service` it wraps a service in, and
 /// the tower `Service` impl, ready as soon as the inner service is, whose `call` is
@@ -58,6 +59,7 @@ pub mod authz;
 pub mod breaker;
 pub mod fault;
 pub mod forward;
+pub mod mirror;
 pub mod rate_limit;
 pub mod retry;
 pub mod split;

@@ -257,6 +257,17 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
                 .extensions
                 .get::<crate::routes::RouteName>()
                 .map(|r| Arc::clone(&r.0)),
+            mirror: match self.direction {
+                Direction::Outbound => parts
+                    .extensions
+                    .get::<super::mirror::MirrorMark>()
+                    .map(|m| m.as_str()),
+                Direction::Inbound => parts
+                    .headers
+                    .contains_key(super::mirror::MIRROR_HEADER)
+                    .then_some("shadow"),
+            },
+            body_hash: None,
         };
         let fut = self.inner.call(Request::from_parts(parts, body));
         let telemetry = self.telemetry.clone();
@@ -288,9 +299,11 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
                 request_bytes,
                 _in_flight: in_flight,
             };
+            let hash = pending.finished.mirror.map(|_| FNV_OFFSET);
             let body = Observed {
                 inner: body,
                 bytes: 0,
+                hash,
                 pending: Some(pending),
             };
             Ok(http::Response::from_parts(parts, body.boxed()))
@@ -307,8 +320,21 @@ struct Pending {
     _in_flight: crate::telemetry::metrics::InFlight,
 }
 
+/// FNV-1a, 64 bits: a stable hash of a response body, to tell whether a mirrored pair
+/// answered alike (not a security hash).
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 impl Pending {
-    fn finish(mut self, response_bytes: u64) {
+    fn finish(mut self, response_bytes: u64, hash: Option<u64>) {
+        self.finished.body_hash = hash;
         self.finished.duration = self.started.elapsed();
         self.finished.response_bytes = response_bytes;
         self.finished.request_bytes = self.request_bytes.load(Ordering::Relaxed);
@@ -355,6 +381,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         bytes: u64,
+        hash: Option<u64>,
         pending: Option<Pending>,
     }
 
@@ -362,7 +389,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(p) = this.pending.take() {
-                p.finish(*this.bytes);
+                p.finish(*this.bytes, *this.hash);
             }
         }
     }
@@ -381,11 +408,14 @@ impl http_body::Body for Observed {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     *this.bytes += d.len() as u64;
+                    if let Some(h) = this.hash.as_mut() {
+                        *h = fnv1a(*h, d);
+                    }
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 if let Some(p) = this.pending.take() {
-                    p.finish(*this.bytes);
+                    p.finish(*this.bytes, *this.hash);
                 }
             }
             Poll::Pending => {}

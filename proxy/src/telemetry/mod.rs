@@ -100,6 +100,10 @@ pub struct Finished {
     pub security: Option<PeerSecurity>,
     /// Outbound: the destination's route that matched the request (`meshscope.route`).
     pub route: Option<Arc<str>>,
+    /// `primary` or `shadow` when the request was mirrored (`meshscope.mirror`).
+    pub mirror: Option<&'static str>,
+    /// FNV-1a of the response body, for mirrored requests (`meshscope.body_hash`).
+    pub body_hash: Option<u64>,
 }
 
 impl Finished {
@@ -339,6 +343,12 @@ impl Telemetry {
         }
         if let Some(r) = &f.route {
             a.push(string_kv("meshscope.route", r));
+        }
+        if let Some(m) = f.mirror {
+            a.push(string_kv("meshscope.mirror", m));
+        }
+        if let Some(h) = f.body_hash {
+            a.push(string_kv("meshscope.body_hash", &format!("{h:016x}")));
         }
         if let Some(u) = &d.upstream {
             a.push(string_kv("network.peer.address", &u.0.ip().to_string()));
