@@ -1098,6 +1098,23 @@ mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
         eventually(&server, pairs, |k| k == mirrored as i64).await,
         mirrored as i64
     );
+    // The README's comparison of a route's primary and shadow.
+    let readme = "SELECT p.span_attributes['meshscope.route'] AS route, count(*) AS pairs,
+  avg(CASE WHEN p.span_attributes['meshscope.body_hash'] = s.span_attributes['meshscope.body_hash'] THEN 1.0 ELSE 0 END) AS body_match,
+  avg(CASE WHEN p.http_status_code / 100 = s.http_status_code / 100 THEN 1.0 ELSE 0 END) AS status_class_match,
+  approx_percentile_cont(p.duration_ns / 1e6, 0.99) AS primary_p99_ms, approx_percentile_cont(s.duration_ns / 1e6, 0.99) AS shadow_p99_ms
+FROM spans p JOIN spans s ON p.trace_id = s.trace_id AND p.parent_span_id = s.parent_span_id
+WHERE p.span_kind = 'CLIENT' AND s.span_kind = 'CLIENT'
+  AND p.span_attributes['meshscope.mirror'] = 'primary' AND s.span_attributes['meshscope.mirror'] = 'shadow'
+GROUP BY 1";
+    let v = server.sql(readme).await;
+    let row = &v["rows"][0];
+    assert_eq!(row[0], "all", "{v}");
+    assert_eq!(row[1].as_u64(), Some(mirrored), "{v}");
+    assert_eq!(row[2].as_f64(), Some(0.0), "different answers: {v}");
+    assert_eq!(row[3].as_f64(), Some(1.0), "both 200: {v}");
+    assert!(row[5].as_f64().unwrap() >= 2000.0, "the shadow's 2 s: {v}");
+    assert!(row[4].as_f64().unwrap() < 1000.0, "{v}");
     p.stop().await;
     shadow_proxy.stop().await;
 }
