@@ -924,7 +924,7 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
         }
     }
     // Three failures in a row ejected it; P2C rarely picks it before that.
-    assert!(failures >= 3 && failures <= 12, "{failures} failures");
+    assert!((3..=12).contains(&failures), "{failures} failures");
     let hits = |x: &App| x.hits.load(Ordering::SeqCst);
     assert_eq!(hits(a), failures);
     // Peak EWMA: the 30 ms endpoint gets far less than the fast one.

@@ -160,7 +160,6 @@ impl Collector for Admin {
                         None,
                     )?;
             }
-            drop(ejections);
             let mut ejected = enc.encode_descriptor(
                 "meshscope_proxy_endpoints_ejected",
                 "Endpoints out of rotation now.",
@@ -174,7 +173,6 @@ impl Collector for Admin {
                     })?
                     .encode_gauge(&(r.splits().map(|s| s.ejected()).sum::<usize>() as i64))?;
             }
-            drop(ejected);
             let mut exhausted = enc.encode_descriptor(
                 "meshscope_proxy_retry_budget_exhausted",
                 "Retries that were due but refused by the retry budget.",
