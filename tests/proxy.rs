@@ -1115,6 +1115,25 @@ GROUP BY 1";
     assert_eq!(row[3].as_f64(), Some(1.0), "both 200: {v}");
     assert!(row[5].as_f64().unwrap() >= 2000.0, "the shadow's 2 s: {v}");
     assert!(row[4].as_f64().unwrap() < 1000.0, "{v}");
+    // The same through the API, per caller, destination and route.
+    let m: Value = reqwest::get(server.url("/api/v1/mirrors?source=caller&target=checkout"))
+        .await
+        .expect("mirrors")
+        .json()
+        .await
+        .expect("json");
+    let m = &m[0];
+    assert_eq!(m["route"], "all", "{m}");
+    assert_eq!(m["pairs"].as_u64(), Some(mirrored), "{m}");
+    assert_eq!(m["body_match_ratio"], 0.0, "{m}");
+    assert_eq!(m["status_class_match_ratio"], 1.0, "{m}");
+    assert_eq!(
+        m["primary"]["status_classes"]["2xx"].as_u64(),
+        Some(mirrored),
+        "{m}"
+    );
+    assert!(m["shadow"]["p99_ms"].as_f64().unwrap() >= 2000.0, "{m}");
+    assert!(m["primary"]["p99_ms"].as_f64().unwrap() < 1000.0, "{m}");
     p.stop().await;
     shadow_proxy.stop().await;
 }

@@ -1707,6 +1707,44 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     b.wait_for(".edge[data-source='cart'][data-target='inventory']", 1)
         .await;
 
+    // Mirrored traffic in the edge panel: primary against shadow, per route.
+    let pair = |i: u64, side: &str, hash: &str, ms: u64| {
+        json!({
+            "traceId": format!("{:032x}", 0xabc0_0000u64 + i), "spanId": format!("{:016x}", 0xabc0_0000u64 + i * 2 + u64::from(side == "shadow")),
+            "parentSpanId": format!("{:016x}", 0xfff0_0000u64 + i), "name": "POST /pay", "kind": 3,
+            "startTimeUnixNano": (now + i * 1_000_000).to_string(), "endTimeUnixNano": (now + i * 1_000_000 + ms * 1_000_000).to_string(),
+            "attributes": [attr("peer.service", "payments"), attr("meshscope.route", "all"), attr("meshscope.mirror", side),
+                           attr("meshscope.body_hash", hash), json!({ "key": "http.response.status_code", "value": { "intValue": "200" } })],
+        })
+    };
+    let spans: Vec<Value> = (0..4)
+        .flat_map(|i| {
+            [
+                pair(i, "primary", "aa", 5),
+                pair(i, "shadow", if i == 0 { "aa" } else { "bb" }, 40),
+            ]
+        })
+        .collect();
+    post_json(
+        &server,
+        &json!({ "resourceSpans": [{ "resource": resource("checkout", "shop"), "scopeSpans": [{ "spans": spans }] }] }),
+    )
+    .await;
+    b.goto(&server.url("/?range=15m&sel=edge:checkout>payments"))
+        .await;
+    let block = b
+        .wait_for(
+            "[data-test='mirror-compare'] .mirror-row[data-route='all']",
+            1,
+        )
+        .await;
+    let text = b.text(&block[0]).await;
+    assert!(
+        text.contains("4 pairs") && text.contains("bodies alike 25"),
+        "{text}"
+    );
+    b.screenshot("topology-mirror").await;
+
     // The live tap: requests appear as they are ingested; leaving the page ends the tap.
     b.goto(&server.url("/tap?service=cart")).await;
     server

@@ -9,6 +9,7 @@
 //!   namespace and neighbourhood filters.
 //! - [`diff`]: the graph of one window against a base window, node by node, edge by edge.
 //! - [`dot`]: the graph as Graphviz DOT, namespaces as clusters.
+//! - [`mirrors`]: mirrored traffic, each route's primary against its shadow.
 //! - [`pairing`]: the graph's edges from raw spans in one scan, paired in Rust.
 //! - [`mesh_edges`]: edges from the proxies' request metrics and access logs.
 //! - [`signals`]: golden signals per service, endpoint and edge, with per-minute series.
@@ -21,6 +22,7 @@ pub mod diff;
 pub mod dot;
 pub mod graph;
 pub mod mesh_edges;
+pub mod mirrors;
 pub mod model;
 pub mod pairing;
 pub mod prometheus;

@@ -245,6 +245,7 @@ pub fn router(engine: QueryEngine) -> Router {
     Router::new()
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/graph/diff", get(graph_diff))
+        .route("/api/v1/mirrors", get(mirrors))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/series", get(series))
@@ -306,6 +307,28 @@ async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Res
         }
         (g, _) => with_path(path, g.map(|g| g.to_json())),
     }
+}
+
+/// `GET /api/v1/mirrors?start&end&source&target`.
+#[derive(Debug, Default, Deserialize)]
+struct MirrorParams {
+    #[serde(flatten)]
+    range: RangeParams,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    source: Option<String>,
+    #[serde(default, deserialize_with = "empty_as_none")]
+    target: Option<String>,
+}
+
+async fn mirrors(State(engine): State<QueryEngine>, p: Params<MirrorParams>) -> Response {
+    answer(
+        async {
+            let p = params(p)?;
+            let r = p.range.range()?;
+            super::mirrors::compare(&engine, &r, p.source.as_deref(), p.target.as_deref()).await
+        }
+        .await,
+    )
 }
 
 async fn graph_diff(State(engine): State<QueryEngine>, p: Params<DiffParams>) -> Response {

@@ -1267,6 +1267,54 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
         }
         _ => None,
     };
+    // Mirrored traffic on this edge: each route's primary against its shadow.
+    let mirrors = match &sel {
+        Selection::Edge(a, b) if a != "user" => {
+            let (a, b) = (a.clone(), b.clone());
+            Some(LocalResource::new(move || {
+                let q = url.range().api();
+                tick();
+                util::get_json(format!(
+                    "/api/v1/mirrors?{q}&source={}&target={}",
+                    enc(&a),
+                    enc(&b)
+                ))
+            }))
+        }
+        _ => None,
+    };
+    let mirror_block = move || {
+        let list = mirrors?.get()?.ok()?;
+        let list = list.as_array().filter(|l| !l.is_empty())?.clone();
+        let classes = |v: &Value| {
+            v.as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, n)| format!("{k} {}", n.as_u64().unwrap_or(0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        Some(view! {
+            <div class="mirrors" data-test="mirror-compare">
+                <h3 class="panel-sub">"Mirrored traffic: primary vs shadow"</h3>
+                {list.into_iter().map(|m| view! {
+                    <div class="small mirror-row" data-route=s(&m, "route")>
+                        <div><b>{format!("route {}", s(&m, "route"))}</b>{format!(" · {} pairs", f(&m, "pairs"))}</div>
+                        <div>{format!("bodies alike {} · status classes alike {}", fmt_pct(f(&m, "body_match_ratio")), fmt_pct(f(&m, "status_class_match_ratio")))}</div>
+                        <table class="mini-table">
+                            <thead><tr><th></th><th>"p50"</th><th>"p99"</th><th>"Statuses"</th></tr></thead>
+                            <tbody>
+                                <tr><td>"primary"</td><td>{fmt_ms(f(&m["primary"], "p50_ms"))}</td><td>{fmt_ms(f(&m["primary"], "p99_ms"))}</td><td>{classes(&m["primary"]["status_classes"])}</td></tr>
+                                <tr><td>"shadow"</td><td>{fmt_ms(f(&m["shadow"], "p50_ms"))}</td><td>{fmt_ms(f(&m["shadow"], "p99_ms"))}</td><td>{classes(&m["shadow"]["status_classes"])}</td></tr>
+                            </tbody>
+                        </table>
+                    </div>
+                }).collect_view()}
+            </div>
+        })
+    };
     let no_series_note = (kind == "edge" && !seen_in_spans)
         .then(|| view! { <div class="muted small">"Seen only in the mesh's own telemetry: no spans to chart this edge over time."</div> });
     let sel_live = sel.clone();
@@ -1384,6 +1432,7 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
             {trace_links}
             <div class="panel-links">{tap_link}</div>
             {hide_buttons}
+            {mirror_block}
             {no_series_note}
             {detail.map(|res| view! {
                 <h3 class="panel-sub">{if kind == "edge" { "Requests on this edge over time" } else { "Golden signals over time" }}</h3>
