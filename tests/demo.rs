@@ -287,6 +287,30 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The mirror: 10% of the checkouts copied to the shadow, compared pair by pair.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m: Value = client
+            .get(format!(
+                "http://127.0.0.1:{http}/api/v1/mirrors?source=frontend&target=checkout"
+            ))
+            .send()
+            .await
+            .expect("mirrors")
+            .json()
+            .await
+            .expect("json");
+        if m[0]["pairs"].as_u64().is_some_and(|n| n > 0) {
+            assert_eq!(m[0]["route"], "mirror-v2", "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no mirrored pairs: {m}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // Ctrl-C: everything stops and the process exits 0.
     let ok = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -33,7 +33,7 @@ use meshscope_proxy::config::{
     IdentityConfig, Listen, MtlsMode, Policy, ProxyConfig, RateLimitConfig, RetryConfig,
     ServiceIdentity, TelemetryConfig,
 };
-use meshscope_proxy::routes::{BackendConfig, MatchConfig, RouteConfig, ValueMatch};
+use meshscope_proxy::routes::{BackendConfig, MatchConfig, MirrorConfig, RouteConfig, ValueMatch};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -118,6 +118,9 @@ fn specs() -> Vec<Spec> {
         s("cart", "v1", CART, (2, 6), 0.0, 0),
         s("cart", "v2", CART, (4, 12), 2.0, 0),
         s("checkout", "v1", CHECKOUT, (3, 8), 0.0, 0),
+        // The next checkout, taking a 10% mirror of the live one: a dry run that answers
+        // without calling anything (a shadow must not charge anyone twice).
+        s("checkout", "v2-shadow", LEAF, (6, 20), 0.0, 0),
         s("payments", "v1", PAYMENTS, (2, 5), 0.0, 0),
         s("inventory", "v1", INVENTORY, (1, 3), 20.0, 6),
         // Not behind a proxy: seen only as the callers' CLIENT spans (virtual nodes).
@@ -290,9 +293,19 @@ fn registry(addrs: &HashMap<(String, String), SocketAddr>) -> Vec<Destination> {
         ));
     }
     if let Some(a) = at("checkout", "v1") {
-        d.push(destination(
+        let mut endpoints = vec![endpoint(a, "v1", None, 1)];
+        let shadow = at("checkout", "v2-shadow");
+        if let Some(s) = shadow {
+            endpoints.push(endpoint(
+                s,
+                "v2-shadow",
+                Some("checkout-v2-shadow".into()),
+                0,
+            ));
+        }
+        let mut checkout = destination(
             "checkout",
-            vec![endpoint(a, "v1", None, 1)],
+            endpoints,
             Policy {
                 timeout_ms: Some(5000),
                 rate_limit: Some(RateLimitConfig {
@@ -301,7 +314,26 @@ fn registry(addrs: &HashMap<(String, String), SocketAddr>) -> Vec<Destination> {
                 }),
                 ..Default::default()
             },
-        ));
+        );
+        if shadow.is_some() {
+            // Every checkout may be mirrored: 10% of them go to the shadow too.
+            checkout.routes = vec![RouteConfig {
+                name: Some("mirror-v2".into()),
+                matches: vec![],
+                backends: vec![BackendConfig {
+                    version: "v1".into(),
+                    weight: 1,
+                }],
+                timeout_ms: None,
+                retry: None,
+                mirror: Some(MirrorConfig {
+                    version: "v2-shadow".into(),
+                    percent: 10.0,
+                    max_body_bytes: 64 * 1024,
+                }),
+            }];
+        }
+        d.push(checkout);
     }
     if let Some(a) = at("payments", "v1") {
         d.push(destination(
