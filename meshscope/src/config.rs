@@ -77,6 +77,13 @@ pub struct ProxyArgs {
     /// registry and policies are reloaded when it changes.
     #[arg(long, env = "MESHSCOPE_PROXY_CONFIG")]
     pub config: PathBuf,
+    /// Take the destinations, routes, policies and authorization rules from this
+    /// control plane (a `meshscope serve` HTTP address) instead of the file.
+    #[arg(long, env = "MESHSCOPE_CONTROL_PLANE", requires = "workload")]
+    pub control_plane: Option<String>,
+    /// The workload whose policy document to follow (with --control-plane).
+    #[arg(long, env = "MESHSCOPE_WORKLOAD", requires = "control_plane")]
+    pub workload: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@
 //! - [`tap_client`]: `meshscope tap`, the live stream of requests in the terminal.
 //! - [`bench`]: `meshscope bench ingest`.
 //! - [`identity`]: the mesh CA's HTTP API and `meshscope identity token`.
+//! - [`mesh`]: the control plane, each workload's versioned policy document.
 //! - [`demo`]: `meshscope demo` (serve + a demo mesh behind bundled proxies + traffic).
 //! - `meshscope proxy` runs [`meshscope_proxy::run`].
 
@@ -18,6 +19,7 @@ mod bench;
 mod config;
 mod demo;
 mod identity;
+mod mesh;
 mod metrics;
 mod serve;
 mod sql_client;
@@ -98,9 +100,18 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
             Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,
             Command::Bench(BenchCommand::Overload(args)) => bench::overload::run(args).await,
-            Command::Proxy(args) => meshscope_proxy::run(args.config, stop_signal())
-                .await
-                .map_err(|e| e.to_string()),
+            Command::Proxy(args) => {
+                let cp = args
+                    .control_plane
+                    .zip(args.workload)
+                    .map(|(url, workload)| meshscope_proxy::control::ControlPlane {
+                        url,
+                        workload,
+                    });
+                meshscope_proxy::run(args.config, cp, stop_signal())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             Command::Demo(args) => demo::run(args, stop_signal()).await,
             Command::Identity(IdentityCommand::Token(args)) => identity::token(args),
         }

@@ -83,7 +83,9 @@ fn api_scope(method: &axum::http::Method, path: &str) -> Option<meshscope_auth::
     let reads = *method == axum::http::Method::GET || *method == axum::http::Method::HEAD;
     if path == "/healthz" || path == "/readyz" || crate::identity::is_identity_path(path) {
         None
-    } else if path.starts_with("/api/v1/alerts/rules") && !reads {
+    } else if (path.starts_with("/api/v1/alerts/rules") || path.starts_with("/api/v1/mesh/"))
+        && !reads
+    {
         Some(Scope::Admin)
     } else if path == "/metrics" || path.starts_with("/api/") {
         Some(Scope::Read)
@@ -299,6 +301,8 @@ pub async fn run_reporting(
     let pg_l = pg_l.into_std().map_err(|e| e.to_string())?;
     // The mesh CA: its root is made on the first start and kept.
     let identity = crate::identity::Identity::open(&config)?;
+    // The control plane's policy documents.
+    let mesh = crate::mesh::Mesh::open(&config.data_dir)?;
     // Checks the config file's alert rules before anything starts serving.
     let alerting = meshscope_alerts::Alerting::open(
         engine.clone(),
@@ -362,6 +366,7 @@ pub async fn run_reporting(
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
         .merge(crate::identity::router(Arc::clone(&identity)))
+        .merge(crate::mesh::router(mesh))
         .merge(tap_routes(role, &ingest))
         .merge(meshscope_alerts::api::router(alerting))
         .merge(exposition.router())

@@ -27,6 +27,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod inbound;
 pub mod layers;
@@ -82,6 +83,8 @@ pub struct Proxy {
     stop_exporter: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     exporter: JoinHandle<()>,
+    /// What the control plane's policy this proxy runs (version 0: its file's).
+    applied: Arc<std::sync::Mutex<control::Applied>>,
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -193,6 +196,7 @@ impl Proxy {
             stop_exporter,
             listeners,
             exporter,
+            applied: Default::default(),
         })
     }
 
@@ -232,6 +236,32 @@ impl Proxy {
         config.validate()?;
         swap_routes(&self.routes, &config);
         Ok(())
+    }
+
+    /// Follows a control plane from now on (`meshscope proxy --control-plane`): each new
+    /// version of this workload's policy document replaces the registry, routes, policies
+    /// and authorization rules at once; what runs is reported with every poll and readable
+    /// with [`Proxy::applied`].
+    pub fn follow(&mut self, cp: control::ControlPlane) {
+        let (routes, authz) = (Arc::clone(&self.routes), Arc::clone(&self.authz));
+        let mesh = self.mesh.clone();
+        let stop = self.stop_listeners.subscribe();
+        self.listeners.push(tokio::spawn(control::follow(
+            cp,
+            self.config.clone(),
+            move || mesh.as_ref().map(|m| m.expiry_unix()),
+            Arc::clone(&self.applied),
+            move |c| {
+                swap_routes(&routes, c);
+                swap_authz(&authz, c);
+            },
+            stopped(stop),
+        )));
+    }
+
+    /// The control plane's policy version this proxy runs, and the last refused one.
+    pub fn applied(&self) -> control::Applied {
+        self.applied.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Stops accepting, lets open requests finish, then sends the last telemetry.
@@ -294,11 +324,22 @@ async fn watch_file(
     }
 }
 
-/// `meshscope proxy --config FILE`: runs until `stop`.
-pub async fn run(path: PathBuf, stop: impl Future<Output = ()>) -> Result<(), ProxyError> {
+/// `meshscope proxy --config FILE [--control-plane URL --workload NAME]`: runs until `stop`.
+pub async fn run(
+    path: PathBuf,
+    control_plane: Option<control::ControlPlane>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
     let config = ProxyConfig::load(&path)?;
     let service = config.service.name.clone();
-    let proxy = Proxy::start(config, Some(path)).await?;
+    // Following a control plane, the file gives the listeners, identity and telemetry; its
+    // destinations and rules serve until the first document arrives.
+    let watch = control_plane.is_none().then_some(path);
+    let mut proxy = Proxy::start(config, watch).await?;
+    if let Some(cp) = control_plane {
+        tracing::info!(url = %cp.url, workload = %cp.workload, "following the control plane");
+        proxy.follow(cp);
+    }
     if let Some(a) = proxy.inbound {
         tracing::info!(service = %service, "proxy inbound listening on {a}");
     }

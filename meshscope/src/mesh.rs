@@ -1,0 +1,248 @@
+//! The control plane: one versioned policy document per workload (the destinations with
+//! their routes, mirrors and policies, and the authorization rules, in the proxy file's
+//! TOML form), kept under `<data-dir>/mesh/`, edited through `/api/v1/mesh/policy` and
+//! followed by proxies started with `--control-plane URL --workload NAME` (long polls that
+//! also report what each proxy runs: `/api/v1/mesh/proxies`, like `istioctl
+//! proxy-status`).
+//!
+//! - `GET /api/v1/mesh/policy`: every workload's current version.
+//! - `GET /api/v1/mesh/policy/{workload}[?after=N&wait_ms=…]`: the document; with
+//!   `after`, waits (at most `wait_ms`, 30 s) for a version newer than N.
+//! - `PUT /api/v1/mesh/policy/{workload}`: a new document (TOML body); refused with 400
+//!   and the problem when it does not parse or check, the running version kept.
+//! - `GET /api/v1/mesh/proxies`: each proxy that polled, its applied and the latest
+//!   version, whether it is in sync, its last error and certificate expiry.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// One workload's current document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Policy {
+    pub workload: String,
+    pub version: u64,
+    pub updated_at: String,
+    pub document: String,
+}
+
+/// What a proxy said of itself on its last poll.
+#[derive(Debug, Clone, Serialize)]
+struct ProxyStatus {
+    workload: String,
+    instance: String,
+    applied_version: u64,
+    last_error: Option<String>,
+    certificate_expiry_unix: Option<u64>,
+    last_seen: String,
+}
+
+/// The store; cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    dir: PathBuf,
+    policies: Arc<Mutex<BTreeMap<String, Policy>>>,
+    changed: watch::Sender<u64>,
+    proxies: Arc<Mutex<BTreeMap<(String, String), ProxyStatus>>>,
+}
+
+fn valid_workload(w: &str) -> bool {
+    !w.is_empty()
+        && w.len() <= 128
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !w.starts_with('.')
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Mesh {
+    /// Opens `<data_dir>/mesh/`, reading the documents kept there.
+    pub fn open(data_dir: &std::path::Path) -> Result<Mesh, String> {
+        let dir = data_dir.join("mesh");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut policies = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let p: Policy =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            policies.insert(p.workload.clone(), p);
+        }
+        Ok(Mesh {
+            dir,
+            policies: Arc::new(Mutex::new(policies)),
+            changed: watch::channel(0).0,
+            proxies: Arc::default(),
+        })
+    }
+
+    fn policies(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Policy>> {
+        self.policies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, workload: &str) -> Option<Policy> {
+        self.policies().get(workload).cloned()
+    }
+
+    /// Checks `document` and makes it the workload's next version (kept on disk first).
+    pub fn put(&self, workload: &str, document: &str) -> Result<Policy, String> {
+        if !valid_workload(workload) {
+            return Err(format!(
+                "{workload:?} is not a workload name (letters, digits, - _ .)"
+            ));
+        }
+        // Checked as a proxy will: against a proxy of this workload with no other settings.
+        let base = meshscope_proxy::config::ProxyConfig::parse(&format!(
+            "[service]\nname = {}\n",
+            toml::Value::String(workload.to_string())
+        ))
+        .map_err(|e| e.to_string())?;
+        meshscope_proxy::control::PolicyDocument::parse(document, &base)?;
+        let mut all = self.policies();
+        let version = all.get(workload).map_or(0, |p| p.version) + 1;
+        let p = Policy {
+            workload: workload.to_string(),
+            version,
+            updated_at: now(),
+            document: document.to_string(),
+        };
+        let path = self.dir.join(format!("{workload}.json"));
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&p).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("keeping the policy in {}: {e}", path.display()))?;
+        all.insert(workload.to_string(), p.clone());
+        drop(all);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(p)
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn list(State(mesh): State<Mesh>) -> Response {
+    let all: Vec<serde_json::Value> = mesh
+        .policies()
+        .values()
+        .map(|p| serde_json::json!({ "workload": p.workload, "version": p.version, "updated_at": p.updated_at }))
+        .collect();
+    Json(all).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PollParams {
+    after: Option<u64>,
+    wait_ms: Option<u64>,
+    instance: Option<String>,
+    applied: Option<u64>,
+    error: Option<String>,
+    cert_expiry: Option<u64>,
+}
+
+async fn policy(
+    State(mesh): State<Mesh>,
+    Path(workload): Path<String>,
+    Query(q): Query<PollParams>,
+) -> Response {
+    if let Some(instance) = q.instance.clone().filter(|i| i.len() <= 200) {
+        let status = ProxyStatus {
+            workload: workload.clone(),
+            instance: instance.clone(),
+            applied_version: q.applied.unwrap_or(0),
+            last_error: q.error.clone().map(|e| e.chars().take(2000).collect()),
+            certificate_expiry_unix: q.cert_expiry,
+            last_seen: now(),
+        };
+        let mut proxies = mesh.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a stale instance gives way when there are too many.
+        if proxies.len() >= 10_000 && !proxies.contains_key(&(workload.clone(), instance.clone())) {
+            if let Some(oldest) = proxies
+                .iter()
+                .min_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen))
+                .map(|(k, _)| k.clone())
+            {
+                proxies.remove(&oldest);
+            }
+        }
+        proxies.insert((workload.clone(), instance), status);
+    }
+    if let Some(after) = q.after {
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(30_000));
+        let mut rx = mesh.changed.subscribe();
+        let newer = |m: &Mesh| m.get(&workload).is_some_and(|p| p.version > after);
+        let _ = tokio::time::timeout(wait, async {
+            while !newer(&mesh) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    match mesh.get(&workload) {
+        Some(p) => Json(p).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no policy for workload {workload:?}"),
+        ),
+    }
+}
+
+async fn put(State(mesh): State<Mesh>, Path(workload): Path<String>, body: String) -> Response {
+    let m = mesh.clone();
+    let w = workload.clone();
+    match tokio::task::spawn_blocking(move || m.put(&w, &body)).await {
+        Ok(Ok(p)) => Json(serde_json::json!({ "workload": p.workload, "version": p.version, "updated_at": p.updated_at })).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("policy for {workload:?} refused, the running one kept: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn proxies(State(mesh): State<Mesh>) -> Response {
+    let latest: BTreeMap<String, u64> = mesh
+        .policies()
+        .values()
+        .map(|p| (p.workload.clone(), p.version))
+        .collect();
+    let list: Vec<serde_json::Value> = mesh
+        .proxies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|s| {
+            let latest = latest.get(&s.workload).copied().unwrap_or(0);
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["latest_version"] = serde_json::json!(latest);
+            v["in_sync"] = serde_json::json!(s.applied_version == latest && s.last_error.is_none());
+            v
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+pub fn router(mesh: Mesh) -> Router {
+    Router::new()
+        .route("/api/v1/mesh/policy", get(list))
+        .route("/api/v1/mesh/policy/{workload}", get(policy).put(put))
+        .route("/api/v1/mesh/proxies", get(proxies))
+        .with_state(mesh)
+}
