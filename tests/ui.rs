@@ -1745,6 +1745,54 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     );
     b.screenshot("topology-mirror").await;
 
+    // The Mesh page: a proxy following the control plane, in sync with its policy.
+    let put = reqwest::Client::new()
+        .put(server.url("/api/v1/mesh/policy/caller"))
+        .body("[[destination]]\nname = \"shop\"\nendpoint = [{ address = \"127.0.0.1:9\" }]\n")
+        .send()
+        .await
+        .expect("PUT policy");
+    assert_eq!(put.status(), 200);
+    let mut proxy = meshscope_proxy::Proxy::start(
+        meshscope_proxy::config::ProxyConfig::parse(
+            "[service]\nname = \"caller\"\n[listen]\noutbound = \"127.0.0.1:0\"\n",
+        )
+        .expect("config"),
+        None,
+    )
+    .await
+    .expect("proxy");
+    proxy.follow(meshscope_proxy::control::ControlPlane {
+        url: server.url(""),
+        workload: "caller".into(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.applied().version != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never applied the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The first poll reports version 0, the next the applied one; the page reads the
+    // list when it opens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        b.goto(&server.url("/mesh")).await;
+        let row = b
+            .wait_for("[data-test='proxy-row'][data-workload='caller']", 1)
+            .await;
+        if b.attr(&row[0], "data-sync").await == "synced" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never shown in sync");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    b.wait_for("[data-test='policy'][data-workload='caller']", 1)
+        .await;
+    b.screenshot("mesh").await;
+    proxy.stop().await;
+
     // The live tap: requests appear as they are ingested; leaving the page ends the tap.
     b.goto(&server.url("/tap?service=cart")).await;
     server

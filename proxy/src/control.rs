@@ -139,7 +139,13 @@ pub async fn follow(
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let instance = format!("{}-{}", cp.workload, std::process::id());
+    // This process and a random part: two proxies of one workload on one host differ.
+    let instance = format!(
+        "{}-{}-{:06x}",
+        cp.workload,
+        std::process::id(),
+        rand::random_range(0..0x100_0000u32)
+    );
     let mut backoff = Duration::from_millis(200);
     tokio::pin!(stop);
     loop {

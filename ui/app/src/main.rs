@@ -2,12 +2,13 @@
 //!
 //! Layout: `state` (time range, auto-refresh and filters kept in the URL), `util` (API
 //! calls, formatting), `charts` (SVG sparklines and line charts), and one module per page:
-//! `topology`, `services`, `traces`, `logs`, `security`, `tap`, `alerts`, `sql`.
+//! `topology`, `services`, `traces`, `logs`, `security`, `tap`, `mesh`, `alerts`, `sql`.
 
 mod alerts;
 mod charts;
 mod export;
 mod logs;
+mod mesh;
 mod security;
 mod services;
 mod sql;
@@ -56,6 +57,7 @@ fn Shell() -> impl IntoView {
                 <Route path=path!("/logs") view=logs::LogsPage/>
                 <Route path=path!("/security") view=security::SecurityPage/>
                 <Route path=path!("/tap") view=tap::TapPage/>
+                <Route path=path!("/mesh") view=mesh::MeshPage/>
                 <Route path=path!("/alerts") view=alerts::AlertsPage/>
                 <Route path=path!("/sql") view=sql::SqlPage/>
             </Routes>
@@ -218,6 +220,7 @@ fn TopBar() -> impl IntoView {
                 {nav("/logs", "Logs")}
                 {nav("/security", "Security")}
                 {nav("/tap", "Tap")}
+                {nav("/mesh", "Mesh")}
                 {nav("/alerts", "Alerts")}
                 {nav("/sql", "SQL")}
             </nav>
