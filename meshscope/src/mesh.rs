@@ -174,14 +174,14 @@ async fn policy(
         };
         let mut proxies = mesh.proxies.lock().unwrap_or_else(|p| p.into_inner());
         // Bounded: a stale instance gives way when there are too many.
-        if proxies.len() >= 10_000 && !proxies.contains_key(&(workload.clone(), instance.clone())) {
-            if let Some(oldest) = proxies
+        if proxies.len() >= 10_000
+            && !proxies.contains_key(&(workload.clone(), instance.clone()))
+            && let Some(oldest) = proxies
                 .iter()
                 .min_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen))
                 .map(|(k, _)| k.clone())
-            {
-                proxies.remove(&oldest);
-            }
+        {
+            proxies.remove(&oldest);
         }
         proxies.insert((workload.clone(), instance), status);
     }

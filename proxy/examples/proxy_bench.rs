@@ -60,7 +60,7 @@ fn main() -> BoxResult<()> {
         Some("sink") => runtime(1)?.block_on(sink(args[2].parse()?)),
         Some("ca") => runtime(1)?.block_on(ca(args[2].parse()?, PathBuf::from(&args[3]))),
         Some("proxy") => runtime(arg("--threads", 0.0) as usize)?.block_on(async {
-            meshscope_proxy::run(PathBuf::from(&args[2]), async {
+            meshscope_proxy::run(PathBuf::from(&args[2]), None, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await

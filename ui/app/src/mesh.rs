@@ -32,7 +32,10 @@ pub fn MeshPage() -> impl IntoView {
                 }
                 .into_any();
             }
-            let synced = list.iter().filter(|p| p["in_sync"] == Value::Bool(true)).count();
+            let synced = list
+                .iter()
+                .filter(|p| p["in_sync"] == Value::Bool(true))
+                .count();
             view! {
                 <div class="security-summary" data-test="mesh-summary">
                     <span><b>{list.len()}</b>" proxies"</span>
@@ -66,7 +69,8 @@ pub fn MeshPage() -> impl IntoView {
             .into_any()
         }
     };
-    let policy_list = move || match policies.get() {
+    let policy_list = move || {
+        match policies.get() {
         None => view! { <Loading/> }.into_any(),
         Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
         Some(Ok(v)) => v
@@ -89,6 +93,7 @@ pub fn MeshPage() -> impl IntoView {
             })
             .collect_view()
             .into_any(),
+    }
     };
     view! {
         <div class="page mesh-page">
