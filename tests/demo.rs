@@ -311,6 +311,97 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The proxies take their policy from the control plane, all in sync.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list: Value = client
+            .get(format!("http://127.0.0.1:{http}/api/v1/mesh/proxies"))
+            .send()
+            .await
+            .expect("proxies")
+            .json()
+            .await
+            .expect("json");
+        let all = list.as_array().cloned().unwrap_or_default();
+        let synced = all.iter().filter(|p| p["in_sync"] == true).count();
+        if all.len() == 7 && synced == 7 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxies not in sync: {list}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The printed command shifts the canary to 50% live: the next requests split evenly.
+    let shift = printed
+        .lines()
+        .skip_while(|l| !l.contains("shift the cart canary to 50%"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no canary command printed: {printed}"))
+        .trim()
+        .to_string();
+    let shifted_at = chrono::Utc::now();
+    let ok = Command::new("sh")
+        .args(["-c", &shift])
+        .output()
+        .expect("sh");
+    assert!(
+        ok.status.success(),
+        "{shift}: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("\"version\":2"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let start = (shifted_at + chrono::Duration::seconds(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let g: Value = client
+            .get(format!(
+                "http://127.0.0.1:{http}/api/v1/graph?start={start}&source=spans"
+            ))
+            .send()
+            .await
+            .expect("graph")
+            .json()
+            .await
+            .expect("json");
+        let split = g["edges"]
+            .as_array()
+            .and_then(|e| {
+                e.iter()
+                    .find(|e| e["source"] == "frontend" && e["target"] == "cart")
+            })
+            .and_then(|e| e["by_version"].as_array().cloned())
+            .unwrap_or_default();
+        let n = |v: &str| {
+            split
+                .iter()
+                .find(|x| x["version"] == v)
+                .and_then(|x| x["requests"].as_u64())
+                .unwrap_or(0)
+        };
+        let (v1, v2) = (n("v1"), n("v2"));
+        if v1 + v2 >= 150 {
+            let share = v2 as f64 / (v1 + v2) as f64;
+            assert!(
+                (0.35..0.65).contains(&share),
+                "v2 took {share:.2} after the shift: {v1}/{v2}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not enough cart calls since the shift: {v1}/{v2}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // Ctrl-C: everything stops and the process exits 0.
     let ok = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

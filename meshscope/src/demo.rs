@@ -634,6 +634,8 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         .build()
         .map_err(|e| e.to_string())?;
     let mut proxies: Vec<Proxy> = vec![];
+    // Each proxy's workload and authorization rules, for its policy document.
+    let mut workloads: Vec<(String, Vec<AuthorizationRule>)> = vec![];
     let mut addrs: HashMap<(String, String), SocketAddr> = HashMap::new();
     let mut app_tasks = vec![];
     let mut frontend = None;
@@ -644,12 +646,11 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
             .map_err(|e| e.to_string())?;
         let app_addr = l.local_addr().map_err(|e| e.to_string())?;
         let (outbound, reachable_at) = if proxied(spec.name) {
-            let proxy = Proxy::start(
-                proxy_config(&spec, app_addr, &otlp, identity.as_ref()),
-                None,
-            )
-            .await
-            .map_err(|e| format!("cannot start the proxy of {}: {e}", spec.name))?;
+            let config = proxy_config(&spec, app_addr, &otlp, identity.as_ref());
+            workloads.push((workload_of(&spec), config.authorization.clone()));
+            let proxy = Proxy::start(config, None)
+                .await
+                .map_err(|e| format!("cannot start the proxy of {}: {e}", spec.name))?;
             let inbound = proxy.inbound.ok_or("proxy without inbound address")?;
             let outbound = proxy.outbound;
             proxies.push(proxy);
@@ -690,11 +691,42 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
                 .await;
         }));
     }
-    // Now that every address is known, give each proxy the registry.
+    // Now that every address is known, give each proxy the registry: through the control
+    // plane when the server runs here (each workload's policy document, followed by its
+    // proxy), else directly.
     let destinations = registry(&addrs);
-    for p in &proxies {
-        p.set_destinations(destinations.clone())
-            .map_err(|e| e.to_string())?;
+    match &server {
+        Some((_, http, _, _)) => {
+            for (p, (workload, authorization)) in proxies.iter_mut().zip(&workloads) {
+                let doc = meshscope_proxy::control::PolicyDocument {
+                    destinations: destinations.clone(),
+                    authorization: authorization.clone(),
+                };
+                let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+                let r = client
+                    .put(format!("http://{http}/api/v1/mesh/policy/{workload}"))
+                    .body(text)
+                    .send()
+                    .await
+                    .map_err(|e| format!("the control plane: {e}"))?;
+                if !r.status().is_success() {
+                    return Err(format!(
+                        "the control plane refused {workload}'s policy: {}",
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+                p.follow(meshscope_proxy::control::ControlPlane {
+                    url: format!("http://{http}"),
+                    workload: workload.clone(),
+                });
+            }
+        }
+        None => {
+            for p in &proxies {
+                p.set_destinations(destinations.clone())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
     }
     let frontend = frontend.ok_or("no frontend")?;
     let traffic_task = tokio::spawn(traffic(frontend, args.rps, apps_rx.clone()));
@@ -722,6 +754,11 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
     if identity.is_some() {
         println!(
             "  Security:  strict mTLS between the proxies (spiffe://…/ns/demo/sa/<workload>); the frontend is the edge and also takes plaintext; payments admits checkout only"
+        );
+    }
+    if let Some((_, http, _, _)) = &server {
+        println!(
+            "  Policy:    http://{http}/mesh; shift the cart canary to 50%:\n             curl -s http://{http}/api/v1/mesh/policy/frontend | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"document\"].replace(\"weight = 90\", \"weight = 50\").replace(\"weight = 10\", \"weight = 50\"))' | curl -s -X PUT --data-binary @- http://{http}/api/v1/mesh/policy/frontend"
         );
     }
     println!(

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -24,7 +24,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ProxyConfig {
     /// The proxied service instance.
@@ -45,7 +45,7 @@ pub struct ProxyConfig {
 }
 
 /// How the inbound listener treats connections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MtlsMode {
     /// Only mutual TLS: a plaintext connection, or TLS without a mesh certificate, is refused.
@@ -58,7 +58,7 @@ pub enum MtlsMode {
 }
 
 /// `[identity]`: where the proxy gets its certificate.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct IdentityConfig {
     #[serde(default)]
@@ -82,7 +82,7 @@ impl IdentityConfig {
 }
 
 /// Whether a rule refuses (enforce) or only marks (audit) the calls it does not allow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthzMode {
     #[default]
@@ -91,7 +91,7 @@ pub enum AuthzMode {
 }
 
 /// One `[[authorization]]` rule: the client identities admitted to the local app.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AuthorizationRule {
     /// `spiffe://…/ns/<ns>/sa/<workload>`, `ns/<ns>/sa/<workload>` or `ns/<ns>/*`.
@@ -101,7 +101,7 @@ pub struct AuthorizationRule {
 }
 
 /// Resource attributes of everything the proxy reports.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServiceIdentity {
     /// `service.name`.
@@ -123,7 +123,7 @@ impl ServiceIdentity {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Listen {
     /// Inbound listener, in front of the local app (absent: no inbound side).
@@ -139,7 +139,7 @@ pub struct Listen {
     pub app_h2c: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TelemetryConfig {
     /// OTLP/gRPC endpoint (absent: telemetry is counted but not exported).
@@ -176,7 +176,7 @@ impl Default for TelemetryConfig {
 }
 
 /// One destination service of the registry.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Destination {
     /// The name the app calls it by (the `Host` / `:authority`, port ignored); also
@@ -209,7 +209,7 @@ pub struct Destination {
     pub routes: Vec<crate::routes::RouteConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Endpoint {
     pub address: SocketAddr,
@@ -237,7 +237,7 @@ fn one() -> u32 {
 }
 
 /// Traffic policy of one destination; every part is optional.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Policy {
     /// Whole-request timeout (answered 504).
@@ -251,7 +251,7 @@ pub struct Policy {
 }
 
 /// Takes an endpoint out of rotation after failures in a row.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OutlierConfig {
     /// 5xx answers (connection failures included) in a row that eject it [5].
@@ -272,7 +272,7 @@ fn fifty() -> u32 {
     50
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetryConfig {
     /// Retries after the first attempt [2].
@@ -323,7 +323,7 @@ fn min_per_sec() -> f64 {
     10.0
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BreakerConfig {
     /// Consecutive failures (5xx or no connection) that open the breaker [5].
@@ -341,7 +341,7 @@ fn open_ms() -> u64 {
     5000
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RateLimitConfig {
     /// Tokens added per second.
@@ -350,7 +350,7 @@ pub struct RateLimitConfig {
     pub burst: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FaultConfig {
     /// Share of requests answered with `abort-status` without being sent, 0–100 [0].

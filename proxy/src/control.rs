@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthorizationRule, Destination, ProxyConfig};
 
 /// One workload's policy: the destinations (with their routes and policies) and the
 /// inbound authorization rules, in the proxy file's own TOML form.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDocument {
     #[serde(default, rename = "destination")]

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use http::Request;
 use regex::Regex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::RetryConfig;
 
 /// A route as written in the proxy's TOML.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RouteConfig {
     /// Its name, on the CLIENT span as `meshscope.route` [`route-<n>`, from 1].
@@ -38,7 +38,7 @@ pub struct RouteConfig {
     pub mirror: Option<MirrorConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MirrorConfig {
     /// The shadow: a `version` of the destination's endpoints (usually weight 0).
@@ -59,7 +59,7 @@ fn max_mirror_body() -> u64 {
     64 * 1024
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MatchConfig {
     #[serde(default)]
@@ -75,7 +75,7 @@ pub struct MatchConfig {
 
 /// `{ exact = "/cart" }` or `{ prefix = "/api" }` (`/api` matches `/api` and `/api/x`,
 /// not `/apix`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PathMatch {
     #[serde(default)]
@@ -85,7 +85,7 @@ pub struct PathMatch {
 }
 
 /// A header or query parameter by name: `value` exactly or `regex` (the whole value).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ValueMatch {
     pub name: String,
@@ -95,7 +95,7 @@ pub struct ValueMatch {
     pub regex: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BackendConfig {
     /// A `version` of the destination's endpoints (all its endpoints take part).
