@@ -56,6 +56,24 @@ async fn app_handler(State(app): State<Arc<App>>, req: Request) -> Response {
     app.name.clone().into_response()
 }
 
+/// The TOML of a "caller" proxy with an outbound and an admin listener, exporting to
+/// `server`; tests append their `[[destination]]` tables.
+fn caller_toml(server: &Server) -> String {
+    format!(
+        r#"
+[service]
+name = "caller"
+[listen]
+outbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[telemetry]
+otlp-endpoint = "{}"
+batch-interval-ms = 200
+"#,
+        server.grpc_url()
+    )
+}
+
 /// Binds an app; `serve` it once its proxy is known.
 async fn bind_app() -> (tokio::net::TcpListener, SocketAddr) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -761,16 +779,9 @@ async fn routes_by_request_match_path_method_headers_and_query_first_match_winni
         serve_app(l, app(&format!("shop {v}"), None));
         addrs.push(a);
     }
-    let text = format!(
-        r#"
-[service]
-name = "caller"
-[listen]
-outbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[telemetry]
-otlp-endpoint = "{otlp}"
-batch-interval-ms = 200
+    let text = caller_toml(&server)
+        + &format!(
+            r#"
 [[destination]]
 name = "shop"
 endpoint = [{{ address = "{a1}", version = "v1" }}, {{ address = "{a2}", version = "v2", weight = 0 }},
@@ -788,11 +799,10 @@ name = "search"
 match = [{{ path = {{ exact = "/search" }}, query = [{{ name = "q", regex = "[a-z]+" }}] }}]
 backends = [{{ version = "v2", weight = 1 }}, {{ version = "v3", weight = 1 }}]
 "#,
-        otlp = server.grpc_url(),
-        a1 = addrs[0],
-        a2 = addrs[1],
-        a3 = addrs[2],
-    );
+            a1 = addrs[0],
+            a2 = addrs[1],
+            a3 = addrs[2],
+        );
     let c = ProxyConfig::parse(&text).expect("config");
     let p = Proxy::start(c, None).await.expect("proxy");
     let out = p.outbound.expect("out");
@@ -998,16 +1008,9 @@ async fn a_mirror_copies_its_share_to_the_shadow_without_delaying_the_caller() {
     .await
     .expect("shadow proxy");
     let shadow_at = shadow_proxy.inbound.expect("inbound");
-    let text = format!(
-        r#"
-[service]
-name = "caller"
-[listen]
-outbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[telemetry]
-otlp-endpoint = "{otlp}"
-batch-interval-ms = 200
+    let text = caller_toml(&server)
+        + &format!(
+            r#"
 [[destination]]
 name = "checkout"
 endpoint = [{{ address = "{primary_at}", version = "v1" }}, {{ address = "{shadow_at}", version = "v2-shadow", weight = 0 }}]
@@ -1015,8 +1018,7 @@ endpoint = [{{ address = "{primary_at}", version = "v1" }}, {{ address = "{shado
 name = "all"
 mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
 "#,
-        otlp = server.grpc_url(),
-    );
+        );
     let p = Proxy::start(ProxyConfig::parse(&text).expect("config"), None)
         .await
         .expect("proxy");

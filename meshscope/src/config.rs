@@ -687,9 +687,10 @@ pub enum TapFormat {
     Json,
 }
 
+/// How a command reaches a running server (`meshscope sql`, `meshscope tap`).
 #[derive(Debug, Args)]
-pub struct TapArgs {
-    /// The server's HTTP address (a `serve` or `collector` node).
+pub struct ClientArgs {
+    /// The server's HTTP address (`tap`: a `serve` or `collector` node).
     #[arg(
         long,
         env = "MESHSCOPE_SERVER",
@@ -699,6 +700,12 @@ pub struct TapArgs {
     /// A token with the `read` scope, for a server started with `--auth-file`.
     #[arg(long, env = "MESHSCOPE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Only spans of this service.
     #[arg(long)]
     pub service: Option<String>,
@@ -725,16 +732,8 @@ pub struct TapArgs {
 pub struct SqlArgs {
     /// The statement to run (read-only: SELECT, WITH, EXPLAIN, SHOW).
     pub sql: String,
-    /// The server's HTTP address.
-    #[arg(
-        long,
-        env = "MESHSCOPE_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub server: String,
-    /// A token with the `read` scope, for a server started with `--auth-file`.
-    #[arg(long, env = "MESHSCOPE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -945,7 +944,7 @@ mod tests {
         let Command::Sql(a) = cli.command else {
             panic!("sql expected")
         };
-        assert_eq!(a.server, "http://127.0.0.1:8080");
+        assert_eq!(a.client.server, "http://127.0.0.1:8080");
         assert_eq!(a.format, Format::Table);
     }
 }

@@ -9,13 +9,13 @@ use crate::config::{Format, SqlArgs};
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
 pub async fn run(args: SqlArgs) -> Result<(), String> {
-    let url = format!("{}/api/v1/sql", args.server.trim_end_matches('/'));
+    let url = format!("{}/api/v1/sql", args.client.server.trim_end_matches('/'));
     let accept = match args.format {
         Format::Json => "application/json",
         Format::Table | Format::Csv => ARROW_STREAM,
     };
     let mut request = reqwest::Client::new().post(&url).header("accept", accept);
-    if let Some(token) = &args.token {
+    if let Some(token) = &args.client.token {
         request = request.bearer_auth(token);
     }
     let resp = request

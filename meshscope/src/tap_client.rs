@@ -78,7 +78,7 @@ impl SseParser {
 }
 
 pub async fn run(args: TapArgs) -> Result<(), String> {
-    let url = format!("{}/api/v1/tap", args.server.trim_end_matches('/'));
+    let url = format!("{}/api/v1/tap", args.client.server.trim_end_matches('/'));
     let mut query: Vec<(&str, String)> = Vec::new();
     for (k, v) in [
         ("service", &args.service),
@@ -99,7 +99,7 @@ pub async fn run(args: TapArgs) -> Result<(), String> {
     let mut request = reqwest::Client::new()
         .get(full)
         .header("accept", "text/event-stream");
-    if let Some(token) = &args.token {
+    if let Some(token) = &args.client.token {
         request = request.bearer_auth(token);
     }
     let mut resp = request
