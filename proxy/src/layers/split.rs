@@ -231,6 +231,43 @@ impl Split {
     }
 }
 
+/// One attempt at an endpoint, in flight until it finishes; dropped unfinished (a timeout
+/// above gave up on it, the caller left) it counts as a failure.
+struct Attempt {
+    split: Arc<Split>,
+    index: usize,
+    started: Instant,
+    done: bool,
+}
+
+impl Attempt {
+    fn start(split: Arc<Split>, index: usize) -> Attempt {
+        split.started(index);
+        Attempt {
+            split,
+            index,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Records the outcome; true when it ejected the endpoint.
+    fn finish(mut self, failed: bool) -> bool {
+        self.done = true;
+        self.split
+            .finished(self.index, self.started.elapsed(), failed)
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            self.split
+                .finished(self.index, self.started.elapsed(), true);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SplitLayer;
 
@@ -259,10 +296,7 @@ impl<S: HttpService> Service<Request<Body>> for SplitService<S> {
         let split = req.extensions().get::<Arc<Split>>().cloned();
         let picked = split.as_ref().and_then(|s| s.choose_index());
         let chosen = picked.and_then(|i| split.as_ref()?.endpoints.get(i).cloned());
-        if let (Some(s), Some(i)) = (&split, picked) {
-            s.started(i);
-        }
-        let started = Instant::now();
+        let mut attempt = split.zip(picked).map(|(split, i)| Attempt::start(split, i));
         if let Some(c) = &chosen {
             req.extensions_mut().insert(Target(c.address));
             match &c.identity {
@@ -273,13 +307,11 @@ impl<S: HttpService> Service<Request<Body>> for SplitService<S> {
         let fut = self.inner.call(req);
         Box::pin(async move {
             let Ok(mut r) = fut.await;
-            if let (Some(s), Some(i)) = (&split, picked) {
-                let failed = r.status().is_server_error();
-                if s.finished(i, started.elapsed(), failed)
-                    && let Some(c) = &chosen
-                {
-                    r.extensions_mut().insert(Ejected(c.address));
-                }
+            if let Some(a) = attempt.take()
+                && a.finish(r.status().is_server_error())
+                && let Some(c) = &chosen
+            {
+                r.extensions_mut().insert(Ejected(c.address));
             }
             if let Some(c) = chosen {
                 r.extensions_mut().insert(c);
@@ -401,6 +433,29 @@ mod tests {
             std::thread::yield_now();
         }
         assert!((0..200).any(|_| split.choose_index() == Some(0)));
+    }
+
+    #[test]
+    fn an_attempt_given_up_on_leaves_nothing_in_flight() {
+        let outlier = OutlierConfig {
+            consecutive_5xx: 2,
+            base_ejection_ms: 1000,
+            max_ejection_percent: 50,
+        };
+        let split = Arc::new(Split::with_outlier(
+            "shop",
+            &same_version(2),
+            vec![],
+            Some(outlier),
+        ));
+        let a = Attempt::start(Arc::clone(&split), 0);
+        assert_eq!(split.state[0].pending.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert_eq!(split.state[0].pending.load(Ordering::Relaxed), 0);
+        assert_eq!(split.state[0].consecutive_5xx.load(Ordering::Relaxed), 1);
+        let b = Attempt::start(Arc::clone(&split), 1);
+        assert!(!b.finish(false));
+        assert_eq!(split.state[1].pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]
