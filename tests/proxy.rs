@@ -483,6 +483,25 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
         eventually(&server, &states("half_open"), |n| n >= 1).await,
         1
     );
+    // The two state changes: the failure that opened it, the probe that closed it.
+    let moved = |to: &'static str| {
+        format!(
+            "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.breaker_transition'] = '{to}'"
+        )
+    };
+    assert_eq!(eventually(&server, &moved("open"), |n| n >= 1).await, 1);
+    assert_eq!(eventually(&server, &moved("closed"), |n| n >= 1).await, 1);
+    let admin = p.admin.expect("admin");
+    let m = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains("meshscope_proxy_breaker_transitions_total{destination=\"fragile\"} 2"),
+        "{m}"
+    );
     p.stop().await;
 }
 

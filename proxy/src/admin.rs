@@ -173,6 +173,23 @@ impl Collector for Admin {
                     })?
                     .encode_gauge(&(r.splits().map(|s| s.ejected()).sum::<usize>() as i64))?;
             }
+            let mut transitions = enc.encode_descriptor(
+                "meshscope_proxy_breaker_transitions",
+                "Circuit breaker state changes (opened, closed by a probe, opened again).",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in routes.iter().filter(|r| r.breaker.is_some()) {
+                let n = r
+                    .breaker
+                    .as_ref()
+                    .map_or(0, |b| b.transitions.load(Ordering::Relaxed));
+                transitions
+                    .encode_family(&DestinationLabel {
+                        destination: r.config.name.clone(),
+                    })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
             let mut exhausted = enc.encode_descriptor(
                 "meshscope_proxy_retry_budget_exhausted",
                 "Retries that were due but refused by the retry budget.",

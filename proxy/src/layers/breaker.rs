@@ -42,7 +42,15 @@ enum State {
 pub struct Breaker {
     pub config: BreakerConfig,
     state: Mutex<State>,
+    /// State changes so far (`meshscope_proxy_breaker_transitions_total`).
+    pub transitions: std::sync::atomic::AtomicU64,
 }
+
+/// Response extension: the state this request moved the breaker to (it opened it, its
+/// probe closed it or opened it again); span attribute and event
+/// `meshscope.breaker_transition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition(pub BreakerState);
 
 enum Admit {
     Yes(BreakerState),
@@ -54,6 +62,7 @@ impl Breaker {
         Breaker {
             config,
             state: Mutex::new(State::Closed { failures: 0 }),
+            transitions: Default::default(),
         }
     }
 
@@ -82,27 +91,41 @@ impl Breaker {
         }
     }
 
-    fn record(&self, admitted_as: BreakerState, ok: bool) {
+    /// Records an admitted request's outcome; the new state when it changed the breaker's.
+    fn record(&self, admitted_as: BreakerState, ok: bool) -> Option<BreakerState> {
         let Ok(mut s) = self.state.lock() else {
-            return;
+            return None;
         };
         let open = State::Open {
             until: Instant::now() + Duration::from_millis(self.config.open_ms),
         };
-        match (&mut *s, admitted_as, ok) {
+        let to = match (&mut *s, admitted_as, ok) {
             (State::HalfOpen { .. }, BreakerState::HalfOpen, true) => {
                 *s = State::Closed { failures: 0 };
+                Some(BreakerState::Closed)
             }
-            (State::HalfOpen { .. }, BreakerState::HalfOpen, false) => *s = open,
-            (State::Closed { failures }, _, true) => *failures = 0,
+            (State::HalfOpen { .. }, BreakerState::HalfOpen, false) => {
+                *s = open;
+                Some(BreakerState::Open)
+            }
+            (State::Closed { failures }, _, true) => {
+                *failures = 0;
+                None
+            }
             (State::Closed { failures }, _, false) => {
                 *failures += 1;
-                if *failures >= self.config.consecutive_failures {
+                (*failures >= self.config.consecutive_failures).then(|| {
                     *s = open;
-                }
+                    BreakerState::Open
+                })
             }
-            _ => {}
+            _ => None,
+        };
+        if to.is_some() {
+            self.transitions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        to
     }
 }
 
@@ -144,7 +167,9 @@ impl<S: HttpService> BreakerService<S> {
             };
             let Ok(mut r) = fut.await;
             let ok = !r.status().is_server_error();
-            breaker.record(admitted_as, ok);
+            if let Some(to) = breaker.record(admitted_as, ok) {
+                r.extensions_mut().insert(Transition(to));
+            }
             guard.breaker = None;
             r.extensions_mut().insert(admitted_as);
             Ok(r)
@@ -182,6 +207,7 @@ mod tests {
             );
         }
         assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.transitions.load(std::sync::atomic::Ordering::Relaxed), 1);
         // Open: answered by the proxy, the upstream is not called.
         let r = call(&mut svc, req(&b)).await;
         assert_eq!(r.status(), 503);
@@ -199,7 +225,13 @@ mod tests {
             r.extensions().get::<BreakerState>(),
             Some(&BreakerState::HalfOpen)
         );
+        assert_eq!(
+            r.extensions().get::<Transition>(),
+            Some(&Transition(BreakerState::Closed)),
+            "the probe that closed it says so"
+        );
         assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.transitions.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -138,6 +138,8 @@ pub struct Decisions {
     pub ejected: Option<std::net::SocketAddr>,
     /// A retry was due but the retry budget had none left.
     pub budget_exhausted: bool,
+    /// The state this request moved its destination's breaker to.
+    pub breaker_transition: Option<breaker::BreakerState>,
 }
 
 /// The reasons `x-meshscope-proxy` may carry; any other value is not recorded (it comes
@@ -177,6 +179,7 @@ impl Decisions {
             security: x.get::<crate::tls::PeerSecurity>().cloned(),
             ejected: x.get::<split::Ejected>().map(|e| e.0),
             budget_exhausted: x.get::<retry::BudgetExhausted>().is_some(),
+            breaker_transition: x.get::<breaker::Transition>().map(|t| t.0),
         }
     }
 }

@@ -406,6 +406,15 @@ impl Telemetry {
                 ..Default::default()
             });
         }
+        if let Some(to) = d.breaker_transition {
+            a.push(string_kv("meshscope.breaker_transition", to.as_str()));
+            events.push(span::Event {
+                time_unix_nano: end,
+                name: "meshscope.breaker_transition".into(),
+                attributes: vec![string_kv("meshscope.breaker_state", to.as_str())],
+                ..Default::default()
+            });
+        }
         if d.budget_exhausted {
             a.push(KeyValue {
                 key: "meshscope.retry_budget_exhausted".into(),
