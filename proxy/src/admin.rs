@@ -1,6 +1,7 @@
 //! The admin endpoint: `GET /stats` (JSON: requests, telemetry pipeline counters, breaker
 //! states, identity and certificate expiry), `GET /metrics` (OpenMetrics text of the same, through `prometheus-client`), `GET /ready`.
 
+use crate::outbound::Route;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -92,6 +93,10 @@ struct SignalLabel {
     signal: &'static str,
 }
 
+/// A counter per destination: name, help, and its value for a route (`None`: not
+/// exposed for it, e.g. no breaker configured).
+type RouteCounter = (&'static str, &'static str, fn(&Route) -> Option<u64>);
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DestinationLabel {
     destination: String,
@@ -142,23 +147,48 @@ impl Collector for Admin {
                 .read()
                 .map(|r| r.routes.clone())
                 .unwrap_or_default();
-            let mut ejections = enc.encode_descriptor(
-                "meshscope_proxy_ejections",
-                "Endpoints taken out of rotation by outlier ejection.",
-                None,
-                MetricType::Counter,
-            )?;
-            for r in &routes {
-                ejections
-                    .encode_family(&DestinationLabel {
-                        destination: r.config.name.clone(),
-                    })?
-                    .encode_counter::<NoLabelSet, _, u64>(
-                        &r.splits()
-                            .map(|s| s.ejections.load(Ordering::Relaxed))
-                            .sum::<u64>(),
-                        None,
-                    )?;
+            let counters: [RouteCounter; 3] = [
+                (
+                    "meshscope_proxy_ejections",
+                    "Endpoints taken out of rotation by outlier ejection.",
+                    |r| {
+                        Some(
+                            r.splits()
+                                .map(|s| s.ejections.load(Ordering::Relaxed))
+                                .sum(),
+                        )
+                    },
+                ),
+                (
+                    "meshscope_proxy_breaker_transitions",
+                    "Circuit breaker state changes (opened, closed by a probe, opened again).",
+                    |r| {
+                        r.breaker
+                            .as_ref()
+                            .map(|b| b.transitions.load(Ordering::Relaxed))
+                    },
+                ),
+                (
+                    "meshscope_proxy_retry_budget_exhausted",
+                    "Retries that were due but refused by the retry budget.",
+                    |r| {
+                        r.retry
+                            .as_ref()
+                            .map(|p| p.exhausted.load(Ordering::Relaxed))
+                    },
+                ),
+            ];
+            for (name, help, value) in counters {
+                let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for r in &routes {
+                    if let Some(n) = value(r) {
+                        family
+                            .encode_family(&DestinationLabel {
+                                destination: r.config.name.clone(),
+                            })?
+                            .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                    }
+                }
             }
             let mut ejected = enc.encode_descriptor(
                 "meshscope_proxy_endpoints_ejected",
@@ -172,40 +202,6 @@ impl Collector for Admin {
                         destination: r.config.name.clone(),
                     })?
                     .encode_gauge(&(r.splits().map(|s| s.ejected()).sum::<usize>() as i64))?;
-            }
-            let mut transitions = enc.encode_descriptor(
-                "meshscope_proxy_breaker_transitions",
-                "Circuit breaker state changes (opened, closed by a probe, opened again).",
-                None,
-                MetricType::Counter,
-            )?;
-            for r in routes.iter().filter(|r| r.breaker.is_some()) {
-                let n = r
-                    .breaker
-                    .as_ref()
-                    .map_or(0, |b| b.transitions.load(Ordering::Relaxed));
-                transitions
-                    .encode_family(&DestinationLabel {
-                        destination: r.config.name.clone(),
-                    })?
-                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-            }
-            let mut exhausted = enc.encode_descriptor(
-                "meshscope_proxy_retry_budget_exhausted",
-                "Retries that were due but refused by the retry budget.",
-                None,
-                MetricType::Counter,
-            )?;
-            for r in routes.iter().filter(|r| r.retry.is_some()) {
-                let n = r
-                    .retry
-                    .as_ref()
-                    .map_or(0, |p| p.exhausted.load(Ordering::Relaxed));
-                exhausted
-                    .encode_family(&DestinationLabel {
-                        destination: r.config.name.clone(),
-                    })?
-                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
         }
         if let Some(m) = &self.mesh {
