@@ -134,18 +134,29 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A bad document is refused with the problem; the running one stays.
+    // A bad document is refused with every problem, each listed; the running one stays.
     let bad = format!(
-        "{}\n[[destination.route]]\nmatch = [{{ headers = [{{ name = \"x\", regex = \"(\" }}] }}]\nbackends = [{{ version = \"v9\" }}]\n",
+        "{}\n[[destination.route]]\nmatch = [{{ headers = [{{ name = \"x\", regex = \"(\" }}] }}]\nbackends = [{{ version = \"v9\" }}]\n\
+         [[destination]]\nname = \"empty\"\nendpoint = []\n[destination.policy]\ntimeout-ms = 0\n",
         document(v2, "v2")
     );
     let (s, v) = put(&server, &bad).await;
     assert_eq!(s, 400, "{v}");
     let e = v["error"].as_str().expect("error");
-    assert!(
-        e.contains("regex") && e.contains("\"v9\"") && e.contains("running one kept"),
-        "{e}"
-    );
+    assert!(e.contains("running one kept"), "{e}");
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for expected in ["regex", "\"v9\"", "\"empty\" has no endpoint", "timeout-ms is 0"] {
+        assert_eq!(
+            problems.iter().filter(|p| p.contains(expected)).count(),
+            1,
+            "{expected} in {problems:?}"
+        );
+    }
     let (s, v) = put(&server, "[[destination]]\nname = \"shop\"\nendpont = []\n").await;
     assert_eq!(s, 400, "{v}");
     let current: Value = reqwest::get(server.url("/api/v1/mesh/policy/caller"))

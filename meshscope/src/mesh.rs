@@ -100,19 +100,20 @@ impl Mesh {
         self.policies().get(workload).cloned()
     }
 
-    /// Checks `document` and makes it the workload's next version (kept on disk first).
-    pub fn put(&self, workload: &str, document: &str) -> Result<Policy, String> {
+    /// Checks `document` and makes it the workload's next version (kept on disk first);
+    /// refused with every problem found.
+    pub fn put(&self, workload: &str, document: &str) -> Result<Policy, Vec<String>> {
         if !valid_workload(workload) {
-            return Err(format!(
+            return Err(vec![format!(
                 "{workload:?} is not a workload name (letters, digits, - _ .)"
-            ));
+            )]);
         }
         // Checked as a proxy will: against a proxy of this workload with no other settings.
         let base = meshscope_proxy::config::ProxyConfig::parse(&format!(
             "[service]\nname = {}\n",
             toml::Value::String(workload.to_string())
         ))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.problems())?;
         meshscope_proxy::control::PolicyDocument::parse(document, &base)?;
         let mut all = self.policies();
         let version = all.get(workload).map_or(0, |p| p.version) + 1;
@@ -124,10 +125,10 @@ impl Mesh {
         };
         let path = self.dir.join(format!("{workload}.json"));
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&p).map_err(|e| e.to_string())?;
+        let text = serde_json::to_vec_pretty(&p).map_err(|e| vec![e.to_string()])?;
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("keeping the policy in {}: {e}", path.display()))?;
+            .map_err(|e| vec![format!("keeping the policy in {}: {e}", path.display())])?;
         all.insert(workload.to_string(), p.clone());
         drop(all);
         self.changed.send_modify(|n| *n += 1);
@@ -212,7 +213,14 @@ async fn put(State(mesh): State<Mesh>, Path(workload): Path<String>, body: Strin
     let w = workload.clone();
     match tokio::task::spawn_blocking(move || m.put(&w, &body)).await {
         Ok(Ok(p)) => Json(serde_json::json!({ "workload": p.workload, "version": p.version, "updated_at": p.updated_at })).into_response(),
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("policy for {workload:?} refused, the running one kept: {e}")),
+        Ok(Err(problems)) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({
+                "error": format!("policy for {workload:?} refused, the running one kept: {}", problems.join("; ")),
+                "problems": problems,
+            })),
+        )
+            .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

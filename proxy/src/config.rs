@@ -21,6 +21,20 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("invalid proxy config: {0}")]
     Invalid(String),
+    /// Every problem `validate` found, each on its own.
+    #[error("invalid proxy config: {}", .0.join("; "))]
+    Problems(Vec<String>),
+}
+
+impl ConfigError {
+    /// The problems one by one (one for any error but `Problems`).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Problems(p) => p.clone(),
+            ConfigError::Parse(e) => vec![e.to_string()],
+            other => vec![other.to_string()],
+        }
+    }
 }
 
 /// The whole file.
@@ -386,34 +400,35 @@ impl ProxyConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+        // Every problem, not the first: a document is fixed in one round.
+        let mut problems: Vec<String> = Vec::new();
         if self.service.name.is_empty() {
-            return bad("service.name is empty".into());
+            problems.push("service.name is empty".into());
         }
         if self.listen.inbound.is_some() != self.listen.app.is_some() {
-            return bad("listen.inbound and listen.app go together".into());
+            problems.push("listen.inbound and listen.app go together".into());
         }
         if self.telemetry.batch_interval_ms == 0 || self.telemetry.max_batch == 0 {
-            return bad("telemetry.batch-interval-ms and max-batch must be positive".into());
+            problems.push("telemetry.batch-interval-ms and max-batch must be positive".into());
         }
         let id = &self.identity;
         if id.mode != MtlsMode::Off {
             if id.ca_url.is_none() || id.token_file.is_none() {
-                return bad(
+                problems.push(
                     "identity: a mode other than \"off\" needs ca-url and token-file".into(),
                 );
             }
             if let Err(e) = self.workload_identity() {
-                return bad(format!("identity: {e}"));
+                problems.push(format!("identity: {e}"));
             }
         }
         for (i, r) in self.authorization.iter().enumerate() {
             if r.allow.is_empty() {
-                return bad(format!("authorization #{}: allow is empty", i + 1));
+                problems.push(format!("authorization #{}: allow is empty", i + 1));
             }
             for a in &r.allow {
                 if let Err(e) = meshscope_identity::IdentityPattern::parse(a, id.trust_domain()) {
-                    return bad(format!("authorization #{}: {e}", i + 1));
+                    problems.push(format!("authorization #{}: {e}", i + 1));
                 }
             }
         }
@@ -422,33 +437,33 @@ impl ProxyConfig {
             if self.mtls_to(d) {
                 for e in &d.endpoints {
                     if let Err(err) = self.expected_identity(d, e) {
-                        return bad(format!("destination {:?}: {err}", d.name));
+                        problems.push(format!("destination {:?}: {err}", d.name));
                     }
                 }
             }
             for n in std::iter::once(&d.name).chain(&d.aliases) {
                 if !names.insert(n.to_ascii_lowercase()) {
-                    return bad(format!("destination name {n:?} appears twice"));
+                    problems.push(format!("destination name {n:?} appears twice"));
                 }
             }
             if d.endpoints.is_empty() {
-                return bad(format!("destination {:?} has no endpoint", d.name));
+                problems.push(format!("destination {:?} has no endpoint", d.name));
             }
-            if d.endpoints.iter().all(|e| e.weight == 0) {
-                return bad(format!("destination {:?}: every weight is 0", d.name));
+            if !d.endpoints.is_empty() && d.endpoints.iter().all(|e| e.weight == 0) {
+                problems.push(format!("destination {:?}: every weight is 0", d.name));
             }
             let p = &d.policy;
             if let Some(f) = &p.fault {
                 if !(0.0..=100.0).contains(&f.abort_percent)
                     || !(0.0..=100.0).contains(&f.delay_percent)
                 {
-                    return bad(format!(
+                    problems.push(format!(
                         "destination {:?}: fault percentages must be within 0–100",
                         d.name
                     ));
                 }
                 if http::StatusCode::from_u16(f.abort_status).is_err() {
-                    return bad(format!(
+                    problems.push(format!(
                         "destination {:?}: abort-status {} is not an HTTP status",
                         d.name, f.abort_status
                     ));
@@ -457,7 +472,7 @@ impl ProxyConfig {
             if let Some(r) = &p.rate_limit
                 && (r.requests_per_sec <= 0.0 || r.burst.is_some_and(|b| b < 1.0))
             {
-                return bad(format!(
+                problems.push(format!(
                     "destination {:?}: rate-limit needs requests-per-sec > 0 and burst >= 1",
                     d.name
                 ));
@@ -465,7 +480,7 @@ impl ProxyConfig {
             if let Some(r) = &p.retry
                 && (r.budget_ratio < 0.0 || r.backoff_base_ms > r.backoff_max_ms.max(1))
             {
-                return bad(format!(
+                problems.push(format!(
                     "destination {:?}: retry needs budget-ratio >= 0 and backoff-base-ms <= backoff-max-ms",
                     d.name
                 ));
@@ -473,31 +488,32 @@ impl ProxyConfig {
             if let Some(b) = &p.breaker
                 && b.consecutive_failures == 0
             {
-                return bad(format!(
+                problems.push(format!(
                     "destination {:?}: breaker.consecutive-failures must be positive",
                     d.name
                 ));
             }
             if p.timeout_ms == Some(0) {
-                return bad(format!("destination {:?}: timeout-ms is 0", d.name));
+                problems.push(format!("destination {:?}: timeout-ms is 0", d.name));
             }
             if let Some(o) = &p.outlier
                 && (o.consecutive_5xx == 0
                     || o.base_ejection_ms == 0
                     || o.max_ejection_percent > 100)
             {
-                return bad(format!(
+                problems.push(format!(
                     "destination {:?}: outlier needs consecutive-5xx and base-ejection-ms above 0 and max-ejection-percent within 0–100",
                     d.name
                 ));
             }
             let versions: Vec<&str> = d.endpoints.iter().map(|e| e.version.as_str()).collect();
-            let problems = crate::routes::validate(&d.name, &d.routes, &versions);
-            if !problems.is_empty() {
-                return bad(problems.join("; "));
-            }
+            problems.extend(crate::routes::validate(&d.name, &d.routes, &versions));
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Problems(problems))
+        }
     }
 
     /// This proxy's SPIFFE ID.

@@ -27,15 +27,18 @@ pub struct PolicyDocument {
 
 impl PolicyDocument {
     /// Parses and checks a document against `base` (the proxy's own settings); the error
-    /// names what is wrong.
-    pub fn parse(text: &str, base: &ProxyConfig) -> Result<(PolicyDocument, ProxyConfig), String> {
-        let doc: PolicyDocument = toml::from_str(text).map_err(|e| e.to_string())?;
+    /// lists every problem found.
+    pub fn parse(
+        text: &str,
+        base: &ProxyConfig,
+    ) -> Result<(PolicyDocument, ProxyConfig), Vec<String>> {
+        let doc: PolicyDocument = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
         let config = ProxyConfig {
             destinations: doc.destinations.clone(),
             authorization: doc.authorization.clone(),
             ..base.clone()
         };
-        config.validate().map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.problems())?;
         Ok((doc, config))
     }
 }
@@ -167,10 +170,10 @@ pub async fn follow(
                         tracing::info!(workload = %cp.workload, version = a.version, "policy applied from the control plane");
                     }
                     Err(e) => {
-                        tracing::warn!(workload = %cp.workload, version = a.version, error = %e, "policy refused; keeping the previous one");
+                        tracing::warn!(workload = %cp.workload, version = a.version, error = %e.join("; "), "policy refused; keeping the previous one");
                         // Not applied: reported, and not asked for again until a newer one.
                         state.version = a.version;
-                        state.last_error = Some(format!("version {}: {e}", a.version));
+                        state.last_error = Some(format!("version {}: {}", a.version, e.join("; ")));
                     }
                 }
             }
