@@ -5,7 +5,10 @@
 //! Every part is its own process on loopback: a small hyper backend, an OTLP sink that
 //! accepts and discards what the proxy exports, the proxy (this binary in `proxy` mode,
 //! with spans, metrics and access logs on), and nginx (Debian package) as a reverse proxy
-//! with upstream keep-alive. This process is the load generator:
+//! with upstream keep-alive; the proxy also without export, and without export with 10
+//! routes by request in front of the destination (nine not matching, header exact and
+//! regex, method, path and query matches, then a catch-all; issue #17). This process is
+//! the load generator:
 //! - fixed rate, open loop: request `i` is sent at `start + i/rate` whatever the earlier
 //!   ones are doing (no coordinated omission); its latency counts from when it was sent
 //!   (tokio's timer wakes up to 1 ms late, the same for every path); p50 and p99 per path,
@@ -254,6 +257,34 @@ fn proxy_config(port: u16, backend: u16, sink: Option<u16>) -> String {
     )
 }
 
+/// The no-export proxy's destination with 10 routes by request in front: nine that the
+/// benchmark's requests do not match (header exact and regex matches on the
+/// `x-user-group` they carry, a method, a path, a query parameter), tried in order, and
+/// a tenth (path prefix `/`) that takes them, as a mesh with an A/B rule per team has it.
+fn routes_config(port: u16, backend: u16) -> String {
+    let mut config = proxy_config(port, backend, None);
+    for i in 0..9 {
+        let m = match i % 5 {
+            0 => format!("{{ headers = [{{ name = \"x-user-group\", value = \"team-{i}\" }}] }}"),
+            1 => format!(
+                "{{ headers = [{{ name = \"x-user-group\", regex = \"beta-[0-9]+-{i}\" }}] }}"
+            ),
+            2 => format!(
+                "{{ path = {{ prefix = \"/api/v{i}\" }}, headers = [{{ name = \"x-user-group\", regex = \"(canary|beta)\" }}] }}"
+            ),
+            3 => format!("{{ method = \"POST\", path = {{ exact = \"/checkout/{i}\" }} }}"),
+            _ => format!("{{ query = [{{ name = \"variant\", regex = \"b{i}|c{i}\" }}] }}"),
+        };
+        config.push_str(&format!(
+            "[[destination.route]]\nname = \"r{i}\"\nmatch = [{m}]\nbackends = [{{ version = \"v1\" }}]\ntimeout-ms = 4000\n"
+        ));
+    }
+    config.push_str(
+        "[[destination.route]]\nname = \"default\"\nmatch = [{ path = { prefix = \"/\" } }]\nbackends = [{ version = \"v1\" }]\n",
+    );
+    config
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -278,6 +309,7 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (Vec<f64>, usiz
     for _ in 0..20 {
         let req = hyper::Request::get(uri.clone())
             .header("host", "backend")
+            .header("x-user-group", "standard")
             .body(Empty::new());
         if let Ok(req) = req
             && let Ok(r) = client.request(req).await
@@ -297,6 +329,7 @@ async fn fixed_rate(target: SocketAddr, rate: f64, secs: f64) -> (Vec<f64>, usiz
         tasks.push(tokio::spawn(async move {
             let req = hyper::Request::get(uri)
                 .header("host", "backend")
+                .header("x-user-group", "standard")
                 .body(Empty::new())
                 .ok()?;
             let r = client.request(req).await.ok()?;
@@ -324,6 +357,8 @@ fn wrk(target: SocketAddr, secs: f64) -> Option<f64> {
             &format!("-d{}s", secs as u64),
             "-H",
             "Host: backend",
+            "-H",
+            "x-user-group: standard",
         ])
         .arg(format!("http://{target}/"))
         .output()
@@ -386,7 +421,10 @@ fn orchestrate() -> BoxResult<()> {
     )?;
     let quiet = dir.path().join("quiet.toml");
     std::fs::write(&quiet, proxy_config(quiet_port, backend_port, None))?;
-    for c in [&config, &quiet] {
+    let routes_port = free_port();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(&routes, routes_config(routes_port, backend_port))?;
+    for c in [&config, &quiet, &routes] {
         procs.0.push(
             Command::new(&me)
                 .args(["proxy", &c.display().to_string()])
@@ -420,7 +458,7 @@ fn orchestrate() -> BoxResult<()> {
             false
         }
     };
-    for p in [backend_port, sink_port, proxy_port, quiet_port] {
+    for p in [backend_port, sink_port, proxy_port, quiet_port, routes_port] {
         wait_port(p)?;
     }
     if have_nginx {
@@ -435,6 +473,10 @@ fn orchestrate() -> BoxResult<()> {
         (
             "meshscope proxy, no export",
             SocketAddr::from(([127, 0, 0, 1], quiet_port)),
+        ),
+        (
+            "meshscope proxy, no export, 10 routes",
+            SocketAddr::from(([127, 0, 0, 1], routes_port)),
         ),
     ];
     if have_nginx {
