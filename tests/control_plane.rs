@@ -150,7 +150,12 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for expected in ["regex", "\"v9\"", "\"empty\" has no endpoint", "timeout-ms is 0"] {
+    for expected in [
+        "regex",
+        "\"v9\"",
+        "\"empty\" has no endpoint",
+        "timeout-ms is 0",
+    ] {
         assert_eq!(
             problems.iter().filter(|p| p.contains(expected)).count(),
             1,
@@ -192,4 +197,99 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
         .await
         .expect("get");
     assert_eq!(r.status(), 404);
+}
+
+/// `serve --policy-dir`: the files are the documents (GitOps), read at start, followed
+/// while the server runs, a bad file refused with its problems and the running version
+/// kept, and a bad file at start stopping the server with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_directory_is_followed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("policies"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (v1, v2) = (app("shop v1").await, app("shop v2").await);
+    std::fs::write(dir.join("caller.toml"), document(v1, "v1")).expect("write");
+    // Not a policy document: ignored.
+    std::fs::write(dir.join("README.md"), "policies of the shop").expect("write");
+    let server = Server::start_with(&data, &["--policy-dir", dir.to_str().expect("utf-8")]);
+    let get = |server: &Server| {
+        let url = server.url("/api/v1/mesh/policy/caller");
+        async move {
+            let r = reqwest::get(url).await.expect("GET");
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.expect("JSON");
+            (status, v)
+        }
+    };
+    let (s, v) = get(&server).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["version"], 1, "{v}");
+    let proxy = start_proxy(&server).await;
+    answers(&proxy, "shop v1", 1).await;
+
+    // An edit of the file becomes version 2 and reaches the proxy.
+    std::fs::write(dir.join("caller.toml"), document(v2, "v2")).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = get(&server).await;
+        if v["version"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit was not read: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answers(&proxy, "shop v2", 1).await;
+
+    // A bad edit is refused: the server logs it, version 2 stays. Then a good one after it
+    // is taken, so the bad one was read and passed over.
+    std::fs::write(
+        dir.join("caller.toml"),
+        "[[destination]]\nname = \"shop\"\nendpoint = []\n",
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&server.log)
+        .unwrap_or_default()
+        .contains("policy file refused")
+    {
+        assert!(Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::read_to_string(&server.log)
+            .unwrap_or_default()
+            .contains("has no endpoint")
+    );
+    let (_, v) = get(&server).await;
+    assert_eq!(v["version"], 2, "{v}");
+    answers(&proxy, "shop v2", 1).await;
+    proxy.stop().await;
+    drop(server);
+
+    // A bad file at start: the server does not start, and says why.
+    let out = std::process::Command::new(common::binary())
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("data2"))
+        .args([
+            "--http-addr",
+            "127.0.0.1:0",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--pg-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--policy-dir")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("caller.toml") && err.contains("has no endpoint"),
+        "{err}"
+    );
 }

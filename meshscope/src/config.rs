@@ -142,6 +142,11 @@ pub struct ServeArgs {
     /// Lifetime of the workload certificates the mesh CA signs, in seconds [86400].
     #[arg(long, env = "MESHSCOPE_CERT_LIFETIME_SECS")]
     pub cert_lifetime_secs: Option<u64>,
+    /// A directory of `<workload>.toml` policy documents for the control plane: read at
+    /// start (a bad one stops the server with its problems) and every 2 s; a file whose
+    /// text differs from its workload's current document becomes the next version [none].
+    #[arg(long, env = "MESHSCOPE_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
     /// OTLP exports in progress at once (gRPC and HTTP together); more are refused at once,
     /// retryably, before their bodies are read [32].
     #[arg(long, env = "MESHSCOPE_MAX_INFLIGHT_EXPORTS")]
@@ -259,6 +264,7 @@ struct FileConfig {
     max_inflight_exports: Option<usize>,
     trust_domain: Option<String>,
     cert_lifetime_secs: Option<u64>,
+    policy_dir: Option<PathBuf>,
     query_memory_bytes: Option<usize>,
     signals_interval_secs: Option<u64>,
     signals_delay_secs: Option<u64>,
@@ -341,6 +347,8 @@ pub struct ServeConfig {
     /// The mesh CA's trust domain and leaf lifetime (`serve` and `query`).
     pub trust_domain: String,
     pub cert_lifetime: Duration,
+    /// The control plane's directory of policy documents (`None`: API only).
+    pub policy_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -603,6 +611,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| meshscope_identity::ca::DEFAULT_TRUST_DOMAIN.to_string()),
             cert_lifetime: secs(self.cert_lifetime_secs.or(file.cert_lifetime_secs), 86_400)
                 .max(Duration::from_secs(1)),
+            policy_dir: self.policy_dir.clone().or(file.policy_dir),
         };
         if tls_auto {
             resolved.tls = Some(auto_tls(&resolved, client_ca)?);

@@ -10,6 +10,8 @@
 //!   `after`, waits (at most `wait_ms`, 30 s) for a version newer than N.
 //! - `PUT /api/v1/mesh/policy/{workload}`: a new document (TOML body); refused with 400
 //!   and the problem when it does not parse or check, the running version kept.
+//! - `serve --policy-dir DIR`: `DIR/<workload>.toml` files, read at start and every 2 s,
+//!   stored as the next version when their text changes ([`Mesh::load_dir`]).
 //! - `GET /api/v1/mesh/proxies`: each proxy that polled, its applied and the latest
 //!   version, whether it is in sync, its last error and certificate expiry.
 
@@ -133,6 +135,74 @@ impl Mesh {
         drop(all);
         self.changed.send_modify(|n| *n += 1);
         Ok(p)
+    }
+}
+
+impl Mesh {
+    /// Reads `dir`'s `<workload>.toml` files and stores each one whose text differs from
+    /// its workload's current document as the next version. Returns how many were stored
+    /// and the problems of those refused (`file: problem`), the running versions kept.
+    pub fn load_dir(&self, dir: &std::path::Path) -> (usize, Vec<String>) {
+        let mut stored = 0;
+        let mut problems = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => return (0, vec![format!("{}: {e}", dir.display())]),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let Some(workload) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            if self.get(workload).is_some_and(|p| p.document == text) {
+                continue;
+            }
+            match self.put(workload, &text) {
+                Ok(p) => {
+                    tracing::info!(workload, version = p.version, file = %path.display(), "policy loaded from the policy directory");
+                    stored += 1;
+                }
+                Err(e) => {
+                    problems.extend(e.into_iter().map(|e| format!("{}: {e}", path.display())))
+                }
+            }
+        }
+        (stored, problems)
+    }
+
+    /// Follows `dir` every 2 s until `stop` (a refused file is logged once per change).
+    pub async fn follow_dir(self, dir: PathBuf, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut reported: Vec<String> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut stop => return,
+            }
+            let (mesh, d) = (self.clone(), dir.clone());
+            let Ok((_, problems)) = tokio::task::spawn_blocking(move || mesh.load_dir(&d)).await
+            else {
+                continue;
+            };
+            if problems != reported {
+                for p in &problems {
+                    tracing::warn!(problem = %p, "policy file refused; the running version kept");
+                }
+                reported = problems;
+            }
+        }
     }
 }
 

@@ -303,6 +303,17 @@ pub async fn run_reporting(
     let identity = crate::identity::Identity::open(&config)?;
     // The control plane's policy documents.
     let mesh = crate::mesh::Mesh::open(&config.data_dir)?;
+    if let Some(dir) = &config.policy_dir {
+        let (stored, problems) = mesh.load_dir(dir);
+        if !problems.is_empty() {
+            return Err(format!(
+                "the policy directory {} has documents that do not check:\n  {}",
+                dir.display(),
+                problems.join("\n  ")
+            ));
+        }
+        tracing::info!(dir = %dir.display(), stored, "policy directory read");
+    }
     // Checks the config file's alert rules before anything starts serving.
     let alerting = meshscope_alerts::Alerting::open(
         engine.clone(),
@@ -363,6 +374,9 @@ pub async fn run_reporting(
         chrono::Duration::from_std(config.rollup_delay).unwrap_or(chrono::Duration::minutes(2)),
     );
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
+    if let Some(dir) = config.policy_dir.clone() {
+        tasks.push(tokio::spawn(mesh.clone().follow_dir(dir, shutdown.wait())));
+    }
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
         .merge(crate::identity::router(Arc::clone(&identity)))

@@ -414,9 +414,8 @@ impl ProxyConfig {
         let id = &self.identity;
         if id.mode != MtlsMode::Off {
             if id.ca_url.is_none() || id.token_file.is_none() {
-                problems.push(
-                    "identity: a mode other than \"off\" needs ca-url and token-file".into(),
-                );
+                problems
+                    .push("identity: a mode other than \"off\" needs ca-url and token-file".into());
             }
             if let Err(e) = self.workload_identity() {
                 problems.push(format!("identity: {e}"));
