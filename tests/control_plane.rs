@@ -240,8 +240,12 @@ async fn a_policy_directory_is_followed() {
     }
     answers(&proxy, "shop v2", 1).await;
 
-    // A bad edit is refused: the server logs it, version 2 stays. Then a good one after it
-    // is taken, so the bad one was read and passed over.
+    // A PUT stands until the file's next edit: the unchanged file does not take it back.
+    let (s, v) = put(&server, &document(v1, "v1")).await;
+    assert_eq!((s, v["version"].as_u64()), (200, Some(3)), "{v}");
+    answers(&proxy, "shop v1", 2).await;
+
+    // A bad edit is refused: the server logs it, version 3 stays.
     std::fs::write(
         dir.join("caller.toml"),
         "[[destination]]\nname = \"shop\"\nendpoint = []\n",
@@ -261,8 +265,8 @@ async fn a_policy_directory_is_followed() {
             .contains("has no endpoint")
     );
     let (_, v) = get(&server).await;
-    assert_eq!(v["version"], 2, "{v}");
-    answers(&proxy, "shop v2", 1).await;
+    assert_eq!(v["version"], 3, "{v}");
+    answers(&proxy, "shop v1", 1).await;
     proxy.stop().await;
     drop(server);
 

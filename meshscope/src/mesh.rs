@@ -139,10 +139,15 @@ impl Mesh {
 }
 
 impl Mesh {
-    /// Reads `dir`'s `<workload>.toml` files and stores each one whose text differs from
-    /// its workload's current document as the next version. Returns how many were stored
+    /// Reads `dir`'s `<workload>.toml` files and stores each one whose text changed since
+    /// `seen` last held it, and differs from its workload's current document, as the next
+    /// version (so a PUT stands until the file's next edit). Returns how many were stored
     /// and the problems of those refused (`file: problem`), the running versions kept.
-    pub fn load_dir(&self, dir: &std::path::Path) -> (usize, Vec<String>) {
+    pub fn load_dir(
+        &self,
+        dir: &std::path::Path,
+        seen: &mut BTreeMap<PathBuf, String>,
+    ) -> (usize, Vec<String>) {
         let mut stored = 0;
         let mut problems = Vec::new();
         let entries = match std::fs::read_dir(dir) {
@@ -165,6 +170,10 @@ impl Mesh {
                     continue;
                 }
             };
+            if seen.get(&path) == Some(&text) {
+                continue;
+            }
+            seen.insert(path.clone(), text.clone());
             if self.get(workload).is_some_and(|p| p.document == text) {
                 continue;
             }
@@ -181,26 +190,34 @@ impl Mesh {
         (stored, problems)
     }
 
-    /// Follows `dir` every 2 s until `stop` (a refused file is logged once per change).
-    pub async fn follow_dir(self, dir: PathBuf, stop: impl std::future::Future<Output = ()>) {
+    /// Follows `dir` every 2 s until `stop`, from what the start-up read `seen`; a refused
+    /// edit is logged once.
+    pub async fn follow_dir(
+        self,
+        dir: PathBuf,
+        mut seen: BTreeMap<PathBuf, String>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        let mut reported: Vec<String> = Vec::new();
+        let every = Duration::from_secs(2);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = &mut stop => return,
             }
             let (mesh, d) = (self.clone(), dir.clone());
-            let Ok((_, problems)) = tokio::task::spawn_blocking(move || mesh.load_dir(&d)).await
+            let Ok((s, problems)) = tokio::task::spawn_blocking(move || {
+                let r = mesh.load_dir(&d, &mut seen);
+                (seen, r.1)
+            })
+            .await
             else {
-                continue;
+                return;
             };
-            if problems != reported {
-                for p in &problems {
-                    tracing::warn!(problem = %p, "policy file refused; the running version kept");
-                }
-                reported = problems;
+            seen = s;
+            for p in &problems {
+                tracing::warn!(problem = %p, "policy file refused; the running version kept");
             }
         }
     }

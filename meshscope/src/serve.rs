@@ -303,8 +303,9 @@ pub async fn run_reporting(
     let identity = crate::identity::Identity::open(&config)?;
     // The control plane's policy documents.
     let mesh = crate::mesh::Mesh::open(&config.data_dir)?;
+    let mut policy_files = std::collections::BTreeMap::new();
     if let Some(dir) = &config.policy_dir {
-        let (stored, problems) = mesh.load_dir(dir);
+        let (stored, problems) = mesh.load_dir(dir, &mut policy_files);
         if !problems.is_empty() {
             return Err(format!(
                 "the policy directory {} has documents that do not check:\n  {}",
@@ -375,7 +376,11 @@ pub async fn run_reporting(
     );
     let roller = tokio::spawn(roll_up(rollups, config.rollup_interval, shutdown.clone()));
     if let Some(dir) = config.policy_dir.clone() {
-        tasks.push(tokio::spawn(mesh.clone().follow_dir(dir, shutdown.wait())));
+        tasks.push(tokio::spawn(mesh.clone().follow_dir(
+            dir,
+            policy_files,
+            shutdown.wait(),
+        )));
     }
     let api = Router::new()
         .merge(health_routes(Arc::clone(&ready)))
