@@ -144,7 +144,7 @@ pub struct ServeArgs {
     pub cert_lifetime_secs: Option<u64>,
     /// A directory of `<workload>.toml` policy documents for the control plane: read at
     /// start (a bad one stops the server with its problems) and every 2 s; a file whose
-    /// text differs from its workload's current document becomes the next version [none].
+    /// text changed since it was last read becomes its workload's next version [none].
     #[arg(long, env = "MESHSCOPE_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
     /// OTLP exports in progress at once (gRPC and HTTP together); more are refused at once,

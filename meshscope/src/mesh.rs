@@ -9,7 +9,8 @@
 //! - `GET /api/v1/mesh/policy/{workload}[?after=N&wait_ms=…]`: the document; with
 //!   `after`, waits (at most `wait_ms`, 30 s) for a version newer than N.
 //! - `PUT /api/v1/mesh/policy/{workload}`: a new document (TOML body); refused with 400
-//!   and the problem when it does not parse or check, the running version kept.
+//!   with every problem (`problems`) when it does not parse or check, the running version
+//!   kept.
 //! - `serve --policy-dir DIR`: `DIR/<workload>.toml` files, read at start and every 2 s,
 //!   stored as the next version when their text changes ([`Mesh::load_dir`]).
 //! - `GET /api/v1/mesh/proxies`: each proxy that polled, its applied and the latest
@@ -136,9 +137,7 @@ impl Mesh {
         self.changed.send_modify(|n| *n += 1);
         Ok(p)
     }
-}
 
-impl Mesh {
     /// Reads `dir`'s `<workload>.toml` files and stores each one whose text changed since
     /// `seen` last held it, and differs from its workload's current document, as the next
     /// version (so a PUT stands until the file's next edit). Returns how many were stored
