@@ -244,6 +244,22 @@ async fn a_policy_directory_is_followed() {
     let (s, v) = put(&server, &document(v1, "v1")).await;
     assert_eq!((s, v["version"].as_u64()), (200, Some(3)), "{v}");
     answers(&proxy, "shop v1", 2).await;
+    // The change log says where each version came from.
+    let log: Value = reqwest::get(server.url("/api/v1/mesh/changes?workload=caller"))
+        .await
+        .expect("GET changes")
+        .json()
+        .await
+        .expect("JSON");
+    let sources: Vec<&str> = log
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["source"].as_str())
+        .collect();
+    let file = format!("policy-dir {}", dir.join("caller.toml").display());
+    assert_eq!(sources, ["api", file.as_str(), file.as_str()], "{log}");
+    assert!(log[0]["by"].is_null(), "no tokens, so no name: {log}");
 
     // A bad edit is refused: the server logs it, version 3 stays.
     std::fs::write(
@@ -296,4 +312,111 @@ async fn a_policy_directory_is_followed() {
         err.contains("caller.toml") && err.contains("has no endpoint"),
         "{err}"
     );
+}
+
+/// Each new version is in the change log: what changed field by field, who (the admin
+/// token's name, never a header), when, and the services it touched; refused writes leave
+/// nothing; the log outlives the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_are_logged_with_what_who_and_when() {
+    use std::os::unix::fs::PermissionsExt;
+    const ADMIN: &str = "admin-secret-for-the-platform-team-01";
+    const READ: &str = "read-secret-for-the-dashboards-0002";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[[token]]\nname = \"platform-team\"\nsecret = \"{ADMIN}\"\nscopes = [\"admin\"]\n\n\
+             [[token]]\nname = \"dashboards\"\nsecret = \"{READ}\"\nscopes = [\"read\"]\n"
+        ),
+    )
+    .expect("auth file");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let data = tmp.path().join("data");
+    let flags = ["--auth-file", auth.to_str().expect("utf-8")];
+    let server = Server::start_with(&data, &flags);
+    let (v1, v2) = (app("shop v1").await, app("shop v2").await);
+    let split = |w1: u32, w2: u32| {
+        format!(
+            "[[destination]]\nname = \"shop\"\nendpoint = [{{ address = \"{v1}\", version = \"v1\", weight = {w1} }}, \
+             {{ address = \"{v2}\", version = \"v2\", weight = {w2} }}]\n"
+        )
+    };
+    let client = reqwest::Client::new();
+    let put_as = |secret: Option<&'static str>, doc: String| {
+        let mut req = client
+            .put(server.url("/api/v1/mesh/policy/caller"))
+            .header("x-user", "mallory")
+            .body(doc);
+        if let Some(s) = secret {
+            req = req.bearer_auth(s);
+        }
+        async move { req.send().await.expect("PUT").status().as_u16() }
+    };
+    assert_eq!(put_as(Some(ADMIN), split(90, 10)).await, 200);
+    // Refused writes: no token, a read token, a bad document. None is logged.
+    assert_eq!(put_as(None, split(0, 100)).await, 401);
+    assert_eq!(put_as(Some(READ), split(0, 100)).await, 403);
+    assert_eq!(put_as(Some(ADMIN), "[[destination]]\n".into()).await, 400);
+    assert_eq!(put_as(Some(ADMIN), split(50, 50)).await, 200);
+
+    let changes = |server: &Server, query: &str| {
+        let req = client
+            .get(server.url(&format!("/api/v1/mesh/changes{query}")))
+            .bearer_auth(READ);
+        async move {
+            let r = req.send().await.expect("GET changes");
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.expect("JSON")
+        }
+    };
+    let log = changes(&server, "?service=shop").await;
+    let log = log.as_array().expect("a list");
+    assert_eq!(log.len(), 2, "{log:?}");
+    let (newest, first) = (&log[0], &log[1]);
+    assert_eq!(newest["version"], 2);
+    assert_eq!(newest["by"], "platform-team");
+    assert_eq!(newest["source"], "api");
+    assert_eq!(
+        newest["changes"],
+        serde_json::json!([
+            "destination[shop].endpoint[v1].weight: 90 → 50",
+            "destination[shop].endpoint[v2].weight: 10 → 50"
+        ])
+    );
+    assert_eq!(newest["services"], serde_json::json!(["caller", "shop"]));
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["changes"], serde_json::json!(["first version"]));
+    // The time is the version's own, and a range before it finds nothing.
+    let policy: Value = client
+        .get(server.url("/api/v1/mesh/policy/caller"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(newest["at"], policy["updated_at"]);
+    let before = changes(&server, "?end=2026-01-01T00:00:00Z").await;
+    assert_eq!(before, serde_json::json!([]));
+    assert_eq!(
+        changes(&server, "?service=elsewhere").await,
+        serde_json::json!([])
+    );
+    let r = client
+        .get(server.url("/api/v1/mesh/changes?start=yesterday"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 400);
+
+    // The log outlives the server.
+    server.terminate();
+    let server = Server::start_with(&data, &flags);
+    let log = changes(&server, "?workload=caller&limit=1").await;
+    assert_eq!(log[0]["version"], 2, "{log}");
+    assert_eq!(log.as_array().map(Vec::len), Some(1));
 }

@@ -1790,8 +1790,63 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     }
     b.wait_for("[data-test='policy'][data-workload='caller']", 1)
         .await;
+    let change = b.wait_for("[data-test='change-row']", 1).await;
+    let text = b.text(&change[0]).await;
+    assert!(
+        text.contains("caller v1") && text.contains("first version"),
+        "{text}"
+    );
     b.screenshot("mesh").await;
     proxy.stop().await;
+
+    // A policy change is marked on the charts of the services it touched: frontend's
+    // split towards cart, on cart's page, with what changed on hover and in a list.
+    for weights in [(90, 10), (50, 50)] {
+        let doc = format!(
+            "[[destination]]\nname = \"cart\"\nendpoint = [{{ address = \"127.0.0.1:9\", version = \"v1\", weight = {} }}, \
+             {{ address = \"127.0.0.1:10\", version = \"v2\", weight = {} }}]\n",
+            weights.0, weights.1
+        );
+        let put = reqwest::Client::new()
+            .put(server.url("/api/v1/mesh/policy/frontend"))
+            .body(doc)
+            .send()
+            .await
+            .expect("PUT policy");
+        assert_eq!(put.status(), 200);
+    }
+    b.goto(&server.url("/services/cart?range=15m")).await;
+    // The two versions, milliseconds apart, are one mark (`v1–v2`) on each of the three
+    // charts, with both on hover.
+    let marks = b.wait_for("[data-test='chart-mark']", 3).await;
+    assert_eq!(marks.len(), 3);
+    assert_eq!(b.text(&marks[0]).await, "v1–v2");
+    let titles = b
+        .js(
+            "return [...document.querySelectorAll(\"[data-test='chart-mark'] title\")].map(t => t.textContent)",
+            json!([]),
+        )
+        .await;
+    let titles: Vec<&str> = titles
+        .as_array()
+        .expect("titles")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(titles.len(), marks.len());
+    assert!(
+        titles.iter().all(|t| t.contains("policy of frontend v2")
+            && t.contains("destination[cart].endpoint[v1].weight: 90 → 50")
+            && t.contains("policy of frontend v1")),
+        "{titles:?}"
+    );
+    let rows = b.wait_for("[data-test='change-row']", 2).await;
+    let newest = b.text(&rows[0]).await;
+    assert!(
+        newest.contains("frontend v2") && newest.contains("10 → 50"),
+        "{newest}"
+    );
+    b.screenshot("service-policy-changes").await;
 
     // The live tap: requests appear as they are ingested; leaving the page ends the tap.
     b.goto(&server.url("/tap?service=cart")).await;

@@ -22,6 +22,11 @@ pub struct Gate {
     pub render: Render,
 }
 
+/// The name of the token a request was accepted with, in the request's extensions for the
+/// handlers that record who did something (a policy change). Absent when auth is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub String);
+
 /// `{"error": "…"}`, the API's error body.
 pub fn json_error(_: &HeaderMap, status: StatusCode, message: String) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
@@ -46,7 +51,14 @@ async fn require(State(gate): State<Gate>, req: Request, next: Next) -> Response
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     match gate.auth.check_header(gate.surface, presented, scope) {
-        Ok(_) => next.run(req).await,
+        Ok(name) => {
+            let caller = name.map(|n| Caller(n.to_string()));
+            let mut req = req;
+            if let Some(caller) = caller {
+                req.extensions_mut().insert(caller);
+            }
+            next.run(req).await
+        }
         Err(denied) => {
             let status = if denied.is_unauthenticated() {
                 StatusCode::UNAUTHORIZED

@@ -15,6 +15,11 @@
 //!   stored as the next version when their text changes ([`Mesh::load_dir`]).
 //! - `GET /api/v1/mesh/proxies`: each proxy that polled, its applied and the latest
 //!   version, whether it is in sync, its last error and certificate expiry.
+//! - `GET /api/v1/mesh/changes[?service=&workload=&start=&end=&limit=]`: the change log,
+//!   newest first: each version's field-by-field changes, who and when, and the services
+//!   it touched ([`changes`]).
+
+pub mod changes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,6 +33,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use changes::{Change, ChangeLog, Origin};
 
 /// One workload's current document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +63,7 @@ pub struct Mesh {
     policies: Arc<Mutex<BTreeMap<String, Policy>>>,
     changed: watch::Sender<u64>,
     proxies: Arc<Mutex<BTreeMap<(String, String), ProxyStatus>>>,
+    changes: Arc<Mutex<ChangeLog>>,
 }
 
 fn valid_workload(w: &str) -> bool {
@@ -87,11 +95,13 @@ impl Mesh {
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             policies.insert(p.workload.clone(), p);
         }
+        let changes = ChangeLog::open(dir.join("changes.jsonl"))?;
         Ok(Mesh {
             dir,
             policies: Arc::new(Mutex::new(policies)),
             changed: watch::channel(0).0,
             proxies: Arc::default(),
+            changes: Arc::new(Mutex::new(changes)),
         })
     }
 
@@ -99,13 +109,27 @@ impl Mesh {
         self.policies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn change_log(&self) -> std::sync::MutexGuard<'_, ChangeLog> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The change log's entries matching `filter`, newest first.
+    pub fn changes(&self, filter: &changes::Filter, limit: usize) -> Vec<Change> {
+        self.change_log().query(filter, limit)
+    }
+
     pub fn get(&self, workload: &str) -> Option<Policy> {
         self.policies().get(workload).cloned()
     }
 
-    /// Checks `document` and makes it the workload's next version (kept on disk first);
-    /// refused with every problem found.
-    pub fn put(&self, workload: &str, document: &str) -> Result<Policy, Vec<String>> {
+    /// Checks `document` and makes it the workload's next version (kept on disk first, and
+    /// recorded in the change log with `origin`); refused with every problem found.
+    pub fn put(
+        &self,
+        workload: &str,
+        document: &str,
+        origin: Origin,
+    ) -> Result<Policy, Vec<String>> {
         if !valid_workload(workload) {
             return Err(vec![format!(
                 "{workload:?} is not a workload name (letters, digits, - _ .)"
@@ -117,8 +141,17 @@ impl Mesh {
             toml::Value::String(workload.to_string())
         ))
         .map_err(|e| e.problems())?;
-        meshscope_proxy::control::PolicyDocument::parse(document, &base)?;
+        let (new, _) = meshscope_proxy::control::PolicyDocument::parse(document, &base)?;
         let mut all = self.policies();
+        // What changed, from the running document (which checked when it was stored).
+        let old = all.get(workload).and_then(|p| {
+            toml::from_str::<meshscope_proxy::control::PolicyDocument>(&p.document).ok()
+        });
+        let as_json = |d: &meshscope_proxy::control::PolicyDocument| {
+            serde_json::to_value(d).unwrap_or_default()
+        };
+        let (lines, services) =
+            changes::diff(workload, old.as_ref().map(as_json).as_ref(), &as_json(&new));
         let version = all.get(workload).map_or(0, |p| p.version) + 1;
         let p = Policy {
             workload: workload.to_string(),
@@ -132,6 +165,18 @@ impl Mesh {
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| vec![format!("keeping the policy in {}: {e}", path.display())])?;
+        let change = Change {
+            workload: workload.to_string(),
+            version,
+            at: p.updated_at.clone(),
+            by: origin.by,
+            source: origin.source,
+            changes: lines,
+            services,
+        };
+        if let Err(e) = self.change_log().append(change) {
+            tracing::warn!(workload, version, error = %e, "a policy change is not in the change log");
+        }
         all.insert(workload.to_string(), p.clone());
         drop(all);
         self.changed.send_modify(|n| *n += 1);
@@ -176,7 +221,7 @@ impl Mesh {
             if self.get(workload).is_some_and(|p| p.document == text) {
                 continue;
             }
-            match self.put(workload, &text) {
+            match self.put(workload, &text, Origin::file(&path)) {
                 Ok(p) => {
                     tracing::info!(workload, version = p.version, file = %path.display(), "policy loaded from the policy directory");
                     stored += 1;
@@ -294,10 +339,16 @@ async fn policy(
     }
 }
 
-async fn put(State(mesh): State<Mesh>, Path(workload): Path<String>, body: String) -> Response {
+async fn put(
+    State(mesh): State<Mesh>,
+    Path(workload): Path<String>,
+    caller: Option<axum::Extension<meshscope_auth::http::Caller>>,
+    body: String,
+) -> Response {
     let m = mesh.clone();
     let w = workload.clone();
-    match tokio::task::spawn_blocking(move || m.put(&w, &body)).await {
+    let origin = Origin::api(caller.map(|c| c.0.0));
+    match tokio::task::spawn_blocking(move || m.put(&w, &body, origin)).await {
         Ok(Ok(p)) => Json(serde_json::json!({ "workload": p.workload, "version": p.version, "updated_at": p.updated_at })).into_response(),
         Ok(Err(problems)) => (
             StatusCode::BAD_REQUEST,
@@ -333,10 +384,43 @@ async fn proxies(State(mesh): State<Mesh>) -> Response {
     Json(list).into_response()
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct ChangesParams {
+    service: Option<String>,
+    workload: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    limit: Option<usize>,
+}
+
+fn instant(name: &str, v: Option<String>) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    v.map(|t| {
+        chrono::DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|e| format!("{name}={t:?} is not an RFC 3339 time: {e}"))
+    })
+    .transpose()
+}
+
+async fn changes(State(mesh): State<Mesh>, Query(q): Query<ChangesParams>) -> Response {
+    let filter = match (instant("start", q.start), instant("end", q.end)) {
+        (Ok(start), Ok(end)) => changes::Filter {
+            service: q.service,
+            workload: q.workload,
+            start,
+            end,
+        },
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let limit = q.limit.unwrap_or(200).min(changes::KEPT);
+    Json(mesh.changes(&filter, limit)).into_response()
+}
+
 pub fn router(mesh: Mesh) -> Router {
     Router::new()
         .route("/api/v1/mesh/policy", get(list))
         .route("/api/v1/mesh/policy/{workload}", get(policy).put(put))
         .route("/api/v1/mesh/proxies", get(proxies))
+        .route("/api/v1/mesh/changes", get(changes))
         .with_state(mesh)
 }

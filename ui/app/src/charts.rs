@@ -70,7 +70,49 @@ fn nice_max(v: f64) -> f64 {
     10.0 * mag
 }
 
-/// A line chart of one or more series over time, with a y axis in `fmt`'s unit.
+/// A moment to mark on a chart over time: a policy change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mark {
+    /// Epoch ms.
+    pub at: f64,
+    /// Drawn at the top of the line (`v3`).
+    pub label: String,
+    /// Shown on hover: what changed, when, who.
+    pub detail: String,
+}
+
+/// Marks closer than 8 units on the drawing made one: `(x, label, detail)`, the label
+/// `v2` for one, `v1–v3` for several, the details of all on hover.
+fn cluster(mut marks: Vec<Mark>, sx: impl Fn(f64) -> f64) -> Vec<(f64, String, String)> {
+    marks.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let mut out: Vec<(f64, Vec<Mark>)> = Vec::new();
+    for m in marks {
+        let x = sx(m.at);
+        match out.last_mut() {
+            Some((x0, group)) if x - *x0 < 8.0 => group.push(m),
+            _ => out.push((x, vec![m])),
+        }
+    }
+    out.into_iter()
+        .map(|(x, group)| {
+            let label = match (group.first(), group.last()) {
+                (Some(a), Some(b)) if group.len() > 1 => format!("{}–{}", a.label, b.label),
+                (Some(a), _) => a.label.clone(),
+                _ => String::new(),
+            };
+            let detail = group
+                .iter()
+                .rev()
+                .map(|m| m.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n");
+            (x, label, detail)
+        })
+        .collect()
+}
+
+/// A line chart of one or more series over time, with a y axis in `fmt`'s unit, and
+/// `marks` (policy changes) as dashed vertical lines where they fall within it.
 #[component]
 pub fn LineChart(
     title: String,
@@ -81,11 +123,20 @@ pub fn LineChart(
     /// keeps its size.
     #[prop(default = 480.0)]
     width: f64,
+    #[prop(optional)] marks: Vec<Mark>,
 ) -> impl IntoView {
     let (w, h) = (width, height);
     let (l, r, t, b) = (56.0, 12.0, 10.0, 24.0);
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (x0, x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    // The marks (asked for the page's range) widen the axis to take them in.
+    let (x0, x1) = if x0 > x1 {
+        (x0, x1)
+    } else {
+        marks
+            .iter()
+            .fold((x0, x1), |(a, b), m| (a.min(m.at), b.max(m.at)))
+    };
     let ymax = nice_max(
         series
             .iter()
@@ -148,6 +199,25 @@ pub fn LineChart(
             }
         })
         .collect_view();
+    let marks = cluster(if empty { Vec::new() } else { marks }, sx)
+        .into_iter()
+        .map(|(x, label, detail)| {
+            // The label sits right of its line, or left of it near the right edge.
+            let (lx, anchor) = if x > w - r - 40.0 {
+                (x - 3.0, "end")
+            } else {
+                (x + 3.0, "start")
+            };
+            view! {
+                <g class="mark" data-test="chart-mark">
+                    <title>{detail}</title>
+                    <line x1=x x2=x y1=t y2=h - b class="mark-line"></line>
+                    <rect x=x - 3.0 y=t width="6" height=h - t - b class="mark-hit"></rect>
+                    <text x=lx y=t + 9.0 text-anchor=anchor class="mark-label">{label}</text>
+                </g>
+            }
+        })
+        .collect_view();
     let legend = series
         .iter()
         .map(|s| {
@@ -162,6 +232,7 @@ pub fn LineChart(
                 {grid}
                 {xticks}
                 {lines}
+                {marks}
                 {empty.then(|| view! { <text x=w / 2.0 y=h / 2.0 text-anchor="middle" class="axis">"no data in this range"</text> })}
             </svg>
         </div>

@@ -7,6 +7,7 @@ use leptos_router::hooks::use_params_map;
 use serde_json::Value;
 
 use crate::charts::Sparkline;
+use crate::mesh::ChangesTable;
 use crate::state::{Range, tick, use_url};
 use crate::topology::{SignalCharts, versions_table};
 use crate::util::{self, enc, f, fmt_ms, fmt_num, fmt_pct, fmt_rate, health, s};
@@ -198,6 +199,15 @@ pub fn ServicePage() -> impl IntoView {
         tick();
         util::get_json(format!("/api/v1/services/{}?{q}", enc(&n)))
     });
+    // The policy changes that touched it, marked on its charts (none when the control
+    // plane is not in use, or the token may not read it).
+    let changes = LocalResource::new(move || {
+        let q = url.range().api();
+        let n = name();
+        tick();
+        util::get_json(format!("/api/v1/mesh/changes?service={}&{q}", enc(&n)))
+    });
+    let changes = move || changes.get().and_then(Result::ok).unwrap_or(Value::Null);
     view! {
         <div class="page">
             <div class="crumbs"><a href=move || url.link("/services", &[])>"Services"</a>" / "</div>
@@ -233,7 +243,13 @@ pub fn ServicePage() -> impl IntoView {
                                 <Kpi label="p99" value=fmt_ms(f(&v, "p99_ms"))/>
                                 {saturation.iter().map(|m| view! { <Kpi label="saturation" value=format!("{}: avg {} / max {}", s(m, "metric"), fmt_num(f(m, "avg")), fmt_num(f(m, "max")))/> }).collect_view()}
                             </div>
-                            <SignalCharts detail=v.clone()/>
+                            <SignalCharts detail=v.clone() marks=crate::mesh::marks(&changes())/>
+                            {(changes().as_array().is_some_and(|c| !c.is_empty())).then(|| view! {
+                                <div class="card">
+                                    <h3>"Policy changes"</h3>
+                                    <ChangesTable changes=changes()/>
+                                </div>
+                            })}
                             {(!versions.is_empty()).then(|| view! {
                                 <div class="card">
                                     <h3>"Versions"</h3>

@@ -1542,7 +1542,13 @@ fn version_split(list: &[Value]) -> Option<String> {
 
 /// Charts of a service's per-minute series: rate, error rate, latency percentiles.
 #[component]
-pub fn SignalCharts(detail: Value, #[prop(optional)] compact: bool) -> impl IntoView {
+pub fn SignalCharts(
+    detail: Value,
+    #[prop(optional)] compact: bool,
+    /// Policy changes to mark on every chart.
+    #[prop(optional)]
+    marks: Vec<crate::charts::Mark>,
+) -> impl IntoView {
     let series = detail["series"].as_array().cloned().unwrap_or_default();
     let pts = |k: &str, scale: f64| -> Vec<(f64, f64)> {
         series
@@ -1554,11 +1560,11 @@ pub fn SignalCharts(detail: Value, #[prop(optional)] compact: bool) -> impl Into
     let w = if compact { 360.0 } else { 480.0 };
     view! {
         <div class=if compact { "charts compact" } else { "charts" }>
-            <LineChart title="Requests / s".into() height=h width=w fmt=|v| fmt_rate(v)
+            <LineChart title="Requests / s".into() height=h width=w fmt=|v| fmt_rate(v) marks=marks.clone()
                 series=vec![Series { label: "rate".into(), color: "#38bdf8", points: pts("rate", 1.0) }]/>
-            <LineChart title="Error rate".into() height=h width=w fmt=|v| fmt_pct(v)
+            <LineChart title="Error rate".into() height=h width=w fmt=|v| fmt_pct(v) marks=marks.clone()
                 series=vec![Series { label: "errors".into(), color: "#ef4444", points: pts("error_rate", 1.0) }]/>
-            <LineChart title="Latency".into() height=h width=w fmt=|v| fmt_ms(v)
+            <LineChart title="Latency".into() height=h width=w fmt=|v| fmt_ms(v) marks=marks
                 series=vec![
                     Series { label: "p50".into(), color: "#34d399", points: pts("p50_ms", 1.0) },
                     Series { label: "p95".into(), color: "#fbbf24", points: pts("p95_ms", 1.0) },
