@@ -424,6 +424,24 @@ async fn retries_hide_a_flaky_upstream_and_are_counted() {
     p.stop().await;
 }
 
+/// The graph's edge `source → target` (default range), `Null` when absent.
+async fn graph_edge(server: &Server, source: &str, target: &str) -> Value {
+    let graph: Value = reqwest::get(server.url("/api/v1/graph"))
+        .await
+        .expect("graph")
+        .json()
+        .await
+        .expect("json");
+    graph["edges"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|e| e["source"] == source && e["target"] == target)
+        })
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -502,6 +520,88 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
         m.contains("meshscope_proxy_breaker_transitions_total{destination=\"fragile\"} 2"),
         "{m}"
     );
+    // …and on the graph's edge, beside the requests the open breaker answered.
+    let e = graph_edge(&server, "caller", "fragile").await;
+    assert_eq!(
+        (e["breaker_opened"].as_u64(), e["breaker_closed"].as_u64()),
+        (Some(1), Some(1)),
+        "{e}"
+    );
+    assert_eq!(e["reasons"]["circuit-open"], 5, "{e}");
+    assert_eq!(e["ejections"], 0, "{e}");
+    p.stop().await;
+}
+
+/// A retry budget that is spent refuses the retries due after it; each refusal is on the
+/// request's span (attribute and event), on the proxy's counter and on the graph's edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spent_retry_budget_is_counted_on_the_span_the_proxy_and_the_graph() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let (l, addr) = bind_app().await;
+    let upstream = app("broken", None);
+    upstream.failing.store(true, Ordering::SeqCst);
+    serve_app(l, Arc::clone(&upstream));
+    let mut c = config("caller", None, &server.grpc_url());
+    c.destinations = vec![dest(
+        "broken",
+        &[(addr, "v1", 1)],
+        Policy {
+            // One retry in the bucket at start, none earned: the first request retries,
+            // every later one's retry is refused.
+            retry: Some(RetryConfig {
+                max_retries: 1,
+                backoff_base_ms: 1,
+                backoff_max_ms: 2,
+                retry_on: vec![503],
+                all_methods: false,
+                max_body_bytes: 1024,
+                budget_ratio: 0.0,
+                budget_min_per_sec: 0.0,
+            }),
+            ..Default::default()
+        },
+    )];
+    let p = Proxy::start(c, None).await.expect("proxy");
+    let client = reqwest::Client::new();
+    let n = 6;
+    for _ in 0..n {
+        let (status, _, _) = get_via(&client, p.outbound.expect("out"), "broken").await;
+        assert_eq!(status, 503);
+    }
+    assert_eq!(
+        upstream.hits.load(Ordering::SeqCst),
+        n + 1,
+        "one retry only"
+    );
+    let refused =
+        "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT'
+                    AND span_attributes['meshscope.retry_budget_exhausted'] = 'true'";
+    assert_eq!(
+        eventually(&server, refused, |k| k == n as i64 - 1).await,
+        n as i64 - 1
+    );
+    let events = "SELECT count(*) FROM (SELECT unnest(events) AS e FROM spans WHERE service_name = 'caller') WHERE e['name'] = 'meshscope.retry_budget_exhausted'";
+    assert_eq!(
+        eventually(&server, events, |k| k == n as i64 - 1).await,
+        n as i64 - 1
+    );
+    let m = reqwest::get(format!("http://{}/metrics", p.admin.expect("admin")))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains(&format!(
+            "meshscope_proxy_retry_budget_exhausted_total{{destination=\"broken\"}} {}",
+            n - 1
+        )),
+        "{m}"
+    );
+    let e = graph_edge(&server, "caller", "broken").await;
+    assert_eq!(e["retry_budget_exhausted"], n - 1, "{e}");
+    assert_eq!(e["requests"], n, "{e}");
     p.stop().await;
 }
 
@@ -1005,6 +1105,10 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
     assert_eq!(eventually(&server, &ejected, |n| n == 1).await, 1);
     let events = "SELECT count(*) FROM (SELECT unnest(events) AS e FROM spans WHERE service_name = 'caller') WHERE e['name'] = 'meshscope.ejection'";
     assert_eq!(eventually(&server, events, |n| n == 1).await, 1);
+    // …and counted on the graph's edge.
+    let e = graph_edge(&server, "caller", "shop").await;
+    assert_eq!(e["ejections"], 1, "{e}");
+    assert_eq!(e["breaker_opened"], 0, "{e}");
     p.stop().await;
 }
 

@@ -1848,6 +1848,39 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
     );
     b.screenshot("service-policy-changes").await;
 
+    // What a caller's proxy did on an edge (an ejection, the breaker opening, a retry the
+    // budget refused; the bundled proxy's span attributes) is in the edge's panel.
+    let t = now + 30_000_000_000;
+    let protected = json!({ "resourceSpans": [{ "resource": resource("cart", "shop"), "scopeSpans": [{ "spans": [{
+        "traceId": format!("{:032x}", 0xfeed_u64), "spanId": format!("{:016x}", 0xfeed_u64),
+        "name": "GET /inventory", "kind": 3,
+        "startTimeUnixNano": t.to_string(), "endTimeUnixNano": (t + 1_000_000).to_string(),
+        "status": { "code": 2 },
+        "attributes": [
+            attr("peer.service", "inventory"),
+            attr("meshscope.ejected", "10.0.0.7:8080"),
+            attr("meshscope.breaker_transition", "open"),
+            { "key": "meshscope.retry_budget_exhausted", "value": { "boolValue": true } },
+        ],
+    }]}]}]});
+    post_json(&server, &protected).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server
+        .scalar("SELECT count(*) FROM spans WHERE span_attributes['meshscope.ejected'] IS NOT NULL")
+        .await
+        < 1
+    {
+        assert!(Instant::now() < deadline, "the span did not become visible");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.goto(&server.url("/?range=15m&sel=edge:cart%3Einventory"))
+        .await;
+    let line = b.wait_for("[data-test='resilience']", 1).await;
+    assert_eq!(
+        b.text(&line[0]).await,
+        "Resilience: 1 endpoint ejected · breaker opened 1, closed 0 · 1 retry refused by the budget"
+    );
+
     // The live tap: requests appear as they are ingested; leaving the page ends the tap.
     b.goto(&server.url("/tap?service=cart")).await;
     server

@@ -35,6 +35,7 @@ pub use super::model::{
 };
 use super::model::{EdgeCell, Measure, Raw, SERVED_SQL, ServiceCell, summarise};
 use super::range::{TimeRange, sql_str};
+pub use super::resilience::EdgeResilience;
 use super::round3;
 pub use super::security::EdgeSecurity;
 use crate::engine::{QueryEngine, QueryError};
@@ -70,6 +71,10 @@ pub struct Edge {
     /// `mtls_ratio`, `client_identities`, `server_identities`, `denied`, `would_deny`.
     #[serde(flatten)]
     pub security: EdgeSecurity,
+    /// `ejections`, `breaker_opened`, `breaker_closed`, `retry_budget_exhausted`: from
+    /// the range's spans, so absent when the graph comes from the rollups.
+    #[serde(flatten)]
+    pub resilience: Option<EdgeResilience>,
 }
 
 /// The graph as petgraph holds it; node ids are unique.
@@ -233,7 +238,26 @@ impl ServiceGraph {
         })
         .await?;
         g.add_security(security);
+        if path == ComputedFrom::Spans {
+            g.add_resilience(super::resilience::by_edge(engine, range).await?);
+        }
         Ok(g)
+    }
+
+    /// Puts on each edge what its callers' proxies did (ejections, breaker transitions,
+    /// retries the budget refused).
+    pub fn add_resilience(&mut self, counts: super::resilience::ResilienceByEdge) {
+        for e in self.graph.edge_weights_mut() {
+            e.resilience = Some(EdgeResilience::default());
+        }
+        for ((source, target), r) in counts {
+            let (Some(s), Some(t)) = (self.index.get(&source), self.index.get(&target)) else {
+                continue;
+            };
+            if let Some(e) = self.graph.find_edge(*s, *t) {
+                self.graph[e].resilience = Some(r);
+            }
+        }
     }
 
     /// Puts each edge's security (mTLS share, identities, denials) on it.
@@ -286,6 +310,7 @@ impl ServiceGraph {
                             sources: vec![name],
                             by_source: BTreeMap::new(),
                             security: EdgeSecurity::default(),
+                            resilience: None,
                         },
                     );
                 }
@@ -373,6 +398,7 @@ impl ServiceGraph {
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
                     security: EdgeSecurity::default(),
+                    resilience: None,
                 },
             );
         }
@@ -493,6 +519,7 @@ mod tests {
                     sources: vec!["spans"],
                     by_source: BTreeMap::new(),
                     security: EdgeSecurity::default(),
+                    resilience: None,
                 },
             );
         }

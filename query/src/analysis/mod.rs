@@ -27,6 +27,7 @@ pub mod model;
 pub mod pairing;
 pub mod prometheus;
 pub mod range;
+pub mod resilience;
 pub mod rollup;
 pub mod routes;
 pub mod security;

@@ -1119,11 +1119,14 @@ fn edge_text(data: &Value, mode: &str) -> EdgeText {
     } else {
         String::new()
     };
-    let detail = if change.is_empty() {
+    let mut detail = if change.is_empty() {
         sources.join(" + ")
     } else {
         change_text(data)
     };
+    if let Some(r) = resilience_text(data) {
+        detail = format!("{detail}\n{r}");
+    }
     EdgeText {
         width: (line1.chars().count().max(line2.chars().count()) as f64) * 6.1 + 14.0,
         shown: mode != "none" && !(line1.is_empty() && line2.is_empty()),
@@ -1131,6 +1134,28 @@ fn edge_text(data: &Value, mode: &str) -> EdgeText {
         line1,
         line2,
     }
+}
+
+/// What the callers' proxies did on an edge: `1 endpoint ejected · breaker opened 1,
+/// closed 1 · 5 retries refused by the budget`; `None` when nothing happened.
+fn resilience_text(edge: &Value) -> Option<String> {
+    let n = |k: &str| f(edge, k) as u64;
+    let mut parts = Vec::new();
+    match n("ejections") {
+        0 => {}
+        1 => parts.push("1 endpoint ejected".to_string()),
+        k => parts.push(format!("{k} endpoints ejected")),
+    }
+    let (opened, closed) = (n("breaker_opened"), n("breaker_closed"));
+    if opened + closed > 0 {
+        parts.push(format!("breaker opened {opened}, closed {closed}"));
+    }
+    match n("retry_budget_exhausted") {
+        0 => {}
+        1 => parts.push("1 retry refused by the budget".to_string()),
+        k => parts.push(format!("{k} retries refused by the budget")),
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
 }
 
 /// What changed on a node or edge of a diff: `added`, `removed`, or what moved.
@@ -1347,6 +1372,9 @@ fn SidePanel(sel: Selection, graph: LocalResource<Result<Value, String>>) -> imp
                 <div class="small reasons" data-test="reasons">"Answered by a proxy: "
                     {reasons.iter().map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0))).collect::<Vec<_>>().join(", ")}
                 </div>
+            })}
+            {resilience_text(&data).map(|r| view! {
+                <div class="small reasons" data-test="resilience">"Resilience: "{r}</div>
             })}
             {security_block(&data)}
             {(!by_source.is_empty()).then(|| view! {
