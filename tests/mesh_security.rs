@@ -1205,3 +1205,141 @@ async fn access_logs_fill_the_edges_the_metrics_do_not_cover() {
     cart.stop().await;
     frontend.stop().await;
 }
+
+/// The control plane's `mtls-mode` switches a running proxy's inbound listener between
+/// strict and permissive (plaintext refused, then taken on the same port, then refused
+/// again when the document no longer says); `off` is refused by the control plane, and a
+/// proxy without a certificate refuses a document that asks for a mode, keeping its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_control_plane_switches_inbound_mtls_between_strict_and_permissive() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&dir.path().join("data"));
+    let mesh = Mesh {
+        token: token_file(&server, dir.path(), "shop", &["cart"]),
+        server: &server,
+    };
+    let (app_addr, app) = start_app().await;
+    let mut cart = mesh
+        .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
+        .await;
+    let inbound = cart.inbound.expect("inbound");
+    let client = reqwest::Client::new();
+    let put = |workload: &'static str, doc: &'static str| {
+        let req = client
+            .put(server.url(&format!("/api/v1/mesh/policy/{workload}")))
+            .body(doc);
+        async move {
+            let r = req.send().await.expect("PUT");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let plaintext = || {
+        let req = client
+            .get(format!("http://{inbound}/orders"))
+            .header("host", "cart")
+            .timeout(Duration::from_secs(5));
+        async move { req.send().await.map(|r| r.status().as_u16()).ok() }
+    };
+    // Waits (bounded) until a plaintext request gets `want` (None: refused).
+    let until = |want: Option<u16>| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = plaintext().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plaintext got {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(put("cart", "mtls-mode = \"permissive\"\n").await.0, 200);
+    assert_eq!(plaintext().await, None, "strict before it follows");
+    cart.follow(meshscope_proxy::control::ControlPlane {
+        url: server.url(""),
+        workload: "cart".into(),
+    });
+    until(Some(200)).await;
+    assert_eq!(stats(&cart).await["identity"]["mode"], "permissive");
+    assert_eq!(app.hits.load(Ordering::SeqCst), 1);
+    // A keep-alive plaintext connection, open when the listener turns strict again (the
+    // document no longer says, so the file's mode), is drained: closed, not kept.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut open = tokio::net::TcpStream::connect(inbound)
+        .await
+        .expect("connect");
+    open.write_all(b"GET /orders HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = open.read(&mut buf).await.expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert_eq!(put("cart", "").await.0, 200);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match open.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the plaintext connection stayed open under strict"
+    );
+    until(None).await;
+    assert_eq!(stats(&cart).await["identity"]["mode"], "strict");
+    let refused = stats(&cart).await["identity"]["inbound_refused"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(refused >= 2, "{refused}");
+    // `off` is not the control plane's to give.
+    let (status, body) = put("cart", "mtls-mode = \"off\"\n").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("strict\" or \"permissive")),
+        "{body}"
+    );
+    cart.stop().await;
+
+    // A proxy without a certificate cannot take a mode: reported, its own kept.
+    let mut plain = Proxy::start(
+        ProxyConfig {
+            identity: IdentityConfig::default(),
+            ..mesh.config("plain", Some(app_addr), MtlsMode::Off, vec![], vec![])
+        },
+        None,
+    )
+    .await
+    .expect("plain proxy");
+    assert_eq!(put("plain", "mtls-mode = \"strict\"\n").await.0, 200);
+    plain.follow(meshscope_proxy::control::ControlPlane {
+        url: server.url(""),
+        workload: "plain".into(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while plain.applied().last_error.is_none() {
+        assert!(Instant::now() < deadline, "never reported the refusal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = plain.applied().last_error.unwrap_or_default();
+    assert!(error.contains("needs a certificate"), "{error}");
+    let r = client
+        .get(format!("http://{}/orders", plain.inbound.expect("inbound")))
+        .header("host", "plain")
+        .send()
+        .await
+        .expect("plaintext to a proxy without identity");
+    assert_eq!(r.status(), 200);
+    plain.stop().await;
+}

@@ -635,7 +635,9 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         .map_err(|e| e.to_string())?;
     let mut proxies: Vec<Proxy> = vec![];
     // Each proxy's workload and authorization rules, for its policy document.
-    let mut workloads: Vec<(String, Vec<AuthorizationRule>)> = vec![];
+    // Each proxy's workload, authorization rules and inbound mTLS mode (with identity),
+    // which its policy document carries.
+    let mut workloads: Vec<(String, Vec<AuthorizationRule>, Option<MtlsMode>)> = vec![];
     let mut addrs: HashMap<(String, String), SocketAddr> = HashMap::new();
     let mut app_tasks = vec![];
     let mut frontend = None;
@@ -647,7 +649,11 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
         let app_addr = l.local_addr().map_err(|e| e.to_string())?;
         let (outbound, reachable_at) = if proxied(spec.name) {
             let config = proxy_config(&spec, app_addr, &otlp, identity.as_ref());
-            workloads.push((workload_of(&spec), config.authorization.clone()));
+            workloads.push((
+                workload_of(&spec),
+                config.authorization.clone(),
+                (config.identity.mode != MtlsMode::Off).then_some(config.identity.mode),
+            ));
             let proxy = Proxy::start(config, None)
                 .await
                 .map_err(|e| format!("cannot start the proxy of {}: {e}", spec.name))?;
@@ -697,8 +703,9 @@ pub async fn run(args: DemoArgs, stop: impl Future<Output = ()>) -> Result<(), S
     let destinations = registry(&addrs);
     match &server {
         Some((_, http, _, _)) => {
-            for (p, (workload, authorization)) in proxies.iter_mut().zip(&workloads) {
+            for (p, (workload, authorization, mtls_mode)) in proxies.iter_mut().zip(&workloads) {
                 let doc = meshscope_proxy::control::PolicyDocument {
+                    mtls_mode: *mtls_mode,
                     destinations: destinations.clone(),
                     authorization: authorization.clone(),
                 };

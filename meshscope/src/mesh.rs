@@ -141,7 +141,7 @@ impl Mesh {
             toml::Value::String(workload.to_string())
         ))
         .map_err(|e| e.problems())?;
-        let (new, _) = meshscope_proxy::control::PolicyDocument::parse(document, &base)?;
+        let new = meshscope_proxy::control::PolicyDocument::check(document, &base)?;
         let mut all = self.policies();
         // What changed, from the running document (which checked when it was stored).
         let old = all.get(workload).and_then(|p| {

@@ -72,7 +72,7 @@ async fn stats(State(a): State<Admin>) -> axum::Json<serde_json::Value> {
     if let Some(m) = &a.mesh {
         v["identity"] = serde_json::json!({
             "spiffe_id": m.id().to_string(),
-            "mode": format!("{:?}", m.mode).to_ascii_lowercase(),
+            "mode": format!("{:?}", m.mode()).to_ascii_lowercase(),
             "certificate_expiry_unix": m.expiry_unix(),
             "renewed": m.renewed.load(Ordering::Relaxed),
             "renew_failures": m.renew_failures.load(Ordering::Relaxed),

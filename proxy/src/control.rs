@@ -19,6 +19,11 @@ use crate::config::{AuthorizationRule, Destination, ProxyConfig};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDocument {
+    /// What the inbound listener accepts: `strict` (mutual TLS only) or `permissive`
+    /// (mutual TLS or plaintext); absent: the proxy file's `[identity] mode`. Needs a proxy
+    /// with a certificate (`[identity]` on).
+    #[serde(default, rename = "mtls-mode", skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<crate::config::MtlsMode>,
     #[serde(default, rename = "destination")]
     pub destinations: Vec<Destination>,
     #[serde(default)]
@@ -32,14 +37,55 @@ impl PolicyDocument {
         text: &str,
         base: &ProxyConfig,
     ) -> Result<(PolicyDocument, ProxyConfig), Vec<String>> {
+        Self::parse_as(text, base, true)
+    }
+
+    /// Checks a document as the control plane does, for any proxy of the workload: as
+    /// [`PolicyDocument::parse`], except that `mtls-mode` is not refused for want of the
+    /// proxy's certificate (each proxy checks that when it applies the document).
+    pub fn check(text: &str, base: &ProxyConfig) -> Result<PolicyDocument, Vec<String>> {
+        Self::parse_as(text, base, false).map(|(d, _)| d)
+    }
+
+    fn parse_as(
+        text: &str,
+        base: &ProxyConfig,
+        needs_identity: bool,
+    ) -> Result<(PolicyDocument, ProxyConfig), Vec<String>> {
+        use crate::config::MtlsMode;
         let doc: PolicyDocument = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut problems = Vec::new();
+        let mut identity = base.identity.clone();
+        match doc.mtls_mode {
+            None => {}
+            Some(MtlsMode::Off) => problems.push(
+                "mtls-mode is \"strict\" or \"permissive\"; whether a proxy has a certificate at all is its own file's [identity]"
+                    .to_string(),
+            ),
+            Some(m) if base.identity.mode == MtlsMode::Off && needs_identity => {
+                problems.push(format!(
+                    "mtls-mode {:?} needs a certificate, and this proxy runs without one ([identity] mode is \"off\" in its file)",
+                    format!("{m:?}").to_ascii_lowercase()
+                ))
+            }
+            // The control plane's check: each proxy decides when it applies it.
+            Some(_) if base.identity.mode == MtlsMode::Off => {}
+            Some(m) => identity.mode = m,
+        }
         let config = ProxyConfig {
             destinations: doc.destinations.clone(),
             authorization: doc.authorization.clone(),
+            identity,
             ..base.clone()
         };
-        config.validate().map_err(|e| e.problems())?;
-        Ok((doc, config))
+        if let Err(e) = config.validate() {
+            problems.extend(e.problems());
+        }
+        if problems.is_empty() {
+            Ok((doc, config))
+        } else {
+            Err(problems)
+        }
     }
 }
 

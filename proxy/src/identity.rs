@@ -31,7 +31,10 @@ pub enum IdentityError {
 
 /// What the TLS side of the proxy shares.
 pub struct MeshIdentity {
-    pub mode: MtlsMode,
+    /// The inbound listener's mode (strict or permissive), which the control plane's
+    /// `mtls-mode` may switch at run time; read with [`MeshIdentity::mode`], watched by
+    /// the plaintext connections a permissive listener took ([`MeshIdentity::modes`]).
+    mode: tokio::sync::watch::Sender<MtlsMode>,
     pub store: Arc<CertStore>,
     pub server: Arc<rustls::ServerConfig>,
     pub client_http1: Arc<rustls::ClientConfig>,
@@ -47,13 +50,41 @@ pub struct MeshIdentity {
 impl std::fmt::Debug for MeshIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshIdentity")
-            .field("mode", &self.mode)
+            .field("mode", &self.mode())
             .field("id", self.store.id())
             .finish_non_exhaustive()
     }
 }
 
 impl MeshIdentity {
+    /// What the inbound listener accepts now.
+    pub fn mode(&self) -> MtlsMode {
+        *self.mode.borrow()
+    }
+
+    /// The mode as it changes.
+    pub fn modes(&self) -> tokio::sync::watch::Receiver<MtlsMode> {
+        self.mode.subscribe()
+    }
+
+    /// Switches between strict and permissive: new connections are accepted by the new
+    /// mode, and going strict drains the plaintext connections already open (their
+    /// requests in flight finish, then they close). `Off` is ignored: without a
+    /// certificate there is nothing to switch.
+    pub fn set_mode(&self, mode: MtlsMode) {
+        if mode == MtlsMode::Off {
+            return;
+        }
+        let changed = self.mode.send_if_modified(|m| {
+            let changed = *m != mode;
+            *m = mode;
+            changed
+        });
+        if changed {
+            tracing::info!(mode = ?mode, "inbound mutual TLS mode changed");
+        }
+    }
+
     pub fn id(&self) -> &SpiffeId {
         self.store.id()
     }
@@ -235,7 +266,7 @@ pub async fn start(
     let renew_at = first.renew_at();
     let store = Arc::new(CertStore::new(id, first)?);
     let mesh = Arc::new(MeshIdentity {
-        mode: config.mode,
+        mode: tokio::sync::watch::channel(config.mode).0,
         server: meshscope_identity::mtls::server_config(Arc::clone(&store))?,
         client_http1: meshscope_identity::mtls::client_config(Arc::clone(&store), false)?,
         client_h2: meshscope_identity::mtls::client_config(Arc::clone(&store), true)?,

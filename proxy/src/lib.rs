@@ -245,6 +245,7 @@ impl Proxy {
     pub fn follow(&mut self, cp: control::ControlPlane) {
         let (routes, authz) = (Arc::clone(&self.routes), Arc::clone(&self.authz));
         let mesh = self.mesh.clone();
+        let inbound = self.mesh.clone();
         let stop = self.stop_listeners.subscribe();
         self.listeners.push(tokio::spawn(control::follow(
             cp,
@@ -254,6 +255,9 @@ impl Proxy {
             move |c| {
                 swap_routes(&routes, c);
                 swap_authz(&authz, c);
+                if let Some(m) = &inbound {
+                    m.set_mode(c.identity.mode);
+                }
             },
             stopped(stop),
         )));

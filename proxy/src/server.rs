@@ -1,6 +1,7 @@
 //! Accepting connections: HTTP/1.1 (keep-alive) and h2c on the same port (hyper-util's
 //! auto builder), or the same over mutual TLS ([`crate::tls::accept`]), each request
-//! handed to a layer stack with its connection's [`PeerSecurity`]; graceful stop.
+//! handed to a layer stack with its connection's [`PeerSecurity`]; graceful stop, and the
+//! draining of plaintext connections when the listener turns strict.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,7 +13,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
+
+use crate::config::MtlsMode;
 
 use crate::identity::MeshIdentity;
 use crate::layers::trace::RemoteAddr;
@@ -24,6 +28,39 @@ enum Io {
 }
 use crate::layers::{Body, BoxFuture, HttpService};
 
+/// Drives one connection until it ends; when `stopping` turns true, or `modes` (a
+/// plaintext connection's listener mode) turns strict, finishes its requests in flight and
+/// closes it (HTTP/1: after the current response; h2: GOAWAY).
+macro_rules! drive {
+    ($conn:expr, $stopping:expr, $modes:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let strict = async {
+            match $modes {
+                Some(mut m) => {
+                    let _ = m.wait_for(|m| *m == MtlsMode::Strict).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let stopping = async {
+            let _ = $stopping.wait_for(|s| *s).await;
+        };
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = strict => {
+                tracing::debug!("a plaintext connection drained: the listener is strict now");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            () = stopping => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// Serves `listener` with `svc` until `stop`; then lets open requests finish (up to 5 s).
 /// With `mesh`, its mode decides whether a connection must, may or must not be mTLS.
 pub async fn serve(
@@ -33,7 +70,10 @@ pub async fn serve(
     mesh: Option<Arc<MeshIdentity>>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Shutdown as mini-redis does it: `stopping` tells every connection to finish and
+    // close; each holds a clone of `done`, so `all_done` ends when the last has.
+    let (stopping_tx, stopping) = watch::channel(false);
+    let (done, mut all_done) = mpsc::channel::<()>(1);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -50,9 +90,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let (mut stopping, done) = (stopping.clone(), done.clone());
         let mesh = mesh.clone();
         tokio::spawn(async move {
+            let _done = done;
             let (io, security) = match crate::tls::accept(stream, mesh.as_deref()).await {
                 Ok(Accepted::Plain(s)) => (Io::Plain(TokioIo::new(s)), PeerSecurity::PLAINTEXT),
                 Ok(Accepted::Mtls(s, id)) => (
@@ -77,14 +118,13 @@ pub async fn serve(
                 });
             let result = match io {
                 Io::Plain(io) => {
-                    watcher
-                        .watch(builder.serve_connection(io, hyper_svc).into_owned())
-                        .await
+                    // Taken by a permissive listener: drained if it turns strict.
+                    let modes = mesh.as_ref().map(|m| m.modes());
+                    drive!(builder.serve_connection(io, hyper_svc), stopping, modes)
                 }
                 Io::Mtls(io) => {
-                    watcher
-                        .watch(builder.serve_connection(io, hyper_svc).into_owned())
-                        .await
+                    let modes: Option<watch::Receiver<MtlsMode>> = None;
+                    drive!(builder.serve_connection(io, hyper_svc), stopping, modes)
                 }
             };
             if let Err(e) = result {
@@ -93,7 +133,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+    let _ = stopping_tx.send(true);
+    drop(done);
+    if tokio::time::timeout(Duration::from_secs(5), all_done.recv())
         .await
         .is_err()
     {

@@ -47,14 +47,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies the listener's mode to a new connection.
 pub async fn accept(stream: TcpStream, mesh: Option<&MeshIdentity>) -> io::Result<Accepted> {
-    let Some(mesh) = mesh.filter(|m| m.mode != MtlsMode::Off) else {
+    let Some(mesh) = mesh.filter(|m| m.mode() != MtlsMode::Off) else {
         return Ok(Accepted::Plain(stream));
     };
     let refused = |e: io::Error| {
         mesh.inbound_refused.fetch_add(1, Ordering::Relaxed);
         e
     };
-    if mesh.mode == MtlsMode::Permissive {
+    if mesh.mode() == MtlsMode::Permissive {
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first))
             .await
