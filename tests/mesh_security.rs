@@ -837,6 +837,9 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         .get(format!("http://{inbound}/orders"))
         .header("host", "cart")
         .header("x-meshscope-source-workload", "evil")
+        // Nor does a plaintext caller hide its request from the golden signals by
+        // claiming it is a mirror's copy.
+        .header("x-meshscope-mirror", "1")
         .send()
         .await
         .expect("plaintext to permissive");
@@ -866,7 +869,7 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         &server,
         "SELECT count(*) FROM spans WHERE service_name = 'cart' AND span_kind = 'SERVER'
            AND span_attributes['meshscope.tls'] = 'plaintext'
-           AND span_attributes['meshscope.source_workload'] IS NULL",
+           AND span_attributes['meshscope.source_workload'] IS NULL AND mirror IS NULL",
         |n| n >= 1,
     )
     .await;

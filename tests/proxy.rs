@@ -1259,6 +1259,54 @@ GROUP BY 1";
     );
     assert!(m["shadow"]["p99_ms"].as_f64().unwrap() >= 2000.0, "{m}");
     assert!(m["primary"]["p99_ms"].as_f64().unwrap() < 1000.0, "{m}");
+    // The graph and the golden signals count what the caller waited for: the primary's
+    // requests, not the copies (nor the shadow's 2 s).
+    let e = graph_edge(&server, "caller", "checkout").await;
+    assert_eq!(e["requests"].as_u64(), Some(n + 1), "{e}");
+    assert!(e["p99_ms"].as_f64().unwrap() < 1000.0, "{e}");
+    let versions: Vec<&str> = e["by_version"]
+        .as_array()
+        .expect("by_version")
+        .iter()
+        .filter_map(|v| v["version"].as_str())
+        .collect();
+    assert!(!versions.contains(&"v2-shadow"), "{versions:?} {e}");
+    // The proxy's metrics and access logs mark the copies (`mirror="shadow"`), so they
+    // agree with the spans.
+    for source in ["metrics", "access_logs"] {
+        assert_eq!(
+            e["by_source"][source]["requests"].as_u64(),
+            Some(n + 1),
+            "{source}: {e}"
+        );
+    }
+    let admin = p.admin.expect("admin");
+    let m = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains("destination_version=\"v2-shadow\"") && m.contains("mirror=\"shadow\""),
+        "{m}"
+    );
+    assert_eq!(
+        graph_edge(&server, "caller", "checkout-shadow").await,
+        Value::Null
+    );
+    let services: Value = reqwest::get(server.url("/api/v1/services"))
+        .await
+        .expect("services")
+        .json()
+        .await
+        .expect("json");
+    let shadow_served = services
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "checkout-shadow"))
+        .map(|s| s["requests"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    assert_eq!(shadow_served, 0, "{services}");
     p.stop().await;
     shadow_proxy.stop().await;
 }

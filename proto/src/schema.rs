@@ -150,6 +150,11 @@ static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         // `fault-abort`, `timeout`, `connect-failed` …), from meshscope's
         // `meshscope.proxy_response` or Envoy's `response_flags`; null otherwise.
         utf8("proxy_reason", true),
+        // `shadow` on both spans of a mirrored copy (the caller proxy's CLIENT span and
+        // the shadow's SERVER span), `primary` on the caller's span of the request that
+        // was copied, from `meshscope.mirror`; null otherwise. The graph and the golden
+        // signals leave shadow spans out: nobody waited for them.
+        utf8("mirror", true),
         utf8("scope_name", true),
         utf8("scope_version", true),
         attrs("span_attributes"),

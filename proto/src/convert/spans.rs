@@ -202,6 +202,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
     let mut peer_service = StringBuilder::new();
     let mut peer = StringBuilder::new();
     let mut reason = StringBuilder::new();
+    let mut mirror = StringBuilder::new();
     let mut server_address = StringBuilder::new();
     let mut scope_name = StringBuilder::new();
     let mut scope_version = StringBuilder::new();
@@ -282,6 +283,9 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
                     peer.append_null();
                 }
                 reason.append_option(proxy_reason(a));
+                mirror.append_option(
+                    find_str(a, &["meshscope.mirror"]).filter(|m| m == "shadow" || m == "primary"),
+                );
                 server_address.append_option(find_str(a, &["server.address", "net.peer.name"]));
                 scope_name.append_option(sname.and_then(non_empty));
                 scope_version.append_option(sversion.and_then(non_empty));
@@ -355,6 +359,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> Result<Converted, ArrowError> {
         Arc::new(server_address.finish()),
         Arc::new(peer.finish()),
         Arc::new(reason.finish()),
+        Arc::new(mirror.finish()),
         Arc::new(scope_name.finish()),
         Arc::new(scope_version.finish()),
         Arc::new(span_attrs.finish()),

@@ -236,6 +236,18 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
                     .and_then(|h| h.to_str().ok())
                     .map(|h| h.split(':').next().unwrap_or(h).to_string())
             });
+        let mirror = match self.direction {
+            Direction::Outbound => parts
+                .extensions
+                .get::<super::mirror::MirrorMark>()
+                .map(|m| m.as_str()),
+            // A copy says so in a header, believed only from a meshed caller (an mTLS
+            // peer), or in a mesh without identity: a plaintext client cannot hide its
+            // requests from the golden signals by sending it.
+            Direction::Inbound => (parts.headers.contains_key(super::mirror::MIRROR_HEADER)
+                && (security.as_ref().is_some_and(|s| s.mtls) || !self.telemetry.has_identity()))
+            .then_some("shadow"),
+        };
         let finished = Finished {
             direction: self.direction,
             context,
@@ -257,16 +269,7 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
                 .extensions
                 .get::<crate::routes::RouteName>()
                 .map(|r| Arc::clone(&r.0)),
-            mirror: match self.direction {
-                Direction::Outbound => parts
-                    .extensions
-                    .get::<super::mirror::MirrorMark>()
-                    .map(|m| m.as_str()),
-                Direction::Inbound => parts
-                    .headers
-                    .contains_key(super::mirror::MIRROR_HEADER)
-                    .then_some("shadow"),
-            },
+            mirror,
             body_hash: None,
         };
         let fut = self.inner.call(Request::from_parts(parts, body));

@@ -52,6 +52,9 @@ pub struct SeriesKey {
     /// Inbound: `deny` or `would-deny` when authorization did not admit the caller
     /// (absent when it did, or without rules).
     pub authz: Option<&'static str>,
+    /// `shadow` for a mirrored copy (the caller's copy and the shadow's inbound), so
+    /// golden signals can leave out what nobody waited for; absent otherwise.
+    pub mirror: Option<&'static str>,
 }
 
 impl SeriesKey {
@@ -78,6 +81,9 @@ impl SeriesKey {
         }
         if let Some(z) = self.authz {
             a.push(string_kv("authz", z));
+        }
+        if let Some(m) = self.mirror {
+            a.push(string_kv("mirror", m));
         }
         a
     }
@@ -399,6 +405,9 @@ impl EncodeLabelSet for SeriesKey {
         if let Some(z) = self.authz {
             labels.push(("authz", Escaped(z)));
         }
+        if let Some(m) = self.mirror {
+            labels.push(("mirror", Escaped(m)));
+        }
         labels.as_slice().encode(encoder)
     }
 }
@@ -432,6 +441,7 @@ mod tests {
             source_principal: None,
             destination_principal: None,
             authz: None,
+            mirror: None,
         }
     }
 

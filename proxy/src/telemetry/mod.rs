@@ -209,6 +209,11 @@ impl Telemetry {
         let _ = self.inner.principal.set(Arc::from(id));
     }
 
+    /// Whether this proxy has a mesh identity (a certificate).
+    pub fn has_identity(&self) -> bool {
+        self.inner.principal.get().is_some()
+    }
+
     /// (source, destination) principals of a request: the peer's from its certificate,
     /// this proxy's own when the connection was mTLS.
     fn principals(&self, f: &Finished) -> (Option<Arc<str>>, Option<Arc<str>>) {
@@ -278,6 +283,7 @@ impl Telemetry {
                     .authz
                     .filter(|z| *z != crate::layers::authz::AuthzDecision::Allow)
                     .map(|z| z.as_str()),
+                mirror: f.mirror.filter(|m| *m == "shadow"),
             },
             f.duration,
         );
@@ -509,6 +515,9 @@ impl Telemetry {
         }
         if let Some(r) = d.proxy_response {
             a.push(string_kv("proxy_response", r));
+        }
+        if let Some(m) = f.mirror {
+            a.push(string_kv("mirror", m));
         }
         a.push(string_kv("connection_security_policy", f.security_policy()));
         if let Some(p) = source_principal {

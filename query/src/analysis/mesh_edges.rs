@@ -468,6 +468,7 @@ pub async fn from_metrics(
                     coalesce({error_col}, false) AS failed, {POINT_COLUMNS}
              FROM metrics
              WHERE {r} AND metric_name IN ('{c}', '{h}') AND attributes['{src}'] IS NOT NULL AND {dst} IS NOT NULL{only}
+               AND coalesce(attributes['mirror'], '') <> 'shadow'
              ORDER BY t",
             src = f.source,
             dst = coalesce("attributes", f.targets),
@@ -566,6 +567,7 @@ pub async fn from_access_logs(
                 array_agg(TRY_CAST({dur} AS DOUBLE)) AS durations_ms
          FROM logs
          WHERE {r} AND {src} IS NOT NULL AND coalesce({dsn}, {dw}) IS NOT NULL
+           AND coalesce(log_attributes['mirror'], '') <> 'shadow'
          GROUP BY 1, 2, 3, 4, 5, 6",
         src = la("source_workload"),
         dsn = la("destination_service_name"),

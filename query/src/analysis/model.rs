@@ -15,9 +15,10 @@ use crate::engine::QueryError;
 
 /// The spans that are a request a service served: SERVER and CONSUMER spans, except the
 /// SERVER span Envoy's outbound listener makes for each outgoing request when
-/// `spawn_upstream_span` is on (`egress <host>`: the app's own call, not one it answered).
-pub const SERVED_SQL: &str =
-    "span_kind IN ('SERVER', 'CONSUMER') AND span_name NOT LIKE 'egress %'";
+/// `spawn_upstream_span` is on (`egress <host>`: the app's own call, not one it answered),
+/// and a shadow's copy of a mirrored request (`mirror` = `shadow`: nobody waited for it).
+pub const SERVED_SQL: &str = "span_kind IN ('SERVER', 'CONSUMER') AND span_name NOT LIKE 'egress %'
+     AND (mirror IS NULL OR mirror <> 'shadow')";
 
 /// A span's endpoint: its `http_route`; else its name, unless that is one a proxy gives
 /// every span (Envoy's `ingress` / `egress <host>`), when the path of `url.path` /

@@ -17,7 +17,9 @@
 //!    is not in the trace (checked against the other spans only for those few), is a
 //!    request from the entry point (an id of its own, so a service called `user` stays
 //!    apart). Each request is tallied in a [`Cell`] of its edge: the callee's version and
-//!    the reason a proxy answered it, if one did. The same pairing bucketed by minute feeds
+//!    the reason a proxy answered it, if one did. A mirrored copy (`mirror` = `shadow`
+//!    on either side) is paired, so it sends nobody to the entry point or a virtual
+//!    node, and counted nowhere. The same pairing bucketed by minute feeds
 //!    the rollups, and over short windows the `/metrics` counters;
 //! 3. **merge**: the shards' cells per edge are joined; an unpaired caller's peer that is
 //!    an instrumented service of the range ([`instrumented`]) is that service's edge, not
@@ -45,6 +47,8 @@ const CONSUMER: u8 = 4;
 
 const ERROR: u8 = 1;
 const IN_RANGE: u8 = 2;
+/// A span of a mirrored copy (`mirror` = `shadow`): paired like any other, tallied nowhere.
+const SHADOW: u8 = 4;
 
 /// Shards of the pairing; a trace's spans all go to one.
 pub(crate) const SHARDS: usize = 16;
@@ -336,7 +340,8 @@ fn scan_schema() -> Vec<Field> {
         ("peer_name", Some(dict.clone())),
         ("service_version", Some(dict.clone())),
         ("proxy_reason", Some(dict.clone())),
-        ("span_name", Some(dict)),
+        ("span_name", Some(dict.clone())),
+        ("mirror", Some(dict)),
     ]
     .into_iter()
     .map(|(name, as_type)| {
@@ -412,6 +417,7 @@ impl Decoded {
         // Envoy's outbound listener, with `spawn_upstream_span`, makes a SERVER span per
         // outgoing request (`egress <host>`): the app's call, not a request it served.
         let (span_name, outbound) = dict_map(b, 12, |s| s.starts_with("egress "))?;
+        let (mirror, shadows) = dict_map(b, 13, |s| s == "shadow")?;
         let duration = b.column(7).as_primitive::<Int64Type>();
         let start = b.column(8).as_primitive::<TimestampNanosecondType>();
         let at = |keys: &PrimitiveArray<Int32Type>, i: usize| {
@@ -433,6 +439,7 @@ impl Decoded {
                 k => k,
             };
             let error = at(&status, i).is_some_and(|k| errors[k]);
+            let shadow = at(&mirror, i).is_some_and(|k| shadows[k]);
             let in_range = t >= lo && t < hi;
             let d = if duration.is_null(i) {
                 0
@@ -441,10 +448,10 @@ impl Decoded {
             };
             let ver = at(&version, i).map_or(NONE, |k| versions[k]);
             let why = at(&reason, i).map_or(NONE, |k| reasons[k]);
-            if in_range {
+            if in_range && !shadow {
                 self.own[svc as usize].seen = true;
             }
-            if in_range && (k == SERVER || k == CONSUMER) {
+            if in_range && (k == SERVER || k == CONSUMER) && !shadow {
                 let own = &mut self.own[svc as usize];
                 own.tally.add(ver, NONE, d, error);
                 if let Some(ns) = at(&namespace, i).map(|k| &namespaces[k])
@@ -482,7 +489,9 @@ impl Decoded {
                 reason: why,
                 minute: (t.div_euclid(MINUTE_NS) - wide.0.div_euclid(MINUTE_NS)) as u32,
                 kind: k,
-                flags: if error { ERROR } else { 0 } | if in_range { IN_RANGE } else { 0 },
+                flags: if error { ERROR } else { 0 }
+                    | if in_range { IN_RANGE } else { 0 }
+                    | if shadow { SHADOW } else { 0 },
             });
         }
         Ok(())
@@ -660,7 +669,13 @@ fn pair_shard(
                 Some((cp, ci)) => {
                     let cpiece = &pieces[cp as usize];
                     let c = cpiece.spans.get(ci as usize);
-                    if c.kind == caller_kind && c.flags & IN_RANGE != 0 {
+                    if c.kind == caller_kind
+                        && c.flags & IN_RANGE != 0
+                        && (c.flags | r.flags) & SHADOW != 0
+                    {
+                        // A mirrored copy: its caller is paired, and nothing is counted.
+                        paired[cp as usize][ci as usize] = true;
+                    } else if c.kind == caller_kind && c.flags & IN_RANGE != 0 {
                         paired[cp as usize][ci as usize] = true;
                         let reason = match global(&cpiece.remap, c.reason) {
                             NONE => global(&p.remap, r.reason),
@@ -684,7 +699,7 @@ fn pair_shard(
                         );
                     }
                 }
-                None if r.kind == SERVER && r.flags & IN_RANGE != 0 => {
+                None if r.kind == SERVER && r.flags & (IN_RANGE | SHADOW) == IN_RANGE => {
                     let request = Request {
                         version: global(&p.remap, r.version),
                         reason: global(&p.remap, r.reason),
@@ -732,7 +747,7 @@ fn pair_shard(
     }
     for (p, paired) in pieces.iter().zip(paired) {
         for (s, was_paired) in p.spans.iter().zip(paired) {
-            if s.peer != NONE && !was_paired {
+            if s.peer != NONE && !was_paired && s.flags & SHADOW == 0 {
                 tallies.add(
                     (
                         p.remap[s.service as usize],
