@@ -5,13 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshscope_proto::Table;
 use meshscope_storage::{CompactionPolicy, Retention, Upkeep};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// meshscope: service-mesh observability. OTLP in, SQL out.
 #[derive(Debug, Parser)]
@@ -102,11 +102,17 @@ pub struct DemoArgs {
     pub collector: Option<String>,
 }
 
-/// Flags of the server roles. Unset flags fall back to the config file, then to defaults.
-#[derive(Debug, Clone, Default, Args)]
+/// The server roles' settings, declared once: each is a flag, a `MESHSCOPE_*` variable
+/// and a kebab-case key of the `--config` TOML file (the same struct, read by serde), in
+/// that order of precedence ([`ServeArgs::merged`]); its default is applied in one place,
+/// [`ServeArgs::resolve_for`]. The file alone also takes `[[token]]`, `[retention.<table>]`
+/// and `[alerts]`.
+#[derive(Debug, Clone, Default, Args, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (kebab-case keys).
     #[arg(long, env = "MESHSCOPE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Where tables, Parquet files and the write-ahead log live [./meshscope-data].
     #[arg(long, env = "MESHSCOPE_DATA_DIR")]
@@ -232,70 +238,35 @@ pub struct ServeArgs {
     /// TLS on every listener with a certificate the mesh CA in <data-dir>/ca/ issues at
     /// start for localhost, this host's name and the listen addresses (clients trust
     /// <data-dir>/ca/root.pem, also at GET /api/v1/identity/trust-anchors) [off].
-    #[arg(long, env = "MESHSCOPE_TLS_AUTO", conflicts_with_all = ["tls_cert", "tls_key"])]
-    pub tls_auto: bool,
+    #[arg(long, env = "MESHSCOPE_TLS_AUTO", conflicts_with_all = ["tls_cert", "tls_key"],
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub tls_auto: Option<bool>,
     /// Listen on addresses other than loopback without tokens: anyone who reaches the server
     /// can send data and read everything.
-    #[arg(long, env = "MESHSCOPE_INSECURE_NO_AUTH")]
-    pub insecure_no_auth: bool,
+    #[arg(long, env = "MESHSCOPE_INSECURE_NO_AUTH", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true")]
+    pub insecure_no_auth: Option<bool>,
+    /// File only: `[[token]]` tables, as in the auth file.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
+    pub token: Option<Vec<meshscope_auth::TokenSpec>>,
+    /// File only: per-table retention, overriding the flags:
+    /// `[retention.logs] max-age-secs = 86400`.
+    #[arg(skip)]
+    #[serde(skip_serializing)]
+    pub retention: Option<BTreeMap<String, TableRetention>>,
+    /// File only: `[alerts]`: rules, receivers, evaluation interval (see meshscope-alerts).
+    #[arg(skip)]
+    #[serde(skip_serializing)]
+    pub alerts: Option<meshscope_alerts::AlertsConfig>,
 }
 
 /// One table's retention in the config file (`[retention.spans]` …).
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct TableRetention {
+pub struct TableRetention {
     max_age_secs: Option<u64>,
     max_bytes: Option<u64>,
-}
-
-/// The same settings in the `--config` TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    otlp_grpc_addr: Option<SocketAddr>,
-    otlp_http_addr: Option<SocketAddr>,
-    http_addr: Option<SocketAddr>,
-    pg_addr: Option<SocketAddr>,
-    max_body_bytes: Option<usize>,
-    flush_bytes: Option<usize>,
-    flush_interval_secs: Option<u64>,
-    max_buffered_bytes: Option<usize>,
-    max_inflight_exports: Option<usize>,
-    trust_domain: Option<String>,
-    cert_lifetime_secs: Option<u64>,
-    policy_dir: Option<PathBuf>,
-    query_memory_bytes: Option<usize>,
-    signals_interval_secs: Option<u64>,
-    signals_delay_secs: Option<u64>,
-    rollup_interval_secs: Option<u64>,
-    rollup_delay_secs: Option<u64>,
-    node_id: Option<String>,
-    compaction_interval_secs: Option<u64>,
-    compaction_target_bytes: Option<u64>,
-    compaction_min_files: Option<usize>,
-    compaction_zstd_level: Option<i32>,
-    retention_max_age_secs: Option<u64>,
-    retention_max_bytes: Option<u64>,
-    rollups_retention_max_age_secs: Option<u64>,
-    rollups_retention_max_bytes: Option<u64>,
-    retire_grace_secs: Option<u64>,
-    storage_url: Option<String>,
-    query_timeout_secs: Option<u64>,
-    sql_max_rows: Option<usize>,
-    max_concurrent_queries: Option<usize>,
-    auth_file: Option<PathBuf>,
-    insecure_no_auth: Option<bool>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    tls_auto: Option<bool>,
-    /// `[[token]]` tables, as in the auth file.
-    token: Option<Vec<meshscope_auth::TokenSpec>>,
-    /// Per-table retention, overriding the flags: `[retention.logs] max-age-secs = 86400`.
-    retention: Option<BTreeMap<String, TableRetention>>,
-    /// `[alerts]`: rules, receivers, evaluation interval (see meshscope-alerts).
-    alerts: Option<meshscope_alerts::AlertsConfig>,
 }
 
 /// Which parts of meshscope a process runs.
@@ -381,6 +352,8 @@ pub enum ConfigError {
     TlsAutoAndFiles,
     #[error("tls-auto: {0}")]
     TlsAuto(String),
+    #[error("cannot read the flags over the config file: {0}")]
+    Flags(String),
 }
 
 /// The host name, as a node id (other characters become `_`).
@@ -413,12 +386,35 @@ impl ServeArgs {
         self.resolve_for(Role::Serve)
     }
 
-    pub fn resolve_for(&self, role: Role) -> Result<ServeConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => load(path)?,
-            None => FileConfig::default(),
+    /// The flags (and variables) over the `--config` file: a setting the command line or
+    /// the environment gives wins, the file's stands otherwise. One generic overlay on the
+    /// same struct, so no setting is listed twice.
+    pub fn merged(&self) -> Result<ServeArgs, ConfigError> {
+        let Some(path) = &self.config else {
+            return Ok(self.clone());
         };
-        let node_id = match (self.node_id.clone().or(file.node_id.clone()), role) {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let parse = |source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        };
+        // Read as the settings first, so an unknown key or a bad value names its line.
+        toml::from_str::<ServeArgs>(&text).map_err(parse)?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(parse)?;
+        // The flags that were given (an unset one serialises to nothing).
+        let flags = toml::Table::try_from(self).map_err(|e| ConfigError::Flags(e.to_string()))?;
+        table.extend(flags);
+        let mut merged: ServeArgs = table.try_into().map_err(parse)?;
+        merged.config = self.config.clone();
+        Ok(merged)
+    }
+
+    pub fn resolve_for(&self, role: Role) -> Result<ServeConfig, ConfigError> {
+        let s = self.merged()?;
+        let node_id = match (s.node_id.clone(), role) {
             (Some(id), _) => id,
             (None, Role::Serve) => String::new(),
             (None, Role::Collector) => host_node_id(),
@@ -427,42 +423,19 @@ impl ServeArgs {
         if !node_id.is_empty() && !meshscope_storage::parquet_file::valid_writer_id(&node_id) {
             return Err(ConfigError::NodeId(node_id));
         }
-        let compaction_interval = secs(
-            self.compaction_interval_secs
-                .or(file.compaction_interval_secs),
-            60,
-        );
+        let compaction_interval = secs(s.compaction_interval_secs, 60);
         let compaction = CompactionPolicy {
-            target_bytes: self
-                .compaction_target_bytes
-                .or(file.compaction_target_bytes)
-                .unwrap_or(64 << 20),
-            min_files: self
-                .compaction_min_files
-                .or(file.compaction_min_files)
-                .unwrap_or(4)
-                .max(2),
-            zstd_level: self
-                .compaction_zstd_level
-                .or(file.compaction_zstd_level)
-                .unwrap_or(15)
-                .clamp(1, 22),
+            target_bytes: s.compaction_target_bytes.unwrap_or(64 << 20),
+            min_files: s.compaction_min_files.unwrap_or(4).max(2),
+            zstd_level: s.compaction_zstd_level.unwrap_or(15).clamp(1, 22),
         };
         let signals = Retention {
-            max_age: self
-                .retention_max_age_secs
-                .or(file.retention_max_age_secs)
-                .map(Duration::from_secs),
-            max_bytes: self.retention_max_bytes.or(file.retention_max_bytes),
+            max_age: s.retention_max_age_secs.map(Duration::from_secs),
+            max_bytes: s.retention_max_bytes,
         };
         let rollups = Retention {
-            max_age: self
-                .rollups_retention_max_age_secs
-                .or(file.rollups_retention_max_age_secs)
-                .map(Duration::from_secs),
-            max_bytes: self
-                .rollups_retention_max_bytes
-                .or(file.rollups_retention_max_bytes),
+            max_age: s.rollups_retention_max_age_secs.map(Duration::from_secs),
+            max_bytes: s.rollups_retention_max_bytes,
         };
         let mut retention: BTreeMap<Table, Retention> = Table::ALL
             .iter()
@@ -477,7 +450,7 @@ impl ServeArgs {
                 )
             })
             .collect();
-        for (name, r) in file.retention.clone().unwrap_or_default() {
+        for (name, r) in s.retention.clone().unwrap_or_default() {
             let table = Table::ALL
                 .into_iter()
                 .find(|t| t.name() == name)
@@ -490,25 +463,18 @@ impl ServeArgs {
                 entry.max_bytes = r.max_bytes;
             }
         }
-        let auth = match (
-            self.auth_file.clone().or(file.auth_file.clone()),
-            file.token.clone(),
-        ) {
+        let auth = match (s.auth_file.clone(), s.token.clone()) {
             (Some(path), Some(_)) => return Err(ConfigError::TokensTwice(path)),
             (Some(path), None) => meshscope_auth::Auth::load(&path)?,
-            (None, Some(tokens)) => match &self.config {
+            (None, Some(tokens)) => match &s.config {
                 Some(config) => meshscope_auth::Auth::from_file_tokens(config, tokens)?,
                 None => meshscope_auth::Auth::from_specs(tokens)?,
             },
             (None, None) => meshscope_auth::Auth::open(),
         };
-        let tls_auto = self.tls_auto || file.tls_auto.unwrap_or(false);
-        let client_ca = self.tls_client_ca.clone().or(file.tls_client_ca.clone());
-        let tls = match (
-            self.tls_cert.clone().or(file.tls_cert.clone()),
-            self.tls_key.clone().or(file.tls_key.clone()),
-            client_ca.clone(),
-        ) {
+        let tls_auto = s.tls_auto.unwrap_or(false);
+        let client_ca = s.tls_client_ca.clone();
+        let tls = match (s.tls_cert.clone(), s.tls_key.clone(), client_ca.clone()) {
             (Some(_), _, _) | (_, Some(_), _) if tls_auto => {
                 return Err(ConfigError::TlsAutoAndFiles);
             }
@@ -535,83 +501,41 @@ impl ServeArgs {
                 compaction: Some(compaction),
                 retention,
             },
-            retire_grace: secs(self.retire_grace_secs.or(file.retire_grace_secs), 300),
-            storage_url: self.storage_url.clone().or(file.storage_url.clone()),
-            data_dir: self
+            retire_grace: secs(s.retire_grace_secs, 300),
+            storage_url: s.storage_url.clone(),
+            data_dir: s
                 .data_dir
                 .clone()
-                .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./meshscope-data")),
-            otlp_grpc_addr: self
-                .otlp_grpc_addr
-                .or(file.otlp_grpc_addr)
-                .unwrap_or_else(|| addr("127.0.0.1:4317")),
-            otlp_http_addr: self
-                .otlp_http_addr
-                .or(file.otlp_http_addr)
-                .unwrap_or_else(|| addr("127.0.0.1:4318")),
-            http_addr: self
-                .http_addr
-                .or(file.http_addr)
-                .unwrap_or_else(|| addr("127.0.0.1:8080")),
-            pg_addr: self
-                .pg_addr
-                .or(file.pg_addr)
-                .unwrap_or_else(|| addr("127.0.0.1:5433")),
-            max_body_bytes: self
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(16 << 20),
-            flush_bytes: self.flush_bytes.or(file.flush_bytes).unwrap_or(256 << 20),
-            flush_interval: Duration::from_secs(
-                self.flush_interval_secs
-                    .or(file.flush_interval_secs)
-                    .unwrap_or(default_flush),
-            ),
-            max_buffered_bytes: self
-                .max_buffered_bytes
-                .or(file.max_buffered_bytes)
-                .unwrap_or(1 << 30),
-            max_inflight_exports: self
-                .max_inflight_exports
-                .or(file.max_inflight_exports)
-                .unwrap_or(32)
-                .max(1),
-            query_memory_bytes: self
-                .query_memory_bytes
-                .or(file.query_memory_bytes)
-                .unwrap_or(4 << 30),
-            signals_interval: secs(
-                self.signals_interval_secs.or(file.signals_interval_secs),
-                10,
-            )
-            .max(Duration::from_secs(1)),
-            signals_delay: secs(self.signals_delay_secs.or(file.signals_delay_secs), 30),
-            rollup_interval: secs(self.rollup_interval_secs.or(file.rollup_interval_secs), 15)
-                .max(Duration::from_secs(1)),
-            rollup_delay: secs(self.rollup_delay_secs.or(file.rollup_delay_secs), 120),
-            alerts: file.alerts.unwrap_or_default(),
+            otlp_grpc_addr: s.otlp_grpc_addr.unwrap_or_else(|| addr("127.0.0.1:4317")),
+            otlp_http_addr: s.otlp_http_addr.unwrap_or_else(|| addr("127.0.0.1:4318")),
+            http_addr: s.http_addr.unwrap_or_else(|| addr("127.0.0.1:8080")),
+            pg_addr: s.pg_addr.unwrap_or_else(|| addr("127.0.0.1:5433")),
+            max_body_bytes: s.max_body_bytes.unwrap_or(16 << 20),
+            flush_bytes: s.flush_bytes.unwrap_or(256 << 20),
+            flush_interval: Duration::from_secs(s.flush_interval_secs.unwrap_or(default_flush)),
+            max_buffered_bytes: s.max_buffered_bytes.unwrap_or(1 << 30),
+            max_inflight_exports: s.max_inflight_exports.unwrap_or(32).max(1),
+            query_memory_bytes: s.query_memory_bytes.unwrap_or(4 << 30),
+            signals_interval: secs(s.signals_interval_secs, 10).max(Duration::from_secs(1)),
+            signals_delay: secs(s.signals_delay_secs, 30),
+            rollup_interval: secs(s.rollup_interval_secs, 15).max(Duration::from_secs(1)),
+            rollup_delay: secs(s.rollup_delay_secs, 120),
+            alerts: s.alerts.clone().unwrap_or_default(),
             query_limits: meshscope_query::engine::QueryLimits {
-                timeout: secs(self.query_timeout_secs.or(file.query_timeout_secs), 30)
-                    .max(Duration::from_secs(1)),
-                max_concurrent: self
-                    .max_concurrent_queries
-                    .or(file.max_concurrent_queries)
-                    .unwrap_or(8)
-                    .max(1),
-                sql_max_rows: self.sql_max_rows.or(file.sql_max_rows).unwrap_or(100_000),
+                timeout: secs(s.query_timeout_secs, 30).max(Duration::from_secs(1)),
+                max_concurrent: s.max_concurrent_queries.unwrap_or(8).max(1),
+                sql_max_rows: s.sql_max_rows.unwrap_or(100_000),
             },
             auth,
-            insecure_no_auth: self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+            insecure_no_auth: s.insecure_no_auth.unwrap_or(false),
             tls,
-            trust_domain: self
+            trust_domain: s
                 .trust_domain
                 .clone()
-                .or(file.trust_domain)
                 .unwrap_or_else(|| meshscope_identity::ca::DEFAULT_TRUST_DOMAIN.to_string()),
-            cert_lifetime: secs(self.cert_lifetime_secs.or(file.cert_lifetime_secs), 86_400)
-                .max(Duration::from_secs(1)),
-            policy_dir: self.policy_dir.clone().or(file.policy_dir),
+            cert_lifetime: secs(s.cert_lifetime_secs, 86_400).max(Duration::from_secs(1)),
+            policy_dir: s.policy_dir.clone(),
         };
         if tls_auto {
             resolved.tls = Some(auto_tls(&resolved, client_ca)?);
@@ -668,17 +592,6 @@ fn auto_tls(
 
 fn secs(v: Option<u64>, default: u64) -> Duration {
     Duration::from_secs(v.unwrap_or(default))
-}
-
-fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.into(),
-        source,
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -945,6 +858,51 @@ mod tests {
             args.resolve().is_err(),
             "unknown keys inside [alerts] are errors too"
         );
+    }
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["meshscope", "serve"].iter().chain(argv))
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        args
+    }
+
+    #[test]
+    fn switches_are_flags_file_keys_or_both() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "insecure-no-auth = true
+flush-bytes = 1000
+",
+        )
+        .expect("write");
+        let file = path.to_str().expect("utf8");
+        // From the file alone.
+        let c = serve_args(&["--config", file]).resolve().expect("resolve");
+        assert!(c.insecure_no_auth);
+        assert_eq!(c.flush_bytes, 1000);
+        // A bare flag is true; `=false` overrides the file's true.
+        assert_eq!(serve_args(&["--tls-auto"]).tls_auto, Some(true));
+        assert_eq!(serve_args(&[]).tls_auto, None);
+        let c = serve_args(&["--config", file, "--insecure-no-auth=false"])
+            .resolve()
+            .expect("resolve");
+        assert!(!c.insecure_no_auth);
+        // Defaults, once: nothing given.
+        let c = serve_args(&[]).resolve().expect("resolve");
+        assert!(!c.insecure_no_auth);
+        assert_eq!(c.flush_bytes, 256 << 20);
+        assert_eq!(c.http_addr, addr("127.0.0.1:8080"));
+        // A value of the wrong type in the file names its key.
+        std::fs::write(&path, "flush-bytes = \"lots\"\n").expect("write");
+        let err = serve_args(&["--config", file])
+            .resolve()
+            .expect_err("bad type");
+        assert!(err.to_string().contains("flush-bytes"), "{err}");
     }
 
     #[test]
