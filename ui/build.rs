@@ -24,6 +24,10 @@ fn run() -> Result<(), String> {
     for p in ["src", "Cargo.toml", "Cargo.lock", "index.html", "style.css"] {
         println!("cargo:rerun-if-changed={}", app.join(p).display());
     }
+    // The topology's layout, a crate of its own the app builds from source.
+    for p in ["layout/src", "layout/Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", manifest.join(p).display());
+    }
 
     ensure_wasm_target()?;
 
