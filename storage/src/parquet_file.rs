@@ -390,9 +390,9 @@ pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result
     })
 }
 
-/// Gives a batch read from a file written by an older version the table's current schema:
-/// columns matched by name, missing ones null.
-fn adapt(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+/// Gives a batch read from a file (or a write-ahead-log entry) written by an older version
+/// the table's current schema: columns matched by name, missing ones null.
+pub(crate) fn adapt(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema() == *schema {
         return Ok(batch);
     }
