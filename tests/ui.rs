@@ -1631,9 +1631,50 @@ async fn topology_zoom_labels_hiding_diff_and_the_live_tap_in_a_real_browser() {
         .await;
     assert!(b.text(&l1[0]).await.starts_with("p99 "));
     b.goto(&server.url("/?range=15m&label=none")).await;
-    b.wait_for(".edge[data-source='frontend'][data-target='cart'] title", 1)
+    let edge = b
+        .wait_for(".edge[data-source='frontend'][data-target='cart']", 1)
         .await;
     assert!(b.find_all(".edge-label").await.is_empty(), "labels hidden");
+    // …and the hover card keeps the numbers: pointing at the edge shows them, styled.
+    let hover = b.attr(&edge[0], "data-hover").await;
+    assert!(
+        hover.starts_with("frontend → cart\n") && hover.contains("p99"),
+        "{hover}"
+    );
+    b.js(
+        "const e = document.querySelector(\".edge[data-source='frontend'][data-target='cart'] .edge-hit\");
+         const r = e.getBoundingClientRect();
+         e.dispatchEvent(new PointerEvent('pointerover', {bubbles: true, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2}));",
+        json!([]),
+    )
+    .await;
+    let card = b.wait_for("[data-test='hover-card']", 1).await;
+    let text = b.text(&card[0]).await;
+    assert!(
+        text.starts_with("frontend → cart") && text.contains("p99"),
+        "{text}"
+    );
+    let shown = b
+        .js(
+            "const c = getComputedStyle(document.querySelector(\"[data-test='hover-card']\")); return [c.position, c.borderRadius];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown, json!(["fixed", "8px"]));
+    b.screenshot("topology-hover-card").await;
+    b.js(
+        "document.querySelector('svg.graph').dispatchEvent(new PointerEvent('pointerleave'));",
+        json!([]),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.find_all("[data-test='hover-card']").await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the card stayed after the pointer left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Hide a node from its panel; hide a namespace; show them again.
     b.goto(&server.url("/?range=15m")).await;

@@ -566,8 +566,7 @@ fn GraphView(
             let click = move |_| go(&url.with(&[("sel", Some(format!("edge:{src}>{dst}")))]), false);
             Some(view! {
                 <g class=format!("edge change-{}", if change.is_empty() { "none" } else { change.as_str() }) class:selected=selected class:dim=dim class:mesh-only=mesh_only
-                    data-source=e.source.clone() data-target=e.target.clone() data-change=change.clone() on:click=click>
-                    <title>{hover}</title>
+                    data-source=e.source.clone() data-target=e.target.clone() data-change=change.clone() data-hover=hover on:click=click>
                     <path d=d.clone() class="edge-hit"></path>
                     <path d=d stroke=color stroke-width=width class="edge-line" marker-end=format!("url(#arrow-{})", health(er))></path>
                     {label_at.map(|(lx, ly)| view! {
@@ -706,6 +705,35 @@ fn GraphView(
     };
     let up = move |_| drag.set_value(None);
     let centre = (vw / 2.0, vh / 2.0);
+    // The hover card: what an edge or a version dot says (`data-hover`), beside the
+    // pointer, styled, and gone when the pointer leaves it.
+    let card = RwSignal::new(None::<(String, f64, f64)>);
+    let over = move |ev: web_sys::PointerEvent| {
+        let hit = ev
+            .target()
+            .and_then(|t| t.dyn_into::<web_sys::Element>().ok())
+            .and_then(|t| t.closest("[data-hover]").ok().flatten());
+        card.set(hit.map(|el| {
+            (
+                el.get_attribute("data-hover").unwrap_or_default(),
+                f64::from(ev.client_x()),
+                f64::from(ev.client_y()),
+            )
+        }));
+    };
+    let hover_card = move || {
+        card.get().map(|(text, x, y)| {
+            let mut lines = text.lines();
+            let head = lines.next().unwrap_or_default().to_string();
+            let rest: Vec<String> = lines.map(str::to_string).collect();
+            view! {
+                <div class="hover-card" data-test="hover-card" style=format!("left:{:.0}px;top:{:.0}px", x + 14.0, y + 14.0)>
+                    <div class="hover-head">{head}</div>
+                    {rest.into_iter().map(|l| view! { <div>{l}</div> }).collect_view()}
+                </div>
+            }
+        })
+    };
     view! {
         <div class="zoom-controls">
             <button class="btn icon" data-test="zoom-in" title="Zoom in" on:click=move |_| view.update(|v| *v = v.zoom(1.3, centre.0, centre.1))>"+"</button>
@@ -718,7 +746,8 @@ fn GraphView(
             <button class="btn ghost small" data-test="export-json" title="Save the nodes and edges shown as JSON" on:click=move |_| crate::export::save_json(&shown_nodes, &shown_edges)>"JSON"</button>
         </div>
         <svg class="graph" data-test="topology" viewBox=format!("0 0 {vw:.0} {vh:.0}") preserveAspectRatio="xMidYMid meet"
-            on:wheel=wheel on:pointerdown=down on:pointermove=moved on:pointerup=up on:pointerleave=up>
+            on:wheel=wheel on:pointerdown=down on:pointermove=moved on:pointerup=up
+            on:pointerleave=move |e| { up(e); card.set(None) } on:pointerover=over>
             <defs>{markers}</defs>
             <g class="viewport" data-test="viewport" transform=move || view.get().transform()>
                 <g class="namespaces">
@@ -733,6 +762,7 @@ fn GraphView(
                 <g class="nodes">{node_views}</g>
             </g>
         </svg>
+        {hover_card}
     }
     .into_any()
 }
@@ -1229,8 +1259,7 @@ fn version_dots(data: &Value, x: f64, y: f64, r: f64) -> Option<impl IntoView + 
                 fmt_pct(f(v, "error_rate"))
             );
             view! {
-                <g class="version-dot" data-version=s(v, "version")>
-                    <title>{title}</title>
+                <g class="version-dot" data-version=s(v, "version") data-hover=title>
                     <circle cx=cx cy=cy r=dot fill=color></circle>
                     <text x=cx y=cy - dot - 3.0 text-anchor="middle" class="version-label">{s(v, "version")}</text>
                 </g>
