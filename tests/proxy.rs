@@ -424,6 +424,17 @@ async fn retries_hide_a_flaky_upstream_and_are_counted() {
     p.stop().await;
 }
 
+/// The proxy's own `/metrics` exposition, from its admin port.
+async fn proxy_metrics(p: &Proxy) -> String {
+    let admin = p.admin.expect("admin");
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// The graph's edge `source → target` (default range), `Null` when absent.
 async fn graph_edge(server: &Server, source: &str, target: &str) -> Value {
     let graph: Value = reqwest::get(server.url("/api/v1/graph"))
@@ -509,13 +520,7 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
     };
     assert_eq!(eventually(&server, &moved("open"), |n| n >= 1).await, 1);
     assert_eq!(eventually(&server, &moved("closed"), |n| n >= 1).await, 1);
-    let admin = p.admin.expect("admin");
-    let m = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = proxy_metrics(&p).await;
     assert!(
         m.contains("meshscope_proxy_breaker_transitions_total{destination=\"fragile\"} 2"),
         "{m}"
@@ -586,12 +591,7 @@ async fn a_spent_retry_budget_is_counted_on_the_span_the_proxy_and_the_graph() {
         eventually(&server, events, |k| k == n as i64 - 1).await,
         n as i64 - 1
     );
-    let m = reqwest::get(format!("http://{}/metrics", p.admin.expect("admin")))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = proxy_metrics(&p).await;
     assert!(
         m.contains(&format!(
             "meshscope_proxy_retry_budget_exhausted_total{{destination=\"broken\"}} {}",
@@ -725,12 +725,7 @@ async fn a_collector_that_is_down_does_not_stall_traffic_and_drops_are_counted()
     );
     assert_eq!(s["spans_exported"], 0);
     assert_eq!(s["requests"], 500);
-    let text = reqwest::get(format!("http://{}/metrics", p.admin.expect("admin")))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = proxy_metrics(&p).await;
     let exposed: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("meshscope_proxy_telemetry_dropped_total{signal=\"spans\"} "))
@@ -1063,15 +1058,7 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
         hits(b),
         hits(c)
     );
-    let admin = p.admin.expect("admin");
-    let metrics = || async {
-        reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    };
+    let metrics = || proxy_metrics(&p);
     let m = metrics().await;
     assert!(
         m.contains("meshscope_proxy_ejections_total{destination=\"shop\"} 1"),
@@ -1280,13 +1267,7 @@ GROUP BY 1";
             "{source}: {e}"
         );
     }
-    let admin = p.admin.expect("admin");
-    let m = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = proxy_metrics(&p).await;
     assert!(
         m.contains("destination_version=\"v2-shadow\"") && m.contains("mirror=\"shadow\""),
         "{m}"
