@@ -571,6 +571,39 @@ async fn graph_signals_and_traces_match_the_oracle() {
         );
     }
 
+    // What a user types is bound as a value, never read as SQL: a quote that would close a
+    // literal and widen the filter matches nothing, and an attribute filter (key and value
+    // both bound) finds exactly the traces with that span attribute.
+    let (status, none) = get(server.url(&format!(
+        "/api/v1/traces?{range}&service=payments%27%20OR%20%271%27%3D%271&limit=5"
+    )))
+    .await;
+    assert_eq!(status, 200, "{none}");
+    assert_eq!(
+        none,
+        serde_json::json!([]),
+        "a quoted value widened the search"
+    );
+    let (status, paid) = get(server.url(&format!(
+        "/api/v1/traces?{range}&attribute=http.route%3D/pay&limit=1000"
+    )))
+    .await;
+    assert_eq!(status, 200, "{paid}");
+    let paid = paid.as_array().expect("list");
+    assert!(!paid.is_empty(), "the /pay route's traces are found");
+    assert!(
+        paid.iter().all(|t| t["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == "payments"))),
+        "only traces through payments (the service with http.route=/pay): {paid:?}"
+    );
+    let (status, odd) = get(server.url(&format!(
+        "/api/v1/traces?{range}&attribute=http.route%3D%22/pay%27%20OR%20%27%27%3D%27%22"
+    )))
+    .await;
+    assert_eq!(status, 200, "{odd}");
+    assert_eq!(odd, serde_json::json!([]));
+
     // One trace by id, without a time range: tree order, depth, critical path.
     let id = found[0]["trace_id"].as_str().expect("id").to_string();
     let want_spans = mesh

@@ -17,10 +17,10 @@ use datafusion::arrow::datatypes::{DataType, Float64Type};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use meshscope_query::analysis::graph::{ComputedFrom, ServiceGraph, Signals};
-use meshscope_query::analysis::range::{TimeRange, sql_str};
+use meshscope_query::analysis::range::TimeRange;
 use meshscope_query::analysis::signals;
-use meshscope_query::analysis::typed;
-use meshscope_query::{QueryEngine, QueryError};
+use meshscope_query::analysis::typed_with;
+use meshscope_query::{Params, QueryEngine, QueryError};
 
 use crate::eval::{Evidence, Observation};
 use crate::rule::{Kind, Op, Rule, Scope, Signal, Structural, Threshold};
@@ -372,13 +372,17 @@ impl<'a> Observer<'a> {
 }
 
 /// The distinct trace ids of exemplar rows, at most [`EXEMPLARS`], in order.
-async fn trace_ids(engine: &QueryEngine, sql: &str) -> Result<Vec<String>, QueryError> {
+async fn trace_ids(
+    engine: &QueryEngine,
+    sql: &str,
+    params: Params,
+) -> Result<Vec<String>, QueryError> {
     #[derive(serde::Deserialize)]
     struct Row {
         trace_id: String,
     }
     let mut out: Vec<String> = Vec::new();
-    for r in typed::<Row>(engine, sql).await? {
+    for r in typed_with::<Row>(engine, sql, params).await? {
         if !out.contains(&r.trace_id) {
             out.push(r.trace_id);
         }
@@ -415,24 +419,25 @@ async fn exemplars(
     match scope {
         Scope::Service(_) | Scope::Endpoint { .. } => {
             let (cond, order) = condition(signal, value, "status_code = 'ERROR'", "duration_ns");
+            let mut params = Params::default();
+            let service = params.bind(get("service"));
             let endpoint = match scope {
                 Scope::Endpoint { .. } => format!(
                     " AND {} = {}",
                     meshscope_query::analysis::signals::ENDPOINT_SQL,
-                    sql_str(&get("endpoint"))
+                    params.bind(get("endpoint"))
                 ),
                 _ => String::new(),
             };
             let sql = format!(
                 "SELECT trace_id FROM spans
-                 WHERE {} AND service_name = {} AND {served}{endpoint} AND {cond}
+                 WHERE {} AND service_name = {service} AND {served}{endpoint} AND {cond}
                  ORDER BY {order} LIMIT {}",
                 range.sql("start_time"),
-                sql_str(&get("service")),
                 EXEMPLARS * 4,
                 served = meshscope_query::analysis::signals::SERVED_SQL,
             );
-            trace_ids(engine, &sql).await
+            trace_ids(engine, &sql, params).await
         }
         Scope::Edge { .. } => {
             let e = EdgeKey {

@@ -21,9 +21,8 @@ use std::time::Duration;
 
 use datafusion::prelude::SQLOptions;
 use datafusion::sql::parser::DFParser;
-use meshscope_query::QueryEngine;
-use meshscope_query::analysis::range::sql_str;
 use meshscope_query::readonly::{self, Surface};
+use meshscope_query::{Params, QueryEngine};
 use serde::{Deserialize, Serialize};
 
 /// A rule as written. Keys are kebab-case in TOML and JSON alike.
@@ -535,11 +534,13 @@ pub async fn check_with_engine(
     }
     let mut warnings = Vec::new();
     for service in rule.named_services() {
+        let mut params = Params::default();
+        let name = params.bind(&service);
         let known = engine
-            .sql(&format!(
-                "SELECT 1 FROM spans WHERE service_name = {} LIMIT 1",
-                sql_str(&service)
-            ))
+            .sql_with(
+                &format!("SELECT 1 FROM spans WHERE service_name = {name} LIMIT 1"),
+                params,
+            )
             .await
             .map(|r| r.batches.iter().any(|b| b.num_rows() > 0));
         match known {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
@@ -67,6 +68,30 @@ impl From<DataFusionError> for QueryError {
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(msg),
             _ => QueryError::Invalid(msg),
         }
+    }
+}
+
+/// The values a statement refers to as `$1`, `$2` …: text that comes from a user (a
+/// service name, a trace id, an attribute) is bound as data and never becomes SQL.
+///
+/// ```
+/// # use meshscope_query::Params;
+/// let mut p = Params::default();
+/// let sql = format!("SELECT 1 FROM spans WHERE service_name = {}", p.bind("o'brien"));
+/// assert_eq!(sql, "SELECT 1 FROM spans WHERE service_name = $1");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Params(Vec<ScalarValue>);
+
+impl Params {
+    /// Binds `value` and returns its placeholder, to be written into the statement.
+    pub fn bind(&mut self, value: impl Into<String>) -> String {
+        self.0.push(ScalarValue::Utf8(Some(value.into())));
+        format!("${}", self.0.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -321,8 +346,16 @@ impl QueryEngine {
 
     /// Runs one read-only statement and collects its result.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        self.sql_with(sql, Params::default()).await
+    }
+
+    /// Runs one read-only statement whose `$n` placeholders take `params`' values.
+    pub async fn sql_with(&self, sql: &str, params: Params) -> Result<QueryResult, QueryError> {
         let started = Instant::now();
-        let result = self.run(sql).await;
+        let result = self
+            .run_capped(sql, params, usize::MAX)
+            .await
+            .map(|(r, _)| r);
         self.count(started, result.is_err());
         result
     }
@@ -335,7 +368,7 @@ impl QueryEngine {
         max_rows: usize,
     ) -> Result<(QueryResult, bool), QueryError> {
         let started = Instant::now();
-        let result = self.run_capped(sql, max_rows).await;
+        let result = self.run_capped(sql, Params::default(), max_rows).await;
         self.count(started, result.is_err());
         if matches!(result, Ok((_, true))) {
             self.stats.truncated.fetch_add(1, Ordering::Relaxed);
@@ -444,6 +477,7 @@ impl QueryEngine {
     async fn run_capped(
         &self,
         sql: &str,
+        params: Params,
         max_rows: usize,
     ) -> Result<(QueryResult, bool), QueryError> {
         let options = Self::read_only(sql)?;
@@ -453,7 +487,10 @@ impl QueryEngine {
         self.executor
             .spawn(async move {
                 let _running = running;
-                let df = ctx.sql_with_options(&sql, options).await?;
+                let mut df = ctx.sql_with_options(&sql, options).await?;
+                if !params.is_empty() {
+                    df = df.with_param_values(params.0)?;
+                }
                 let schema = Arc::new(df.schema().as_arrow().clone());
                 let mut stream = df.execute_stream().await?;
                 let mut batches = Vec::new();
@@ -477,9 +514,5 @@ impl QueryEngine {
             .await
             .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?
             .map_err(QueryError::from)
-    }
-
-    async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        self.run_capped(sql, usize::MAX).await.map(|(r, _)| r)
     }
 }

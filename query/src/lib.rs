@@ -20,5 +20,5 @@ pub mod executor;
 pub mod pg;
 pub mod readonly;
 
-pub use engine::{QueryEngine, QueryError};
+pub use engine::{Params, QueryEngine, QueryError};
 pub use executor::Executor;

@@ -34,11 +34,11 @@ pub use super::model::{
     ComputedFrom, NodeKind, PAIR_WINDOW, Signals, UNKNOWN_VERSION, USER, USER_ENTRY, VersionSignals,
 };
 use super::model::{EdgeCell, Measure, Raw, SERVED_SQL, ServiceCell, summarise};
-use super::range::{TimeRange, sql_str};
+use super::range::TimeRange;
 pub use super::resilience::EdgeResilience;
 use super::round3;
 pub use super::security::EdgeSecurity;
-use crate::engine::{QueryEngine, QueryError};
+use crate::engine::{Params, QueryEngine, QueryError};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Node {
@@ -84,12 +84,14 @@ pub struct ServiceGraph {
     index: HashMap<String, NodeIndex>,
 }
 
-/// A service's own requests (its SERVER and CONSUMER spans), per service.
-pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
+/// A service's own requests (its SERVER and CONSUMER spans), per service: the statement
+/// and the values it binds.
+pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> (String, Params) {
+    let mut params = Params::default();
     let only = service
-        .map(|s| format!(" AND service_name = {}", sql_str(s)))
+        .map(|s| format!(" AND service_name = {}", params.bind(s)))
         .unwrap_or_default();
-    format!(
+    let sql = format!(
         "SELECT service_name AS name, max(service_namespace) AS namespace, count(*) AS requests,
                 sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) AS errors,
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
@@ -99,7 +101,8 @@ pub(crate) fn services_sql(range: &TimeRange, service: Option<&str>) -> String {
          GROUP BY service_name",
         range.sql("start_time"),
         served = SERVED_SQL,
-    )
+    );
+    (sql, params)
 }
 
 impl ServiceGraph {

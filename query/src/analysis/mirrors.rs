@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::range::{TimeRange, sql_str};
-use super::{round3, typed};
-use crate::engine::{QueryEngine, QueryError};
+use super::range::TimeRange;
+use super::{round3, typed_with};
+use crate::engine::{Params, QueryEngine, QueryError};
 
 /// One route's mirrored pairs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,18 +58,20 @@ struct ClassRow {
     n: i64,
 }
 
-fn pairs_sql(range: &TimeRange, source: Option<&str>, target: Option<&str>) -> String {
+/// The primary / shadow pairs of the range, and the values the statement binds.
+fn pairs_sql(range: &TimeRange, source: Option<&str>, target: Option<&str>) -> (String, Params) {
+    let mut params = Params::default();
     let mut only = String::new();
     if let Some(s) = source {
-        only.push_str(&format!(" AND p.service_name = {}", sql_str(s)));
+        only.push_str(&format!(" AND p.service_name = {}", params.bind(s)));
     }
     if let Some(t) = target {
         only.push_str(&format!(
             " AND p.span_attributes['peer.service'] = {}",
-            sql_str(t)
+            params.bind(t)
         ));
     }
-    format!(
+    let sql = format!(
         "SELECT p.service_name AS source, coalesce(p.span_attributes['peer.service'], p.peer_name, '') AS target,
                 coalesce(p.span_attributes['meshscope.route'], '') AS route,
                 p.duration_ns AS p_ns, s.duration_ns AS s_ns,
@@ -82,7 +84,8 @@ fn pairs_sql(range: &TimeRange, source: Option<&str>, target: Option<&str>) -> S
            AND s.span_attributes['meshscope.mirror'] = 'shadow'{only}",
         range.sql("p.start_time"),
         range.widened(chrono::Duration::minutes(1)).sql("s.start_time"),
-    )
+    );
+    (sql, params)
 }
 
 /// Every mirrored route of the range, busiest first; `source` / `target` narrow it to one
@@ -93,8 +96,8 @@ pub async fn compare(
     source: Option<&str>,
     target: Option<&str>,
 ) -> Result<Vec<MirrorComparison>, QueryError> {
-    let pairs = pairs_sql(range, source, target);
-    let rows: Vec<Row> = typed(
+    let (pairs, params) = pairs_sql(range, source, target);
+    let rows: Vec<Row> = typed_with(
         engine,
         &format!(
             "WITH pairs AS ({pairs})
@@ -107,9 +110,10 @@ pub async fn compare(
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY s_ns) AS s_p99
              FROM pairs GROUP BY source, target, route ORDER BY pairs DESC, source, target, route"
         ),
+        params.clone(),
     )
     .await?;
-    let classes: Vec<ClassRow> = typed(
+    let classes: Vec<ClassRow> = typed_with(
         engine,
         &format!(
             "WITH pairs AS ({pairs})
@@ -121,6 +125,7 @@ pub async fn compare(
                     coalesce(CAST(s_status / 100 AS VARCHAR) || 'xx', 'none') AS class, count(*) AS n
              FROM pairs GROUP BY 1, 2, 3, 4, 5"
         ),
+        params,
     )
     .await?;
     let ms = |ns: Option<f64>| round3(ns.unwrap_or(0.0) / 1e6);

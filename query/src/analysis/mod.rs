@@ -4,7 +4,7 @@
 //! - [`model`]: the shared vocabulary (what a request is, node kinds, [`model::Signals`],
 //!   summaries per version and reason), a leaf the other modules meet in.
 //! - [`range`]: the `start` / `end` time range of every request (RFC 3339; last 15 minutes
-//!   by default) and safe SQL literals.
+//!   by default) and its SQL condition.
 //! - [`graph`]: the service-dependency graph (petgraph), with the contract's pairing rules,
 //!   namespace and neighbourhood filters.
 //! - [`diff`]: the graph of one window against a base window, node by node, edge by edge.
@@ -35,7 +35,7 @@ pub mod signals;
 pub mod sketch;
 pub mod traces;
 
-use crate::engine::{QueryEngine, QueryError};
+use crate::engine::{Params, QueryEngine, QueryError};
 
 /// Runs internal SQL and reads its rows into `T` straight from the Arrow arrays
 /// (`serde_arrow`): a column that is missing or of another type is an error, never a
@@ -44,7 +44,16 @@ pub async fn typed<T: serde::de::DeserializeOwned>(
     engine: &QueryEngine,
     sql: &str,
 ) -> Result<Vec<T>, QueryError> {
-    let result = engine.sql(sql).await?;
+    typed_with(engine, sql, Params::default()).await
+}
+
+/// [`typed`] for a statement with `$n` placeholders.
+pub async fn typed_with<T: serde::de::DeserializeOwned>(
+    engine: &QueryEngine,
+    sql: &str,
+    params: Params,
+) -> Result<Vec<T>, QueryError> {
+    let result = engine.sql_with(sql, params).await?;
     let mut out = Vec::new();
     for b in &result.batches {
         let rows: Vec<T> = serde_arrow::from_record_batch(b).map_err(|e| {

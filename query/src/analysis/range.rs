@@ -80,11 +80,6 @@ pub fn ts_literal(t: DateTime<Utc>) -> String {
     )
 }
 
-/// A SQL string literal: single quotes doubled, so any user text is data, not SQL.
-pub fn sql_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// An empty parameter (`?service=`, as HTML forms send) is the same as an absent one.
 pub(crate) fn empty_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
@@ -141,10 +136,5 @@ mod tests {
             )
             .is_err()
         );
-    }
-
-    #[test]
-    fn literals_cannot_break_out() {
-        assert_eq!(sql_str("o'brien"), "'o''brien'");
     }
 }

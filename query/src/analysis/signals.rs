@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use super::graph::{Edge, ServiceGraph, services_sql};
 use super::model::{ComputedFrom, Signals, SignalsRow, VersionSignals};
-use super::range::{TimeRange, empty_as_none, sql_str};
-use super::{round3, typed};
-use crate::engine::{QueryEngine, QueryError};
+use super::range::{TimeRange, empty_as_none};
+use super::{round3, typed_with};
+use crate::engine::{Params, QueryEngine, QueryError};
 
 pub use super::model::{ENDPOINT_SQL, SERVED_SQL};
 
@@ -33,15 +33,18 @@ pub async fn services(
 ) -> Result<Vec<ServiceSignals>, QueryError> {
     let seconds = range.seconds();
     let mut out: Vec<ServiceSignals> = match path {
-        ComputedFrom::Spans => typed::<SignalsRow>(engine, &services_sql(range, None))
-            .await?
-            .into_iter()
-            .map(|r| ServiceSignals {
-                signals: r.signals(seconds),
-                name: r.name,
-                namespace: r.namespace,
-            })
-            .collect(),
+        ComputedFrom::Spans => {
+            let (sql, params) = services_sql(range, None);
+            typed_with::<SignalsRow>(engine, &sql, params)
+                .await?
+                .into_iter()
+                .map(|r| ServiceSignals {
+                    signals: r.signals(seconds),
+                    name: r.name,
+                    namespace: r.namespace,
+                })
+                .collect()
+        }
         ComputedFrom::Rollups => super::rollup::aggregates(engine, range)
             .await?
             .into_iter()
@@ -80,7 +83,9 @@ pub async fn endpoints(
     service: &str,
 ) -> Result<Vec<(String, Signals)>, QueryError> {
     let seconds = range.seconds();
-    Ok(typed::<SignalsRow>(
+    let mut params = Params::default();
+    let service = params.bind(service);
+    Ok(typed_with::<SignalsRow>(
         engine,
         &format!(
             "SELECT {ENDPOINT_SQL} AS name, CAST(NULL AS VARCHAR) AS namespace, count(*) AS requests,
@@ -88,11 +93,11 @@ pub async fn endpoints(
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50_ns,
                     percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ns) AS p95_ns,
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99_ns
-             FROM spans WHERE {} AND service_name = {} AND {SERVED_SQL}
+             FROM spans WHERE {} AND service_name = {service} AND {SERVED_SQL}
              GROUP BY 1 ORDER BY requests DESC, name",
             range.sql("start_time"),
-            sql_str(service),
         ),
+        params,
     )
     .await?
     .into_iter()
@@ -156,18 +161,28 @@ pub async fn service(
     name: &str,
 ) -> Result<Option<ServiceDetail>, QueryError> {
     let seconds = range.seconds();
-    let svc = sql_str(name);
-    let own = typed::<SignalsRow>(engine, &services_sql(range, Some(name))).await?;
+    let own = {
+        let (sql, params) = services_sql(range, Some(name));
+        typed_with::<SignalsRow>(engine, &sql, params).await?
+    };
+    // Every statement below binds the service's name as `$1`.
+    let svc = "$1";
+    let named = || {
+        let mut p = Params::default();
+        p.bind(name);
+        p
+    };
     #[derive(serde::Deserialize)]
     struct Count {
         n: i64,
     }
-    let seen = typed::<Count>(
+    let seen = typed_with::<Count>(
         engine,
         &format!(
             "SELECT count(*) AS n FROM spans WHERE service_name = {svc} AND {}",
             range.sql("start_time")
         ),
+        named(),
     )
     .await?;
     if seen.first().map_or(0, |r| r.n) == 0 {
@@ -208,7 +223,7 @@ pub async fn service(
         p95_ns: Option<f64>,
         p99_ns: Option<f64>,
     }
-    let series = typed::<Minute>(
+    let series = typed_with::<Minute>(
         engine,
         &format!(
             "SELECT CAST(date_bin(INTERVAL '1 minute', start_time, TIMESTAMP '1970-01-01T00:00:00Z') AS BIGINT) AS minute_ns,
@@ -222,6 +237,7 @@ pub async fn service(
              GROUP BY 1 ORDER BY 1",
             range.sql("start_time")
         ),
+        named(),
     )
     .await?
     .into_iter()
@@ -254,7 +270,7 @@ pub async fn service(
         avg: Option<f64>,
         max: Option<f64>,
     }
-    let saturation = typed::<Gauge>(
+    let saturation = typed_with::<Gauge>(
         engine,
         &format!(
             "SELECT metric_name || coalesce('{{' || coalesce(attributes['envoy.cluster_name'], attributes['envoy.http_conn_manager_prefix']) || '}}', '') AS metric_name,
@@ -265,6 +281,7 @@ pub async fn service(
              GROUP BY 1 ORDER BY 1",
             range.sql("time")
         ),
+        named(),
     )
     .await?
     .into_iter()

@@ -12,10 +12,10 @@ use arrow::datatypes::{Int64Type, TimestampNanosecondType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::range::{TimeRange, sql_str};
-use super::typed;
+use super::range::TimeRange;
+use super::typed_with;
 use crate::api::to_json;
-use crate::engine::{QueryEngine, QueryError};
+use crate::engine::{Params, QueryEngine, QueryError};
 
 /// The filters of `GET /api/v1/traces`.
 #[derive(Debug, Clone, Default)]
@@ -66,18 +66,20 @@ pub async fn search(
     range: &TimeRange,
     q: &TraceQuery,
 ) -> Result<Vec<TraceSummary>, QueryError> {
+    let mut params = Params::default();
     let mut span_filters = vec![range.sql("start_time")];
     if let Some(s) = &q.service {
-        span_filters.push(format!("service_name = {}", sql_str(s)));
+        span_filters.push(format!("service_name = {}", params.bind(s)));
     }
     if let Some(s) = &q.span_name {
-        span_filters.push(format!("span_name = {}", sql_str(s)));
+        span_filters.push(format!("span_name = {}", params.bind(s)));
     }
     if let Some(ms) = q.min_duration_ms {
         span_filters.push(format!("duration_ns >= {}", (ms * 1e6) as i64));
     }
     for (k, v) in &q.attributes {
-        span_filters.push(format!("span_attributes[{}] = {}", sql_str(k), sql_str(v)));
+        let (k, v) = (params.bind(k), params.bind(v));
+        span_filters.push(format!("span_attributes[{k}] = {v}"));
     }
     let having = match q.status.as_deref() {
         Some("error") => "HAVING sum(CASE WHEN status_code = 'ERROR' THEN 1 ELSE 0 END) > 0",
@@ -109,7 +111,7 @@ pub async fn search(
         wide = wide.sql("start_time"),
         limit = q.limit.clamp(1, 1000),
     );
-    let rows = typed::<SummaryRow>(engine, &sql).await?;
+    let rows = typed_with::<SummaryRow>(engine, &sql, params).await?;
     Ok(rows
         .into_iter()
         .map(|r| TraceSummary {
@@ -144,11 +146,13 @@ pub fn normalise_id(id: &str) -> Option<String> {
 /// time), each with its `depth` and whether it lies on the `critical_path`. `None` when
 /// no span has that id.
 pub async fn get(engine: &QueryEngine, trace_id: &str) -> Result<Option<Value>, QueryError> {
+    let mut params = Params::default();
+    let id = params.bind(trace_id);
     let result = engine
-        .sql(&format!(
-            "SELECT * FROM spans WHERE trace_id = {}",
-            sql_str(trace_id)
-        ))
+        .sql_with(
+            &format!("SELECT * FROM spans WHERE trace_id = {id}"),
+            params,
+        )
         .await?;
     let mut keys = Vec::new();
     for b in &result.batches {
