@@ -6,8 +6,10 @@
 //!
 //! ## Layout
 //! - [`wal`]: the write-ahead log (segments, group commit, replay that cuts torn tails).
-//! - [`table_store`]: one table's write path (log writer thread, flusher thread) and the
-//!   [`Snapshot`] a query reads.
+//! - [`table_store`]: [`TableStore`], one table as queries and ingest hold it: its write
+//!   path (log writer thread, flusher thread) and the [`Snapshot`] a query reads.
+//! - `listing`: a query node's read-only view of a table (every collector's files,
+//!   listed again in the background each second).
 //! - [`parquet_file`]: Parquet naming, sorted zstd writing (temp file + rename), listing.
 //! - [`provider`]: the DataFusion `TableProvider` over a snapshot.
 //! - [`maintenance`]: compaction, retention and deleting replaced files.
@@ -19,6 +21,7 @@
 pub mod arrivals;
 pub mod bloom_cache;
 pub mod error;
+mod listing;
 pub mod maintenance;
 pub mod parquet_file;
 pub mod provider;
@@ -92,10 +95,7 @@ impl Storage {
 
     /// The object store holding the Parquet files, when they are not on local disk.
     pub fn remote(&self) -> Option<&Arc<remote::Remote>> {
-        self.tables
-            .values()
-            .next()
-            .and_then(|t| t.shared.config.remote.as_ref())
+        self.tables.values().next().and_then(|t| t.remote())
     }
 
     /// Every table, in a fixed order.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::parquet_file::{self, FileSummary, Layout, ParquetFile, Placement};
-use crate::table_store::TableStore;
+use crate::table_store::{TableStore, TableWriter};
 
 /// When and how much to compact.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +76,9 @@ impl TableStore {
     /// Merges the first run of small neighbouring files, if there is one worth merging.
     /// Blocking (reads and writes files); run it off the async runtime.
     pub fn compact_once(&self, policy: CompactionPolicy) -> Result<Option<Compacted>> {
-        let shared = &self.shared;
-        if self.is_reader() {
+        let Some(TableWriter { shared, .. }) = self.writer() else {
             return Ok(None);
-        }
+        };
         let _one_at_a_time = shared.maintenance.lock().unwrap_or_else(|p| p.into_inner());
         let files = shared.lock().files.clone();
         let Some(run) = pick_run(&files, policy) else {
@@ -163,8 +162,10 @@ impl TableStore {
         now_ns: i64,
         summaries: &mut HashMap<PathBuf, FileSummary>,
     ) -> Result<Expired> {
-        let shared = &self.shared;
-        if self.is_reader() || (retention.max_age.is_none() && retention.max_bytes.is_none()) {
+        let Some(TableWriter { shared, .. }) = self.writer() else {
+            return Ok(Expired::default());
+        };
+        if retention.max_age.is_none() && retention.max_bytes.is_none() {
             return Ok(Expired::default());
         }
         let _one_at_a_time = shared.maintenance.lock().unwrap_or_else(|p| p.into_inner());
@@ -251,7 +252,9 @@ impl TableStore {
     /// The live files other writers keep in this table's storage location (none where this
     /// writer is alone). A listing that fails counts as none: the bound then holds per writer.
     fn other_writers_files(&self) -> Vec<ParquetFile> {
-        let shared = &self.shared;
+        let Some(TableWriter { shared, .. }) = self.writer() else {
+            return Vec::new();
+        };
         let listed = match shared.config.remote.as_deref() {
             Some(remote) => remote.list(shared.table),
             None => parquet_file::list(&shared.dir),
@@ -271,7 +274,9 @@ impl TableStore {
 
     /// Deletes retired files whose grace period has passed (all of them with `force`).
     pub fn delete_retired(&self, force: bool) -> usize {
-        let shared = &self.shared;
+        let Some(TableWriter { shared, .. }) = self.writer() else {
+            return 0;
+        };
         let grace = shared.config.retire_grace;
         let due: Vec<ParquetFile> = {
             let mut st = shared.lock();
@@ -684,6 +689,41 @@ mod tests {
             "read-only"
         );
         drop((sa, sb));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_query_node_sees_what_a_collector_flushes_later_and_its_minutes_arrive() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let writer = store_with_files(StoreConfig::new(dir.path()), 1).await;
+        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        assert_eq!(span_ids(&reader).len(), 10);
+        assert!(
+            reader.take_written_minutes().is_empty(),
+            "what was there at start-up is no arrival"
+        );
+
+        let hour = 3_600_000_000_000u64;
+        let late = 999 * hour + 30_000_000_000; // a minute before anything written so far
+        writer
+            .write(spans("cart", 100, 5, late))
+            .await
+            .expect("write");
+        writer.flush().await.expect("flush");
+        // The listing is refreshed in the background (each second): wait for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while span_ids(&reader).len() < 15 {
+            assert!(Instant::now() < deadline, "the new file was never listed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let minute = (late / 60_000_000_000) as i64;
+        let mut arrived = reader.take_written_minutes();
+        while !arrived.contains_key(&minute) {
+            assert!(Instant::now() < deadline, "the file's minute never arrived");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            arrived.extend(reader.take_written_minutes());
+        }
+        assert_eq!(arrived.get(&minute), Some(&(late as i64)));
+        assert_eq!(reader.stats().rows_written.load(Ordering::Relaxed), 0);
     }
 
     fn file(first: u64, size: u64) -> ParquetFile {

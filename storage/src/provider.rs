@@ -159,7 +159,7 @@ impl TableProvider for StoredTable {
                 let predicate = state.create_physical_expr(expr, &df_schema)?;
                 source = source.with_predicate(predicate);
             }
-            let files = match (trace_id_literal(filters), &self.store.shared.config.remote) {
+            let files = match (trace_id_literal(filters), self.store.remote()) {
                 // A lookup by trace id: only the files and row groups that may hold it.
                 (Some(id), None) => {
                     let index = Arc::clone(&self.store.traces);

@@ -1,4 +1,9 @@
-//! One table's write path and its readable state.
+//! One table: [`TableStore`] is what queries and ingest hold; behind it the table is
+//! either written here ([`TableWriter`]: the log, the buffers and this writer's files) or,
+//! on a query node, read from every collector's files ([`crate::listing::TableListing`]).
+//! Both answer a [`Snapshot`].
+//!
+//! The write path:
 //!
 //! ```text
 //!  write(batch) ──queue──▶ WAL writer thread ──group commit (fdatasync)──▶ ack
@@ -17,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +31,7 @@ use meshscope_proto::Table;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::listing::TableListing;
 use crate::parquet_file::{self, ParquetFile};
 use crate::remote::Remote;
 use crate::wal::{self, Segment, Wal};
@@ -161,8 +167,6 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     /// Serialises compaction and retention of this table.
     pub(crate) maintenance: Mutex<()>,
-    /// For a query node: every writer's files, listed again at most once a second.
-    reader: Option<Mutex<(Option<Instant>, Vec<ParquetFile>)>>,
 }
 
 impl Shared {
@@ -173,31 +177,178 @@ impl Shared {
     }
 }
 
-/// One table: its log writer and flusher threads and its readable state.
+/// One table as queries read it and, where this process ingests it, as it is written.
 pub struct TableStore {
-    pub(crate) shared: Arc<Shared>,
+    files: Files,
     /// The Parquet files' bloom filters, kept for queries (see [`crate::bloom_cache`]).
     pub(crate) blooms: Arc<crate::bloom_cache::BloomCache>,
     /// Which files can hold a trace id (see [`crate::trace_index`]).
     pub(crate) traces: Arc<crate::trace_index::TraceIndex>,
+}
+
+/// Where a table's files come from.
+enum Files {
+    /// This process writes the table.
+    Written(TableWriter),
+    /// A query node: every collector's flushed files.
+    Listed(Arc<TableListing>),
+}
+
+/// A table this process writes: its log writer and flusher threads, its buffers and files.
+pub(crate) struct TableWriter {
+    pub(crate) shared: Arc<Shared>,
     /// The minutes acknowledged writes touched (see [`crate::arrivals`]).
     arrivals: crate::arrivals::WrittenMinutes,
     tx: Mutex<Option<SyncSender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// A query node's counters: nothing is written there.
+static NO_WRITES: LazyLock<Stats> = LazyLock::new(Stats::default);
+
 impl std::fmt::Debug for TableStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TableStore")
-            .field("table", &self.shared.table)
+            .field("table", &self.table())
+            .field("read_only", &self.is_reader())
             .finish()
     }
 }
 
 impl TableStore {
-    /// Opens the table: lists its Parquet files, replays the log entries not yet in one,
-    /// and starts the writer and flusher threads.
+    fn new(files: Files) -> Arc<Self> {
+        Arc::new(TableStore {
+            files,
+            blooms: Arc::new(crate::bloom_cache::BloomCache::new(
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
+            traces: Arc::new(crate::trace_index::TraceIndex::new(
+                "trace_id",
+                crate::bloom_cache::DEFAULT_BUDGET,
+            )),
+        })
+    }
+
+    /// Opens the table for writing: lists its Parquet files, replays the log entries not
+    /// yet in one, and starts the writer and flusher threads.
     pub fn open(table: Table, config: StoreConfig) -> Result<Arc<Self>> {
+        TableWriter::open(table, config).map(|w| Self::new(Files::Written(w)))
+    }
+
+    /// Opens a table read-only for a query node: every writer's Parquet files in
+    /// `<data_dir>/<table>/` (or the bucket), listed again each second in the background.
+    /// It sees what the collectors have flushed.
+    pub fn open_reader(
+        table: Table,
+        data_dir: &Path,
+        remote: Option<Arc<Remote>>,
+    ) -> Result<Arc<Self>> {
+        TableListing::open(table, data_dir, remote).map(|l| Self::new(Files::Listed(l)))
+    }
+
+    /// The writer, where this process writes the table (compaction and retention are its).
+    pub(crate) fn writer(&self) -> Option<&TableWriter> {
+        match &self.files {
+            Files::Written(w) => Some(w),
+            Files::Listed(_) => None,
+        }
+    }
+
+    pub fn table(&self) -> Table {
+        match &self.files {
+            Files::Written(w) => w.shared.table,
+            Files::Listed(l) => l.table(),
+        }
+    }
+
+    /// The object store holding the files, when they are not on local disk.
+    pub(crate) fn remote(&self) -> Option<&Arc<Remote>> {
+        match &self.files {
+            Files::Written(w) => w.shared.config.remote.as_ref(),
+            Files::Listed(l) => l.remote(),
+        }
+    }
+
+    /// The URL DataFusion knows the table's files by: the bucket, or the local disk.
+    pub fn object_store_url(&self) -> datafusion::execution::object_store::ObjectStoreUrl {
+        match self.remote() {
+            Some(r) => r.url().clone(),
+            None => datafusion::execution::object_store::ObjectStoreUrl::local_filesystem(),
+        }
+    }
+
+    /// Whether this is a query node's read-only view.
+    pub fn is_reader(&self) -> bool {
+        matches!(self.files, Files::Listed(_))
+    }
+
+    /// The folder of this table's Parquet files.
+    pub fn dir(&self) -> &Path {
+        match &self.files {
+            Files::Written(w) => &w.shared.dir,
+            Files::Listed(l) => l.dir(),
+        }
+    }
+
+    /// The write path's counters (all zero on a query node).
+    pub fn stats(&self) -> &Stats {
+        match &self.files {
+            Files::Written(w) => &w.shared.stats,
+            Files::Listed(_) => &NO_WRITES,
+        }
+    }
+
+    /// Appends a batch durably: returns once it is in the log (fsynced) and visible to
+    /// queries. Refuses at once, without waiting, when the table is overloaded.
+    pub async fn write(&self, batch: RecordBatch) -> Result<()> {
+        match &self.files {
+            Files::Written(w) => w.write(batch).await,
+            Files::Listed(l) => Err(Error::Closed {
+                table: l.table().name(),
+                why: "this is a read-only query node".into(),
+            }),
+        }
+    }
+
+    /// Writes everything buffered into Parquet and waits until it is durable there
+    /// (nothing to do on a query node).
+    pub async fn flush(&self) -> Result<()> {
+        match &self.files {
+            Files::Written(w) => w.flush().await,
+            Files::Listed(_) => Ok(()),
+        }
+    }
+
+    /// What a query reads now. Never blocks on I/O: a writer's files and buffers are in
+    /// memory, a query node's listing is refreshed in the background.
+    pub fn snapshot(&self) -> Snapshot {
+        match &self.files {
+            Files::Written(w) => w.snapshot(),
+            Files::Listed(l) => l.snapshot(),
+        }
+    }
+
+    /// The minutes of the table's time column that new data touched since the last call,
+    /// each with the earliest time written into it: acknowledged writes of this process, or
+    /// on a query node the files collectors flushed since (see [`crate::arrivals`]).
+    pub fn take_written_minutes(&self) -> crate::arrivals::Minutes {
+        match &self.files {
+            Files::Written(w) => w.arrivals.take(),
+            Files::Listed(l) => l.arrivals.take(),
+        }
+    }
+
+    /// Stops accepting writes, writes everything buffered into Parquet, and stops the
+    /// threads (a query node's lister stops when the table is dropped).
+    pub fn close(&self) {
+        if let Files::Written(w) = &self.files {
+            w.close();
+        }
+    }
+}
+
+impl TableWriter {
+    fn open(table: Table, config: StoreConfig) -> Result<TableWriter> {
         let dir = config.data_dir.join(table.name());
         let remote = config.remote.as_deref();
         let all = match remote {
@@ -277,7 +428,6 @@ impl TableStore {
             flushed: Condvar::new(),
             stats,
             maintenance: Mutex::new(()),
-            reader: None,
         });
         let (tx, rx) = mpsc::sync_channel(config.queue_depth);
         let (flush_tx, flush_rx) = mpsc::channel();
@@ -297,105 +447,12 @@ impl TableStore {
             .name(format!("flush-{}", table.name()))
             .spawn(move || flusher(&s, flush_rx))
             .map_err(|e| Error::io(Path::new("thread"), e))?;
-        Ok(Arc::new(TableStore {
-            blooms: Arc::new(crate::bloom_cache::BloomCache::new(
-                crate::bloom_cache::DEFAULT_BUDGET,
-            )),
-            traces: Arc::new(crate::trace_index::TraceIndex::new(
-                "trace_id",
-                crate::bloom_cache::DEFAULT_BUDGET,
-            )),
+        Ok(TableWriter {
             arrivals: Default::default(),
             shared,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![w, f]),
-        }))
-    }
-
-    /// Opens a table read-only for a query node: every writer's Parquet files in
-    /// `<data_dir>/<table>/`, listed again when a query starts (at most once a second). It
-    /// sees what the collectors have flushed.
-    pub fn open_reader(
-        table: Table,
-        data_dir: &Path,
-        remote: Option<Arc<Remote>>,
-    ) -> Result<Arc<Self>> {
-        let dir = data_dir.join(table.name());
-        if remote.is_none() {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        let shared = Arc::new(Shared {
-            table,
-            dir,
-            config: StoreConfig {
-                remote: remote.clone(),
-                ..StoreConfig::new(data_dir)
-            },
-            state: Mutex::new(State::default()),
-            flushed: Condvar::new(),
-            stats: Stats::default(),
-            maintenance: Mutex::new(()),
-            reader: Some(Mutex::new((None, Vec::new()))),
-        });
-        if let Some(remote) = remote {
-            // Object-store listings are async: a task keeps the list fresh (every second)
-            // while the table is open, and a query reads the latest one.
-            let first = remote.list(table)?;
-            set_listing(&shared, first);
-            let weak = Arc::downgrade(&shared);
-            let r = Arc::clone(&remote);
-            remote.spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let Some(shared) = weak.upgrade() else { return };
-                    match r.list_async(table).await {
-                        Ok(files) => set_listing(&shared, files),
-                        Err(e) => {
-                            tracing::warn!(table = %table, error = %e, "cannot list Parquet files")
-                        }
-                    }
-                }
-            });
-        }
-        Ok(Arc::new(TableStore {
-            blooms: Arc::new(crate::bloom_cache::BloomCache::new(
-                crate::bloom_cache::DEFAULT_BUDGET,
-            )),
-            traces: Arc::new(crate::trace_index::TraceIndex::new(
-                "trace_id",
-                crate::bloom_cache::DEFAULT_BUDGET,
-            )),
-            arrivals: Default::default(),
-            shared,
-            tx: Mutex::new(None),
-            threads: Mutex::new(Vec::new()),
-        }))
-    }
-
-    pub fn table(&self) -> Table {
-        self.shared.table
-    }
-
-    /// Whether this is a query node's read-only view.
-    /// The URL DataFusion knows the table's files by: the bucket, or the local disk.
-    pub fn object_store_url(&self) -> datafusion::execution::object_store::ObjectStoreUrl {
-        match &self.shared.config.remote {
-            Some(r) => r.url().clone(),
-            None => datafusion::execution::object_store::ObjectStoreUrl::local_filesystem(),
-        }
-    }
-
-    pub fn is_reader(&self) -> bool {
-        self.shared.reader.is_some()
-    }
-
-    /// The folder of this table's Parquet files.
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+        })
     }
 
     fn sender(&self) -> Result<SyncSender<Command>> {
@@ -405,17 +462,11 @@ impl TableStore {
             .clone()
             .ok_or_else(|| Error::Closed {
                 table: self.shared.table.name(),
-                why: if self.is_reader() {
-                    "this is a read-only query node".into()
-                } else {
-                    "shutting down".into()
-                },
+                why: "shutting down".into(),
             })
     }
 
-    /// Appends a batch durably: returns once it is in the log (fsynced) and visible to
-    /// queries. Refuses at once, without waiting, when the table is overloaded.
-    pub async fn write(&self, batch: RecordBatch) -> Result<()> {
+    async fn write(&self, batch: RecordBatch) -> Result<()> {
         let table = self.shared.table;
         if batch.num_rows() == 0 {
             return Ok(());
@@ -490,18 +541,7 @@ impl TableStore {
         written
     }
 
-    /// The minutes of the table's time column that acknowledged writes touched since the
-    /// last call, each with the earliest time written into it (writes of this process
-    /// only; see [`crate::arrivals`]).
-    pub fn take_written_minutes(&self) -> crate::arrivals::Minutes {
-        self.arrivals.take()
-    }
-
-    /// Writes everything buffered into Parquet and waits until it is durable there.
-    pub async fn flush(&self) -> Result<()> {
-        if self.is_reader() {
-            return Ok(()); // nothing buffered here
-        }
+    async fn flush(&self) -> Result<()> {
         let (ack, done) = oneshot::channel();
         self.sender()?
             .send(Command::Flush { ack })
@@ -517,35 +557,7 @@ impl TableStore {
         })
     }
 
-    /// What a query reads now.
-    pub fn snapshot(&self) -> Snapshot {
-        if let Some(reader) = &self.shared.reader {
-            let mut cache = reader.lock().unwrap_or_else(|p| p.into_inner());
-            if cache
-                .0
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-            {
-                match parquet_file::list(&self.shared.dir) {
-                    Ok(files) => {
-                        let files = parquet_file::live(files).0;
-                        // Files that were not there before (not on the first listing: what
-                        // was there at start-up is no arrival) are what collectors wrote
-                        // since: their minutes arrived now.
-                        if cache.0.is_some() {
-                            self.note_arrivals(&cache.1, &files);
-                        }
-                        *cache = (Some(Instant::now()), files);
-                    }
-                    Err(e) => {
-                        tracing::warn!(table = %self.shared.table, error = %e, "cannot list Parquet files")
-                    }
-                }
-            }
-            return Snapshot {
-                files: cache.1.clone(),
-                batches: Vec::new(),
-            };
-        }
+    fn snapshot(&self) -> Snapshot {
         let st = self.shared.lock();
         Snapshot {
             files: st.files.clone(),
@@ -553,31 +565,7 @@ impl TableStore {
         }
     }
 
-    /// Records the minutes of the files in `now` that a collector flushed since `before`
-    /// was listed (a query node's view of arrivals, for the `/metrics` counters): each
-    /// file's time range from its footer, every minute of it with the file's earliest
-    /// time. A compaction's output (it covers files listed before) brings nothing new.
-    fn note_arrivals(&self, before: &[ParquetFile], now: &[ParquetFile]) {
-        let known: std::collections::HashSet<&Path> =
-            before.iter().map(|f| f.path.as_path()).collect();
-        for f in now.iter().filter(|f| !known.contains(f.path.as_path())) {
-            let compacted = before.iter().any(|b| b.within(f));
-            if compacted {
-                continue;
-            }
-            let Ok(summary) = parquet_file::summary(self.shared.table, f, None) else {
-                continue;
-            };
-            let (Some(min), Some(max)) = (summary.min_time, summary.max_time) else {
-                continue;
-            };
-            self.arrivals
-                .record(crate::arrivals::minutes_between(min, max));
-        }
-    }
-
-    /// Stops accepting writes, writes everything buffered into Parquet, and stops the threads.
-    pub fn close(&self) {
+    fn close(&self) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(tx); // the writer flushes what it holds when its queue closes
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
@@ -587,17 +575,9 @@ impl TableStore {
     }
 }
 
-impl Drop for TableStore {
+impl Drop for TableWriter {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// Replaces a query node's file list with a new listing.
-fn set_listing(shared: &Shared, files: Vec<ParquetFile>) {
-    if let Some(reader) = &shared.reader {
-        let live = parquet_file::live(files).0;
-        *reader.lock().unwrap_or_else(|p| p.into_inner()) = (Some(Instant::now()), live);
     }
 }
 
