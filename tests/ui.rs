@@ -2131,7 +2131,22 @@ async fn fifty_services_stay_legible_in_a_real_browser() {
                  label_on_shape: pairs(labels, shapes, false), label_pairs: pairs(labels, labels, true),
                  versions: document.querySelectorAll(\"[data-test='version-split']\").length,
                  version_nodes: document.querySelectorAll(\"[data-test='version-nodes'] .version-dot\").length,
-                 split_on_edges: [...document.querySelectorAll('.edge .el2')].filter(t => t.textContent.includes('v2 ')).length };";
+                 split_on_edges: [...document.querySelectorAll('.edge .el2')].filter(t => t.textContent.includes('v2 ')).length,
+                 app_boxes: document.querySelectorAll(\"[data-test='app-box']\").length,
+                 dots_outside_box: [...document.querySelectorAll('.node')].reduce((n, g) => {
+                     const box = g.querySelector(\"[data-test='app-box']\");
+                     if (!box) return n;
+                     const b = box.getBoundingClientRect();
+                     return n + [...g.querySelectorAll('.version-dot circle, .version-label')].filter(d => {
+                         const r = d.getBoundingClientRect();
+                         return r.left < b.left || r.right > b.right || r.top < b.top || r.bottom > b.bottom; }).length; }, 0),
+                 box_on_other_node: [...document.querySelectorAll('.node')].reduce((n, g) => {
+                     const box = g.querySelector(\"[data-test='app-box']\");
+                     if (!box) return n;
+                     const b = box.getBoundingClientRect();
+                     return n + [...document.querySelectorAll('.node')].filter(o => o !== g)
+                         .flatMap(o => [...o.querySelectorAll('.service-shape, .user-shape, polygon, .node-label')])
+                         .filter(e => hit(b, e.getBoundingClientRect())).length; }, 0) };";
     let m = b.js(measure, json!([])).await;
     eprintln!("50 services, {edges} edges: {m}");
     assert_eq!(m["names"], 51, "{m}");
@@ -2146,6 +2161,16 @@ async fn fifty_services_stay_legible_in_a_real_browser() {
     assert_eq!(
         m["versions"], 10,
         "the version split of each two-version service: {m}"
+    );
+    // Each two-version service is a box holding its versions, clear of every other node.
+    assert_eq!(m["app_boxes"], 10, "{m}");
+    assert_eq!(
+        m["dots_outside_box"], 0,
+        "versions drawn outside their service's box: {m}"
+    );
+    assert_eq!(
+        m["box_on_other_node"], 0,
+        "a service's box covers another node: {m}"
     );
     b.screenshot("topology-50").await;
     let zoom_in = b.find_all("[data-test='zoom-in']").await;

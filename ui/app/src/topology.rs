@@ -13,7 +13,12 @@ use crate::charts::{LineChart, Series};
 use crate::state::{Range, go, tick, use_url};
 use crate::util::{self, enc, f, fmt_ms, fmt_pct, fmt_rate, health, health_color, s};
 use crate::{ErrorBox, Kpi, Loading};
-use meshscope_ui_layout::{Curve, GEdge, GNode, Rect, bezier, layout, place_labels};
+use meshscope_ui_layout::{Curve, GEdge, GNode, Rect, bezier, layout_keeping, place_labels};
+
+thread_local! {
+    /// Where each node was last drawn (id → y), so a refresh keeps nodes in their order.
+    static LAST_DRAWN: std::cell::RefCell<HashMap<String, f64>> = Default::default();
+}
 
 fn source_label(src: &str) -> &str {
     match src {
@@ -466,7 +471,11 @@ fn GraphView(
         }
         .into_any();
     }
-    let (w, h, boxes) = layout(&mut nodes, &edges);
+    let (w, h, boxes) = LAST_DRAWN.with_borrow_mut(|last| {
+        let drawn = layout_keeping(&mut nodes, &edges, last);
+        *last = nodes.iter().map(|n| (n.id.clone(), n.y)).collect();
+        drawn
+    });
     let shown_nodes: Vec<Value> = nodes.iter().map(|n| n.data.clone()).collect();
     let shown_edges: Vec<Value> = edges.iter().map(|e| e.data.clone()).collect();
     let at: HashMap<String, (f64, f64, f64)> = nodes
@@ -509,16 +518,11 @@ fn GraphView(
         .flat_map(|n| {
             // The name (13 px, bold) or the numbers under it (about 20 characters of 11 px).
             let text = (n.id.chars().count() as f64 * 3.9).max(60.0) + 2.0;
-            // A service with versions has them drawn above it.
-            let versioned = n.data["versions"].as_array().is_some_and(|v| v.len() > 1);
-            let above = if versioned { 38.0 } else { 6.0 };
-            let half = if versioned {
-                (n.r + 6.0).max(52.0)
-            } else {
-                n.r + 6.0
-            };
+            // A service with versions: its box, which holds them.
+            let shape = app_box(&n.data, n.x, n.y, n.r)
+                .unwrap_or((n.x - n.r - 6.0, n.y - n.r - 6.0, n.x + n.r + 6.0, n.y + n.r + 6.0));
             [
-                (n.x - half, n.y - n.r - above, n.x + half, n.y + n.r + 6.0),
+                shape,
                 (n.x - text, n.y + n.r + 6.0, n.x + text, n.y + n.r + 48.0),
             ]
         })
@@ -644,6 +648,9 @@ fn GraphView(
             view! {
                 <g class=format!("node kind-{} change-{}", n.kind, if node_change.is_empty() { "none" } else { node_change.as_str() }) class:selected=selected class:match=matched class:dim=dim
                     data-id=n.id.clone() data-kind=n.kind.clone() data-namespace=n.namespace.clone() data-change=node_change.clone() on:click=click>
+                    {app_box(&n.data, x, y, r).map(|(x0, y0, x1, y1)| view! {
+                        <rect x=x0 y=y0 width=x1 - x0 height=y1 - y0 rx="12" class="app-box" data-test="app-box"></rect>
+                    })}
                     {shape}
                     <text x=x y=y + r + 18.0 text-anchor="middle" class="node-label">{n.id.clone()}</text>
                     <text x=x y=y + r + 32.0 text-anchor="middle" class="node-sub">{sub}</text>
@@ -1235,9 +1242,17 @@ pub fn versions_table(list: &[Value]) -> impl IntoView + use<> {
     })
 }
 
-/// A service's versions as small nodes in an arc above it, each sized by its share of the
-/// requests and coloured by its own error rate, with its name: where the canary is and
-/// how it fares at a glance. Nothing for a service with one version.
+/// The box of a service with more than one version (as Kiali's app box): around the
+/// service and, above it, its versions. `None` for a service with one version.
+fn app_box(data: &Value, x: f64, y: f64, r: f64) -> Option<Rect> {
+    data["versions"].as_array().filter(|l| l.len() > 1)?;
+    let half = (r + 6.0).max(52.0);
+    Some((x - half, y - r - 38.0, x + half, y + r + 6.0))
+}
+
+/// A service's versions as small nodes in a row above it, inside its [`app_box`], each
+/// sized by its share of the requests and coloured by its own error rate, with its name:
+/// where the canary is and how it fares at a glance. Nothing for a service with one version.
 fn version_dots(data: &Value, x: f64, y: f64, r: f64) -> Option<impl IntoView + use<>> {
     let list = data["versions"].as_array().filter(|l| l.len() > 1)?;
     let total: f64 = list.iter().map(|v| f(v, "requests")).sum::<f64>().max(1.0);

@@ -60,6 +60,19 @@ pub struct NsBox {
 /// namespaces become boxes that never overlap. Returns the drawing's width and height and
 /// the namespace boxes.
 pub fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
+    layout_keeping(nodes, edges, &HashMap::new())
+}
+
+/// [`layout`] for a drawing that replaces an earlier one (the data refreshed): the nodes
+/// of the earlier drawing (`before`: id → its `y`) keep the order they had within their
+/// column, and only nodes new to it are placed by their neighbours, so a node joining or
+/// a rate changing does not shuffle what the reader already found. Positions do not
+/// depend on rates (only the radius does): the same graph draws the same.
+pub fn layout_keeping(
+    nodes: &mut [GNode],
+    edges: &[GEdge],
+    before: &HashMap<String, f64>,
+) -> (f64, f64, Vec<NsBox>) {
     let idx: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
@@ -178,8 +191,20 @@ pub fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
         let (line, col) = slot[i];
         cells[band_of[&n.namespace]][line][col].push(i);
     }
+    // Where a node was, in rows, when the earlier drawing had it.
+    let was: Vec<Option<f64>> = nodes
+        .iter()
+        .map(|n| before.get(&n.id).map(|y| (y - PAD_Y) / ROW))
+        .collect();
     for cell in cells.iter_mut().flatten().flatten() {
-        cell.sort_by(|a, b| nodes[*a].id.cmp(&nodes[*b].id));
+        cell.sort_by(|a, b| {
+            let (wa, wb) = (was[*a], was[*b]);
+            match (wa, wb) {
+                (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal),
+                _ => std::cmp::Ordering::Equal,
+            }
+            .then_with(|| nodes[*a].id.cmp(&nodes[*b].id))
+        });
     }
     // Rows of each line of each band (its fullest cell), and where each starts.
     let line_rows: Vec<Vec<usize>> = cells
@@ -222,6 +247,9 @@ pub fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
     for _ in 0..4 {
         for cell in cells.iter_mut().flatten().flatten() {
             let bary = |i: usize| {
+                if let Some(w) = was[i] {
+                    return w; // as it was drawn before
+                }
                 let ns: Vec<f64> = pairs
                     .iter()
                     .filter_map(|&(a, b)| {
@@ -237,6 +265,7 @@ pub fn layout(nodes: &mut [GNode], edges: &[GEdge]) -> (f64, f64, Vec<NsBox>) {
                 }
             };
             let mut keyed: Vec<(f64, usize)> = cell.iter().map(|i| (bary(*i), *i)).collect();
+            // Stable: nodes with equal keys keep the order they have.
             keyed.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
             *cell = keyed.into_iter().map(|(_, i)| i).collect();
         }
@@ -432,6 +461,68 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_refresh_keeps_nodes_in_their_order_and_the_same_graph_draws_the_same() {
+        // A graph where laying out afresh after `a` joins (called by s2) would swap s2 and
+        // s3 in the first column (the barycentres move); kept, they stay.
+        let ids = ["s0", "s1", "s2", "s3", "s4", "s5"];
+        let mut nodes: Vec<GNode> = ids.iter().map(|id| node(id, "service", "", 1.0)).collect();
+        let mut edges: Vec<GEdge> = [
+            ("s0", "s1"),
+            ("s0", "s4"),
+            ("s0", "s5"),
+            ("s1", "s4"),
+            ("s3", "s5"),
+            ("s4", "s5"),
+        ]
+        .into_iter()
+        .map(|(a, b)| edge(a, b))
+        .collect();
+        layout(&mut nodes, &edges);
+        let first: HashMap<String, (f64, f64)> =
+            nodes.iter().map(|n| (n.id.clone(), (n.x, n.y))).collect();
+        let before: HashMap<String, f64> = nodes.iter().map(|n| (n.id.clone(), n.y)).collect();
+
+        // The same graph with other rates: the same places.
+        for n in nodes.iter_mut() {
+            n.data = json!({ "rate": if n.id == "s5" { 50.0 } else { 0.5 } });
+        }
+        layout(&mut nodes, &edges);
+        for n in &nodes {
+            assert_eq!(first[&n.id], (n.x, n.y), "{} moved", n.id);
+        }
+
+        // A service joins, called by s2: the others keep their column and, within it,
+        // their order top to bottom.
+        nodes.push(node("a", "service", "", 1.0));
+        edges.push(edge("s2", "a"));
+        layout_keeping(&mut nodes, &edges, &before);
+        let order = |at: &dyn Fn(&str) -> (f64, f64), ids: &[&str]| {
+            let mut columns: std::collections::BTreeMap<i64, Vec<(f64, String)>> =
+                Default::default();
+            for id in ids {
+                let (x, y) = at(id);
+                columns
+                    .entry(x as i64)
+                    .or_default()
+                    .push((y, id.to_string()));
+            }
+            columns
+                .into_values()
+                .map(|mut c| {
+                    c.sort_by(|p, q| p.0.partial_cmp(&q.0).unwrap_or(std::cmp::Ordering::Equal));
+                    c.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let now = |id: &str| {
+            let n = at(&nodes, id);
+            (n.x, n.y)
+        };
+        assert_eq!(order(&now, &ids), order(&|id: &str| first[id], &ids));
+        assert_eq!(order(&now, &ids).len(), 4, "four columns");
     }
 
     #[test]
