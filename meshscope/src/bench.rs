@@ -295,6 +295,7 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    let spread_ns = (args.spread_hours.max(0.0) * 3600e9) as u64;
     let sent = Arc::new(AtomicU64::new(0));
     let retried = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
@@ -315,8 +316,13 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
                 if i >= batches as u64 {
                     return Ok::<_, String>(());
                 }
-                // Spans end around the moment they are sent, as a proxy's would.
-                let sent_ns = now_ns + start.elapsed().as_nanos() as u64;
+                // Spans end around the moment they are sent, as a proxy's would; or, spread
+                // over the past hours, request i at its share of them.
+                let sent_ns = if spread_ns > 0 {
+                    now_ns - spread_ns + spread_ns / batches as u64 * i
+                } else {
+                    now_ns + start.elapsed().as_nanos() as u64
+                };
                 let req = mesh_request(&mut rng, batch, sent_ns);
                 loop {
                     match client.export(req.clone()).await {
@@ -490,6 +496,34 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         rolled.push(t.elapsed().as_secs_f64() * 1e3);
         time("graph from rollups")(t.elapsed());
     }
+    // The topology diff as `/api/v1/graph/diff` answers it from rollups: the range's second
+    // half against its first (a day against the day before over `--spread-hours 48`).
+    let half = (range.end - range.start) / 2;
+    let (base, now) = (
+        TimeRange {
+            start: range.start,
+            end: range.start + half,
+        },
+        TimeRange {
+            start: range.start + half,
+            end: range.end,
+        },
+    );
+    let mut diffs = Vec::new();
+    let mut changes = 0;
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        let g = ServiceGraph::compute_from_rollups(&engine, &now)
+            .await
+            .map_err(|e| e.to_string())?;
+        let b = ServiceGraph::compute_from_rollups(&engine, &base)
+            .await
+            .map_err(|e| e.to_string())?;
+        let d = meshscope_query::analysis::diff::diff(&g, &b, Default::default());
+        changes = d.edges.len();
+        diffs.push(t.elapsed().as_secs_f64() * 1e3);
+        time("diff of two windows from rollups")(t.elapsed());
+    }
 
     // Trace by id: ids spread over the files.
     let ids = engine
@@ -557,6 +591,13 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
     println!(
         "rollup build                  {:.1} s for {minutes} minute(s)",
         rollup_build.as_secs_f64()
+    );
+    println!(
+        "diff from rollups             {:.1} ms (median of {}; {:.1} h against the {:.1} h before, {changes} edges)",
+        median(diffs),
+        args.runs,
+        half.num_minutes() as f64 / 60.0,
+        half.num_minutes() as f64 / 60.0,
     );
     println!(
         "trace by id (no time range)   p50 {:.1} ms, p99 {:.1} ms over {} lookups",

@@ -750,6 +750,11 @@ pub struct BenchIngestArgs {
     /// Data directory for the server under test (a fresh temporary one when absent).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Spread the spans' times evenly over this many hours before now (0: they happen as
+    /// they are sent), for history: a day of rollups, the diff of a day against the one
+    /// before.
+    #[arg(long, default_value_t = 0.0)]
+    pub spread_hours: f64,
 }
 
 #[cfg(test)]

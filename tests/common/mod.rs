@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod browser;
+pub mod mesh;
 pub mod otlp;
 
 /// The binary under test: `MESHSCOPE_BIN`, or the one Cargo built for these tests.
