@@ -1153,7 +1153,47 @@ async fn padlocks_on_the_topology_and_the_security_view_in_a_real_browser() {
         .await;
     assert!(b.text(&denied[0]).await.contains("Denied 2"));
 
-    // The Security view: every edge, worst first.
+    // Per minute (`/api/v1/security/series`): the requests by transport and the denials
+    // add up to what was sent, for the whole mesh and for one edge.
+    let series = |q: &'static str| {
+        let url = server.url(&format!("/api/v1/security/series{q}"));
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("security series")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        }
+    };
+    let total = |v: &Value, k: &str| -> u64 {
+        v["minutes"]
+            .as_array()
+            .map_or(0, |m| m.iter().map(|m| m[k].as_u64().unwrap_or(0)).sum())
+    };
+    let all = series("").await;
+    assert_eq!(all["computed_from"], "access-logs", "{all}");
+    assert_eq!(
+        (
+            total(&all, "mtls"),
+            total(&all, "plaintext"),
+            total(&all, "denied")
+        ),
+        (11, 5, 2),
+        "{all}"
+    );
+    let edge = series("?source=checkout&target=cart").await;
+    assert_eq!(
+        (
+            total(&edge, "mtls"),
+            total(&edge, "plaintext"),
+            total(&edge, "denied")
+        ),
+        (3, 1, 0),
+        "{edge}"
+    );
+
+    // The Security view: every edge, worst first, under the per-minute chart.
     b.goto(&server.url("/security?range=15m")).await;
     let nav = b.wait_for("a.nav-link.active[href^='/security']", 1).await;
     assert_eq!(b.text(&nav[0]).await, "Security");
@@ -1177,6 +1217,13 @@ async fn padlocks_on_the_topology_and_the_security_view_in_a_real_browser() {
             "frontend>payments:full"
         ],
         "plaintext and denied edges first"
+    );
+    let chart = b.wait_for("[data-test='security-chart'] svg", 1).await;
+    assert!(!chart.is_empty());
+    let charted = b.find_all("[data-test='security-chart']").await;
+    assert_eq!(
+        b.attr(&charted[0], "data-computed-from").await,
+        "access-logs"
     );
     let denied_row = b.text(&rows[2]).await;
     assert!(denied_row.contains("2 denied"), "{denied_row}");

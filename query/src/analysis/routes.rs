@@ -246,6 +246,7 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/graph/diff", get(graph_diff))
         .route("/api/v1/mirrors", get(mirrors))
+        .route("/api/v1/security/series", get(security_series))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/series", get(series))
@@ -309,7 +310,18 @@ async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Res
     }
 }
 
-/// `GET /api/v1/mirrors?start&end&source&target`.
+async fn security_series(State(engine): State<QueryEngine>, p: Params<MirrorParams>) -> Response {
+    answer(
+        async {
+            let p = params(p)?;
+            let r = p.range.range()?;
+            super::security::series(&engine, &r, p.source.as_deref(), p.target.as_deref()).await
+        }
+        .await,
+    )
+}
+
+/// `GET /api/v1/mirrors?start&end&source&target` (and `/api/v1/security/series`).
 #[derive(Debug, Default, Deserialize)]
 struct MirrorParams {
     #[serde(flatten)]

@@ -50,12 +50,28 @@ struct Acc {
 }
 
 impl Acc {
-    fn finish(self) -> EdgeSecurity {
-        let (m, n) = if self.tls[0].0 + self.tls[0].1 > 0.0 {
+    /// (mutual TLS, plaintext) requests: the source side's report where there is one.
+    fn tls_counts(&self) -> (f64, f64) {
+        if self.tls[0].0 + self.tls[0].1 > 0.0 {
             self.tls[0]
         } else {
             self.tls[1]
-        };
+        }
+    }
+
+    fn merge(&mut self, other: Acc) {
+        for (a, b) in self.tls.iter_mut().zip(other.tls) {
+            a.0 += b.0;
+            a.1 += b.1;
+        }
+        self.clients.extend(other.clients);
+        self.servers.extend(other.servers);
+        self.denied += other.denied;
+        self.would_deny += other.would_deny;
+    }
+
+    fn finish(self) -> EdgeSecurity {
+        let (m, n) = self.tls_counts();
         EdgeSecurity {
             mtls_ratio: (m + n > 0.0).then(|| super::round3(m / (m + n))),
             client_identities: self.clients.into_iter().collect(),
@@ -120,11 +136,139 @@ struct MetricRow {
     value: Option<f64>,
 }
 
-/// Per edge, from request metrics, else access logs.
+/// `(minute, source, target)` → what was counted (minute 0 when not by minute).
+type Accs = BTreeMap<(i64, String, String), Acc>;
+
+/// Minutes since the epoch, as the `m` column: the minute's start in nanoseconds.
+fn minute_sql(column: &str, by_minute: bool) -> String {
+    if by_minute {
+        format!(
+            "CAST(date_bin(INTERVAL '1 minute', {column}, TIMESTAMP '1970-01-01T00:00:00Z') AS BIGINT)"
+        )
+    } else {
+        "CAST(0 AS BIGINT)".into()
+    }
+}
+
+/// Keeps the edges, summed over minutes.
+fn whole_range(accs: Accs) -> BTreeMap<(String, String), Acc> {
+    let mut out: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    for ((_, src, dst), a) in accs {
+        out.entry((src, dst)).or_default().merge(a);
+    }
+    out
+}
+
+/// Per edge, from request metrics, else access logs, else the proxies' spans.
 pub async fn by_edge(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<SecurityByEdge, QueryError> {
+    let (accs, _) = first_source(engine, range, false).await?;
+    Ok(whole_range(accs)
+        .into_iter()
+        .map(|(k, a)| (k, a.finish()))
+        .collect())
+}
+
+/// Where the security of a range was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecuritySource {
+    Metrics,
+    AccessLogs,
+    Spans,
+    None,
+}
+
+/// The first source that says anything about the range: request metrics, access logs,
+/// the proxies' spans.
+async fn first_source(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    by_minute: bool,
+) -> Result<(Accs, SecuritySource), QueryError> {
+    let found = from_metrics(engine, range, by_minute).await?;
+    if !found.is_empty() {
+        return Ok((found, SecuritySource::Metrics));
+    }
+    let found = from_access_logs(engine, range, by_minute).await?;
+    if !found.is_empty() {
+        return Ok((found, SecuritySource::AccessLogs));
+    }
+    let found = from_spans(engine, range, by_minute).await?;
+    let source = if found.is_empty() {
+        SecuritySource::None
+    } else {
+        SecuritySource::Spans
+    };
+    Ok((found, source))
+}
+
+/// One minute of an edge's (or the mesh's) security: requests by how they were secured
+/// and by what authorization decided.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SecurityMinute {
+    /// The minute's start, RFC 3339.
+    pub time: String,
+    pub mtls: u64,
+    pub plaintext: u64,
+    pub denied: u64,
+    pub would_deny: u64,
+}
+
+/// `GET /api/v1/security/series`: per minute, the requests over mutual TLS and in
+/// plaintext and the denials, of the edges from `source` to `target` (either may be left
+/// out: every edge), with where it was read from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SecuritySeries {
+    pub source: Option<String>,
+    pub target: Option<String>,
+    pub computed_from: SecuritySource,
+    pub minutes: Vec<SecurityMinute>,
+}
+
+pub async fn series(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    source: Option<&str>,
+    target: Option<&str>,
+) -> Result<SecuritySeries, QueryError> {
+    let (accs, computed_from) = first_source(engine, range, true).await?;
+    let mut minutes: BTreeMap<i64, SecurityMinute> = BTreeMap::new();
+    for ((m, src, dst), a) in accs {
+        if source.is_some_and(|s| s != src) || target.is_some_and(|t| t != dst) {
+            continue;
+        }
+        let (mtls, plain) = a.tls_counts();
+        let e = minutes.entry(m).or_default();
+        e.mtls += mtls.round() as u64;
+        e.plaintext += plain.round() as u64;
+        e.denied += a.denied.round() as u64;
+        e.would_deny += a.would_deny.round() as u64;
+    }
+    Ok(SecuritySeries {
+        source: source.map(str::to_string),
+        target: target.map(str::to_string),
+        computed_from,
+        minutes: minutes
+            .into_iter()
+            .map(|(m, mut v)| {
+                v.time = chrono::DateTime::from_timestamp_nanos(m)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                v
+            })
+            .collect(),
+    })
+}
+
+/// The request metrics' counters (`istio_requests_total`, `meshscope_requests_total`),
+/// read as increases over the range or, `by_minute`, over each minute.
+async fn from_metrics(
+    engine: &QueryEngine,
+    range: &TimeRange,
+    by_minute: bool,
+) -> Result<Accs, QueryError> {
     let start_ns = range.start.timestamp_nanos_opt().unwrap_or(0);
     let a = |k: &str| format!("attributes['{k}']");
     let sql = format!(
@@ -172,33 +316,56 @@ pub async fn by_edge(
             .1
             .push((r.t, start, r.value.unwrap_or(0.0), r.delta.unwrap_or(false)));
     }
-    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut accs = Accs::new();
     for (labels, points) in series.into_values() {
-        let n = increase(&points, start_ns);
         let src = services
             .get(&labels.src)
             .cloned()
             .unwrap_or(labels.src.clone());
-        accs.entry((src, labels.dst.clone())).or_default().add(
-            labels.reporter != "destination",
-            &labels,
-            n,
-        );
-    }
-    let mut found: SecurityByEdge = accs.into_iter().map(|(k, a)| (k, a.finish())).collect();
-    if found.is_empty() {
-        for (k, a) in from_access_logs(engine, range).await? {
-            found.entry(k).or_insert_with(|| a.finish());
+        let counted = if by_minute {
+            per_minute(&points, start_ns)
+        } else {
+            BTreeMap::from([(0, increase(&points, start_ns))])
+        };
+        for (m, n) in counted {
+            accs.entry((m, src.clone(), labels.dst.clone()))
+                .or_default()
+                .add(labels.reporter != "destination", &labels, n);
         }
     }
-    if found.is_empty() {
-        found = from_spans(engine, range)
-            .await?
-            .into_iter()
-            .map(|(k, a)| (k, a.finish()))
-            .collect();
+    Ok(accs)
+}
+
+const MINUTE_NS: i64 = 60_000_000_000;
+
+/// A counter series' increase in each minute its points fall in (ordered by time): a
+/// delta series' points summed; a cumulative one's last value in the minute against the
+/// last before it (or its first, or zero where the series started inside the range),
+/// a drop read as a reset. The minutes sum to [`increase`] over the range.
+fn per_minute(points: &[CounterPoint], range_start_ns: i64) -> BTreeMap<i64, f64> {
+    let mut out: BTreeMap<i64, f64> = BTreeMap::new();
+    let minute = |t: i64| t.div_euclid(MINUTE_NS) * MINUTE_NS;
+    let Some(first) = points.first() else {
+        return out;
+    };
+    if first.3 {
+        for p in points {
+            *out.entry(minute(p.0)).or_default() += p.2;
+        }
+        return out;
     }
-    Ok(found)
+    let mut before = if first.1 >= range_start_ns && first.1 > 0 {
+        0.0 // the series started inside the range: it counted from zero
+    } else {
+        first.2
+    };
+    for group in points.chunk_by(|a, b| minute(a.0) == minute(b.0)) {
+        let last = group.last().map_or(before, |p| p.2);
+        let n = if last >= before { last - before } else { last };
+        *out.entry(minute(group[0].0)).or_default() += n;
+        before = last;
+    }
+    out
 }
 
 /// [`by_edge`], with the access logs read for `uncovered` edges too (edges the graph has
@@ -208,9 +375,13 @@ pub async fn by_edge_filling(
     range: &TimeRange,
     uncovered: impl Fn(&SecurityByEdge) -> bool,
 ) -> Result<SecurityByEdge, QueryError> {
-    let mut found = by_edge(engine, range).await?;
-    if !found.is_empty() && uncovered(&found) {
-        for (k, a) in from_access_logs(engine, range).await? {
+    let (accs, source) = first_source(engine, range, false).await?;
+    let mut found: SecurityByEdge = whole_range(accs)
+        .into_iter()
+        .map(|(k, a)| (k, a.finish()))
+        .collect();
+    if source == SecuritySource::Metrics && uncovered(&found) {
+        for (k, a) in whole_range(from_access_logs(engine, range, false).await?) {
             found.entry(k).or_insert_with(|| a.finish());
         }
     }
@@ -223,7 +394,8 @@ pub async fn by_edge_filling(
 async fn from_spans(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<BTreeMap<(String, String), Acc>, QueryError> {
+    by_minute: bool,
+) -> Result<Accs, QueryError> {
     let sa = |k: &str| format!("span_attributes['{k}']");
     let sql = format!(
         "SELECT CASE WHEN span_kind = 'CLIENT' THEN service_name ELSE {src} END AS src,
@@ -233,16 +405,18 @@ async fn from_spans(
                 CASE {tls} WHEN 'mtls' THEN 'mutual_tls' WHEN 'plaintext' THEN 'none' ELSE '' END AS policy,
                 CASE WHEN span_kind = 'SERVER' THEN {pid} END AS client,
                 CASE WHEN span_kind = 'CLIENT' THEN {pid} END AS server,
-                coalesce({authz}, '') AS authz, span_kind = 'CLIENT' AS outbound, count(*) AS n
+                coalesce({authz}, '') AS authz, span_kind = 'CLIENT' AS outbound, count(*) AS n,
+                {m} AS m
          FROM spans
          WHERE {r} AND {tls} IS NOT NULL AND span_kind IN ('CLIENT', 'SERVER')
-         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 11",
         src = sa("meshscope.source_workload"),
         peer = sa("peer.service"),
         tls = sa("meshscope.tls"),
         pid = sa("meshscope.peer_identity"),
         authz = sa("meshscope.authz"),
         r = range.sql("start_time"),
+        m = minute_sql("start_time", by_minute),
     );
     #[derive(Debug, serde::Deserialize)]
     struct SpanRow {
@@ -255,8 +429,9 @@ async fn from_spans(
         authz: String,
         outbound: bool,
         n: i64,
+        m: i64,
     }
-    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut accs = Accs::new();
     for r in typed::<SpanRow>(engine, &sql).await? {
         let (Some(src), Some(dst)) = (r.src, r.dst) else {
             continue;
@@ -271,7 +446,7 @@ async fn from_spans(
             server: r.server,
             authz: if r.outbound { String::new() } else { r.authz },
         };
-        accs.entry((src, dst))
+        accs.entry((r.m, src, dst))
             .or_default()
             .add(r.outbound, &labels, r.n as f64);
     }
@@ -284,21 +459,24 @@ struct LogRow {
     labels: Labels,
     direction: String,
     n: i64,
+    m: i64,
 }
 
 async fn from_access_logs(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<BTreeMap<(String, String), Acc>, QueryError> {
+    by_minute: bool,
+) -> Result<Accs, QueryError> {
     let la = |k: &str| format!("log_attributes['{k}']");
     let sql = format!(
         "SELECT coalesce({sw}, {down}) AS src, coalesce({dsn}, {dw}) AS dst, {dw} AS dst_workload,
                 coalesce({dir}, '') AS direction, '' AS reporter, coalesce({csp}, '') AS policy,
-                {sp} AS client, {dp} AS server, coalesce({authz}, '') AS authz, count(*) AS n
+                {sp} AS client, {dp} AS server, coalesce({authz}, '') AS authz, count(*) AS n,
+                {m} AS m
          FROM logs
          WHERE {r} AND {csp} IS NOT NULL AND coalesce({sw}, {down}) IS NOT NULL
            AND coalesce({dsn}, {dw}) IS NOT NULL
-         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 11",
         sw = la("source_workload"),
         down = la("downstream_workload"),
         dsn = la("destination_service_name"),
@@ -309,6 +487,7 @@ async fn from_access_logs(
         dp = la("destination_principal"),
         authz = la("authz"),
         r = range.sql("time"),
+        m = minute_sql("time", by_minute),
     );
     let rows = typed::<LogRow>(engine, &sql).await?;
     let services: HashMap<String, String> = rows
@@ -322,13 +501,13 @@ async fn from_access_logs(
             Some((w.clone(), r.labels.dst.clone()))
         })
         .collect();
-    let mut accs: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut accs = Accs::new();
     for r in rows {
         let src = services
             .get(&r.labels.src)
             .cloned()
             .unwrap_or(r.labels.src.clone());
-        let acc = accs.entry((src, r.labels.dst.clone())).or_default();
+        let acc = accs.entry((r.m, src, r.labels.dst.clone())).or_default();
         let n = r.n as f64;
         if r.direction == "inbound" {
             // The callee's record: its authorization outcome; TLS only if no caller record.
@@ -357,6 +536,33 @@ mod tests {
             server: Some("spiffe://td/ns/x/sa/b".into()),
             authz: authz.into(),
         }
+    }
+
+    #[test]
+    fn per_minute_increases_sum_to_the_ranges_and_read_a_drop_as_a_reset() {
+        let m = MINUTE_NS;
+        // A cumulative series older than the range: 10 at its start, 16 and 19 in minute
+        // 0, 25 in minute 1, a restart to 4 in minute 2.
+        let points: Vec<CounterPoint> = vec![
+            (5, 1, 10.0, false),
+            (m / 2, 1, 16.0, false),
+            (m - 1, 1, 19.0, false),
+            (m + 5, 1, 25.0, false),
+            (2 * m + 5, 1, 4.0, false),
+        ];
+        let got = per_minute(&points, 2);
+        assert_eq!(got, BTreeMap::from([(0, 9.0), (m, 6.0), (2 * m, 4.0)]));
+        // Without the reset the minutes add up to the range's increase.
+        let whole: f64 = per_minute(&points[..4], 2).values().sum();
+        assert_eq!(whole, increase(&points[..4], 2));
+        // A series that started inside the range counted from zero; a delta one sums.
+        let fresh = [(m + 1, m, 3.0, false), (2 * m + 1, m, 5.0, false)];
+        assert_eq!(
+            per_minute(&fresh, 0),
+            BTreeMap::from([(m, 3.0), (2 * m, 2.0)])
+        );
+        let delta = [(1, 0, 2.0, true), (2, 0, 3.0, true), (m, 0, 1.0, true)];
+        assert_eq!(per_minute(&delta, 0), BTreeMap::from([(0, 5.0), (m, 1.0)]));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use leptos::prelude::*;
 use serde_json::Value;
 
+use crate::charts::{LineChart, Series};
 use crate::state::{tick, use_url};
 use crate::util::{self, f, fmt_rate, s};
 use crate::{ErrorBox, Loading};
@@ -31,6 +32,47 @@ pub fn SecurityPage() -> impl IntoView {
         tick();
         util::get_json(format!("/api/v1/graph?{q}"))
     });
+    let per_minute = LocalResource::new(move || {
+        let q = url.range().api();
+        tick();
+        util::get_json(format!("/api/v1/security/series?{q}"))
+    });
+    // The mesh's requests per minute by transport, and the denials: when plaintext or
+    // refusals began.
+    let chart = move || {
+        let Some(Ok(v)) = per_minute.get() else {
+            return None;
+        };
+        let minutes = v["minutes"].as_array().cloned().unwrap_or_default();
+        if minutes.is_empty() {
+            return None;
+        }
+        let line = |label: &str, key: &str, color: &'static str| Series {
+            label: label.into(),
+            color,
+            points: minutes
+                .iter()
+                .map(|m| (util::ts_ms(&m["time"]), f(m, key)))
+                .collect(),
+        };
+        let series = vec![
+            line("mTLS", "mtls", "#22c55e"),
+            line("plaintext", "plaintext", "#ef4444"),
+            line("denied", "denied", "#f59e0b"),
+            line("would deny", "would_deny", "#a78bfa"),
+        ];
+        let from = match s(&v, "computed_from").as_str() {
+            "metrics" => "the proxies' request metrics",
+            "access-logs" => "the proxies' access logs",
+            "spans" => "the proxies' spans",
+            _ => "no source",
+        };
+        Some(view! {
+            <div class="security-chart" data-test="security-chart" data-computed-from=s(&v, "computed_from")>
+                <LineChart title=format!("Requests per minute by transport, and denials (from {from})") series=series fmt=|x| format!("{x:.0}") width=1100.0 height=200.0/>
+            </div>
+        })
+    };
     let body = move || match graph.get() {
         None => view! { <Loading/> }.into_any(),
         Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
@@ -87,6 +129,7 @@ pub fn SecurityPage() -> impl IntoView {
                 .collect_view();
             view! {
                 {summary}
+                {chart}
                 <table class="table" data-test="security-table">
                     <thead><tr><th>"Edge"</th><th>"Transport"</th><th>"Rate"</th><th>"Client identities"</th><th>"Server identities"</th><th>"Authorization"</th></tr></thead>
                     <tbody>{rows}</tbody>
