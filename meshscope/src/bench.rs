@@ -232,10 +232,15 @@ fn start_server(data_dir: &Path) -> Result<Server, String> {
 }
 
 fn start_server_with(data_dir: &Path, extra: &[String]) -> Result<Server, String> {
+    start_role(data_dir, "serve", extra)
+}
+
+/// `meshscope <role>` (`serve`, `query`) as a child process on free loopback ports.
+fn start_role(data_dir: &Path, role: &str, extra: &[String]) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (g, h, a, p) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let child = std::process::Command::new(exe)
-        .args(["serve", "--data-dir"])
+        .args([role, "--data-dir"])
         .arg(data_dir)
         .args(["--otlp-grpc-addr", &format!("127.0.0.1:{g}")])
         .args(["--otlp-http-addr", &format!("127.0.0.1:{h}")])
@@ -409,6 +414,101 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
     if args.data_dir.is_none() {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
+    Ok(())
+}
+
+/// `meshscope bench scrape`: a query node's `/metrics` scrape time over `--files` small
+/// span files (each one flush of `--spans-per-file` spans, written by the storage crate as a
+/// collector would, none compacted), scraped `--runs` times after a first one.
+pub async fn scrape(args: crate::config::BenchScrapeArgs) -> Result<(), String> {
+    use meshscope_proto::Table;
+    use meshscope_storage::{Storage, StoreConfig};
+
+    let data_dir = std::env::temp_dir().join(format!("meshscope-scrape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    eprintln!(
+        "bench scrape: writing {} span files of {} spans into {}",
+        args.files,
+        args.spans_per_file,
+        data_dir.display()
+    );
+    {
+        let mut config = StoreConfig::new(&data_dir);
+        config.writer = "collector-1".into();
+        let storage = Storage::open(config).map_err(|e| e.to_string())?;
+        let spans = storage.table(Table::Spans);
+        let mut rng = Rng(0x5EED);
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let started = Instant::now();
+        for i in 0..args.files {
+            // The files cover the last ten minutes, the newest last.
+            let at = now_ns - 600_000_000_000 + 600_000_000_000 / args.files as u64 * i as u64;
+            let req = mesh_request(&mut rng, args.spans_per_file, at);
+            let batch = meshscope_proto::convert::spans(&req)
+                .map_err(|e| e.to_string())?
+                .batch;
+            spans.write(batch).await.map_err(|e| e.to_string())?;
+            spans.flush().await.map_err(|e| e.to_string())?;
+            if (i + 1) % 100 == 0 {
+                eprintln!(
+                    "  {:>5} files in {:.1} s",
+                    i + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        storage.close();
+    }
+    let listed = std::fs::read_dir(data_dir.join("spans"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+                .count()
+        })
+        .unwrap_or(0);
+    let mut server = start_role(&data_dir, "query", &[])?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/metrics", server.http);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let t = Instant::now();
+        match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => {
+                let body = r.text().await.map_err(|e| e.to_string())?;
+                break (t.elapsed(), body.len());
+            }
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => return Err(format!("the query node did not answer /metrics: {other:?}")),
+        }
+    };
+    let mut times = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let t = Instant::now();
+        let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        r.text().await.map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    println!("span files                    {listed}");
+    println!(
+        "first scrape                  {:.1} ms ({} bytes)",
+        first.0.as_secs_f64() * 1e3,
+        first.1
+    );
+    println!(
+        "scrape                        p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms over {} scrapes",
+        pct(0.5),
+        pct(0.9),
+        pct(1.0),
+        times.len()
+    );
     Ok(())
 }
 

@@ -673,6 +673,21 @@ pub enum BenchCommand {
     /// Overload: the ingest rate measured, then many times that offered for a while; what
     /// was refused, the server's RSS, recovery, and whether every acknowledged span is there.
     Overload(BenchOverloadArgs),
+    /// `/metrics` scrape time of a query node over many small Parquet files.
+    Scrape(BenchScrapeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchScrapeArgs {
+    /// Span files to write (one flush each) before the query node starts.
+    #[arg(long, default_value_t = 1000)]
+    pub files: usize,
+    /// Spans in each file.
+    #[arg(long, default_value_t = 200)]
+    pub spans_per_file: usize,
+    /// Scrapes timed (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
 }
 
 #[derive(Debug, Args)]

@@ -100,6 +100,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Graph(args)) => bench::graph(args).await,
             Command::Bench(BenchCommand::Storage(args)) => bench::storage(args).await,
             Command::Bench(BenchCommand::Overload(args)) => bench::overload::run(args).await,
+            Command::Bench(BenchCommand::Scrape(args)) => bench::scrape(args).await,
             Command::Proxy(args) => {
                 let cp = args
                     .control_plane
