@@ -88,7 +88,7 @@ pub fn generated_mesh(namespaces: usize, per_namespace: usize, t0_ns: u64) -> Va
                 .next()
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(1);
-            let versioned = i % 5 == 0;
+            let versioned = i.is_multiple_of(5);
             // Every third span of a versioned service is v2's.
             let (mut v1, mut v2) = (Vec::new(), Vec::new());
             for (i, s) in spans.into_iter().enumerate() {

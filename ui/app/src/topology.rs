@@ -519,8 +519,12 @@ fn GraphView(
             // The name (13 px, bold) or the numbers under it (about 20 characters of 11 px).
             let text = (n.id.chars().count() as f64 * 3.9).max(60.0) + 2.0;
             // A service with versions: its box, which holds them.
-            let shape = app_box(&n.data, n.x, n.y, n.r)
-                .unwrap_or((n.x - n.r - 6.0, n.y - n.r - 6.0, n.x + n.r + 6.0, n.y + n.r + 6.0));
+            let shape = app_box(&n.data, n.x, n.y, n.r).unwrap_or((
+                n.x - n.r - 6.0,
+                n.y - n.r - 6.0,
+                n.x + n.r + 6.0,
+                n.y + n.r + 6.0,
+            ));
             [
                 shape,
                 (n.x - text, n.y + n.r + 6.0, n.x + text, n.y + n.r + 48.0),
