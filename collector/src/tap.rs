@@ -42,7 +42,8 @@ pub struct TapEvent {
     pub service: String,
     /// The other side: the callee of a CLIENT / PRODUCER span (the service graph's peer
     /// name), the caller of a SERVER / CONSUMER span (the source workload a proxy
-    /// authenticated, else the client address).
+    /// authenticated, else the client address, else the service of its parent CLIENT span
+    /// when that reached meshscope first).
     pub peer: Option<String>,
     /// `SERVER`, `CLIENT`, `PRODUCER` or `CONSUMER`.
     pub kind: String,
@@ -146,6 +147,37 @@ struct Inner {
     events: AtomicU64,
     dropped: AtomicU64,
     max_subscribers: usize,
+    /// Recent calls' span ids and their callers, to name the caller of a SERVER span
+    /// whose attributes do not (while anyone taps).
+    callers: Mutex<Callers>,
+}
+
+/// Calls remembered to name the caller of the spans they lead to.
+pub const CALLERS: usize = 65_536;
+
+/// The services of the last [`CALLERS`] CLIENT / PRODUCER spans, by span id: a SERVER or
+/// CONSUMER span whose parent is one of them was called by that service. Bounded: the
+/// oldest leave first.
+#[derive(Debug, Default)]
+struct Callers {
+    by_span: std::collections::HashMap<String, String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Callers {
+    fn remember(&mut self, span_id: &str, service: &str) {
+        if self.by_span.contains_key(span_id) {
+            return;
+        }
+        if self.order.len() >= CALLERS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.by_span.remove(&old);
+        }
+        self.order.push_back(span_id.to_string());
+        self.by_span
+            .insert(span_id.to_string(), service.to_string());
+    }
 }
 
 /// The tap's counters, for `/metrics`.
@@ -269,12 +301,26 @@ impl Tap {
         let Some(spans) = SpanColumns::of(batch) else {
             return;
         };
+        // The calls first (a call and the span it led to may come in one batch), then
+        // each callee span without a named caller gets its call's service.
+        let mut callers = self.inner.callers.lock().unwrap_or_else(|p| p.into_inner());
+        for row in 0..batch.num_rows() {
+            if matches!(spans.kind.value(row), "CLIENT" | "PRODUCER") {
+                callers.remember(spans.span_id.value(row), spans.service.value(row));
+            }
+        }
         let subs = self.lock();
         let (mut sent, mut dropped) = (0u64, 0u64);
         for row in 0..batch.num_rows() {
-            let Some(event) = spans.event(row) else {
+            let Some(mut event) = spans.event(row) else {
                 continue;
             };
+            if event.peer.is_none() && matches!(event.kind.as_str(), "SERVER" | "CONSUMER") {
+                event.peer = spans
+                    .parent(row)
+                    .and_then(|p| callers.by_span.get(p))
+                    .cloned();
+            }
             for s in subs.iter().filter(|s| s.filter.matches(&event)) {
                 match s.tx.try_send(event.clone()) {
                     Ok(()) => sent += 1,
@@ -305,6 +351,7 @@ struct SpanColumns<'a> {
     route: &'a StringArray,
     http_status: &'a Int32Array,
     peer_name: &'a StringArray,
+    parent: &'a StringArray,
     attributes: &'a MapArray,
 }
 
@@ -354,8 +401,13 @@ impl<'a> SpanColumns<'a> {
             route: s("http_route")?,
             http_status: b.column_by_name("http_status_code")?.as_primitive_opt()?,
             peer_name: s("peer_name")?,
+            parent: s("parent_span_id")?,
             attributes: b.column_by_name("span_attributes")?.as_map_opt()?,
         })
+    }
+
+    fn parent(&self, row: usize) -> Option<&'a str> {
+        self.parent.is_valid(row).then(|| self.parent.value(row))
     }
 
     /// The row as an event, unless it is not a request (an INTERNAL span).
@@ -640,6 +692,71 @@ mod tests {
         assert_eq!(errors.next().await.unwrap().span_id, client.span_id);
         assert!(errors.rx.try_recv().is_err());
         assert_eq!(tap.stats().events, 3);
+    }
+
+    /// One span of `service` as a plain SDK exports it: no caller attributes.
+    fn sdk_span(service: &str, kind: i32, id: u8, parent: Option<u8>) -> RecordBatch {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(AnyValue {
+                            value: Some(Value::StringValue(service.into())),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![9; 16],
+                        span_id: vec![id; 8],
+                        parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+                        name: "GET /cart".into(),
+                        kind,
+                        start_time_unix_nano: 1_764_662_400_000_000_000,
+                        end_time_unix_nano: 1_764_662_400_001_000_000,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        meshscope_proto::convert::spans(&req).unwrap().batch
+    }
+
+    #[tokio::test]
+    async fn a_plain_sdk_server_span_is_named_after_the_call_that_reached_meshscope_first() {
+        const SERVER: i32 = 2;
+        const CLIENT: i32 = 3;
+        let tap = Tap::default();
+        let mut all = tap.subscribe(TapFilter::default()).unwrap();
+        // frontend's call arrives first, then cart's span of it: named.
+        tap.publish(&sdk_span("frontend", CLIENT, 1, None));
+        tap.publish(&sdk_span("cart", SERVER, 2, Some(1)));
+        assert_eq!(all.next().await.unwrap().kind, "CLIENT");
+        let served = all.next().await.unwrap();
+        assert_eq!(
+            (served.service.as_str(), served.peer.as_deref()),
+            ("cart", Some("frontend"))
+        );
+        // A callee span whose call has not arrived (yet): no caller, not a guess.
+        tap.publish(&sdk_span("cart", SERVER, 4, Some(3)));
+        assert_eq!(all.next().await.unwrap().peer, None);
+        // Bounded: past CALLERS calls the oldest is forgotten.
+        let mut callers = Callers::default();
+        for i in 0..=CALLERS {
+            callers.remember(&format!("{i:016x}"), "frontend");
+        }
+        assert_eq!(callers.by_span.len(), CALLERS);
+        assert!(!callers.by_span.contains_key(&format!("{:016x}", 0)));
+        assert!(callers.by_span.contains_key(&format!("{CALLERS:016x}")));
     }
 
     #[test]
