@@ -347,11 +347,45 @@ pub async fn aggregates(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<BTreeMap<Key, Agg>, QueryError> {
+    // Straight into one aggregate per key: a long range's rollup rows (minutes × keys) are
+    // never held per minute.
     let mut out: BTreeMap<Key, Agg> = BTreeMap::new();
-    for ((_, key), agg) in by_minute(engine, range).await? {
-        out.entry(key).or_default().merge(&agg);
+    let (stored_part, raw_part) = split_at_covered(engine, range).await?;
+    if let Some(r) = stored_part {
+        stored(engine, &r, |_, key, agg| {
+            out.entry(key).or_default().merge(&agg)
+        })
+        .await?;
+    }
+    if let Some(r) = raw_part {
+        for ((_, key), agg) in groups_from_spans(engine, &r).await? {
+            out.entry(key).or_default().merge(&agg);
+        }
     }
     Ok(out)
+}
+
+/// `range` (from its first whole minute) split where the stored rollups end: the part they
+/// cover and the part after, to be read from raw spans.
+async fn split_at_covered(
+    engine: &QueryEngine,
+    range: &TimeRange,
+) -> Result<(Option<TimeRange>, Option<TimeRange>), QueryError> {
+    let start = minute_floor(range.start);
+    let covered = Rollups::covered_until(engine)
+        .await?
+        .unwrap_or(start)
+        .clamp(start, range.end);
+    Ok((
+        (covered > start).then_some(TimeRange {
+            start,
+            end: covered,
+        }),
+        (covered < range.end).then_some(TimeRange {
+            start: covered,
+            end: range.end,
+        }),
+    ))
 }
 
 /// The aggregates of `range` per minute and key: stored rollups where they exist, raw
@@ -360,44 +394,29 @@ pub async fn by_minute(
     engine: &QueryEngine,
     range: &TimeRange,
 ) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
-    let start = minute_floor(range.start);
-    let covered = Rollups::covered_until(engine)
-        .await?
-        .unwrap_or(start)
-        .clamp(start, range.end);
-    let mut out = if covered > start {
-        stored(
-            engine,
-            &TimeRange {
-                start,
-                end: covered,
-            },
-        )
-        .await?
-    } else {
-        BTreeMap::new()
-    };
-    if covered < range.end {
-        for ((minute, key), agg) in groups_from_spans(
-            engine,
-            &TimeRange {
-                start: covered,
-                end: range.end,
-            },
-        )
-        .await?
-        {
+    let mut out: BTreeMap<(DateTime<Utc>, Key), Agg> = BTreeMap::new();
+    let (stored_part, raw_part) = split_at_covered(engine, range).await?;
+    if let Some(r) = stored_part {
+        stored(engine, &r, |minute, key, agg| {
+            out.entry((minute, key)).or_default().merge(&agg)
+        })
+        .await?;
+    }
+    if let Some(r) = raw_part {
+        for ((minute, key), agg) in groups_from_spans(engine, &r).await? {
             out.entry((minute, key)).or_default().merge(&agg);
         }
     }
     Ok(out)
 }
 
-/// The stored rollups of every whole minute in `range`, per minute and key.
+/// The stored rollups of every whole minute in `range`, each row handed to `sink` with its
+/// minute and key.
 async fn stored(
     engine: &QueryEngine,
     range: &TimeRange,
-) -> Result<BTreeMap<(DateTime<Utc>, Key), Agg>, QueryError> {
+    mut sink: impl FnMut(DateTime<Utc>, Key, Agg),
+) -> Result<(), QueryError> {
     /// One stored rollup row.
     #[derive(serde::Deserialize)]
     struct RollupRow {
@@ -426,7 +445,6 @@ async fn stored(
         ),
     )
     .await?;
-    let mut out: BTreeMap<(DateTime<Utc>, Key), Agg> = BTreeMap::new();
     for r in rs {
         let minute = DateTime::from_timestamp_nanos(r.minute_ns);
         let key = Key {
@@ -448,9 +466,9 @@ async fn stored(
             latency_sum_ns: r.latency_sum_ns,
             sketch: Sketch::from_parts(&flat(r.sketch_keys), &flat(r.sketch_counts)),
         };
-        out.entry((minute, key)).or_default().merge(&agg);
+        sink(minute, key, agg);
     }
-    Ok(out)
+    Ok(())
 }
 impl Measure for Agg {
     fn absorb(&mut self, other: Agg) {
