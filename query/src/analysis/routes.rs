@@ -310,7 +310,10 @@ async fn graph(State(engine): State<QueryEngine>, p: Params<GraphParams>) -> Res
     }
 }
 
-async fn security_series(State(engine): State<QueryEngine>, p: Params<MirrorParams>) -> Response {
+async fn security_series(
+    State(engine): State<QueryEngine>,
+    p: Params<EdgeRangeParams>,
+) -> Response {
     answer(
         async {
             let p = params(p)?;
@@ -321,9 +324,10 @@ async fn security_series(State(engine): State<QueryEngine>, p: Params<MirrorPara
     )
 }
 
-/// `GET /api/v1/mirrors?start&end&source&target` (and `/api/v1/security/series`).
+/// `start`, `end` and an edge's `source` / `target` (either may be left out): the
+/// parameters of `GET /api/v1/mirrors` and `GET /api/v1/security/series`.
 #[derive(Debug, Default, Deserialize)]
-struct MirrorParams {
+struct EdgeRangeParams {
     #[serde(flatten)]
     range: RangeParams,
     #[serde(default, deserialize_with = "empty_as_none")]
@@ -332,7 +336,7 @@ struct MirrorParams {
     target: Option<String>,
 }
 
-async fn mirrors(State(engine): State<QueryEngine>, p: Params<MirrorParams>) -> Response {
+async fn mirrors(State(engine): State<QueryEngine>, p: Params<EdgeRangeParams>) -> Response {
     answer(
         async {
             let p = params(p)?;

@@ -165,13 +165,9 @@ pub async fn service(
         let (sql, params) = services_sql(range, Some(name));
         typed_with::<SignalsRow>(engine, &sql, params).await?
     };
-    // Every statement below binds the service's name as `$1`.
-    let svc = "$1";
-    let named = || {
-        let mut p = Params::default();
-        p.bind(name);
-        p
-    };
+    // Every statement below binds the service's name the same way.
+    let mut named = Params::default();
+    let svc = named.bind(name);
     #[derive(serde::Deserialize)]
     struct Count {
         n: i64,
@@ -182,7 +178,7 @@ pub async fn service(
             "SELECT count(*) AS n FROM spans WHERE service_name = {svc} AND {}",
             range.sql("start_time")
         ),
-        named(),
+        named.clone(),
     )
     .await?;
     if seen.first().map_or(0, |r| r.n) == 0 {
@@ -237,7 +233,7 @@ pub async fn service(
              GROUP BY 1 ORDER BY 1",
             range.sql("start_time")
         ),
-        named(),
+        named.clone(),
     )
     .await?
     .into_iter()
@@ -281,7 +277,7 @@ pub async fn service(
              GROUP BY 1 ORDER BY 1",
             range.sql("time")
         ),
-        named(),
+        named.clone(),
     )
     .await?
     .into_iter()
