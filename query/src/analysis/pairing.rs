@@ -5,7 +5,7 @@
 //! needed columns are read once, in parallel (`storage/src/scan.rs`), and plain functions
 //! pair them on binary ids:
 //!
-//! 1. **decode** (one task per scan partition): each span becomes a 64-byte [`Span`] (ids
+//! 1. **decode** (one task per scan partition): each span becomes a 56-byte [`Span`] (ids
 //!    parsed from hex, service and peer names interned), put in one of [`SHARDS`] shards by
 //!    its trace id, so that a trace's spans all land in the same shard; the per-service
 //!    signals (SERVER and CONSUMER spans of the range) are tallied on the way;
@@ -140,7 +140,8 @@ fn shard_of(trace: [u64; 2]) -> usize {
     (h >> 59) as usize % SHARDS
 }
 
-/// One span as the pairing needs it.
+/// One span as the pairing needs it: 56 bytes (the pairing holds millions of them, so
+/// every byte is memory the kernel must hand over and zero on each query).
 #[derive(Debug, Clone, Copy)]
 struct Span {
     trace: [u64; 2],
@@ -148,16 +149,44 @@ struct Span {
     /// 0 for none (0 is not a valid span id).
     parent: u64,
     duration: i64,
-    service: u32,
-    peer: u32,
-    /// The service's version (resource `service.version`), or [`NONE`].
-    version: u32,
+    /// The service's name id (the high bits), the kind and the flags (the low
+    /// [`META_BITS`]).
+    meta: u32,
+    /// A caller's (CLIENT or PRODUCER in the range) peer name; a callee's (SERVER or
+    /// CONSUMER) version, resource `service.version`; else [`NONE`].
+    name: u32,
     /// Why a proxy answered the request itself (`proxy_reason`), or [`NONE`].
     reason: u32,
     /// Minutes since the first minute of the scanned window (for per-minute rollups).
     minute: u32,
-    kind: u8,
-    flags: u8,
+}
+
+/// Bits of [`Span::meta`] for the kind (3) and the flags (3).
+const META_BITS: u32 = 6;
+
+/// A decoder's name ids stay below this, so that a service's fits beside the kind and flags.
+const MAX_NAMES: usize = 1 << (32 - META_BITS);
+
+impl Span {
+    fn meta(service: u32, kind: u8, flags: u8) -> u32 {
+        (service << META_BITS) | u32::from(kind & 0x7) | (u32::from(flags & 0x7) << 3)
+    }
+
+    fn service(&self) -> u32 {
+        self.meta >> META_BITS
+    }
+
+    fn kind(&self) -> u8 {
+        (self.meta & 0x7) as u8
+    }
+
+    fn flags(&self) -> u8 {
+        ((self.meta >> 3) & 0x7) as u8
+    }
+
+    fn is_caller(&self) -> bool {
+        matches!(self.kind(), CLIENT | PRODUCER)
+    }
 }
 
 /// Spans in fixed-size chunks: growing never copies what is already there (a `Vec` of
@@ -414,6 +443,12 @@ impl Decoded {
         let (peer, peers) = dict_map(b, 9, |s| self.names.id(s))?;
         let (version, versions) = dict_map(b, 10, |s| self.names.id(s))?;
         let (reason, reasons) = dict_map(b, 11, |s| self.names.id(s))?;
+        if self.names.names.len() >= MAX_NAMES {
+            return Err(QueryError::ResourcesExhausted(format!(
+                "more than {MAX_NAMES} distinct service, peer, version and reason names in \
+                 one scan partition: choose a shorter range, or leave out source=spans"
+            )));
+        }
         // Envoy's outbound listener, with `spawn_upstream_span`, makes a SERVER span per
         // outgoing request (`egress <host>`): the app's call, not a request it served.
         let (span_name, outbound) = dict_map(b, 12, |s| s.starts_with("egress "))?;
@@ -474,24 +509,23 @@ impl Decoded {
             } else {
                 hex_u64(parent.value(i).as_bytes()).unwrap_or(0)
             };
-            let peer = match at(&peer, i) {
-                Some(p) if (k == CLIENT || k == PRODUCER) && in_range => peers[p],
+            let name = match k {
+                CLIENT | PRODUCER if in_range => at(&peer, i).map_or(NONE, |p| peers[p]),
+                SERVER | CONSUMER => ver,
                 _ => NONE,
             };
+            let flags = if error { ERROR } else { 0 }
+                | if in_range { IN_RANGE } else { 0 }
+                | if shadow { SHADOW } else { 0 };
             self.shards[shard_of(tr)].push(Span {
                 trace: tr,
                 span: sp,
                 parent: par,
                 duration: d,
-                service: svc,
-                peer,
-                version: ver,
+                meta: Span::meta(svc, k, flags),
+                name,
                 reason: why,
                 minute: (t.div_euclid(MINUTE_NS) - wide.0.div_euclid(MINUTE_NS)) as u32,
-                kind: k,
-                flags: if error { ERROR } else { 0 }
-                    | if in_range { IN_RANGE } else { 0 }
-                    | if shadow { SHADOW } else { 0 },
             });
         }
         Ok(())
@@ -627,19 +661,14 @@ fn pair_shard(
 ) -> Tallies {
     let callers: usize = pieces
         .iter()
-        .map(|p| {
-            p.spans
-                .iter()
-                .filter(|s| s.kind == CLIENT || s.kind == PRODUCER)
-                .count()
-        })
+        .map(|p| p.spans.iter().filter(|s| s.is_caller()).count())
         .sum();
     // (trace, span) → (piece, row)
     let mut index: HashMap<(u64, u64, u64), (u32, u32), Hasher> =
         HashMap::with_capacity_and_hasher(callers, Hasher::new());
     for (pi, p) in pieces.iter().enumerate() {
         for (i, s) in p.spans.iter().enumerate() {
-            if s.kind == CLIENT || s.kind == PRODUCER {
+            if s.is_caller() {
                 index.insert((s.trace[0], s.trace[1], s.span), (pi as u32, i as u32));
             }
         }
@@ -655,27 +684,29 @@ fn pair_shard(
     let mut orphans: HashMap<(u64, u64, u64), Vec<Entry>, Hasher> = HashMap::default();
     for p in pieces {
         for r in p.spans.iter() {
-            if r.kind != SERVER && r.kind != CONSUMER {
+            let kind = r.kind();
+            if kind != SERVER && kind != CONSUMER {
                 continue;
             }
-            let service = p.remap[r.service as usize];
+            let service = p.remap[r.service() as usize];
             let caller = if r.parent == 0 {
                 None
             } else {
                 index.get(&(r.trace[0], r.trace[1], r.parent)).copied()
             };
-            let caller_kind = if r.kind == SERVER { CLIENT } else { PRODUCER };
+            let caller_kind = if kind == SERVER { CLIENT } else { PRODUCER };
             match caller {
                 Some((cp, ci)) => {
                     let cpiece = &pieces[cp as usize];
                     let c = cpiece.spans.get(ci as usize);
-                    if c.kind == caller_kind
-                        && c.flags & IN_RANGE != 0
-                        && (c.flags | r.flags) & SHADOW != 0
+                    let (cflags, rflags) = (c.flags(), r.flags());
+                    if c.kind() == caller_kind
+                        && cflags & IN_RANGE != 0
+                        && (cflags | rflags) & SHADOW != 0
                     {
                         // A mirrored copy: its caller is paired, and nothing is counted.
                         paired[cp as usize][ci as usize] = true;
-                    } else if c.kind == caller_kind && c.flags & IN_RANGE != 0 {
+                    } else if c.kind() == caller_kind && cflags & IN_RANGE != 0 {
                         paired[cp as usize][ci as usize] = true;
                         let reason = match global(&cpiece.remap, c.reason) {
                             NONE => global(&p.remap, r.reason),
@@ -683,28 +714,28 @@ fn pair_shard(
                         };
                         tallies.add(
                             (
-                                cpiece.remap[c.service as usize],
+                                cpiece.remap[c.service() as usize],
                                 service,
                                 NodeKind::Service,
                                 bucket(c),
                             ),
                             Request {
-                                version: global(&p.remap, r.version),
+                                version: global(&p.remap, r.name),
                                 reason,
                                 latency: c.duration,
-                                error: (c.flags | r.flags) & ERROR != 0,
+                                error: (cflags | rflags) & ERROR != 0,
                             },
                             c.trace,
                             c.minute,
                         );
                     }
                 }
-                None if r.kind == SERVER && r.flags & (IN_RANGE | SHADOW) == IN_RANGE => {
+                None if kind == SERVER && r.flags() & (IN_RANGE | SHADOW) == IN_RANGE => {
                     let request = Request {
-                        version: global(&p.remap, r.version),
+                        version: global(&p.remap, r.name),
                         reason: global(&p.remap, r.reason),
                         latency: r.duration,
-                        error: r.flags & ERROR != 0,
+                        error: r.flags() & ERROR != 0,
                     };
                     if r.parent == 0 {
                         tallies.add(
@@ -728,7 +759,7 @@ fn pair_shard(
         // A parent that is in the trace, whatever its kind, makes it not an entry point.
         for p in pieces {
             for s in p.spans.iter() {
-                if s.kind != CLIENT && s.kind != PRODUCER {
+                if !s.is_caller() {
                     orphans.remove(&(s.trace[0], s.trace[1], s.span));
                 }
             }
@@ -747,11 +778,11 @@ fn pair_shard(
     }
     for (p, paired) in pieces.iter().zip(paired) {
         for (s, was_paired) in p.spans.iter().zip(paired) {
-            if s.peer != NONE && !was_paired && s.flags & SHADOW == 0 {
+            if s.is_caller() && s.name != NONE && !was_paired && s.flags() & SHADOW == 0 {
                 tallies.add(
                     (
-                        p.remap[s.service as usize],
-                        p.remap[s.peer as usize],
+                        p.remap[s.service() as usize],
+                        p.remap[s.name as usize],
                         NodeKind::Virtual,
                         bucket(s),
                     ),
@@ -759,7 +790,7 @@ fn pair_shard(
                         version: NONE,
                         reason: global(&p.remap, s.reason),
                         latency: s.duration,
-                        error: s.flags & ERROR != 0,
+                        error: s.flags() & ERROR != 0,
                     },
                     s.trace,
                     s.minute,
@@ -1145,9 +1176,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_span_takes_64_bytes() {
+    fn a_span_takes_56_bytes() {
         // The README's memory figure for the raw-span graph.
-        assert_eq!(std::mem::size_of::<Span>(), 64);
+        assert_eq!(std::mem::size_of::<Span>(), 56);
     }
 
     #[test]
@@ -1200,13 +1231,10 @@ mod tests {
             span: id,
             parent,
             duration: (id * 10) as i64,
-            service,
-            peer: NONE,
-            version: NONE,
+            meta: Span::meta(service, kind, if in_range { IN_RANGE } else { 0 }),
+            name: NONE,
             reason: NONE,
             minute: 0,
-            kind,
-            flags: if in_range { IN_RANGE } else { 0 },
         }
     }
 
@@ -1230,8 +1258,8 @@ mod tests {
         two.push(span(3, 31, 30, b, SERVER, true));
         // Trace 4: a CLIENT with no child, naming its peer → virtual db; an errored one.
         let mut c = span(4, 40, 0, a, CLIENT, true);
-        c.peer = db;
-        c.flags |= ERROR;
+        c.name = db;
+        c.meta = Span::meta(a, CLIENT, IN_RANGE | ERROR);
         one.push(c);
         // Trace 5: a CLIENT outside the range whose child is inside → nothing.
         one.push(span(5, 50, 0, a, CLIENT, false));
