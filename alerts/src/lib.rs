@@ -143,6 +143,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where the rule `name` is, when it was made through the API (rules from the config file
+/// change only with the file).
+fn api_rule_position(rules: &[Rule], name: &str) -> Result<usize, AlertsError> {
+    let pos = rules
+        .iter()
+        .position(|r| r.name == name)
+        .ok_or_else(|| AlertsError::NotFound(name.into()))?;
+    if rules[pos].origin == Origin::Config {
+        return Err(AlertsError::FromConfig(name.into()));
+    }
+    Ok(pos)
+}
+
 impl Alerting {
     /// Checks the config's rules (a bad one stops start-up), loads the rules made through
     /// the API and the persisted alert state. `external_url` is the base of links in
@@ -580,12 +593,7 @@ impl Alerting {
         let (rule, warnings) = self.check(spec).await?;
         let _one = self.inner.changing_rules.lock().await;
         let mut rules = lock(&self.inner.rules).clone();
-        let Some(pos) = rules.iter().position(|r| r.name == name) else {
-            return Err(AlertsError::NotFound(name.into()));
-        };
-        if rules[pos].origin == Origin::Config {
-            return Err(AlertsError::FromConfig(name.into()));
-        }
+        let pos = api_rule_position(&rules, name)?;
         rules[pos] = rule.clone();
         self.save_api_rules(&rules).await?;
         *lock(&self.inner.rules) = rules;
@@ -597,12 +605,7 @@ impl Alerting {
     pub async fn delete_rule(&self, name: &str) -> Result<(), AlertsError> {
         let _one = self.inner.changing_rules.lock().await;
         let mut rules = lock(&self.inner.rules).clone();
-        let Some(pos) = rules.iter().position(|r| r.name == name) else {
-            return Err(AlertsError::NotFound(name.into()));
-        };
-        if rules[pos].origin == Origin::Config {
-            return Err(AlertsError::FromConfig(name.into()));
-        }
+        let pos = api_rule_position(&rules, name)?;
         rules.remove(pos);
         self.save_api_rules(&rules).await?;
         *lock(&self.inner.rules) = rules;

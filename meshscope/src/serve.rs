@@ -417,30 +417,37 @@ pub async fn run_reporting(
         "meshscope ready"
     );
 
+    tasks.extend([http, pg, counters, roller, alerts]);
+    drain(stop, &ready, stop_tx, tasks).await;
+    drop(ingest);
+    close(storage, final_retention(&config)).await?;
+    executor.shutdown();
+    Ok(())
+}
+
+/// Waits for `stop`, then shuts the node's tasks down: not ready any more (probes see it
+/// first), every task told to stop, and up to 10 s for requests in flight to finish.
+async fn drain(
+    stop: impl Future<Output = ()>,
+    ready: &AtomicBool,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
     stop.await;
     tracing::info!("shutting down: finishing requests, writing buffered rows to Parquet");
     ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    let drain = async {
+    let all = async {
         for t in tasks {
             let _ = t.await;
         }
-        let _ = http.await;
-        let _ = pg.await;
-        let _ = counters.await;
-        let _ = roller.await;
-        let _ = alerts.await;
     };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
+    if tokio::time::timeout(Duration::from_secs(10), all)
         .await
         .is_err()
     {
         tracing::warn!("some connections did not finish within 10 s; closing anyway");
     }
-    drop(ingest);
-    close(storage, final_retention(&config)).await?;
-    executor.shutdown();
-    Ok(())
 }
 
 /// `GET /api/v1/tap` where spans are ingested; a query node sees no spans arrive, so it
@@ -621,21 +628,7 @@ async fn run_collector(
         node_id = %config.node_id,
         "meshscope collector ready"
     );
-    stop.await;
-    tracing::info!("shutting down: finishing requests, writing buffered rows to Parquet");
-    ready.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
-    let drain = async {
-        for t in tasks {
-            let _ = t.await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish within 10 s; closing anyway");
-    }
+    drain(stop, &ready, stop_tx, tasks).await;
     drop(ingest);
     close(storage, final_retention(&config)).await
 }
