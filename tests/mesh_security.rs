@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use common::Server;
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
-    AuthorizationRule, AuthzMode, Destination, Endpoint, IdentityConfig, Listen, MtlsMode, Policy,
-    ProxyConfig, ServiceIdentity, TelemetryConfig,
+    AuthorizationRule, AuthzMode, Destination, Endpoint, IdentityConfig, MtlsMode, Policy,
+    ProxyConfig,
 };
 use serde_json::Value;
 
@@ -80,10 +80,6 @@ async fn start_app() -> (SocketAddr, Arc<App>) {
     (addr, app)
 }
 
-fn loopback() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
 struct Mesh<'a> {
     server: &'a Server,
     token: PathBuf,
@@ -101,24 +97,6 @@ impl Mesh<'_> {
         destinations: Vec<Destination>,
     ) -> ProxyConfig {
         ProxyConfig {
-            service: ServiceIdentity {
-                name: workload.into(),
-                namespace: Some("shop".into()),
-                version: Some("v1".into()),
-                workload: None,
-            },
-            listen: Listen {
-                inbound: app.and(loopback()),
-                app,
-                outbound: loopback(),
-                admin: loopback(),
-                app_h2c: false,
-            },
-            telemetry: TelemetryConfig {
-                otlp_endpoint: Some(self.server.grpc_url()),
-                batch_interval_ms: 200,
-                ..TelemetryConfig::default()
-            },
             identity: IdentityConfig {
                 mode,
                 ca_url: Some(self.server.url("")),
@@ -129,6 +107,7 @@ impl Mesh<'_> {
             },
             authorization,
             destinations,
+            ..common::proxy::proxy_config(workload, "shop", app, &self.server.grpc_url())
         }
     }
 }
@@ -527,19 +506,6 @@ async fn wait_graph(server: &Server, ok: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-/// Polls `sql` until its first cell satisfies `ok` (15 s at most).
-async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = server.sql(sql).await;
-        let n = v["rows"][0][0].as_i64().unwrap_or(-1);
-        if ok(n) || Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denied_callers_from_the_app()
  {
@@ -687,37 +653,37 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
         m.contains("meshscope_proxy_certificate_expiry_timestamp_seconds "),
         "{m}"
     );
-    let spans = eventually(
-        &server,
-        &format!(
+    let spans = server
+        .eventually(
+            &format!(
             "SELECT count(*) FROM spans WHERE service_name = 'payments' AND span_kind = 'SERVER'
                AND span_attributes['meshscope.tls'] = 'mtls'
                AND span_attributes['meshscope.peer_identity'] = '{checkout_id}'
                AND span_attributes['meshscope.source_workload'] = 'checkout'"
         ),
-        |n| n >= 2,
-    )
-    .await;
+            |n| n >= 2,
+        )
+        .await;
     assert!(spans >= 2, "{spans}");
-    let denied = eventually(
-        &server,
-        "SELECT count(*) FROM logs WHERE service_name = 'payments'
+    let denied = server
+        .eventually(
+            "SELECT count(*) FROM logs WHERE service_name = 'payments'
            AND log_attributes['authz'] = 'deny' AND log_attributes['response_code'] = '403'
            AND log_attributes['source_principal'] = 'spiffe://meshscope.local/ns/shop/sa/frontend'",
-        |n| n >= 1,
-    )
-    .await;
+            |n| n >= 1,
+        )
+        .await;
     assert_eq!(denied, 1);
-    let client_side = eventually(
-        &server,
-        &format!(
+    let client_side = server
+        .eventually(
+            &format!(
             "SELECT count(*) FROM spans WHERE service_name = 'checkout' AND span_kind = 'CLIENT'
                AND span_attributes['meshscope.tls'] = 'mtls'
                AND span_attributes['meshscope.peer_identity'] = '{payments_id}'"
         ),
-        |n| n >= 1,
-    )
-    .await;
+            |n| n >= 1,
+        )
+        .await;
     assert_eq!(client_side, 1);
     // Nobody is named "frontend" as payments' caller but the one its certificate proves.
     let forged = server
@@ -856,23 +822,23 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         "{m}"
     );
     assert!(!m.contains("evil"), "a header invents no caller: {m}");
-    let would_deny = eventually(
-        &server,
-        "SELECT count(*) FROM logs WHERE service_name = 'cart'
+    let would_deny = server
+        .eventually(
+            "SELECT count(*) FROM logs WHERE service_name = 'cart'
            AND log_attributes['authz'] = 'would-deny'
            AND log_attributes['connection_security_policy'] = 'none'",
-        |n| n >= 1,
-    )
-    .await;
+            |n| n >= 1,
+        )
+        .await;
     assert_eq!(would_deny, 1);
-    let plaintext_span = eventually(
-        &server,
-        "SELECT count(*) FROM spans WHERE service_name = 'cart' AND span_kind = 'SERVER'
+    let plaintext_span = server
+        .eventually(
+            "SELECT count(*) FROM spans WHERE service_name = 'cart' AND span_kind = 'SERVER'
            AND span_attributes['meshscope.tls'] = 'plaintext'
            AND span_attributes['meshscope.source_workload'] IS NULL AND mirror IS NULL",
-        |n| n >= 1,
-    )
-    .await;
+            |n| n >= 1,
+        )
+        .await;
     assert_eq!(plaintext_span, 1);
     // The plaintext caller has no proven name, so it is on no edge; the mTLS one is.
     let g = wait_graph(&server, |g| {

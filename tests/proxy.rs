@@ -15,8 +15,7 @@ use axum::response::{IntoResponse, Response};
 use common::Server;
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
-    BreakerConfig, Destination, Endpoint, FaultConfig, Listen, Policy, ProxyConfig, RetryConfig,
-    ServiceIdentity, TelemetryConfig,
+    BreakerConfig, Destination, Endpoint, FaultConfig, Policy, ProxyConfig, RetryConfig,
 };
 use serde_json::Value;
 
@@ -101,34 +100,8 @@ fn app(name: &str, next: Option<(String, SocketAddr)>) -> Arc<App> {
     })
 }
 
-fn loopback() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
 fn config(name: &str, app: Option<SocketAddr>, otlp: &str) -> ProxyConfig {
-    ProxyConfig {
-        service: ServiceIdentity {
-            name: name.into(),
-            namespace: Some("test".into()),
-            version: Some("v1".into()),
-            workload: None,
-        },
-        listen: Listen {
-            inbound: app.and(loopback()),
-            app,
-            outbound: loopback(),
-            admin: loopback(),
-            app_h2c: false,
-        },
-        telemetry: TelemetryConfig {
-            otlp_endpoint: Some(otlp.into()),
-            batch_interval_ms: 200,
-            ..TelemetryConfig::default()
-        },
-        identity: Default::default(),
-        authorization: vec![],
-        destinations: vec![],
-    }
+    common::proxy::proxy_config(name, "test", app, otlp)
 }
 
 fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> Destination {
@@ -182,19 +155,6 @@ async fn stats(proxy: &Proxy) -> Value {
         .json()
         .await
         .expect("json")
-}
-
-/// Polls `sql` until its first cell satisfies `ok` (15 s at most).
-async fn eventually(server: &Server, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = server.sql(sql).await;
-        let n = v["rows"][0][0].as_i64().unwrap_or(-1);
-        if ok(n) || Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,12 +213,12 @@ async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_acces
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.text().await.expect("body"), "svc-a");
 
-    let n = eventually(
-        &server,
-        &format!("SELECT count(*) FROM spans WHERE trace_id = '{trace_id}'"),
-        |n| n >= 5,
-    )
-    .await;
+    let n = server
+        .eventually(
+            &format!("SELECT count(*) FROM spans WHERE trace_id = '{trace_id}'"),
+            |n| n >= 5,
+        )
+        .await;
     assert_eq!(n, 5, "SERVER a, CLIENT a→b, SERVER b, CLIENT b→c, SERVER c");
     let v = server
         .sql(&format!(
@@ -302,12 +262,12 @@ async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_acces
     assert_eq!(id("svc-b", "CLIENT").2, "svc-c");
 
     // Access logs carry the trace and span ids of their spans.
-    let logs = eventually(
-        &server,
-        &format!("SELECT count(*) FROM logs WHERE trace_id = '{trace_id}'"),
-        |n| n >= 5,
-    )
-    .await;
+    let logs = server
+        .eventually(
+            &format!("SELECT count(*) FROM logs WHERE trace_id = '{trace_id}'"),
+            |n| n >= 5,
+        )
+        .await;
     assert_eq!(logs, 5);
     let joined = server
         .scalar(&format!(
@@ -326,9 +286,7 @@ async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_acces
     assert_eq!(edge_logs, 1);
 
     // Request metrics with both ends, cumulative.
-    let m = eventually(
-        &server,
-        "SELECT count(*) FROM metrics WHERE metric_name = 'meshscope_requests_total'
+    let m = server.eventually("SELECT count(*) FROM metrics WHERE metric_name = 'meshscope_requests_total'
            AND attributes['source_workload'] = 'svc-b' AND attributes['destination_workload'] = 'svc-c'
            AND attributes['reporter'] = 'source' AND temporality = 'cumulative' AND value = 1",
         |n| n >= 1,
@@ -406,17 +364,13 @@ async fn retries_hide_a_flaky_upstream_and_are_counted() {
     }
     let hits = flaky.hits.load(Ordering::SeqCst);
     assert_eq!(hits, 2 * n, "every other attempt fails: one retry each");
-    let retries = eventually(
-        &server,
-        "SELECT CAST(sum(TRY_CAST(span_attributes['meshscope.retries'] AS BIGINT)) AS BIGINT) FROM spans
+    let retries = server.eventually("SELECT CAST(sum(TRY_CAST(span_attributes['meshscope.retries'] AS BIGINT)) AS BIGINT) FROM spans
           WHERE service_name = 'caller' AND span_kind = 'CLIENT'",
         |r| r == n as i64,
     )
     .await;
     assert_eq!(retries, n as i64);
-    let logged = eventually(
-        &server,
-        "SELECT CAST(sum(TRY_CAST(log_attributes['retries'] AS BIGINT)) AS BIGINT) FROM logs WHERE service_name = 'caller'",
+    let logged = server.eventually("SELECT CAST(sum(TRY_CAST(log_attributes['retries'] AS BIGINT)) AS BIGINT) FROM logs WHERE service_name = 'caller'",
         |r| r == n as i64,
     )
     .await;
@@ -507,19 +461,16 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
             "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.breaker_state'] = '{s}'"
         )
     };
-    assert_eq!(eventually(&server, &states("open"), |n| n >= 5).await, 5);
-    assert_eq!(
-        eventually(&server, &states("half_open"), |n| n >= 1).await,
-        1
-    );
+    assert_eq!(server.eventually(&states("open"), |n| n >= 5).await, 5);
+    assert_eq!(server.eventually(&states("half_open"), |n| n >= 1).await, 1);
     // The two state changes: the failure that opened it, the probe that closed it.
     let moved = |to: &'static str| {
         format!(
             "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.breaker_transition'] = '{to}'"
         )
     };
-    assert_eq!(eventually(&server, &moved("open"), |n| n >= 1).await, 1);
-    assert_eq!(eventually(&server, &moved("closed"), |n| n >= 1).await, 1);
+    assert_eq!(server.eventually(&moved("open"), |n| n >= 1).await, 1);
+    assert_eq!(server.eventually(&moved("closed"), |n| n >= 1).await, 1);
     let m = proxy_metrics(&p).await;
     assert!(
         m.contains("meshscope_proxy_breaker_transitions_total{destination=\"fragile\"} 2"),
@@ -583,12 +534,12 @@ async fn a_spent_retry_budget_is_counted_on_the_span_the_proxy_and_the_graph() {
         "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT'
                     AND span_attributes['meshscope.retry_budget_exhausted'] = 'true'";
     assert_eq!(
-        eventually(&server, refused, |k| k == n as i64 - 1).await,
+        server.eventually(refused, |k| k == n as i64 - 1).await,
         n as i64 - 1
     );
     let events = "SELECT count(*) FROM (SELECT unnest(events) AS e FROM spans WHERE service_name = 'caller') WHERE e['name'] = 'meshscope.retry_budget_exhausted'";
     assert_eq!(
-        eventually(&server, events, |k| k == n as i64 - 1).await,
+        server.eventually(events, |k| k == n as i64 - 1).await,
         n as i64 - 1
     );
     let m = proxy_metrics(&p).await;
@@ -674,16 +625,18 @@ async fn fault_injection_and_the_canary_split_follow_the_config() {
         )
     };
     assert_eq!(
-        eventually(&server, &by_version("v2"), |k| k == v2 as i64).await,
+        server
+            .eventually(&by_version("v2"), |k| k == v2 as i64)
+            .await,
         v2 as i64
     );
     assert_eq!(
-        eventually(&server, &by_version("v1"), |k| k == v1 as i64).await,
+        server
+            .eventually(&by_version("v1"), |k| k == v1 as i64)
+            .await,
         v1 as i64
     );
-    let faults = eventually(
-        &server,
-        "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.fault'] = 'abort:418'",
+    let faults = server.eventually("SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.fault'] = 'abort:418'",
         |k| k == aborted as i64,
     )
     .await;
@@ -982,11 +935,11 @@ backends = [{{ version = "v2", weight = 1 }}, {{ version = "v3", weight = 1 }}]
         )
     };
     assert_eq!(
-        eventually(&server, &routed("search"), |n| n == 200).await,
+        server.eventually(&routed("search"), |n| n == 200).await,
         200
     );
-    assert_eq!(eventually(&server, &routed("api"), |n| n == 3).await, 3);
-    assert_eq!(eventually(&server, &routed("beta"), |n| n == 1).await, 1);
+    assert_eq!(server.eventually(&routed("api"), |n| n == 3).await, 3);
+    assert_eq!(server.eventually(&routed("beta"), |n| n == 1).await, 1);
     p.stop().await;
 
     // A bad route is refused with every problem named.
@@ -1089,9 +1042,9 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
         "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_attributes['meshscope.ejected'] = '{}'",
         addrs[0]
     );
-    assert_eq!(eventually(&server, &ejected, |n| n == 1).await, 1);
+    assert_eq!(server.eventually(&ejected, |n| n == 1).await, 1);
     let events = "SELECT count(*) FROM (SELECT unnest(events) AS e FROM spans WHERE service_name = 'caller') WHERE e['name'] = 'meshscope.ejection'";
-    assert_eq!(eventually(&server, events, |n| n == 1).await, 1);
+    assert_eq!(server.eventually(events, |n| n == 1).await, 1);
     // …and counted on the graph's edge.
     let e = graph_edge(&server, "caller", "shop").await;
     assert_eq!(e["ejections"], 1, "{e}");
@@ -1173,7 +1126,7 @@ mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
         "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT'
                      AND coalesce(span_attributes['meshscope.mirror'], 'primary') = 'primary'";
     assert_eq!(
-        eventually(&server, primaries, |k| k == n as i64 + 1).await,
+        server.eventually(primaries, |k| k == n as i64 + 1).await,
         n as i64 + 1
     );
     let mirrored = server
@@ -1192,12 +1145,16 @@ mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
     assert_eq!(shadow.hits.load(Ordering::SeqCst), mirrored);
     let client_side = "SELECT count(*) FROM spans WHERE service_name = 'caller' AND span_kind = 'CLIENT' AND span_attributes['meshscope.mirror'] = 'shadow'";
     assert_eq!(
-        eventually(&server, client_side, |k| k == mirrored as i64).await,
+        server
+            .eventually(client_side, |k| k == mirrored as i64)
+            .await,
         mirrored as i64
     );
     let server_side = "SELECT count(*) FROM spans WHERE service_name = 'checkout-shadow' AND span_kind = 'SERVER' AND span_attributes['meshscope.mirror'] = 'shadow'";
     assert_eq!(
-        eventually(&server, server_side, |k| k == mirrored as i64).await,
+        server
+            .eventually(server_side, |k| k == mirrored as i64)
+            .await,
         mirrored as i64
     );
     // Each pair (same trace, same parent) hashed its answers: different bodies, different hashes.
@@ -1207,7 +1164,7 @@ mirror = {{ version = "v2-shadow", percent = 50, max-body-bytes = 64 }}
                    AND p.span_kind = 'CLIENT' AND s.span_kind = 'CLIENT'
                    AND p.span_attributes['meshscope.body_hash'] <> s.span_attributes['meshscope.body_hash']";
     assert_eq!(
-        eventually(&server, pairs, |k| k == mirrored as i64).await,
+        server.eventually(pairs, |k| k == mirrored as i64).await,
         mirrored as i64
     );
     // The README's comparison of a route's primary and shadow.

@@ -10,6 +10,7 @@ use serde_json::Value;
 pub mod browser;
 pub mod mesh;
 pub mod otlp;
+pub mod proxy;
 
 /// The binary under test: `MESHSCOPE_BIN`, or the one Cargo built for these tests.
 pub fn binary() -> PathBuf {
@@ -148,6 +149,19 @@ impl Server {
         let (status, body) = self.sql_status(sql).await;
         assert_eq!(status, 200, "{sql}: {body}");
         body
+    }
+
+    /// Polls `sql` until its first cell (an integer, else -1) satisfies `ok`, and returns
+    /// it; after 15 s it returns what it last read, for the caller's assertion to show.
+    pub async fn eventually(&self, sql: &str, ok: impl Fn(i64) -> bool) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = self.sql(sql).await["rows"][0][0].as_i64().unwrap_or(-1);
+            if ok(n) || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     pub async fn sql_status(&self, sql: &str) -> (u16, Value) {

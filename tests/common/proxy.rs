@@ -1,0 +1,45 @@
+//! The bundled proxy's configuration as the tests start it: one workload, every listener on
+//! a loopback port the OS picks.
+
+use std::net::SocketAddr;
+
+use meshscope_proxy::config::{Listen, ProxyConfig, ServiceIdentity, TelemetryConfig};
+
+/// Port 0 on loopback: the proxy binds it and says which port it got.
+pub fn loopback() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// A proxy for `name` (version `v1`) in `namespace`, in front of `app` when there is one
+/// (else outbound only), exporting its telemetry to `otlp` every 200 ms; no identity, no
+/// authorization and no destinations.
+pub fn proxy_config(
+    name: &str,
+    namespace: &str,
+    app: Option<SocketAddr>,
+    otlp: &str,
+) -> ProxyConfig {
+    ProxyConfig {
+        service: ServiceIdentity {
+            name: name.into(),
+            namespace: Some(namespace.into()),
+            version: Some("v1".into()),
+            workload: None,
+        },
+        listen: Listen {
+            inbound: app.and(loopback()),
+            app,
+            outbound: loopback(),
+            admin: loopback(),
+            app_h2c: false,
+        },
+        telemetry: TelemetryConfig {
+            otlp_endpoint: Some(otlp.into()),
+            batch_interval_ms: 200,
+            ..TelemetryConfig::default()
+        },
+        identity: Default::default(),
+        authorization: vec![],
+        destinations: vec![],
+    }
+}
