@@ -108,6 +108,7 @@ fn readonly_sql(input: &[u8]) {
 /// The first bytes of a Postgres connection (SSLRequest, StartupMessage) or, with the
 /// first byte odd, the messages after start-up (password, queries, the extended protocol).
 fn pg_startup(input: &[u8]) {
+    use datafusion_postgres::pgwire::messages::startup::PasswordMessageFamily::Raw;
     let Some((mode, bytes)) = input.split_first() else {
         return;
     };
@@ -124,6 +125,12 @@ fn pg_startup(input: &[u8]) {
             Ok(Some(PgWireFrontendMessage::Startup(_))) => {
                 ctx.awaiting_frontend_ssl = false;
                 ctx.awaiting_frontend_startup = false;
+            }
+            // The server reads a password message as a password, or as a SASL exchange.
+            Ok(Some(PgWireFrontendMessage::PasswordMessageFamily(Raw(body)))) => {
+                let _ = Raw(body.clone()).into_password();
+                let _ = Raw(body.clone()).into_sasl_initial_response();
+                let _ = Raw(body).into_sasl_response();
             }
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => return,
@@ -256,6 +263,10 @@ fn pg_seeds() -> Vec<Vec<u8>> {
     startup.extend_from_slice(&startup_body);
     let after = [
         message(b'p', b"the-secret\0"),
+        message(
+            b'p',
+            b"SCRAM-SHA-256\0\0\0\0\x1cn,,n=,r=rOprNGfwEbeRWgbNEkqO",
+        ),
         message(b'Q', b"SELECT 1\0"),
         message(b'P', b"\0SELECT $1\0\0\x01\0\0\0\x17"),
         message(b'B', b"\0\0\0\0\0\x01\0\0\0\x011\0\0"),

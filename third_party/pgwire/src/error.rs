@@ -4,6 +4,22 @@ use thiserror::Error;
 
 use crate::messages::response::{ErrorResponse, NoticeResponse};
 
+/// meshscope: a message whose fields run past its end.
+pub(crate) fn malformed(requested: usize, available: usize) -> PgWireError {
+    PgWireError::IoError(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("malformed message: a field needs {requested} bytes where {available} are left"),
+    ))
+}
+
+// meshscope: the body decoders read with `Buf::try_get_*`; a field that runs past the
+// message's end is the message's decoding error (the connection ends with it).
+impl From<bytes::TryGetError> for PgWireError {
+    fn from(e: bytes::TryGetError) -> Self {
+        malformed(e.requested, e.available)
+    }
+}
+
 /// Error type for pgwire server-side operations.
 #[derive(Error, Debug)]
 pub enum PgWireError {

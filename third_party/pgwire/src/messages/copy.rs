@@ -34,7 +34,7 @@ impl Message for CopyData {
     }
 
     fn decode_body(buf: &mut BytesMut, len: usize, _ctx: &DecodeContext) -> PgWireResult<Self> {
-        let data = buf.split_to(len - 4).freeze();
+        let data = codec::split(buf, len.saturating_sub(4))?.freeze();
         Ok(Self::new(data))
     }
 }
@@ -135,11 +135,11 @@ impl Message for CopyInResponse {
 
     fn decode_body(buf: &mut BytesMut, _len: usize, _ctx: &DecodeContext) -> PgWireResult<Self> {
         let format = buf.get_i8();
-        let columns = buf.get_i16();
+        let columns = buf.try_get_i16()?;
         codec::ensure_count(columns as usize, 2, buf)?;
         let mut column_formats = Vec::with_capacity(columns as usize);
         for _ in 0..columns {
-            column_formats.push(buf.get_i16());
+            column_formats.push(buf.try_get_i16()?);
         }
 
         Ok(Self::new(format, columns, column_formats))
@@ -184,11 +184,11 @@ impl Message for CopyOutResponse {
 
     fn decode_body(buf: &mut BytesMut, _len: usize, _ctx: &DecodeContext) -> PgWireResult<Self> {
         let format = buf.get_i8();
-        let columns = buf.get_i16();
+        let columns = buf.try_get_i16()?;
         codec::ensure_count(columns as usize, 2, buf)?;
         let mut column_formats = Vec::with_capacity(columns as usize);
         for _ in 0..columns {
-            column_formats.push(buf.get_i16());
+            column_formats.push(buf.try_get_i16()?);
         }
 
         Ok(Self::new(format, columns, column_formats))
@@ -233,11 +233,11 @@ impl Message for CopyBothResponse {
 
     fn decode_body(buf: &mut BytesMut, _len: usize, _ctx: &DecodeContext) -> PgWireResult<Self> {
         let format = buf.get_i8();
-        let columns = buf.get_i16();
+        let columns = buf.try_get_i16()?;
         codec::ensure_count(columns as usize, 2, buf)?;
         let mut column_formats = Vec::with_capacity(columns as usize);
         for _ in 0..columns {
-            column_formats.push(buf.get_i16());
+            column_formats.push(buf.try_get_i16()?);
         }
 
         Ok(Self::new(format, columns, column_formats))

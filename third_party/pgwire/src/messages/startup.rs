@@ -89,7 +89,7 @@ impl Message for Startup {
         }
 
         // parse
-        let protocol_number_major = buf.get_u16();
+        let protocol_number_major = buf.try_get_u16()?;
 
         // ensure the protocol version is correct and supported
         if !(Self::PG_PROTOCOL_EARLIEST..=Self::PG_PROTOCOL_LATEST).contains(&protocol_number_major)
@@ -97,7 +97,7 @@ impl Message for Startup {
             return Err(PgWireError::InvalidStartupMessage);
         }
 
-        let protocol_number_minor = buf.get_u16();
+        let protocol_number_minor = buf.try_get_u16()?;
 
         // end by reading the last \0
         let mut parameters = BTreeMap::new();
@@ -283,7 +283,7 @@ impl Message for PasswordMessageFamily {
         full_len: usize,
         _ctx: &DecodeContext,
     ) -> PgWireResult<Self> {
-        let body = buf.split_to(full_len - 4);
+        let body = codec::split(buf, full_len.saturating_sub(4))?;
         Ok(PasswordMessageFamily::Raw(body))
     }
 }
@@ -506,9 +506,9 @@ impl SecretKey {
 
         match ctx.protocol_version {
             ProtocolVersion::PROTOCOL3_2 | ProtocolVersion::PROTOCOL3_9999 => {
-                Ok(SecretKey::Bytes(buf.split_to(data_len).freeze()))
+                Ok(SecretKey::Bytes(codec::split(buf, data_len)?.freeze()))
             }
-            ProtocolVersion::PROTOCOL3_0 => Ok(SecretKey::I32(buf.get_i32())),
+            ProtocolVersion::PROTOCOL3_0 => Ok(SecretKey::I32(buf.try_get_i32()?)),
         }
     }
 }
@@ -730,12 +730,8 @@ impl Message for SASLInitialResponse {
         _ctx: &DecodeContext,
     ) -> PgWireResult<Self> {
         let auth_method = codec::get_cstring(buf).unwrap_or_else(|| "".to_owned());
-        let data_len = buf.get_i32();
-        let data = if data_len == -1 {
-            None
-        } else {
-            Some(buf.split_to(data_len as usize).freeze())
-        };
+        let data_len = buf.try_get_i32()?;
+        let data = codec::split_nullable(buf, data_len)?.map(|b| b.freeze());
 
         Ok(SASLInitialResponse { auth_method, data })
     }
@@ -769,7 +765,7 @@ impl Message for SASLResponse {
         full_len: usize,
         _ctx: &DecodeContext,
     ) -> PgWireResult<Self> {
-        let data = buf.split_to(full_len - 4).freeze();
+        let data = codec::split(buf, full_len.saturating_sub(4))?.freeze();
         Ok(SASLResponse { data })
     }
 }
