@@ -58,7 +58,8 @@ struct Engine {
 
 impl Engine {
     fn open(dir: &Path) -> Engine {
-        let storage = Storage::open(StoreConfig::new(dir)).expect("storage");
+        let storage =
+            Storage::open(StoreConfig::new(dir), &meshscope_query::DERIVED).expect("storage");
         let executor = Executor::new(2).expect("executor");
         let engine = QueryEngine::new(&storage, executor, EngineConfig::default()).expect("engine");
         Engine {

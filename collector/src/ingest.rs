@@ -74,13 +74,12 @@ pub struct IngestStats {
 }
 
 impl IngestStats {
-    /// The counters of an OTLP signal's table (`None` for tables OTLP does not fill).
-    pub fn for_table(&self, table: Table) -> Option<&SignalStats> {
+    /// The counters of an OTLP signal's table.
+    pub fn for_table(&self, table: Table) -> &SignalStats {
         match table {
-            Table::Spans => Some(&self.spans),
-            Table::Metrics => Some(&self.metrics),
-            Table::Logs => Some(&self.logs),
-            Table::Rollups => None,
+            Table::Spans => &self.spans,
+            Table::Metrics => &self.metrics,
+            Table::Logs => &self.logs,
         }
     }
 }
@@ -134,10 +133,9 @@ impl Ingest {
 
     /// Counts a request the receiver could not decode.
     pub fn bad_request(&self, table: Table) {
-        if let Some(s) = self.stats.for_table(table) {
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            s.bad_requests.fetch_add(1, Ordering::Relaxed);
-        }
+        let s = self.stats.for_table(table);
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn store(
@@ -145,8 +143,7 @@ impl Ingest {
         table: Table,
         converted: Result<Converted, arrow::error::ArrowError>,
     ) -> Result<Outcome, IngestError> {
-        let fallback = SignalStats::default();
-        let s = self.stats.for_table(table).unwrap_or(&fallback);
+        let s = self.stats.for_table(table);
         s.requests.fetch_add(1, Ordering::Relaxed);
         let c =
             converted.map_err(|e| IngestError::Internal(format!("converting to Arrow: {e}")))?;

@@ -435,7 +435,7 @@ pub async fn scrape(args: crate::config::BenchScrapeArgs) -> Result<(), String> 
     {
         let mut config = StoreConfig::new(&data_dir);
         config.writer = "collector-1".into();
-        let storage = Storage::open(config).map_err(|e| e.to_string())?;
+        let storage = Storage::open(config, &[]).map_err(|e| e.to_string())?;
         let spans = storage.table(Table::Spans);
         let mut rng = Rng(0x5EED);
         let now_ns = std::time::SystemTime::now()
@@ -524,7 +524,8 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
     use meshscope_query::{Executor, QueryEngine};
     use meshscope_storage::{Storage, StoreConfig};
 
-    let storage = Storage::open(StoreConfig::new(&args.data_dir)).map_err(|e| e.to_string())?;
+    let storage = Storage::open(StoreConfig::new(&args.data_dir), &meshscope_query::DERIVED)
+        .map_err(|e| e.to_string())?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -835,7 +836,7 @@ pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String
 
     let mut config = StoreConfig::new(&args.data_dir);
     config.retire_grace = Duration::ZERO;
-    let storage = Storage::open(config).map_err(|e| e.to_string())?;
+    let storage = Storage::open(config, &meshscope_query::DERIVED).map_err(|e| e.to_string())?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use meshscope_proto::Table;
+use meshscope_storage::table_def::{self, Source};
 use meshscope_storage::{CompactionPolicy, Retention, Upkeep};
 use serde::{Deserialize, Serialize};
 
@@ -437,25 +437,25 @@ impl ServeArgs {
             max_age: s.rollups_retention_max_age_secs.map(Duration::from_secs),
             max_bytes: s.rollups_retention_max_bytes,
         };
-        let mut retention: BTreeMap<Table, Retention> = Table::ALL
-            .iter()
+        // The signal tables share `--retention-*`; the rollups (the one derived table) have
+        // their own defaults.
+        let tables = table_def::SIGNALS.iter().chain(&meshscope_query::DERIVED);
+        let mut retention: BTreeMap<&'static str, Retention> = tables
+            .clone()
             .map(|t| {
-                (
-                    *t,
-                    if *t == Table::Rollups {
-                        rollups
-                    } else {
-                        signals
-                    },
-                )
+                let r = match t.source {
+                    Source::Signal(_) => signals,
+                    Source::Derived => rollups,
+                };
+                (t.name, r)
             })
             .collect();
         for (name, r) in s.retention.clone().unwrap_or_default() {
-            let table = Table::ALL
-                .into_iter()
-                .find(|t| t.name() == name)
+            let table = tables
+                .clone()
+                .find(|t| t.name == name)
                 .ok_or_else(|| ConfigError::RetentionTable(name.clone()))?;
-            let entry = retention.entry(table).or_default();
+            let entry = retention.entry(table.name).or_default();
             if r.max_age_secs.is_some() {
                 entry.max_age = r.max_age_secs.map(Duration::from_secs);
             }
@@ -835,12 +835,13 @@ mod tests {
         let c = args.resolve_for(Role::Collector).expect("resolve");
         assert!(!c.node_id.is_empty(), "collectors default to the host name");
         assert_eq!(c.flush_interval, Duration::from_secs(10));
-        let r = |t: Table| c.upkeep.retention[&t];
-        assert_eq!(r(Table::Spans).max_age, Some(Duration::from_secs(3600)));
-        assert_eq!(r(Table::Logs).max_age, Some(Duration::from_secs(3600)));
-        assert_eq!(r(Table::Logs).max_bytes, Some(1000));
-        assert_eq!(r(Table::Spans).max_bytes, None);
-        assert_eq!(r(Table::Rollups).max_age, Some(Duration::from_secs(86400)));
+        let r = |t: &str| c.upkeep.retention[t];
+        assert_eq!(r("spans").max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(r("logs").max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(r("logs").max_bytes, Some(1000));
+        assert_eq!(r("spans").max_bytes, None);
+        assert_eq!(r("metrics").max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(r("rollups").max_age, Some(Duration::from_secs(86400)));
         let bad = ServeArgs {
             node_id: Some("a/b".into()),
             ..Default::default()

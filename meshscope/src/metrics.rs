@@ -66,11 +66,11 @@ fn per_table<V: EncodeCounterValue + EncodeGaugeValue>(
     name: &str,
     help: &str,
     kind: MetricType,
-    samples: impl IntoIterator<Item = (Table, V)>,
+    samples: impl IntoIterator<Item = (&'static str, V)>,
 ) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for (t, v) in samples {
-        let labels = TableLabel { table: t.name() };
+    for (table, v) in samples {
+        let labels = TableLabel { table };
         let mut m = family.encode_family(&labels)?;
         match kind {
             MetricType::Counter => m.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
@@ -106,11 +106,8 @@ impl Collector for Exposition {
         use MetricType::{Counter, Gauge};
         let signal = |t: Table, f: fn(&SignalStats) -> u64| {
             (
-                t,
-                self.ingest
-                    .as_ref()
-                    .and_then(|i| i.for_table(t))
-                    .map_or(0, f),
+                t.name(),
+                self.ingest.as_ref().map_or(0, |i| f(i.for_table(t))),
             )
         };
         let ingest: [Family<SignalStats>; 5] = [
@@ -141,7 +138,7 @@ impl Collector for Exposition {
             ),
         ];
         for (name, help, f) in ingest {
-            let samples = Table::SIGNALS.map(|t| signal(t, f));
+            let samples = Table::ALL.map(|t| signal(t, f));
             per_table(&mut enc, name, help, Counter, samples)?;
         }
 
@@ -175,7 +172,6 @@ impl Collector for Exposition {
                 t.dropped,
             )?;
         }
-        let store = |t: Table| self.storage.table(t).stats();
         let stores: [Family<Stats>; 14] = [
             (
                 "meshscope_wal_commits",
@@ -252,31 +248,38 @@ impl Collector for Exposition {
             } else {
                 Counter
             };
-            let samples = Table::ALL.map(|t| (t, f(store(t))));
+            let samples = self
+                .storage
+                .tables()
+                .map(|t| (t.table().name, f(t.stats())));
             per_table(&mut enc, name, help, kind, samples)?;
         }
         // One snapshot per table per scrape (on a query node it lists the data directory).
-        let files = Table::ALL.map(|t| {
-            let snap = self.storage.table(t).snapshot();
-            (
-                t,
-                snap.files.len() as u64,
-                snap.files.iter().map(|f| f.size).sum::<u64>(),
-            )
-        });
+        let files: Vec<_> = self
+            .storage
+            .tables()
+            .map(|t| {
+                let snap = t.snapshot();
+                (
+                    t.table().name,
+                    snap.files.len() as u64,
+                    snap.files.iter().map(|f| f.size).sum::<u64>(),
+                )
+            })
+            .collect();
         per_table(
             &mut enc,
             "meshscope_parquet_files",
             "Parquet files queries read now.",
             Gauge,
-            files.map(|(t, n, _)| (t, n)),
+            files.iter().map(|&(t, n, _)| (t, n)),
         )?;
         per_table(
             &mut enc,
             "meshscope_parquet_bytes",
             "Bytes of the Parquet files queries read now.",
             Gauge,
-            files.map(|(t, _, bytes)| (t, bytes)),
+            files.iter().map(|&(t, _, bytes)| (t, bytes)),
         )?;
 
         let Some(engine) = &self.engine else {

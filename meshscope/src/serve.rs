@@ -247,8 +247,10 @@ pub async fn run_reporting(
     }
     let data_dir = config.data_dir.clone();
     let storage = tokio::task::spawn_blocking(move || match role {
-        Role::Query => Storage::open_query(store_config),
-        Role::Serve | Role::Collector => Storage::open(store_config),
+        // A collector only ingests: the derived tables are the query side's.
+        Role::Query => Storage::open_query(store_config, &meshscope_query::DERIVED),
+        Role::Serve => Storage::open(store_config, &meshscope_query::DERIVED),
+        Role::Collector => Storage::open(store_config, &[]),
     })
     .await
     .map_err(|e| e.to_string())?

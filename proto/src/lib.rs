@@ -6,8 +6,8 @@
 //!   [`otlp`]); meshscope never mirrors them by hand. Their serde support implements the
 //!   OTLP/JSON mapping (hex ids in either case, enums as integers, 64-bit integers as strings
 //!   or numbers).
-//! - [`schema`] fixes the Arrow schemas of the `spans`, `logs` and `metrics` tables: the
-//!   columns of the contract (`shared/design/interfaces.md`).
+//! - [`schema`] fixes the Arrow schemas of the `spans`, `logs` and `metrics` tables (the
+//!   columns of the contract, `shared/design/interfaces.md`); nothing downstream of them.
 //! - [`convert`] turns one OTLP export request into one Arrow `RecordBatch`, keeping the good
 //!   records and counting (with a reason) the ones it must reject. No I/O, no clock: the
 //!   receive time is a parameter.

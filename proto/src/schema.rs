@@ -9,20 +9,17 @@ use std::sync::{Arc, LazyLock};
 use arrow::array::{MapBuilder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
-/// One of the tables meshscope stores.
+/// One of the tables OTLP fills. (Tables other stages derive from these, such as the
+/// query side's `rollups`, define themselves beside the code that computes them.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
     Spans,
     Logs,
     Metrics,
-    /// Per-minute mergeable aggregates of the golden signals (written by the query side).
-    Rollups,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Spans, Table::Logs, Table::Metrics, Table::Rollups];
-    /// The tables OTLP fills.
-    pub const SIGNALS: [Table; 3] = [Table::Spans, Table::Logs, Table::Metrics];
+    pub const ALL: [Table; 3] = [Table::Spans, Table::Logs, Table::Metrics];
 
     /// The table's name in SQL and its folder under the data directory.
     pub fn name(self) -> &'static str {
@@ -30,7 +27,6 @@ impl Table {
             Table::Spans => "spans",
             Table::Logs => "logs",
             Table::Metrics => "metrics",
-            Table::Rollups => "rollups",
         }
     }
 
@@ -39,7 +35,6 @@ impl Table {
             Table::Spans => SPANS.clone(),
             Table::Logs => LOGS.clone(),
             Table::Metrics => METRICS.clone(),
-            Table::Rollups => ROLLUPS.clone(),
         }
     }
 
@@ -48,7 +43,6 @@ impl Table {
         match self {
             Table::Spans => "start_time",
             Table::Logs | Table::Metrics => "time",
-            Table::Rollups => "minute",
         }
     }
 }
@@ -215,34 +209,6 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         // summaries
         f64_list("quantiles"),
         f64_list("quantile_values"),
-    ]))
-});
-
-static ROLLUPS: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        ts("minute", false),
-        // `service` (a service's own requests), `endpoint` (a service's route) or `edge`.
-        utf8("kind", false),
-        // The service, or the edge's source node.
-        utf8("source", false),
-        // The endpoint, or the edge's target node.
-        utf8("target", true),
-        // For edges: `service` or `virtual`.
-        utf8("target_kind", true),
-        utf8("namespace", true),
-        // For edges: `user` when the source is the entry point, else `service` (null in
-        // rollups written before versions: then `source = 'user'` is the entry point).
-        utf8("source_kind", true),
-        // A service's version, or an edge's callee version (`service.version`).
-        utf8("version", true),
-        // For edges: why a proxy answered these requests itself, when one did.
-        utf8("reason", true),
-        Field::new("requests", DataType::Int64, false),
-        Field::new("errors", DataType::Int64, false),
-        Field::new("latency_sum_ns", DataType::Float64, false),
-        // The latency sketch: bucket keys and their counts (see query::analysis::sketch).
-        list_of("sketch_keys", DataType::Int32),
-        list_of("sketch_counts", DataType::Int64),
     ]))
 });
 

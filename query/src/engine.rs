@@ -13,7 +13,6 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 use futures::StreamExt;
-use meshscope_proto::Table;
 use meshscope_storage::{Storage, StoredTable};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -234,11 +233,8 @@ impl QueryEngine {
         if let Some(remote) = storage.remote() {
             ctx.register_object_store(remote.url().as_ref(), remote.object_store());
         }
-        for t in Table::ALL {
-            ctx.register_table(
-                t.name(),
-                Arc::new(StoredTable::new(Arc::clone(storage.table(t)))),
-            )?;
+        for t in storage.tables() {
+            ctx.register_table(t.table().name, Arc::new(StoredTable::new(Arc::clone(t))))?;
         }
         Ok(QueryEngine {
             ctx: Arc::new(ctx),

@@ -19,6 +19,8 @@ pub enum Error {
     #[error("Parquet error: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
     /// A batch does not have the table's schema (a bug in the caller).
+    #[error("table {table} is defined twice")]
+    DuplicateTable { table: &'static str },
     #[error("batch schema does not match table {table}")]
     SchemaMismatch { table: &'static str },
     /// The buffers or the write-ahead log are full; the client should retry later.

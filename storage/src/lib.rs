@@ -5,6 +5,8 @@
 //! can read.
 //!
 //! ## Layout
+//! - [`table_def`]: [`TableDef`], what storage knows of a table (schema, time column, who
+//!   writes it, its files' sort order, encodings and bloom filters); the signal tables'.
 //! - [`wal`]: the write-ahead log (segments, group commit, replay that cuts torn tails).
 //! - [`table_store`]: [`TableStore`], one table as queries and ingest hold it: its write
 //!   path (log writer thread, flusher thread) and the [`Snapshot`] a query reads.
@@ -27,6 +29,7 @@ pub mod parquet_file;
 pub mod provider;
 pub mod remote;
 pub mod scan;
+pub mod table_def;
 pub mod table_store;
 pub mod trace_index;
 pub mod wal;
@@ -43,38 +46,47 @@ pub use error::{Error, Result};
 pub use maintenance::{Compacted, CompactionPolicy, Expired, Retention};
 pub use provider::StoredTable;
 pub use scan::{ColumnScan, ScanPart};
+pub use table_def::{Source, TableDef};
 pub use table_store::{Snapshot, Stats, StoreConfig, TableStore};
 
-/// Every table of one data directory.
+use table_def::SIGNALS;
+
+/// Every table of one data directory: the three OTLP signal tables, and the derived tables
+/// its opener named.
 #[derive(Debug, Clone)]
 pub struct Storage {
     data_dir: PathBuf,
-    tables: Arc<BTreeMap<Table, Arc<TableStore>>>,
+    /// In [`table_def::SIGNALS`]' order, then the derived tables in the order given.
+    tables: Arc<Vec<Arc<TableStore>>>,
 }
 
 impl Storage {
-    /// Opens (or creates) the data directory and replays each table's log.
-    pub fn open(config: StoreConfig) -> Result<Self> {
-        Self::open_with(config, |t, config| TableStore::open(t, config.clone()))
+    /// Opens (or creates) the data directory and replays each table's log: the signal
+    /// tables and `derived` (tables another stage computes, such as the query side's
+    /// rollups).
+    pub fn open(config: StoreConfig, derived: &[&'static TableDef]) -> Result<Self> {
+        Self::open_with(config, derived, |t, config| {
+            TableStore::open(t, config.clone())
+        })
     }
 
-    /// Opens the data directory as a query node: spans, logs and metrics read every
-    /// collector's Parquet files (what they have flushed); the rollups table is this node's
-    /// own, written under `config.writer`.
-    pub fn open_query(config: StoreConfig) -> Result<Self> {
-        Self::open_with(config, |t, config| {
-            if t == Table::Rollups {
-                TableStore::open(t, config.clone())
-            } else {
+    /// Opens the data directory as a query node: the signal tables read every
+    /// collector's Parquet files (what they have flushed); the derived tables are this
+    /// node's own, written under `config.writer`.
+    pub fn open_query(config: StoreConfig, derived: &[&'static TableDef]) -> Result<Self> {
+        Self::open_with(config, derived, |t, config| match t.source {
+            Source::Signal(_) => {
                 TableStore::open_reader(t, &config.data_dir, config.remote.clone())
             }
+            Source::Derived => TableStore::open(t, config.clone()),
         })
     }
 
     /// Canonicalises the data directory, then opens each table with `open`.
     fn open_with(
         config: StoreConfig,
-        open: impl Fn(Table, &StoreConfig) -> Result<Arc<TableStore>>,
+        derived: &[&'static TableDef],
+        open: impl Fn(&'static TableDef, &StoreConfig) -> Result<Arc<TableStore>>,
     ) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
         let data_dir =
@@ -83,9 +95,12 @@ impl Storage {
             data_dir: data_dir.clone(),
             ..config
         };
-        let mut tables = BTreeMap::new();
-        for t in Table::ALL {
-            tables.insert(t, open(t, &config)?);
+        let mut tables = Vec::with_capacity(SIGNALS.len() + derived.len());
+        for &t in SIGNALS.iter().chain(derived) {
+            if tables.iter().any(|s: &Arc<TableStore>| s.table() == t) {
+                return Err(Error::DuplicateTable { table: t.name });
+            }
+            tables.push(open(t, &config)?);
         }
         Ok(Storage {
             data_dir,
@@ -95,21 +110,32 @@ impl Storage {
 
     /// The object store holding the Parquet files, when they are not on local disk.
     pub fn remote(&self) -> Option<&Arc<remote::Remote>> {
-        self.tables.values().next().and_then(|t| t.remote())
+        self.tables.first().and_then(|t| t.remote())
     }
 
     /// Every table, in a fixed order.
     pub fn tables(&self) -> impl Iterator<Item = &Arc<TableStore>> {
-        self.tables.values()
+        self.tables.iter()
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
+    /// An OTLP signal's table (always open).
     pub fn table(&self, table: Table) -> &Arc<TableStore> {
-        // Every table is opened in `open`, so the map holds each key.
-        &self.tables[&table]
+        let i = match table {
+            Table::Spans => 0,
+            Table::Logs => 1,
+            Table::Metrics => 2,
+        };
+        // `open_with` puts the signal tables first, in this order.
+        &self.tables[i]
+    }
+
+    /// Any table by its name, if this storage opened it.
+    pub fn named(&self, name: &str) -> Option<&Arc<TableStore>> {
+        self.tables.iter().find(|t| t.table().name == name)
     }
 
     /// Appends a batch to a table durably (see [`TableStore::write`]).
@@ -119,7 +145,7 @@ impl Storage {
 
     /// Writes everything buffered into Parquet files.
     pub async fn flush(&self) -> Result<()> {
-        for t in self.tables.values() {
+        for t in self.tables.iter() {
             t.flush().await?;
         }
         Ok(())
@@ -127,7 +153,7 @@ impl Storage {
 
     /// Stops accepting writes and leaves every acknowledged row in Parquet files.
     pub fn close(&self) {
-        for t in self.tables.values() {
+        for t in self.tables.iter() {
             t.close();
             t.delete_retired(true); // no query is running any more
         }
@@ -139,7 +165,8 @@ impl Storage {
 pub struct Upkeep {
     /// `None` turns compaction off.
     pub compaction: Option<CompactionPolicy>,
-    pub retention: BTreeMap<Table, Retention>,
+    /// Per table, by name.
+    pub retention: BTreeMap<&'static str, Retention>,
 }
 
 /// Runs compaction and retention over a storage's tables, pass after pass.
@@ -179,7 +206,7 @@ impl Maintainer {
         let mut merging: Vec<bool> = vec![true; self.storage.tables().count()];
         while merging.iter().any(|&m| m) && !cancel.load(Ordering::Relaxed) {
             for (t, merging) in self.storage.tables().zip(merging.iter_mut()) {
-                if let Some(r) = self.upkeep.retention.get(&t.table()) {
+                if let Some(r) = self.upkeep.retention.get(t.table().name) {
                     match t.expire(*r, now_ns, &mut self.summaries) {
                         Ok(e) => {
                             report.expired.files += e.files;
@@ -207,5 +234,59 @@ impl Maintainer {
             }
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table_def::{FileRules, SortKey};
+
+    fn derived_schema() -> arrow::datatypes::SchemaRef {
+        use arrow::datatypes::{DataType, Field, Schema};
+        Arc::new(Schema::new(vec![
+            Field::new("minute", meshscope_proto::schema::timestamp_type(), false),
+            Field::new("n", DataType::Int64, false),
+        ]))
+    }
+
+    static DERIVED: TableDef = TableDef {
+        name: "derived",
+        schema: derived_schema,
+        time_column: "minute",
+        source: Source::Derived,
+        flushed: FileRules {
+            sort: &[SortKey::Column("minute")],
+            unique: &[],
+            blooms: &[],
+        },
+        compacted: FileRules {
+            sort: &[SortKey::Column("minute")],
+            unique: &[],
+            blooms: &[],
+        },
+    };
+
+    /// A query node reads the signal tables and writes the derived ones itself; a table
+    /// named twice is refused.
+    #[test]
+    fn a_query_node_reads_signals_and_writes_what_it_derives() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let storage = Storage::open_query(StoreConfig::new(dir.path()), &[&DERIVED]).expect("open");
+        let names: Vec<_> = storage.tables().map(|t| t.table().name).collect();
+        assert_eq!(names, ["spans", "logs", "metrics", "derived"]);
+        for t in Table::ALL {
+            assert!(storage.table(t).is_reader(), "{t}");
+            assert_eq!(storage.table(t).table().name, t.name());
+        }
+        let derived = storage.named("derived").expect("derived is open");
+        assert!(!derived.is_reader());
+        assert!(storage.named("rollups").is_none());
+
+        let twice = Storage::open(StoreConfig::new(dir.path()), &[&table_def::SPANS]);
+        assert!(
+            matches!(twice, Err(Error::DuplicateTable { table: "spans" })),
+            "{twice:?}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use meshscope_proto::Table;
+use crate::table_def::TableDef;
 
 use crate::arrivals::{self, WrittenMinutes};
 use crate::error::{Error, Result};
@@ -29,7 +29,7 @@ const RELIST: Duration = Duration::from_secs(1);
 
 /// Every writer's live files of one table, as last listed.
 pub(crate) struct TableListing {
-    table: Table,
+    table: &'static TableDef,
     dir: PathBuf,
     remote: Option<Arc<Remote>>,
     files: Mutex<Vec<ParquetFile>>,
@@ -42,7 +42,7 @@ impl TableListing {
     /// Lists the table once (so the first query sees what is there) and starts listing it
     /// again every second for as long as the listing lives.
     pub(crate) fn open(
-        table: Table,
+        table: &'static TableDef,
         data_dir: &Path,
         remote: Option<Arc<Remote>>,
     ) -> Result<Arc<Self>> {
@@ -90,7 +90,7 @@ impl TableListing {
         Ok(listing)
     }
 
-    pub(crate) fn table(&self) -> Table {
+    pub(crate) fn table(&self) -> &'static TableDef {
         self.table
     }
 

@@ -336,9 +336,9 @@ fn pick_run(files: &[ParquetFile], policy: CompactionPolicy) -> Option<Vec<Parqu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table_def::SPANS;
     use crate::table_store::StoreConfig;
     use arrow::array::{Array, AsArray, RecordBatch};
-    use meshscope_proto::Table;
     use meshscope_proto::convert;
     use meshscope_proto::otlp::collector::trace::v1::ExportTraceServiceRequest;
     use meshscope_proto::otlp::common::v1::{AnyValue, KeyValue, any_value};
@@ -405,7 +405,7 @@ mod tests {
 
     /// A store with `files` flushed files of 10 spans each, services alternating.
     async fn store_with_files(config: StoreConfig, files: u32) -> Arc<TableStore> {
-        let store = TableStore::open(Table::Spans, config).expect("open");
+        let store = TableStore::open(&SPANS, config).expect("open");
         for i in 0..files {
             let service = if i % 2 == 0 { "cart" } else { "checkout" };
             let hour = 3_600_000_000_000u64;
@@ -494,10 +494,10 @@ mod tests {
         assert_eq!(on_disk.len(), 5, "four inputs and their merged copy");
 
         // A query node reading the folder meanwhile sees every row once.
-        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        let reader = TableStore::open_reader(&SPANS, dir.path(), None).expect("reader");
         assert_eq!(span_ids(&reader).len(), 40);
 
-        let store = TableStore::open(Table::Spans, config).expect("reopen");
+        let store = TableStore::open(&SPANS, config).expect("reopen");
         assert_eq!(
             span_ids(&store).len(),
             40,
@@ -549,8 +549,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let mut config = StoreConfig::new(dir.path());
         config.retire_grace = Duration::ZERO;
-        let storage = crate::Storage::open(config).expect("open");
-        let table = Arc::clone(storage.table(Table::Spans));
+        let storage = crate::Storage::open(config, &[]).expect("open");
+        let table = Arc::clone(storage.table(meshscope_proto::Table::Spans));
         let hour = 3_600_000_000_000u64;
         for i in 0..8u32 {
             table
@@ -570,7 +570,7 @@ mod tests {
         let upkeep = crate::Upkeep {
             compaction: Some(policy),
             retention: BTreeMap::from([(
-                Table::Spans,
+                SPANS.name,
                 Retention {
                     max_age: None,
                     max_bytes: Some(total / 2),
@@ -625,7 +625,7 @@ mod tests {
         };
         // c1 holds hours 1000-1002; c2 holds hours 1010-1012.
         let c1 = store_with_files(config("c1"), 3).await;
-        let c2 = TableStore::open(Table::Spans, config("c2")).expect("open");
+        let c2 = TableStore::open(&SPANS, config("c2")).expect("open");
         let hour = 3_600_000_000_000u64;
         for i in 0..3u32 {
             c2.write(spans(
@@ -662,7 +662,7 @@ mod tests {
             "c1 removes its two oldest files"
         );
         assert_eq!(c1.delete_retired(false), 2);
-        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        let reader = TableStore::open_reader(&SPANS, dir.path(), None).expect("reader");
         let left: u64 = reader.snapshot().files.iter().map(|f| f.size).sum();
         assert!(left <= bound, "{left} bytes left under a bound of {bound}");
         assert_eq!(span_ids(&reader).len(), 40);
@@ -677,7 +677,7 @@ mod tests {
         b.writer = "c2".into();
         let sa = store_with_files(a, 2).await;
         let sb = store_with_files(b, 3).await;
-        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        let reader = TableStore::open_reader(&SPANS, dir.path(), None).expect("reader");
         assert_eq!(reader.snapshot().files.len(), 5);
         assert_eq!(span_ids(&reader).len(), 50);
         // Each writer keeps its own log and sequence numbers.
@@ -695,7 +695,7 @@ mod tests {
     async fn a_query_node_sees_what_a_collector_flushes_later_and_its_minutes_arrive() {
         let dir = tempfile::tempdir().expect("tmp");
         let writer = store_with_files(StoreConfig::new(dir.path()), 1).await;
-        let reader = TableStore::open_reader(Table::Spans, dir.path(), None).expect("reader");
+        let reader = TableStore::open_reader(&SPANS, dir.path(), None).expect("reader");
         assert_eq!(span_ids(&reader).len(), 10);
         assert!(
             reader.take_written_minutes().is_empty(),

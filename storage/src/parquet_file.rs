@@ -22,10 +22,9 @@ use arrow::compute::{SortColumn, concat, interleave_record_batch, lexsort_to_ind
 use arrow::datatypes::SchemaRef;
 use arrow::datatypes::TimestampNanosecondType;
 use arrow::record_batch::RecordBatch;
-use meshscope_proto::Table;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::statistics::Statistics;
@@ -33,6 +32,7 @@ use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
 use crate::remote::Remote;
+use crate::table_def::{Distinct, FileRules, SortKey, TableDef};
 use crate::wal::sync_dir;
 
 /// A Parquet file that queries read.
@@ -66,13 +66,6 @@ pub enum Layout {
     Compacted { zstd_level: i32 },
 }
 
-/// One key of a sort order.
-enum Key {
-    Column(&'static str),
-    /// The hour of a timestamp column.
-    Hour(&'static str),
-}
-
 /// Rows per row group: small enough that min/max statistics prune well (files are sorted).
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Rows per row group of a compacted file.
@@ -98,64 +91,17 @@ pub fn valid_writer_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// The keys each table's files are sorted by: they cluster what queries look up together
-/// and make the encodings compress (spans: a trace's spans side by side).
-fn sort_keys(table: Table, layout: Layout) -> &'static [Key] {
-    use Key::{Column as C, Hour as H};
-    match (table, layout) {
-        (Table::Spans, Layout::Flushed) => &[C("trace_id"), C("start_time")],
-        (Table::Spans, Layout::Compacted { .. }) => &[
-            C("service_name"),
-            H("start_time"),
-            C("trace_id"),
-            C("start_time"),
-        ],
-        (Table::Logs, _) => &[C("service_name"), C("time")],
-        (Table::Metrics, _) => &[C("metric_name"), C("service_name"), C("time")],
-        (Table::Rollups, _) => &[C("kind"), C("source"), C("minute")],
+impl Layout {
+    /// The rules a table's files of this layout are written by.
+    fn rules(self, table: &TableDef) -> &FileRules {
+        match self {
+            Layout::Flushed => &table.flushed,
+            Layout::Compacted { .. } => &table.compacted,
+        }
     }
 }
 
-/// Columns of (nearly) unique values, and the encoding that suits them.
-fn unique_columns(table: Table, layout: Layout) -> &'static [(&'static str, Option<Encoding>)] {
-    const DELTA: Option<Encoding> = Some(Encoding::DELTA_BINARY_PACKED);
-    match table {
-        // Compacted spans are sorted by service, hour and trace, so their start and end
-        // times jump about within the hour: zstd does better on the values split into byte
-        // streams (the high bytes of nearby times alike; -0.6 bytes per span against plain
-        // values, -1.4 against deltas), and span ids pack better with their lengths
-        // delta-encoded apart from the digits (-1.3); so do trace ids, whose repeats (a
-        // trace's spans in one service) zstd then finds whole (-0.5 against prefix
-        // sharing, and faster to decode for a lookup). pyarrow, DuckDB, polars and
-        // parquet-java 1.14+ (Spark 4, Trino) read BYTE_STREAM_SPLIT integers.
-        Table::Spans if matches!(layout, Layout::Compacted { .. }) => &[
-            ("trace_id", Some(Encoding::DELTA_LENGTH_BYTE_ARRAY)),
-            ("span_id", Some(Encoding::DELTA_LENGTH_BYTE_ARRAY)),
-            ("parent_span_id", None),
-            ("start_time", Some(Encoding::BYTE_STREAM_SPLIT)),
-            ("end_time", Some(Encoding::BYTE_STREAM_SPLIT)),
-            ("duration_ns", Some(Encoding::BYTE_STREAM_SPLIT)),
-        ],
-        Table::Spans => &[
-            ("trace_id", Some(Encoding::DELTA_BYTE_ARRAY)),
-            ("span_id", None),
-            ("parent_span_id", None),
-            ("start_time", DELTA),
-            ("end_time", DELTA),
-            ("duration_ns", DELTA),
-        ],
-        Table::Logs => &[
-            ("time", DELTA),
-            ("observed_time", DELTA),
-            ("trace_id", None),
-            ("span_id", None),
-        ],
-        Table::Metrics => &[("time", DELTA), ("start_time", DELTA)],
-        Table::Rollups => &[],
-    }
-}
-
-fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterProperties {
+fn writer_properties(table: &TableDef, layout: Layout, rows: usize) -> WriterProperties {
     let level = match layout {
         Layout::Flushed => 3,
         Layout::Compacted { zstd_level } => zstd_level,
@@ -174,30 +120,20 @@ fn writer_properties(table: Table, layout: Layout, rows: usize) -> WriterPropert
         .set_max_row_group_row_count(Some(group_rows))
         .set_data_page_row_count_limit(16 * 1024)
         .set_created_by(format!("meshscope {}", env!("CARGO_PKG_VERSION")));
-    let bloom =
-        |props: parquet::file::properties::WriterPropertiesBuilder, col: &str, ndv: usize| {
-            let path = ColumnPath::from(col);
-            props
-                .set_column_bloom_filter_enabled(path.clone(), true)
-                .set_column_bloom_filter_fpp(path.clone(), 0.01)
-                .set_column_bloom_filter_max_ndv(path, ndv.max(64) as u64)
-        };
     let per_group = rows.min(group_rows);
-    match table {
-        // Sized for a trace of two spans per row group at most; the writer folds each filter
-        // down to the ids it saw.
-        Table::Spans => props = bloom(props, "trace_id", per_group / 2),
-        Table::Logs => props = bloom(props, "trace_id", per_group),
-        Table::Metrics | Table::Rollups => {}
+    let rules = layout.rules(table);
+    for b in rules.blooms {
+        let distinct = match b.distinct {
+            Distinct::RowsPer(n) => (per_group / n.max(1)) as u64,
+            Distinct::Fixed(n) => n,
+        };
+        let path = ColumnPath::from(b.column);
+        props = props
+            .set_column_bloom_filter_enabled(path.clone(), true)
+            .set_column_bloom_filter_fpp(path.clone(), 0.01)
+            .set_column_bloom_filter_max_ndv(path, distinct.max(64));
     }
-    if matches!(layout, Layout::Compacted { .. }) && matches!(table, Table::Spans | Table::Logs) {
-        // Compacted files hold many services; a lookup by service skips the others.
-        props = bloom(props, "service_name", 1024);
-    }
-    // Ids and times are nearly unique: a dictionary only costs. Times and durations are
-    // delta-encoded; sorted trace ids share prefixes. (Measured on realistic mesh spans:
-    // 42.8 -> 36.7 bytes per span at the same zstd level; see BENCHMARKS.md.)
-    for (col, encoding) in unique_columns(table, layout) {
+    for (col, encoding) in rules.unique {
         let path = ColumnPath::from(*col);
         props = props.set_column_dictionary_enabled(path.clone(), false);
         if RANDOM_IDS.contains(col) {
@@ -222,7 +158,7 @@ const RANDOM_IDS: &[&str] = &["trace_id", "span_id", "parent_span_id"];
 /// Sorts a table's batches into one batch, as `write` orders them.
 #[cfg(test)]
 fn prepare(
-    table: Table,
+    table: &TableDef,
     layout: Layout,
     schema: &SchemaRef,
     batches: &[RecordBatch],
@@ -239,16 +175,18 @@ fn prepare(
 /// columns are concatenated; the writer then gathers the rows from the original batches a
 /// slice at a time, so a compaction holds its inputs and one slice, not two copies.
 fn sort_order(
-    table: Table,
+    table: &TableDef,
     layout: Layout,
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<Vec<(usize, usize)>> {
-    let columns = sort_keys(table, layout)
+    let columns = layout
+        .rules(table)
+        .sort
         .iter()
         .map(|key| {
             let name = match key {
-                Key::Column(n) | Key::Hour(n) => n,
+                SortKey::Column(n) | SortKey::Hour(n) => n,
             };
             let idx = schema.index_of(name).map_err(|_| Error::SchemaMismatch {
                 table: table.name(),
@@ -256,8 +194,8 @@ fn sort_order(
             let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(idx).as_ref()).collect();
             let values = concat(&parts)?;
             let values = match key {
-                Key::Column(_) => values,
-                Key::Hour(_) => hours(&values),
+                SortKey::Column(_) => values,
+                SortKey::Hour(_) => hours(&values),
             };
             Ok(SortColumn {
                 values,
@@ -291,7 +229,7 @@ const WRITE_SLICE_ROWS: usize = 64 * 1024;
 /// Writes `batches` to `out` in the table's sort order, a slice at a time.
 fn write_sorted<W: std::io::Write + Send>(
     out: &mut ArrowWriter<W>,
-    table: Table,
+    table: &TableDef,
     layout: Layout,
     schema: &SchemaRef,
     batches: &[RecordBatch],
@@ -334,7 +272,7 @@ pub struct Placement<'a> {
 
 /// Writes `batches` as one durable Parquet file holding log entries
 /// `first_seq..=last_seq` of `writer`.
-pub fn write(table: Table, at: Placement<'_>, batches: &[RecordBatch]) -> Result<ParquetFile> {
+pub fn write(table: &TableDef, at: Placement<'_>, batches: &[RecordBatch]) -> Result<ParquetFile> {
     let Placement {
         dir,
         remote,
@@ -413,7 +351,7 @@ pub(crate) fn adapt(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatc
 
 /// Reads a whole file back in the table's current schema (compaction's input).
 pub fn read_table(
-    table: Table,
+    table: &TableDef,
     f: &ParquetFile,
     remote: Option<&Remote>,
 ) -> Result<Vec<RecordBatch>> {
@@ -463,7 +401,7 @@ pub struct FileSummary {
 }
 
 /// Reads a file's footer (not its data).
-pub fn summary(table: Table, f: &ParquetFile, remote: Option<&Remote>) -> Result<FileSummary> {
+pub fn summary(table: &TableDef, f: &ParquetFile, remote: Option<&Remote>) -> Result<FileSummary> {
     let meta = match remote {
         Some(r) => r.footer(f)?,
         None => {
@@ -616,9 +554,9 @@ mod tests {
             .expect("b")
             .batch;
         let out = prepare(
-            Table::Spans,
+            &crate::table_def::SPANS,
             Layout::Flushed,
-            &Table::Spans.schema(),
+            &crate::table_def::SPANS.schema(),
             &[a, b],
         )
         .expect("prepare");

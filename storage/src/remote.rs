@@ -13,10 +13,10 @@
 
 use std::sync::Arc;
 
+use crate::table_def::TableDef;
 use bytes::Bytes;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use futures::TryStreamExt;
-use meshscope_proto::Table;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -73,7 +73,7 @@ impl Remote {
         &self.url
     }
 
-    fn table_prefix(&self, table: Table) -> ObjPath {
+    fn table_prefix(&self, table: &TableDef) -> ObjPath {
         self.prefix.clone().join(table.name())
     }
 
@@ -87,14 +87,14 @@ impl Remote {
     }
 
     /// Uploads one file.
-    pub(crate) fn put(&self, table: Table, name: &str, bytes: Vec<u8>) -> Result<ObjPath> {
+    pub(crate) fn put(&self, table: &TableDef, name: &str, bytes: Vec<u8>) -> Result<ObjPath> {
         let key = self.table_prefix(table).join(name);
         self.block_on(self.store.put(&key, PutPayload::from(bytes)))?;
         Ok(key)
     }
 
     /// Every Parquet file of `table`, superseded ones included.
-    pub(crate) async fn list_async(&self, table: Table) -> Result<Vec<ParquetFile>> {
+    pub(crate) async fn list_async(&self, table: &TableDef) -> Result<Vec<ParquetFile>> {
         let prefix = self.table_prefix(table);
         let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
         let mut out: Vec<ParquetFile> = metas
@@ -115,7 +115,7 @@ impl Remote {
         Ok(out)
     }
 
-    pub(crate) fn list(&self, table: Table) -> Result<Vec<ParquetFile>> {
+    pub(crate) fn list(&self, table: &TableDef) -> Result<Vec<ParquetFile>> {
         self.block_on(self.list_async(table))
     }
 

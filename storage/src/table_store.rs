@@ -26,8 +26,8 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::table_def::TableDef;
 use arrow::record_batch::RecordBatch;
-use meshscope_proto::Table;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
@@ -75,7 +75,7 @@ impl StoreConfig {
     }
 
     /// Where this node's write-ahead log of `table` lives.
-    pub fn wal_dir(&self, table: Table) -> PathBuf {
+    pub fn wal_dir(&self, table: &TableDef) -> PathBuf {
         let wal = self.data_dir.join("wal");
         if self.writer.is_empty() {
             wal.join(table.name())
@@ -158,7 +158,7 @@ pub(crate) struct State {
 }
 
 pub(crate) struct Shared {
-    pub(crate) table: Table,
+    pub(crate) table: &'static TableDef,
     pub(crate) dir: PathBuf,
     pub(crate) config: StoreConfig,
     state: Mutex<State>,
@@ -231,7 +231,7 @@ impl TableStore {
 
     /// Opens the table for writing: lists its Parquet files, replays the log entries not
     /// yet in one, and starts the writer and flusher threads.
-    pub fn open(table: Table, config: StoreConfig) -> Result<Arc<Self>> {
+    pub fn open(table: &'static TableDef, config: StoreConfig) -> Result<Arc<Self>> {
         TableWriter::open(table, config).map(|w| Self::new(Files::Written(w)))
     }
 
@@ -239,7 +239,7 @@ impl TableStore {
     /// `<data_dir>/<table>/` (or the bucket), listed again each second in the background.
     /// It sees what the collectors have flushed.
     pub fn open_reader(
-        table: Table,
+        table: &'static TableDef,
         data_dir: &Path,
         remote: Option<Arc<Remote>>,
     ) -> Result<Arc<Self>> {
@@ -254,7 +254,7 @@ impl TableStore {
         }
     }
 
-    pub fn table(&self) -> Table {
+    pub fn table(&self) -> &'static TableDef {
         match &self.files {
             Files::Written(w) => w.shared.table,
             Files::Listed(l) => l.table(),
@@ -348,7 +348,7 @@ impl TableStore {
 }
 
 impl TableWriter {
-    fn open(table: Table, config: StoreConfig) -> Result<TableWriter> {
+    fn open(table: &'static TableDef, config: StoreConfig) -> Result<TableWriter> {
         let dir = config.data_dir.join(table.name());
         let remote = config.remote.as_deref();
         let all = match remote {
@@ -820,6 +820,7 @@ fn flusher(shared: &Shared, jobs: Receiver<FlushJob>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table_def::SPANS;
     use meshscope_proto::convert;
     use meshscope_proto::otlp::collector::trace::v1::ExportTraceServiceRequest;
     use meshscope_proto::otlp::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -864,15 +865,15 @@ mod tests {
         let older = current.project(&keep).expect("project");
         assert!(older.column_by_name("mirror").is_none());
         {
-            let (mut wal, _) = Wal::replay(&config.wal_dir(Table::Spans), |_| 1).expect("wal");
+            let (mut wal, _) = Wal::replay(&config.wal_dir(&SPANS), |_| 1).expect("wal");
             wal.append(1, &wal::encode(&older).expect("encode"));
             wal.commit().expect("commit");
         }
-        let store = TableStore::open(Table::Spans, config).expect("open");
+        let store = TableStore::open(&SPANS, config).expect("open");
         let snap = store.snapshot();
         assert_eq!(rows(&snap), 3);
         for b in &snap.batches {
-            assert_eq!(b.schema(), Table::Spans.schema());
+            assert_eq!(b.schema(), SPANS.schema());
             let mirror = b.column_by_name("mirror").expect("mirror column");
             assert_eq!(mirror.null_count(), b.num_rows());
         }
@@ -886,7 +887,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let config = StoreConfig::new(dir.path());
         {
-            let store = TableStore::open(Table::Spans, config.clone()).expect("open");
+            let store = TableStore::open(&SPANS, config.clone()).expect("open");
             store.write(batch(1, 3)).await.expect("write");
             store.write(batch(2, 2)).await.expect("write");
             let snap = store.snapshot();
@@ -909,13 +910,13 @@ mod tests {
             std::mem::forget(store);
         }
         // Reopen: the file holds 5 rows, the log replays the 4 written after it.
-        let store = TableStore::open(Table::Spans, config).expect("reopen");
+        let store = TableStore::open(&SPANS, config).expect("reopen");
         let snap = store.snapshot();
         assert_eq!(snap.files.len(), 1);
         assert_eq!(rows(&snap), 4, "only the unflushed entries are replayed");
         store.close();
-        let store = TableStore::open(Table::Spans, StoreConfig::new(dir.path()))
-            .expect("reopen after close");
+        let store =
+            TableStore::open(&SPANS, StoreConfig::new(dir.path())).expect("reopen after close");
         let snap = store.snapshot();
         assert_eq!(
             (rows(&snap), snap.files.len()),
@@ -929,7 +930,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let mut config = StoreConfig::new(dir.path());
         config.max_buffered_bytes = 1;
-        let store = TableStore::open(Table::Spans, config).expect("open");
+        let store = TableStore::open(&SPANS, config).expect("open");
         let err = store.write(batch(1, 1)).await.expect_err("over the limit");
         assert!(err.is_retryable(), "{err}");
         assert_eq!(store.stats().overloaded.load(Ordering::Relaxed), 1);

@@ -13,15 +13,17 @@
 //! within the sketch's 1%.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
     ArrayRef, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
     TimestampNanosecondBuilder,
 };
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{DateTime, Duration, DurationRound, Utc};
-use meshscope_proto::Table;
+use meshscope_proto::schema::timestamp_type;
 use meshscope_storage::Storage;
+use meshscope_storage::table_def::{FileRules, SortKey, Source, TableDef};
 
 use super::model::{Measure, NodeKind, Signals, USER};
 use super::range::{TimeRange, ts_literal};
@@ -78,6 +80,68 @@ pub struct Key {
     pub version: Option<String>,
     /// For edges: why a proxy answered these requests itself.
     pub reason: Option<String>,
+}
+
+/// The `rollups` table: one row per minute per service, endpoint or edge (and version and
+/// proxy reason), written by the node that serves queries through its own log.
+pub static TABLE: TableDef = TableDef {
+    name: "rollups",
+    schema,
+    time_column: "minute",
+    source: Source::Derived,
+    flushed: FILES,
+    compacted: FILES,
+};
+
+/// Read by kind and source over a range of minutes.
+const FILES: FileRules = FileRules {
+    sort: &[
+        SortKey::Column("kind"),
+        SortKey::Column("source"),
+        SortKey::Column("minute"),
+    ],
+    unique: &[],
+    blooms: &[],
+};
+
+/// The rollups' columns (the contract's `rollups` table).
+pub fn schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let utf8 = |name: &str, nullable| Field::new(name, DataType::Utf8, nullable);
+        let list_of = |name: &str, item| {
+            Field::new(
+                name,
+                DataType::List(Arc::new(Field::new("item", item, true))),
+                true,
+            )
+        };
+        Arc::new(Schema::new(vec![
+            Field::new("minute", timestamp_type(), false),
+            // `service` (a service's own requests), `endpoint` (a service's route) or `edge`.
+            utf8("kind", false),
+            // The service, or the edge's source node.
+            utf8("source", false),
+            // The endpoint, or the edge's target node.
+            utf8("target", true),
+            // For edges: `service` or `virtual`.
+            utf8("target_kind", true),
+            utf8("namespace", true),
+            // For edges: `user` when the source is the entry point, else `service` (null in
+            // rollups written before versions: then `source = 'user'` is the entry point).
+            utf8("source_kind", true),
+            // A service's version, or an edge's callee version (`service.version`).
+            utf8("version", true),
+            // For edges: why a proxy answered these requests itself, when one did.
+            utf8("reason", true),
+            Field::new("requests", DataType::Int64, false),
+            Field::new("errors", DataType::Int64, false),
+            Field::new("latency_sum_ns", DataType::Float64, false),
+            // The latency sketch: bucket keys and their counts (see [`Sketch`]).
+            list_of("sketch_keys", DataType::Int32),
+            list_of("sketch_counts", DataType::Int64),
+        ]))
+    });
+    Arc::clone(&SCHEMA)
 }
 
 /// The background roller.
@@ -144,7 +208,9 @@ impl Rollups {
             written += batch.as_ref().map(|(_, minutes)| *minutes).unwrap_or(0);
             if let Some((batch, _)) = batch {
                 self.storage
-                    .write(Table::Rollups, batch)
+                    .named(TABLE.name)
+                    .ok_or_else(|| QueryError::Internal("the rollups table is not open".into()))?
+                    .write(batch)
                     .await
                     .map_err(|e| QueryError::Internal(format!("writing rollups: {e}")))?;
             }
@@ -337,7 +403,7 @@ fn to_batch(
         Arc::new(keys.finish()),
         Arc::new(counts.finish()),
     ];
-    RecordBatch::try_new(Table::Rollups.schema(), columns)
+    RecordBatch::try_new(schema(), columns)
 }
 
 /// The aggregates of `range` per key, merged over its minutes: the stored rollups of
