@@ -193,42 +193,19 @@ fn traceparent_seeds() -> Vec<Vec<u8>> {
     .to_vec()
 }
 
+/// Every sidecar configuration the README shows (its ```toml blocks that start with
+/// `[service]`), and the smallest one.
 fn toml_seeds() -> Vec<Vec<u8>> {
-    let full = r#"
-[service]
-name = "frontend"
-namespace = "shop"
-version = "v1"
-
-[listen]
-inbound = "127.0.0.1:15006"
-app = "127.0.0.1:8081"
-outbound = "127.0.0.1:15001"
-admin = "127.0.0.1:15000"
-
-[telemetry]
-otlp-endpoint = "http://127.0.0.1:4317"
-batch-interval-ms = 1000
-queue-capacity = 20000
-
-[[destination]]
-name = "cart"
-aliases = ["cart.shop.svc"]
-[[destination.endpoint]]
-address = "127.0.0.1:9001"
-version = "v1"
-weight = 90
-[[destination.endpoint]]
-address = "127.0.0.1:9002"
-version = "v2"
-workload = "cart-v2"
-weight = 10
-[destination.policy]
-timeout-ms = 2000
-retry = { max-retries = 2, backoff-base-ms = 25, backoff-max-ms = 250 }
-"#;
-    let minimal = "[service]\nname = \"a\"\n[listen]\noutbound = \"127.0.0.1:0\"\n";
-    vec![full.as_bytes().to_vec(), minimal.as_bytes().to_vec()]
+    let readme = include_str!("../../README.md");
+    let mut seeds: Vec<Vec<u8>> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter(|block| block.starts_with("[service]"))
+        .filter_map(|block| block.split("```").next())
+        .map(|block| block.as_bytes().to_vec())
+        .collect();
+    seeds.push(b"[service]\nname = \"a\"\n[listen]\noutbound = \"127.0.0.1:0\"\n".to_vec());
+    seeds
 }
 
 fn sql_seeds() -> Vec<Vec<u8>> {

@@ -565,48 +565,21 @@ impl ProxyConfig {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = r#"
-[service]
-name = "frontend"
-namespace = "shop"
-version = "v1"
-
-[listen]
-inbound = "127.0.0.1:15006"
-app = "127.0.0.1:8081"
-outbound = "127.0.0.1:15001"
-admin = "127.0.0.1:15000"
-
-[telemetry]
-otlp-endpoint = "http://127.0.0.1:4317"
-batch-interval-ms = 1000
-queue-capacity = 20000
-max-batch = 512
-export-timeout-ms = 2000
-access-logs = true
-
-[[destination]]
-name = "cart"
-[[destination.endpoint]]
-address = "127.0.0.1:9001"
-version = "v1"
-weight = 90
-[[destination.endpoint]]
-address = "127.0.0.1:9002"
-version = "v2"
-workload = "cart-v2"
-weight = 10
-[destination.policy]
-timeout-ms = 2000
-retry = { max-retries = 2, backoff-base-ms = 25, backoff-max-ms = 250 }
-breaker = { consecutive-failures = 5, open-ms = 5000 }
-rate-limit = { requests-per-sec = 500, burst = 1000 }
-fault = { delay-percent = 10, delay-ms = 50 }
-"#;
+    /// The sidecar configuration the README shows (its ```toml block that starts with
+    /// `[service]`): the documented example must be one the proxy takes.
+    fn readme_example() -> &'static str {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n[service]\n")
+            .map(|i| i + "```toml\n".len())
+            .expect("the README's sidecar example");
+        let len = readme[start..].find("```").expect("its end");
+        &readme[start..start + len]
+    }
 
     #[test]
     fn the_readme_example_parses() {
-        let c = ProxyConfig::parse(EXAMPLE).expect("parse");
+        let c = ProxyConfig::parse(readme_example()).expect("parse");
         assert_eq!(c.service.workload(), "frontend");
         let d = &c.destinations[0];
         assert_eq!(d.endpoints[1].workload.as_deref(), Some("cart-v2"));
@@ -624,7 +597,8 @@ fault = { delay-percent = 10, delay-ms = 50 }
         let no_endpoint = "[service]\nname = \"a\"\n[[destination]]\nname = \"b\"\nendpoint = []\n";
         let e = ProxyConfig::parse(no_endpoint).expect_err("no endpoint");
         assert!(e.to_string().contains("has no endpoint"), "{e}");
-        let bad_fault = EXAMPLE.replace("delay-percent = 10", "delay-percent = 140");
+        let bad_fault = readme_example().replace("delay-percent = 10", "delay-percent = 140");
+        assert_ne!(bad_fault, readme_example());
         let e = ProxyConfig::parse(&bad_fault).expect_err("percent");
         assert!(e.to_string().contains("0–100"), "{e}");
         // A partial table takes the defaults for the rest.
