@@ -20,27 +20,21 @@ use crate::identity::MeshIdentity;
 use crate::outbound::SharedRoutes;
 use crate::telemetry::Telemetry;
 
+/// What the admin listener reads from.
 #[derive(Clone)]
-struct Admin {
-    telemetry: Telemetry,
-    routes: SharedRoutes,
-    mesh: Option<Arc<MeshIdentity>>,
+pub struct Admin {
+    pub telemetry: Telemetry,
+    pub routes: SharedRoutes,
+    pub mesh: Option<Arc<MeshIdentity>>,
+    pub reloads: Arc<crate::Reloads>,
 }
 
-pub fn router(
-    telemetry: Telemetry,
-    routes: SharedRoutes,
-    mesh: Option<Arc<MeshIdentity>>,
-) -> Router {
+pub fn router(admin: Admin) -> Router {
     Router::new()
         .route("/ready", get(|| async { "ready\n" }))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
-        .with_state(Admin {
-            telemetry,
-            routes,
-            mesh,
-        })
+        .with_state(admin)
 }
 
 fn breakers(a: &Admin) -> Vec<(String, &'static str)> {
@@ -69,6 +63,12 @@ async fn stats(State(a): State<Admin>) -> axum::Json<serde_json::Value> {
         .map(|(k, s)| (k, serde_json::json!(s)))
         .collect();
     v["breakers"] = serde_json::Value::Object(b);
+    let r = &a.reloads;
+    v["config"] = serde_json::json!({
+        "reloads": r.applied.load(Ordering::Relaxed),
+        "rejected": r.rejected.load(Ordering::Relaxed),
+        "last_error": r.last_error(),
+    });
     if let Some(m) = &a.mesh {
         v["identity"] = serde_json::json!({
             "spiffe_id": m.id().to_string(),
@@ -91,6 +91,11 @@ impl std::fmt::Debug for Admin {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct SignalLabel {
     signal: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 /// A counter per destination: name, help, and its value for a route (`None`: not
@@ -127,6 +132,22 @@ impl Collector for Admin {
                 family
                     .encode_family(&SignalLabel { signal })?
                     .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+            }
+        }
+        {
+            let mut reloads = enc.encode_descriptor(
+                "meshscope_proxy_config_reloads",
+                "Changes of the config file applied or refused (the previous config kept).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (result, counter) in [
+                ("applied", &self.reloads.applied),
+                ("rejected", &self.reloads.rejected),
+            ] {
+                reloads
+                    .encode_family(&ResultLabel { result })?
+                    .encode_counter::<NoLabelSet, _, u64>(&l(counter), None)?;
             }
         }
         {

@@ -40,8 +40,9 @@ pub mod tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -85,6 +86,36 @@ pub struct Proxy {
     exporter: JoinHandle<()>,
     /// What the control plane's policy this proxy runs (version 0: its file's).
     applied: Arc<std::sync::Mutex<control::Applied>>,
+    reloads: Arc<Reloads>,
+}
+
+/// The config file's reloads, as `/stats` (`config`) and `/metrics`
+/// (`meshscope_proxy_config_reloads_total{result}`) show them.
+#[derive(Debug, Default)]
+pub struct Reloads {
+    /// Changed files that parsed and now run.
+    pub applied: AtomicU64,
+    /// Changed files refused (the previous config kept).
+    pub rejected: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Reloads {
+    /// Why the last refused file was refused (`None` once a later one applied).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn record(&self, outcome: Result<(), String>) {
+        let counter = match &outcome {
+            Ok(()) => &self.applied,
+            Err(_) => &self.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = outcome.err();
+        }
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -92,9 +123,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 impl Proxy {
-    /// Binds the listeners and starts serving. With `path`, the `[[destination]]` tables
-    /// are re-read whenever the file's modification time changes (checked every
-    /// `reload_every`); a file that does not parse is logged and the old registry kept.
+    /// Binds the listeners and starts serving. With `path`, the `[[destination]]` and
+    /// `[[authorization]]` tables are re-read whenever the file's content changes (checked
+    /// twice a second); a file that does not parse is logged, counted in [`Proxy::reloads`]
+    /// and the old registry kept.
     pub async fn start(config: ProxyConfig, path: Option<PathBuf>) -> Result<Proxy, ProxyError> {
         config.validate()?;
         if config.listen.inbound.is_none() && config.listen.outbound.is_none() {
@@ -105,6 +137,7 @@ impl Proxy {
         let routes: SharedRoutes = Arc::new(RwLock::new(Arc::new(Routes::build(&config, None))));
         let authz: layers::authz::SharedAuthz =
             Arc::new(RwLock::new(Arc::new(layers::authz::Authz::build(&config))));
+        let reloads = Arc::new(Reloads::default());
         let (stop_listeners, stop_l) = watch::channel(false);
         let (stop_exporter, stop_e) = watch::channel(false);
         let mut listeners = vec![];
@@ -162,17 +195,26 @@ impl Proxy {
         if let Some(addr) = config.listen.admin {
             let l = server::bind("admin", addr).await?;
             proxy_admin = l.local_addr().ok();
-            let router = admin::router(telemetry.clone(), Arc::clone(&routes), mesh.clone());
+            let router = admin::router(admin::Admin {
+                telemetry: telemetry.clone(),
+                routes: Arc::clone(&routes),
+                mesh: mesh.clone(),
+                reloads: Arc::clone(&reloads),
+            });
             let stop = stopped(stop_l.clone());
             listeners.push(tokio::spawn(async move {
                 let _ = axum::serve(l, router).with_graceful_shutdown(stop).await;
             }));
         }
         if let Some(path) = path {
+            // What runs now, read before `start` returns: a change made after it is seen.
+            let running = tokio::fs::read(&path).await.ok();
             listeners.push(tokio::spawn(watch_file(
                 path,
+                running,
                 Arc::clone(&routes),
                 Arc::clone(&authz),
+                Arc::clone(&reloads),
                 Duration::from_millis(500),
                 stopped(stop_l.clone()),
             )));
@@ -197,6 +239,7 @@ impl Proxy {
             listeners,
             exporter,
             applied: Default::default(),
+            reloads,
         })
     }
 
@@ -263,6 +306,11 @@ impl Proxy {
         )));
     }
 
+    /// How often the config file was reloaded or refused since the start.
+    pub fn reloads(&self) -> &Reloads {
+        &self.reloads
+    }
+
     /// The control plane's policy version this proxy runs, and the last refused one.
     pub fn applied(&self) -> control::Applied {
         self.applied.lock().map(|a| a.clone()).unwrap_or_default()
@@ -296,13 +344,16 @@ fn swap_authz(authz: &layers::authz::SharedAuthz, config: &ProxyConfig) {
 
 async fn watch_file(
     path: PathBuf,
+    running: Option<Vec<u8>>,
     routes: SharedRoutes,
     authz: layers::authz::SharedAuthz,
+    reloads: Arc<Reloads>,
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
-    let mtime = |p: &PathBuf| -> Option<SystemTime> { std::fs::metadata(p).ok()?.modified().ok() };
-    let mut last = mtime(&path);
+    // By content, not modification time: two writes within the file system's mtime
+    // granularity are still two changes.
+    let mut last = running;
     let mut tick = tokio::time::interval(every);
     tokio::pin!(stop);
     loop {
@@ -310,19 +361,27 @@ async fn watch_file(
             _ = tick.tick() => {},
             () = &mut stop => return,
         }
-        let now = mtime(&path);
+        let now = tokio::fs::read(&path).await.ok();
         if now == last {
             continue;
         }
         last = now;
-        match ProxyConfig::load(&path) {
+        let parsed = match &last {
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map_err(|e| format!("not UTF-8: {e}"))
+                .and_then(|text| ProxyConfig::parse(text).map_err(|e| e.to_string())),
+            None => Err("the file cannot be read".to_string()),
+        };
+        match parsed {
             Ok(c) => {
                 swap_routes(&routes, &c);
                 swap_authz(&authz, &c);
                 tracing::info!(path = %path.display(), destinations = c.destinations.len(), rules = c.authorization.len(), "proxy config reloaded");
+                reloads.record(Ok(()));
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "proxy config not reloaded; keeping the previous one")
+                tracing::warn!(path = %path.display(), error = %e, "proxy config not reloaded; keeping the previous one");
+                reloads.record(Err(e));
             }
         }
     }
