@@ -4,7 +4,6 @@
 //! `trace → authz → forward (to the app)`.
 
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
 
 use http::Request;
 use tower::{Service, ServiceBuilder};
@@ -25,13 +24,7 @@ pub struct ToApp<S> {
 }
 
 impl<S: HttpService> Service<Request<Body>> for ToApp<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         req.extensions_mut().insert(Target(self.app));

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
@@ -238,13 +237,7 @@ pub struct Router<S> {
 }
 
 impl<S: HttpService> Service<Request<Body>> for Router<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let route =

@@ -8,7 +8,6 @@
 //! Without rules every request passes unmarked.
 
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 
 use http::{Request, StatusCode};
 use meshscope_identity::{IdentityPattern, SpiffeId};
@@ -105,13 +104,7 @@ pub struct AuthzService<S> {
 }
 
 impl<S: HttpService> Service<Request<Body>> for AuthzService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
         let peer = req

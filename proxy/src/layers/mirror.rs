@@ -7,7 +7,6 @@
 //! own proxy marks on its SERVER span.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request};
 use http_body_util::BodyExt;
@@ -100,13 +99,7 @@ fn copyable(req: &Request<Body>, max: u64) -> Option<u64> {
 }
 
 impl<S: HttpService, T: HttpService + Sync> Service<Request<Body>> for MirrorService<S, T> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
         let Some(policy) = req.extensions().get::<Arc<MirrorPolicy>>().cloned() else {

@@ -14,6 +14,24 @@
 //! `mirror → trace → rate_limit → fault → timeout → breaker → retry → split → forward`
 //! (a mirrored copy goes `trace → split → forward` on a task of its own).
 
+/// The head of every stack service's `impl Service<Request<Body>>`: the stack's types
+/// (never fails, boxed future) and ready as soon as `self.inner` is.
+macro_rules! http_service_head {
+    () => {
+        type Response = http::Response<$crate::layers::Body>;
+        type Error = std::convert::Infallible;
+        type Future = $crate::layers::BoxFuture;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+    };
+}
+pub(crate) use http_service_head;
+
 /// Declares a policy layer: the unit `$layer`, the `$service` it wraps a service in, and
 /// the tower `Service` impl, ready as soon as the inner service is, whose `call` is
 /// `$service::handle` (each layer writes only that).
@@ -37,16 +55,7 @@ macro_rules! policy_layer {
         impl<S: $crate::layers::HttpService> tower::Service<http::Request<$crate::layers::Body>>
             for $service<S>
         {
-            type Response = http::Response<$crate::layers::Body>;
-            type Error = std::convert::Infallible;
-            type Future = $crate::layers::BoxFuture;
-
-            fn poll_ready(
-                &mut self,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Result<(), Self::Error>> {
-                self.inner.poll_ready(cx)
-            }
+            $crate::layers::http_service_head!();
 
             fn call(&mut self, req: http::Request<$crate::layers::Body>) -> Self::Future {
                 self.handle(req)

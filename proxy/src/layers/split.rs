@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -284,13 +283,7 @@ pub struct SplitService<S> {
 }
 
 impl<S: HttpService> Service<Request<Body>> for SplitService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let split = req.extensions().get::<Arc<Split>>().cloned();

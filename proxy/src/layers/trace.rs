@@ -176,13 +176,7 @@ pub struct TraceService<S> {
 pub struct RemoteAddr(pub std::net::SocketAddr);
 
 impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
-    type Response = http::Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    crate::layers::http_service_head!();
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
         let start = SystemTime::now();
