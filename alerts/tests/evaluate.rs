@@ -226,6 +226,14 @@ fn error_rule(for_secs: u64) -> RuleSpec {
     .expect("rule")
 }
 
+/// Rules written as the alerts file's `[[r]]` tables.
+fn rules_toml(text: &str) -> Vec<RuleSpec> {
+    toml::from_str::<BTreeMap<String, Vec<RuleSpec>>>(text)
+        .expect("rules")
+        .remove("r")
+        .expect("r")
+}
+
 fn config(addr: SocketAddr, rules: Vec<RuleSpec>) -> AlertsConfig {
     let mut r = ReceiverConfig::webhook("ops", &format!("http://{addr}/hook"));
     r.hmac_secret = Some("s3cret".into());
@@ -259,6 +267,25 @@ async fn alerting(
     .expect("alerting")
 }
 
+/// Alerting at `t0()` with the test receiver at `addr`, the given rules and no real waits.
+async fn alerting_at_t0(
+    e: &Engine,
+    dir: &Path,
+    addr: SocketAddr,
+    rules: Vec<RuleSpec>,
+) -> (Alerting, ManualClock) {
+    let clock = ManualClock::new(t0());
+    let a = alerting(
+        e,
+        dir,
+        config(addr, rules),
+        &clock,
+        RecordingSleeper::default(),
+    )
+    .await;
+    (a, clock)
+}
+
 fn states(a: &Alerting) -> Vec<String> {
     a.alerts()
         .values()
@@ -275,15 +302,7 @@ async fn pending_firing_resolved_with_exactly_one_notification_each() {
     let traces = e
         .requests("checkout", t0() - chrono::Duration::seconds(30), 20, 8)
         .await;
-    let clock = ManualClock::new(t0());
-    let a = alerting(
-        &e,
-        dir.path(),
-        config(addr, vec![error_rule(30)]),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    let (a, clock) = alerting_at_t0(&e, dir.path(), addr, vec![error_rule(30)]).await;
 
     assert_eq!(a.evaluate().await, 1);
     assert_eq!(states(&a), vec!["pending"]);
@@ -495,7 +514,7 @@ async fn structural_and_sql_rules() {
     e.call("frontend", "cart", now).await;
     e.call("frontend", "payments", now).await; // new this window
     e.call("search", "index", before).await; // gone this window
-    let rules: Vec<RuleSpec> = toml::from_str::<BTreeMap<String, Vec<RuleSpec>>>(
+    let rules: Vec<RuleSpec> = rules_toml(
         r#"
         [[r]]
         name = "new-edge"
@@ -509,19 +528,8 @@ async fn structural_and_sql_rules() {
         name = "busy"
         sql = "SELECT service_name AS service, count(*) AS value, max(trace_id) AS trace_id FROM spans WHERE span_kind = 'SERVER' GROUP BY service_name HAVING count(*) >= 2"
         "#,
-    )
-    .expect("rules")
-    .remove("r")
-    .expect("r");
-    let clock = ManualClock::new(t0());
-    let a = alerting(
-        &e,
-        dir.path(),
-        config(addr, rules),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    );
+    let (a, _clock) = alerting_at_t0(&e, dir.path(), addr, rules).await;
     a.evaluate().await;
     let alerts = a.alerts();
     let by_rule = |r: &str| -> Vec<BTreeMap<String, String>> {
@@ -565,16 +573,8 @@ async fn the_api_validates_persists_and_protects_config_rules() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut e = Engine::open(&dir.path().join("data"));
     e.requests("checkout", t0(), 1, 0).await;
-    let clock = ManualClock::new(t0());
     let (addr, _got) = receiver().await;
-    let a = alerting(
-        &e,
-        dir.path(),
-        config(addr, vec![error_rule(0)]),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    let (a, clock) = alerting_at_t0(&e, dir.path(), addr, vec![error_rule(0)]).await;
     let app = meshscope_alerts::api::router(a.clone());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -824,7 +824,7 @@ async fn endpoints_edges_and_falling_rates() {
         .await;
     e.call("frontend", "cart", t0() - chrono::Duration::seconds(20))
         .await;
-    let rules: Vec<RuleSpec> = toml::from_str::<BTreeMap<String, Vec<RuleSpec>>>(
+    let rules: Vec<RuleSpec> = rules_toml(
         r#"
         [[r]]
         name = "drop"
@@ -853,19 +853,8 @@ async fn endpoints_edges_and_falling_rates() {
         threshold = 2.0
         window-secs = 60
         "#,
-    )
-    .expect("rules")
-    .remove("r")
-    .expect("r");
-    let clock = ManualClock::new(t0());
-    let a = alerting(
-        &e,
-        dir.path(),
-        config(addr, rules),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    );
+    let (a, _clock) = alerting_at_t0(&e, dir.path(), addr, rules).await;
     a.evaluate().await;
     let alerts = a.alerts();
     let of = |rule: &str| -> Vec<&meshscope_alerts::eval::Alert> {
