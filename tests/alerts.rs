@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::Server;
+use common::{Server, now_ns};
 use serde_json::{Value, json};
 
 type Inbox = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
@@ -67,13 +67,6 @@ async fn wait_for<T>(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64
 }
 
 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -239,14 +232,7 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
 
     // The API shows it, with its evidence, and the attempt that delivered it.
     let http = reqwest::Client::new();
-    let alerts: Value = http
-        .get(server.url("/api/v1/alerts?state=firing"))
-        .send()
-        .await
-        .expect("alerts")
-        .json()
-        .await
-        .expect("json");
+    let alerts: Value = server.get_json("/api/v1/alerts?state=firing").await;
     let mine = alerts
         .as_array()
         .expect("array")
@@ -270,7 +256,7 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
     };
     let started = Instant::now();
     loop {
-        let log = deliveries(&http, &server).await;
+        let log = deliveries(&server).await;
         if delivered(&log) {
             break;
         }
@@ -279,14 +265,7 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
     }
 
     // meshscope's own /metrics counts them.
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.get_text("/metrics").await;
     let sample = |name: &str| -> f64 {
         metrics
             .lines()
@@ -345,16 +324,12 @@ async fn webhook_gets_alertmanager_v4_with_evidence_and_structural_alerts() {
     // A restart neither loses the firing alert nor sends it again.
     server.terminate();
     let server = Server::start_with(&dir.path().join("data"), &["--config", &config]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every rule evaluated twice by the new process: a re-send would have happened by then.
+    server
+        .wait_metric(evaluations, 30, |n| n >= 2.0 * RULES as f64)
+        .await;
     assert_eq!(count("checkout-errors"), 1, "not re-sent after the restart");
-    let alerts: Value = http
-        .get(server.url("/api/v1/alerts?rule=checkout-errors"))
-        .send()
-        .await
-        .expect("alerts")
-        .json()
-        .await
-        .expect("json");
+    let alerts: Value = server.get_json("/api/v1/alerts?rule=checkout-errors").await;
     assert_eq!(alerts[0]["state"], "firing", "{alerts}");
 
     // A rule made through the API is evaluated too.
@@ -504,7 +479,7 @@ async fn pushes_to_a_real_alertmanager() {
     assert_eq!(v["version"], "4");
     assert_eq!(v["alerts"][0]["labels"]["service"], "checkout");
 
-    let log = deliveries(&http, &server).await;
+    let log = deliveries(&server).await;
     let first = &log[log.as_array().map(Vec::len).unwrap_or(1) - 1];
     assert_eq!(
         first["receiver"],
@@ -514,14 +489,8 @@ async fn pushes_to_a_real_alertmanager() {
 }
 
 /// `GET /api/v1/alerts/deliveries`: the logged delivery attempts.
-async fn deliveries(http: &reqwest::Client, server: &Server) -> Value {
-    http.get(server.url("/api/v1/alerts/deliveries"))
-        .send()
-        .await
-        .expect("deliveries")
-        .json()
-        .await
-        .expect("json")
+async fn deliveries(server: &Server) -> Value {
+    server.get_json("/api/v1/alerts/deliveries").await
 }
 
 #[test]
@@ -626,10 +595,9 @@ async fn https_receivers_verify_the_certificate_against_the_system_roots_and_a_c
     })
     .await;
     assert_eq!(v["status"], "firing");
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let refused = loop {
-        let log = deliveries(&http, &server).await;
+        let log = deliveries(&server).await;
         let found = log.as_array().and_then(|a| {
             a.iter()
                 .find(|d| d["receiver"] == "untrusted" && d["ok"] == false)

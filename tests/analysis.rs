@@ -51,6 +51,49 @@ struct Mesh {
 }
 
 impl Mesh {
+    fn new(seed: u64, base_ns: u64) -> Mesh {
+        Mesh {
+            rng: Rng(seed),
+            base_ns,
+            spans: Vec::new(),
+        }
+    }
+
+    /// One request `caller → callee` at `start`: a CLIENT span `client_name` (3 ms) and its
+    /// SERVER child `server_name` 0.1 ms later (2 ms), failed when `error`.
+    fn call(
+        &mut self,
+        (caller, client_name): (&'static str, &str),
+        (callee, server_name): (&'static str, &str),
+        start: u64,
+        error: bool,
+    ) {
+        let trace = [self.rng.id8(), self.rng.id8()].concat();
+        let c = self.span(
+            caller,
+            &trace,
+            None,
+            CLIENT,
+            client_name,
+            start,
+            3_000_000,
+            false,
+            vec![],
+        );
+        let at = start + 100_000;
+        self.span(
+            callee,
+            &trace,
+            Some(&c),
+            SERVER,
+            server_name,
+            at,
+            2_000_000,
+            error,
+            vec![],
+        );
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn span(
         &mut self,
@@ -394,16 +437,9 @@ fn close(got: f64, want_ms: f64, what: &str) {
 async fn graph_signals_and_traces_match_the_oracle() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&dir.path().join("data"));
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now_ns = common::now_ns();
     let base_ns = now_ns - 10 * 60 * 1_000_000_000; // 10 minutes ago
-    let mut mesh = Mesh {
-        rng: Rng(0x5eed_1234_abcd_0042),
-        base_ns,
-        spans: Vec::new(),
-    };
+    let mut mesh = Mesh::new(0x5eed_1234_abcd_0042, base_ns);
     for i in 0..1200 {
         mesh.request(i);
     }
@@ -663,38 +699,14 @@ async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
     server
         .wait_metric("meshscope_metrics_windows_total", 20, |w| w >= 1.0)
         .await;
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
-    let mut mesh = Mesh {
-        rng: Rng(7),
-        base_ns: now_ns,
-        spans: Vec::new(),
-    };
+    let now_ns = common::now_ns();
+    let mut mesh = Mesh::new(7, now_ns);
     for i in 0..10u64 {
-        let trace = [mesh.rng.id8(), mesh.rng.id8()].concat();
-        let c = mesh.span(
-            "frontend",
-            &trace,
-            None,
-            CLIENT,
-            "GET cart",
+        mesh.call(
+            ("frontend", "GET cart"),
+            ("cart", "GET /cart"),
             i * 1_000_000,
-            3_000_000,
-            false,
-            vec![],
-        );
-        mesh.span(
-            "cart",
-            &trace,
-            Some(&c),
-            SERVER,
-            "GET /cart",
-            i * 1_000_000 + 100_000,
-            2_000_000,
             i < 2,
-            vec![],
         );
     }
     let mut rng = Rng(3);
@@ -702,12 +714,7 @@ async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let text = loop {
-        let text = reqwest::get(server.url("/metrics"))
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = server.get_text("/metrics").await;
         if text.contains(r#"traces_service_graph_request_total{client="frontend",server="cart",connection_type=""} 10"#) {
             break text;
         }
@@ -737,12 +744,7 @@ fn metric_value(text: &str, series: &str) -> Option<f64> {
 }
 
 async fn metrics_text(server: &Server) -> String {
-    reqwest::get(server.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text")
+    server.get_text("/metrics").await
 }
 
 /// Polls `/metrics` until `done` holds (at most 20 s).
@@ -796,44 +798,15 @@ async fn late_spans_counted_once(ingest: &Server, server: &Server) {
     wait_metrics(server, "the counters never advanced", |t| windows(t) >= 2.0).await;
     let series =
         r#"traces_service_graph_request_total{client="api",server="db-proxy",connection_type=""}"#;
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now_ns = common::now_ns();
     // Three minutes ago, at the start of a minute (so both batches fall in one minute).
     let minute_ns = 60_000_000_000;
     let base_ns = (now_ns - 3 * minute_ns) / minute_ns * minute_ns + 1_000_000_000;
-    let mut mesh = Mesh {
-        rng: Rng(11),
-        base_ns,
-        spans: Vec::new(),
-    };
+    let mut mesh = Mesh::new(11, base_ns);
     let pairs = |mesh: &mut Mesh, n: u64, at_ms: u64| {
         for i in 0..n {
-            let trace = [mesh.rng.id8(), mesh.rng.id8()].concat();
             let t = (at_ms + i) * 1_000_000;
-            let c = mesh.span(
-                "api",
-                &trace,
-                None,
-                CLIENT,
-                "GET db",
-                t,
-                3_000_000,
-                false,
-                vec![],
-            );
-            mesh.span(
-                "db-proxy",
-                &trace,
-                Some(&c),
-                SERVER,
-                "GET /q",
-                t + 100_000,
-                2_000_000,
-                false,
-                vec![],
-            );
+            mesh.call(("api", "GET db"), ("db-proxy", "GET /q"), t, false);
         }
     };
     pairs(&mut mesh, 10, 0);
@@ -872,17 +845,10 @@ async fn rollups_agree_with_raw_spans_within_one_percent() {
         &dir.path().join("data"),
         &["--rollup-delay-secs", "0", "--rollup-interval-secs", "5"],
     );
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now_ns = common::now_ns();
     let minute = 60_000_000_000u64;
     let base_ns = (now_ns - 10 * minute) / minute * minute;
-    let mut mesh = Mesh {
-        rng: Rng(0xfeed),
-        base_ns,
-        spans: Vec::new(),
-    };
+    let mut mesh = Mesh::new(0xfeed, base_ns);
     for i in 0..2400 {
         mesh.request(i); // 50 ms apart: two minutes of traffic
     }
@@ -1044,10 +1010,7 @@ mod mesh_telemetry {
     async fn proxy_metrics_and_access_logs_add_edges_and_sources() {
         let dir = tempfile::tempdir().expect("tmp");
         let server = Server::start(&dir.path().join("data"));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos() as u64;
+        let now = common::now_ns();
         let (t0, t1, t2) = (
             now - 600_000_000_000,
             now - 300_000_000_000,
@@ -1055,34 +1018,13 @@ mod mesh_telemetry {
         );
 
         // Spans: frontend -> cart, 4 requests, so that edge exists from spans too.
-        let mut mesh = Mesh {
-            rng: Rng(11),
-            base_ns: t1,
-            spans: Vec::new(),
-        };
+        let mut mesh = Mesh::new(11, t1);
         for i in 0..4u64 {
-            let trace = [mesh.rng.id8(), mesh.rng.id8()].concat();
-            let c = mesh.span(
-                "frontend",
-                &trace,
-                None,
-                CLIENT,
-                "GET cart",
+            mesh.call(
+                ("frontend", "GET cart"),
+                ("cart", "GET /cart"),
                 i * 1_000_000,
-                3_000_000,
                 false,
-                vec![],
-            );
-            mesh.span(
-                "cart",
-                &trace,
-                Some(&c),
-                SERVER,
-                "GET /cart",
-                i * 1_000_000 + 100_000,
-                2_000_000,
-                false,
-                vec![],
             );
         }
         let mut rng = Rng(1);

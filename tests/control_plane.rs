@@ -110,12 +110,7 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
     // …and it says so: in sync at version 2.
     let deadline = Instant::now() + Duration::from_secs(25);
     loop {
-        let list: Value = reqwest::get(server.url("/api/v1/mesh/proxies"))
-            .await
-            .expect("proxies")
-            .json()
-            .await
-            .expect("json");
+        let list: Value = server.get_json("/api/v1/mesh/proxies").await;
         let me = list
             .as_array()
             .and_then(|l| l.iter().find(|p| p["workload"] == "caller"))
@@ -164,12 +159,7 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
     }
     let (s, v) = put(&server, "[[destination]]\nname = \"shop\"\nendpont = []\n").await;
     assert_eq!(s, 400, "{v}");
-    let current: Value = reqwest::get(server.url("/api/v1/mesh/policy/caller"))
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let current: Value = server.get_json("/api/v1/mesh/policy/caller").await;
     assert_eq!(current["version"], 2);
     answers(&proxy, "shop v2", 1).await;
 
@@ -185,12 +175,7 @@ async fn proxies_follow_the_policy_documents_of_the_control_plane() {
     // The documents outlive the server.
     server.terminate();
     let server = Server::start(&data);
-    let list: Value = reqwest::get(server.url("/api/v1/mesh/policy"))
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let list: Value = server.get_json("/api/v1/mesh/policy").await;
     assert_eq!(list[0]["workload"], "caller", "{list}");
     assert_eq!(list[0]["version"], 3, "{list}");
     let r = reqwest::get(server.url("/api/v1/mesh/policy/nobody"))
@@ -245,12 +230,9 @@ async fn a_policy_directory_is_followed() {
     assert_eq!((s, v["version"].as_u64()), (200, Some(3)), "{v}");
     answers(&proxy, "shop v1", 2).await;
     // The change log says where each version came from.
-    let log: Value = reqwest::get(server.url("/api/v1/mesh/changes?workload=caller"))
-        .await
-        .expect("GET changes")
-        .json()
-        .await
-        .expect("JSON");
+    let log: Value = server
+        .get_json("/api/v1/mesh/changes?workload=caller")
+        .await;
     let sources: Vec<&str> = log
         .as_array()
         .expect("list")

@@ -347,11 +347,7 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
         .args(["-c", &shift])
         .output()
         .expect("sh");
-    assert!(
-        ok.status.success(),
-        "{shift}: {}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    common::assert_success(&ok, &shift);
     assert!(
         String::from_utf8_lossy(&ok.stdout).contains("\"version\":2"),
         "{}",

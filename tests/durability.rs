@@ -165,12 +165,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     // Compactions ran (and were counted) while all this happened.
     let started = std::time::Instant::now();
     loop {
-        let metrics = reqwest::get(server.url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = server.get_text("/metrics").await;
         if !metrics.contains("meshscope_compactions_total{table=\"spans\"} 0") {
             break;
         }
@@ -196,11 +191,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         .args(["-c", &format!("import duckdb; print(duckdb.connect().execute(\"SELECT count(*), count(DISTINCT span_id) FROM read_parquet('{glob}')\").fetchone())")])
         .output()
         .expect("python3");
-    assert!(
-        duck.status.success(),
-        "DuckDB (pip duckdb) reads the files: {}",
-        String::from_utf8_lossy(&duck.stderr)
-    );
+    common::assert_success(&duck, "DuckDB (pip duckdb) reads the files");
     let out = String::from_utf8_lossy(&duck.stdout).trim().to_string();
     assert_eq!(
         out,

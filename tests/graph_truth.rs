@@ -173,10 +173,7 @@ fn assert_unique(g: &Value) {
 async fn one_node_per_service_with_versions_and_proxy_answers() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&dir.path().join("data"));
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now_ns = common::now_ns();
     let mut m = Mesh {
         base_ns: now_ns - 5 * 60 * 1_000_000_000,
         ..Mesh::default()
@@ -398,14 +395,9 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
     }
     let mut graphs = Vec::new();
     for source in ["spans", "rollups"] {
-        let g: Value = http
-            .get(server.url(&format!("/api/v1/graph?{range}&source={source}")))
-            .send()
-            .await
-            .expect("graph")
-            .json()
-            .await
-            .expect("json");
+        let g: Value = server
+            .get_json(&format!("/api/v1/graph?{range}&source={source}"))
+            .await;
         graphs.push((source, g));
     }
     for (source, g) in &graphs {
@@ -486,14 +478,9 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
     assert_eq!(ci["requests"], 4, "{g}");
 
     // Endpoints: Envoy's `ingress` spans are named by their URL's path.
-    let svc: Value = http
-        .get(server.url(&format!("/api/v1/services/inventory?{range}")))
-        .send()
-        .await
-        .expect("service")
-        .json()
-        .await
-        .expect("json");
+    let svc: Value = server
+        .get_json(&format!("/api/v1/services/inventory?{range}"))
+        .await;
     let endpoints: Vec<&str> = svc["endpoints"]
         .as_array()
         .unwrap_or_else(|| panic!("{svc}"))

@@ -663,12 +663,7 @@ async fn overload_is_a_retryable_answer_not_unbounded_memory() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.message().contains("retry later"), "{err}");
     assert_eq!(server.scalar("SELECT count(*) FROM spans").await, 0);
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.get_text("/metrics").await;
     assert!(
         metrics.contains(r#"meshscope_ingest_refused_requests_total{table="spans"} 2"#),
         "{metrics}"
@@ -693,11 +688,7 @@ fn overload_is_refused_retryably_and_every_acknowledged_span_is_kept() {
         .output()
         .expect("meshscope bench overload");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, &format!("{text}\n"));
     let line = |key: &str| {
         text.lines()
             .find(|l| l.starts_with(key))

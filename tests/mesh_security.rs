@@ -33,11 +33,7 @@ fn token_file(server: &Server, dir: &Path, namespace: &str, workloads: &[&str]) 
         cmd.args(["--workload", w]);
     }
     let out = cmd.output().expect("meshscope identity token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "meshscope identity token");
     let token = String::from_utf8(out.stdout)
         .expect("utf-8")
         .trim()
@@ -278,12 +274,7 @@ async fn the_mesh_ca_signs_what_a_token_covers_refuses_the_rest_and_keeps_its_ro
 
     // openssl agrees: the leaf chains to the root, names the SPIFFE ID, serves both ends.
     let root = dir.path().join("root.pem");
-    let anchors = reqwest::get(server.url("/api/v1/identity/trust-anchors"))
-        .await
-        .expect("trust anchors")
-        .text()
-        .await
-        .expect("pem");
+    let anchors = server.get_text("/api/v1/identity/trust-anchors").await;
     assert_eq!(anchors, issued["trust_anchors"].as_str().expect("anchors"));
     std::fs::write(&root, &anchors).expect("root");
     let verify = openssl(
@@ -396,12 +387,7 @@ async fn the_mesh_ca_signs_what_a_token_covers_refuses_the_rest_and_keeps_its_ro
     }
     server.terminate();
     let again = Server::start(&data);
-    let anchors_again = reqwest::get(again.url("/api/v1/identity/trust-anchors"))
-        .await
-        .expect("trust anchors")
-        .text()
-        .await
-        .expect("pem");
+    let anchors_again = again.get_text("/api/v1/identity/trust-anchors").await;
     assert_eq!(anchors_again, anchors, "the root survives a restart");
 }
 
@@ -456,12 +442,7 @@ window-secs = 60
 async fn wait_alert(server: &Server, rule: &str, source: &str, target: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let alerts: Value = reqwest::get(server.url("/api/v1/alerts?state=firing"))
-            .await
-            .expect("alerts")
-            .json()
-            .await
-            .expect("json");
+        let alerts: Value = server.get_json("/api/v1/alerts?state=firing").await;
         let found = alerts.as_array().and_then(|a| {
             a.iter()
                 .find(|x| {
@@ -493,12 +474,7 @@ fn edge<'a>(g: &'a Value, source: &str, target: &str) -> Option<&'a Value> {
 async fn wait_graph(server: &Server, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let g: Value = reqwest::get(server.url("/api/v1/graph"))
-            .await
-            .expect("graph")
-            .json()
-            .await
-            .expect("json");
+        let g: Value = server.get_json("/api/v1/graph").await;
         if ok(&g) || Instant::now() > deadline {
             return g;
         }
@@ -753,12 +729,7 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     assert_eq!((mtls, plain), (1, 0), "{mtls_rows}");
     let alert = wait_alert(&server, "denied", "frontend", "payments").await;
     assert_eq!(alert["evidence"]["value"], 1.0, "{alert}");
-    let none: Value = reqwest::get(server.url("/api/v1/alerts?state=firing"))
-        .await
-        .expect("alerts")
-        .json()
-        .await
-        .expect("json");
+    let none: Value = server.get_json("/api/v1/alerts?state=firing").await;
     assert!(
         !none.to_string().contains("plaintext-in-the-mesh"),
         "all of it was mTLS: {none}"
@@ -1044,11 +1015,7 @@ async fn spans_alone_say_how_an_edge_is_secured() {
     use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&dir.path().join("data"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64
-        - 60_000_000_000;
+    let now = common::now_ns() - 60_000_000_000;
     let id = |w: &str| format!("spiffe://{TD}/ns/shop/sa/{w}");
     let span = |trace: u8, span: u8, parent: Option<u8>, kind: SpanKind, attrs: Vec<_>| Span {
         trace_id: vec![trace; 16],
@@ -1131,10 +1098,7 @@ async fn access_logs_fill_the_edges_the_metrics_do_not_cover() {
         200
     );
     // A legacy sidecar of another make, logging its calls only, in plaintext.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now = common::now_ns();
     let record = LogRecord {
         time_unix_nano: now,
         attributes: vec![

@@ -70,11 +70,7 @@ impl S3 {
             .args(["-c", &script])
             .output()
             .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out, "python3 (boto3)");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -191,19 +187,13 @@ async fn parquet_lives_on_s3_through_flushes_compactions_restarts_and_split_role
         (chrono::Utc::now() + chrono::Duration::minutes(m))
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     };
-    let client = reqwest::Client::new();
-    let graph: serde_json::Value = client
-        .get(server.url(&format!(
+    let graph = server
+        .get_json(&format!(
             "/api/v1/graph?source=spans&start={}&end={}",
             at(-30),
             at(1)
-        )))
-        .send()
-        .await
-        .expect("graph")
-        .json()
-        .await
-        .expect("graph json");
+        ))
+        .await;
     let requests = graph["edges"]
         .as_array()
         .and_then(|edges| {
@@ -215,14 +205,7 @@ async fn parquet_lives_on_s3_through_flushes_compactions_restarts_and_split_role
     assert_eq!(requests, Some(350), "{graph}");
     // And a trace by id, through the S3 file's statistics and bloom filter.
     let trace = hex::encode([5u64.to_be_bytes(), [3; 8]].concat());
-    let found: serde_json::Value = client
-        .get(server.url(&format!("/api/v1/traces/{trace}")))
-        .send()
-        .await
-        .expect("trace")
-        .json()
-        .await
-        .expect("trace json");
+    let found: serde_json::Value = server.get_json(&format!("/api/v1/traces/{trace}")).await;
     assert_eq!(found["spans"].as_array().map(Vec::len), Some(1), "{found}");
     server.terminate();
 

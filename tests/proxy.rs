@@ -295,12 +295,7 @@ async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_acces
     assert!(m >= 1);
 
     // The graph pairs the spans into edges user → a → b → c.
-    let graph: Value = reqwest::get(server.url("/api/v1/graph"))
-        .await
-        .expect("graph")
-        .json()
-        .await
-        .expect("json");
+    let graph: Value = server.get_json("/api/v1/graph").await;
     let edges: Vec<(String, String)> = graph["edges"]
         .as_array()
         .expect("edges")
@@ -391,12 +386,7 @@ async fn proxy_metrics(p: &Proxy) -> String {
 
 /// The graph's edge `source → target` (default range), `Null` when absent.
 async fn graph_edge(server: &Server, source: &str, target: &str) -> Value {
-    let graph: Value = reqwest::get(server.url("/api/v1/graph"))
-        .await
-        .expect("graph")
-        .json()
-        .await
-        .expect("json");
+    let graph: Value = server.get_json("/api/v1/graph").await;
     graph["edges"]
         .as_array()
         .and_then(|l| {
@@ -699,7 +689,7 @@ async fn policy_changes_in_the_file_apply_without_a_restart() {
             &path,
             format!(
                 "[service]\nname = \"caller\"\n[listen]\noutbound = \"127.0.0.1:0\"\n\
-                 [[destination]]\nname = \"leaf\"\nendpoint = [{{ address = \"{addr}\" }}]\n\
+                 admin = \"127.0.0.1:0\"\n[[destination]]\nname = \"leaf\"\nendpoint = [{{ address = \"{addr}\" }}]\n\
                  policy = {{ fault = {{ abort-percent = {abort}, abort-status = 429 }} }}\n"
             ),
         )
@@ -712,22 +702,46 @@ async fn policy_changes_in_the_file_apply_without_a_restart() {
     let out = p.outbound.expect("out");
     let client = reqwest::Client::new();
     assert_eq!(get_via(&client, out, "leaf").await.0, 200);
-    // mtime granularity: make sure the change is seen as one.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     write(100);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut status = 200;
-    while Instant::now() < deadline && status != 429 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = get_via(&client, out, "leaf").await.0;
-    }
-    assert_eq!(status, 429, "the new fault policy applies");
-    // A broken file keeps the last good config.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    wait_until("the changed file is applied", || {
+        p.reloads().applied.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        get_via(&client, out, "leaf").await.0,
+        429,
+        "the new fault policy applies"
+    );
+    // A broken file keeps the last good config, and says why.
     std::fs::write(&path, "not toml [").expect("write");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    wait_until("the broken file is refused", || {
+        p.reloads().rejected.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let why = p.reloads().last_error().unwrap_or_default();
+    assert!(why.contains("TOML") || why.contains("expected"), "{why}");
     assert_eq!(get_via(&client, out, "leaf").await.0, 429);
+    let s = stats(&p).await;
+    assert_eq!(s["config"]["reloads"], 1, "{s}");
+    assert_eq!(s["config"]["rejected"], 1, "{s}");
+    assert_eq!(s["config"]["last_error"], why.as_str());
+    let text = proxy_metrics(&p).await;
+    for line in [
+        "meshscope_proxy_config_reloads_total{result=\"applied\"} 1",
+        "meshscope_proxy_config_reloads_total{result=\"rejected\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
+    }
     p.stop().await;
+}
+
+/// Polls `done` every 20 ms for up to 10 s.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1185,12 +1199,9 @@ GROUP BY 1";
     assert!(row[5].as_f64().unwrap() >= 2000.0, "the shadow's 2 s: {v}");
     assert!(row[4].as_f64().unwrap() < 1000.0, "{v}");
     // The same through the API, per caller, destination and route.
-    let m: Value = reqwest::get(server.url("/api/v1/mirrors?source=caller&target=checkout"))
-        .await
-        .expect("mirrors")
-        .json()
-        .await
-        .expect("json");
+    let m: Value = server
+        .get_json("/api/v1/mirrors?source=caller&target=checkout")
+        .await;
     let m = &m[0];
     assert_eq!(m["route"], "all", "{m}");
     assert_eq!(m["pairs"].as_u64(), Some(mirrored), "{m}");
@@ -1233,12 +1244,7 @@ GROUP BY 1";
         graph_edge(&server, "caller", "checkout-shadow").await,
         Value::Null
     );
-    let services: Value = reqwest::get(server.url("/api/v1/services"))
-        .await
-        .expect("services")
-        .json()
-        .await
-        .expect("json");
+    let services: Value = server.get_json("/api/v1/services").await;
     let shadow_served = services
         .as_array()
         .and_then(|l| l.iter().find(|s| s["name"] == "checkout-shadow"))

@@ -266,11 +266,7 @@ async fn tokens_with_scopes_guard_every_listener() {
     let sql = "SELECT count(*) FROM spans WHERE service_name LIKE '%with-token'";
     let login = |user: &str, password: &str| psql(&server, user, Some(password), &[], sql);
     let out = login("grafana", READ);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "psql as grafana");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
     let out = login("grafana", "wrong");
     assert!(!out.status.success());
@@ -336,14 +332,7 @@ async fn tokens_with_scopes_guard_every_listener() {
         let v = server.metric(series).await;
         assert!(v.is_some_and(|v| v >= at_least), "{series} = {v:?}");
     }
-    let metrics = server
-        .authorized(http.get(server.url("/metrics")))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.get_text("/metrics").await;
     let log = std::fs::read_to_string(&server.log).expect("log");
     for secret in [INGEST, READ, ADMIN] {
         assert!(!metrics.contains(secret) && !log.contains(secret));
@@ -513,10 +502,7 @@ async fn the_bundled_proxy_exports_with_its_token_file() {
 /// `n` SERVER spans of `service`, posted over OTLP/HTTP in one request.
 async fn load_spans(server: &Server, service: &str, n: usize) {
     use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
+    let now = common::now_ns();
     let spans = (0..n)
         .map(|i| OtlpSpan {
             trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
@@ -738,13 +724,10 @@ async fn a_malformed_postgres_message_ends_only_its_connection() {
     let _ = s.read_to_end(&mut rest);
     // The server answered with an error or closed; either way it still serves.
     let out = psql(&server, "meshscope", None, &[], "SELECT 41 + 1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "psql after the malformed Parse");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
-    // (The contained panic is still printed by the panic hook: third_party/pgwire's README.)
+    // (The decoder reads only the message's own 11 bytes and reports them malformed; no
+    // panic: third_party/pgwire's README.)
     let mut server = server;
     assert!(server.is_running());
 }

@@ -149,11 +149,7 @@ async fn postgres_wire_with_psql_and_a_driver() {
             .expect("psql (Debian postgresql-client)")
     };
     let out = psql("SELECT service_name, span_attributes['my.span.attr'] FROM spans");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "psql");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "my.service|some value"

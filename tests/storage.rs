@@ -110,15 +110,6 @@ async fn export(otlp_http: &str, service: &str, spans: &[Span]) {
     }
 }
 
-async fn get(server: &Server, path: &str) -> Value {
-    reqwest::get(server.url(path))
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json")
-}
-
 /// (source, target) → (requests, errors, p99 in µs).
 type Edges = BTreeMap<(String, String), (i64, i64, i64)>;
 
@@ -217,8 +208,8 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
     assert!(fresh < Duration::from_secs(5), "visible after {fresh:?}");
 
     // Same answers as serve: graph, services, SQL.
-    let (qe, qn) = edges(&get(&query, "/api/v1/graph").await);
-    let (se, sn) = edges(&get(&serve, "/api/v1/graph").await);
+    let (qe, qn) = edges(&query.get_json("/api/v1/graph").await);
+    let (se, sn) = edges(&serve.get_json("/api/v1/graph").await);
     assert_eq!(qn, sn, "same nodes");
     assert_eq!(qe, se, "same edges, counts, errors and p99");
     assert_eq!(qe[&("frontend".to_string(), "cart".to_string())].0, 400);
@@ -257,12 +248,7 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let metrics = reqwest::get(c1.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c1.get_text("/metrics").await;
     assert!(
         !metrics.contains("meshscope_compactions_total{table=\"spans\"} 0"),
         "c1 counts its compactions"
@@ -308,11 +294,7 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
         .args(["-c", &script])
         .output()
         .expect("python3");
-    assert!(
-        out.status.success(),
-        "DuckDB and pyarrow read the compacted files: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "DuckDB and pyarrow read the compacted files");
     let out = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(ours.join(",").as_str()), "DuckDB");
@@ -384,12 +366,7 @@ async fn retention_removes_old_files_and_counts_them() {
             .await,
         25
     );
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.get_text("/metrics").await;
     assert!(
         metrics.contains("meshscope_retention_removed_rows_total{table=\"spans\"} 40"),
         "{}",

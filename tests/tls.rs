@@ -15,11 +15,7 @@ use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, &format!("{cmd:?}"));
     out
 }
 
@@ -248,11 +244,7 @@ async fn every_listener_speaks_tls() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = psql("verify-full");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_success(&out, "psql sslmode=verify-full");
         if String::from_utf8_lossy(&out.stdout).trim() == "2" {
             break;
         }
@@ -299,11 +291,7 @@ async fn client_certificates_are_required_with_a_client_ca() {
         s(&client_key),
         &url,
     ]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    common::assert_success(&ok, "curl with a client certificate");
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "ok");
     let none = curl(&["--cacert", s(&ca), &url]);
     assert!(
@@ -416,11 +404,7 @@ async fn tls_auto_serves_every_listener_with_a_certificate_from_the_mesh_ca() {
         .args(["-X", "-A", "-t", "-c", "SELECT 1"])
         .output()
         .expect("psql");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "psql sslmode=verify-full");
     let first = std::fs::read_to_string(data.join("ca/server.pem")).expect("server.pem");
     let root_pem = std::fs::read_to_string(&root).expect("root");
     server.terminate();

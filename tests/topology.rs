@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::Server;
 use common::otlp::{kv, post, traces, traces_of};
+use common::{Server, now_ns};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
@@ -249,13 +249,6 @@ async fn meshscope_tap_prints_requests_in_the_terminal() {
     );
     assert!(lines[1].contains("GET /cart/8  :status=503"), "{stdout}");
     assert!(stderr.contains("tap ended"), "{stderr}");
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64
 }
 
 fn rfc3339(ns: u64) -> String {

@@ -10,11 +10,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::Server;
 use common::browser::Browser;
 use common::mesh::big_mesh;
+use common::{Server, now_ns};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------
@@ -58,13 +58,6 @@ struct SpanSpec<'a> {
     dur_ms: u64,
     error: bool,
     attrs: Vec<Value>,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64
 }
 
 /// OTLP/JSON for every trace, one resource per service.

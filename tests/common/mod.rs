@@ -206,6 +206,28 @@ impl Server {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// The body of a `GET` (with the server's token, if it has one), which must answer.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.authorized(reqwest::Client::new().get(self.url(path)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} body: {e}"))
+    }
+
+    /// A `GET` (with the server's token, if it has one) that must answer JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.authorized(reqwest::Client::new().get(self.url(path)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+    }
+
     /// Waits (at most `secs`) until the series is present and `done` holds for its value;
     /// returns the value.
     pub async fn wait_metric(&self, series: &str, secs: u64, done: impl Fn(f64) -> bool) -> f64 {
@@ -268,6 +290,24 @@ pub fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other("bad answer"))
+}
+
+/// Now, in nanoseconds since the epoch (OTLP's time).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+}
+
+/// Asserts that a finished command succeeded, showing `what` and its stderr if not.
+pub fn assert_success(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The shared OTLP/JSON examples (`shared/testdata/otlp-json`).
