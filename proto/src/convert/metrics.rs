@@ -11,7 +11,8 @@ use arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Metric, exponential_histogram_data_point::Buckets, metric::Data,
+    AggregationTemporality, ExponentialHistogramDataPoint, HistogramDataPoint, Metric,
+    NumberDataPoint, SummaryDataPoint, exponential_histogram_data_point::Buckets, metric::Data,
     number_data_point,
 };
 
@@ -61,6 +62,27 @@ struct Point<'a> {
     attributes: &'a [KeyValue],
     start: u64,
     time: u64,
+}
+
+impl<'a> Point<'a> {
+    fn of(
+        metric: &'a Metric,
+        kind: &'static str,
+        monotonic: Option<bool>,
+        temporality: Option<&'static str>,
+        dp: &'a dyn DataPoint,
+    ) -> Point<'a> {
+        let (start, time) = dp.times();
+        Point {
+            metric,
+            kind,
+            monotonic,
+            temporality,
+            attributes: dp.attributes(),
+            start,
+            time,
+        }
+    }
 }
 
 /// An exponential histogram's scale, zero count, zero threshold and bucket ranges.
@@ -245,6 +267,31 @@ impl Rows {
     }
 }
 
+/// What every kind of OTLP data point has: its attributes and its two times.
+trait DataPoint {
+    fn attributes(&self) -> &[KeyValue];
+    fn times(&self) -> (u64, u64);
+}
+
+macro_rules! data_point {
+    ($($t:ty),*) => {$(
+        impl DataPoint for $t {
+            fn attributes(&self) -> &[KeyValue] {
+                &self.attributes
+            }
+            fn times(&self) -> (u64, u64) {
+                (self.start_time_unix_nano, self.time_unix_nano)
+            }
+        }
+    )*};
+}
+data_point!(
+    NumberDataPoint,
+    HistogramDataPoint,
+    ExponentialHistogramDataPoint,
+    SummaryDataPoint
+);
+
 fn temporality(t: i32) -> Option<&'static str> {
     match AggregationTemporality::try_from(t).ok()? {
         AggregationTemporality::Delta => Some("delta"),
@@ -280,26 +327,13 @@ pub fn metrics(req: &ExportMetricsServiceRequest) -> Result<Converted, ArrowErro
                         rows.push(&svc, rattrs, scope, p, v);
                     }
                 };
-                let point = |kind, monotonic, temporality, attributes, start, time| Point {
-                    metric: m,
-                    kind,
-                    monotonic,
-                    temporality,
-                    attributes,
-                    start,
-                    time,
+                let point = |kind, monotonic, temporality, dp| {
+                    Point::of(m, kind, monotonic, temporality, dp)
                 };
                 match &m.data {
                     Some(Data::Gauge(g)) => {
                         for dp in &g.data_points {
-                            let p = point(
-                                "gauge",
-                                None,
-                                None,
-                                &dp.attributes,
-                                dp.start_time_unix_nano,
-                                dp.time_unix_nano,
-                            );
+                            let p = point("gauge", None, None, dp);
                             push(
                                 p,
                                 Values {
@@ -312,14 +346,7 @@ pub fn metrics(req: &ExportMetricsServiceRequest) -> Result<Converted, ArrowErro
                     Some(Data::Sum(s)) => {
                         let t = temporality(s.aggregation_temporality);
                         for dp in &s.data_points {
-                            let p = point(
-                                "sum",
-                                Some(s.is_monotonic),
-                                t,
-                                &dp.attributes,
-                                dp.start_time_unix_nano,
-                                dp.time_unix_nano,
-                            );
+                            let p = point("sum", Some(s.is_monotonic), t, dp);
                             push(
                                 p,
                                 Values {
@@ -332,14 +359,7 @@ pub fn metrics(req: &ExportMetricsServiceRequest) -> Result<Converted, ArrowErro
                     Some(Data::Histogram(h)) => {
                         let t = temporality(h.aggregation_temporality);
                         for dp in &h.data_points {
-                            let p = point(
-                                "histogram",
-                                None,
-                                t,
-                                &dp.attributes,
-                                dp.start_time_unix_nano,
-                                dp.time_unix_nano,
-                            );
+                            let p = point("histogram", None, t, dp);
                             push(
                                 p,
                                 Values {
@@ -357,14 +377,7 @@ pub fn metrics(req: &ExportMetricsServiceRequest) -> Result<Converted, ArrowErro
                     Some(Data::ExponentialHistogram(h)) => {
                         let t = temporality(h.aggregation_temporality);
                         for dp in &h.data_points {
-                            let p = point(
-                                "exponential_histogram",
-                                None,
-                                t,
-                                &dp.attributes,
-                                dp.start_time_unix_nano,
-                                dp.time_unix_nano,
-                            );
+                            let p = point("exponential_histogram", None, t, dp);
                             push(
                                 p,
                                 Values {
@@ -386,14 +399,7 @@ pub fn metrics(req: &ExportMetricsServiceRequest) -> Result<Converted, ArrowErro
                     }
                     Some(Data::Summary(s)) => {
                         for dp in &s.data_points {
-                            let p = point(
-                                "summary",
-                                None,
-                                None,
-                                &dp.attributes,
-                                dp.start_time_unix_nano,
-                                dp.time_unix_nano,
-                            );
+                            let p = point("summary", None, None, dp);
                             push(
                                 p,
                                 Values {
