@@ -277,6 +277,44 @@ async fn tokens_with_scopes_guard_every_listener() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not have the read scope"), "{err}");
 
+    // A token given by its plaintext secret logs in with SCRAM-SHA-256: through a relay
+    // that keeps every byte, the server asks for SCRAM and the secret never crosses the
+    // wire; a wrong secret fails the proof. `grafana` (by its SHA-256) asked for a
+    // cleartext password above, which the relay shows too.
+    let (relay, wire) = wire_tap(server.pg).await;
+    let via_relay = |user: &str, password: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={relay} user={user} dbname=meshscope sslmode=disable"
+            ))
+            .args(["-X", "-A", "-t", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql")
+    };
+    let out = via_relay("ops", ADMIN);
+    common::assert_success(&out, "psql as ops over SCRAM");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    let (to_server, to_client) = wire.take();
+    assert!(contains(&to_client, b"SCRAM-SHA-256"), "SCRAM offered");
+    assert!(contains(&to_server, b"SCRAM-SHA-256"), "SCRAM chosen");
+    assert!(
+        !contains(&to_server, ADMIN.as_bytes()),
+        "the secret crossed the wire"
+    );
+    let out = via_relay("ops", "not-the-secret-of-ops");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password authentication failed"), "{err}");
+    let out = via_relay("grafana", READ);
+    common::assert_success(&out, "psql as grafana, cleartext");
+    let (to_server, _) = wire.take();
+    assert!(
+        contains(&to_server, READ.as_bytes()),
+        "cleartext password sent"
+    );
+
     // Each refusal is counted by listener and reason, each acceptance by token name; no
     // secret appears in /metrics or the log.
     for (series, at_least) in [
@@ -310,7 +348,7 @@ async fn tokens_with_scopes_guard_every_listener() {
         ),
         (
             "meshscope_auth_failures_total{surface=\"postgres\",reason=\"invalid\"}",
-            1.0,
+            2.0,
         ),
         (
             "meshscope_auth_failures_total{surface=\"postgres\",reason=\"scope\"}",
@@ -326,6 +364,10 @@ async fn tokens_with_scopes_guard_every_listener() {
         ),
         (
             "meshscope_auth_accepted_total{token=\"grafana\",surface=\"postgres\"}",
+            2.0,
+        ),
+        (
+            "meshscope_auth_accepted_total{token=\"ops\",surface=\"postgres\"}",
             1.0,
         ),
     ] {
@@ -338,6 +380,59 @@ async fn tokens_with_scopes_guard_every_listener() {
         assert!(!metrics.contains(secret) && !log.contains(secret));
     }
     assert!(log.contains("refused a request"), "{log}");
+}
+
+/// The bytes a [`wire_tap`] saw: to the server, to the client.
+#[derive(Clone, Default)]
+struct Wire(std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u8>)>>);
+
+impl Wire {
+    /// What crossed since the last call.
+    fn take(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut w = self.0.lock().expect("wire");
+        (std::mem::take(&mut w.0), std::mem::take(&mut w.1))
+    }
+}
+
+/// A TCP relay on a free loopback port in front of `port`, keeping every byte each way.
+async fn wire_tap(port: u16) -> (u16, Wire) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay = l.local_addr().expect("addr").port();
+    let wire = Wire::default();
+    let kept = wire.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (c, s) = (client.into_split(), server.into_split());
+            for (mut from, mut to, to_server) in [(c.0, s.1, true), (s.0, c.1, false)] {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while let Ok(n @ 1..) = from.read(&mut buf).await {
+                        {
+                            let mut w = kept.0.lock().expect("wire");
+                            let side = if to_server { &mut w.0 } else { &mut w.1 };
+                            side.extend_from_slice(&buf[..n]);
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown().await;
+                });
+            }
+        }
+    });
+    (relay, wire)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// `meshscope serve` with `args`, expected to exit at start-up; its stderr.

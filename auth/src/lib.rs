@@ -188,6 +188,8 @@ impl fmt::Display for Denied {
 struct Token {
     name: String,
     digest: [u8; 32],
+    /// For SCRAM-SHA-256 logins: made at load from a plaintext `secret`.
+    scram: Option<ScramKey>,
     scopes: Vec<Scope>,
     /// Requests it was accepted for, per [`Surface::ALL`].
     accepted: [AtomicU64; 4],
@@ -227,6 +229,48 @@ pub struct Accepted {
     pub token: String,
     pub surface: Surface,
     pub requests: u64,
+}
+
+/// What a SCRAM-SHA-256 server keeps of a secret (RFC 5802, RFC 7677): a salt of its own
+/// and `SaltedPassword = Hi(secret, salt, SCRAM_ITERATIONS)`; never the secret.
+#[derive(Clone)]
+pub struct ScramKey {
+    pub salt: [u8; 16],
+    pub salted_password: [u8; 32],
+}
+
+impl fmt::Debug for ScramKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ScramKey(…)")
+    }
+}
+
+/// The PBKDF2 iterations of [`ScramKey`] (PostgreSQL's default).
+pub const SCRAM_ITERATIONS: u32 = 4096;
+
+impl ScramKey {
+    /// The key of `secret` under a fresh random salt. `None` for a secret that is not
+    /// printable ASCII: SASLprep would change it, and client and server could disagree.
+    fn derive(secret: &str) -> Option<ScramKey> {
+        use ring::rand::SecureRandom as _;
+        if !secret.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return None;
+        }
+        let mut salt = [0u8; 16];
+        ring::rand::SystemRandom::new().fill(&mut salt).ok()?;
+        let mut salted_password = [0u8; 32];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(SCRAM_ITERATIONS)?,
+            &salt,
+            secret.as_bytes(),
+            &mut salted_password,
+        );
+        Some(ScramKey {
+            salt,
+            salted_password,
+        })
+    }
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -296,6 +340,7 @@ impl Auth {
             if tokens.iter().any(|t| t.name == name) {
                 return Err(token_error(name, "given twice"));
             }
+            let scram = spec.secret.as_deref().and_then(ScramKey::derive);
             let digest = match (&spec.secret, &spec.secret_sha256) {
                 (Some(secret), None) => {
                     if secret.is_empty() {
@@ -334,6 +379,7 @@ impl Auth {
             tokens.push(Token {
                 name: spec.name,
                 digest,
+                scram,
                 scopes: spec.scopes,
                 accepted: Default::default(),
             });
@@ -381,6 +427,36 @@ impl Auth {
             return Ok(None);
         };
         let outcome = inner.verify(password, Some(user), scope);
+        inner.count(surface, outcome)
+    }
+
+    /// The SCRAM-SHA-256 key of the token named `user`, when it was given by its plaintext
+    /// `secret` (a `secret-sha256` token logs in with a cleartext password).
+    pub fn scram_key(&self, user: &str) -> Option<&ScramKey> {
+        let inner = self.inner.as_ref()?;
+        inner
+            .tokens
+            .iter()
+            .find(|t| t.name == user)
+            .and_then(|t| t.scram.as_ref())
+    }
+
+    /// Records a SCRAM login of `user` whose proof was (`proved`) or was not checked against
+    /// [`Auth::scram_key`], and checks the token's scope, as [`Auth::check_login`] does.
+    pub fn check_scram_login(
+        &self,
+        surface: Surface,
+        user: &str,
+        proved: bool,
+        scope: Scope,
+    ) -> Result<Option<&str>, Denied> {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        let outcome = match inner.tokens.iter().position(|t| t.name == user) {
+            Some(i) if proved => inner.in_scope(i, scope),
+            _ => Err(Denied::Invalid),
+        };
         inner.count(surface, outcome)
     }
 
@@ -455,10 +531,15 @@ impl Inner {
             }
         }
         let i = found.ok_or(Denied::Invalid)?;
-        let t = &self.tokens[i];
-        if user.is_some_and(|u| u != t.name) {
+        if user.is_some_and(|u| u != self.tokens[i].name) {
             return Err(Denied::Invalid);
         }
+        self.in_scope(i, scope)
+    }
+
+    /// Token `i`, when it has `scope`.
+    fn in_scope(&self, i: usize, scope: Scope) -> Result<usize, Denied> {
+        let t = &self.tokens[i];
         if !t.scopes.iter().any(|s| s.covers(scope)) {
             return Err(Denied::Forbidden {
                 token: t.name.clone(),
@@ -563,6 +644,53 @@ mod tests {
             },
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn scram_logins_need_a_plaintext_secret_and_are_counted_as_logins() {
+        let auth = two_tokens();
+        let key = auth.scram_key("proxies").expect("a secret token has a key");
+        assert_ne!(key.salted_password, [0u8; 32]);
+        // Each load draws its own salt.
+        assert_ne!(
+            two_tokens().scram_key("proxies").expect("key").salt,
+            key.salt
+        );
+        assert!(auth.scram_key("grafana").is_none(), "no secret, no key");
+        assert!(auth.scram_key("nobody").is_none());
+        let odd = Auth::from_specs(vec![spec(
+            "odd",
+            "sécret-with-accents-0001",
+            &[Scope::Read],
+        )])
+        .unwrap();
+        assert!(odd.scram_key("odd").is_none(), "SASLprep could change it");
+
+        let pg = Surface::Postgres;
+        assert_eq!(
+            auth.check_scram_login(pg, "proxies", true, Scope::Ingest),
+            Ok(Some("proxies"))
+        );
+        assert!(matches!(
+            auth.check_scram_login(pg, "proxies", true, Scope::Read),
+            Err(Denied::Forbidden { .. })
+        ));
+        assert_eq!(
+            auth.check_scram_login(pg, "proxies", false, Scope::Ingest),
+            Err(Denied::Invalid)
+        );
+        assert_eq!(
+            auth.check_scram_login(pg, "nobody", true, Scope::Ingest),
+            Err(Denied::Invalid)
+        );
+        let failures: u64 = auth
+            .failures()
+            .iter()
+            .filter(|(s, _, _)| *s == pg)
+            .map(|(_, _, n)| n)
+            .sum();
+        assert_eq!(failures, 3);
+        assert_eq!(auth.accepted()[0].requests, 1);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! that port 0 works and shutdown is clean. The loop runs on the query runtime.
 //!
 //! With tokens (`--auth-file`), a client logs in with a token's name as user and its secret
-//! as password (cleartext password authentication: put TLS in front of it on a shared
-//! network); the token needs the `read` scope.
+//! as password; the token needs the `read` scope. A token given by its plaintext `secret`
+//! logs in with SCRAM-SHA-256 (pgwire's exchange over a key the auth crate derived at load:
+//! the password never crosses the wire); a `secret-sha256` token, whose secret the server
+//! never had, with a cleartext password (with `--tls-cert`, only over TLS).
 
 use std::sync::Arc;
 
@@ -22,9 +24,11 @@ use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::pgwire::api::auth::sasl::scram::ScramAuth;
+use datafusion_postgres::pgwire::api::auth::sasl::{SASLState, SCRAM_SHA_256_METHOD};
 use datafusion_postgres::pgwire::api::auth::{
-    DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication,
-    protocol_negotiation, save_startup_parameters_to_metadata,
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+    finish_authentication, protocol_negotiation, save_startup_parameters_to_metadata,
 };
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use datafusion_postgres::pgwire::api::results::Response;
@@ -33,7 +37,7 @@ use datafusion_postgres::pgwire::api::{
     PgWireConnectionState, PidSecretKeyGenerator, RandomPidSecretKeyGenerator,
 };
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use datafusion_postgres::pgwire::messages::startup::Authentication;
+use datafusion_postgres::pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::{DfSessionService, QueryHook};
 use futures::{Sink, SinkExt};
@@ -100,14 +104,43 @@ impl QueryHook for ReadOnlyHook {
     }
 }
 
-/// The start of a connection: open (no tokens), or a cleartext password that must be the
-/// secret of the token named by the user.
-struct Login {
+/// What every connection's login shares.
+struct LoginConfig {
     auth: Auth,
     /// TLS is configured: a plaintext connection is refused.
     require_tls: bool,
     pids: RandomPidSecretKeyGenerator,
     parameters: DefaultServerParameterProvider,
+    scram: ScramAuth,
+}
+
+/// The start of one connection: open (no tokens), SCRAM-SHA-256 for a token that has a
+/// [`meshscope_auth::ScramKey`], else a cleartext password that must be the secret of the
+/// token named by the user.
+struct Login {
+    config: Arc<LoginConfig>,
+    /// Where this connection's SCRAM exchange is (`None`: not offered, or over).
+    sasl: std::sync::Mutex<Option<SASLState>>,
+}
+
+/// The SCRAM keys pgwire's exchange checks a proof against: the token's, by user name.
+#[derive(Debug)]
+struct ScramKeys(Auth);
+
+#[async_trait]
+#[allow(elided_lifetimes_in_paths)] // the trait's own signature, lifetimes as async_trait wants
+impl AuthSource for ScramKeys {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        let key = self
+            .0
+            .scram_key(user)
+            .ok_or_else(|| PgWireError::InvalidPassword(user.to_owned()))?;
+        Ok(Password::new(
+            Some(key.salt.to_vec()),
+            key.salted_password.to_vec(),
+        ))
+    }
 }
 
 /// An error answer with its severity and SQLSTATE.
@@ -132,9 +165,111 @@ impl Login {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let (pid, secret_key) = self.pids.generate(client);
+        let (pid, secret_key) = self.config.pids.generate(client);
         client.set_pid_and_secret_key(pid, secret_key);
-        finish_authentication(client, &self.parameters).await
+        finish_authentication(client, &self.config.parameters).await
+    }
+
+    fn set_sasl(&self, state: Option<SASLState>) {
+        if let Ok(mut s) = self.sasl.lock() {
+            *s = state;
+        }
+    }
+
+    /// One step of the SCRAM exchange: the client's first message (answered with the
+    /// server's nonce, salt and iterations) or its proof (answered with the server's
+    /// signature and AuthenticationOk, or refused).
+    async fn scram_step<C>(
+        &self,
+        client: &mut C,
+        msg: PasswordMessageFamily,
+        state: SASLState,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (msg, state) = match state {
+            SASLState::Initial => {
+                let first = msg.into_sasl_initial_response()?;
+                if first.auth_method != SCRAM_SHA_256_METHOD {
+                    return Err(PgWireError::UnsupportedSASLAuthMethod(first.auth_method));
+                }
+                (
+                    PasswordMessageFamily::SASLInitialResponse(first),
+                    SASLState::ScramClientFirstReceived,
+                )
+            }
+            other => (
+                PasswordMessageFamily::SASLResponse(msg.into_sasl_response()?),
+                other,
+            ),
+        };
+        let user = user_of(client);
+        let auth = &self.config.auth;
+        match self
+            .config
+            .scram
+            .process_scram_message(client, msg, &state)
+            .await
+        {
+            Ok((answer, SASLState::Finished)) => {
+                match auth.check_scram_login(
+                    meshscope_auth::Surface::Postgres,
+                    &user,
+                    true,
+                    Scope::Read,
+                ) {
+                    Ok(_) => {
+                        client
+                            .send(PgWireBackendMessage::Authentication(answer))
+                            .await?;
+                        self.accept(client).await
+                    }
+                    Err(denied) => Err(refusal(&user, &denied)),
+                }
+            }
+            Ok((answer, next)) => {
+                self.set_sasl(Some(next));
+                client
+                    .send(PgWireBackendMessage::Authentication(answer))
+                    .await?;
+                Ok(())
+            }
+            Err(PgWireError::InvalidPassword(_)) => {
+                let denied = auth
+                    .check_scram_login(meshscope_auth::Surface::Postgres, &user, false, Scope::Read)
+                    .err()
+                    .unwrap_or(meshscope_auth::Denied::Invalid);
+                Err(refusal(&user, &denied))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The user a connection's startup named.
+fn user_of<C: ClientInfo>(client: &C) -> String {
+    LoginInfo::from_client_info(client)
+        .user()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The FATAL answer to a refused login: 28P01 invalid_password (unknown user or wrong
+/// secret, which are not told apart) or 42501 insufficient_privilege.
+fn refusal(user: &str, denied: &meshscope_auth::Denied) -> PgWireError {
+    if denied.is_unauthenticated() {
+        login_refused(
+            "28P01",
+            format!(
+                "password authentication failed for user {user:?}: the user is a token's name \
+                 and the password its secret"
+            ),
+        )
+    } else {
+        login_refused("42501", denied.to_string())
     }
 }
 
@@ -146,13 +281,13 @@ impl StartupHandler for Login {
         message: PgWireFrontendMessage,
     ) -> PgWireResult<()>
     where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
-                if self.require_tls && !client.is_secure() {
+                if self.config.require_tls && !client.is_secure() {
                     // 28000 invalid_authorization_specification, as PostgreSQL's hostssl.
                     return Err(login_refused(
                         "28000",
@@ -163,38 +298,35 @@ impl StartupHandler for Login {
                 }
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
-                if self.auth.is_open() {
+                if self.config.auth.is_open() {
                     return self.accept(client).await;
                 }
                 client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                let ask = if self.config.auth.scram_key(&user_of(client)).is_some() {
+                    self.set_sasl(Some(SASLState::Initial));
+                    Authentication::SASL(vec![SCRAM_SHA_256_METHOD.to_owned()])
+                } else {
+                    Authentication::CleartextPassword
+                };
                 client
-                    .send(PgWireBackendMessage::Authentication(
-                        Authentication::CleartextPassword,
-                    ))
+                    .send(PgWireBackendMessage::Authentication(ask))
                     .await?;
             }
-            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
-                let pwd = pwd.into_password()?;
-                let login = LoginInfo::from_client_info(client);
-                let user = login.user().unwrap_or_default().to_owned();
-                match self.auth.check_login(
+            PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                let sasl = self.sasl.lock().ok().and_then(|mut s| s.take());
+                if let Some(state) = sasl {
+                    return self.scram_step(client, msg, state).await;
+                }
+                let pwd = msg.into_password()?;
+                let user = user_of(client);
+                match self.config.auth.check_login(
                     meshscope_auth::Surface::Postgres,
                     &user,
                     pwd.password.as_bytes(),
                     Scope::Read,
                 ) {
                     Ok(_) => self.accept(client).await?,
-                    // 28P01 invalid_password; 42501 insufficient_privilege.
-                    Err(denied) if denied.is_unauthenticated() => {
-                        return Err(login_refused(
-                            "28P01",
-                            format!(
-                                "password authentication failed for user {user:?}: the user is a \
-                                 token's name and the password its secret"
-                            ),
-                        ));
-                    }
-                    Err(denied) => return Err(login_refused("42501", denied.to_string())),
+                    Err(denied) => return Err(refusal(&user, &denied)),
                 }
             }
             _ => {}
@@ -286,12 +418,16 @@ impl ExtendedQueryHandler for Bounded {
 
 struct Handlers {
     service: Arc<Bounded>,
-    login: Arc<Login>,
+    login: Arc<LoginConfig>,
 }
 
 impl PgWireServerHandlers for Handlers {
+    /// Called once per connection: each gets its own login state.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        Arc::clone(&self.login)
+        Arc::new(Login {
+            config: Arc::clone(&self.login),
+            sasl: std::sync::Mutex::new(None),
+        })
     }
 
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
@@ -326,7 +462,12 @@ pub async fn serve(
             inner: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
             engine,
         }),
-        login: Arc::new(Login {
+        login: Arc::new(LoginConfig {
+            scram: {
+                let mut scram = ScramAuth::new(Arc::new(ScramKeys(auth.clone())));
+                scram.set_iterations(meshscope_auth::SCRAM_ITERATIONS as usize);
+                scram
+            },
             auth,
             require_tls: tls.is_some(),
             pids: RandomPidSecretKeyGenerator::default(),
@@ -366,6 +507,24 @@ mod tests {
         Parser::parse_sql(&PostgreSqlDialect {}, sql)
             .unwrap()
             .remove(0)
+    }
+
+    /// The auth crate's key is the one pgwire's SCRAM (and libpq) derive from the secret.
+    #[test]
+    fn a_tokens_scram_key_is_pgwires_salted_password() {
+        use datafusion_postgres::pgwire::api::auth::sasl::scram::gen_salted_password;
+        let secret = "read-secret-for-grafana-000000002";
+        let auth = Auth::from_specs(vec![meshscope_auth::TokenSpec {
+            name: "grafana".into(),
+            secret: Some(secret.into()),
+            secret_sha256: None,
+            scopes: vec![Scope::Read],
+        }])
+        .expect("auth");
+        let key = auth.scram_key("grafana").expect("key");
+        let expected =
+            gen_salted_password(secret, &key.salt, meshscope_auth::SCRAM_ITERATIONS as usize);
+        assert_eq!(key.salted_password.as_slice(), expected.as_slice());
     }
 
     #[test]
