@@ -30,8 +30,9 @@ async fn hook(State(inbox): State<Inbox>, headers: HeaderMap, body: Bytes) -> St
     }
 }
 
-/// A webhook receiver on 127.0.0.1:0 that keeps every JSON body it gets.
-async fn receiver() -> (SocketAddr, Inbox) {
+/// `POST /hook`, keeping every JSON body in the returned inbox; and its listener on
+/// 127.0.0.1:0.
+async fn hook_app() -> (Router, Inbox, tokio::net::TcpListener) {
     let inbox = Inbox::default();
     let app = Router::new()
         .route("/hook", post(hook))
@@ -39,6 +40,12 @@ async fn receiver() -> (SocketAddr, Inbox) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    (app, inbox, l)
+}
+
+/// A webhook receiver on 127.0.0.1:0 that keeps every JSON body it gets.
+async fn receiver() -> (SocketAddr, Inbox) {
+    let (app, inbox, l) = hook_app().await;
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(l, app).await });
     (addr, inbox)
@@ -562,13 +569,7 @@ async fn https_receivers_verify_the_certificate_against_the_system_roots_and_a_c
         client_ca: None,
     })
     .expect("tls");
-    let inbox = Inbox::default();
-    let app = Router::new()
-        .route("/hook", post(hook))
-        .with_state(Arc::clone(&inbox));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let (app, inbox, l) = hook_app().await;
     let port = l.local_addr().expect("addr").port();
     tokio::spawn(meshscope_auth::tls::serve_https(
         l,

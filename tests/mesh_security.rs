@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use common::Server;
+use common::proxy::{admin_metrics, admin_stats};
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
     AuthorizationRule, AuthzMode, Destination, Endpoint, IdentityConfig, MtlsMode, Policy,
@@ -108,7 +109,15 @@ impl Mesh<'_> {
     }
 }
 
-impl Mesh<'_> {
+impl<'a> Mesh<'a> {
+    /// Workloads of namespace `shop` with a bootstrap token for `workloads`.
+    fn new(server: &'a Server, dir: &Path, workloads: &[&str]) -> Mesh<'a> {
+        Mesh {
+            token: token_file(server, dir, "shop", workloads),
+            server,
+        }
+    }
+
     /// [`Mesh::config`], started.
     async fn start(
         &self,
@@ -124,6 +133,13 @@ impl Mesh<'_> {
         )
         .await
         .unwrap_or_else(|e| panic!("the {workload} proxy: {e}"))
+    }
+
+    /// A strict `frontend` proxy, outbound only, calling `cart` at `cart_inbound`.
+    async fn frontend_to_cart(&self, cart_inbound: SocketAddr) -> Proxy {
+        let cart = vec![to("cart", cart_inbound)];
+        self.start("frontend", None, MtlsMode::Strict, vec![], cart)
+            .await
     }
 }
 
@@ -391,26 +407,6 @@ async fn the_mesh_ca_signs_what_a_token_covers_refuses_the_rest_and_keeps_its_ro
     assert_eq!(anchors_again, anchors, "the root survives a restart");
 }
 
-async fn proxy_metrics(proxy: &Proxy) -> String {
-    let admin = proxy.admin.expect("admin");
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
-async fn stats(proxy: &Proxy) -> Value {
-    let admin = proxy.admin.expect("admin");
-    reqwest::get(format!("http://{admin}/stats"))
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json")
-}
-
 /// A server whose alert rules watch the edges' security, evaluated every second.
 fn server_with_security_rules(dir: &Path) -> Server {
     let config = dir.join("meshscope.toml");
@@ -608,7 +604,7 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     );
     assert!(ok.contains("HTTP/1.1 200"), "{ok}");
     assert_eq!(app.hits.load(Ordering::SeqCst), 2);
-    let refused = stats(&payments).await["identity"]["inbound_refused"]
+    let refused = admin_stats(&payments).await["identity"]["inbound_refused"]
         .as_u64()
         .expect("inbound_refused");
     assert!(
@@ -619,7 +615,7 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
     // What the proxies report: the principals from certificates, Istio's security label.
     let checkout_id = format!("spiffe://{TD}/ns/shop/sa/checkout");
     let payments_id = format!("spiffe://{TD}/ns/shop/sa/payments");
-    let m = proxy_metrics(&payments).await;
+    let m = admin_metrics(&payments).await;
     assert!(
         m.contains(&format!("source_workload=\"checkout\",connection_security_policy=\"mutual_tls\",source_principal=\"{checkout_id}\",destination_principal=\"{payments_id}\"")),
         "{m}"
@@ -744,10 +740,7 @@ async fn strict_mtls_admits_only_mesh_certificates_and_authorization_keeps_denie
 async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_audit_only_marks() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = server_with_security_rules(dir.path());
-    let mesh = Mesh {
-        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
-        server: &server,
-    };
+    let mesh = Mesh::new(&server, dir.path(), &["cart", "frontend"]);
     let (app_addr, app) = start_app().await;
     let audit = vec![AuthorizationRule {
         allow: vec!["ns/shop/sa/frontend".into()],
@@ -757,15 +750,7 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
         .start("cart", Some(app_addr), MtlsMode::Permissive, audit, vec![])
         .await;
     let inbound = cart.inbound.expect("inbound");
-    let frontend = mesh
-        .start(
-            "frontend",
-            None,
-            MtlsMode::Strict,
-            vec![],
-            vec![to("cart", inbound)],
-        )
-        .await;
+    let frontend = mesh.frontend_to_cart(inbound).await;
     let (status, _, _) = get(frontend.outbound.expect("out"), "cart", &[]).await;
     assert_eq!(status, 200);
     // Plaintext on the same port, with a forged caller header: accepted (audit only
@@ -784,7 +769,7 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["source_header"], Value::Null);
     assert_eq!(app.hits.load(Ordering::SeqCst), 2);
-    let m = proxy_metrics(&cart).await;
+    let m = admin_metrics(&cart).await;
     assert!(m.contains("connection_security_policy=\"mutual_tls\",source_principal=\"spiffe://meshscope.local/ns/shop/sa/frontend\""), "{m}");
     assert!(
         m.contains(
@@ -856,24 +841,13 @@ async fn permissive_takes_mtls_and_plaintext_on_one_port_and_labels_each_and_aud
 async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_request() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start_with(&dir.path().join("data"), &["--cert-lifetime-secs", "10"]);
-    let mesh = Mesh {
-        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
-        server: &server,
-    };
+    let mesh = Mesh::new(&server, dir.path(), &["cart", "frontend"]);
     let (app_addr, app) = start_app().await;
     let cart = mesh
         .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
         .await;
     let inbound = cart.inbound.expect("inbound");
-    let frontend = mesh
-        .start(
-            "frontend",
-            None,
-            MtlsMode::Strict,
-            vec![],
-            vec![to("cart", inbound)],
-        )
-        .await;
+    let frontend = mesh.frontend_to_cart(inbound).await;
     let first_expiry = cart.identity().expect("identity").expiry_unix();
     // Steady traffic, on new connections as well as pooled ones, until both proxies have
     // renewed twice (at 70% of 10 s, so about 14 s), bounded at 40 s.
@@ -905,18 +879,10 @@ async fn ten_second_certificates_rotate_under_steady_traffic_without_a_failed_re
     assert!(now_expiry > first_expiry, "{now_expiry} vs {first_expiry}");
     // The first certificates have expired by now: a proxy that starts now and has no
     // pooled connection still gets through, so new handshakes use the renewed ones.
-    let newcomer = mesh
-        .start(
-            "frontend",
-            None,
-            MtlsMode::Strict,
-            vec![],
-            vec![to("cart", inbound)],
-        )
-        .await;
+    let newcomer = mesh.frontend_to_cart(inbound).await;
     let (status, why, _) = get(newcomer.outbound.expect("out"), "cart", &[]).await;
     assert_eq!(status, 200, "{why}");
-    assert_eq!(stats(&cart).await["identity"]["renew_failures"], 0);
+    assert_eq!(admin_stats(&cart).await["identity"]["renew_failures"], 0);
     for p in [cart, frontend, newcomer] {
         p.stop().await;
     }
@@ -955,50 +921,22 @@ async fn authorization_rules_reload_with_the_file_without_a_restart() {
         server: &server,
         token: token.clone(),
     };
-    let frontend = mesh
-        .start(
-            "frontend",
-            None,
-            MtlsMode::Strict,
-            vec![],
-            vec![to("cart", inbound)],
-        )
-        .await;
+    let frontend = mesh.frontend_to_cart(inbound).await;
     let out = frontend.outbound.expect("out");
     assert_eq!(get(out, "cart", &[]).await.0, 403);
-    // The file's mtime has a resolution of a second on some file systems: wait for it to
-    // move on before rewriting, then for the new rule to apply (5 s at most).
-    let before = std::fs::metadata(&file)
-        .and_then(|m| m.modified())
-        .expect("mtime");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        write("ns/shop/sa/frontend");
-        if std::fs::metadata(&file)
-            .and_then(|m| m.modified())
-            .expect("mtime")
-            != before
-        {
-            break;
-        }
+    // The proxy watches the file's content: the rewrite is one reload, then the new rule
+    // holds.
+    write("ns/shop/sa/frontend");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cart.reloads().applied.load(Ordering::Relaxed) == 0 {
         assert!(
             Instant::now() < deadline,
-            "the file's mtime does not change"
+            "the rewritten file was not reloaded"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (status, _, _) = get(out, "cart", &[]).await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new rule did not apply: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (status, why, _) = get(out, "cart", &[]).await;
+    assert_eq!(status, 200, "the new rule applies: {why}");
     assert_eq!(
         app.hits.load(Ordering::SeqCst),
         1,
@@ -1076,23 +1014,12 @@ async fn access_logs_fill_the_edges_the_metrics_do_not_cover() {
     use opentelemetry_proto::tonic::logs::v1::LogRecord;
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&dir.path().join("data"));
-    let mesh = Mesh {
-        token: token_file(&server, dir.path(), "shop", &["cart", "frontend"]),
-        server: &server,
-    };
+    let mesh = Mesh::new(&server, dir.path(), &["cart", "frontend"]);
     let (app_addr, _app) = start_app().await;
     let cart = mesh
         .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
         .await;
-    let frontend = mesh
-        .start(
-            "frontend",
-            None,
-            MtlsMode::Strict,
-            vec![],
-            vec![to("cart", cart.inbound.expect("inbound"))],
-        )
-        .await;
+    let frontend = mesh.frontend_to_cart(cart.inbound.expect("inbound")).await;
     assert_eq!(
         get(frontend.outbound.expect("out"), "cart", &[]).await.0,
         200
@@ -1147,10 +1074,7 @@ async fn access_logs_fill_the_edges_the_metrics_do_not_cover() {
 async fn the_control_plane_switches_inbound_mtls_between_strict_and_permissive() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = Server::start(&dir.path().join("data"));
-    let mesh = Mesh {
-        token: token_file(&server, dir.path(), "shop", &["cart"]),
-        server: &server,
-    };
+    let mesh = Mesh::new(&server, dir.path(), &["cart"]);
     let (app_addr, app) = start_app().await;
     let mut cart = mesh
         .start("cart", Some(app_addr), MtlsMode::Strict, vec![], vec![])
@@ -1196,7 +1120,7 @@ async fn the_control_plane_switches_inbound_mtls_between_strict_and_permissive()
         workload: "cart".into(),
     });
     until(Some(200)).await;
-    assert_eq!(stats(&cart).await["identity"]["mode"], "permissive");
+    assert_eq!(admin_stats(&cart).await["identity"]["mode"], "permissive");
     assert_eq!(app.hits.load(Ordering::SeqCst), 1);
     // A keep-alive plaintext connection, open when the listener turns strict again (the
     // document no longer says, so the file's mode), is drained: closed, not kept.
@@ -1229,8 +1153,8 @@ async fn the_control_plane_switches_inbound_mtls_between_strict_and_permissive()
         "the plaintext connection stayed open under strict"
     );
     until(None).await;
-    assert_eq!(stats(&cart).await["identity"]["mode"], "strict");
-    let refused = stats(&cart).await["identity"]["inbound_refused"]
+    assert_eq!(admin_stats(&cart).await["identity"]["mode"], "strict");
+    let refused = admin_stats(&cart).await["identity"]["inbound_refused"]
         .as_u64()
         .unwrap_or(0);
     assert!(refused >= 2, "{refused}");

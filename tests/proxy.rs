@@ -13,6 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use common::Server;
+use common::proxy::{admin_metrics, admin_stats};
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
     BreakerConfig, Destination, Endpoint, FaultConfig, Policy, ProxyConfig, RetryConfig,
@@ -145,16 +146,6 @@ async fn get_via(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     (status, r.text().await.unwrap_or_default(), local)
-}
-
-async fn stats(proxy: &Proxy) -> Value {
-    let admin = proxy.admin.expect("admin");
-    reqwest::get(format!("http://{admin}/stats"))
-        .await
-        .expect("stats")
-        .json()
-        .await
-        .expect("json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -373,17 +364,6 @@ async fn retries_hide_a_flaky_upstream_and_are_counted() {
     p.stop().await;
 }
 
-/// The proxy's own `/metrics` exposition, from its admin port.
-async fn proxy_metrics(p: &Proxy) -> String {
-    let admin = p.admin.expect("admin");
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// The graph's edge `source → target` (default range), `Null` when absent.
 async fn graph_edge(server: &Server, source: &str, target: &str) -> Value {
     let graph: Value = server.get_json("/api/v1/graph").await;
@@ -433,7 +413,7 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
         3,
         "an open breaker spares the upstream"
     );
-    assert_eq!(stats(&p).await["breakers"]["fragile"], "open");
+    assert_eq!(admin_stats(&p).await["breakers"]["fragile"], "open");
 
     upstream.failing.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -443,7 +423,7 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
         (200, "fragile"),
         "the half-open probe succeeds"
     );
-    assert_eq!(stats(&p).await["breakers"]["fragile"], "closed");
+    assert_eq!(admin_stats(&p).await["breakers"]["fragile"], "closed");
     assert_eq!(get_via(&client, out, "fragile").await.0, 200);
 
     let states = |s: &'static str| {
@@ -461,7 +441,7 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
     };
     assert_eq!(server.eventually(&moved("open"), |n| n >= 1).await, 1);
     assert_eq!(server.eventually(&moved("closed"), |n| n >= 1).await, 1);
-    let m = proxy_metrics(&p).await;
+    let m = admin_metrics(&p).await;
     assert!(
         m.contains("meshscope_proxy_breaker_transitions_total{destination=\"fragile\"} 2"),
         "{m}"
@@ -532,7 +512,7 @@ async fn a_spent_retry_budget_is_counted_on_the_span_the_proxy_and_the_graph() {
         server.eventually(events, |k| k == n as i64 - 1).await,
         n as i64 - 1
     );
-    let m = proxy_metrics(&p).await;
+    let m = admin_metrics(&p).await;
     assert!(
         m.contains(&format!(
             "meshscope_proxy_retry_budget_exhausted_total{{destination=\"broken\"}} {}",
@@ -660,7 +640,7 @@ async fn a_collector_that_is_down_does_not_stall_traffic_and_drops_are_counted()
     assert!(took < Duration::from_secs(20), "500 requests took {took:?}");
     // Give the exporter a couple of (failing) rounds.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let s = stats(&p).await;
+    let s = admin_stats(&p).await;
     let dropped = s["spans_dropped"].as_u64().unwrap_or(0);
     assert!(
         dropped >= 450,
@@ -668,7 +648,7 @@ async fn a_collector_that_is_down_does_not_stall_traffic_and_drops_are_counted()
     );
     assert_eq!(s["spans_exported"], 0);
     assert_eq!(s["requests"], 500);
-    let text = proxy_metrics(&p).await;
+    let text = admin_metrics(&p).await;
     let exposed: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("meshscope_proxy_telemetry_dropped_total{signal=\"spans\"} "))
@@ -721,11 +701,11 @@ async fn policy_changes_in_the_file_apply_without_a_restart() {
     let why = p.reloads().last_error().unwrap_or_default();
     assert!(why.contains("TOML") || why.contains("expected"), "{why}");
     assert_eq!(get_via(&client, out, "leaf").await.0, 429);
-    let s = stats(&p).await;
+    let s = admin_stats(&p).await;
     assert_eq!(s["config"]["reloads"], 1, "{s}");
     assert_eq!(s["config"]["rejected"], 1, "{s}");
     assert_eq!(s["config"]["last_error"], why.as_str());
-    let text = proxy_metrics(&p).await;
+    let text = admin_metrics(&p).await;
     for line in [
         "meshscope_proxy_config_reloads_total{result=\"applied\"} 1",
         "meshscope_proxy_config_reloads_total{result=\"rejected\"} 1",
@@ -1025,7 +1005,7 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
         hits(b),
         hits(c)
     );
-    let metrics = || proxy_metrics(&p);
+    let metrics = || admin_metrics(&p);
     let m = metrics().await;
     assert!(
         m.contains("meshscope_proxy_ejections_total{destination=\"shop\"} 1"),
@@ -1235,7 +1215,7 @@ GROUP BY 1";
             "{source}: {e}"
         );
     }
-    let m = proxy_metrics(&p).await;
+    let m = admin_metrics(&p).await;
     assert!(
         m.contains("destination_version=\"v2-shadow\"") && m.contains("mirror=\"shadow\""),
         "{m}"

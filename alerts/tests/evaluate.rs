@@ -25,6 +25,7 @@ use meshscope_proto::otlp::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use meshscope_query::engine::EngineConfig;
 use meshscope_query::{Executor, QueryEngine};
 use meshscope_storage::{Storage, StoreConfig};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 const SERVER: i32 = 2;
@@ -57,6 +58,14 @@ struct Engine {
 }
 
 impl Engine {
+    /// An engine over a fresh data directory under the returned temporary one (which also
+    /// holds the alert state).
+    fn in_temp_dir() -> (tempfile::TempDir, Engine) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let e = Engine::open(&dir.path().join("data"));
+        (dir, e)
+    }
+
     fn open(dir: &Path) -> Engine {
         let storage =
             Storage::open(StoreConfig::new(dir), &meshscope_query::DERIVED).expect("storage");
@@ -226,6 +235,25 @@ fn error_rule(for_secs: u64) -> RuleSpec {
     .expect("rule")
 }
 
+/// The alerts API served on a test port.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// One request: its status and its JSON body (`Null` when it has none).
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
 /// Rules written as the alerts file's `[[r]]` tables.
 fn rules_toml(text: &str) -> Vec<RuleSpec> {
     toml::from_str::<BTreeMap<String, Vec<RuleSpec>>>(text)
@@ -295,8 +323,7 @@ fn states(a: &Alerting) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_firing_resolved_with_exactly_one_notification_each() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, got) = receiver().await;
     // 20 requests in the 30 s before t0, 8 of them failing (40% > 10%).
     let traces = e
@@ -382,8 +409,7 @@ async fn pending_firing_resolved_with_exactly_one_notification_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_is_retried_with_exponential_backoff() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, got) = receiver().await;
     got.fail_first.store(3, Ordering::SeqCst);
     e.requests("checkout", t0() - chrono::Duration::seconds(10), 10, 5)
@@ -440,8 +466,7 @@ async fn a_failing_receiver_is_retried_with_exponential_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_neither_loses_nor_repeats_a_firing_alert() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, got) = receiver().await;
     e.requests("checkout", t0() - chrono::Duration::seconds(10), 10, 5)
         .await;
@@ -505,8 +530,7 @@ async fn a_restart_neither_loses_nor_repeats_a_firing_alert() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structural_and_sql_rules() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, got) = receiver().await;
     let before = t0() - chrono::Duration::seconds(90);
     let now = t0() - chrono::Duration::seconds(30);
@@ -570,8 +594,7 @@ async fn structural_and_sql_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_validates_persists_and_protects_config_rules() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     e.requests("checkout", t0(), 1, 0).await;
     let (addr, _got) = receiver().await;
     let (a, clock) = alerting_at_t0(&e, dir.path(), addr, vec![error_rule(0)]).await;
@@ -581,15 +604,15 @@ async fn the_api_validates_persists_and_protects_config_rules() {
         .expect("bind");
     let api = l.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(l, app).await });
-    let http = reqwest::Client::new();
-    let url = |p: &str| format!("http://{api}{p}");
-    let post = |body: Value| http.post(url("/api/v1/alerts/rules")).json(&body).send();
+    let api = Api {
+        http: reqwest::Client::new(),
+        base: format!("http://{api}"),
+    };
+    let post = |body: Value| api.call(Method::POST, "/api/v1/alerts/rules", Some(body));
 
-    let r = post(json!({"name": "bad-sql", "kind": "sql", "sql": "SELECT nope FROM spans"}))
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.expect("json");
+    let (status, v) =
+        post(json!({"name": "bad-sql", "kind": "sql", "sql": "SELECT nope FROM spans"})).await;
+    assert_eq!(status, 400);
     assert!(
         v["error"].as_str().expect("error").contains("bad SQL"),
         "{v}"
@@ -599,21 +622,15 @@ async fn the_api_validates_persists_and_protects_config_rules() {
         "{v}"
     );
 
-    let r = post(json!({"name": "writes", "sql": "DROP TABLE spans"}))
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.expect("json");
+    let (status, v) = post(json!({"name": "writes", "sql": "DROP TABLE spans"})).await;
+    assert_eq!(status, 400);
     assert!(
         v["error"].as_str().expect("error").contains("read-only"),
         "{v}"
     );
 
-    let r = post(json!({"name": "x", "signal": "latency", "threshold": 1}))
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.expect("json");
+    let (status, v) = post(json!({"name": "x", "signal": "latency", "threshold": 1})).await;
+    assert_eq!(status, 400);
     assert!(
         v["error"]
             .as_str()
@@ -622,11 +639,8 @@ async fn the_api_validates_persists_and_protects_config_rules() {
         "{v}"
     );
 
-    let r = post(json!({"name": "ghost-latency", "signal": "p99_ms", "service": "ghost", "threshold": 250, "for-secs": 60}))
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.expect("json");
+    let (status, v) = post(json!({"name": "ghost-latency", "signal": "p99_ms", "service": "ghost", "threshold": 250, "for-secs": 60})).await;
+    assert_eq!(status, 201);
     assert!(
         v["warnings"][0]
             .as_str()
@@ -636,40 +650,31 @@ async fn the_api_validates_persists_and_protects_config_rules() {
     );
     assert_eq!(v["rule"]["origin"], "api");
 
-    let r = post(json!({"name": "ghost-latency", "signal": "rate", "threshold": 1}))
-        .await
-        .expect("post");
-    assert_eq!(r.status(), 409, "duplicate");
+    let (status, _) =
+        post(json!({"name": "ghost-latency", "signal": "rate", "threshold": 1})).await;
+    assert_eq!(status, 409, "duplicate");
 
-    let r = http
-        .put(url("/api/v1/alerts/rules/ghost-latency"))
-        .json(&json!({"signal": "p95_ms", "service": "checkout", "threshold": 100}))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(r.status(), 200);
-    let v: Value = http
-        .get(url("/api/v1/alerts/rules/ghost-latency"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/api/v1/alerts/rules/ghost-latency",
+            Some(json!({"signal": "p95_ms", "service": "checkout", "threshold": 100})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, v) = api
+        .call(Method::GET, "/api/v1/alerts/rules/ghost-latency", None)
+        .await;
     assert_eq!(v["signal"], "p95_ms");
 
-    let r = http
-        .delete(url("/api/v1/alerts/rules/checkout-errors"))
-        .send()
-        .await
-        .expect("delete");
-    assert_eq!(r.status(), 409, "config rules change in the config file");
-    let r = http
-        .get(url("/api/v1/alerts/rules/nope"))
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status(), 404);
+    let (status, _) = api
+        .call(Method::DELETE, "/api/v1/alerts/rules/checkout-errors", None)
+        .await;
+    assert_eq!(status, 409, "config rules change in the config file");
+    let (status, _) = api
+        .call(Method::GET, "/api/v1/alerts/rules/nope", None)
+        .await;
+    assert_eq!(status, 404);
 
     // API-made rules survive a restart.
     let b = alerting(
@@ -683,48 +688,31 @@ async fn the_api_validates_persists_and_protects_config_rules() {
     let names: Vec<String> = b.rules().iter().map(|(r, _)| r.name.clone()).collect();
     assert_eq!(names, vec!["checkout-errors", "ghost-latency"]);
 
-    let r = http
-        .delete(url("/api/v1/alerts/rules/ghost-latency"))
-        .send()
-        .await
-        .expect("delete");
-    assert_eq!(r.status(), 204);
-    let list: Value = http
-        .get(url("/api/v1/alerts/rules"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let (status, _) = api
+        .call(Method::DELETE, "/api/v1/alerts/rules/ghost-latency", None)
+        .await;
+    assert_eq!(status, 204);
+    let (_, list) = api.call(Method::GET, "/api/v1/alerts/rules", None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(1));
 
     a.evaluate().await;
-    let v: Value = http
-        .get(url("/api/v1/alerts?state=firing"))
-        .send()
-        .await
-        .expect("alerts")
-        .json()
-        .await
-        .expect("json");
+    let (_, v) = api
+        .call(Method::GET, "/api/v1/alerts?state=firing", None)
+        .await;
     assert_eq!(
         v.as_array().map(Vec::len),
         Some(0),
         "one good request: no alert"
     );
-    let r = http
-        .get(url("/api/v1/alerts?state=bogus"))
-        .send()
-        .await
-        .expect("alerts");
-    assert_eq!(r.status(), 400);
+    let (status, _) = api
+        .call(Method::GET, "/api/v1/alerts?state=bogus", None)
+        .await;
+    assert_eq!(status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_json_format_and_deleting_a_rule_resolves_its_alerts() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, got) = receiver().await;
     let traces = e
         .requests("checkout", t0() - chrono::Duration::seconds(10), 10, 6)
@@ -783,8 +771,7 @@ async fn a_receiver_that_hangs_times_out_and_is_recorded() {
         .expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(l, hang).await });
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     e.requests("checkout", t0() - chrono::Duration::seconds(10), 10, 5)
         .await;
     let clock = ManualClock::new(t0());
@@ -809,8 +796,7 @@ async fn a_receiver_that_hangs_times_out_and_is_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_edges_and_falling_rates() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut e = Engine::open(&dir.path().join("data"));
+    let (dir, mut e) = Engine::in_temp_dir();
     let (addr, _got) = receiver().await;
     // checkout: 20 requests in the window before, 4 in this one (an 80% drop); all on
     // the endpoint "GET /cart", 2 of the recent 4 failing.

@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 
+use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{Listen, ProxyConfig, ServiceIdentity, TelemetryConfig};
+use serde_json::Value;
 
 /// Port 0 on loopback: the proxy binds it and says which port it got.
 pub fn loopback() -> Option<SocketAddr> {
@@ -42,4 +44,22 @@ pub fn proxy_config(
         authorization: vec![],
         destinations: vec![],
     }
+}
+
+/// A page of the proxy's admin listener.
+async fn admin(proxy: &Proxy, path: &str) -> reqwest::Response {
+    let admin = proxy.admin.expect("admin");
+    reqwest::get(format!("http://{admin}{path}"))
+        .await
+        .expect("admin")
+}
+
+/// The proxy's admin `/metrics` (OpenMetrics text).
+pub async fn admin_metrics(proxy: &Proxy) -> String {
+    admin(proxy, "/metrics").await.text().await.expect("text")
+}
+
+/// The proxy's admin `/stats` (JSON).
+pub async fn admin_stats(proxy: &Proxy) -> Value {
+    admin(proxy, "/stats").await.json().await.expect("json")
 }
