@@ -627,21 +627,9 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
     }
 
     // Trace by id: ids spread over the files.
-    let ids = engine
-        .sql(&format!("SELECT trace_id FROM spans WHERE span_kind = 'SERVER' AND parent_span_id IS NULL LIMIT {}", args.lookups * 50))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut all_ids = Vec::new();
-    for b in &ids.batches {
-        for i in 0..b.num_rows() {
-            all_ids.push(
-                arrow::util::display::array_value_to_string(b.column(0), i).unwrap_or_default(),
-            );
-        }
-    }
-    let step = (all_ids.len() / args.lookups.max(1)).max(1);
+    let ids = sample_trace_ids(&engine, args.lookups).await?;
     let mut lookups = Vec::new();
-    for id in all_ids.iter().step_by(step).take(args.lookups) {
+    for id in &ids {
         let t = Instant::now();
         let found = traces::get(&engine, id).await.map_err(|e| e.to_string())?;
         lookups.push(t.elapsed().as_secs_f64() * 1e3);
@@ -761,6 +749,30 @@ struct StorageSample {
     graph_ms: f64,
 }
 
+/// `n` trace ids of root SERVER spans, spread over the files (every k-th of the first 50·n).
+async fn sample_trace_ids(
+    engine: &meshscope_query::QueryEngine,
+    n: usize,
+) -> Result<Vec<String>, String> {
+    let r = engine
+        .sql(&format!(
+            "SELECT trace_id FROM spans WHERE span_kind = 'SERVER' AND parent_span_id IS NULL LIMIT {}",
+            n * 50
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut all = Vec::new();
+    for b in &r.batches {
+        for i in 0..b.num_rows() {
+            all.push(
+                arrow::util::display::array_value_to_string(b.column(0), i).unwrap_or_default(),
+            );
+        }
+    }
+    let step = (all.len() / n.max(1)).max(1);
+    Ok(all.into_iter().step_by(step).take(n).collect())
+}
+
 async fn measure_storage(
     engine: &meshscope_query::QueryEngine,
     storage: &meshscope_storage::Storage,
@@ -843,23 +855,7 @@ pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String
     let executor = Executor::new(cores).map_err(|e| e.to_string())?;
     let engine = QueryEngine::new(&storage, executor.clone(), EngineConfig::default())
         .map_err(|e| e.to_string())?;
-    let r = engine
-        .sql(&format!(
-            "SELECT trace_id FROM spans WHERE span_kind = 'SERVER' AND parent_span_id IS NULL LIMIT {}",
-            args.lookups * 50
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut all = Vec::new();
-    for b in &r.batches {
-        for i in 0..b.num_rows() {
-            all.push(
-                arrow::util::display::array_value_to_string(b.column(0), i).unwrap_or_default(),
-            );
-        }
-    }
-    let step = (all.len() / args.lookups.max(1)).max(1);
-    let ids: Vec<String> = all.into_iter().step_by(step).take(args.lookups).collect();
+    let ids = sample_trace_ids(&engine, args.lookups).await?;
 
     eprintln!("bench storage: measuring before compaction…");
     let before = measure_storage(&engine, &storage, &ids, args.runs).await?;
