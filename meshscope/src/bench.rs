@@ -369,6 +369,9 @@ pub async fn ingest(args: BenchIngestArgs) -> Result<(), String> {
         "  all {total} spans acknowledged in {:.2}s; stopping the server (SIGTERM) to write Parquet",
         acked_elapsed.as_secs_f64()
     );
+    // Our connection closed first, as a finished exporter's would: the server's drain waits
+    // for open connections.
+    drop(client);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
