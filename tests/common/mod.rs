@@ -206,24 +206,26 @@ impl Server {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
-    /// The body of a `GET` (with the server's token, if it has one), which must answer.
-    pub async fn get_text(&self, path: &str) -> String {
+    /// A `GET` with the server's token, if it has one, which must answer.
+    async fn get(&self, path: &str) -> reqwest::Response {
         self.authorized(reqwest::Client::new().get(self.url(path)))
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-            .text()
+    }
+
+    /// The body of a [`Server::get`].
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.get(path).await;
+        r.text()
             .await
             .unwrap_or_else(|e| panic!("GET {path} body: {e}"))
     }
 
-    /// A `GET` (with the server's token, if it has one) that must answer JSON.
+    /// A [`Server::get`] that must answer JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        self.authorized(reqwest::Client::new().get(self.url(path)))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-            .json()
+        let r = self.get(path).await;
+        r.json()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
     }
