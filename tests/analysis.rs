@@ -435,8 +435,7 @@ fn close(got: f64, want_ms: f64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graph_signals_and_traces_match_the_oracle() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let now_ns = common::now_ns();
     let base_ns = now_ns - 10 * 60 * 1_000_000_000; // 10 minutes ago
     let mut mesh = Mesh::new(0x5eed_1234_abcd_0042, base_ns);
@@ -689,11 +688,8 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_endpoint_exposes_health_and_golden_signal_counters() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
-    );
+    let server =
+        Server::in_temp_dir(&["--signals-delay-secs", "0", "--signals-interval-secs", "1"]);
     // The counters start counting at their first tick (start-up); send after they have
     // counted a window.
     server
@@ -764,11 +760,8 @@ async fn wait_metrics(server: &Server, what: &str, done: impl Fn(&str) -> bool) 
 /// they arrive, and each request once.
 #[tokio::test(flavor = "multi_thread")]
 async fn late_spans_are_counted_once_when_they_arrive() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &["--signals-delay-secs", "0", "--signals-interval-secs", "1"],
-    );
+    let server =
+        Server::in_temp_dir(&["--signals-delay-secs", "0", "--signals-interval-secs", "1"]);
     late_spans_counted_once(&server, &server).await;
 }
 
@@ -1008,8 +1001,7 @@ mod mesh_telemetry {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn proxy_metrics_and_access_logs_add_edges_and_sources() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let server = Server::start(&dir.path().join("data"));
+        let server = Server::in_temp_dir(&[]);
         let now = common::now_ns();
         let (t0, t1, t2) = (
             now - 600_000_000_000,

@@ -97,22 +97,19 @@ async fn stream_until_killed(
         let _ = s.await;
     }
     let set = acked.lock().expect("lock").clone();
-    (set, Server::start_with(&data_dir, FLAGS))
+    (set, Server::start_with(&data_dir, &flags()))
 }
 
 /// Small flush threshold: Parquet files are written during the stream, so the crash lands
 /// between log, buffer and file states; and compaction merges them every second, so it
 /// lands in the middle of compactions too.
-const FLAGS: &[&str] = &[
-    "--flush-bytes",
-    "300000",
-    "--compaction-interval-secs",
-    "1",
-    "--compaction-min-files",
-    "2",
-    "--retire-grace-secs",
-    "1",
-];
+fn flags() -> Vec<&'static str> {
+    [
+        &["--flush-bytes", "300000"][..],
+        &common::COMPACT_EVERY_SECOND,
+    ]
+    .concat()
+}
 
 async fn stored_ids(server: &Server) -> (i64, HashSet<String>) {
     let total = server.scalar("SELECT count(*) FROM spans").await;
@@ -130,7 +127,7 @@ async fn stored_ids(server: &Server) -> (i64, HashSet<String>) {
 async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
-    let server = Server::start_with(&data, FLAGS);
+    let server = Server::start_with(&data, &flags());
 
     let (acked1, server) = stream_until_killed(&server, 0, 120).await;
     let (total, ids) = stored_ids(&server).await;
@@ -186,18 +183,28 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         wal_bytes, 0,
         "after SIGTERM the log holds nothing that is not in Parquet"
     );
-    let glob = format!("{}/spans/*.parquet", data.display());
-    let duck = std::process::Command::new("python3")
-        .args(["-c", &format!("import duckdb; print(duckdb.connect().execute(\"SELECT count(*), count(DISTINCT span_id) FROM read_parquet('{glob}')\").fetchone())")])
-        .output()
-        .expect("python3");
-    common::assert_success(&duck, "DuckDB (pip duckdb) reads the files");
-    let out = String::from_utf8_lossy(&duck.stdout).trim().to_string();
+    let out = duckdb_spans(&data, "count(*), count(DISTINCT span_id)");
     assert_eq!(
         out,
         format!("({total}, {total})"),
         "DuckDB sees every span once"
     );
+}
+
+/// `SELECT <columns>` over the spans' Parquet files in `data`, by DuckDB (pip `duckdb`):
+/// the row as Python prints a tuple.
+fn duckdb_spans(data: &std::path::Path, columns: &str) -> String {
+    let glob = format!("{}/spans/*.parquet", data.display());
+    let sql = format!("SELECT {columns} FROM read_parquet('{glob}')");
+    let duck = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!("import duckdb; print(duckdb.connect().execute(\"{sql}\").fetchone())"),
+        ])
+        .output()
+        .expect("python3");
+    common::assert_success(&duck, "DuckDB (pip duckdb) reads the files");
+    String::from_utf8_lossy(&duck.stdout).trim().to_string()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

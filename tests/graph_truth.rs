@@ -171,8 +171,7 @@ fn assert_unique(g: &Value) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_node_per_service_with_versions_and_proxy_answers() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let now_ns = common::now_ns();
     let mut m = Mesh {
         base_ns: now_ns - 5 * 60 * 1_000_000_000,
@@ -228,63 +227,54 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
         // frontend → inventory: 70 reach it; 20 are answered by frontend's own proxy
         // (circuit open: a CLIENT span naming inventory, no child); 10 by Envoy, which
         // names the peer only as its upstream cluster and says RL in response_flags.
-        match i % 10 {
+        let (name, answered_by_proxy, attrs) = match i % 10 {
             0 | 1 => {
                 circuit += 1;
-                m.span(
-                    frontend,
-                    &t,
-                    Some(&fe),
-                    CLIENT,
-                    "GET inventory",
-                    at + 3,
-                    true,
-                    vec![
-                        kv("peer.service", "inventory"),
-                        kv("meshscope.proxy_response", "circuit-open"),
-                    ],
-                );
+                let attrs = vec![
+                    kv("peer.service", "inventory"),
+                    kv("meshscope.proxy_response", "circuit-open"),
+                ];
+                ("GET inventory", true, attrs)
             }
             2 => {
                 limited += 1;
-                m.span(
-                    frontend,
-                    &t,
-                    Some(&fe),
-                    CLIENT,
-                    "egress inventory:8080",
-                    at + 3,
-                    true,
-                    vec![
-                        kv("upstream_cluster", "inventory"),
-                        kv("http.url", "http://inventory:8080/stock?sku=1"),
-                        kv("response_flags", "RL"),
-                    ],
-                );
+                let attrs = vec![
+                    kv("upstream_cluster", "inventory"),
+                    kv("http.url", "http://inventory:8080/stock?sku=1"),
+                    kv("response_flags", "RL"),
+                ];
+                ("egress inventory:8080", true, attrs)
             }
             _ => {
                 inv_paired += 1;
-                let ic = m.span(
-                    frontend,
-                    &t,
-                    Some(&fe),
-                    CLIENT,
+                (
                     "GET inventory",
-                    at + 3,
                     false,
                     vec![kv("peer.service", "inventory")],
-                );
-                m.span(
-                    inventory,
-                    &t,
-                    Some(&ic),
-                    SERVER,
-                    "ingress",
-                    at + 4,
-                    false,
-                    vec![kv("http.url", "http://inventory:8080/stock?sku=1")],
-                );
+                )
             }
+        };
+        let ic = m.span(
+            frontend,
+            &t,
+            Some(&fe),
+            CLIENT,
+            name,
+            at + 3,
+            answered_by_proxy,
+            attrs,
+        );
+        if !answered_by_proxy {
+            m.span(
+                inventory,
+                &t,
+                Some(&ic),
+                SERVER,
+                "ingress",
+                at + 4,
+                false,
+                vec![kv("http.url", "http://inventory:8080/stock?sku=1")],
+            );
         }
         // cart v1 → an external payments gateway, named only by Envoy's http.url.
         if version == cart_v1 && i % 3 == 0 {

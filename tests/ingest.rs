@@ -57,10 +57,7 @@ fn send_traces_over_http(endpoint: String, protocol: Protocol, service: &str, sp
             .with_endpoint(endpoint)
             .build()
             .expect("http exporter");
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource(&service))
-            .build();
+        let provider = common::otlp::sdk_tracer_provider(exporter, &service);
         let tracer = provider.tracer("e2e");
         for i in 0..spans {
             let mut span = tracer
@@ -81,8 +78,7 @@ fn send_traces_over_http(endpoint: String, protocol: Protocol, service: &str, sp
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_exporters_over_grpc_and_http_land_in_sql() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
 
     // Traces over gRPC (tonic), with a parent and a child.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -90,10 +86,7 @@ async fn sdk_exporters_over_grpc_and_http_land_in_sql() {
         .with_endpoint(server.grpc_url())
         .build()
         .expect("grpc exporter");
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource("checkout"))
-        .build();
+    let provider = common::otlp::sdk_tracer_provider(exporter, "checkout");
     let tracer = provider.tracer("e2e");
     let mut parent = tracer
         .span_builder("POST /checkout")
@@ -270,8 +263,7 @@ async fn post(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn otlp_json_examples_with_upper_case_ids_and_gzip() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (s, body) = post(
         &server,
         "/v1/traces",
@@ -377,8 +369,7 @@ fn request(service: &str, spans: Vec<PSpan>) -> ExportTraceServiceRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn partial_success_keeps_the_good_records() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let req = request(
         "partial",
         vec![
@@ -711,8 +702,7 @@ fn overload_is_refused_retryably_and_every_acknowledged_span_is_kept() {
 #[tokio::test(flavor = "multi_thread")]
 async fn exports_beyond_the_inflight_bound_are_refused_at_once() {
     use std::io::Write;
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(&dir.path().join("data"), &["--max-inflight-exports", "1"]);
+    let server = Server::in_temp_dir(&["--max-inflight-exports", "1"]);
     // An export whose body has not arrived yet holds the only place.
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", server.otlp_http)).expect("connect");
     write!(

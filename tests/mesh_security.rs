@@ -17,8 +17,7 @@ use common::Server;
 use common::proxy::{admin_metrics, admin_stats};
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
-    AuthorizationRule, AuthzMode, Destination, Endpoint, IdentityConfig, MtlsMode, Policy,
-    ProxyConfig,
+    AuthorizationRule, AuthzMode, Destination, IdentityConfig, MtlsMode, Policy, ProxyConfig,
 };
 use serde_json::Value;
 
@@ -144,23 +143,7 @@ impl<'a> Mesh<'a> {
 }
 
 fn to(name: &str, at: SocketAddr) -> Destination {
-    Destination {
-        name: name.into(),
-        aliases: vec![],
-        db_system: None,
-        h2c: false,
-        mtls: None,
-        namespace: None,
-        endpoints: vec![Endpoint {
-            address: at,
-            version: "v1".into(),
-            workload: None,
-            weight: 1,
-            identity: None,
-        }],
-        policy: Policy::default(),
-        routes: vec![],
-    }
+    common::proxy::destination(name, &[(at, "v1", 1)], Policy::default())
 }
 
 async fn get(outbound: SocketAddr, host: &str, headers: &[(&str, &str)]) -> (u16, String, Value) {
@@ -951,8 +934,7 @@ async fn authorization_rules_reload_with_the_file_without_a_restart() {
 async fn spans_alone_say_how_an_edge_is_secured() {
     use common::otlp::{kv, post, traces};
     use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let now = common::now_ns() - 60_000_000_000;
     let id = |w: &str| format!("spiffe://{TD}/ns/shop/sa/{w}");
     let span = |trace: u8, span: u8, parent: Option<u8>, kind: SpanKind, attrs: Vec<_>| Span {

@@ -124,17 +124,15 @@ async fn parquet_lives_on_s3_through_flushes_compactions_restarts_and_split_role
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("wal-only");
     let flags = [
-        "--storage-url",
-        "s3://traffic/mesh",
-        "--flush-interval-secs",
-        "1",
-        "--compaction-interval-secs",
-        "1",
-        "--compaction-min-files",
-        "2",
-        "--retire-grace-secs",
-        "1",
-    ];
+        &[
+            "--storage-url",
+            "s3://traffic/mesh",
+            "--flush-interval-secs",
+            "1",
+        ][..],
+        &common::COMPACT_EVERY_SECOND,
+    ]
+    .concat();
     let server = Server::start_env("serve", &data, &flags, &env);
 
     // Three exports apart in time: flushed files, compacted into one.

@@ -16,7 +16,7 @@ use common::Server;
 use common::proxy::{admin_metrics, admin_stats};
 use meshscope_proxy::Proxy;
 use meshscope_proxy::config::{
-    BreakerConfig, Destination, Endpoint, FaultConfig, Policy, ProxyConfig, RetryConfig,
+    BreakerConfig, Destination, FaultConfig, Policy, ProxyConfig, RetryConfig,
 };
 use serde_json::Value;
 
@@ -106,26 +106,7 @@ fn config(name: &str, app: Option<SocketAddr>, otlp: &str) -> ProxyConfig {
 }
 
 fn dest(name: &str, endpoints: &[(SocketAddr, &str, u32)], policy: Policy) -> Destination {
-    Destination {
-        name: name.into(),
-        aliases: vec![],
-        db_system: None,
-        h2c: false,
-        mtls: None,
-        namespace: None,
-        endpoints: endpoints
-            .iter()
-            .map(|(a, v, w)| Endpoint {
-                address: *a,
-                version: (*v).into(),
-                workload: (*v != "v1").then(|| format!("{name}-{v}")),
-                weight: *w,
-                identity: None,
-            })
-            .collect(),
-        policy,
-        routes: vec![],
-    }
+    common::proxy::destination(name, endpoints, policy)
 }
 
 async fn get_via(
@@ -150,8 +131,7 @@ async fn get_via(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_access_logs() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let otlp = server.grpc_url();
 
     // c (leaf) ← b ← a, each behind its own proxy.
@@ -311,8 +291,7 @@ async fn a_request_across_three_proxies_is_one_trace_with_edges_and_joined_acces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_hide_a_flaky_upstream_and_are_counted() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (l, addr) = bind_app().await;
     let flaky = Arc::new(App {
         name: "flaky".into(),
@@ -379,8 +358,7 @@ async fn graph_edge(server: &Server, source: &str, target: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (l, addr) = bind_app().await;
     let upstream = app("fragile", None);
     upstream.failing.store(true, Ordering::SeqCst);
@@ -462,8 +440,7 @@ async fn the_breaker_opens_on_failures_and_recovers_through_a_probe() {
 /// request's span (attribute and event), on the proxy's counter and on the graph's edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_spent_retry_budget_is_counted_on_the_span_the_proxy_and_the_graph() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (l, addr) = bind_app().await;
     let upstream = app("broken", None);
     upstream.failing.store(true, Ordering::SeqCst);
@@ -534,8 +511,7 @@ fn binomial_ok(k: u64, n: u64, p: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_injection_and_the_canary_split_follow_the_config() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (l1, a1) = bind_app().await;
     let (l2, a2) = bind_app().await;
     serve_app(l1, app("shop v1", None));
@@ -832,8 +808,7 @@ async fn h2c_upstreams_timeouts_and_the_rate_limit_work_through_real_sockets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routes_by_request_match_path_method_headers_and_query_first_match_winning() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let mut addrs = Vec::new();
     for v in ["v1", "v2", "v3"] {
         let (l, a) = bind_app().await;
@@ -949,8 +924,7 @@ backends = [{{ version = "v2", weight = 1 }}, {{ version = "v3", weight = 1 }}]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_load() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (apps, mut addrs) = (
         [
             app("shop a", None),
@@ -1048,8 +1022,7 @@ async fn a_failing_endpoint_is_ejected_and_returns_and_the_fast_one_takes_the_lo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_copies_its_share_to_the_shadow_without_delaying_the_caller() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let (l1, primary_at) = bind_app().await;
     let primary = app("checkout v1", None);
     serve_app(l1, Arc::clone(&primary));

@@ -14,7 +14,6 @@ use common::Server;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::Resource;
 use serde_json::json;
 
 const INGEST: &str = "ingest-secret-for-the-proxies-0001";
@@ -53,12 +52,6 @@ fn auth_file(dir: &Path) -> std::path::PathBuf {
     .expect("write auth file");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     path
-}
-
-fn resource(service: &str) -> Resource {
-    Resource::builder()
-        .with_service_name(service.to_string())
-        .build()
 }
 
 /// One SERVER span of `service` through the SDK's gRPC exporter, with `token` if given.
@@ -103,10 +96,7 @@ fn sdk_http(endpoint: String, service: &str, token: Option<&str>) {
 }
 
 fn export_one(exporter: opentelemetry_otlp::SpanExporter, service: &str) {
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource(service))
-        .build();
+    let provider = common::otlp::sdk_tracer_provider(exporter, service);
     let tracer = provider.tracer("security");
     let mut span = tracer
         .span_builder("GET /secure")
@@ -624,18 +614,14 @@ const ENDLESS: &str =
 
 #[tokio::test(flavor = "multi_thread")]
 async fn queries_are_bounded_in_time_rows_and_number() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &[
-            "--query-timeout-secs",
-            "2",
-            "--sql-max-rows",
-            "5",
-            "--max-concurrent-queries",
-            "2",
-        ],
-    );
+    let server = Server::in_temp_dir(&[
+        "--query-timeout-secs",
+        "2",
+        "--sql-max-rows",
+        "5",
+        "--max-concurrent-queries",
+        "2",
+    ]);
     load_spans(&server, "load", 2000).await;
     let http = reqwest::Client::new();
 
@@ -794,8 +780,7 @@ async fn the_raw_span_graph_stays_within_the_query_memory_pool() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_postgres_message_ends_only_its_connection() {
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", server.pg)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

@@ -311,18 +311,14 @@ async fn two_collectors_and_a_query_node_answer_like_serve() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_removes_old_files_and_counts_them() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &[
-            "--flush-interval-secs",
-            "1",
-            "--compaction-interval-secs",
-            "1",
-            "--retention-max-age-secs",
-            "3600",
-        ],
-    );
+    let server = Server::in_temp_dir(&[
+        "--flush-interval-secs",
+        "1",
+        "--compaction-interval-secs",
+        "1",
+        "--retention-max-age-secs",
+        "3600",
+    ]);
     let hour = 3_600_000_000_000u64;
     let now = chrono::Utc::now().timestamp_nanos_opt().expect("now") as u64;
     let spans = |start: u64, n: u64, id0: u64| -> Vec<Span> {

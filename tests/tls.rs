@@ -96,6 +96,24 @@ impl Pki {
     }
 }
 
+/// Runs the binary with `args`, which must fail to start: what it said on stderr.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(common::binary())
+        .args(args)
+        .output()
+        .expect("meshscope");
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The HTTP status curl got for `url`, trusting `ca`, with `extra` arguments (a body).
+fn curl_status(ca: &Path, extra: &[&str], url: &str) -> String {
+    let mut args = vec!["--cacert", s(ca), "-w", "%{http_code}", "-o", "/dev/null"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    String::from_utf8_lossy(&curl(&args).stdout).into_owned()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -187,20 +205,17 @@ async fn every_listener_speaks_tls() {
     // OTLP/HTTP over TLS with curl, OTLP/gRPC over TLS with the SDK.
     let body = dir.path().join("trace.json");
     std::fs::write(&body, common::testdata("trace.json")).expect("write");
-    let out = curl(&[
-        "--cacert",
-        s(&ca),
-        "-H",
-        "content-type: application/json",
-        "--data-binary",
-        &format!("@{}", s(&body)),
-        "-w",
-        "%{http_code}",
-        "-o",
-        "/dev/null",
+    let status = curl_status(
+        &ca,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", s(&body)),
+        ],
         &format!("https://127.0.0.1:{}/v1/traces", server.otlp_http),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    );
+    assert_eq!(status, "200");
     let ca_pem = std::fs::read(&ca).expect("ca");
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
@@ -212,14 +227,7 @@ async fn every_listener_speaks_tls() {
         )
         .build()
         .expect("grpc exporter");
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name("over-tls")
-                .build(),
-        )
-        .build();
+    let provider = common::otlp::sdk_tracer_provider(exporter, "over-tls");
     let tracer = provider.tracer("tls");
     let mut span = tracer
         .span_builder("GET /tls")
@@ -328,25 +336,15 @@ async fn client_certificates_are_required_with_a_client_ca() {
 
 #[test]
 fn half_a_tls_configuration_is_refused() {
-    let out = Command::new(common::binary())
-        .args(["serve", "--tls-cert", "/nonexistent.pem"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["serve", "--tls-cert", "/nonexistent.pem"]);
     assert!(err.contains("--tls-key"), "{err}");
-    let out = Command::new(common::binary())
-        .args([
-            "serve",
-            "--tls-cert",
-            "/nonexistent.pem",
-            "--tls-key",
-            "/nonexistent.key",
-        ])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[
+        "serve",
+        "--tls-cert",
+        "/nonexistent.pem",
+        "--tls-key",
+        "/nonexistent.key",
+    ]);
     assert!(
         err.contains("cannot read the TLS certificate /nonexistent.pem"),
         "{err}"
@@ -415,34 +413,23 @@ async fn tls_auto_serves_every_listener_with_a_certificate_from_the_mesh_ca() {
         "a new certificate at every start"
     );
     assert_eq!(std::fs::read_to_string(&root).expect("root"), root_pem);
-    let out = curl(&[
-        "--cacert",
-        s(&root),
-        "-w",
-        "%{http_code}",
-        "-o",
-        "/dev/null",
+    let status = curl_status(
+        &root,
+        &[],
         &format!("https://localhost:{}/healthz", again.http),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    );
+    assert_eq!(status, "200");
     // With files as well it is refused, saying why.
-    let out = Command::new(common::binary())
-        .args([
-            "serve",
-            "--data-dir",
-            s(&dir.path().join("d2")),
-            "--tls-auto",
-        ])
-        .args([
-            "--tls-cert",
-            "/nonexistent.pem",
-            "--tls-key",
-            "/nonexistent.key",
-        ])
-        .output()
-        .expect("meshscope");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[
+        "serve",
+        "--data-dir",
+        s(&dir.path().join("d2")),
+        "--tls-auto",
+        "--tls-cert",
+        "/nonexistent.pem",
+        "--tls-key",
+        "/nonexistent.key",
+    ]);
     assert!(
         err.contains("tls-auto") || err.contains("cannot be used with"),
         "{err}"

@@ -23,14 +23,7 @@ fn send_with_sdk(endpoint: String, service: &str, spans: Vec<(SpanKind, &'static
         .with_endpoint(endpoint)
         .build()
         .expect("grpc exporter");
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name(service.to_string())
-                .build(),
-        )
-        .build();
+    let provider = common::otlp::sdk_tracer_provider(exporter, service);
     let tracer = provider.tracer("topology-test");
     for (kind, path, code) in spans {
         let client = kind == SpanKind::Client;
@@ -120,8 +113,7 @@ async fn open_tap(server: &Server, query: &str) -> reqwest::Response {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tap_streams_the_spans_sent_after_it_began() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     // Before anyone taps: never shown.
     send_with_sdk(
         server.grpc_url(),
@@ -214,8 +206,7 @@ async fn tap_streams_the_spans_sent_after_it_began() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn meshscope_tap_prints_requests_in_the_terminal() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let child = std::process::Command::new(common::binary())
         .args(["tap", "--server", &server.url(""), "--service", "cart"])
         .args(["--limit", "2"])
@@ -354,11 +345,7 @@ impl Crafted {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graph_diff_marks_what_changed_between_two_windows() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &["--rollup-delay-secs", "0", "--rollup-interval-secs", "1"],
-    );
+    let server = Server::in_temp_dir(&["--rollup-delay-secs", "0", "--rollup-interval-secs", "1"]);
     let minute = 60_000_000_000u64;
     let now = now_ns() / minute * minute;
     // Base: the window 20–10 minutes ago; now: the last 10 minutes.
@@ -545,8 +532,7 @@ async fn graph_diff_marks_what_changed_between_two_windows() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn traces_are_searched_by_several_attributes_of_one_span() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server = Server::start(&dir.path().join("data"));
+    let server = Server::in_temp_dir(&[]);
     let at = now_ns() - 60_000_000_000;
     let span = |n: u64, route: &str, region: &str| PSpan {
         trace_id: (1000 + n).to_be_bytes().repeat(2),

@@ -295,6 +295,18 @@ async fn alerting(
     .expect("alerting")
 }
 
+/// Alerting on the clock `clock` with one error-rate rule (`error_rule(0)`) and no real waits.
+async fn error_alerting(e: &Engine, dir: &Path, addr: SocketAddr, clock: &ManualClock) -> Alerting {
+    alerting(
+        e,
+        dir,
+        config(addr, vec![error_rule(0)]),
+        clock,
+        RecordingSleeper::default(),
+    )
+    .await
+}
+
 /// Alerting at `t0()` with the test receiver at `addr`, the given rules and no real waits.
 async fn alerting_at_t0(
     e: &Engine,
@@ -472,25 +484,11 @@ async fn a_restart_neither_loses_nor_repeats_a_firing_alert() {
         .await;
     let clock = ManualClock::new(t0());
     {
-        let a = alerting(
-            &e,
-            dir.path(),
-            config(addr, vec![error_rule(0)]),
-            &clock,
-            RecordingSleeper::default(),
-        )
-        .await;
+        let a = error_alerting(&e, dir.path(), addr, &clock).await;
         a.evaluate().await;
         assert_eq!(a.deliver().await, 1);
     } // "crash": the process is gone, only the files remain.
-    let b = alerting(
-        &e,
-        dir.path(),
-        config(addr, vec![error_rule(0)]),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    let b = error_alerting(&e, dir.path(), addr, &clock).await;
     assert_eq!(states(&b), vec!["firing"], "the firing alert survived");
     clock.advance(Duration::from_secs(15));
     b.evaluate().await;
@@ -506,24 +504,10 @@ async fn a_restart_neither_loses_nor_repeats_a_firing_alert() {
     let dir2 = tempfile::tempdir().expect("tmp");
     clock.set(t0());
     {
-        let a = alerting(
-            &e,
-            dir2.path(),
-            config(addr, vec![error_rule(0)]),
-            &clock,
-            RecordingSleeper::default(),
-        )
-        .await;
+        let a = error_alerting(&e, dir2.path(), addr, &clock).await;
         a.evaluate().await;
     }
-    let c = alerting(
-        &e,
-        dir2.path(),
-        config(addr, vec![error_rule(0)]),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    let c = error_alerting(&e, dir2.path(), addr, &clock).await;
     assert_eq!(c.deliver().await, 1, "the owed notification was not lost");
     assert_eq!(got.bodies().len(), 3);
 }
@@ -677,14 +661,7 @@ async fn the_api_validates_persists_and_protects_config_rules() {
     assert_eq!(status, 404);
 
     // API-made rules survive a restart.
-    let b = alerting(
-        &e,
-        dir.path(),
-        config(addr, vec![error_rule(0)]),
-        &clock,
-        RecordingSleeper::default(),
-    )
-    .await;
+    let b = error_alerting(&e, dir.path(), addr, &clock).await;
     let names: Vec<String> = b.rules().iter().map(|(r, _)| r.name.clone()).collect();
     assert_eq!(names, vec!["checkout-errors", "ghost-latency"]);
 

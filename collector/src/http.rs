@@ -31,6 +31,7 @@ use meshscope_proto::otlp::collector::trace::v1::{
 
 use meshscope_auth::http::Gate;
 use meshscope_auth::{Auth, Scope, Surface};
+use tonic::Code;
 
 use crate::Limits;
 use crate::ingest::{Ingest, IngestError};
@@ -83,7 +84,7 @@ async fn admit(
             error(
                 enc,
                 StatusCode::SERVICE_UNAVAILABLE,
-                UNAVAILABLE,
+                Code::Unavailable,
                 admission.message(),
             )
         }
@@ -94,9 +95,9 @@ async fn admit(
 fn refusal(headers: &HeaderMap, status: StatusCode, message: String) -> Response {
     let enc = encoding(headers).unwrap_or(Encoding::Json);
     let code = if status == StatusCode::UNAUTHORIZED {
-        UNAUTHENTICATED
+        Code::Unauthenticated
     } else {
-        PERMISSION_DENIED
+        Code::PermissionDenied
     };
     error(enc, status, code, message)
 }
@@ -116,15 +117,9 @@ struct RpcStatus {
     message: String,
 }
 
-/// gRPC status codes used in error bodies.
-const INVALID_ARGUMENT: i32 = 3;
-const PERMISSION_DENIED: i32 = 7;
-const UNAUTHENTICATED: i32 = 16;
-const RESOURCE_EXHAUSTED: i32 = 8;
-const INTERNAL: i32 = 13;
-const UNAVAILABLE: i32 = 14;
-
-fn error(enc: Encoding, status: StatusCode, code: i32, message: String) -> Response {
+/// An error answer: `google.rpc.Status` with the gRPC `code`, in the request's encoding.
+fn error(enc: Encoding, status: StatusCode, code: Code, message: String) -> Response {
+    let code = code as i32;
     let mut resp = match enc {
         Encoding::Json => (
             status,
@@ -163,7 +158,7 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, Response> {
         _ => Err(error(
             Encoding::Json,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            INVALID_ARGUMENT,
+            Code::InvalidArgument,
             format!(
                 "unsupported content type {ct:?}: use application/x-protobuf or application/json"
             ),
@@ -188,7 +183,7 @@ fn body(enc: Encoding, headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<
                 return Err(error(
                     enc,
                     StatusCode::BAD_REQUEST,
-                    INVALID_ARGUMENT,
+                    Code::InvalidArgument,
                     format!("invalid gzip body: {e}"),
                 ));
             }
@@ -196,7 +191,7 @@ fn body(enc: Encoding, headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<
                 return Err(error(
                     enc,
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    RESOURCE_EXHAUSTED,
+                    Code::ResourceExhausted,
                     format!("decompressed body exceeds the limit of {limit} bytes"),
                 ));
             }
@@ -205,7 +200,7 @@ fn body(enc: Encoding, headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<
         other => Err(error(
             enc,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            INVALID_ARGUMENT,
+            Code::InvalidArgument,
             format!("unsupported content encoding {other:?}: use gzip or none"),
         )),
     }
@@ -263,7 +258,7 @@ fn ok<T: prost::Message + serde::Serialize>(enc: Encoding, msg: &T) -> Response 
             Err(e) => error(
                 enc,
                 StatusCode::INTERNAL_SERVER_ERROR,
-                INTERNAL,
+                Code::Internal,
                 e.to_string(),
             ),
         },
@@ -273,9 +268,11 @@ fn ok<T: prost::Message + serde::Serialize>(enc: Encoding, msg: &T) -> Response 
 fn failed(enc: Encoding, e: IngestError) -> Response {
     match e {
         IngestError::Overloaded(m) | IngestError::Unavailable(m) => {
-            error(enc, StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE, m)
+            error(enc, StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, m)
         }
-        IngestError::Internal(m) => error(enc, StatusCode::INTERNAL_SERVER_ERROR, INTERNAL, m),
+        IngestError::Internal(m) => {
+            error(enc, StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, m)
+        }
     }
 }
 
@@ -294,7 +291,7 @@ where
         .inspect_err(|_| s.ingest.bad_request(table))?;
     let req = decode::<T>(enc, &bytes).map_err(|m| {
         s.ingest.bad_request(table);
-        error(enc, StatusCode::BAD_REQUEST, INVALID_ARGUMENT, m)
+        error(enc, StatusCode::BAD_REQUEST, Code::InvalidArgument, m)
     })?;
     Ok((enc, req))
 }
@@ -424,7 +421,7 @@ mod tests {
         let r = error(
             Encoding::Protobuf,
             StatusCode::SERVICE_UNAVAILABLE,
-            UNAVAILABLE,
+            Code::Unavailable,
             "busy".into(),
         );
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/x-protobuf");
@@ -436,7 +433,7 @@ mod tests {
         let r = error(
             Encoding::Json,
             StatusCode::BAD_REQUEST,
-            INVALID_ARGUMENT,
+            Code::InvalidArgument,
             "bad".into(),
         );
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");

@@ -523,18 +523,11 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
     use meshscope_query::analysis::range::TimeRange;
     use meshscope_query::analysis::rollup::Rollups;
     use meshscope_query::analysis::traces;
-    use meshscope_query::engine::EngineConfig;
-    use meshscope_query::{Executor, QueryEngine};
     use meshscope_storage::{Storage, StoreConfig};
 
     let storage = Storage::open(StoreConfig::new(&args.data_dir), &meshscope_query::DERIVED)
         .map_err(|e| e.to_string())?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let executor = Executor::new(cores).map_err(|e| e.to_string())?;
-    let engine = QueryEngine::new(&storage, executor.clone(), EngineConfig::default())
-        .map_err(|e| e.to_string())?;
+    let (executor, engine) = query_engine(&storage)?;
     let scalar = |v: &arrow::array::ArrayRef| {
         arrow::util::display::array_value_to_string(v, 0).unwrap_or_default()
     };
@@ -566,21 +559,11 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let time = |label: &'static str| {
-        move |d: Duration| eprintln!("  {label}: {:.1} ms", d.as_secs_f64() * 1e3)
-    };
-
-    let mut raw = Vec::new();
-    let mut edges = 0;
-    for _ in 0..args.runs {
-        let t = Instant::now();
-        let g = ServiceGraph::compute(&engine, &range)
-            .await
-            .map_err(|e| e.to_string())?;
-        edges = g.edges().count();
-        raw.push(t.elapsed().as_secs_f64() * 1e3);
-        time("graph from raw spans")(t.elapsed());
-    }
+    let (raw, edges) = timed_runs(args.runs, "graph from raw spans", || async {
+        let g = ServiceGraph::compute(&engine, &range).await?;
+        Ok(g.edges().count())
+    })
+    .await?;
     let t = Instant::now();
     let minutes = Rollups::new(engine.clone(), storage.clone(), chrono::Duration::zero())
         .run_once(range.end + chrono::Duration::hours(1))
@@ -591,15 +574,10 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         "  rolled up {minutes} minute(s) in {:.1} s",
         rollup_build.as_secs_f64()
     );
-    let mut rolled = Vec::new();
-    for _ in 0..args.runs {
-        let t = Instant::now();
-        ServiceGraph::compute_from_rollups(&engine, &range)
-            .await
-            .map_err(|e| e.to_string())?;
-        rolled.push(t.elapsed().as_secs_f64() * 1e3);
-        time("graph from rollups")(t.elapsed());
-    }
+    let (rolled, _) = timed_runs(args.runs, "graph from rollups", || async {
+        ServiceGraph::compute_from_rollups(&engine, &range).await
+    })
+    .await?;
     // The topology diff as `/api/v1/graph/diff` answers it from rollups: the range's second
     // half against its first (a day against the day before over `--spread-hours 48`).
     let half = (range.end - range.start) / 2;
@@ -613,21 +591,16 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
             end: range.end,
         },
     );
-    let mut diffs = Vec::new();
-    let mut changes = 0;
-    for _ in 0..args.runs {
-        let t = Instant::now();
-        let g = ServiceGraph::compute_from_rollups(&engine, &now)
-            .await
-            .map_err(|e| e.to_string())?;
-        let b = ServiceGraph::compute_from_rollups(&engine, &base)
-            .await
-            .map_err(|e| e.to_string())?;
-        let d = meshscope_query::analysis::diff::diff(&g, &b, Default::default());
-        changes = d.edges.len();
-        diffs.push(t.elapsed().as_secs_f64() * 1e3);
-        time("diff of two windows from rollups")(t.elapsed());
-    }
+    let (diffs, changes) = timed_runs(args.runs, "diff of two windows from rollups", || async {
+        let g = ServiceGraph::compute_from_rollups(&engine, &now).await?;
+        let b = ServiceGraph::compute_from_rollups(&engine, &base).await?;
+        Ok(
+            meshscope_query::analysis::diff::diff(&g, &b, Default::default())
+                .edges
+                .len(),
+        )
+    })
+    .await?;
 
     // Trace by id: ids spread over the files.
     let ids = sample_trace_ids(&engine, args.lookups).await?;
@@ -752,6 +725,43 @@ struct StorageSample {
     graph_ms: f64,
 }
 
+/// A query engine over `storage` with the server's defaults, on an executor of every core.
+fn query_engine(
+    storage: &meshscope_storage::Storage,
+) -> Result<(meshscope_query::Executor, meshscope_query::QueryEngine), String> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let executor = meshscope_query::Executor::new(cores).map_err(|e| e.to_string())?;
+    let engine = meshscope_query::QueryEngine::new(
+        storage,
+        executor.clone(),
+        meshscope_query::engine::EngineConfig::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((executor, engine))
+}
+
+/// Runs `f` `runs` times (at least once), telling each run's time under `label`: the times in
+/// ms and the last run's answer.
+async fn timed_runs<T, F, Fut>(runs: usize, label: &str, mut f: F) -> Result<(Vec<f64>, T), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, meshscope_query::QueryError>>,
+{
+    let mut times = Vec::new();
+    loop {
+        let t = Instant::now();
+        let answer = f().await.map_err(|e| e.to_string())?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  {label}: {ms:.1} ms");
+        times.push(ms);
+        if times.len() >= runs {
+            return Ok((times, answer));
+        }
+    }
+}
+
 /// `n` trace ids of root SERVER spans, spread over the files (every k-th of the first 50·n).
 async fn sample_trace_ids(
     engine: &meshscope_query::QueryEngine,
@@ -845,19 +855,12 @@ async fn measure_storage(
 /// `meshscope bench storage`: compaction and retention over a stored data directory.
 pub async fn storage(args: crate::config::BenchStorageArgs) -> Result<(), String> {
     use meshscope_proto::Table;
-    use meshscope_query::engine::EngineConfig;
-    use meshscope_query::{Executor, QueryEngine};
     use meshscope_storage::{CompactionPolicy, Retention, Storage, StoreConfig};
 
     let mut config = StoreConfig::new(&args.data_dir);
     config.retire_grace = Duration::ZERO;
     let storage = Storage::open(config, &meshscope_query::DERIVED).map_err(|e| e.to_string())?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let executor = Executor::new(cores).map_err(|e| e.to_string())?;
-    let engine = QueryEngine::new(&storage, executor.clone(), EngineConfig::default())
-        .map_err(|e| e.to_string())?;
+    let (executor, engine) = query_engine(&storage)?;
     let ids = sample_trace_ids(&engine, args.lookups).await?;
 
     eprintln!("bench storage: measuring before compaction…");

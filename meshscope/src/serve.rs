@@ -275,12 +275,10 @@ pub async fn run_reporting(
         },
     )
     .map_err(|e| format!("cannot set up the query engine: {e}"))?;
-    let ingest = Ingest::new(storage.clone());
-    let limits = Limits {
-        max_body_bytes: config.max_body_bytes,
-        max_in_flight: config.max_inflight_exports,
-    };
-    let admission = meshscope_collector::admission::Admission::new(limits.max_in_flight);
+    let front = WritePath::new(&config, &storage);
+    let WritePath {
+        ingest, admission, ..
+    } = front.clone();
 
     let receivers = if role == Role::Serve {
         Some((
@@ -334,15 +332,7 @@ pub async fn run_reporting(
 
     let mut tasks = Vec::new();
     if let Some((grpc_l, otlp_http_l)) = receivers {
-        tasks.extend(spawn_receivers(
-            grpc_l,
-            otlp_http_l,
-            &ingest,
-            &admission,
-            limits,
-            &config,
-            &shutdown,
-        ));
+        tasks.extend(front.spawn(grpc_l, otlp_http_l, &config, &shutdown));
     }
     let alerts = tokio::spawn(alerting.clone().run(shutdown.wait()));
     let exposition = crate::metrics::Exposition {
@@ -530,46 +520,72 @@ fn serve_http(
     }
 }
 
-/// The OTLP/gRPC and OTLP/HTTP receivers, serving until shutdown.
-fn spawn_receivers(
-    grpc_l: TcpListener,
-    otlp_http_l: TcpListener,
-    ingest: &Ingest,
-    admission: &meshscope_collector::admission::Admission,
+/// The write path's front: the ingest pipeline, the admission gate both receivers share,
+/// and their limits.
+#[derive(Clone)]
+struct WritePath {
+    ingest: Ingest,
+    admission: meshscope_collector::admission::Admission,
     limits: Limits,
-    config: &ServeConfig,
-    shutdown: &Shutdown,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let grpc = meshscope_collector::grpc::serve(
-        grpc_l,
-        ingest.clone(),
-        admission.clone(),
-        limits,
-        config.auth.clone(),
-        config.tls.as_ref().map(|t| {
-            let (cert, key) = t.identity_pem();
-            meshscope_collector::grpc::TlsPem {
-                cert: cert.to_vec(),
-                key: key.to_vec(),
-                client_ca: t.client_ca_pem().map(<[u8]>::to_vec),
-            }
-        }),
-        shutdown.wait(),
-    );
-    let router = meshscope_collector::http::router(
-        ingest.clone(),
-        admission.clone(),
-        limits,
-        config.auth.clone(),
-    );
-    vec![
-        tokio::spawn(async move {
-            if let Err(e) = grpc.await {
-                tracing::error!(error = %e, "the OTLP/gRPC receiver stopped");
-            }
-        }),
-        serve_http("OTLP/HTTP", otlp_http_l, router, config, shutdown),
-    ]
+}
+
+impl WritePath {
+    fn new(config: &ServeConfig, storage: &Storage) -> WritePath {
+        let limits = Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_in_flight: config.max_inflight_exports,
+        };
+        WritePath {
+            ingest: Ingest::new(storage.clone()),
+            admission: meshscope_collector::admission::Admission::new(limits.max_in_flight),
+            limits,
+        }
+    }
+
+    /// The OTLP/gRPC and OTLP/HTTP receivers, serving until shutdown.
+    fn spawn(
+        self,
+        grpc_l: TcpListener,
+        otlp_http_l: TcpListener,
+        config: &ServeConfig,
+        shutdown: &Shutdown,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let WritePath {
+            ingest,
+            admission,
+            limits,
+        } = self;
+        let grpc = meshscope_collector::grpc::serve(
+            grpc_l,
+            ingest.clone(),
+            admission.clone(),
+            limits,
+            config.auth.clone(),
+            config.tls.as_ref().map(|t| {
+                let (cert, key) = t.identity_pem();
+                meshscope_collector::grpc::TlsPem {
+                    cert: cert.to_vec(),
+                    key: key.to_vec(),
+                    client_ca: t.client_ca_pem().map(<[u8]>::to_vec),
+                }
+            }),
+            shutdown.wait(),
+        );
+        let router = meshscope_collector::http::router(
+            ingest.clone(),
+            admission.clone(),
+            limits,
+            config.auth.clone(),
+        );
+        vec![
+            tokio::spawn(async move {
+                if let Err(e) = grpc.await {
+                    tracing::error!(error = %e, "the OTLP/gRPC receiver stopped");
+                }
+            }),
+            serve_http("OTLP/HTTP", otlp_http_l, router, config, shutdown),
+        ]
+    }
 }
 
 /// `meshscope collector`: receivers, the write path, compaction and retention; health and
@@ -580,26 +596,16 @@ async fn run_collector(
     started: std::time::Instant,
     stop: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let ingest = Ingest::new(storage.clone());
-    let limits = Limits {
-        max_body_bytes: config.max_body_bytes,
-        max_in_flight: config.max_inflight_exports,
-    };
-    let admission = meshscope_collector::admission::Admission::new(limits.max_in_flight);
+    let front = WritePath::new(&config, &storage);
+    let WritePath {
+        ingest, admission, ..
+    } = front.clone();
     let grpc_l = bind("OTLP/gRPC", config.otlp_grpc_addr).await?;
     let otlp_http_l = bind("OTLP/HTTP", config.otlp_http_addr).await?;
     let http_l = bind("HTTP API", config.http_addr).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, shutdown) = Shutdown::new();
-    let mut tasks = spawn_receivers(
-        grpc_l,
-        otlp_http_l,
-        &ingest,
-        &admission,
-        limits,
-        &config,
-        &shutdown,
-    );
+    let mut tasks = front.spawn(grpc_l, otlp_http_l, &config, &shutdown);
     if let Some(every) = config.compaction_interval {
         tasks.push(tokio::spawn(maintain(
             Maintainer::new(storage.clone(), config.upkeep.clone()),

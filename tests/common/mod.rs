@@ -12,6 +12,17 @@ pub mod mesh;
 pub mod otlp;
 pub mod proxy;
 
+/// Flags that make compaction run every second over any two files and delete what it
+/// replaced a second later, so a test sees compactions happen while it works.
+pub const COMPACT_EVERY_SECOND: [&str; 6] = [
+    "--compaction-interval-secs",
+    "1",
+    "--compaction-min-files",
+    "2",
+    "--retire-grace-secs",
+    "1",
+];
+
 /// The binary under test: `MESHSCOPE_BIN`, or the one Cargo built for these tests.
 pub fn binary() -> PathBuf {
     std::env::var("MESHSCOPE_BIN")
@@ -32,11 +43,21 @@ pub struct Server {
     pub token: Option<String>,
     /// Started with `--tls-cert` or `--tls-auto`: readiness is read from the log only.
     pub tls: bool,
+    /// The temporary directory `in_temp_dir` made for the data, removed after the process.
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Server {
     pub fn start(data_dir: &Path) -> Server {
         Self::start_with(data_dir, &[])
+    }
+
+    /// `serve` with `extra` flags over a fresh temporary data directory of its own.
+    pub fn in_temp_dir(extra: &[&str]) -> Server {
+        let scratch = tempfile::tempdir().expect("tmp");
+        let mut server = Self::start_with(&scratch.path().join("data"), extra);
+        server.scratch = Some(scratch);
+        server
     }
 
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Server {
@@ -91,6 +112,7 @@ impl Server {
             log,
             token: None,
             tls: extra.contains(&"--tls-cert") || extra.contains(&"--tls-auto"),
+            scratch: None,
         };
         server.wait_ready();
         server
@@ -250,19 +272,20 @@ impl Server {
         self.child.wait().expect("wait");
     }
 
-    /// SIGTERM, and wait for a clean exit.
-    pub fn terminate(mut self) {
+    /// SIGTERM, and wait for a clean exit: what the process logged.
+    pub fn terminate(mut self) -> String {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(ok.success());
         let status = self.child.wait().expect("wait");
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         assert!(
             status.success(),
-            "meshscope exited with {status}; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            "meshscope exited with {status}; log:\n{log}"
         );
+        log
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -83,7 +83,12 @@ pub fn logs_of(
 
 /// Posts a request as protobuf to an OTLP/HTTP URL (`…/v1/traces`); it must be accepted.
 pub async fn post(url: &str, request: &impl Message) {
-    let r = reqwest::Client::new()
+    post_with(&reqwest::Client::new(), url, request).await
+}
+
+/// [`post`] through `client` (whose connection stays open for the next request).
+pub async fn post_with(client: &reqwest::Client, url: &str, request: &impl Message) {
+    let r = client
         .post(url)
         .header("content-type", "application/x-protobuf")
         .body(request.encode_to_vec())
@@ -91,4 +96,20 @@ pub async fn post(url: &str, request: &impl Message) {
         .await
         .expect("export");
     assert_eq!(r.status(), 200, "{url}");
+}
+
+/// The OpenTelemetry SDK's tracer provider for `service`, batching into `exporter` (the
+/// caller flushes or shuts it down before counting what arrived).
+pub fn sdk_tracer_provider(
+    exporter: opentelemetry_otlp::SpanExporter,
+    service: &str,
+) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_string())
+                .build(),
+        )
+        .build()
 }

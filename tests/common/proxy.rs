@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 
 use meshscope_proxy::Proxy;
-use meshscope_proxy::config::{Listen, ProxyConfig, ServiceIdentity, TelemetryConfig};
+use meshscope_proxy::config::{
+    Destination, Endpoint, Listen, Policy, ProxyConfig, ServiceIdentity, TelemetryConfig,
+};
 use serde_json::Value;
 
 /// Port 0 on loopback: the proxy binds it and says which port it got.
@@ -62,4 +64,33 @@ pub async fn admin_metrics(proxy: &Proxy) -> String {
 /// The proxy's admin `/stats` (JSON).
 pub async fn admin_stats(proxy: &Proxy) -> Value {
     admin(proxy, "/stats").await.json().await.expect("json")
+}
+
+/// A destination `name` over `endpoints` (address, version, weight; a version other than
+/// `v1` runs as workload `<name>-<version>`) with `policy`, no routes and no mTLS.
+pub fn destination(
+    name: &str,
+    endpoints: &[(SocketAddr, &str, u32)],
+    policy: Policy,
+) -> Destination {
+    Destination {
+        name: name.into(),
+        aliases: vec![],
+        db_system: None,
+        h2c: false,
+        mtls: None,
+        namespace: None,
+        endpoints: endpoints
+            .iter()
+            .map(|(a, v, w)| Endpoint {
+                address: *a,
+                version: (*v).into(),
+                workload: (*v != "v1").then(|| format!("{name}-{v}")),
+                weight: *w,
+                identity: None,
+            })
+            .collect(),
+        policy,
+        routes: vec![],
+    }
 }

@@ -214,11 +214,7 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
         };
         let in_flight = self.telemetry.in_flight(self.direction, &destination);
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let body = Counted {
-            inner: body,
-            bytes: Arc::clone(&request_bytes),
-        }
-        .boxed();
+        let body = Watched::new(body, Arc::clone(&request_bytes)).boxed();
         let authority = parts
             .uri
             .authority()
@@ -297,12 +293,14 @@ impl<S: HttpService> Service<Request<Body>> for TraceService<S> {
                 _in_flight: in_flight,
             };
             let hash = pending.finished.mirror.map(|_| FNV_OFFSET);
-            let body = Observed {
-                inner: body,
-                bytes: 0,
-                hash,
-                pending: Some(pending),
-            };
+            let body = Watched::new(
+                body,
+                Observation {
+                    bytes: 0,
+                    hash,
+                    pending: Some(pending),
+                },
+            );
             Ok(http::Response::from_parts(parts, body.boxed()))
         })
     }
@@ -339,60 +337,36 @@ impl Pending {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Counts the bytes of a request body.
-    struct Counted {
-        #[pin]
-        inner: Body,
-        bytes: Arc<AtomicU64>,
-    }
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// What a [`Watched`] body is told as its frames pass.
+trait Watcher {
+    /// A data frame went by.
+    fn data(&mut self, data: &Bytes);
+    /// The body ended: its last frame, an error, or dropped before either (may be told twice).
+    fn end(&mut self) {}
 }
 
 pin_project_lite::pin_project! {
-    /// Counts a response body and records the request when it ends or is dropped.
-    struct Observed {
+    /// A body that passes every frame through unchanged and tells its [`Watcher`].
+    struct Watched<W: Watcher> {
         #[pin]
         inner: Body,
-        bytes: u64,
-        hash: Option<u64>,
-        pending: Option<Pending>,
+        watcher: W,
     }
 
-    impl PinnedDrop for Observed {
+    impl<W: Watcher> PinnedDrop for Watched<W> {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(p) = this.pending.take() {
-                p.finish(*this.bytes, *this.hash);
-            }
+            this.project().watcher.end();
         }
     }
 }
 
-impl http_body::Body for Observed {
+impl<W: Watcher> Watched<W> {
+    fn new(inner: Body, watcher: W) -> Self {
+        Self { inner, watcher }
+    }
+}
+
+impl<W: Watcher> http_body::Body for Watched<W> {
     type Data = Bytes;
     type Error = BoxError;
     fn poll_frame(
@@ -404,17 +378,10 @@ impl http_body::Body for Observed {
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
-                    *this.bytes += d.len() as u64;
-                    if let Some(h) = this.hash.as_mut() {
-                        *h = fnv1a(*h, d);
-                    }
+                    this.watcher.data(d);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                if let Some(p) = this.pending.take() {
-                    p.finish(*this.bytes, *this.hash);
-                }
-            }
+            Poll::Ready(None | Some(Err(_))) => this.watcher.end(),
             Poll::Pending => {}
         }
         r
@@ -424,6 +391,35 @@ impl http_body::Body for Observed {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts the bytes of a request body.
+impl Watcher for Arc<AtomicU64> {
+    fn data(&mut self, data: &Bytes) {
+        self.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Counts (and, for a mirrored request, hashes) a response body and records the request
+/// when the body ends or is dropped.
+struct Observation {
+    bytes: u64,
+    hash: Option<u64>,
+    pending: Option<Pending>,
+}
+
+impl Watcher for Observation {
+    fn data(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+        if let Some(h) = self.hash.as_mut() {
+            *h = fnv1a(*h, data);
+        }
+    }
+    fn end(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(self.bytes, self.hash);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::state::{go, tick, use_url};
 use crate::util::{self, enc, f, fmt_ms, fmt_num, fmt_pct, s};
-use crate::{ErrorBox, Kpi, Loading};
+use crate::{ErrorBox, Kpi, Loading, data_table, fetched_list};
 
 const STATES: [(&str, &str); 4] = [
     ("", "All"),
@@ -228,183 +228,191 @@ pub fn AlertsPage() -> impl IntoView {
                 return view! { <div class="empty small-empty"><h2>{what}</h2><p>"Alerts appear here when a rule's condition holds."</p></div> }.into_any();
             }
             let ops = ops();
-            view! {
-                <table class="table alerts-table" data-test="alerts-table">
-                    <thead><tr>
-                        <th>"State"</th><th>"Rule"</th><th>"Labels"</th><th class="num">"Value"</th>
-                        <th>"Since"</th><th>"Exemplar traces"</th>
-                    </tr></thead>
-                    <tbody>
-                        {list.into_iter().map(|a| {
-                            let st = s(&a, "state");
-                            let rule = s(&a, "rule");
-                            let ev = &a["evidence"];
-                            let signal = s(ev, "signal");
-                            let value = ev.get("value").and_then(Value::as_f64);
-                            let threshold = ev.get("threshold").and_then(Value::as_f64);
-                            let op = ops.get(&rule).filter(|o| !o.is_empty()).cloned().unwrap_or_else(|| ">".into());
-                            let since_key = if st == "firing" && a["fired_at"].is_string() { "fired_at" } else { "active_at" };
-                            let since = util::ts_ms(&a[since_key]);
-                            let resolved = util::ts_ms(&a["resolved_at"]);
-                            let summary = a["annotations"]["summary"].as_str().map(str::to_string);
-                            let labels: Vec<(String, String)> = util::pairs(&a["labels"])
-                                .into_iter()
-                                .filter(|(k, _)| k != "alertname")
-                                .collect();
-                            let traces: Vec<String> = ev["exemplar_trace_ids"]
-                                .as_array()
-                                .map(|t| t.iter().filter_map(Value::as_str).map(str::to_string).collect())
-                                .unwrap_or_default();
-                            view! {
-                                <tr class=format!("alert-row {}", state_class(&st)) data-rule=rule.clone() data-state=st.clone()>
-                                    <td><span class=format!("state-badge {}", state_class(&st))>{st.clone()}</span></td>
-                                    <td>
-                                        <div class="rule-name">{rule.clone()}</div>
-                                        {summary.map(|t| view! { <div class="muted small">{t}</div> })}
-                                    </td>
-                                    <td class="labels">
-                                        {labels.into_iter().map(|(k, v)| view! { <span class="chip"><span class="muted">{k}"="</span>{v}</span> }).collect_view()}
-                                    </td>
-                                    <td class="num nowrap">
-                                        {match (value, threshold) {
-                                            (Some(v), Some(t)) => view! {
-                                                <b class={if st == "resolved" { "" } else { "bad" }}>{fmt_signal(&signal, v)}</b>
-                                                <span class="muted">{format!(" {op} {}", fmt_signal(&signal, t))}</span>
-                                                <div class="muted tiny">{signal.clone()}</div>
-                                            }.into_any(),
-                                            (Some(v), None) => view! { <b>{fmt_signal(&signal, v)}</b><div class="muted tiny">{signal.clone()}</div> }.into_any(),
-                                            _ => view! { <span class="muted">{signal.clone()}</span> }.into_any(),
-                                        }}
-                                    </td>
-                                    <td class="nowrap" title=util::datetime(since)>
-                                        {ago(since)}
-                                        {(resolved > 0.0).then(|| view! { <div class="muted tiny">{format!("resolved {}", ago(resolved))}</div> })}
-                                    </td>
-                                    <td class="exemplars">
-                                        {if traces.is_empty() {
-                                            view! { <span class="muted">"—"</span> }.into_any()
-                                        } else {
-                                            traces.into_iter().map(|t| {
-                                                let href = url.link(&format!("/traces/{}", enc(&t)), &[]);
-                                                view! { <a class="trace-chip mono exemplar" href=href data-trace-id=t.clone() title="Open the trace">{short_id(&t)}</a> }
-                                            }).collect_view().into_any()
-                                        }}
-                                    </td>
-                                </tr>
-                            }
-                        }).collect_view()}
-                    </tbody>
-                </table>
+            let head = view! {
+                <th>"State"</th><th>"Rule"</th><th>"Labels"</th><th class="num">"Value"</th>
+                <th>"Since"</th><th>"Exemplar traces"</th>
             }
-            .into_any()
+            .into_any();
+            data_table("table alerts-table", "alerts-table", head, list, |a| {
+                let st = s(&a, "state");
+                let rule = s(&a, "rule");
+                let ev = &a["evidence"];
+                let signal = s(ev, "signal");
+                let value = ev.get("value").and_then(Value::as_f64);
+                let threshold = ev.get("threshold").and_then(Value::as_f64);
+                let op = ops
+                    .get(&rule)
+                    .filter(|o| !o.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| ">".into());
+                let since_key = if st == "firing" && a["fired_at"].is_string() {
+                    "fired_at"
+                } else {
+                    "active_at"
+                };
+                let since = util::ts_ms(&a[since_key]);
+                let resolved = util::ts_ms(&a["resolved_at"]);
+                let summary = a["annotations"]["summary"].as_str().map(str::to_string);
+                let labels: Vec<(String, String)> = util::pairs(&a["labels"])
+                    .into_iter()
+                    .filter(|(k, _)| k != "alertname")
+                    .collect();
+                let traces: Vec<String> = ev["exemplar_trace_ids"]
+                    .as_array()
+                    .map(|t| {
+                        t.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                view! {
+                    <tr class=format!("alert-row {}", state_class(&st)) data-rule=rule.clone() data-state=st.clone()>
+                        <td><span class=format!("state-badge {}", state_class(&st))>{st.clone()}</span></td>
+                        <td>
+                            <div class="rule-name">{rule.clone()}</div>
+                            {summary.map(|t| view! { <div class="muted small">{t}</div> })}
+                        </td>
+                        <td class="labels">
+                            {labels.into_iter().map(|(k, v)| view! { <span class="chip"><span class="muted">{k}"="</span>{v}</span> }).collect_view()}
+                        </td>
+                        <td class="num nowrap">
+                            {match (value, threshold) {
+                                (Some(v), Some(t)) => view! {
+                                    <b class={if st == "resolved" { "" } else { "bad" }}>{fmt_signal(&signal, v)}</b>
+                                    <span class="muted">{format!(" {op} {}", fmt_signal(&signal, t))}</span>
+                                    <div class="muted tiny">{signal.clone()}</div>
+                                }.into_any(),
+                                (Some(v), None) => view! { <b>{fmt_signal(&signal, v)}</b><div class="muted tiny">{signal.clone()}</div> }.into_any(),
+                                _ => view! { <span class="muted">{signal.clone()}</span> }.into_any(),
+                            }}
+                        </td>
+                        <td class="nowrap" title=util::datetime(since)>
+                            {ago(since)}
+                            {(resolved > 0.0).then(|| view! { <div class="muted tiny">{format!("resolved {}", ago(resolved))}</div> })}
+                        </td>
+                        <td class="exemplars">
+                            {if traces.is_empty() {
+                                view! { <span class="muted">"—"</span> }.into_any()
+                            } else {
+                                traces.into_iter().map(|t| {
+                                    let href = url.link(&format!("/traces/{}", enc(&t)), &[]);
+                                    view! { <a class="trace-chip mono exemplar" href=href data-trace-id=t.clone() title="Open the trace">{short_id(&t)}</a> }
+                                }).collect_view().into_any()
+                            }}
+                        </td>
+                    </tr>
+                }
+                .into_any()
+            })
         }
     };
 
-    let rules_table = move || match rules.get() {
-        None => view! { <Loading/> }.into_any(),
-        Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
-        Some(Ok(v)) => {
-            let list = v.as_array().cloned().unwrap_or_default();
-            if list.is_empty() {
-                return view! { <div class="empty small-empty"><h2>"No rules"</h2><p>"Add rules under [alerts] in the config file or POST /api/v1/alerts/rules."</p></div> }.into_any();
+    let rules_table = move || {
+        let empty = (
+            "No rules",
+            "Add rules under [alerts] in the config file or POST /api/v1/alerts/rules.",
+        );
+        fetched_list(rules.get(), empty, |list| {
+            let head = view! {
+                <th>"Rule"</th><th>"Kind"</th><th>"Target"</th><th>"Condition"</th>
+                <th class="num">"Window"</th><th class="num">"For"</th><th>"Severity"</th><th>"Source"</th><th>"Health"</th>
             }
-            view! {
-                <table class="table rules-table" data-test="rules-table">
-                    <thead><tr>
-                        <th>"Rule"</th><th>"Kind"</th><th>"Target"</th><th>"Condition"</th>
-                        <th class="num">"Window"</th><th class="num">"For"</th><th>"Severity"</th><th>"Source"</th><th>"Health"</th>
-                    </tr></thead>
-                    <tbody>
-                        {list.into_iter().map(|r| {
-                            let name = s(&r, "name");
-                            let kind = s(&r, "kind");
-                            let kind = if kind.is_empty() { "threshold".to_string() } else { kind };
-                            let sev = s(&r, "severity");
-                            let sev = if sev.is_empty() { "warning".to_string() } else { sev };
-                            let origin = s(&r, "origin");
-                            let h = &r["health"];
-                            let err = s(h, "last_error");
-                            let last = util::ts_ms(&h["last_evaluation"]);
-                            let target = rule_target(&r);
-                            view! {
-                                <tr data-rule=name.clone()>
-                                    <td class="rule-name">{name.clone()}</td>
-                                    <td>{kind}</td>
-                                    <td class="target" title=target.clone()>{target.clone()}</td>
-                                    <td class="mono small nowrap">{rule_condition(&r)}</td>
-                                    <td class="num">{secs(&r, "window-secs")}</td>
-                                    <td class="num">{secs(&r, "for-secs")}</td>
-                                    <td><span class=format!("sev-tag {sev}")>{sev.clone()}</span></td>
-                                    <td><span class="chip">{origin}</span></td>
-                                    <td class="small">
-                                        {if !err.is_empty() {
-                                            view! { <span class="bad" title=err.clone()>"error: "{err.clone()}</span> }.into_any()
-                                        } else if last > 0.0 {
-                                            view! { <span class="muted"><span class="dot ok"></span>{format!("ok · {} · {} ms", ago(last), f(h, "last_duration_ms"))}</span> }.into_any()
-                                        } else {
-                                            view! { <span class="muted">"not evaluated yet"</span> }.into_any()
-                                        }}
-                                    </td>
-                                </tr>
-                            }
-                        }).collect_view()}
-                    </tbody>
-                </table>
-            }
-            .into_any()
-        }
+            .into_any();
+            data_table("table rules-table", "rules-table", head, list, |r| {
+                let name = s(&r, "name");
+                let kind = s(&r, "kind");
+                let kind = if kind.is_empty() {
+                    "threshold".to_string()
+                } else {
+                    kind
+                };
+                let sev = s(&r, "severity");
+                let sev = if sev.is_empty() {
+                    "warning".to_string()
+                } else {
+                    sev
+                };
+                let origin = s(&r, "origin");
+                let h = &r["health"];
+                let err = s(h, "last_error");
+                let last = util::ts_ms(&h["last_evaluation"]);
+                let target = rule_target(&r);
+                view! {
+                    <tr data-rule=name.clone()>
+                        <td class="rule-name">{name.clone()}</td>
+                        <td>{kind}</td>
+                        <td class="target" title=target.clone()>{target.clone()}</td>
+                        <td class="mono small nowrap">{rule_condition(&r)}</td>
+                        <td class="num">{secs(&r, "window-secs")}</td>
+                        <td class="num">{secs(&r, "for-secs")}</td>
+                        <td><span class=format!("sev-tag {sev}")>{sev.clone()}</span></td>
+                        <td><span class="chip">{origin}</span></td>
+                        <td class="small">
+                            {if !err.is_empty() {
+                                view! { <span class="bad" title=err.clone()>"error: "{err.clone()}</span> }.into_any()
+                            } else if last > 0.0 {
+                                view! { <span class="muted"><span class="dot ok"></span>{format!("ok · {} · {} ms", ago(last), f(h, "last_duration_ms"))}</span> }.into_any()
+                            } else {
+                                view! { <span class="muted">"not evaluated yet"</span> }.into_any()
+                            }}
+                        </td>
+                    </tr>
+                }
+                .into_any()
+            })
+        })
     };
 
-    let deliveries_table = move || match deliveries.get() {
-        None => view! { <Loading/> }.into_any(),
-        Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
-        Some(Ok(v)) => {
-            let list = v.as_array().cloned().unwrap_or_default();
-            if list.is_empty() {
-                return view! { <div class="empty small-empty"><h2>"No deliveries yet"</h2><p>"Every attempt to notify a webhook or Alertmanager is listed here."</p></div> }.into_any();
+    let deliveries_table = move || {
+        let empty = (
+            "No deliveries yet",
+            "Every attempt to notify a webhook or Alertmanager is listed here.",
+        );
+        fetched_list(deliveries.get(), empty, |list| {
+            let head = view! {
+                <th>"Time"</th><th>"Receiver"</th><th>"Kind"</th><th>"Notification"</th><th>"Outcome"</th>
+                <th class="num">"HTTP"</th><th class="num">"Attempt"</th><th class="num">"Took"</th><th>"Error"</th>
             }
-            view! {
-                <table class="table deliveries-table" data-test="deliveries-table">
-                    <thead><tr>
-                        <th>"Time"</th><th>"Receiver"</th><th>"Kind"</th><th>"Notification"</th><th>"Outcome"</th>
-                        <th class="num">"HTTP"</th><th class="num">"Attempt"</th><th class="num">"Took"</th><th>"Error"</th>
-                    </tr></thead>
-                    <tbody>
-                        {list.into_iter().map(|d| {
-                            let receiver = s(&d, "receiver");
-                            let (format, name) = match receiver.strip_prefix("alertmanager:") {
-                                Some(_) => ("Alertmanager API", "alertmanager".to_string()),
-                                None => ("webhook", receiver.clone()),
-                            };
-                            let ok = d["ok"] == true;
-                            let status = s(&d, "status");
-                            let n = d["alerts"].as_array().map(Vec::len).unwrap_or(0);
-                            let http = s(&d, "http_status");
-                            let err = s(&d, "error");
-                            view! {
-                                <tr class="delivery-row" data-receiver=receiver.clone() data-ok=ok.to_string()>
-                                    <td class="mono small nowrap">{util::datetime(util::ts_ms(&d["time"]))}</td>
-                                    <td><div class="rule-name">{name}</div><div class="muted tiny mono">{s(&d, "url")}</div></td>
-                                    <td>{format}</td>
-                                    <td><span class=format!("state-badge {}", state_class(&status))>{status.clone()}</span>
-                                        <span class="muted small">{format!(" {n} alert{}", if n == 1 { "" } else { "s" })}</span></td>
-                                    <td>{if ok {
-                                        view! { <span class="outcome ok">"✓ delivered"</span> }.into_any()
-                                    } else {
-                                        view! { <span class="outcome bad">"✗ failed"</span> }.into_any()
-                                    }}</td>
-                                    <td class="num mono">{if http.is_empty() { "—".to_string() } else { http }}</td>
-                                    <td class="num">{f(&d, "attempt")}</td>
-                                    <td class="num">{format!("{} ms", f(&d, "duration_ms"))}</td>
-                                    <td class="error-cell small" title=err.clone()>{err.clone()}</td>
-                                </tr>
-                            }
-                        }).collect_view()}
-                    </tbody>
-                </table>
-            }
-            .into_any()
-        }
+            .into_any();
+            data_table(
+                "table deliveries-table",
+                "deliveries-table",
+                head,
+                list,
+                |d| {
+                    let receiver = s(&d, "receiver");
+                    let (format, name) = match receiver.strip_prefix("alertmanager:") {
+                        Some(_) => ("Alertmanager API", "alertmanager".to_string()),
+                        None => ("webhook", receiver.clone()),
+                    };
+                    let ok = d["ok"] == true;
+                    let status = s(&d, "status");
+                    let n = d["alerts"].as_array().map(Vec::len).unwrap_or(0);
+                    let http = s(&d, "http_status");
+                    let err = s(&d, "error");
+                    view! {
+                    <tr class="delivery-row" data-receiver=receiver.clone() data-ok=ok.to_string()>
+                        <td class="mono small nowrap">{util::datetime(util::ts_ms(&d["time"]))}</td>
+                        <td><div class="rule-name">{name}</div><div class="muted tiny mono">{s(&d, "url")}</div></td>
+                        <td>{format}</td>
+                        <td><span class=format!("state-badge {}", state_class(&status))>{status.clone()}</span>
+                            <span class="muted small">{format!(" {n} alert{}", if n == 1 { "" } else { "s" })}</span></td>
+                        <td>{if ok {
+                            view! { <span class="outcome ok">"✓ delivered"</span> }.into_any()
+                        } else {
+                            view! { <span class="outcome bad">"✗ failed"</span> }.into_any()
+                        }}</td>
+                        <td class="num mono">{if http.is_empty() { "—".to_string() } else { http }}</td>
+                        <td class="num">{f(&d, "attempt")}</td>
+                        <td class="num">{format!("{} ms", f(&d, "duration_ms"))}</td>
+                        <td class="error-cell small" title=err.clone()>{err.clone()}</td>
+                    </tr>
+                }
+                .into_any()
+                },
+            )
+        })
     };
 
     view! {

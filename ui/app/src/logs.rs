@@ -4,12 +4,22 @@
 use leptos::prelude::*;
 use serde_json::Value;
 
-use crate::state::{Range, go, tick, use_url};
+use crate::state::{Range, tick, use_url};
 use crate::traces::severity_class;
 use crate::util::{self, f, lit, s, service_color};
-use crate::{ErrorBox, Loading};
+use crate::{ErrorBox, InputField, Loading, SelectField, ServiceField, search_submit};
 
 const FIELDS: [&str; 4] = ["service", "severity", "text", "trace_id"];
+
+/// The severity filter's choices: a level and everything above it.
+const SEVERITIES: &[(&str, &str)] = &[
+    ("", "Any"),
+    ("debug", "Debug and above"),
+    ("info", "Info and above"),
+    ("warn", "Warn and above"),
+    ("error", "Error and above"),
+    ("fatal", "Fatal"),
+];
 
 fn filters(
     range_sql: String,
@@ -148,50 +158,24 @@ pub fn LogsPage() -> impl IntoView {
         tick();
         async move { volume(r.clone(), w).await.map(|bars| (bars, r)) }
     });
-    let submit = move |ev: leptos::ev::SubmitEvent| {
-        ev.prevent_default();
-        let updates: Vec<(&str, Option<String>)> = FIELDS
-            .iter()
-            .zip([service, severity, text, trace_id])
-            .map(|(k, sig)| (*k, Some(sig.get_untracked())))
-            .collect();
-        go(&url.with(&updates), false);
-    };
-    let input = move |sig: RwSignal<String>| move |e| sig.set(event_target_value(&e));
+    let submit = search_submit(url, FIELDS, [service, severity, text, trace_id]);
+    let names = Signal::derive(move || {
+        services
+            .get()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| s(&Value::Object(r), "service_name"))
+            .collect()
+    });
     view! {
         <div class="page">
             <div class="toolbar"><h1>"Logs"</h1></div>
             <form class="search-form card" on:submit=submit data-test="log-search">
-                <label class="field">
-                    <span>"Service"</span>
-                    <select name="service" prop:value=move || service.get() on:change=input(service)>
-                        <option value="">"Any service"</option>
-                        {move || services.get().and_then(Result::ok).unwrap_or_default().into_iter().map(|r| {
-                            let n = s(&Value::Object(r), "service_name");
-                            let m = n.clone();
-                            view! { <option value=n.clone() selected=move || service.get() == m>{n.clone()}</option> }
-                        }).collect_view()}
-                    </select>
-                </label>
-                <label class="field">
-                    <span>"Severity"</span>
-                    <select name="severity" prop:value=move || severity.get() on:change=input(severity)>
-                        <option value="">"Any"</option>
-                        <option value="debug">"Debug and above"</option>
-                        <option value="info">"Info and above"</option>
-                        <option value="warn">"Warn and above"</option>
-                        <option value="error">"Error and above"</option>
-                        <option value="fatal">"Fatal"</option>
-                    </select>
-                </label>
-                <label class="field grow">
-                    <span>"Text"</span>
-                    <input name="text" type="search" placeholder="contains…" prop:value=move || text.get() on:input=input(text)/>
-                </label>
-                <label class="field grow">
-                    <span>"Trace id"</span>
-                    <input name="trace_id" class="mono" placeholder="32 hex digits" prop:value=move || trace_id.get() on:input=input(trace_id)/>
-                </label>
+                <ServiceField value=service names=names/>
+                <SelectField label="Severity" name="severity" value=severity options=SEVERITIES/>
+                <InputField label="Text" name="text" value=text kind="search" grow=true placeholder="contains…"/>
+                <InputField label="Trace id" name="trace_id" value=trace_id grow=true mono=true placeholder="32 hex digits"/>
                 <button class="btn primary" type="submit">"Search"</button>
             </form>
             {move || histogram.get().and_then(Result::ok).map(|(bars, r)| view! { <Volume bars=bars range=r/> })}

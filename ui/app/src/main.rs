@@ -23,6 +23,7 @@ use std::time::Duration;
 use leptos::prelude::*;
 use leptos_router::components::{A, Route, Router, Routes};
 use leptos_router::path;
+use serde_json::Value;
 
 use state::{PRESETS, Tick, go, use_url};
 
@@ -149,19 +150,22 @@ fn TopBar() -> impl IntoView {
     let custom = move || preset() == "custom";
     let from = RwSignal::new(String::new());
     let to = RwSignal::new(String::new());
+    let go_custom = move |a: f64, b: f64| {
+        go(
+            &url.with(&[
+                ("range", Some("custom".into())),
+                ("from", Some(util::iso(a))),
+                ("to", Some(util::iso(b))),
+            ]),
+            false,
+        );
+    };
     let pick = move |p: &'static str| {
         if p == "custom" {
             let (a, b) = url.range().bounds();
             from.set(util::iso(a)[..16].to_string());
             to.set(util::iso(b)[..16].to_string());
-            go(
-                &url.with(&[
-                    ("range", Some("custom".into())),
-                    ("from", Some(util::iso(a))),
-                    ("to", Some(util::iso(b))),
-                ]),
-                false,
-            );
+            go_custom(a, b);
         } else {
             go(
                 &url.with(&[("range", Some(p.into())), ("from", None), ("to", None)]),
@@ -173,14 +177,7 @@ fn TopBar() -> impl IntoView {
         let a = js_sys::Date::parse(&format!("{}:00Z", from.get_untracked()));
         let b = js_sys::Date::parse(&format!("{}:00Z", to.get_untracked()));
         if !a.is_nan() && !b.is_nan() && a < b {
-            go(
-                &url.with(&[
-                    ("range", Some("custom".into())),
-                    ("from", Some(util::iso(a))),
-                    ("to", Some(util::iso(b))),
-                ]),
-                false,
-            );
+            go_custom(a, b);
         }
     };
     Effect::new(move |_| {
@@ -253,6 +250,129 @@ fn TopBar() -> impl IntoView {
             </div>
         </header>
     }
+}
+
+/// A fetched JSON answer as a view: the spinner while it loads, the API's error, or `show`.
+pub fn fetched(res: Option<Result<Value, String>>, show: impl FnOnce(Value) -> AnyView) -> AnyView {
+    match res {
+        None => view! { <Loading/> }.into_any(),
+        Some(Err(e)) => view! { <ErrorBox msg=e/> }.into_any(),
+        Some(Ok(v)) => show(v),
+    }
+}
+
+/// A fetched JSON list as a view: as [`fetched`], and a small empty-state box (`title`, `hint`)
+/// when the list has no items.
+pub fn fetched_list(
+    res: Option<Result<Value, String>>,
+    (title, hint): (&'static str, &'static str),
+    show: impl FnOnce(Vec<Value>) -> AnyView,
+) -> AnyView {
+    fetched(res, |v| {
+        let list = v.as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            view! { <div class="empty small-empty"><h2>{title}</h2><p>{hint}</p></div> }.into_any()
+        } else {
+            show(list)
+        }
+    })
+}
+
+/// A search form's submit handler: the URL takes each field's current value (so the search
+/// is a link, and back and forward work).
+pub fn search_submit<const N: usize>(
+    url: state::Url,
+    fields: [&'static str; N],
+    values: [RwSignal<String>; N],
+) -> impl Fn(leptos::ev::SubmitEvent) + Copy + 'static {
+    move |ev| {
+        ev.prevent_default();
+        let updates: Vec<(&str, Option<String>)> = fields
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (*k, Some(v.get_untracked())))
+            .collect();
+        go(&url.with(&updates), false);
+    }
+}
+
+/// A search form's "Service" select, bound to `value`, offering `names`.
+#[component]
+pub fn ServiceField(
+    value: RwSignal<String>,
+    #[prop(into)] names: Signal<Vec<String>>,
+) -> impl IntoView {
+    view! {
+        <label class="field">
+            <span>"Service"</span>
+            <select name="service" prop:value=move || value.get() on:change=move |e| value.set(event_target_value(&e))>
+                <option value="">"Any service"</option>
+                {move || names.get().into_iter().map(|n| {
+                    let m = n.clone();
+                    view! { <option value=n.clone() selected=move || value.get() == m>{n.clone()}</option> }
+                }).collect_view()}
+            </select>
+        </label>
+    }
+}
+
+/// A search form's labelled select bound to `value`: `options` as (value, label) pairs.
+#[component]
+pub fn SelectField(
+    label: &'static str,
+    name: &'static str,
+    value: RwSignal<String>,
+    options: &'static [(&'static str, &'static str)],
+) -> impl IntoView {
+    view! {
+        <label class="field">
+            <span>{label}</span>
+            <select name=name prop:value=move || value.get() on:change=move |e| value.set(event_target_value(&e))>
+                {options.iter().map(|&(v, l)| view! { <option value=v selected=move || value.get() == v>{l}</option> }).collect_view()}
+            </select>
+        </label>
+    }
+}
+
+/// A search form's labelled text (or, with `kind`, number or search) input bound to `value`.
+#[component]
+pub fn InputField(
+    label: &'static str,
+    name: &'static str,
+    value: RwSignal<String>,
+    #[prop(optional)] placeholder: &'static str,
+    #[prop(optional)] kind: Option<&'static str>,
+    #[prop(optional)] min: Option<&'static str>,
+    #[prop(optional)] max: Option<&'static str>,
+    #[prop(optional)] grow: bool,
+    #[prop(optional)] mono: bool,
+) -> impl IntoView {
+    view! {
+        <label class=if grow { "field grow" } else { "field" }>
+            <span>{label}</span>
+            <input name=name type=kind min=min max=max class=if mono { "mono" } else { "" } placeholder=placeholder
+                prop:value=move || value.get() on:input=move |e| value.set(event_target_value(&e))/>
+        </label>
+    }
+}
+
+/// A data table: its class and `data-test` name (none when empty), the header row's cells,
+/// and one row per item.
+pub fn data_table<T>(
+    class: &'static str,
+    test: &'static str,
+    head: AnyView,
+    items: impl IntoIterator<Item = T>,
+    row: impl FnMut(T) -> AnyView,
+) -> AnyView {
+    let rows = items.into_iter().map(row).collect_view();
+    view! {
+        <table class=class data-test=(!test.is_empty()).then_some(test)>
+            <thead><tr>{head}</tr></thead>
+            <tbody>{rows}</tbody>
+        </table>
+    }
+    .into_any()
 }
 
 /// A loading placeholder.

@@ -11,7 +11,7 @@ use crate::mesh::ChangesTable;
 use crate::state::{Range, tick, use_url};
 use crate::topology::{SignalCharts, versions_table};
 use crate::util::{self, enc, f, fmt_ms, fmt_num, fmt_pct, fmt_rate, health, s};
-use crate::{ErrorBox, Kpi, Loading};
+use crate::{ErrorBox, Kpi, Loading, data_table};
 
 const BUCKETS: usize = 30;
 
@@ -121,33 +121,31 @@ pub fn ServicesPage() -> impl IntoView {
                     if rows.is_empty() {
                         return view! { <div class="empty"><h2>"No services in this range"</h2><p>"Services appear once meshscope receives their SERVER spans."</p></div> }.into_any();
                     }
-                    view! {
-                        <table class="table services-table" data-test="services-table">
-                            <thead><tr>{header.clone()}</tr></thead>
-                            <tbody>
-                                {rows.into_iter().map(|r| {
-                                    let name = s(&r, "name");
-                                    let series = sp.get(&name).cloned().unwrap_or_default();
-                                    let col = |i: usize| series.iter().map(|b| b[i]).collect::<Vec<f64>>();
-                                    let er = f(&r, "error_rate");
-                                    let href = url.link(&format!("/services/{}", enc(&name)), &[]);
-                                    view! {
-                                        <tr data-service=name.clone()>
-                                            <td>
-                                                <a class="svc-link" href=href><i class=format!("dot {}", health(er))></i>{name.clone()}</a>
-                                                <div class="muted small">{s(&r, "namespace")}</div>
-                                            </td>
-                                            <td class="num"><div class="cell">{fmt_rate(f(&r, "rate"))}<Sparkline values=col(0)/></div></td>
-                                            <td class="num"><div class=format!("cell {}", health(er))>{fmt_pct(er)}<Sparkline values=col(1) color="#ef4444"/></div></td>
-                                            <td class="num"><div class="cell">{fmt_ms(f(&r, "p50_ms"))}<Sparkline values=col(2) color="#34d399"/></div></td>
-                                            <td class="num"><div class="cell">{fmt_ms(f(&r, "p95_ms"))}<Sparkline values=col(3) color="#fbbf24"/></div></td>
-                                            <td class="num"><div class="cell">{fmt_ms(f(&r, "p99_ms"))}<Sparkline values=col(4) color="#f472b6"/></div></td>
-                                        </tr>
-                                    }
-                                }).collect_view()}
-                            </tbody>
-                        </table>
-                    }.into_any()
+                    let head = view! {
+                        {header.clone()}
+                    }
+                    .into_any();
+                    data_table("table services-table", "services-table", head, rows, |r| {
+                        let name = s(&r, "name");
+                        let series = sp.get(&name).cloned().unwrap_or_default();
+                        let col = |i: usize| series.iter().map(|b| b[i]).collect::<Vec<f64>>();
+                        let er = f(&r, "error_rate");
+                        let href = url.link(&format!("/services/{}", enc(&name)), &[]);
+                        view! {
+                            <tr data-service=name.clone()>
+                                <td>
+                                    <a class="svc-link" href=href><i class=format!("dot {}", health(er))></i>{name.clone()}</a>
+                                    <div class="muted small">{s(&r, "namespace")}</div>
+                                </td>
+                                <td class="num"><div class="cell">{fmt_rate(f(&r, "rate"))}<Sparkline values=col(0)/></div></td>
+                                <td class="num"><div class=format!("cell {}", health(er))>{fmt_pct(er)}<Sparkline values=col(1) color="#ef4444"/></div></td>
+                                <td class="num"><div class="cell">{fmt_ms(f(&r, "p50_ms"))}<Sparkline values=col(2) color="#34d399"/></div></td>
+                                <td class="num"><div class="cell">{fmt_ms(f(&r, "p95_ms"))}<Sparkline values=col(3) color="#fbbf24"/></div></td>
+                                <td class="num"><div class="cell">{fmt_ms(f(&r, "p99_ms"))}<Sparkline values=col(4) color="#f472b6"/></div></td>
+                            </tr>
+                        }
+                        .into_any()
+                    })
                 }
             }}
         </div>
@@ -162,27 +160,25 @@ fn edge_table(title: &'static str, edges: Vec<Value>, peer_key: &'static str) ->
             {if edges.is_empty() {
                 view! { <div class="muted small">"none in this range"</div> }.into_any()
             } else {
-                view! {
-                    <table class="table compact">
-                        <thead><tr><th>"Peer"</th><th class="num">"Rate"</th><th class="num">"Errors"</th><th class="num">"p99"</th><th>"Seen in"</th></tr></thead>
-                        <tbody>
-                            {edges.into_iter().map(|e| {
-                                let peer = s(&e, peer_key);
-                                let href = url.link(&format!("/services/{}", enc(&peer)), &[]);
-                                let sources = e["sources"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-                                view! {
-                                    <tr>
-                                        <td><a href=href>{peer}</a></td>
-                                        <td class="num">{fmt_rate(f(&e, "rate"))}</td>
-                                        <td class=format!("num {}", health(f(&e, "error_rate")))>{fmt_pct(f(&e, "error_rate"))}</td>
-                                        <td class="num">{fmt_ms(f(&e, "p99_ms"))}</td>
-                                        <td class="muted small">{sources}</td>
-                                    </tr>
-                                }
-                            }).collect_view()}
-                        </tbody>
-                    </table>
-                }.into_any()
+                let head = view! {
+                    <th>"Peer"</th><th class="num">"Rate"</th><th class="num">"Errors"</th><th class="num">"p99"</th><th>"Seen in"</th>
+                }
+                .into_any();
+                data_table("table compact", "", head, edges, |e| {
+                    let peer = s(&e, peer_key);
+                    let href = url.link(&format!("/services/{}", enc(&peer)), &[]);
+                    let sources = e["sources"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+                    view! {
+                        <tr>
+                            <td><a href=href>{peer}</a></td>
+                            <td class="num">{fmt_rate(f(&e, "rate"))}</td>
+                            <td class=format!("num {}", health(f(&e, "error_rate")))>{fmt_pct(f(&e, "error_rate"))}</td>
+                            <td class="num">{fmt_ms(f(&e, "p99_ms"))}</td>
+                            <td class="muted small">{sources}</td>
+                        </tr>
+                    }
+                    .into_any()
+                })
             }}
         </div>
     }

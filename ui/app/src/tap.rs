@@ -10,6 +10,7 @@ use serde_json::Value;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
+use crate::data_table;
 use crate::state::{go, use_url};
 use crate::util::{self, enc, f, fmt_ms, s};
 
@@ -214,36 +215,37 @@ pub fn TapPage() -> impl IntoView {
             }
             .into_any();
         }
-        view! {
-            <table class="table tap-table" data-test="tap-rows">
-                <thead><tr><th>"Time"</th><th>"From"</th><th>"To"</th><th>"Kind"</th><th>"Request"</th><th>"Status"</th><th>"Latency"</th><th>"Trace"</th></tr></thead>
-                <tbody>
-                    {list.into_iter().map(|e| {
-                        let server = matches!(s(&e, "kind").as_str(), "SERVER" | "CONSUMER");
-                        let peer = e["peer"].as_str().unwrap_or("?").to_string();
-                        let (from, to) = if server { (peer, s(&e, "service")) } else { (s(&e, "service"), peer) };
-                        let code = e["status"].as_i64();
-                        let bad = code.is_some_and(|c| c >= 500) || s(&e, "span_status") == "ERROR";
-                        let trace = s(&e, "trace_id");
-                        let href = url.link(&format!("/traces/{trace}"), &[]);
-                        let time = s(&e, "time");
-                        view! {
-                            <tr class:bad=bad data-test="tap-row">
-                                <td class="mono">{time.get(11..23).unwrap_or(&time).to_string()}</td>
-                                <td>{from}</td>
-                                <td>{to}</td>
-                                <td class="muted">{s(&e, "kind")}</td>
-                                <td class="mono">{format!("{} {}", e["method"].as_str().unwrap_or("-"), e["path"].as_str().unwrap_or("-"))}</td>
-                                <td class=if bad { "bad" } else { "" }>{code.map(|c| c.to_string()).unwrap_or_else(|| s(&e, "span_status"))}</td>
-                                <td>{fmt_ms(f(&e, "duration_ms"))}</td>
-                                <td><a class="mono" href=href>{trace.get(..12).unwrap_or(&trace).to_string()}"…"</a></td>
-                            </tr>
-                        }
-                    }).collect_view()}
-                </tbody>
-            </table>
+        let head = view! {
+            <th>"Time"</th><th>"From"</th><th>"To"</th><th>"Kind"</th><th>"Request"</th><th>"Status"</th><th>"Latency"</th><th>"Trace"</th>
         }
-        .into_any()
+        .into_any();
+        data_table("table tap-table", "tap-rows", head, list, |e| {
+            let server = matches!(s(&e, "kind").as_str(), "SERVER" | "CONSUMER");
+            let peer = e["peer"].as_str().unwrap_or("?").to_string();
+            let (from, to) = if server {
+                (peer, s(&e, "service"))
+            } else {
+                (s(&e, "service"), peer)
+            };
+            let code = e["status"].as_i64();
+            let bad = code.is_some_and(|c| c >= 500) || s(&e, "span_status") == "ERROR";
+            let trace = s(&e, "trace_id");
+            let href = url.link(&format!("/traces/{trace}"), &[]);
+            let time = s(&e, "time");
+            view! {
+                <tr class:bad=bad data-test="tap-row">
+                    <td class="mono">{time.get(11..23).unwrap_or(&time).to_string()}</td>
+                    <td>{from}</td>
+                    <td>{to}</td>
+                    <td class="muted">{s(&e, "kind")}</td>
+                    <td class="mono">{format!("{} {}", e["method"].as_str().unwrap_or("-"), e["path"].as_str().unwrap_or("-"))}</td>
+                    <td class=if bad { "bad" } else { "" }>{code.map(|c| c.to_string()).unwrap_or_else(|| s(&e, "span_status"))}</td>
+                    <td>{fmt_ms(f(&e, "duration_ms"))}</td>
+                    <td><a class="mono" href=href>{trace.get(..12).unwrap_or(&trace).to_string()}"…"</a></td>
+                </tr>
+            }
+            .into_any()
+        })
     };
     view! {
         <div class="page tap-page">

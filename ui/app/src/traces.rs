@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::state::{go, tick, use_url};
 use crate::util::{self, enc, f, fmt_ms, lit, pairs, s, service_color, show};
-use crate::{ErrorBox, Loading};
+use crate::{ErrorBox, InputField, Loading, SelectField, ServiceField, search_submit};
 
 const FIELDS: [&str; 6] = [
     "service",
@@ -53,54 +53,25 @@ pub fn TracesPage() -> impl IntoView {
         tick();
         util::get_json(format!("/api/v1/traces?{q}"))
     });
-    let submit = move |ev: leptos::ev::SubmitEvent| {
-        ev.prevent_default();
-        let updates: Vec<(&str, Option<String>)> = FIELDS
-            .iter()
-            .zip([service, span_name, status, min_dur, attribute, limit])
-            .map(|(k, sig)| (*k, Some(sig.get_untracked())))
-            .collect();
-        go(&url.with(&updates), false);
-    };
-    let input = move |sig: RwSignal<String>| move |e| sig.set(event_target_value(&e));
+    let submit = search_submit(
+        url,
+        FIELDS,
+        [service, span_name, status, min_dur, attribute, limit],
+    );
+    let names = Signal::derive(move || match services.get() {
+        Some(Ok(Value::Array(a))) => a.iter().map(|v| s(v, "name")).collect(),
+        _ => Vec::new(),
+    });
     view! {
         <div class="page">
             <div class="toolbar"><h1>"Traces"</h1></div>
             <form class="search-form card" on:submit=submit data-test="trace-search">
-                <label class="field">
-                    <span>"Service"</span>
-                    <select name="service" prop:value=move || service.get() on:change=input(service)>
-                        <option value="">"Any service"</option>
-                        {move || match services.get() {
-                            Some(Ok(Value::Array(a))) => a.iter().map(|v| { let n = s(v, "name"); let m = n.clone(); view! { <option value=n.clone() selected=move || service.get() == m>{n.clone()}</option> } }).collect_view().into_any(),
-                            _ => ().into_any(),
-                        }}
-                    </select>
-                </label>
-                <label class="field">
-                    <span>"Operation"</span>
-                    <input name="span_name" placeholder="span name" prop:value=move || span_name.get() on:input=input(span_name)/>
-                </label>
-                <label class="field">
-                    <span>"Status"</span>
-                    <select name="status" prop:value=move || status.get() on:change=input(status)>
-                        <option value="">"Any"</option>
-                        <option value="error">"Has errors"</option>
-                        <option value="ok">"No errors"</option>
-                    </select>
-                </label>
-                <label class="field">
-                    <span>"Min duration (ms)"</span>
-                    <input name="min_duration_ms" type="number" min="0" placeholder="0" prop:value=move || min_dur.get() on:input=input(min_dur)/>
-                </label>
-                <label class="field grow">
-                    <span>"Attribute"</span>
-                    <input name="attribute" placeholder="http.route=/checkout region=eu" prop:value=move || attribute.get() on:input=input(attribute)/>
-                </label>
-                <label class="field">
-                    <span>"Limit"</span>
-                    <input name="limit" type="number" min="1" max="1000" placeholder="50" prop:value=move || limit.get() on:input=input(limit)/>
-                </label>
+                <ServiceField value=service names=names/>
+                <InputField label="Operation" name="span_name" value=span_name placeholder="span name"/>
+                <SelectField label="Status" name="status" value=status options=&[("", "Any"), ("error", "Has errors"), ("ok", "No errors")]/>
+                <InputField label="Min duration (ms)" name="min_duration_ms" value=min_dur kind="number" min="0" placeholder="0"/>
+                <InputField label="Attribute" name="attribute" value=attribute grow=true placeholder="http.route=/checkout region=eu"/>
+                <InputField label="Limit" name="limit" value=limit kind="number" min="1" max="1000" placeholder="50"/>
                 <button class="btn primary" type="submit">"Search"</button>
             </form>
             {move || match results.get() {
