@@ -219,3 +219,63 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A stop does not wait for clients that are connected but idle: an exporter's gRPC channel
+/// after its export, HTTP/1.1 keep-alive connections (OTLP/HTTP and the API), a Postgres
+/// session and a live tap stream. Each is closed at once (the tap stream ends), so the
+/// drain never reaches its 10 s bound, and the acknowledged export is in Parquet.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_does_not_wait_for_idle_connections() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let mut grpc = TraceServiceClient::connect(server.grpc_url())
+        .await
+        .expect("gRPC connect");
+    let (req, _) = request(0, 0);
+    grpc.export(req).await.expect("export");
+    let http = reqwest::Client::new();
+    let (req, _) = request(0, 1);
+    common::otlp::post_with(&http, &server.otlp_url("/v1/traces"), &req).await;
+    let ready = http.get(server.url("/readyz")).send().await.expect("GET");
+    assert_eq!(ready.status(), 200);
+    let (pg, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=meshscope", server.pg),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("pg connect");
+    let pg_session = tokio::spawn(conn);
+    pg.simple_query("SELECT 1").await.expect("pg query");
+    let mut tap = http
+        .get(server.url("/api/v1/tap"))
+        .send()
+        .await
+        .expect("tap");
+    assert_eq!(tap.status(), 200);
+    let tap_stream = tokio::spawn(async move { while let Ok(Some(_)) = tap.chunk().await {} });
+
+    let log = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .expect("terminate");
+    assert!(
+        !log.contains("did not finish"),
+        "the stop waited for idle clients:\n{log}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), tap_stream)
+        .await
+        .expect("the tap stream ended with the server")
+        .expect("tap task");
+    tokio::time::timeout(Duration::from_secs(5), pg_session)
+        .await
+        .expect("the Postgres session was closed")
+        .ok();
+    drop((grpc, pg));
+    assert_eq!(
+        duckdb_spans(&data, "count(*)"),
+        format!("({},)", 2 * SPANS_PER_REQUEST),
+        "both acknowledged exports are in Parquet"
+    );
+}

@@ -147,6 +147,8 @@ struct Inner {
     events: AtomicU64,
     dropped: AtomicU64,
     max_subscribers: usize,
+    /// The server is stopping: every stream has ended and new ones end at once.
+    closed: std::sync::atomic::AtomicBool,
     /// Recent calls' span ids and their callers, to name the caller of a SERVER span
     /// whose attributes do not (while anyone taps).
     callers: Mutex<Callers>,
@@ -272,12 +274,14 @@ impl Tap {
         let (tx, rx) = mpsc::channel(QUEUE);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
-        subs.push(Subscriber {
-            id,
-            filter,
-            tx,
-            dropped: Arc::clone(&dropped),
-        });
+        if !self.inner.closed.load(Ordering::Acquire) {
+            subs.push(Subscriber {
+                id,
+                filter,
+                tx,
+                dropped: Arc::clone(&dropped),
+            });
+        }
         self.inner.active.store(subs.len(), Ordering::Relaxed);
         Ok(Subscription {
             rx,
@@ -285,6 +289,15 @@ impl Tap {
             dropped,
             tap: self.clone(),
         })
+    }
+
+    /// The server is stopping: every tapper's stream ends now (its queue is drained first),
+    /// and a tap that starts later ends at once, so no stream holds the shutdown open.
+    pub fn close(&self) {
+        let mut subs = self.lock();
+        self.inner.closed.store(true, Ordering::Release);
+        subs.clear();
+        self.inner.active.store(0, Ordering::Relaxed);
     }
 
     fn unsubscribe(&self, id: u64) {
@@ -770,6 +783,17 @@ mod tests {
         assert_eq!(slow.dropped(), (published - QUEUE) as u64);
         assert_eq!(tap.stats().dropped, slow.dropped());
         assert_eq!(tap.stats().events, QUEUE as u64);
+    }
+
+    #[tokio::test]
+    async fn close_ends_every_stream_and_later_ones_at_once() {
+        let tap = Tap::new(4);
+        let mut a = tap.subscribe(TapFilter::default()).expect("subscribe");
+        tap.close();
+        assert_eq!(tap.stats().subscribers, 0);
+        assert!(a.next().await.is_none(), "an open stream ends");
+        let mut b = tap.subscribe(TapFilter::default()).expect("subscribe");
+        assert!(b.next().await.is_none(), "a later one ends at once");
     }
 
     #[test]

@@ -410,7 +410,7 @@ pub async fn run_reporting(
     );
 
     tasks.extend([http, pg, counters, roller, alerts]);
-    drain(stop, &ready, stop_tx, tasks).await;
+    drain(stop, &ready, stop_tx, ingest.tap(), tasks).await;
     drop(ingest);
     close(storage, final_retention(&config)).await?;
     executor.shutdown();
@@ -418,17 +418,21 @@ pub async fn run_reporting(
 }
 
 /// Waits for `stop`, then shuts the node's tasks down: not ready any more (probes see it
-/// first), every task told to stop, and up to 10 s for requests in flight to finish.
+/// first), every task told to stop, every tap stream ended, and up to 10 s for requests in
+/// flight to finish.
 async fn drain(
     stop: impl Future<Output = ()>,
     ready: &AtomicBool,
     stop_tx: watch::Sender<bool>,
+    tap: &meshscope_collector::tap::Tap,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 ) {
     stop.await;
     tracing::info!("shutting down: finishing requests, writing buffered rows to Parquet");
     ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
+    // Live tap streams never finish by themselves: they end now, as idle connections do.
+    tap.close();
     let all = async {
         for t in tasks {
             let _ = t.await;
@@ -636,7 +640,7 @@ async fn run_collector(
         node_id = %config.node_id,
         "meshscope collector ready"
     );
-    drain(stop, &ready, stop_tx, tasks).await;
+    drain(stop, &ready, stop_tx, ingest.tap(), tasks).await;
     drop(ingest);
     close(storage, final_retention(&config)).await
 }
