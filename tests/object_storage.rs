@@ -135,10 +135,17 @@ async fn parquet_lives_on_s3_through_flushes_compactions_restarts_and_split_role
     .concat();
     let server = Server::start_env("serve", &data, &flags, &env);
 
-    // Three exports apart in time: flushed files, compacted into one.
+    // Three exports, each flushed to a file of its own before the next: compacted into one.
     for i in 0..3 {
         export(&server, i * 100, 100).await;
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let flushed = ((i + 1) * 100) as f64;
+        server
+            .wait_metric(
+                "meshscope_parquet_rows_written_total{table=\"spans\"}",
+                20,
+                |v| v >= flushed,
+            )
+            .await;
     }
     wait_for("the three files are compacted into one on S3", async || {
         let keys = s3.keys("mesh/spans/");
