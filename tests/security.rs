@@ -372,6 +372,91 @@ async fn tokens_with_scopes_guard_every_listener() {
     assert!(log.contains("refused a request"), "{log}");
 }
 
+/// A token kept only as digests (`meshscope auth hash`): the bearer header works through
+/// `secret-sha256`, the Postgres wire asks for SCRAM-SHA-256 through `scram-salted-password`
+/// and the secret never crosses it; over TLS the exchange is SCRAM-SHA-256-PLUS, bound to
+/// the server's certificate (libpq's `channel_binding=require` insists on it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hashed_token_logs_in_with_scram_bound_to_tls() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut hash = Command::new(common::binary())
+        .args(["auth", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("meshscope auth hash");
+    writeln!(hash.stdin.take().expect("stdin"), "{READ}").expect("write");
+    let out = hash.wait_with_output().expect("auth hash");
+    common::assert_success(&out, "meshscope auth hash");
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        lines.contains("secret-sha256 = \"") && lines.contains("scram-salted-password = \"4096:"),
+        "{lines}"
+    );
+    assert!(!lines.contains(READ), "the secret is not printed");
+    let auth = dir.path().join("auth.toml");
+    // No plaintext in the file: it may be readable by others.
+    std::fs::write(
+        &auth,
+        format!("[[token]]\nname = \"grafana\"\n{lines}scopes = [\"read\"]\n"),
+    )
+    .expect("write");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let auth = auth.to_str().expect("path");
+
+    let server = Server::start_with(&dir.path().join("plain"), &["--auth-file", auth]);
+    let (status, _, body) = status_of(
+        reqwest::Client::new()
+            .get(server.url("/api/v1/services"))
+            .bearer_auth(READ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (relay, wire) = wire_tap(server.pg).await;
+    let psql_at = |conninfo: String, password: &str| {
+        Command::new("psql")
+            .arg(conninfo)
+            .args(["-X", "-A", "-t", "-c", "SELECT 1"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql")
+    };
+    let at = |port: u16, options: &str| {
+        format!("host=127.0.0.1 port={port} user=grafana dbname=meshscope {options}")
+    };
+    let out = psql_at(at(relay, "sslmode=disable"), READ);
+    common::assert_success(&out, "psql as grafana over SCRAM");
+    let (to_server, to_client) = wire.take();
+    assert!(contains(&to_client, b"SCRAM-SHA-256"), "SCRAM offered");
+    assert!(
+        !contains(&to_client, b"SCRAM-SHA-256-PLUS"),
+        "no channel binding without TLS"
+    );
+    assert!(
+        !contains(&to_server, READ.as_bytes()),
+        "the secret crossed the wire"
+    );
+    let out = psql_at(at(relay, "sslmode=disable"), "not-the-secret-of-grafana");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password authentication failed"), "{err}");
+
+    let tls = Server::start_with(
+        &dir.path().join("tls"),
+        &["--auth-file", auth, "--tls-auto"],
+    );
+    let out = psql_at(at(tls.pg, "sslmode=require channel_binding=require"), READ);
+    common::assert_success(&out, "psql with channel_binding=require over TLS");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let out = psql_at(
+        at(tls.pg, "sslmode=require channel_binding=require"),
+        "not-the-secret-of-grafana",
+    );
+    assert!(!out.status.success(), "a wrong secret with channel binding");
+}
+
 /// The bytes a [`wire_tap`] saw: to the server, to the client.
 #[derive(Clone, Default)]
 struct Wire(std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u8>)>>);

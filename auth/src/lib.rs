@@ -100,6 +100,11 @@ pub struct TokenSpec {
     /// The secret's SHA-256, 64 hex digits (`printf %s "$SECRET" | sha256sum`).
     #[serde(default)]
     pub secret_sha256: Option<String>,
+    /// Beside `secret-sha256`: the secret's SCRAM-SHA-256 key, so the Postgres wire can ask
+    /// for SCRAM without the file holding the secret (`meshscope auth hash` prints it):
+    /// `4096:<salt, hex>:<SaltedPassword, hex>` ([`ScramKey::encode`]).
+    #[serde(default)]
+    pub scram_salted_password: Option<String>,
     pub scopes: Vec<Scope>,
 }
 
@@ -188,7 +193,8 @@ impl fmt::Display for Denied {
 struct Token {
     name: String,
     digest: [u8; 32],
-    /// For SCRAM-SHA-256 logins: made at load from a plaintext `secret`.
+    /// For SCRAM-SHA-256 logins: made at load from a plaintext `secret`, or the file's
+    /// `scram-salted-password`.
     scram: Option<ScramKey>,
     scopes: Vec<Scope>,
     /// Requests it was accepted for, per [`Surface::ALL`].
@@ -249,9 +255,41 @@ impl fmt::Debug for ScramKey {
 pub const SCRAM_ITERATIONS: u32 = 4096;
 
 impl ScramKey {
+    /// The auth file's `scram-salted-password`: `<iterations>:<salt hex>:<SaltedPassword hex>`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{SCRAM_ITERATIONS}:{}:{}",
+            hex::encode(self.salt),
+            hex::encode(self.salted_password)
+        )
+    }
+
+    /// Reads [`ScramKey::encode`]'s form; the iterations must be [`SCRAM_ITERATIONS`] (the
+    /// one count the server tells every client).
+    pub fn decode(text: &str) -> Result<ScramKey, &'static str> {
+        const FORM: &str =
+            "scram-salted-password is 4096:<32 hex digits of salt>:<64 hex digits of key>";
+        let mut parts = text.trim().split(':');
+        let (Some(iterations), Some(salt_hex), Some(key_hex), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(FORM);
+        };
+        if iterations != SCRAM_ITERATIONS.to_string() {
+            return Err("scram-salted-password must use 4096 iterations");
+        }
+        let mut key = ScramKey {
+            salt: [0; 16],
+            salted_password: [0; 32],
+        };
+        hex::decode_to_slice(salt_hex, &mut key.salt).map_err(|_| FORM)?;
+        hex::decode_to_slice(key_hex, &mut key.salted_password).map_err(|_| FORM)?;
+        Ok(key)
+    }
+
     /// The key of `secret` under a fresh random salt. `None` for a secret that is not
     /// printable ASCII: SASLprep would change it, and client and server could disagree.
-    fn derive(secret: &str) -> Option<ScramKey> {
+    pub fn derive(secret: &str) -> Option<ScramKey> {
         use ring::rand::SecureRandom as _;
         if !secret.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
             return None;
@@ -340,7 +378,25 @@ impl Auth {
             if tokens.iter().any(|t| t.name == name) {
                 return Err(token_error(name, "given twice"));
             }
-            let scram = spec.secret.as_deref().and_then(ScramKey::derive);
+            let scram = match (&spec.secret, &spec.scram_salted_password) {
+                (Some(secret), None) => ScramKey::derive(secret),
+                (None, Some(text)) => {
+                    if spec.secret_sha256.is_none() {
+                        return Err(token_error(
+                            name,
+                            "scram-salted-password goes with secret-sha256 (for the bearer header)",
+                        ));
+                    }
+                    Some(ScramKey::decode(text).map_err(|e| token_error(name, e))?)
+                }
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    return Err(token_error(
+                        name,
+                        "scram-salted-password is for secret-sha256 tokens; a `secret` has its key made at start",
+                    ));
+                }
+            };
             let digest = match (&spec.secret, &spec.secret_sha256) {
                 (Some(secret), None) => {
                     if secret.is_empty() {
@@ -430,8 +486,9 @@ impl Auth {
         inner.count(surface, outcome)
     }
 
-    /// The SCRAM-SHA-256 key of the token named `user`, when it was given by its plaintext
-    /// `secret` (a `secret-sha256` token logs in with a cleartext password).
+    /// The SCRAM-SHA-256 key of the token named `user`: made from its plaintext `secret`, or
+    /// its `scram-salted-password` (a `secret-sha256` token without one logs in with a
+    /// cleartext password).
     pub fn scram_key(&self, user: &str) -> Option<&ScramKey> {
         let inner = self.inner.as_ref()?;
         inner
@@ -629,6 +686,7 @@ mod tests {
             name: name.into(),
             secret: Some(secret.into()),
             secret_sha256: None,
+            scram_salted_password: None,
             scopes: scopes.to_vec(),
         }
     }
@@ -640,6 +698,7 @@ mod tests {
                 name: "grafana".into(),
                 secret: None,
                 secret_sha256: Some(secret_digest_hex("read-secret-0123456789")),
+                scram_salted_password: None,
                 scopes: vec![Scope::Read],
             },
         ])
@@ -691,6 +750,59 @@ mod tests {
             .sum();
         assert_eq!(failures, 3);
         assert_eq!(auth.accepted()[0].requests, 1);
+    }
+
+    #[test]
+    fn a_hashed_token_can_carry_its_scram_key() {
+        let secret = "read-secret-0123456789";
+        let key = ScramKey::derive(secret).expect("printable");
+        let text = key.encode();
+        assert!(text.starts_with("4096:"), "{text}");
+        let back = ScramKey::decode(&text).expect("decode");
+        assert_eq!(
+            (back.salt, back.salted_password),
+            (key.salt, key.salted_password)
+        );
+        let hashed = |scram: Option<String>, sha: bool| TokenSpec {
+            name: "grafana".into(),
+            secret: None,
+            secret_sha256: sha.then(|| secret_digest_hex(secret)),
+            scram_salted_password: scram,
+            scopes: vec![Scope::Read],
+        };
+        let auth = Auth::from_specs(vec![hashed(Some(text.clone()), true)]).expect("load");
+        let got = auth.scram_key("grafana").expect("the file's key");
+        assert_eq!(got.salted_password, key.salted_password);
+        // The bearer secret still works through its digest.
+        assert_eq!(
+            auth.check_header(
+                Surface::Api,
+                Some(format!("Bearer {secret}").as_bytes()),
+                Scope::Read
+            ),
+            Ok(Some("grafana"))
+        );
+        for (bad, why) in [
+            (hashed(Some(text.clone()), false), "goes with secret-sha256"),
+            (hashed(Some("4096:00:11".into()), true), "hex digits"),
+            (
+                hashed(Some(text.replacen("4096", "10000", 1)), true),
+                "4096 iterations",
+            ),
+            (
+                TokenSpec {
+                    secret: Some(secret.into()),
+                    ..hashed(Some(text.clone()), false)
+                },
+                "for secret-sha256 tokens",
+            ),
+        ] {
+            let e = Auth::from_specs(vec![bad])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

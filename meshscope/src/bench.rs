@@ -238,6 +238,11 @@ fn start_server_with(data_dir: &Path, extra: &[String]) -> Result<Server, String
 /// `meshscope <role>` (`serve`, `query`) as a child process on free loopback ports.
 fn start_role(data_dir: &Path, role: &str, extra: &[String]) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    start_exe(&exe, data_dir, role, extra)
+}
+
+/// [`start_role`] of the binary `exe`.
+fn start_exe(exe: &Path, data_dir: &Path, role: &str, extra: &[String]) -> Result<Server, String> {
     let (g, h, a, p) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let child = std::process::Command::new(exe)
         .args([role, "--data-dir"])
@@ -472,7 +477,59 @@ pub async fn scrape(args: crate::config::BenchScrapeArgs) -> Result<(), String> 
                 .count()
         })
         .unwrap_or(0);
-    let mut server = start_role(&data_dir, "query", &[])?;
+    let this = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut binaries = vec![("this build", this)];
+    if let Some(other) = &args.against {
+        binaries.push(("--against", other.clone()));
+    }
+    let rounds = if args.against.is_some() {
+        args.rounds.max(1)
+    } else {
+        1
+    };
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); binaries.len()];
+    for round in 0..rounds {
+        for (i, (label, exe)) in binaries.iter().enumerate() {
+            let (first, times) = scrape_query_node(exe, &data_dir, args.runs).await?;
+            eprintln!(
+                "  round {}: {label}: first {first:.1} ms, median {:.1} ms",
+                round + 1,
+                median_of(&times)
+            );
+            results[i].0.push(first);
+            results[i].1.extend(times);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+    println!("span files                    {listed}");
+    for ((label, exe), (firsts, mut times)) in binaries.iter().zip(results) {
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+        println!("{label} ({})", exe.display());
+        println!(
+            "  first scrape                {:.1} ms (median of {} nodes)",
+            median_of(&firsts),
+            firsts.len()
+        );
+        println!(
+            "  scrape                      p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms over {} scrapes",
+            pct(0.5),
+            pct(0.9),
+            pct(1.0),
+            times.len()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `exe query` over `data_dir`, times its first `/metrics` answer and `runs` more
+/// (in ms), and stops it.
+async fn scrape_query_node(
+    exe: &Path,
+    data_dir: &Path,
+    runs: usize,
+) -> Result<(f64, Vec<f64>), String> {
+    let mut server = start_exe(exe, data_dir, "query", &[])?;
     let client = reqwest::Client::new();
     let url = format!("{}/metrics", server.http);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -480,15 +537,15 @@ pub async fn scrape(args: crate::config::BenchScrapeArgs) -> Result<(), String> 
         let t = Instant::now();
         match client.get(&url).send().await {
             Ok(r) if r.status().is_success() => {
-                let body = r.text().await.map_err(|e| e.to_string())?;
-                break (t.elapsed(), body.len());
+                r.text().await.map_err(|e| e.to_string())?;
+                break t.elapsed().as_secs_f64() * 1e3;
             }
             _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
             other => return Err(format!("the query node did not answer /metrics: {other:?}")),
         }
     };
     let mut times = Vec::new();
-    for _ in 0..args.runs.max(1) {
+    for _ in 0..runs.max(1) {
         let t = Instant::now();
         let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
         r.text().await.map_err(|e| e.to_string())?;
@@ -496,23 +553,13 @@ pub async fn scrape(args: crate::config::BenchScrapeArgs) -> Result<(), String> 
     }
     let _ = server.child.kill();
     let _ = server.child.wait();
-    let _ = std::fs::remove_dir_all(&data_dir);
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-    println!("span files                    {listed}");
-    println!(
-        "first scrape                  {:.1} ms ({} bytes)",
-        first.0.as_secs_f64() * 1e3,
-        first.1
-    );
-    println!(
-        "scrape                        p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms over {} scrapes",
-        pct(0.5),
-        pct(0.9),
-        pct(1.0),
-        times.len()
-    );
-    Ok(())
+    Ok((first, times))
+}
+
+fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// `meshscope bench graph`: the service graph, golden signals and trace lookups over spans
@@ -555,10 +602,6 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         "bench graph: {count} spans from {min} to {max} in {}",
         args.data_dir.display()
     );
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (raw, edges) = timed_runs(args.runs, "graph from raw spans", || async {
         let g = ServiceGraph::compute(&engine, &range).await?;
         Ok(g.edges().count())
@@ -641,8 +684,8 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
         None
     };
 
-    let raw_ms = median(raw);
-    let rolled_ms = median(rolled);
+    let raw_ms = median_of(&raw);
+    let rolled_ms = median_of(&rolled);
     println!("spans                         {count}");
     println!("edges                         {edges}");
     println!(
@@ -659,7 +702,7 @@ pub async fn graph(args: crate::config::BenchGraphArgs) -> Result<(), String> {
     );
     println!(
         "diff from rollups             {:.1} ms (median of {}; {:.1} h against the {:.1} h before, {changes} edges)",
-        median(diffs),
+        median_of(&diffs),
         args.runs,
         half.num_minutes() as f64 / 60.0,
         half.num_minutes() as f64 / 60.0,
@@ -819,10 +862,6 @@ async fn measure_storage(
     }
     lookups.sort_by(f64::total_cmp);
     let pct = |p: f64| lookups[((lookups.len() - 1) as f64 * p).round() as usize];
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut service = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
@@ -847,8 +886,8 @@ async fn measure_storage(
         spans,
         lookup_p50: pct(0.5),
         lookup_p99: pct(0.99),
-        service_query_ms: median(service),
-        graph_ms: median(graph),
+        service_query_ms: median_of(&service),
+        graph_ms: median_of(&graph),
     })
 }
 

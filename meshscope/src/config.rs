@@ -49,6 +49,17 @@ pub enum Command {
     /// The mesh CA's bootstrap tokens.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// The `--auth-file`'s tokens.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Reads a token's secret from stdin (one line) and prints the auth file's lines that
+    /// stand for it without holding it: `secret-sha256` (the bearer header) and
+    /// `scram-salted-password` (SCRAM-SHA-256 on the Postgres wire).
+    Hash,
 }
 
 #[derive(Debug, Subcommand)]
@@ -688,6 +699,13 @@ pub struct BenchScrapeArgs {
     /// Scrapes timed (the median is reported).
     #[arg(long, default_value_t = 20)]
     pub runs: usize,
+    /// Another meshscope binary (an earlier build) to scrape over the same files in the same
+    /// run, in rounds interleaved with this one.
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+    /// Rounds per binary with `--against` (each a fresh query node and `--runs` scrapes).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Args)]

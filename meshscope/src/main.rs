@@ -28,7 +28,7 @@ mod tap_client;
 use std::process::ExitCode;
 
 use clap::Parser;
-use config::{BenchCommand, Cli, Command, IdentityCommand, Role};
+use config::{AuthCommand, BenchCommand, Cli, Command, IdentityCommand, Role};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: decoding OTLP makes many small allocations (a `String` per attribute key and
@@ -115,6 +115,7 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(args, stop_signal()).await,
             Command::Identity(IdentityCommand::Token(args)) => identity::token(args),
+            Command::Auth(AuthCommand::Hash) => hash_secret(),
         }
     });
     match result {
@@ -124,4 +125,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `meshscope auth hash`: a secret from stdin, as a token's lines of the auth file.
+fn hash_secret() -> Result<(), String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the secret from stdin: {e}"))?;
+    let secret = line.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err("no secret on stdin (give it as one line)".into());
+    }
+    println!(
+        "secret-sha256 = \"{}\"",
+        meshscope_auth::secret_digest_hex(secret)
+    );
+    match meshscope_auth::ScramKey::derive(secret) {
+        Some(key) => println!("scram-salted-password = \"{}\"", key.encode()),
+        None => eprintln!(
+            "no scram-salted-password: the secret is not printable ASCII (the Postgres wire \
+             will ask for it in cleartext)"
+        ),
+    }
+    Ok(())
 }

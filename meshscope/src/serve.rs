@@ -394,7 +394,7 @@ pub async fn run_reporting(
         pg_l,
         engine.clone(),
         config.auth.clone(),
-        config.tls.as_ref().map(meshscope_auth::tls::Tls::postgres),
+        config.tls.clone(),
         shutdown.wait(),
     );
     let pg = executor.spawn_detached(async move {

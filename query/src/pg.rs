@@ -25,7 +25,9 @@ use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire::api::auth::sasl::scram::ScramAuth;
-use datafusion_postgres::pgwire::api::auth::sasl::{SASLState, SCRAM_SHA_256_METHOD};
+use datafusion_postgres::pgwire::api::auth::sasl::{
+    SASLState, SCRAM_SHA_256_METHOD, SCRAM_SHA_256_PLUS_METHOD,
+};
 use datafusion_postgres::pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
     finish_authentication, protocol_negotiation, save_startup_parameters_to_metadata,
@@ -109,6 +111,9 @@ struct LoginConfig {
     auth: Auth,
     /// TLS is configured: a plaintext connection is refused.
     require_tls: bool,
+    /// SCRAM-SHA-256-PLUS is offered over TLS: the exchange binds to the server's
+    /// certificate (`tls-server-end-point`), so a relay that terminates TLS cannot pass it on.
+    channel_binding: bool,
     pids: RandomPidSecretKeyGenerator,
     parameters: DefaultServerParameterProvider,
     scram: ScramAuth,
@@ -170,6 +175,15 @@ impl Login {
         finish_authentication(client, &self.config.parameters).await
     }
 
+    /// The SASL mechanisms this connection is offered: with channel binding over TLS first.
+    fn mechanisms<C: ClientInfo>(&self, client: &C) -> Vec<&'static str> {
+        if self.config.channel_binding && client.is_secure() {
+            vec![SCRAM_SHA_256_PLUS_METHOD, SCRAM_SHA_256_METHOD]
+        } else {
+            vec![SCRAM_SHA_256_METHOD]
+        }
+    }
+
     fn set_sasl(&self, state: Option<SASLState>) {
         if let Ok(mut s) = self.sasl.lock() {
             *s = state;
@@ -193,7 +207,10 @@ impl Login {
         let (msg, state) = match state {
             SASLState::Initial => {
                 let first = msg.into_sasl_initial_response()?;
-                if first.auth_method != SCRAM_SHA_256_METHOD {
+                if !self
+                    .mechanisms(client)
+                    .contains(&first.auth_method.as_str())
+                {
                     return Err(PgWireError::UnsupportedSASLAuthMethod(first.auth_method));
                 }
                 (
@@ -304,7 +321,12 @@ impl StartupHandler for Login {
                 client.set_state(PgWireConnectionState::AuthenticationInProgress);
                 let ask = if self.config.auth.scram_key(&user_of(client)).is_some() {
                     self.set_sasl(Some(SASLState::Initial));
-                    Authentication::SASL(vec![SCRAM_SHA_256_METHOD.to_owned()])
+                    Authentication::SASL(
+                        self.mechanisms(client)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect(),
+                    )
                 } else {
                     Authentication::CleartextPassword
                 };
@@ -445,9 +467,22 @@ pub async fn serve(
     listener: std::net::TcpListener,
     engine: QueryEngine,
     auth: Auth,
-    tls: Option<datafusion_postgres::pgwire::tokio::TlsAcceptor>,
+    tls: Option<meshscope_auth::tls::Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let mut scram = ScramAuth::new(Arc::new(ScramKeys(auth.clone())));
+    scram.set_iterations(meshscope_auth::SCRAM_ITERATIONS as usize);
+    let channel_binding = match &tls {
+        Some(t) => match scram.configure_certificate(t.identity_pem().0) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "SCRAM channel binding is not offered: the certificate's signature algorithm has no tls-server-end-point hash");
+                false
+            }
+        },
+        None => false,
+    };
+    let tls = tls.as_ref().map(meshscope_auth::tls::Tls::postgres);
     let ctx = Arc::clone(engine.context());
     setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -463,13 +498,10 @@ pub async fn serve(
             engine,
         }),
         login: Arc::new(LoginConfig {
-            scram: {
-                let mut scram = ScramAuth::new(Arc::new(ScramKeys(auth.clone())));
-                scram.set_iterations(meshscope_auth::SCRAM_ITERATIONS as usize);
-                scram
-            },
+            scram,
             auth,
             require_tls: tls.is_some(),
+            channel_binding,
             pids: RandomPidSecretKeyGenerator::default(),
             parameters: DefaultServerParameterProvider::default(),
         }),
@@ -518,6 +550,7 @@ mod tests {
             name: "grafana".into(),
             secret: Some(secret.into()),
             secret_sha256: None,
+            scram_salted_password: None,
             scopes: vec![Scope::Read],
         }])
         .expect("auth");
