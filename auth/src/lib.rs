@@ -798,8 +798,7 @@ mod tests {
             ),
         ] {
             let e = Auth::from_specs(vec![bad])
-                .err()
-                .expect("refused")
+                .expect_err("refused")
                 .to_string();
             assert!(e.contains(why), "{e}");
         }
