@@ -176,11 +176,11 @@ impl Login {
     }
 
     /// The SASL mechanisms this connection is offered: with channel binding over TLS first.
-    fn mechanisms<C: ClientInfo>(&self, client: &C) -> Vec<&'static str> {
+    fn mechanisms<C: ClientInfo>(&self, client: &C) -> &'static [&'static str] {
         if self.config.channel_binding && client.is_secure() {
-            vec![SCRAM_SHA_256_PLUS_METHOD, SCRAM_SHA_256_METHOD]
+            &[SCRAM_SHA_256_PLUS_METHOD, SCRAM_SHA_256_METHOD]
         } else {
-            vec![SCRAM_SHA_256_METHOD]
+            &[SCRAM_SHA_256_METHOD]
         }
     }
 
@@ -323,8 +323,8 @@ impl StartupHandler for Login {
                     self.set_sasl(Some(SASLState::Initial));
                     Authentication::SASL(
                         self.mechanisms(client)
-                            .into_iter()
-                            .map(str::to_owned)
+                            .iter()
+                            .map(|m| (*m).to_owned())
                             .collect(),
                     )
                 } else {
