@@ -528,3 +528,231 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
         .await;
     assert_eq!(early, 0);
 }
+
+/// A request is paired with its other half across the edges of the range, and the traffic
+/// of the widened window that cannot pair with the range is not read at all: a call that
+/// outlives the range (its server side starts 31 s after the range ends), a message that
+/// waits two minutes in its queue, a server span in the range under a long call that began
+/// before it (not an entry), a child that starts a little before its caller (clock skew),
+/// and thousands of spans in the window on either side that end or start far from the range.
+#[tokio::test(flavor = "multi_thread")]
+async fn pairs_across_the_edges_of_the_range_and_reads_only_what_crosses_them() {
+    const PRODUCER: i32 = 4;
+    const CONSUMER: i32 = 5;
+    let server = Server::in_temp_dir(&[
+        "--log",
+        "info,meshscope_query::analysis=debug",
+        "--flush-interval-secs",
+        "1",
+    ]);
+    // The range: one minute, ten minutes ago, on whole seconds (the API's precision).
+    let base_ns = (common::now_ns() / 1_000_000_000 - 600) * 1_000_000_000;
+    let mut m = Mesh {
+        base_ns: base_ns - 300_000_000_000,
+        ..Mesh::default()
+    };
+    // Milliseconds from the range's start, as the helper wants them from its base.
+    let at = |ms: i64| (ms + 300_000) as u64;
+    let (frontend, cart, orders, billing) = (
+        ("frontend", None),
+        ("cart", Some("v3")),
+        ("orders", None),
+        ("billing", None),
+    );
+    let (gateway, inventory, noise) = (("gateway", None), ("inventory", None), ("noise", None));
+    let lasting = |m: &mut Mesh, who: (&'static str, Option<&'static str>), ms: u64| {
+        let s = m
+            .spans
+            .get_mut(&who)
+            .and_then(|s| s.last_mut())
+            .expect("span");
+        s.end_time_unix_nano = s.start_time_unix_nano + ms * 1_000_000;
+    };
+
+    // A call that outlives the range: its server side starts 31 s after the range ends.
+    // No peer name: only pairing puts it on an edge (and gives it cart's version).
+    let t = m.trace();
+    let c = m.span(
+        frontend,
+        &t,
+        None,
+        CLIENT,
+        "GET cart",
+        at(59_000),
+        false,
+        vec![],
+    );
+    lasting(&mut m, frontend, 40_000);
+    m.span(
+        cart,
+        &t,
+        Some(&c),
+        SERVER,
+        "GET /cart",
+        at(91_000),
+        false,
+        vec![],
+    );
+    // A child that starts 2 s before its caller (the hosts' clocks disagree).
+    let t = m.trace();
+    let c = m.span(
+        frontend,
+        &t,
+        None,
+        CLIENT,
+        "GET cart",
+        at(1_000),
+        false,
+        vec![],
+    );
+    m.span(
+        cart,
+        &t,
+        Some(&c),
+        SERVER,
+        "GET /cart",
+        at(-1_000),
+        false,
+        vec![],
+    );
+    // A message that waits two minutes in its queue.
+    let t = m.trace();
+    let p = m.span(
+        orders,
+        &t,
+        None,
+        PRODUCER,
+        "publish",
+        at(58_000),
+        false,
+        vec![],
+    );
+    m.span(
+        billing,
+        &t,
+        Some(&p),
+        CONSUMER,
+        "process",
+        at(178_000),
+        false,
+        vec![],
+    );
+    // A server span of the range under a call that began 100 s before it: not an entry.
+    let t = m.trace();
+    let g = m.span(
+        gateway,
+        &t,
+        None,
+        CLIENT,
+        "GET inventory",
+        at(-100_000),
+        false,
+        vec![],
+    );
+    lasting(&mut m, gateway, 200_000);
+    m.span(
+        inventory,
+        &t,
+        Some(&g),
+        SERVER,
+        "GET /stock",
+        at(10_000),
+        false,
+        vec![],
+    );
+    // A server span of the range whose parent was never received: an entry.
+    let t = m.trace();
+    m.span(
+        inventory,
+        &t,
+        Some(&[7; 8]),
+        SERVER,
+        "GET /stock",
+        at(20_000),
+        false,
+        vec![],
+    );
+    // The window's other traffic: whole traces that end 100 s before the range or start
+    // 100 s after it.
+    for i in 0..3_000i64 {
+        for offset in [-200_000, 150_000] {
+            let t = m.trace();
+            m.span(
+                noise,
+                &t,
+                None,
+                SERVER,
+                "GET /",
+                at(offset + i * 10),
+                false,
+                vec![],
+            );
+        }
+    }
+    let total_spans: u64 = m.spans.values().map(|s| s.len() as u64).sum();
+    for ((service, version), spans) in &m.spans {
+        let mut attrs = vec![kv("service.name", service)];
+        if let Some(v) = version {
+            attrs.push(kv("service.version", v));
+        }
+        let req = common::otlp::traces_of(attrs, spans.clone());
+        post(&server, "/v1/traces", req.encode_to_vec()).await;
+    }
+    // Read from Parquet (where the conditions are evaluated while decoding), not from the
+    // buffers: wait for the flush.
+    server
+        .wait_metric(
+            "meshscope_parquet_rows_written_total{table=\"spans\"}",
+            30,
+            |n| n >= total_spans as f64,
+        )
+        .await;
+
+    let iso = |ns: u64| {
+        chrono::DateTime::from_timestamp_nanos(ns as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let range = format!(
+        "start={}&end={}",
+        iso(base_ns),
+        iso(base_ns + 60_000_000_000)
+    );
+    let g = server
+        .get_json(&format!("/api/v1/graph?{range}&source=spans"))
+        .await;
+    assert_unique(&g);
+    let fc = edge(&g, "frontend", "cart");
+    assert_eq!(fc["requests"], 2, "{g}");
+    assert_eq!(
+        versions(fc, "by_version"),
+        BTreeMap::from([("v3".to_string(), 2)]),
+        "{g}"
+    );
+    assert_eq!(edge(&g, "orders", "billing")["requests"], 1, "{g}");
+    // (The entry point is `user`: no service of this mesh has that name.)
+    assert_eq!(edge(&g, "user", "inventory")["requests"], 1, "{g}");
+    assert_eq!(node(&g, "inventory")["requests"], 2, "{g}");
+    let ids: BTreeSet<&str> = g["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert!(!ids.contains("noise"), "{g}");
+
+    // What the pairing decoded for this graph (its debug line; the background counters'
+    // pairings are by minute): the spans near the range, none of the 6,000 others.
+    let log = std::fs::read_to_string(&server.log).expect("log");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("pairing of raw spans") && l.contains("by_minute=false"))
+        .unwrap_or_else(|| panic!("no pairing line in the log:\n{log}"));
+    let decoded: u64 = line
+        .split("decoded=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    assert!((8..100).contains(&decoded), "{line}");
+}

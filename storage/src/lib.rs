@@ -45,7 +45,7 @@ use meshscope_proto::Table;
 pub use error::{Error, Result};
 pub use maintenance::{Compacted, CompactionPolicy, Expired, Retention};
 pub use provider::StoredTable;
-pub use scan::{ColumnScan, ScanPart};
+pub use scan::{ColumnScan, Rows, ScanPart};
 pub use table_def::{Source, TableDef};
 pub use table_store::{Snapshot, Stats, StoreConfig, TableStore};
 

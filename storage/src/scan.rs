@@ -7,7 +7,9 @@
 //! (service, kind, status …) as `Dictionary(Int32, Utf8)`, which keeps the files'
 //! dictionary pages as they are, and ids as `Utf8View`, which points into the decoded pages
 //! rather than copying them. Row groups whose time statistics lie outside the range are
-//! skipped. Rows are not filtered: the consumer checks the time column itself.
+//! skipped. Rows are not filtered by time (the consumer checks the time column itself), but a
+//! scan may keep only the rows meeting a condition on one column ([`Rows`]), evaluated while
+//! the file is decoded so the other columns are decoded for those rows only.
 //!
 //! A scan reads one [`Snapshot`](crate::Snapshot) — the same files and buffered batches a
 //! DataFusion query would see — split into [`ScanPart`]s that run concurrently; files come
@@ -15,14 +17,19 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, new_null_array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, new_null_array,
+};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::ParquetFileReaderFactory;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use futures::StreamExt;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::arrow_reader::{
+    ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, RowFilter,
+};
 use parquet::arrow::async_reader::{
     AsyncFileReader, ParquetRecordBatchStream, ParquetRecordBatchStreamBuilder,
 };
@@ -32,7 +39,8 @@ use crate::parquet_file::ParquetFile;
 use crate::table_store::TableStore;
 use crate::{Error, Result};
 
-/// What to read: columns with the types wanted, and the time range row groups must touch.
+/// What to read: columns with the types wanted, the time range row groups must touch,
+/// and optionally which rows to keep.
 #[derive(Debug, Clone)]
 pub struct ColumnScan {
     /// The output schema: these columns in this order. A column a file lacks (an older
@@ -42,6 +50,68 @@ pub struct ColumnScan {
     pub time_column: String,
     /// `[start, end)` in nanoseconds.
     pub range: (i64, i64),
+    /// Rows the scan keeps; the others are dropped while the files are decoded (the
+    /// condition's column first, the scan's other columns only for the rows it keeps).
+    pub rows: Rows,
+}
+
+/// Which rows a [`ColumnScan`] keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Rows {
+    /// Every row of the row groups that touch the range.
+    #[default]
+    All,
+    /// Rows whose `Int64`/`Timestamp(ns)` column is at least `min` (row groups whose
+    /// statistics say none is are not read).
+    AtLeast { column: String, min: i64 },
+    /// Rows whose text column equals `value`.
+    Equals { column: String, value: String },
+}
+
+impl Rows {
+    fn column(&self) -> Option<&str> {
+        match self {
+            Rows::All => None,
+            Rows::AtLeast { column, .. } | Rows::Equals { column, .. } => Some(column),
+        }
+    }
+
+    /// Which rows of `values` (the condition's column) are kept.
+    fn keep(&self, values: &ArrayRef) -> std::result::Result<BooleanArray, ArrowError> {
+        match self {
+            Rows::All => Ok(BooleanArray::from(vec![true; values.len()])),
+            Rows::AtLeast { min, .. } => {
+                let v = arrow::compute::cast(values, &DataType::Int64)?;
+                arrow::compute::kernels::cmp::gt_eq(&v, &Int64Array::new_scalar(*min))
+            }
+            Rows::Equals { value, .. } => {
+                if let Some(d) = values.as_dictionary_opt::<Int32Type>()
+                    && let Some(names) = d.values().as_string_opt::<i32>()
+                {
+                    // Compare each dictionary entry once, not each row.
+                    let hit: Vec<bool> = (0..names.len())
+                        .map(|i| names.is_valid(i) && names.value(i) == value)
+                        .collect();
+                    return Ok(d
+                        .keys()
+                        .iter()
+                        .map(|k| k.map(|k| hit.get(k as usize).copied().unwrap_or(false)))
+                        .collect());
+                }
+                let v = arrow::compute::cast(values, &DataType::Utf8)?;
+                arrow::compute::kernels::cmp::eq(&v, &StringArray::new_scalar(value.as_str()))
+            }
+        }
+    }
+
+    /// The kept rows of a buffered batch (in the table's schema).
+    fn filter(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let Some(values) = self.column().and_then(|c| batch.column_by_name(c)) else {
+            return Ok(batch);
+        };
+        let keep = self.keep(values)?;
+        Ok(arrow::compute::filter_record_batch(&batch, &keep)?)
+    }
 }
 
 impl ColumnScan {
@@ -50,6 +120,16 @@ impl ColumnScan {
             schema: Arc::new(Schema::new(columns)),
             time_column: time_column.to_string(),
             range,
+            rows: Rows::All,
+        }
+    }
+
+    /// The same scan over another range, keeping `rows`.
+    pub fn over(&self, range: (i64, i64), rows: Rows) -> Self {
+        ColumnScan {
+            range,
+            rows,
+            ..self.clone()
         }
     }
 
@@ -116,7 +196,7 @@ impl ScanPart {
     /// Reads the part, handing each batch (shaped as `scan.schema`) to `each`; files are
     /// opened through `files` (see [`crate::provider::reader_factory`]).
     pub async fn read<E>(
-        self,
+        &self,
         scan: &ColumnScan,
         files: &Arc<dyn ParquetFileReaderFactory>,
         mut each: impl FnMut(RecordBatch) -> std::result::Result<(), E>,
@@ -125,7 +205,8 @@ impl ScanPart {
         E: From<Error>,
     {
         for b in &self.batches {
-            each(scan.shape(b)?)?;
+            // The condition's column need not be one the scan returns: filter first.
+            each(scan.shape(&scan.rows.filter(b.clone())?)?)?;
         }
         for f in &self.files {
             // A file compacted away after the snapshot stays on disk for the retire grace.
@@ -188,13 +269,24 @@ async fn open(
     if row_groups.is_empty() {
         return Ok(None);
     }
-    Ok(Some(
-        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta)
-            .with_projection(mask)
-            .with_row_groups(row_groups)
-            .with_batch_size(64 * 1024)
-            .build()?,
-    ))
+    let condition = scan
+        .rows
+        .column()
+        .and_then(|c| file_schema.fields().iter().position(|f| f.name() == c));
+    let mut builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, meta.clone())
+        .with_projection(mask)
+        .with_row_groups(row_groups)
+        .with_batch_size(64 * 1024);
+    // A file without the condition's column (an older schema) is read whole.
+    if let Some(root) = condition {
+        let rows = scan.rows.clone();
+        let keep = ArrowPredicateFn::new(
+            ProjectionMask::roots(meta.parquet_schema(), [root]),
+            move |b: RecordBatch| rows.keep(b.column(0)),
+        );
+        builder = builder.with_row_filter(RowFilter::new(vec![Box::new(keep)]));
+    }
+    Ok(Some(builder.build()?))
 }
 
 /// Whether a file column of type `have` can be read as `want` directly.
@@ -207,27 +299,40 @@ fn hintable(have: &DataType, want: &DataType) -> bool {
     )
 }
 
-/// The row groups whose time statistics overlap the range (all, without statistics).
+/// The row groups whose time statistics overlap the range and, for [`Rows::AtLeast`],
+/// whose column's maximum reaches the minimum (all, without statistics).
 fn touching(meta: &ArrowReaderMetadata, scan: &ColumnScan) -> Vec<usize> {
     let (lo, hi) = scan.range;
-    let column = meta
-        .parquet_schema()
-        .columns()
-        .iter()
-        .position(|c| c.path().string() == scan.time_column);
+    let position = |name: &str| {
+        meta.parquet_schema()
+            .columns()
+            .iter()
+            .position(|c| c.path().string() == name)
+    };
+    let time = position(&scan.time_column);
+    let at_least = match &scan.rows {
+        Rows::AtLeast { column, min } => position(column).map(|c| (c, *min)),
+        _ => None,
+    };
+    let int_range = |rg: &parquet::file::metadata::RowGroupMetaData, c: usize| match rg
+        .column(c)
+        .statistics()
+    {
+        Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
+        _ => None,
+    };
     meta.metadata()
         .row_groups()
         .iter()
         .enumerate()
         .filter(|(_, rg)| {
-            let Some(c) = column else { return true };
-            match rg.column(c).statistics() {
-                Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
-                    (Some(&min), Some(&max)) => max >= lo && min < hi,
-                    _ => true,
-                },
-                _ => true,
-            }
+            let in_range = time
+                .and_then(|c| int_range(rg, c))
+                .is_none_or(|(min, max)| max >= lo && min < hi);
+            let reaches = at_least
+                .and_then(|(c, want)| int_range(rg, c).map(|(_, max)| max >= want))
+                .unwrap_or(true);
+            in_range && reaches
         })
         .map(|(i, _)| i)
         .collect()
@@ -265,6 +370,57 @@ mod tests {
         assert_eq!(shaped.column(0).as_string_view().value(1), "b");
         assert_eq!(shaped.column(2).null_count(), 2);
         assert_eq!(shaped.num_rows(), 2);
+    }
+
+    #[test]
+    fn a_condition_keeps_its_rows_whatever_the_columns_type() {
+        use arrow::array::{DictionaryArray, TimestampNanosecondArray};
+        let ends = TimestampNanosecondArray::from(vec![Some(5), None, Some(10), Some(4)]);
+        let at_least = Rows::AtLeast {
+            column: "end_time".into(),
+            min: 5,
+        };
+        let keep = at_least.keep(&(Arc::new(ends) as ArrayRef)).unwrap();
+        assert_eq!(
+            keep.iter().map(|k| k == Some(true)).collect::<Vec<_>>(),
+            [true, false, true, false]
+        );
+        let consumer = Rows::Equals {
+            column: "span_kind".into(),
+            value: "CONSUMER".into(),
+        };
+        let kinds: DictionaryArray<Int32Type> = vec!["SERVER", "CONSUMER", "CLIENT", "CONSUMER"]
+            .into_iter()
+            .collect();
+        let plain = StringArray::from(vec![Some("CONSUMER"), None, Some("SERVER")]);
+        let keep = |a: ArrayRef| -> Vec<bool> {
+            consumer
+                .keep(&a)
+                .unwrap()
+                .iter()
+                .map(|k| k == Some(true))
+                .collect()
+        };
+        assert_eq!(keep(Arc::new(kinds)), [false, true, false, true]);
+        assert_eq!(keep(Arc::new(plain)), [true, false, false]);
+
+        // A buffered batch is filtered on a column the scan does not return.
+        let batch = RecordBatch::try_from_iter([
+            ("n", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            (
+                "end_time",
+                Arc::new(TimestampNanosecondArray::from(vec![9, 2, 7])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let kept = at_least.filter(batch.clone()).unwrap();
+        assert_eq!(
+            kept.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values(),
+            &[1, 3]
+        );
+        assert_eq!(Rows::All.filter(batch).unwrap().num_rows(), 3);
     }
 
     #[test]

@@ -31,10 +31,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, PrimitiveArray, RecordBatch, StringViewArray};
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, TimestampNanosecondType};
-use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::datasource::physical_plan::parquet::ParquetFileReaderFactory;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use meshscope_proto::Table;
-use meshscope_storage::ColumnScan;
 use meshscope_storage::provider::reader_factory;
+use meshscope_storage::{ColumnScan, Rows, ScanPart};
 
 use super::model::{NodeKind, PAIR_WINDOW, USER, USER_ENTRY};
 use super::range::TimeRange;
@@ -317,6 +318,13 @@ struct Decoded {
     shards: Vec<Chunks>,
     /// By local service id.
     own: Vec<Own>,
+    /// The latest end of a CLIENT span of the range (nanoseconds): its children start
+    /// before it (give or take [`SLACK_NS`]).
+    caller_end: i64,
+    /// A PRODUCER span is in the range: its CONSUMER children may start at any time.
+    producers: bool,
+    /// The widened window's first minute, which spans' minutes count from.
+    base_minute: i64,
 }
 
 /// Bytes a decoded span costs through the pairing: itself, and the latency its edge keeps.
@@ -412,9 +420,11 @@ fn views(b: &RecordBatch, i: usize) -> Result<&StringViewArray, QueryError> {
 }
 
 impl Decoded {
-    fn new() -> Self {
+    /// A decoder of the window starting at `start` (nanoseconds).
+    fn new(start: i64) -> Self {
         Decoded {
             shards: (0..SHARDS).map(|_| Chunks::default()).collect(),
+            base_minute: start.div_euclid(MINUTE_NS),
             ..Decoded::default()
         }
     }
@@ -427,8 +437,8 @@ impl Decoded {
         id
     }
 
-    /// Adds a batch of [`scan_schema`]'s columns: the spans starting in `wide`, with those
-    /// in `range` marked.
+    /// Adds a batch of [`scan_schema`]'s columns: the spans starting in `wide` (the part of
+    /// the widened window this scan reads), with those in `range` marked.
     fn add(
         &mut self,
         b: &RecordBatch,
@@ -486,6 +496,10 @@ impl Decoded {
             if in_range && !shadow {
                 self.own[svc as usize].seen = true;
             }
+            if in_range && k == CLIENT {
+                self.caller_end = self.caller_end.max(t.saturating_add(d));
+            }
+            self.producers |= in_range && k == PRODUCER;
             if in_range && (k == SERVER || k == CONSUMER) && !shadow {
                 let own = &mut self.own[svc as usize];
                 own.tally.add(ver, NONE, d, error);
@@ -525,7 +539,7 @@ impl Decoded {
                 meta: Span::meta(svc, k, flags),
                 name,
                 reason: why,
-                minute: (t.div_euclid(MINUTE_NS) - wide.0.div_euclid(MINUTE_NS)) as u32,
+                minute: (t.div_euclid(MINUTE_NS) - self.base_minute) as u32,
             });
         }
         Ok(())
@@ -965,7 +979,73 @@ fn pair_window() -> chrono::Duration {
     chrono::Duration::minutes(PAIR_WINDOW)
 }
 
-/// Scans the range (widened by `window`) once and pairs.
+/// How far a child span may start outside its caller's interval (before its start, after
+/// its end), and a parent end before its child starts: the clock skew between hosts the
+/// pairing allows for. The range plus this much either side is read whole.
+const SLACK_NS: i64 = 5_000_000_000;
+
+/// One scan partition: its share of the files, what it decoded so far, and the query
+/// memory it holds for that.
+struct Partition {
+    part: ScanPart,
+    decoded: Decoded,
+    reservation: MemoryReservation,
+}
+
+/// Reads `scans` (disjoint parts of the widened window) into every partition, in parallel.
+async fn read_partitions(
+    partitions: Vec<Partition>,
+    scans: Vec<ColumnScan>,
+    files: &Arc<dyn ParquetFileReaderFactory>,
+    bounds: (i64, i64),
+) -> Result<Vec<Partition>, QueryError> {
+    let scans = Arc::new(scans);
+    let tasks: Vec<_> = partitions
+        .into_iter()
+        .map(|mut p| {
+            let (scans, files) = (Arc::clone(&scans), Arc::clone(files));
+            tokio::spawn(async move {
+                for scan in scans.iter() {
+                    let d = &mut p.decoded;
+                    let reservation = &mut p.reservation;
+                    p.part
+                        .read(scan, &files, |b| {
+                            d.add(&b, bounds, scan.range)?;
+                            // What the partition decodes is accounted in the query memory
+                            // pool, batch by batch: a range too large for it is refused,
+                            // not grown into.
+                            let held = d.held();
+                            if held > reservation.size() {
+                                reservation
+                                    .try_grow(held - reservation.size())
+                                    .map_err(too_big)?;
+                            }
+                            Ok::<(), QueryError>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, QueryError>(p)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(join(t).await??);
+    }
+    Ok(out)
+}
+
+/// Scans the range (widened by `window`) and pairs.
+///
+/// Only the spans that can pair with a span of the range are read from the widened part:
+/// the range plus [`SLACK_NS`] either side whole; before it, the spans still running
+/// [`SLACK_NS`] before the range starts (the only ones that can be a parent of a span of
+/// the range: a parent's interval holds its child's start); after it, the spans starting
+/// before the last CLIENT span of the range ends (plus the slack), and, when the range has
+/// PRODUCER spans, every CONSUMER span of the window (a message may wait in its queue).
+/// The window therefore costs what the spans crossing its edges cost, not what all the
+/// traffic of the widened window does (13 times the range for the `/metrics` counters'
+/// 10 s windows, 11 for a rollup's minute).
 async fn scan_and_pair(
     engine: &QueryEngine,
     range: &TimeRange,
@@ -986,47 +1066,68 @@ async fn scan_and_pair(
             let runtime = ctx.runtime_env();
             let pool = &runtime.memory_pool;
             let files = reader_factory(&table, &runtime)?;
-            let scan = Arc::new(ColumnScan::new(scan_schema(), "start_time", wide));
-            let partitions = ctx.state().config().target_partitions();
-            let tasks: Vec<_> = table
-                .scan_parts(partitions)
+            let all = ColumnScan::new(scan_schema(), "start_time", wide);
+            let clamp = |t: i64| t.clamp(wide.0, wide.1);
+            let whole = (
+                clamp(bounds.0.saturating_sub(SLACK_NS)),
+                clamp(bounds.1.saturating_add(SLACK_NS)),
+            );
+            let partitions: Vec<Partition> = table
+                .scan_parts(ctx.state().config().target_partitions())
                 .into_iter()
-                .map(|part| {
-                    let (scan, files) = (Arc::clone(&scan), Arc::clone(&files));
-                    // What the partition decodes is accounted in the query memory pool,
-                    // batch by batch: a range too large for it is refused, not grown into.
-                    let reservation = MemoryConsumer::new("service graph pairing").register(pool);
-                    tokio::spawn(async move {
-                        let mut d = Decoded::new();
-                        part.read(&scan, &files, |b| {
-                            d.add(&b, bounds, wide)?;
-                            let held = d.held();
-                            if held > reservation.size() {
-                                reservation
-                                    .try_grow(held - reservation.size())
-                                    .map_err(too_big)?;
-                            }
-                            Ok::<(), QueryError>(())
-                        })
-                        .await?;
-                        Ok::<_, QueryError>((d, reservation))
-                    })
+                .map(|part| Partition {
+                    part,
+                    decoded: Decoded::new(wide.0),
+                    reservation: MemoryConsumer::new("service graph pairing").register(pool),
                 })
                 .collect();
-            let mut parts = Vec::with_capacity(tasks.len());
-            let mut reservations = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                let (d, r) = join(t).await??;
-                parts.push(d);
-                reservations.push(r);
+            let before = all.over(
+                (wide.0, whole.0),
+                Rows::AtLeast {
+                    column: "end_time".to_string(),
+                    min: bounds.0.saturating_sub(SLACK_NS),
+                },
+            );
+            let partitions = read_partitions(
+                partitions,
+                vec![all.over(whole, Rows::All), before],
+                &files,
+                bounds,
+            )
+            .await?;
+            let caller_end = partitions
+                .iter()
+                .map(|p| p.decoded.caller_end)
+                .max()
+                .unwrap_or(i64::MIN);
+            let producers = partitions.iter().any(|p| p.decoded.producers);
+            let children_until = clamp(caller_end.saturating_add(SLACK_NS)).max(whole.1);
+            let mut after = vec![all.over((whole.1, children_until), Rows::All)];
+            if producers {
+                after.push(all.over(
+                    (children_until, wide.1),
+                    Rows::Equals {
+                        column: "span_kind".to_string(),
+                        value: "CONSUMER".to_string(),
+                    },
+                ));
+            }
+            let partitions = read_partitions(partitions, after, &files, bounds).await?;
+            let mut parts = Vec::with_capacity(partitions.len());
+            let mut reservations = Vec::with_capacity(partitions.len());
+            for p in partitions {
+                parts.push(p.decoded);
+                reservations.push(p.reservation);
             }
             let scanned = started.elapsed();
+            let decoded: usize = parts.iter().flat_map(|d| &d.shards).map(Chunks::len).sum();
             let wanted = wanted.as_ref().map(|(s, t)| (s.as_str(), t.as_str()));
             let mut found = merge(parts, by_minute, wanted).await?;
             found.base_minute = wide.0.div_euclid(MINUTE_NS);
             tracing::debug!(
                 scan_ms = scanned.as_millis() as u64,
                 pair_ms = (started.elapsed() - scanned).as_millis() as u64,
+                decoded,
                 by_minute,
                 "pairing of raw spans"
             );
