@@ -236,12 +236,7 @@ async fn the_demo_fills_the_graph_within_30_seconds_and_stops_cleanly_on_ctrl_c(
     };
     assert!(complete, "graph incomplete after 30 s: {last:#}\n{}", log());
     // One node per name: a database the spans show as virtual stays one node.
-    let ids: Vec<&str> = last["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .filter_map(|n| n["id"].as_str())
-        .collect();
+    let ids = common::strings(&last, "nodes", "id");
     let mut unique = ids.clone();
     unique.sort();
     unique.dedup();

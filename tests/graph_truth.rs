@@ -77,6 +77,33 @@ impl Mesh {
     fn trace(&mut self) -> Vec<u8> {
         [self.id(), self.id()].concat()
     }
+
+    /// A span that succeeds, with no attributes, named for nobody in particular.
+    fn bare(
+        &mut self,
+        who: (&'static str, Option<&'static str>),
+        trace: &[u8],
+        parent: Option<&[u8]>,
+        kind: i32,
+        at_ms: u64,
+    ) -> Vec<u8> {
+        self.span(who, trace, parent, kind, "op", at_ms, false, vec![])
+    }
+
+    /// Exports every resource's spans (with `service.version` where it has one, and
+    /// `extra` resource attributes); how many spans that was.
+    async fn post(&self, server: &Server, extra: &[KeyValue]) -> u64 {
+        for ((service, version), spans) in &self.spans {
+            let mut attrs = vec![kv("service.name", service)];
+            attrs.extend(extra.iter().cloned());
+            if let Some(v) = version {
+                attrs.push(kv("service.version", v));
+            }
+            let req = common::otlp::traces_of(attrs, spans.clone());
+            post(server, "/v1/traces", req.encode_to_vec()).await;
+        }
+        self.spans.values().map(|s| s.len() as u64).sum()
+    }
 }
 
 async fn post(server: &Server, path: &str, body: Vec<u8>) {
@@ -151,12 +178,7 @@ fn reasons(e: &Value) -> BTreeMap<String, u64> {
 
 /// Node ids unique, each (source, target) once.
 fn assert_unique(g: &Value) {
-    let ids: Vec<&str> = g["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .filter_map(|n| n["id"].as_str())
-        .collect();
+    let ids = common::strings(g, "nodes", "id");
     let set: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), set.len(), "duplicate node ids: {ids:?}");
     let pairs: Vec<(String, String)> = g["edges"]
@@ -318,14 +340,7 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
         );
     }
 
-    for ((service, version), spans) in &m.spans {
-        let mut attrs = vec![kv("service.name", service), kv("service.namespace", "shop")];
-        if let Some(v) = version {
-            attrs.push(kv("service.version", v));
-        }
-        let req = common::otlp::traces_of(attrs, spans.clone());
-        post(&server, "/v1/traces", req.encode_to_vec()).await;
-    }
+    let total_spans = m.post(&server, &[kv("service.namespace", "shop")]).await;
 
     // The proxies' own request metrics: frontend's proxy counted 90 requests to the
     // workload cart-v1 and 10 to the canary workload cart-v2, both of service cart; the
@@ -376,7 +391,6 @@ async fn one_node_per_service_with_versions_and_proxy_answers() {
         end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
     let http = reqwest::Client::new();
-    let total_spans: u64 = m.spans.values().map(|s| s.len() as u64).sum();
     // Visible to SQL within 2 s of the acknowledgement (bounded wait).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while server.scalar("SELECT count(*) FROM spans").await as u64 != total_spans {
@@ -572,132 +586,34 @@ async fn pairs_across_the_edges_of_the_range_and_reads_only_what_crosses_them() 
     // A call that outlives the range: its server side starts 31 s after the range ends.
     // No peer name: only pairing puts it on an edge (and gives it cart's version).
     let t = m.trace();
-    let c = m.span(
-        frontend,
-        &t,
-        None,
-        CLIENT,
-        "GET cart",
-        at(59_000),
-        false,
-        vec![],
-    );
+    let c = m.bare(frontend, &t, None, CLIENT, at(59_000));
     lasting(&mut m, frontend, 40_000);
-    m.span(
-        cart,
-        &t,
-        Some(&c),
-        SERVER,
-        "GET /cart",
-        at(91_000),
-        false,
-        vec![],
-    );
+    m.bare(cart, &t, Some(&c), SERVER, at(91_000));
     // A child that starts 2 s before its caller (the hosts' clocks disagree).
     let t = m.trace();
-    let c = m.span(
-        frontend,
-        &t,
-        None,
-        CLIENT,
-        "GET cart",
-        at(1_000),
-        false,
-        vec![],
-    );
-    m.span(
-        cart,
-        &t,
-        Some(&c),
-        SERVER,
-        "GET /cart",
-        at(-1_000),
-        false,
-        vec![],
-    );
+    let c = m.bare(frontend, &t, None, CLIENT, at(1_000));
+    m.bare(cart, &t, Some(&c), SERVER, at(-1_000));
     // A message that waits two minutes in its queue.
     let t = m.trace();
-    let p = m.span(
-        orders,
-        &t,
-        None,
-        PRODUCER,
-        "publish",
-        at(58_000),
-        false,
-        vec![],
-    );
-    m.span(
-        billing,
-        &t,
-        Some(&p),
-        CONSUMER,
-        "process",
-        at(178_000),
-        false,
-        vec![],
-    );
+    let p = m.bare(orders, &t, None, PRODUCER, at(58_000));
+    m.bare(billing, &t, Some(&p), CONSUMER, at(178_000));
     // A server span of the range under a call that began 100 s before it: not an entry.
     let t = m.trace();
-    let g = m.span(
-        gateway,
-        &t,
-        None,
-        CLIENT,
-        "GET inventory",
-        at(-100_000),
-        false,
-        vec![],
-    );
+    let g = m.bare(gateway, &t, None, CLIENT, at(-100_000));
     lasting(&mut m, gateway, 200_000);
-    m.span(
-        inventory,
-        &t,
-        Some(&g),
-        SERVER,
-        "GET /stock",
-        at(10_000),
-        false,
-        vec![],
-    );
+    m.bare(inventory, &t, Some(&g), SERVER, at(10_000));
     // A server span of the range whose parent was never received: an entry.
     let t = m.trace();
-    m.span(
-        inventory,
-        &t,
-        Some(&[7; 8]),
-        SERVER,
-        "GET /stock",
-        at(20_000),
-        false,
-        vec![],
-    );
+    m.bare(inventory, &t, Some(&[7; 8]), SERVER, at(20_000));
     // The window's other traffic: whole traces that end 100 s before the range or start
     // 100 s after it.
     for i in 0..3_000i64 {
         for offset in [-200_000, 150_000] {
             let t = m.trace();
-            m.span(
-                noise,
-                &t,
-                None,
-                SERVER,
-                "GET /",
-                at(offset + i * 10),
-                false,
-                vec![],
-            );
+            m.bare(noise, &t, None, SERVER, at(offset + i * 10));
         }
     }
-    let total_spans: u64 = m.spans.values().map(|s| s.len() as u64).sum();
-    for ((service, version), spans) in &m.spans {
-        let mut attrs = vec![kv("service.name", service)];
-        if let Some(v) = version {
-            attrs.push(kv("service.version", v));
-        }
-        let req = common::otlp::traces_of(attrs, spans.clone());
-        post(&server, "/v1/traces", req.encode_to_vec()).await;
-    }
+    let total_spans = m.post(&server, &[]).await;
     // Read from Parquet (where the conditions are evaluated while decoding), not from the
     // buffers: wait for the flush.
     server
@@ -732,13 +648,8 @@ async fn pairs_across_the_edges_of_the_range_and_reads_only_what_crosses_them() 
     // (The entry point is `user`: no service of this mesh has that name.)
     assert_eq!(edge(&g, "user", "inventory")["requests"], 1, "{g}");
     assert_eq!(node(&g, "inventory")["requests"], 2, "{g}");
-    let ids: BTreeSet<&str> = g["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .filter_map(|n| n["id"].as_str())
-        .collect();
-    assert!(!ids.contains("noise"), "{g}");
+    let nodes = g["nodes"].as_array().expect("nodes");
+    assert!(nodes.iter().all(|n| n["id"] != "noise"), "{g}");
 
     // What the pairing decoded for this graph (its debug line; the background counters'
     // pairings are by minute): the spans near the range, none of the 6,000 others.

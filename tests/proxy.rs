@@ -1172,12 +1172,7 @@ GROUP BY 1";
     let e = graph_edge(&server, "caller", "checkout").await;
     assert_eq!(e["requests"].as_u64(), Some(n + 1), "{e}");
     assert!(e["p99_ms"].as_f64().unwrap() < 1000.0, "{e}");
-    let versions: Vec<&str> = e["by_version"]
-        .as_array()
-        .expect("by_version")
-        .iter()
-        .filter_map(|v| v["version"].as_str())
-        .collect();
+    let versions = common::strings(&e, "by_version", "version");
     assert!(!versions.contains(&"v2-shadow"), "{versions:?} {e}");
     // The proxy's metrics and access logs mark the copies (`mirror="shadow"`), so they
     // agree with the spans.

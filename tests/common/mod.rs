@@ -318,6 +318,17 @@ pub fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
 }
 
 /// Now, in nanoseconds since the epoch (OTLP's time).
+/// The string `field` of every object in the array `list` of `v` (e.g. the node ids of a graph
+/// answer, `strings(&graph, "nodes", "id")`); panics when `list` is not an array.
+pub fn strings<'a>(v: &'a Value, list: &str, field: &str) -> Vec<&'a str> {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array {list:?} in {v}"))
+        .iter()
+        .filter_map(|item| item[field].as_str())
+        .collect()
+}
+
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
