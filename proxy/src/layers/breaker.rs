@@ -1,7 +1,11 @@
 //! Circuit breaker: after `consecutive-failures` failed answers (5xx, or no connection) in
 //! a row the breaker opens and the proxy answers 503 itself for `open-ms`; then it is
 //! half-open and lets one probe through: success closes it, failure opens it again.
+//!
+//! While it is closed (nearly always) a request reads one flag and updates one counter;
+//! the lock is taken only to open it, while it is open or half-open, and to close it.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +36,7 @@ impl BreakerState {
 
 #[derive(Debug)]
 enum State {
-    Closed { failures: u32 },
+    Closed,
     Open { until: Instant },
     HalfOpen { probing: bool },
 }
@@ -41,6 +45,11 @@ enum State {
 #[derive(Debug)]
 pub struct Breaker {
     pub config: BreakerConfig,
+    /// `state` is `Closed`: read by every request without the lock.
+    closed: AtomicBool,
+    /// Failures in a row while closed.
+    failures: AtomicU32,
+    /// Every change of state is made under this lock.
     state: Mutex<State>,
     /// State changes so far (`meshscope_proxy_breaker_transitions_total`).
     pub transitions: std::sync::atomic::AtomicU64,
@@ -61,27 +70,34 @@ impl Breaker {
     pub fn new(config: BreakerConfig) -> Breaker {
         Breaker {
             config,
-            state: Mutex::new(State::Closed { failures: 0 }),
+            closed: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            state: Mutex::new(State::Closed),
             transitions: Default::default(),
         }
     }
 
     /// The state now, as a dashboard would show it.
     pub fn state(&self) -> BreakerState {
+        if self.closed.load(Ordering::Acquire) {
+            return BreakerState::Closed;
+        }
         match self.state.lock().as_deref() {
-            Ok(State::Closed { .. }) => BreakerState::Closed,
+            Ok(State::Closed) | Err(_) => BreakerState::Closed,
             Ok(State::Open { until }) if Instant::now() < *until => BreakerState::Open,
             Ok(State::Open { .. }) | Ok(State::HalfOpen { .. }) => BreakerState::HalfOpen,
-            Err(_) => BreakerState::Closed,
         }
     }
 
     fn admit(&self) -> Admit {
+        if self.closed.load(Ordering::Acquire) {
+            return Admit::Yes(BreakerState::Closed);
+        }
         let Ok(mut s) = self.state.lock() else {
             return Admit::Yes(BreakerState::Closed);
         };
         match *s {
-            State::Closed { .. } => Admit::Yes(BreakerState::Closed),
+            State::Closed => Admit::Yes(BreakerState::Closed),
             State::Open { until } if Instant::now() < until => Admit::No,
             State::Open { .. } | State::HalfOpen { probing: false } => {
                 *s = State::HalfOpen { probing: true };
@@ -93,39 +109,54 @@ impl Breaker {
 
     /// Records an admitted request's outcome; the new state when it changed the breaker's.
     fn record(&self, admitted_as: BreakerState, ok: bool) -> Option<BreakerState> {
-        let Ok(mut s) = self.state.lock() else {
-            return None;
+        let to = if admitted_as == BreakerState::Closed {
+            if !self.closed.load(Ordering::Acquire) {
+                // Opened meanwhile by other requests' failures.
+                return None;
+            }
+            if ok {
+                if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
+                }
+                return None;
+            }
+            let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+            if failures < self.config.consecutive_failures {
+                return None;
+            }
+            let mut s = self.state.lock().ok()?;
+            if !matches!(*s, State::Closed) {
+                return None; // another failure opened it first
+            }
+            self.open(&mut s);
+            BreakerState::Open
+        } else {
+            let mut s = self.state.lock().ok()?;
+            match (&*s, ok) {
+                (State::HalfOpen { .. }, true) => {
+                    *s = State::Closed;
+                    self.failures.store(0, Ordering::Relaxed);
+                    self.closed.store(true, Ordering::Release);
+                    BreakerState::Closed
+                }
+                (State::HalfOpen { .. }, false) => {
+                    self.open(&mut s);
+                    BreakerState::Open
+                }
+                _ => return None,
+            }
         };
-        let open = State::Open {
+        self.transitions.fetch_add(1, Ordering::Relaxed);
+        Some(to)
+    }
+
+    /// Opens the breaker for `open-ms` from now (under the lock).
+    fn open(&self, s: &mut State) {
+        *s = State::Open {
             until: Instant::now() + Duration::from_millis(self.config.open_ms),
         };
-        let to = match (&mut *s, admitted_as, ok) {
-            (State::HalfOpen { .. }, BreakerState::HalfOpen, true) => {
-                *s = State::Closed { failures: 0 };
-                Some(BreakerState::Closed)
-            }
-            (State::HalfOpen { .. }, BreakerState::HalfOpen, false) => {
-                *s = open;
-                Some(BreakerState::Open)
-            }
-            (State::Closed { failures }, _, true) => {
-                *failures = 0;
-                None
-            }
-            (State::Closed { failures }, _, false) => {
-                *failures += 1;
-                (*failures >= self.config.consecutive_failures).then(|| {
-                    *s = open;
-                    BreakerState::Open
-                })
-            }
-            _ => None,
-        };
-        if to.is_some() {
-            self.transitions
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        to
+        self.closed.store(false, Ordering::Release);
+        self.failures.store(0, Ordering::Relaxed);
     }
 }
 
@@ -232,6 +263,33 @@ mod tests {
         );
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.transitions.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn failures_on_many_threads_open_it_once() {
+        let b = Arc::new(Breaker::new(BreakerConfig {
+            consecutive_failures: 5,
+            open_ms: 60_000,
+        }));
+        let opened: usize = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let b = Arc::clone(&b);
+                    s.spawn(move || {
+                        (0..1000)
+                            .filter_map(|_| match b.admit() {
+                                Admit::Yes(as_) => b.record(as_, false),
+                                Admit::No => None,
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("worker")).sum()
+        });
+        assert_eq!(opened, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.transitions.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -66,6 +66,7 @@ macro_rules! policy_layer {
 
 pub mod authz;
 pub mod breaker;
+pub mod bucket;
 pub mod fault;
 pub mod forward;
 pub mod mirror;

@@ -1,11 +1,11 @@
 //! Token-bucket rate limit per destination: `requests-per-sec` tokens a second, up to
 //! `burst`; a request that finds the bucket empty is answered 429 by the proxy.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{Request, StatusCode};
-use tokio::time::Instant;
 
+use super::bucket::AtomicBucket;
 use super::{Body, BoxFuture, HttpService, local_response};
 use crate::config::RateLimitConfig;
 
@@ -13,42 +13,24 @@ use crate::config::RateLimitConfig;
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimited;
 
-/// One destination's bucket (request extension, `Arc`).
+/// One destination's bucket (request extension, `Arc`), taken from without a lock.
 #[derive(Debug)]
 pub struct TokenBucket {
     pub config: RateLimitConfig,
-    state: Mutex<(f64, Instant)>,
+    bucket: AtomicBucket,
 }
 
 impl TokenBucket {
     pub fn new(config: RateLimitConfig) -> TokenBucket {
         let burst = config.burst.unwrap_or(config.requests_per_sec).max(1.0);
         TokenBucket {
+            bucket: AtomicBucket::new(burst, config.requests_per_sec, burst),
             config,
-            state: Mutex::new((burst, Instant::now())),
         }
     }
 
     pub fn try_take(&self) -> bool {
-        let burst = self
-            .config
-            .burst
-            .unwrap_or(self.config.requests_per_sec)
-            .max(1.0);
-        let Ok(mut s) = self.state.lock() else {
-            return true;
-        };
-        let now = Instant::now();
-        let refill =
-            now.saturating_duration_since(s.1).as_secs_f64() * self.config.requests_per_sec;
-        s.0 = (s.0 + refill).min(burst);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.bucket.try_take()
     }
 }
 

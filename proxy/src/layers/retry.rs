@@ -13,15 +13,14 @@
 //! Backoff before retry `n` (1-based) is drawn uniformly from `[b/2, b]` with
 //! `b = min(backoff-max, backoff-base · 2^(n-1))` ("equal jitter").
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use tokio::time::Instant;
 
+use super::bucket::AtomicBucket;
 use super::{Body, BoxFuture, HttpService, full, local_response};
 use crate::config::RetryConfig;
 
@@ -33,62 +32,37 @@ pub struct Retries(pub u32);
 #[derive(Debug, Clone, Copy)]
 pub struct BudgetExhausted;
 
-/// The policy of one destination with its budget (request extension, `Arc`).
+/// The policy of one destination with its budget (request extension, `Arc`); the budget
+/// is deposited into and withdrawn from without a lock.
 #[derive(Debug)]
 pub struct RetryPolicy {
     pub config: RetryConfig,
-    budget: Mutex<Budget>,
+    budget: AtomicBucket,
     /// Retries the budget refused (`meshscope_proxy_retry_budget_exhausted_total`).
     pub exhausted: std::sync::atomic::AtomicU64,
 }
 
-#[derive(Debug)]
-struct Budget {
-    tokens: f64,
-    last: Instant,
-}
-
 impl RetryPolicy {
     pub fn new(config: RetryConfig) -> RetryPolicy {
+        // Up to ten seconds' worth of the minimum (at least 10 retries) can be saved up.
+        let cap = (config.budget_min_per_sec * 10.0).max(10.0);
         RetryPolicy {
-            budget: Mutex::new(Budget {
-                tokens: config.budget_min_per_sec.max(1.0),
-                last: Instant::now(),
-            }),
+            budget: AtomicBucket::new(
+                config.budget_min_per_sec.max(1.0),
+                config.budget_min_per_sec,
+                cap,
+            ),
             exhausted: Default::default(),
             config,
         }
     }
 
-    fn cap(&self) -> f64 {
-        (self.config.budget_min_per_sec * 10.0).max(10.0)
-    }
-
-    fn refill(&self, b: &mut Budget) {
-        let now = Instant::now();
-        let secs = now.saturating_duration_since(b.last).as_secs_f64();
-        b.last = now;
-        b.tokens = (b.tokens + secs * self.config.budget_min_per_sec).min(self.cap());
-    }
-
     fn deposit(&self) {
-        if let Ok(mut b) = self.budget.lock() {
-            self.refill(&mut b);
-            b.tokens = (b.tokens + self.config.budget_ratio).min(self.cap());
-        }
+        self.budget.deposit(self.config.budget_ratio);
     }
 
     fn withdraw(&self) -> bool {
-        let Ok(mut b) = self.budget.lock() else {
-            return false;
-        };
-        self.refill(&mut b);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.try_take()
     }
 
     /// The backoff before retry `n` (1-based), jittered.
@@ -195,6 +169,7 @@ impl<S: HttpService> RetryService<S> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use tokio::time::Instant;
     use tower::Layer;
 
     use super::*;
