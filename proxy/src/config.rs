@@ -163,8 +163,8 @@ pub struct TelemetryConfig {
     pub otlp_token_file: Option<std::path::PathBuf>,
     /// How often a batch is sent [1000 ms].
     pub batch_interval_ms: u64,
-    /// Records (spans + log records) waiting to be sent; beyond it they are dropped and
-    /// counted [20000].
+    /// Finished requests waiting for the exporter (which makes each one's span and log
+    /// record); beyond it their spans and log records are dropped and counted [20000].
     pub queue_capacity: usize,
     /// Largest batch of spans or log records in one export request; a full batch is sent
     /// within 100 ms, so export work is spread over the interval [512].

@@ -333,7 +333,7 @@ impl Pending {
         self.finished.duration = self.started.elapsed();
         self.finished.response_bytes = response_bytes;
         self.finished.request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        self.telemetry.record(&self.finished);
+        self.telemetry.record(self.finished);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::config::TelemetryConfig;
 pub struct Exporter {
     config: TelemetryConfig,
     resource: Resource,
-    queue: mpsc::Receiver<Record>,
+    queue: mpsc::Receiver<Box<Record>>,
     telemetry: Telemetry,
 }
 
@@ -111,7 +111,7 @@ impl Exporter {
     pub(crate) fn new(
         config: TelemetryConfig,
         resource: Resource,
-        queue: mpsc::Receiver<Record>,
+        queue: mpsc::Receiver<Box<Record>>,
         telemetry: Telemetry,
     ) -> Exporter {
         Exporter {
@@ -189,10 +189,7 @@ impl Exporter {
 
     fn drain(&mut self, spans: &mut Vec<Span>, logs: &mut Vec<LogRecord>) {
         while let Ok(r) = self.queue.try_recv() {
-            match r {
-                Record::Span(s) => spans.push(s),
-                Record::Log(l) => logs.push(l),
-            }
+            self.telemetry.render(&r, spans, logs);
         }
     }
 

@@ -1,9 +1,11 @@
 //! What the proxy reports about each request: a span, request metrics and an access-log
 //! record, all OTLP, sent by [`export::Exporter`] in batches.
 //!
-//! The request path never waits for telemetry: spans and log records go into a bounded
-//! queue with `try_send`; when it is full (the collector is slow or down) they are dropped
-//! and counted in [`Stats`] (`/stats` and `/metrics` on the admin address).
+//! The request path never waits for telemetry: it counts the request in the metrics and
+//! pushes the finished request into a bounded queue with `try_send`; the exporter, off the
+//! request path, makes its span and access-log record. When the queue is full (the
+//! collector is slow or down) the request's span and log record are dropped and counted
+//! in [`Stats`] (`/stats` and `/metrics` on the admin address).
 
 pub mod export;
 pub mod metrics;
@@ -142,9 +144,14 @@ impl Stats {
     }
 }
 
-pub(crate) enum Record {
-    Span(Span),
-    Log(LogRecord),
+/// A finished request as the request path hands it to the exporter, which makes its span
+/// and access log: the request path pays one allocation and a queue push for them.
+pub(crate) struct Record {
+    finished: Finished,
+    destination_workload: Arc<str>,
+    version: Arc<str>,
+    source_principal: Option<Arc<str>>,
+    destination_principal: Option<Arc<str>>,
 }
 
 /// The handle the request path records through (cheap to clone).
@@ -157,7 +164,7 @@ struct Inner {
     identity: ServiceIdentity,
     workload: Arc<str>,
     resource: Resource,
-    queue: Option<mpsc::Sender<Record>>,
+    queue: Option<mpsc::Sender<Box<Record>>>,
     access_logs: bool,
     registry: Arc<metrics::Registry>,
     stats: Stats,
@@ -254,8 +261,9 @@ impl Telemetry {
             .in_flight(direction.as_str(), destination)
     }
 
-    /// Records one finished request: metrics now, span and log record into the queue.
-    pub fn record(&self, f: &Finished) {
+    /// Records one finished request: metrics now; the request into the queue, for the
+    /// exporter to make its span and log record.
+    pub fn record(&self, f: Finished) {
         let d = &f.decisions;
         let (dest_workload, version) = match &d.chosen {
             Some(c) => (Arc::clone(&c.workload), Arc::clone(&c.version)),
@@ -267,7 +275,7 @@ impl Telemetry {
                 Direction::Outbound => (Arc::clone(&f.destination_service), Arc::from("unknown")),
             },
         };
-        let (source_principal, destination_principal) = self.principals(f);
+        let (source_principal, destination_principal) = self.principals(&f);
         self.inner.registry.observe(
             metrics::SeriesKey {
                 reporter: f.direction.reporter(),
@@ -290,27 +298,35 @@ impl Telemetry {
         let Some(queue) = &self.inner.queue else {
             return;
         };
-        let span = self.span(f, &version, &source_principal, &destination_principal);
-        if queue.try_send(Record::Span(span)).is_err() {
-            self.inner
-                .stats
-                .spans_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        if self.inner.access_logs {
-            let log = self.access_log(
-                f,
-                &dest_workload,
-                &version,
-                &source_principal,
-                &destination_principal,
-            );
-            if queue.try_send(Record::Log(log)).is_err() {
-                self.inner
-                    .stats
-                    .logs_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+        let record = Box::new(Record {
+            finished: f,
+            destination_workload: dest_workload,
+            version,
+            source_principal,
+            destination_principal,
+        });
+        if queue.try_send(record).is_err() {
+            let stats = &self.inner.stats;
+            stats.spans_dropped.fetch_add(1, Ordering::Relaxed);
+            if self.inner.access_logs {
+                stats.logs_dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// The span and (when access logs are on) the access log of a recorded request; the
+    /// exporter calls this, off the request path.
+    pub(crate) fn render(&self, r: &Record, spans: &mut Vec<Span>, logs: &mut Vec<LogRecord>) {
+        let f = &r.finished;
+        spans.push(self.span(f, &r.version, &r.source_principal, &r.destination_principal));
+        if self.inner.access_logs {
+            logs.push(self.access_log(
+                f,
+                &r.destination_workload,
+                &r.version,
+                &r.source_principal,
+                &r.destination_principal,
+            ));
         }
     }
 
