@@ -247,12 +247,15 @@ fn nginx_config(dir: &Path, port: u16, backend: u16) -> String {
     )
 }
 
-fn proxy_config(port: u16, backend: u16, sink: Option<u16>) -> String {
+fn proxy_config(port: u16, backend: u16, sink: Option<u16>, admin: Option<u16>) -> String {
     let export = sink
         .map(|s| format!("otlp-endpoint = \"http://127.0.0.1:{s}\"\n"))
         .unwrap_or_default();
+    let admin = admin
+        .map(|a| format!("admin = \"127.0.0.1:{a}\"\n"))
+        .unwrap_or_default();
     format!(
-        "[service]\nname = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{port}\"\n\
+        "[service]\nname = \"bench-client\"\n[listen]\noutbound = \"127.0.0.1:{port}\"\n{admin}\
          [telemetry]\n{export}batch-interval-ms = 1000\n\
          [[destination]]\nname = \"backend\"\nendpoint = [{{ address = \"127.0.0.1:{backend}\" }}]\n\
          [destination.policy]\ntimeout-ms = 5000\n\
@@ -265,7 +268,7 @@ fn proxy_config(port: u16, backend: u16, sink: Option<u16>) -> String {
 /// `x-user-group` they carry, a method, a path, a query parameter), tried in order, and
 /// a tenth (path prefix `/`) that takes them, as a mesh with an A/B rule per team has it.
 fn routes_config(port: u16, backend: u16) -> String {
-    let mut config = proxy_config(port, backend, None);
+    let mut config = proxy_config(port, backend, None, None);
     for i in 0..9 {
         let m = match i % 5 {
             0 => format!("{{ headers = [{{ name = \"x-user-group\", value = \"team-{i}\" }}] }}"),
@@ -405,7 +408,7 @@ fn orchestrate() -> BoxResult<()> {
     let dir = tempfile::tempdir()?;
     let (backend_port, sink_port, proxy_port, nginx_port) =
         (free_port(), free_port(), free_port(), free_port());
-    let quiet_port = free_port();
+    let (quiet_port, admin_port) = (free_port(), free_port());
     let mut procs = Procs(vec![]);
     procs.0.push(
         Command::new(&me)
@@ -420,10 +423,10 @@ fn orchestrate() -> BoxResult<()> {
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
-        proxy_config(proxy_port, backend_port, Some(sink_port)),
+        proxy_config(proxy_port, backend_port, Some(sink_port), Some(admin_port)),
     )?;
     let quiet = dir.path().join("quiet.toml");
-    std::fs::write(&quiet, proxy_config(quiet_port, backend_port, None))?;
+    std::fs::write(&quiet, proxy_config(quiet_port, backend_port, None, None))?;
     let routes_port = free_port();
     let routes = dir.path().join("routes.toml");
     std::fs::write(&routes, routes_config(routes_port, backend_port))?;
@@ -486,8 +489,56 @@ fn orchestrate() -> BoxResult<()> {
         targets.push(("nginx", SocketAddr::from(([127, 0, 0, 1], nginx_port))));
     }
     run_paths(&targets, rate, secs, runs)?;
+    exported_share(admin_port);
     drop(procs);
     Ok(())
+}
+
+/// What the exporting proxy's telemetry kept and dropped over the whole bench (wrk's
+/// saturation included), from its admin `/stats`, once its queue has drained (at most 10 s).
+fn exported_share(admin: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while Instant::now() < deadline {
+        let Some(v) = admin_stats(admin) else { break };
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let settled = n("spans_exported") + n("spans_dropped") >= n("requests");
+        last = Some(v);
+        if settled {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200)); // polling the condition, bounded
+    }
+    let Some(v) = last else {
+        eprintln!("the exporting proxy's /stats did not answer");
+        return;
+    };
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let share =
+        |dropped: u64, exported: u64| 100.0 * dropped as f64 / (dropped + exported).max(1) as f64;
+    println!(
+        "\nmeshscope proxy (exported), whole bench: {} requests; spans {} exported, {} dropped ({:.1}%); access logs {} exported, {} dropped ({:.1}%)",
+        n("requests"),
+        n("spans_exported"),
+        n("spans_dropped"),
+        share(n("spans_dropped"), n("spans_exported")),
+        n("logs_exported"),
+        n("logs_dropped"),
+        share(n("logs_dropped"), n("logs_exported")),
+    );
+}
+
+/// `GET /stats` on a proxy's admin address.
+fn admin_stats(port: u16) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /stats HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = out.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
 }
 
 /// Each path's figures, one entry per run: p50 ms, p99 ms, wrk's requests/s.
