@@ -63,6 +63,8 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Export(#[from] telemetry::export::ExportError),
+    #[error("cannot start the telemetry exporter's thread: {0}")]
+    Thread(std::io::Error),
     #[error("the proxy config has neither an inbound nor an outbound listener")]
     NothingToDo,
     #[error(transparent)]
@@ -83,7 +85,8 @@ pub struct Proxy {
     stop_listeners: watch::Sender<bool>,
     stop_exporter: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
-    exporter: JoinHandle<()>,
+    /// Told when the exporter's thread has sent the last telemetry.
+    exporter: tokio::sync::oneshot::Receiver<()>,
     /// What the control plane's policy this proxy runs (version 0: its file's).
     applied: Arc<std::sync::Mutex<control::Applied>>,
     reloads: Arc<Reloads>,
@@ -219,12 +222,27 @@ impl Proxy {
                 stopped(stop_l.clone()),
             )));
         }
+        // The exporter on a thread and runtime of its own: making and sending a batch never
+        // holds up a worker that serves requests.
         let stop_exp = stopped(stop_e);
-        let exporter = tokio::spawn(async move {
-            if let Err(e) = exporter.run(stop_exp).await {
-                tracing::error!(error = %e, "the telemetry exporter stopped");
-            }
-        });
+        let (exported, exporter_done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("telemetry-export".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        if let Err(e) = rt.block_on(exporter.run(stop_exp)) {
+                            tracing::error!(error = %e, "the telemetry exporter stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "no runtime for the telemetry exporter"),
+                }
+                let _ = exported.send(());
+            })
+            .map_err(ProxyError::Thread)?;
         Ok(Proxy {
             inbound: proxy_inbound,
             outbound: proxy_outbound,
@@ -237,7 +255,7 @@ impl Proxy {
             stop_listeners,
             stop_exporter,
             listeners,
-            exporter,
+            exporter: exporter_done,
             applied: Default::default(),
             reloads,
         })
