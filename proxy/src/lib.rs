@@ -9,7 +9,8 @@
 //!  local app ──▶ outbound listener ──router (Host → destination + policy)
 //!        ──trace(CLIENT)──rate_limit──fault──timeout──breaker──retry──split──forward──▶ next proxy
 //!
-//!  trace ──(span, access log: bounded queue; metrics: registry)──▶ exporter ──OTLP/gRPC──▶ meshscope serve
+//!  trace ──(finished request: bounded queue; metrics: registry)──▶ exporter (own thread:
+//!        makes the span and access log) ──OTLP/gRPC──▶ meshscope serve
 //! ```
 //!
 //! ## Layout
